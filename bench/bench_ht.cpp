@@ -1,0 +1,185 @@
+// The `ht` workload (benchmarks.md): fresh and cached dispatch (bf16, fp8), combine, the NCCL
+// all-to-all baseline and the raw NVLink store ceiling, all measured in this run on these GPUs.
+#include <cuda_runtime_api.h>
+
+#include <algorithm>
+#include <cstring>
+#include <random>
+
+#include "baselines.cuh"
+#include "bench_common.hpp"
+#include "common/layout.hpp"
+#include "host/checks.hpp"
+
+namespace epx::bench {
+namespace {
+
+struct DeviceArray {
+  void* ptr = nullptr;
+  explicit DeviceArray(size_t bytes) { EPX_CUDA_CHECK(cudaMalloc(&ptr, bytes > 0 ? bytes : 16)); }
+  ~DeviceArray() { cudaFree(ptr); }
+  DeviceArray(const DeviceArray&) = delete;
+  DeviceArray& operator=(const DeviceArray&) = delete;
+};
+
+template <typename T>
+void upload(DeviceArray& d, const std::vector<T>& v) {
+  EPX_CUDA_CHECK(cudaMemcpy(d.ptr, v.data(), v.size() * sizeof(T), cudaMemcpyHostToDevice));
+}
+
+}  // namespace
+
+std::vector<Row> run_ht(const Options& o, Communicator& comm) {
+  const int R = comm.world(), me = comm.rank();
+  std::vector<Row> rows;
+  cudaStream_t stream;
+  EPX_CUDA_CHECK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+  L2Flusher flusher;
+  auto barrier = [&] { comm.barrier(); };
+
+  for (int N : o.tokens) {
+    for (int H : o.hidden) {
+      const int K = o.topk, E = o.experts, S = (H + 127) / 128;
+      const size_t nvl_bytes = Buffer::get_nvl_buffer_size_hint(static_cast<int64_t>(N) * R, H, DType::kBF16, K, R);
+      Buffer buffer(comm, nvl_bytes);
+
+      // Inputs.
+      std::mt19937_64 rng(o.seed * 977 + me);
+      std::vector<uint16_t> xh(static_cast<size_t>(N) * H);
+      for (auto& v : xh) v = static_cast<uint16_t>(0x3C00 + (rng() & 0x3FF));  // finite bf16
+      std::vector<uint8_t> x8(static_cast<size_t>(N) * H);
+      for (auto& v : x8) v = static_cast<uint8_t>(rng() & 0x77);  // finite e4m3
+      std::vector<float> sc(static_cast<size_t>(N) * S, 1.f);
+      std::vector<int64_t> topk = make_topk(o.seed, me, N, K, E, o.routing);
+      std::vector<float> w(static_cast<size_t>(N) * K, 0.125f);
+      DeviceArray dx(xh.size() * 2), dx8(x8.size()), dsc(sc.size() * 4), dtopk(topk.size() * 8), dw(w.size() * 4);
+      upload(dx, xh);
+      upload(dx8, x8);
+      upload(dsc, sc);
+      upload(dtopk, topk);
+      upload(dw, w);
+      DeviceArray per_rank(4 * R), per_expert(4 * E), in_rank(static_cast<size_t>(N) * R), recv_per_expert(4 * (E / R));
+      const View topk_v = View::of(dtopk.ptr, DType::kI64, {N, K});
+      buffer.get_dispatch_layout(topk_v, E, View::of(per_rank.ptr, DType::kI32, {R}),
+                                 View::of(per_expert.ptr, DType::kI32, {E}),
+                                 View::of(in_rank.ptr, DType::kBool, {N, R}), stream);
+
+      DispatchInputs in;
+      in.topk_idx = topk_v;
+      in.topk_weights = View::of(dw.ptr, DType::kF32, {N, K});
+      in.num_tokens_per_rank = View::of(per_rank.ptr, DType::kI32, {R});
+      in.num_tokens_per_expert = View::of(per_expert.ptr, DType::kI32, {E});
+      in.is_token_in_rank = View::of(in_rank.ptr, DType::kBool, {N, R});
+      const View recv_per_expert_v = View::of(recv_per_expert.ptr, DType::kI32, {E / R});
+
+      // Outputs sized for the worst case once (a framework's caching allocator does the same).
+      const int64_t cap = static_cast<int64_t>(N) * R;
+      DeviceArray rx(cap * H * 2), rsc(cap * S * 4), ridx(cap * K * 8), rw(cap * K * 4), rsrc(cap * 4);
+      DeviceArray cx(static_cast<size_t>(N) * H * 2), cw(static_cast<size_t>(N) * K * 4);
+      DispatchHandle handle = buffer.make_handle(N);
+
+      auto dispatch_outputs = [&](bool fp8, int64_t nr, bool meta) {
+        DispatchOutputs out;
+        out.recv_x = View::of(rx.ptr, fp8 ? DType::kFP8E4M3 : DType::kBF16, {nr, H});
+        if (fp8) out.recv_x_scales = View::of(rsc.ptr, DType::kF32, {nr, S});
+        if (meta) {
+          out.recv_topk_idx = View::of(ridx.ptr, DType::kI64, {nr, K});
+          out.recv_topk_weights = View::of(rw.ptr, DType::kF32, {nr, K});
+          out.recv_src_idx = View::of(rsrc.ptr, DType::kI32, {nr});
+        }
+        return out;
+      };
+      auto set_x = [&](bool fp8) {
+        in.x = fp8 ? View::of(dx8.ptr, DType::kFP8E4M3, {N, H}) : View::of(dx.ptr, DType::kBF16, {N, H});
+        in.x_scales = fp8 ? View::of(dsc.ptr, DType::kF32, {N, S}) : View{};
+      };
+      auto fresh = [&](bool fp8) {
+        return [&, fp8](cudaStream_t s) {
+          set_x(fp8);
+          const int nr = buffer.dispatch_notify(in, handle, recv_per_expert_v, s);
+          buffer.dispatch(in, handle, dispatch_outputs(fp8, nr, true), s);
+        };
+      };
+      auto cached = [&](bool fp8) {
+        return [&, fp8](cudaStream_t s) {
+          set_x(fp8);
+          DispatchInputs c;
+          c.x = in.x;
+          c.x_scales = in.x_scales;
+          buffer.dispatch(c, handle, dispatch_outputs(fp8, handle.num_recv_tokens, false), s);
+        };
+      };
+      // Routing is fixed: learn the row counts once (host-synced).
+      fresh(false)(stream);
+      buffer.synchronize(stream);
+      const int64_t nr = handle.num_recv_tokens;
+      std::vector<int> counts(R * R);
+      EPX_CUDA_CHECK(cudaMemcpy(counts.data(), handle.count_matrix, 4 * R * R, cudaMemcpyDeviceToHost));
+      const int64_t local_rows = counts[me * R + me];
+      const int64_t remote_rows = nr - local_rows;
+
+      auto combine_op = [&](cudaStream_t s) {
+        CombineInputs ci;
+        ci.x = View::of(rx.ptr, DType::kBF16, {nr, H});
+        ci.topk_weights = View::of(rw.ptr, DType::kF32, {nr, K});
+        CombineOutputs co;
+        co.combined_x = View::of(cx.ptr, DType::kBF16, {N, H});
+        co.combined_topk_weights = View::of(cw.ptr, DType::kF32, {N, K});
+        buffer.combine(ci, handle, co, s);
+      };
+
+      // Same-run baselines: NCCL all-to-all (bf16) and the raw store ceiling.
+      NcclAllToAll nccl(comm.nccl(), me, R, N, H, 2);
+      const Timing nccl_d = time_op([&](cudaStream_t s) { nccl.dispatch(dx.ptr, static_cast<const bool*>(in_rank.ptr), N, s); },
+                                    stream, o.warmup, o.iters, flusher, barrier);
+      const Timing nccl_c = time_op([&](cudaStream_t s) { nccl.combine(s); }, stream, o.warmup, o.iters, flusher, barrier);
+      const double row_bf16 = 2.0 * H, row_fp8 = H + 4.0 * S;
+      auto gbps = [](double bytes, double us) { return us > 0 ? bytes / us / 1e3 : 0; };
+      Row nd{"nccl a2a dispatch bf16", 0, N, H, nccl_d.median_us, nccl_d.min_us, nccl_d.max_us,
+             gbps(nr * row_bf16, nccl_d.median_us), gbps(remote_rows * row_bf16, nccl_d.median_us)};
+      Row nc{"nccl a2a combine bf16", 0, N, H, nccl_c.median_us, nccl_c.min_us, nccl_c.max_us,
+             gbps(nr * row_bf16, nccl_c.median_us), gbps(remote_rows * row_bf16, nccl_c.median_us)};
+      nd.note = nc.note = "baseline (all SMs NCCL wants)";
+
+      for (int sms : o.sms) {
+        Config cfg = buffer.config();
+        cfg.num_sms = sms;
+        buffer.set_config(cfg);
+        std::vector<void*> peers(R);
+        for (int p = 0; p < R; ++p) peers[p] = static_cast<char*>(buffer.peer_pointer(p)) + SymmetricLayout::kRowsOffset;
+        const size_t per_peer = align_up(static_cast<size_t>(remote_rows * row_bf16 / std::max(1, R - 1)), 16);
+        barrier();
+        const double ceiling = raw_store_ceiling_gbps(peers.data(), me, R, per_peer, sms, stream, flusher, o.iters, barrier);
+        barrier();
+        Row ceil_row{"raw store ceiling", sms, N, H, 0, 0, 0, 0, ceiling, 100.0};
+        ceil_row.note = "peer stores, same SMs";
+        rows.push_back(ceil_row);
+
+        auto measure = [&](const std::string& name, const std::function<void(cudaStream_t)>& op, double row_bytes,
+                           int64_t all_rows, int64_t remote, const Row* base) {
+          const Timing t = time_op(op, stream, o.warmup, o.iters, flusher, barrier);
+          Row r{name, sms, N, H, t.median_us, t.min_us, t.max_us, gbps(all_rows * row_bytes, t.median_us),
+                gbps(remote * row_bytes, t.median_us)};
+          r.pct_ceiling = ceiling > 0 ? 100.0 * r.nvlink_gbps / ceiling : -1;
+          if (base) r.vs_nccl = base->median_us / t.median_us;
+          r.host_us = host_time_op(op, stream, 2, std::min(o.iters, 20), barrier).median_us;
+          buffer.synchronize(stream);
+          rows.push_back(r);
+        };
+        measure("dispatch bf16 fresh", fresh(false), row_bf16, nr, remote_rows, &nd);
+        measure("dispatch bf16 cached", cached(false), row_bf16, nr, remote_rows, &nd);
+        measure("dispatch fp8 fresh", fresh(true), row_fp8, nr, remote_rows, nullptr);
+        measure("dispatch fp8 cached", cached(true), row_fp8, nr, remote_rows, nullptr);
+        fresh(false)(stream);  // recv buffer holds bf16 rows again for combine
+        measure("combine bf16", combine_op, row_bf16, nr, remote_rows, &nc);
+      }
+      rows.push_back(nd);
+      rows.push_back(nc);
+      buffer.synchronize(stream);
+    }
+  }
+  cudaStreamDestroy(stream);
+  return rows;
+}
+
+}  // namespace epx::bench

@@ -1,0 +1,161 @@
+// Buffer: the symmetric NVLink buffer of one rank and the expert-parallel operations on it.
+//
+// Every operation is collective over the Communicator's ranks and enqueued on the given stream;
+// all ranks must issue the same sequence of operations. Inputs and outputs are device Views; all
+// outputs are fully written (padding rows included) unless stated. Arguments are validated on the
+// host and violations raise Error(kInvalidArgument) naming the argument. Device-side failures
+// (timeouts, expert ids out of range) are recorded and raised as Error at the next host check point
+// (a host-synced dispatch, `check()`, `synchronize()`); after one, the Buffer refuses work until
+// `reset()`.
+//
+// Notation: R ranks, E experts (E % R == 0, E_loc = E / R; expert e lives on rank e / E_loc),
+// N tokens on this rank, H hidden, K top-k, S = ceil(H / 128) fp8 scale columns.
+#pragma once
+#include <cuda_runtime_api.h>
+
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+
+#include "epx/communicator.hpp"
+#include "epx/config.hpp"
+#include "epx/error.hpp"
+#include "epx/types.hpp"
+
+namespace epx {
+
+constexpr int kMaxRanks = 8;            // ranks of one NVLink domain
+constexpr int kMaxLocalExperts = 1024;  // experts per rank
+constexpr int kMaxTopk = 32;
+
+// Routing state of one dispatch: what combine and a cached re-dispatch need. Device arrays are
+// owned by the handle (allocate it once with Buffer::make_handle, before any CUDA-graph capture;
+// a dispatch fills it in stream order).
+struct DispatchHandle {
+  int num_ranks = 0, rank = 0, num_tokens = 0, num_experts = 0;
+  // Rows this rank receives: known on the host after a host-synced dispatch, else -1.
+  int num_recv_tokens = -1;
+  // Max over ranks of rows received (host-synced dispatch only, else -1).
+  long long max_recv_tokens = -1;
+  // Row capacity of the recv tensors in worst-case mode (0 = host-synced sizing).
+  int num_worst_tokens = 0;
+  bool filled = false;
+  // Device arrays:
+  int* rank_prefix_matrix = nullptr;  // [R, R] int32: inclusive prefix over source ranks of rows
+                                      //   each destination receives (DeepEP's rank_prefix_matrix).
+  int* count_matrix = nullptr;        // [R, R] int32: rows rank s sends to rank r.
+  int* send_pos = nullptr;            // [N, R] int32: slot of token t among this rank's rows to r,
+                                      //   -1 if t is not sent to r.
+  int* num_recv_device = nullptr;     // [1] int32: rows received (device copy of num_recv_tokens).
+  std::shared_ptr<void> storage;      // owns the device arrays
+};
+
+struct DispatchInputs {
+  View x;                      // [N, H] bf16, or fp8 e4m3 (any row stride, 16-byte aligned rows)
+  View x_scales;               // [N, S] f32, any strides; required iff x is fp8
+  View topk_idx;               // [N, K] int64, -1 = none; optional (required for fresh dispatch)
+  View topk_weights;           // [N, K] f32; optional (needs topk_idx)
+  View num_tokens_per_rank;    // [R] int32 (from get_dispatch_layout); fresh dispatch only
+  View is_token_in_rank;       // [N, R] bool; fresh dispatch only
+  View num_tokens_per_expert;  // [E] int32; fresh dispatch only
+  int expert_alignment = 1;    // num_recv_tokens_per_expert is rounded up to this
+  // > 0: worst-case sizing: the recv tensors have this many rows, nothing syncs with the host
+  // (CUDA-graph capturable); rows past the received count are padded (topk_idx -1, weights 0,
+  // src_idx -1, x zero).
+  int num_worst_tokens = 0;
+};
+
+struct DispatchOutputs {
+  View recv_x;                      // [Nr or num_worst_tokens, H], dtype of x, contiguous
+  View recv_x_scales;               // [rows, S] f32 contiguous, iff x is fp8
+  View recv_topk_idx;               // [rows, K] int64, local expert ids (-1 elsewhere); optional
+  View recv_topk_weights;           // [rows, K] f32, 0 where idx is -1; optional
+  View recv_src_idx;                // [rows] int32: token index on the source rank; optional
+  View num_recv_tokens_per_expert;  // [E_loc] int32, each rounded up to expert_alignment; optional
+};
+
+struct CombineInputs {
+  View x;             // [Nr (or the worst-case rows), H] bf16 in the dispatch's received order
+  View topk_weights;  // [Nr, K] f32; optional: summed per token into combined_topk_weights
+  View bias_0;        // [N, H] bf16; optional
+  View bias_1;        // [N, H] bf16; optional
+};
+
+struct CombineOutputs {
+  View combined_x;             // [N, H] bf16 = sum over receiving ranks (fp32) + biases
+  View combined_topk_weights;  // [N, K] f32; required iff topk_weights is given
+};
+
+struct BufferOptions {
+  Config config{};
+  // Allow R not equal to the NVLink domain size (scale-out); not yet supported.
+  bool allow_scaleout = false;
+};
+
+class Buffer {
+ public:
+  // Collective: allocates `num_nvl_bytes` of symmetric memory on every rank (ncclMemAlloc +
+  // symmetric window) for the high-throughput mode.
+  Buffer(Communicator& comm, size_t num_nvl_bytes, BufferOptions options = {});
+  ~Buffer();
+  Buffer(const Buffer&) = delete;
+  Buffer& operator=(const Buffer&) = delete;
+
+  Communicator& comm() const;
+  const Config& config() const;
+  void set_config(const Config& config);  // validated
+  int rank() const;
+  int num_ranks() const;
+
+  // Bytes of `num_nvl_bytes` needed to dispatch/combine up to `max_rows` rows per rank (max over
+  // ranks of rows received in dispatch or sent in combine) with the given row shape.
+  static size_t get_nvl_buffer_size_hint(int64_t max_rows, int hidden, DType x_dtype, int num_topk,
+                                         int num_ranks);
+  // Rows the buffer can hold for this row shape.
+  int64_t row_capacity(int hidden, DType x_dtype, int num_topk) const;
+
+  // --- Layout (design.md 4.1) ---------------------------------------------------------------
+  // topk_idx [N, K] int64 -> num_tokens_per_rank [R] int32, num_tokens_per_expert [E] int32,
+  // is_token_in_rank [N, R] bool. Expert ids outside [-1, E) are recorded as an error.
+  void get_dispatch_layout(const View& topk_idx, int num_experts, const View& num_tokens_per_rank,
+                           const View& num_tokens_per_expert, const View& is_token_in_rank,
+                           cudaStream_t stream);
+
+  // --- High-throughput dispatch (design.md 4.2) ---------------------------------------------
+  // A handle with device storage for `num_tokens` tokens on this rank.
+  DispatchHandle make_handle(int num_tokens) const;
+
+  // Step 1 (fresh dispatch): exchange counts, fill `handle`, write num_recv_tokens_per_expert.
+  // in.num_worst_tokens == 0: host-synced: waits for the counts and returns the rows this rank
+  // receives (also in handle.num_recv_tokens); allocate the recv tensors with that many rows.
+  // in.num_worst_tokens > 0: nothing syncs with the host (graph-capturable); returns -1.
+  int dispatch_notify(const DispatchInputs& in, DispatchHandle& handle,
+                      const View& num_recv_tokens_per_expert, cudaStream_t stream);
+  // Step 2: move the rows. With a handle from step 1 (fresh) or from an earlier dispatch (cached
+  // re-dispatch: the same routing; the layout inputs are ignored).
+  void dispatch(const DispatchInputs& in, const DispatchHandle& handle, const DispatchOutputs& out,
+                cudaStream_t stream);
+
+  // --- High-throughput combine (design.md 4.3) ----------------------------------------------
+  void combine(const CombineInputs& in, const DispatchHandle& handle, const CombineOutputs& out,
+               cudaStream_t stream);
+
+  // --- Errors -------------------------------------------------------------------------------
+  // Throws the recorded device error, if any (non-blocking: reads host-mapped memory).
+  void check();
+  // Synchronizes `stream` (bounded by the config timeout), then check().
+  void synchronize(cudaStream_t stream);
+  bool failed() const;
+  // The symmetric buffer as `peer` sees it mapped here (for tools such as the store-ceiling bench).
+  void* peer_pointer(int peer) const;
+  size_t num_nvl_bytes() const;
+  // Collective: clears the error state and the buffer's flags so work can start again.
+  void reset();
+
+  struct Impl;
+
+ private:
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace epx

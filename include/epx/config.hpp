@@ -1,0 +1,23 @@
+// Config: tuning knobs of the high-throughput kernels, validated at construction.
+#pragma once
+#include <cstdint>
+
+namespace epx {
+
+struct Config {
+  // Thread blocks (one per SM) used by dispatch and combine. Must not exceed the device's SMs.
+  int num_sms = 20;
+  // Threads per block of the high-throughput kernels (multiple of 32, 64..1024).
+  int num_threads = 512;
+  // Bound of every device wait; a wait that expires raises Error(kTimeout). 0 = take EPX_TIMEOUT_S
+  // (default 100 s).
+  double timeout_s = 0;
+
+  // Throws Error(kInvalidArgument) naming the field when out of range. `num_device_sms` <= 0 skips
+  // the check against the device.
+  void validate(int num_device_sms = 0) const;
+  // Default config for a given number of ranks (measured table, see src/host/config.cpp).
+  static Config defaults(int num_ranks);
+};
+
+}  // namespace epx

@@ -1,0 +1,164 @@
+// Typed layouts of the memory epx shares between host, device and peers. Every offset used by a
+// kernel or by host sizing comes from here (no ad-hoc pointer arithmetic elsewhere).
+//
+// Per rank, the symmetric buffer (same size and offsets on every rank) is:
+//   [ SyncArea | NotifyArea | row region ]
+// Ordering contract of every flag (see docs/protocol.md for the whole protocol):
+//   SyncArea::ready[p]  written by rank p (release.sys) at the start of its op number e, value e:
+//                       "p finished op e-1, so its buffer may be overwritten for op e".
+//                       Read by this rank (acquire.sys) before it writes into p's buffer.
+//   SyncArea::done[p]   written by rank p (release.sys, after a fence by every sending block) when
+//                       all of op e's writes into this rank's buffer are done, value e.
+//                       Read by this rank (acquire.sys) before it reads what p wrote.
+//   Both only grow (epochs); they are reset to 0 only by the collective Buffer::reset().
+#pragma once
+#include <cstddef>
+#include <cstdint>
+
+#include "common/hd.hpp"
+
+namespace epx {
+
+constexpr int kMaxPeers = 8;
+constexpr int kMaxExpertsPerRank = 1024;
+
+EPX_HD constexpr size_t align_up(size_t x, size_t a) { return (x + a - 1) / a * a; }
+
+struct SyncArea {
+  uint64_t ready[kMaxPeers];
+  uint64_t done[kMaxPeers];
+};
+
+// Counts each source rank s writes into this rank during notify (slot s):
+//   tokens_per_rank[r]: rows s sends to every rank r (so every rank knows the full matrix)
+//   tokens_per_expert[j]: rows s sends to this rank's local expert j
+struct NotifySlot {
+  int tokens_per_rank[kMaxPeers];
+  int tokens_per_expert[kMaxExpertsPerRank];
+};
+
+struct NotifyArea {
+  NotifySlot slot[kMaxPeers];
+};
+
+struct SymmetricLayout {
+  static constexpr size_t kSyncOffset = 0;
+  static constexpr size_t kNotifyOffset = 4096;
+  static constexpr size_t kRowsOffset = align_up(kNotifyOffset + sizeof(NotifyArea), 4096);
+  static constexpr size_t kMinBytes = kRowsOffset + 4096;
+};
+
+// Struct-of-arrays row storage inside the row region: payload rows, fp8 scales, top-k ids and
+// weights, source token index. Arrays a row shape does not use have zero size.
+struct RowLayout {
+  int64_t capacity = 0;    // rows
+  int row_bytes = 0;       // payload bytes of one row (H * element size)
+  int num_scales = 0;      // f32 scales per row
+  int num_topk_idx = 0;    // int32 top-k ids per row
+  int num_topk_weights = 0;  // f32 weights per row
+  bool has_src_idx = false;
+  size_t off_scales = 0, off_topk_idx = 0, off_topk_weights = 0, off_src_idx = 0, num_bytes = 0;
+
+  EPX_HD size_t bytes_per_row() const {
+    return static_cast<size_t>(row_bytes) + 4u * (num_scales + num_topk_idx + num_topk_weights) +
+           (has_src_idx ? 4u : 0u);
+  }
+  // Fills the offsets for `capacity` rows.
+  EPX_HD void place(int64_t cap) {
+    capacity = cap;
+    size_t off = align_up(static_cast<size_t>(cap) * row_bytes, 16);
+    off_scales = off;
+    off = align_up(off + static_cast<size_t>(cap) * num_scales * 4, 16);
+    off_topk_idx = off;
+    off = align_up(off + static_cast<size_t>(cap) * num_topk_idx * 4, 16);
+    off_topk_weights = off;
+    off = align_up(off + static_cast<size_t>(cap) * num_topk_weights * 4, 16);
+    off_src_idx = off;
+    off = align_up(off + (has_src_idx ? static_cast<size_t>(cap) * 4 : 0), 16);
+    num_bytes = off;
+  }
+  // The largest capacity that fits in `region_bytes`.
+  EPX_HD void fit(size_t region_bytes) {
+    const size_t slack = 5 * 16;
+    int64_t cap = region_bytes > slack ? static_cast<int64_t>((region_bytes - slack) / bytes_per_row()) : 0;
+    place(cap);
+  }
+  EPX_HD char* row(char* base, int64_t i) const { return base + i * row_bytes; }
+  EPX_HD float* scales(char* base, int64_t i) const {
+    return reinterpret_cast<float*>(base + off_scales) + i * num_scales;
+  }
+  EPX_HD int* topk_idx(char* base, int64_t i) const {
+    return reinterpret_cast<int*>(base + off_topk_idx) + i * num_topk_idx;
+  }
+  EPX_HD float* topk_weights(char* base, int64_t i) const {
+    return reinterpret_cast<float*>(base + off_topk_weights) + i * num_topk_weights;
+  }
+  EPX_HD int* src_idx(char* base, int64_t i) const {
+    return reinterpret_cast<int*>(base + off_src_idx) + i;
+  }
+};
+
+// Dispatch rows: payload + scales + top-k ids/weights + source index.
+EPX_HD RowLayout dispatch_row_layout(size_t region_bytes, int row_bytes, int num_scales, int num_topk,
+                                     bool with_weights) {
+  RowLayout l;
+  l.row_bytes = row_bytes;
+  l.num_scales = num_scales;
+  l.num_topk_idx = num_topk;
+  l.num_topk_weights = with_weights ? num_topk : 0;
+  l.has_src_idx = true;
+  l.fit(region_bytes);
+  return l;
+}
+
+// Combine rows: bf16 payload + optional top-k weights.
+EPX_HD RowLayout combine_row_layout(size_t region_bytes, int hidden, int num_weights) {
+  RowLayout l;
+  l.row_bytes = hidden * 2;
+  l.num_topk_weights = num_weights;
+  l.fit(region_bytes);
+  return l;
+}
+
+// Operations and phases named in error records.
+enum class OpCode : int { kNone = 0, kLayout, kNotify, kDispatch, kCombine };
+enum class Phase : int { kNone = 0, kEntryBarrier, kInputCheck, kCountExchange, kSend, kReceive,
+                         kReduce, kCapacity };
+// Error kinds recorded by the device (mapped onto epx::ErrorKind by the host).
+enum class DeviceErrorKind : int { kNone = 0, kTimeout, kInvalidArgument, kBufferTooSmall };
+
+// Host-mapped (pinned) record of the first device error. The device claims it with atomicCAS on
+// `state` 0 -> 1, writes the fields, fences (sys) and stores state = 2; the host reads fields only
+// once it sees state == 2. Reset by the host (Buffer::reset).
+struct ErrorRecord {
+  int state;
+  int kind;
+  int op;
+  int phase;
+  int rank;
+  int peer;
+  int block;
+  int index;  // a token/row index where useful, else -1
+  unsigned long long observed;
+  unsigned long long expected;
+};
+
+// Host-mapped mailbox the notify kernel fills for host-synced dispatch.
+struct HostMailbox {
+  int num_recv;           // rows this rank receives
+  int status;             // 0 ok, else a DeviceErrorKind
+  long long max_rows;     // max over ranks of rows received (dispatch) - for sizing messages
+  unsigned long long epoch;  // op number that wrote it (host waits for its own op)
+};
+
+// Device-local state of a Buffer (plain device memory, not symmetric).
+//   epoch: op counter, read by every block at the start of an op (e = epoch + 1), written (e) by the
+//          last block to finish; kernel boundaries order it.
+//   arrive_send / arrive_end: block arrival counters, reset by the last arriving block.
+struct Workspace {
+  uint64_t epoch;
+  unsigned int arrive_send;
+  unsigned int arrive_end;
+};
+
+}  // namespace epx

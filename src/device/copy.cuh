@@ -1,0 +1,84 @@
+// Vectorized copies: 16-byte accesses, several loads in flight per lane before the stores.
+#pragma once
+#include <cstdint>
+
+#include "device/ptx.cuh"
+
+namespace epx::device {
+
+constexpr int kWarpSize = 32;
+
+// One warp copies `num_bytes` (multiple of 16, 16-byte aligned) from `src` to every non-null
+// destination. Each chunk is loaded once and stored to every destination.
+template <int kUnroll, int kMaxDst>
+__device__ __forceinline__ void warp_copy_multicast(const void* src, char* const (&dst)[kMaxDst],
+                                                    int num_bytes, int lane) {
+  const int4* s = static_cast<const int4*>(src);
+  const int num_vec = num_bytes / 16;
+  constexpr int kStep = kUnroll * kWarpSize;
+  int i = lane;
+  for (; i + (kUnroll - 1) * kWarpSize < num_vec; i += kStep) {
+    int4 v[kUnroll];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) v[u] = ld_nc_na_v4(s + i + u * kWarpSize);
+#pragma unroll
+    for (int d = 0; d < kMaxDst; ++d) {
+      if (dst[d] != nullptr) {
+        int4* o = reinterpret_cast<int4*>(dst[d]);
+#pragma unroll
+        for (int u = 0; u < kUnroll; ++u) st_na_v4(o + i + u * kWarpSize, v[u]);
+      }
+    }
+  }
+  for (; i < num_vec; i += kWarpSize) {
+    const int4 v = ld_nc_na_v4(s + i);
+#pragma unroll
+    for (int d = 0; d < kMaxDst; ++d)
+      if (dst[d] != nullptr) st_na_v4(reinterpret_cast<int4*>(dst[d]) + i, v);
+  }
+}
+
+// Threads [tid, tid + nthreads*k) of a cooperative group copy `num_bytes` (multiple of 4) from
+// `src` to `dst`. Uses 16-byte accesses when both are 16-byte aligned and the size allows.
+// `src` is memory a peer wrote before a completed acquire: plain loads (no .nc).
+__device__ __forceinline__ void coop_copy(void* dst, const void* src, size_t num_bytes, size_t tid,
+                                          size_t nthreads) {
+  if (num_bytes == 0) return;
+  const bool vec = ((reinterpret_cast<uintptr_t>(dst) | reinterpret_cast<uintptr_t>(src) | num_bytes) & 15) == 0;
+  if (vec) {
+    const int4* s = static_cast<const int4*>(src);
+    int4* d = static_cast<int4*>(dst);
+    const size_t n = num_bytes / 16;
+    size_t i = tid;
+    for (; i + 3 * nthreads < n; i += 4 * nthreads) {
+      int4 v0 = s[i], v1 = s[i + nthreads], v2 = s[i + 2 * nthreads], v3 = s[i + 3 * nthreads];
+      st_na_v4(d + i, v0);
+      st_na_v4(d + i + nthreads, v1);
+      st_na_v4(d + i + 2 * nthreads, v2);
+      st_na_v4(d + i + 3 * nthreads, v3);
+    }
+    for (; i < n; i += nthreads) st_na_v4(d + i, s[i]);
+  } else {
+    const int* s = static_cast<const int*>(src);
+    int* d = static_cast<int*>(dst);
+    for (size_t i = tid; i < num_bytes / 4; i += nthreads) d[i] = s[i];
+  }
+}
+
+// Same, filling with zero bytes.
+__device__ __forceinline__ void coop_zero(void* dst, size_t num_bytes, size_t tid, size_t nthreads) {
+  if ((reinterpret_cast<uintptr_t>(dst) & 15) == 0 && (num_bytes & 15) == 0) {
+    int4* d = static_cast<int4*>(dst);
+    for (size_t i = tid; i < num_bytes / 16; i += nthreads) d[i] = make_int4(0, 0, 0, 0);
+  } else {
+    int* d = static_cast<int*>(dst);
+    for (size_t i = tid; i < num_bytes / 4; i += nthreads) d[i] = 0;
+  }
+}
+
+// Fill `n` ints with `value`.
+__device__ __forceinline__ void coop_fill(int* dst, int value, size_t n, size_t tid, size_t nthreads) {
+  for (size_t i = tid; i < n; i += nthreads) dst[i] = value;
+}
+
+}  // namespace epx::device

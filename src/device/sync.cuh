@@ -1,0 +1,157 @@
+// Device-side synchronization of epx ops: op epochs, the entry barrier, completion signals, and
+// the one bounded wait. Every wait has a deadline; on expiry it records an ErrorRecord (op, phase,
+// rank, peer, observed vs expected), prints one line and returns false: the kernel then returns.
+#pragma once
+#include <cstdint>
+#include <cstdio>
+
+#include "common/layout.hpp"
+#include "device/ptx.cuh"
+
+namespace epx::device {
+
+// What every op kernel needs to talk to its peers. Part of each kernel's params struct.
+struct OpContext {
+  char* peers[kMaxPeers];  // base of each rank's symmetric buffer (own included), LSA pointers
+  int rank = 0;
+  int num_ranks = 0;
+  Workspace* ws = nullptr;
+  ErrorRecord* err = nullptr;  // host-mapped
+  uint64_t timeout_ns = 0;
+  int op = 0;  // OpCode
+
+  __device__ SyncArea* sync(int r) const {
+    return reinterpret_cast<SyncArea*>(peers[r] + SymmetricLayout::kSyncOffset);
+  }
+  __device__ NotifyArea* notify(int r) const {
+    return reinterpret_cast<NotifyArea*>(peers[r] + SymmetricLayout::kNotifyOffset);
+  }
+  __device__ char* rows(int r) const { return peers[r] + SymmetricLayout::kRowsOffset; }
+};
+
+__device__ __forceinline__ void record_error(const OpContext& ctx, DeviceErrorKind kind, Phase phase,
+                                             int peer, int index, unsigned long long observed,
+                                             unsigned long long expected) {
+  ErrorRecord* e = ctx.err;
+  if (atomicCAS(&e->state, 0, 1) != 0) return;  // first error wins
+  e->kind = static_cast<int>(kind);
+  e->op = ctx.op;
+  e->phase = static_cast<int>(phase);
+  e->rank = ctx.rank;
+  e->peer = peer;
+  e->block = blockIdx.x;
+  e->index = index;
+  e->observed = observed;
+  e->expected = expected;
+  __threadfence_system();
+  st_release_sys(&e->state, 2);
+  printf("epx: device error kind=%d op=%d phase=%d rank=%d peer=%d block=%d index=%d observed=%llu expected=%llu\n",
+         static_cast<int>(kind), ctx.op, static_cast<int>(phase), ctx.rank, peer, (int)blockIdx.x, index,
+         observed, expected);
+}
+
+__device__ __forceinline__ bool has_error(const OpContext& ctx) {
+  return ld_volatile(&ctx.err->state) != 0;
+}
+
+// The one bounded wait: until *flag >= target (acquire, system scope).
+__device__ __forceinline__ bool wait_flag_geq(const OpContext& ctx, const uint64_t* flag, uint64_t target,
+                                              Phase phase, int peer) {
+  const uint64_t start = globaltimer_ns();
+  for (uint32_t iter = 0;; ++iter) {
+    const uint64_t v = ld_acquire_sys(flag);
+    if (v >= target) return true;
+    if ((iter & 255u) == 255u) {
+      // Another block or rank already failed: stop waiting for work that will not come.
+      if (has_error(ctx)) return false;
+      if (globaltimer_ns() - start > ctx.timeout_ns) {
+        record_error(ctx, DeviceErrorKind::kTimeout, phase, peer, -1, v, target);
+        return false;
+      }
+    }
+  }
+}
+
+// Start of an op, called by every block: returns this op's epoch. Block 0 tells every peer that
+// this rank finished the previous op (so its buffer may be overwritten).
+__device__ __forceinline__ uint64_t op_begin(const OpContext& ctx) {
+  const uint64_t e = ld_relaxed_gpu(&ctx.ws->epoch) + 1;
+  if (blockIdx.x == 0 && threadIdx.x < ctx.num_ranks)
+    st_release_sys(&ctx.sync(threadIdx.x)->ready[ctx.rank], e);
+  return e;
+}
+
+// Block-wide: wait until every peer has started op e (finished reading its buffer for op e-1).
+// Returns false (for all threads of the block) if any wait failed.
+__device__ __forceinline__ bool wait_peers_ready(const OpContext& ctx, uint64_t e) {
+  bool ok = true;
+  if (threadIdx.x < ctx.num_ranks)
+    ok = wait_flag_geq(ctx, &ctx.sync(ctx.rank)->ready[threadIdx.x], e, Phase::kEntryBarrier, threadIdx.x);
+  return __syncthreads_and(ok);
+}
+
+// Block-wide: this block finished its writes to peers for op e. The last block to arrive publishes
+// done = e to every peer. NOTE: each block fences (sys) before arriving, so the last block's release
+// store orders every block's payload writes before the flag.
+__device__ __forceinline__ void signal_sends_done(const OpContext& ctx, uint64_t e) {
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    __threadfence_system();
+    if (atomicAdd(&ctx.ws->arrive_send, 1u) == gridDim.x - 1) {
+      ctx.ws->arrive_send = 0;
+      __threadfence_system();
+      for (int p = 0; p < ctx.num_ranks; ++p) st_release_sys(&ctx.sync(p)->done[ctx.rank], e);
+    }
+  }
+}
+
+// Block-wide: wait until `peer` has published done >= e.
+__device__ __forceinline__ bool wait_peer_done(const OpContext& ctx, uint64_t e, int peer, Phase phase) {
+  bool ok = true;
+  if (threadIdx.x == 0) ok = wait_flag_geq(ctx, &ctx.sync(ctx.rank)->done[peer], e, phase, peer);
+  return __syncthreads_and(ok);
+}
+
+// Block-wide: wait until every peer has published done >= e.
+__device__ __forceinline__ bool wait_all_done(const OpContext& ctx, uint64_t e, Phase phase) {
+  bool ok = true;
+  if (threadIdx.x < ctx.num_ranks)
+    ok = wait_flag_geq(ctx, &ctx.sync(ctx.rank)->done[threadIdx.x], e, phase, threadIdx.x);
+  return __syncthreads_and(ok);
+}
+
+// Every rank computes this from the same count matrix, so all ranks skip an oversized op alike.
+// rows_at(r) = rows rank r holds in its row region: received (dispatch, by_receiver) or sent back
+// to it (combine). Records kBufferTooSmall (block 0) and returns false when one exceeds capacity.
+__device__ __forceinline__ bool rows_fit(const OpContext& ctx, const int* count_matrix, int64_t capacity,
+                                         bool by_receiver) {
+  __shared__ int fits;
+  if (threadIdx.x == 0) {
+    const int R = ctx.num_ranks;
+    int64_t worst = 0;
+    int worst_rank = 0;
+    for (int r = 0; r < R; ++r) {
+      int64_t rows = 0;
+      for (int s = 0; s < R; ++s) rows += by_receiver ? count_matrix[s * R + r] : count_matrix[r * R + s];
+      if (rows > worst) { worst = rows; worst_rank = r; }
+    }
+    fits = worst <= capacity;
+    if (!fits && blockIdx.x == 0)
+      record_error(ctx, DeviceErrorKind::kBufferTooSmall, Phase::kCapacity, worst_rank, -1, worst, capacity);
+  }
+  __syncthreads();
+  return fits != 0;
+}
+
+// End of an op, called by every block (also on early exit): the last block advances the epoch.
+__device__ __forceinline__ void op_end(const OpContext& ctx, uint64_t e) {
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    if (atomicAdd(&ctx.ws->arrive_end, 1u) == gridDim.x - 1) {
+      ctx.ws->arrive_end = 0;
+      ctx.ws->epoch = e;
+    }
+  }
+}
+
+}  // namespace epx::device

@@ -1,0 +1,529 @@
+// Buffer: symmetric memory, device state, validation and launches of the high-throughput ops.
+#include "epx/buffer.hpp"
+
+#include <nccl.h>
+#include <nccl_device.h>
+
+#include <cstdio>
+#include <cstring>
+#include <vector>
+
+#include "host/checks.hpp"
+#include "host/env.hpp"
+#include "host/plan.hpp"
+#include "host/validate.hpp"
+#include "kernels/ht_params.hpp"
+#include "kernels/transport.hpp"
+
+namespace epx {
+
+using validate::kAny;
+
+struct Buffer::Impl {
+  Communicator* comm = nullptr;
+  Config config;
+  size_t num_nvl_bytes = 0;
+  void* symmetric = nullptr;
+  ncclWindow_t window = nullptr;
+  ncclDevComm dev_comm{};
+  bool dev_comm_created = false;
+  char* peers[kMaxPeers] = {};
+  Workspace* workspace = nullptr;
+  ErrorRecord* error = nullptr;  // host-mapped
+  ErrorRecord* error_device = nullptr;
+  HostMailbox* mailbox = nullptr;  // host-mapped
+  HostMailbox* mailbox_device = nullptr;
+  bool failed = false;
+  std::string failure;
+
+  device::OpContext context(OpCode op) const {
+    device::OpContext c;
+    for (int p = 0; p < kMaxPeers; ++p) c.peers[p] = peers[p];
+    c.rank = comm->rank();
+    c.num_ranks = comm->world();
+    c.ws = workspace;
+    c.err = error_device;
+    c.timeout_ns = static_cast<uint64_t>(effective_timeout_s(config) * 1e9);
+    c.op = static_cast<int>(op);
+    return c;
+  }
+  double timeout_s() const { return effective_timeout_s(config); }
+
+  void zero_state() {
+    EPX_CUDA_CHECK(cudaMemset(symmetric, 0, SymmetricLayout::kRowsOffset));
+    EPX_CUDA_CHECK(cudaMemset(workspace, 0, sizeof(Workspace)));
+    std::memset(error, 0, sizeof(ErrorRecord));
+    std::memset(mailbox, 0, sizeof(HostMailbox));
+    EPX_CUDA_CHECK(cudaDeviceSynchronize());
+  }
+
+  // Refuses work on a failed buffer; surfaces a device error recorded since the last check.
+  void check_usable() {
+    raise_recorded_error();
+    EPX_CHECK(!failed, ErrorKind::kState, "Buffer failed earlier (", failure,
+              "); call reset() (collective) or destroy it");
+  }
+
+  void raise_recorded_error() {
+    const volatile ErrorRecord* e = error;
+    if (e->state != 2) return;
+    static const char* kOps[] = {"none", "layout", "notify", "dispatch", "combine"};
+    static const char* kPhases[] = {"none", "entry barrier", "input check", "count exchange", "send",
+                                    "receive", "reduce", "capacity check"};
+    const int op = e->op >= 0 && e->op < 5 ? e->op : 0;
+    const int phase = e->phase >= 0 && e->phase < 8 ? e->phase : 0;
+    std::string msg;
+    ErrorKind kind = ErrorKind::kState;
+    switch (static_cast<DeviceErrorKind>(e->kind)) {
+      case DeviceErrorKind::kTimeout:
+        kind = ErrorKind::kTimeout;
+        msg = detail::concat(kOps[op], " timed out in phase '", kPhases[phase], "' on rank ", e->rank,
+                             " waiting for peer ", e->peer, " (block ", e->block, ", flag ", e->observed,
+                             ", expected >= ", e->expected, ", timeout ", timeout_s(), " s)");
+        break;
+      case DeviceErrorKind::kInvalidArgument:
+        kind = ErrorKind::kInvalidArgument;
+        if (op == static_cast<int>(OpCode::kLayout))
+          msg = detail::concat("topk_idx: expert id ", static_cast<long long>(e->observed), " at token ", e->index,
+                               " outside [-1, ", e->expected, ") (rank ", e->rank, ")");
+        else if (phase == static_cast<int>(Phase::kCapacity))
+          msg = detail::concat("num_worst_tokens: rank ", e->peer, " receives ", e->observed,
+                               " rows, more than num_worst_tokens = ", e->expected);
+        else
+          msg = detail::concat("is_token_in_rank / num_tokens_per_rank disagree for rank ", e->peer,
+                               ": num_tokens_per_rank says ", e->observed, ", is_token_in_rank has ", e->expected,
+                               " (rank ", e->rank, ")");
+        break;
+      case DeviceErrorKind::kBufferTooSmall:
+        kind = ErrorKind::kBufferTooSmall;
+        msg = detail::concat(kOps[op], ": rank ", e->peer, " needs ", e->observed, " rows but the buffer holds ",
+                             e->expected, " rows of this shape; num_nvl_bytes = ", num_nvl_bytes,
+                             " is too small (see Buffer::get_nvl_buffer_size_hint)");
+        break;
+      default:
+        msg = "unknown device error";
+    }
+    failed = true;
+    failure = msg;
+    // Keep the record (state stays 2) so every later call names the first failure.
+    throw Error(kind, msg, __FILE__, __LINE__);
+  }
+
+  void after_launch(const char* what) {
+    const cudaError_t st = cudaPeekAtLastError();
+    if (st != cudaSuccess) {
+      cudaGetLastError();
+      EPX_FAIL(ErrorKind::kCuda, what, ": launch failed: ", cudaGetErrorString(st));
+    }
+    if (env::debug()) std::fprintf(stderr, "epx[rank %d]: %s launched\n", comm->rank(), what);
+  }
+};
+
+Buffer::Buffer(Communicator& comm, size_t num_nvl_bytes, BufferOptions options) : impl_(new Impl) {
+  Impl& m = *impl_;
+  m.comm = &comm;
+  options.config.validate(comm.num_device_sms());
+  m.config = options.config;
+  EPX_CHECK(comm.world() <= kMaxPeers, ErrorKind::kUnsupported, "world size ", comm.world(),
+            " exceeds the NVLink domain limit of ", kMaxPeers, " ranks");
+  EPX_CHECK(comm.local_size() == comm.world(), ErrorKind::kUnsupported, "the communicator spans ", comm.num_nodes(),
+            " NVLink domains (local size ", comm.local_size(), " of ", comm.world(),
+            "); scale-out (RDMA) is not implemented yet");
+  EPX_ARG_CHECK(num_nvl_bytes >= SymmetricLayout::kMinBytes, "num_nvl_bytes: expected >= ",
+                SymmetricLayout::kMinBytes, ", got ", num_nvl_bytes);
+  num_nvl_bytes = align_up(num_nvl_bytes, 1 << 21);
+  m.num_nvl_bytes = num_nvl_bytes;
+  EPX_CUDA_CHECK(cudaSetDevice(comm.device()));
+
+  // Every rank must use the same size (offsets are symmetric): compare min and max.
+  {
+    unsigned long long* d = nullptr;
+    EPX_CUDA_CHECK(cudaMalloc(&d, 2 * sizeof(unsigned long long)));
+    unsigned long long h[2] = {num_nvl_bytes, ~0ull - num_nvl_bytes};
+    EPX_CUDA_CHECK(cudaMemcpy(d, h, sizeof(h), cudaMemcpyHostToDevice));
+    EPX_NCCL_CHECK(ncclAllReduce(d, d, 2, ncclUint64, ncclMax, comm.nccl(), nullptr));
+    EPX_CUDA_CHECK(cudaMemcpy(h, d, sizeof(h), cudaMemcpyDeviceToHost));
+    cudaFree(d);
+    EPX_ARG_CHECK(h[0] == num_nvl_bytes && ~0ull - h[1] == num_nvl_bytes,
+                  "num_nvl_bytes: must be equal on all ranks; this rank has ", num_nvl_bytes, ", max is ", h[0]);
+  }
+
+  EPX_NCCL_CHECK(ncclMemAlloc(&m.symmetric, num_nvl_bytes));
+  EPX_NCCL_CHECK(ncclCommWindowRegister(comm.nccl(), m.symmetric, num_nvl_bytes, &m.window, NCCL_WIN_COLL_SYMMETRIC));
+  ncclDevCommRequirements reqs;
+  std::memset(&reqs, 0, sizeof(reqs));
+  reqs.lsaMultimem = false;  // never multicast (NVLS) on shared hosts
+  reqs.lsaBarrierCount = 1;
+  EPX_NCCL_CHECK(ncclDevCommCreate(comm.nccl(), &reqs, &m.dev_comm));
+  m.dev_comm_created = true;
+  EPX_CHECK(m.dev_comm.lsaSize == comm.world(), ErrorKind::kUnsupported, "LSA team has ", m.dev_comm.lsaSize,
+            " ranks, world has ", comm.world());
+
+  void** peers_device = nullptr;
+  EPX_CUDA_CHECK(cudaMalloc(&peers_device, sizeof(void*) * kMaxPeers));
+  kernels::launch_query_peers(m.dev_comm, m.window, peers_device, nullptr);
+  EPX_CUDA_CHECK(cudaGetLastError());
+  EPX_CUDA_CHECK(cudaMemcpy(m.peers, peers_device, sizeof(void*) * comm.world(), cudaMemcpyDeviceToHost));
+  cudaFree(peers_device);
+
+  EPX_CUDA_CHECK(cudaMalloc(&m.workspace, sizeof(Workspace)));
+  EPX_CUDA_CHECK(cudaHostAlloc(&m.error, sizeof(ErrorRecord), cudaHostAllocMapped));
+  EPX_CUDA_CHECK(cudaHostGetDevicePointer(reinterpret_cast<void**>(&m.error_device), m.error, 0));
+  EPX_CUDA_CHECK(cudaHostAlloc(&m.mailbox, sizeof(HostMailbox), cudaHostAllocMapped));
+  EPX_CUDA_CHECK(cudaHostGetDevicePointer(reinterpret_cast<void**>(&m.mailbox_device), m.mailbox, 0));
+  m.zero_state();
+  comm.barrier(m.timeout_s());
+}
+
+Buffer::~Buffer() {
+  if (!impl_) return;
+  Impl& m = *impl_;
+  cudaSetDevice(m.comm->device());
+  cudaDeviceSynchronize();
+  // Deregistration is collective: keep ranks in step so no peer still writes into our memory.
+  try { m.comm->barrier(m.timeout_s()); } catch (const Error&) {}
+  if (m.dev_comm_created) ncclDevCommDestroy(m.comm->nccl(), &m.dev_comm);
+  if (m.window) ncclCommWindowDeregister(m.comm->nccl(), m.window);
+  if (m.symmetric) ncclMemFree(m.symmetric);
+  if (m.workspace) cudaFree(m.workspace);
+  if (m.error) cudaFreeHost(m.error);
+  if (m.mailbox) cudaFreeHost(m.mailbox);
+}
+
+Communicator& Buffer::comm() const { return *impl_->comm; }
+const Config& Buffer::config() const { return impl_->config; }
+void Buffer::set_config(const Config& config) {
+  config.validate(impl_->comm->num_device_sms());
+  impl_->config = config;
+}
+int Buffer::rank() const { return impl_->comm->rank(); }
+int Buffer::num_ranks() const { return impl_->comm->world(); }
+bool Buffer::failed() const { return impl_->failed; }
+void* Buffer::peer_pointer(int peer) const {
+  validate::in_range(peer, "peer", 0, num_ranks() - 1);
+  return impl_->peers[peer];
+}
+size_t Buffer::num_nvl_bytes() const { return impl_->num_nvl_bytes; }
+
+int64_t Buffer::row_capacity(int hidden, DType x_dtype, int num_topk) const {
+  const RowLayout d = plan::dispatch_rows(impl_->num_nvl_bytes, hidden, x_dtype, num_topk);
+  const RowLayout c = plan::combine_rows(impl_->num_nvl_bytes, hidden, num_topk);
+  return d.capacity < c.capacity ? d.capacity : c.capacity;
+}
+
+void Buffer::check() { impl_->raise_recorded_error(); }
+
+void Buffer::synchronize(cudaStream_t stream) {
+  host_wait_stream(stream, impl_->timeout_s() + 10, "Buffer::synchronize", rank());
+  impl_->raise_recorded_error();
+}
+
+void Buffer::reset() {
+  Impl& m = *impl_;
+  EPX_CUDA_CHECK(cudaSetDevice(m.comm->device()));
+  // Kernels are bounded, so this returns; then no peer is writing into our memory.
+  EPX_CUDA_CHECK(cudaDeviceSynchronize());
+  m.comm->barrier(m.timeout_s());
+  m.zero_state();
+  m.failed = false;
+  m.failure.clear();
+  m.comm->barrier(m.timeout_s());
+}
+
+// ---------------------------------------------------------------------------------------------
+// Layout
+
+void Buffer::get_dispatch_layout(const View& topk_idx, int num_experts, const View& num_tokens_per_rank,
+                                 const View& num_tokens_per_expert, const View& is_token_in_rank,
+                                 cudaStream_t stream) {
+  Impl& m = *impl_;
+  m.check_usable();
+  const int R = num_ranks();
+  validate::tensor(topk_idx, "topk_idx", DType::kI64, {kAny, kAny});
+  EPX_ARG_CHECK(topk_idx.stride[1] == 1 || topk_idx.shape[1] <= 1, "topk_idx: last dimension must be contiguous, got ",
+                validate::describe(topk_idx));
+  const int64_t N = topk_idx.shape[0];
+  const int K = static_cast<int>(topk_idx.shape[1]);
+  validate::in_range(K, "topk_idx.shape[1] (num_topk)", 1, kMaxTopk);
+  validate::in_range(num_experts, "num_experts", R, R * kMaxLocalExperts);
+  EPX_ARG_CHECK(num_experts % R == 0, "num_experts: must be a multiple of the number of ranks (", R, "), got ",
+                num_experts);
+  validate::tensor(num_tokens_per_rank, "num_tokens_per_rank", DType::kI32, {R});
+  validate::tensor(num_tokens_per_expert, "num_tokens_per_expert", DType::kI32, {num_experts});
+  validate::tensor(is_token_in_rank, "is_token_in_rank", DType::kBool, {N, R});
+  validate::contiguous(num_tokens_per_rank, "num_tokens_per_rank");
+  validate::contiguous(num_tokens_per_expert, "num_tokens_per_expert");
+  validate::contiguous(is_token_in_rank, "is_token_in_rank");
+
+  kernels::LayoutParams p{};
+  p.ctx = m.context(OpCode::kLayout);
+  p.topk_idx = topk_idx.ptr<int64_t>();
+  p.topk_stride = topk_idx.stride[0];
+  p.num_tokens = static_cast<int>(N);
+  p.num_topk = K;
+  p.num_experts = num_experts;
+  p.num_ranks = R;
+  p.num_tokens_per_rank = num_tokens_per_rank.ptr<int>();
+  p.num_tokens_per_expert = num_tokens_per_expert.ptr<int>();
+  p.is_token_in_rank = is_token_in_rank.ptr<bool>();
+  kernels::launch_layout(p, stream);
+  m.after_launch("get_dispatch_layout");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Dispatch
+
+DispatchHandle Buffer::make_handle(int num_tokens) const {
+  validate::in_range(num_tokens, "num_tokens", 0, 1 << 30);
+  const int R = num_ranks();
+  DispatchHandle h;
+  h.num_ranks = R;
+  h.rank = rank();
+  h.num_tokens = num_tokens;
+  const size_t num_ints = 2 * R * R + static_cast<size_t>(num_tokens) * R + 1;
+  int* mem = nullptr;
+  EPX_CUDA_CHECK(cudaMalloc(&mem, num_ints * sizeof(int)));
+  EPX_CUDA_CHECK(cudaMemset(mem, 0, num_ints * sizeof(int)));
+  h.storage = std::shared_ptr<void>(mem, [](void* q) { cudaFree(q); });
+  h.rank_prefix_matrix = mem;
+  h.count_matrix = mem + R * R;
+  h.send_pos = mem + 2 * R * R;
+  h.num_recv_device = mem + 2 * R * R + static_cast<size_t>(num_tokens) * R;
+  return h;
+}
+
+namespace {
+
+struct XShape {
+  int64_t num_tokens;
+  int hidden;
+  DType dtype;
+  int num_topk;
+};
+
+XShape validate_x(const DispatchInputs& in) {
+  EPX_ARG_CHECK(in.x.defined(), "x: required");
+  EPX_ARG_CHECK(in.x.dtype == DType::kBF16 || in.x.dtype == DType::kFP8E4M3,
+                "x: expected dtype bfloat16 or float8_e4m3fn, got ", validate::describe(in.x));
+  validate::tensor(in.x, "x", in.x.dtype, {kAny, kAny});
+  validate::rows_16b_aligned(in.x, "x");
+  XShape s{in.x.shape[0], static_cast<int>(in.x.shape[1]), in.x.dtype, 0};
+  validate::in_range(s.hidden, "x.shape[1] (hidden)", 1, 1 << 16);
+  if (s.dtype == DType::kFP8E4M3) {
+    validate::tensor(in.x_scales, "x_scales", DType::kF32, {s.num_tokens, plan::num_scales(s.hidden)});
+  } else {
+    EPX_ARG_CHECK(!in.x_scales.defined(), "x_scales: only allowed with fp8 x, got ", validate::describe(in.x_scales));
+  }
+  if (in.topk_idx.defined()) {
+    validate::tensor(in.topk_idx, "topk_idx", DType::kI64, {s.num_tokens, kAny});
+    s.num_topk = static_cast<int>(in.topk_idx.shape[1]);
+    validate::in_range(s.num_topk, "topk_idx.shape[1] (num_topk)", 1, kMaxTopk);
+    EPX_ARG_CHECK(in.topk_idx.stride[1] == 1 || s.num_topk == 1, "topk_idx: last dimension must be contiguous");
+  }
+  if (in.topk_weights.defined()) {
+    EPX_ARG_CHECK(in.topk_idx.defined(), "topk_weights: given without topk_idx");
+    validate::tensor(in.topk_weights, "topk_weights", DType::kF32, {s.num_tokens, s.num_topk});
+    EPX_ARG_CHECK(in.topk_weights.stride[1] == 1 || s.num_topk == 1, "topk_weights: last dimension must be contiguous");
+  }
+  validate::in_range(in.expert_alignment, "expert_alignment", 1, 1 << 20);
+  validate::in_range(in.num_worst_tokens, "num_worst_tokens", 0, 1 << 30);
+  return s;
+}
+
+}  // namespace
+
+int Buffer::dispatch_notify(const DispatchInputs& in, DispatchHandle& handle, const View& num_recv_tokens_per_expert,
+                            cudaStream_t stream) {
+  Impl& m = *impl_;
+  m.check_usable();
+  const int R = num_ranks();
+  const XShape xs = validate_x(in);
+  EPX_ARG_CHECK(in.topk_idx.defined(), "topk_idx: required for a fresh dispatch");
+  validate::tensor(in.num_tokens_per_rank, "num_tokens_per_rank", DType::kI32, {R});
+  validate::tensor(in.num_tokens_per_expert, "num_tokens_per_expert", DType::kI32, {kAny});
+  validate::tensor(in.is_token_in_rank, "is_token_in_rank", DType::kBool, {xs.num_tokens, R});
+  validate::contiguous(in.num_tokens_per_rank, "num_tokens_per_rank");
+  validate::contiguous(in.num_tokens_per_expert, "num_tokens_per_expert");
+  validate::contiguous(in.is_token_in_rank, "is_token_in_rank");
+  const int64_t E = in.num_tokens_per_expert.shape[0];
+  EPX_ARG_CHECK(E >= R && E % R == 0 && E / R <= kMaxLocalExperts, "num_tokens_per_expert: expected [E] with E a multiple of ",
+                R, " and E / ", R, " <= ", kMaxLocalExperts, ", got ", validate::describe(in.num_tokens_per_expert));
+  const int E_loc = static_cast<int>(E / R);
+  validate::optional(num_recv_tokens_per_expert, "num_recv_tokens_per_expert", DType::kI32, {E_loc});
+  if (num_recv_tokens_per_expert.defined()) validate::contiguous(num_recv_tokens_per_expert, "num_recv_tokens_per_expert");
+  EPX_ARG_CHECK(handle.storage != nullptr && handle.num_ranks == R, "handle: not made by this Buffer's make_handle");
+  EPX_ARG_CHECK(handle.num_tokens == xs.num_tokens, "handle: made for ", handle.num_tokens, " tokens, x has ",
+                xs.num_tokens);
+  const RowLayout rows = plan::dispatch_rows(m.num_nvl_bytes, xs.hidden, xs.dtype, xs.num_topk);
+  if (in.num_worst_tokens > 0)
+    EPX_CHECK(in.num_worst_tokens <= rows.capacity, ErrorKind::kBufferTooSmall, "num_worst_tokens = ",
+              in.num_worst_tokens, " rows do not fit: the buffer holds ", rows.capacity, " rows of this shape; need num_nvl_bytes >= ",
+              plan::nvl_bytes_for_rows(in.num_worst_tokens, xs.hidden, xs.dtype, xs.num_topk), ", have ", m.num_nvl_bytes);
+
+  kernels::NotifyParams p{};
+  p.ctx = m.context(OpCode::kNotify);
+  p.num_tokens = static_cast<int>(xs.num_tokens);
+  p.num_experts_per_rank = E_loc;
+  p.expert_alignment = in.expert_alignment;
+  p.num_tokens_per_rank = in.num_tokens_per_rank.ptr<int>();
+  p.num_tokens_per_expert = in.num_tokens_per_expert.ptr<int>();
+  p.is_token_in_rank = in.is_token_in_rank.ptr<bool>();
+  p.num_recv_tokens_per_expert = num_recv_tokens_per_expert.defined() ? num_recv_tokens_per_expert.ptr<int>() : nullptr;
+  p.count_matrix = handle.count_matrix;
+  p.rank_prefix_matrix = handle.rank_prefix_matrix;
+  p.send_pos = handle.send_pos;
+  p.num_recv = handle.num_recv_device;
+  p.dispatch_capacity = rows.capacity;
+  p.num_worst_tokens = in.num_worst_tokens;
+  const bool host_sync = in.num_worst_tokens == 0;
+  p.mailbox = host_sync ? m.mailbox_device : nullptr;
+  handle.num_experts = static_cast<int>(E);
+  handle.num_worst_tokens = in.num_worst_tokens;
+  handle.num_recv_tokens = -1;
+  handle.max_recv_tokens = -1;
+  kernels::launch_notify(p, stream);
+  m.after_launch("dispatch_notify");
+  handle.filled = true;
+  if (!host_sync) return -1;
+
+  host_wait_stream(stream, m.timeout_s() + 10, "dispatch (count exchange)", rank());
+  m.raise_recorded_error();
+  const volatile HostMailbox* mb = m.mailbox;
+  handle.num_recv_tokens = mb->num_recv;
+  handle.max_recv_tokens = mb->max_rows;
+  return handle.num_recv_tokens;
+}
+
+void Buffer::dispatch(const DispatchInputs& in, const DispatchHandle& handle, const DispatchOutputs& out,
+                      cudaStream_t stream) {
+  Impl& m = *impl_;
+  m.check_usable();
+  const int R = num_ranks();
+  const XShape xs = validate_x(in);
+  EPX_ARG_CHECK(handle.filled && handle.storage != nullptr && handle.num_ranks == R,
+                "handle: not filled by dispatch_notify on this Buffer");
+  EPX_ARG_CHECK(handle.num_tokens == xs.num_tokens, "handle: made for ", handle.num_tokens, " tokens, x has ",
+                xs.num_tokens);
+  EPX_ARG_CHECK(handle.num_worst_tokens > 0 || handle.num_recv_tokens >= 0,
+                "handle: row count unknown on the host (not host-synced and no num_worst_tokens)");
+  const int64_t out_rows = handle.num_worst_tokens > 0 ? handle.num_worst_tokens : handle.num_recv_tokens;
+  const int S = xs.dtype == DType::kFP8E4M3 ? plan::num_scales(xs.hidden) : 0;
+  validate::tensor(out.recv_x, "recv_x", xs.dtype, {out_rows, xs.hidden});
+  validate::contiguous(out.recv_x, "recv_x");
+  validate::rows_16b_aligned(out.recv_x, "recv_x");
+  if (S > 0) {
+    validate::tensor(out.recv_x_scales, "recv_x_scales", DType::kF32, {out_rows, S});
+    validate::contiguous(out.recv_x_scales, "recv_x_scales");
+  } else {
+    EPX_ARG_CHECK(!out.recv_x_scales.defined(), "recv_x_scales: only with fp8 x");
+  }
+  if (out.recv_topk_idx.defined() || out.recv_topk_weights.defined())
+    EPX_ARG_CHECK(in.topk_idx.defined(), "recv_topk_idx / recv_topk_weights: need topk_idx as input");
+  validate::optional(out.recv_topk_idx, "recv_topk_idx", DType::kI64, {out_rows, xs.num_topk});
+  validate::optional(out.recv_topk_weights, "recv_topk_weights", DType::kF32, {out_rows, xs.num_topk});
+  validate::optional(out.recv_src_idx, "recv_src_idx", DType::kI32, {out_rows});
+  for (const View* v : {&out.recv_topk_idx, &out.recv_topk_weights, &out.recv_src_idx})
+    if (v->defined()) validate::contiguous(*v, "recv_topk_idx / recv_topk_weights / recv_src_idx");
+  if (out.recv_topk_weights.defined())
+    EPX_ARG_CHECK(in.topk_weights.defined(), "recv_topk_weights: needs topk_weights as input");
+
+  const RowLayout rows = plan::dispatch_rows(m.num_nvl_bytes, xs.hidden, xs.dtype, xs.num_topk);
+  if (handle.max_recv_tokens >= 0)
+    EPX_CHECK(handle.max_recv_tokens <= rows.capacity, ErrorKind::kBufferTooSmall, "dispatch: a rank receives ",
+              handle.max_recv_tokens, " rows but the buffer holds ", rows.capacity,
+              " rows of this shape; need num_nvl_bytes >= ",
+              plan::nvl_bytes_for_rows(handle.max_recv_tokens, xs.hidden, xs.dtype, xs.num_topk), ", have ", m.num_nvl_bytes);
+
+  kernels::DispatchParams p{};
+  p.ctx = m.context(OpCode::kDispatch);
+  p.rows = rows;
+  p.num_tokens = static_cast<int>(xs.num_tokens);
+  p.num_topk = xs.num_topk;
+  p.num_experts_per_rank = handle.num_experts / R;
+  p.x = static_cast<const char*>(in.x.data);
+  p.x_row_stride_bytes = in.x.stride[0] * static_cast<int64_t>(dtype_size(xs.dtype));
+  p.x_scales = S > 0 ? in.x_scales.ptr<float>() : nullptr;
+  p.scale_token_stride = S > 0 ? in.x_scales.stride[0] : 0;
+  p.scale_hidden_stride = S > 0 ? in.x_scales.stride[1] : 0;
+  p.topk_idx = in.topk_idx.defined() ? in.topk_idx.ptr<int64_t>() : nullptr;
+  p.topk_stride = in.topk_idx.defined() ? in.topk_idx.stride[0] : 0;
+  p.topk_weights = in.topk_weights.defined() ? in.topk_weights.ptr<float>() : nullptr;
+  p.weight_stride = in.topk_weights.defined() ? in.topk_weights.stride[0] : 0;
+  p.count_matrix = handle.count_matrix;
+  p.send_pos = handle.send_pos;
+  p.num_recv = handle.num_recv_device;
+  p.out_rows = out_rows;
+  p.recv_x = static_cast<char*>(out.recv_x.data);
+  p.recv_x_scales = S > 0 ? out.recv_x_scales.ptr<float>() : nullptr;
+  p.recv_topk_idx = out.recv_topk_idx.defined() ? out.recv_topk_idx.ptr<int64_t>() : nullptr;
+  p.recv_topk_weights = out.recv_topk_weights.defined() ? out.recv_topk_weights.ptr<float>() : nullptr;
+  p.recv_src_idx = out.recv_src_idx.defined() ? out.recv_src_idx.ptr<int>() : nullptr;
+  kernels::launch_dispatch(p, m.config.num_sms, m.config.num_threads, stream);
+  m.after_launch("dispatch");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Combine
+
+void Buffer::combine(const CombineInputs& in, const DispatchHandle& handle, const CombineOutputs& out,
+                     cudaStream_t stream) {
+  Impl& m = *impl_;
+  m.check_usable();
+  const int R = num_ranks();
+  EPX_ARG_CHECK(handle.filled && handle.storage != nullptr && handle.num_ranks == R,
+                "handle: not filled by a dispatch on this Buffer");
+  EPX_ARG_CHECK(handle.num_worst_tokens > 0 || handle.num_recv_tokens >= 0,
+                "handle: row count unknown on the host (not host-synced and no num_worst_tokens)");
+  const int64_t rows_in = handle.num_worst_tokens > 0 ? handle.num_worst_tokens : handle.num_recv_tokens;
+  const int64_t N = handle.num_tokens;
+  validate::tensor(in.x, "x", DType::kBF16, {rows_in, kAny});
+  validate::rows_16b_aligned(in.x, "x");
+  const int H = static_cast<int>(in.x.shape[1]);
+  validate::in_range(H, "x.shape[1] (hidden)", 8, 1 << 16);
+  int K = 0;
+  if (in.topk_weights.defined()) {
+    validate::tensor(in.topk_weights, "topk_weights", DType::kF32, {rows_in, kAny});
+    K = static_cast<int>(in.topk_weights.shape[1]);
+    validate::in_range(K, "topk_weights.shape[1] (num_topk)", 1, kMaxTopk);
+    EPX_ARG_CHECK(in.topk_weights.stride[1] == 1 || K == 1, "topk_weights: last dimension must be contiguous");
+    validate::tensor(out.combined_topk_weights, "combined_topk_weights", DType::kF32, {N, K});
+    EPX_ARG_CHECK(out.combined_topk_weights.stride[1] == 1 || K == 1,
+                  "combined_topk_weights: last dimension must be contiguous");
+  } else {
+    EPX_ARG_CHECK(!out.combined_topk_weights.defined(), "combined_topk_weights: given without topk_weights");
+  }
+  validate::optional(in.bias_0, "bias_0", DType::kBF16, {N, H});
+  validate::optional(in.bias_1, "bias_1", DType::kBF16, {N, H});
+  if (in.bias_0.defined()) validate::rows_16b_aligned(in.bias_0, "bias_0");
+  if (in.bias_1.defined()) validate::rows_16b_aligned(in.bias_1, "bias_1");
+  validate::tensor(out.combined_x, "combined_x", DType::kBF16, {N, H});
+  validate::rows_16b_aligned(out.combined_x, "combined_x");
+
+  const RowLayout rows = plan::combine_rows(m.num_nvl_bytes, H, K);
+  // NOTE: whether every rank's returning rows fit is checked on the device from the count matrix.
+  kernels::CombineParams p{};
+  p.ctx = m.context(OpCode::kCombine);
+  p.rows = rows;
+  p.num_tokens = static_cast<int>(N);
+  p.hidden = H;
+  p.num_topk = K;
+  p.x = in.x.ptr<uint16_t>();
+  p.x_stride = in.x.stride[0];
+  p.topk_weights = K ? in.topk_weights.ptr<float>() : nullptr;
+  p.weight_stride = K ? in.topk_weights.stride[0] : 0;
+  p.bias_0 = in.bias_0.defined() ? in.bias_0.ptr<uint16_t>() : nullptr;
+  p.bias_0_stride = in.bias_0.defined() ? in.bias_0.stride[0] : 0;
+  p.bias_1 = in.bias_1.defined() ? in.bias_1.ptr<uint16_t>() : nullptr;
+  p.bias_1_stride = in.bias_1.defined() ? in.bias_1.stride[0] : 0;
+  p.count_matrix = handle.count_matrix;
+  p.send_pos = handle.send_pos;
+  p.num_recv = handle.num_recv_device;
+  p.combined_x = out.combined_x.ptr<uint16_t>();
+  p.out_stride = out.combined_x.stride[0];
+  p.combined_topk_weights = K ? out.combined_topk_weights.ptr<float>() : nullptr;
+  p.out_weight_stride = K ? out.combined_topk_weights.stride[0] : 0;
+  kernels::launch_combine(p, m.config.num_sms, m.config.num_threads, stream);
+  m.after_launch("combine");
+}
+
+}  // namespace epx

@@ -1,0 +1,28 @@
+// Host-side call checks (CUDA, NCCL) and the bounded host wait.
+#pragma once
+#include <cuda_runtime_api.h>
+#include <nccl.h>
+
+#include "epx/error.hpp"
+
+#define EPX_CUDA_CHECK(call)                                                                     \
+  do {                                                                                           \
+    const cudaError_t epx_err_ = (call);                                                         \
+    if (epx_err_ != cudaSuccess)                                                                 \
+      EPX_FAIL(::epx::ErrorKind::kCuda, #call, " failed: ", cudaGetErrorString(epx_err_));       \
+  } while (0)
+
+#define EPX_NCCL_CHECK(call)                                                                     \
+  do {                                                                                           \
+    const ncclResult_t epx_res_ = (call);                                                        \
+    if (epx_res_ != ncclSuccess)                                                                 \
+      EPX_FAIL(::epx::ErrorKind::kNccl, #call, " failed: ", ncclGetErrorString(epx_res_));       \
+  } while (0)
+
+namespace epx {
+
+// Waits until all work on `stream` is done, polling, at most `timeout_s`; on expiry throws
+// Error(kTimeout) naming `what` and `rank`.
+void host_wait_stream(cudaStream_t stream, double timeout_s, const char* what, int rank);
+
+}  // namespace epx

@@ -1,0 +1,12 @@
+// The one table of EPX_* environment variables (name, default, meaning). Read nowhere else.
+#pragma once
+
+namespace epx::env {
+
+// EPX_TIMEOUT_S (default 100): bound of every device and host wait, in seconds, when the Config
+// does not set one.
+double timeout_s();
+// EPX_DEBUG (default 0): 1 = print one line per operation on the host (op, sizes, epoch).
+bool debug();
+
+}  // namespace epx::env

@@ -1,0 +1,44 @@
+#include "host/plan.hpp"
+
+#include "epx/buffer.hpp"
+#include "epx/error.hpp"
+#include "host/validate.hpp"
+
+namespace epx::plan {
+
+size_t row_region_bytes(size_t num_nvl_bytes) {
+  return num_nvl_bytes > SymmetricLayout::kRowsOffset ? num_nvl_bytes - SymmetricLayout::kRowsOffset : 0;
+}
+
+RowLayout dispatch_rows(size_t num_nvl_bytes, int hidden, DType x_dtype, int num_topk) {
+  const bool fp8 = x_dtype == DType::kFP8E4M3;
+  return dispatch_row_layout(row_region_bytes(num_nvl_bytes), hidden * static_cast<int>(dtype_size(x_dtype)),
+                             fp8 ? num_scales(hidden) : 0, num_topk, /*with_weights=*/true);
+}
+
+RowLayout combine_rows(size_t num_nvl_bytes, int hidden, int num_topk) {
+  return combine_row_layout(row_region_bytes(num_nvl_bytes), hidden, num_topk);
+}
+
+size_t nvl_bytes_for_rows(int64_t max_rows, int hidden, DType x_dtype, int num_topk) {
+  RowLayout d = dispatch_rows(0, hidden, x_dtype, num_topk);
+  d.place(max_rows);
+  RowLayout c = combine_rows(0, hidden, num_topk);
+  c.place(max_rows);
+  const size_t region = (d.num_bytes > c.num_bytes ? d.num_bytes : c.num_bytes) + 5 * 16;
+  return align_up(SymmetricLayout::kRowsOffset + region, 1 << 21);
+}
+
+}  // namespace epx::plan
+
+namespace epx {
+
+size_t Buffer::get_nvl_buffer_size_hint(int64_t max_rows, int hidden, DType x_dtype, int num_topk, int num_ranks) {
+  validate::in_range(max_rows, "max_rows", 0, int64_t{1} << 31);
+  validate::in_range(hidden, "hidden", 1, 1 << 20);
+  validate::in_range(num_topk, "num_topk", 0, kMaxTopk);
+  validate::in_range(num_ranks, "num_ranks", 1, kMaxPeers);
+  return plan::nvl_bytes_for_rows(max_rows, hidden, x_dtype, num_topk);
+}
+
+}  // namespace epx

@@ -1,0 +1,29 @@
+// Planning: sizes and row layouts derived from (buffer size, row shape). Pure host code, shared by
+// the Buffer, the size hints and the CPU tests.
+#pragma once
+#include <cstddef>
+#include <cstdint>
+
+#include "common/layout.hpp"
+#include "epx/config.hpp"
+#include "epx/types.hpp"
+
+namespace epx::plan {
+
+// Scale columns of an fp8 row of `hidden` channels (one f32 per 128 channels).
+inline int num_scales(int hidden) { return (hidden + 127) / 128; }
+
+size_t row_region_bytes(size_t num_nvl_bytes);
+// Dispatch rows always reserve room for scales (fp8) and top-k ids + weights, so one capacity
+// serves every dispatch of that shape.
+RowLayout dispatch_rows(size_t num_nvl_bytes, int hidden, DType x_dtype, int num_topk);
+RowLayout combine_rows(size_t num_nvl_bytes, int hidden, int num_topk);
+// Smallest num_nvl_bytes whose dispatch and combine layouts both hold `max_rows` rows.
+size_t nvl_bytes_for_rows(int64_t max_rows, int hidden, DType x_dtype, int num_topk);
+
+}  // namespace epx::plan
+
+namespace epx {
+// The config's timeout, or EPX_TIMEOUT_S.
+double effective_timeout_s(const Config& c);
+}  // namespace epx

@@ -1,0 +1,92 @@
+// Parameter structs and launchers of the high-throughput kernels (one struct per kernel, passed by
+// value as a __grid_constant__ argument). Built and validated by src/host/buffer.cu.
+#pragma once
+#include <cuda_runtime_api.h>
+
+#include <cstdint>
+
+#include "common/layout.hpp"
+#include "device/sync.cuh"
+
+namespace epx::kernels {
+
+struct LayoutParams {
+  device::OpContext ctx;  // only err/rank/op are used (no peer traffic)
+  const int64_t* topk_idx;
+  int64_t topk_stride;  // elements between tokens
+  int num_tokens, num_topk, num_experts, num_ranks;
+  int* num_tokens_per_rank;    // [R]
+  int* num_tokens_per_expert;  // [E]
+  bool* is_token_in_rank;      // [N, R]
+};
+void launch_layout(const LayoutParams& p, cudaStream_t stream);
+
+struct NotifyParams {
+  device::OpContext ctx;
+  int num_tokens, num_experts_per_rank, expert_alignment;
+  const int* num_tokens_per_rank;    // [R]
+  const int* num_tokens_per_expert;  // [E]
+  const bool* is_token_in_rank;      // [N, R]
+  int* num_recv_tokens_per_expert;   // [E_loc] or null
+  // Handle outputs.
+  int* count_matrix;        // [R, R]
+  int* rank_prefix_matrix;  // [R, R]
+  int* send_pos;            // [N, R]
+  int* num_recv;            // [1]
+  // Capacity checks: rows every rank can receive in dispatch, and the worst-case row count.
+  int64_t dispatch_capacity;
+  int num_worst_tokens;
+  HostMailbox* mailbox;  // host-mapped, or null
+};
+void launch_notify(const NotifyParams& p, cudaStream_t stream);
+
+struct DispatchParams {
+  device::OpContext ctx;
+  RowLayout rows;  // dispatch row layout in every rank's row region
+  int num_tokens, num_topk, num_experts_per_rank;
+  // Inputs.
+  const char* x;
+  int64_t x_row_stride_bytes;
+  const float* x_scales;
+  int64_t scale_token_stride, scale_hidden_stride;
+  const int64_t* topk_idx;
+  int64_t topk_stride;
+  const float* topk_weights;
+  int64_t weight_stride;
+  // Handle.
+  const int* count_matrix;
+  const int* send_pos;
+  const int* num_recv;
+  // Outputs (contiguous), `out_rows` rows each.
+  int64_t out_rows;
+  char* recv_x;
+  float* recv_x_scales;
+  int64_t* recv_topk_idx;
+  float* recv_topk_weights;
+  int* recv_src_idx;
+};
+void launch_dispatch(const DispatchParams& p, int num_blocks, int num_threads, cudaStream_t stream);
+
+struct CombineParams {
+  device::OpContext ctx;
+  RowLayout rows;  // combine row layout
+  int num_tokens, hidden, num_topk;
+  const uint16_t* x;  // [Nr, H] bf16
+  int64_t x_stride;
+  const float* topk_weights;  // [Nr, K] or null
+  int64_t weight_stride;
+  const uint16_t* bias_0;
+  int64_t bias_0_stride;
+  const uint16_t* bias_1;
+  int64_t bias_1_stride;
+  const int* count_matrix;
+  const int* send_pos;
+  const int* num_recv;
+  uint16_t* combined_x;  // [N, H]
+  int64_t out_stride;
+  float* combined_topk_weights;  // [N, K] or null
+  int64_t out_weight_stride;
+};
+void launch_combine(const CombineParams& p, int num_blocks, int num_threads, cudaStream_t stream);
+
+}  // namespace epx::kernels

@@ -1,0 +1,140 @@
+// CPU tests of the host-side pieces that need no GPU: views, validation, config, planning, errors.
+#include <gtest/gtest.h>
+
+#include <cstdlib>
+#include <string>
+
+#include "epx/buffer.hpp"
+#include "epx/config.hpp"
+#include "epx/error.hpp"
+#include "host/env.hpp"
+#include "host/plan.hpp"
+#include "host/validate.hpp"
+
+namespace epx {
+namespace {
+
+// Runs f, expects an epx::Error of `kind` whose message contains `needle`.
+template <typename F>
+void expect_error(F&& f, ErrorKind kind, const std::string& needle) {
+  try {
+    f();
+  } catch (const Error& e) {
+    EXPECT_EQ(e.kind(), kind) << e.what();
+    EXPECT_NE(std::string(e.what()).find(needle), std::string::npos) << "message lacks '" << needle << "': " << e.what();
+    return;
+  }
+  ADD_FAILURE() << "no epx::Error thrown (wanted one naming '" << needle << "')";
+}
+
+alignas(16) char g_mem[1 << 16];
+
+TEST(View, ContiguousStridesAndNumel) {
+  View v = View::of(g_mem, DType::kBF16, {4, 8});
+  EXPECT_EQ(v.stride[0], 8);
+  EXPECT_EQ(v.stride[1], 1);
+  EXPECT_EQ(v.numel(), 32);
+  EXPECT_TRUE(v.is_contiguous());
+  View t = View::strided(g_mem, DType::kF32, {4, 8}, {1, 4});
+  EXPECT_FALSE(t.is_contiguous());
+  EXPECT_FALSE(View{}.defined());
+  EXPECT_TRUE(View::of(nullptr, DType::kI32, {0, 4}).defined());
+}
+
+TEST(Validate, NamesTheArgumentExpectedAndActual) {
+  const View x = View::of(g_mem, DType::kF32, {4, 8});
+  expect_error([&] { validate::tensor(x, "x", DType::kBF16, {4, 8}); }, ErrorKind::kInvalidArgument, "x: expected dtype bfloat16");
+  expect_error([&] { validate::tensor(x, "recv_x", DType::kF32, {5, 8}); }, ErrorKind::kInvalidArgument, "recv_x: expected shape [5, 8]");
+  expect_error([&] { validate::tensor(View{}, "topk_idx", DType::kI64, {4, 8}); }, ErrorKind::kInvalidArgument, "topk_idx: required");
+  EXPECT_NO_THROW(validate::tensor(x, "x", DType::kF32, {validate::kAny, 8}));
+  EXPECT_NO_THROW(validate::optional(View{}, "bias_0", DType::kBF16, {4, 8}));
+  expect_error([&] { validate::in_range(33, "num_topk", 1, 32); }, ErrorKind::kInvalidArgument, "num_topk: expected a value in [1, 32], got 33");
+}
+
+TEST(Validate, RowAlignment) {
+  // 100 bf16 = 200 bytes: not a multiple of 16.
+  expect_error([] { validate::rows_16b_aligned(View::of(g_mem, DType::kBF16, {2, 100}), "x"); },
+               ErrorKind::kInvalidArgument, "row bytes (200)");
+  expect_error([] { validate::rows_16b_aligned(View::of(g_mem + 4, DType::kBF16, {2, 64}), "x"); },
+               ErrorKind::kInvalidArgument, "16-byte aligned");
+  expect_error([] { validate::rows_16b_aligned(View::strided(g_mem, DType::kBF16, {2, 64}, {68, 1}), "x"); },
+               ErrorKind::kInvalidArgument, "row stride (136 bytes)");
+  expect_error([] { validate::rows_16b_aligned(View::strided(g_mem, DType::kBF16, {2, 64}, {1, 2}), "x"); },
+               ErrorKind::kInvalidArgument, "last dimension must be contiguous");
+  EXPECT_NO_THROW(validate::rows_16b_aligned(View::strided(g_mem, DType::kBF16, {2, 64}, {72, 1}), "x"));
+}
+
+TEST(Config, ValidatesEveryField) {
+  Config c;
+  EXPECT_NO_THROW(c.validate(132));
+  c.num_sms = 0;
+  expect_error([&] { c.validate(132); }, ErrorKind::kInvalidArgument, "Config.num_sms");
+  c.num_sms = 133;
+  expect_error([&] { c.validate(132); }, ErrorKind::kInvalidArgument, "Config.num_sms");
+  c = Config{};
+  c.num_threads = 100;
+  expect_error([&] { c.validate(132); }, ErrorKind::kInvalidArgument, "Config.num_threads");
+  c = Config{};
+  c.timeout_s = -1;
+  expect_error([&] { c.validate(132); }, ErrorKind::kInvalidArgument, "Config.timeout_s");
+  EXPECT_GE(Config::defaults(4).num_sms, 1);
+}
+
+TEST(Plan, LayoutsFitAndHintsSuffice) {
+  for (int hidden : {2048, 7168, 8192}) {
+    for (DType dt : {DType::kBF16, DType::kFP8E4M3}) {
+      const int64_t rows = 16384;
+      const size_t bytes = plan::nvl_bytes_for_rows(rows, hidden, dt, 8);
+      const RowLayout d = plan::dispatch_rows(bytes, hidden, dt, 8);
+      const RowLayout c = plan::combine_rows(bytes, hidden, 8);
+      EXPECT_GE(d.capacity, rows);
+      EXPECT_GE(c.capacity, rows);
+      EXPECT_LE(d.num_bytes, plan::row_region_bytes(bytes));
+      EXPECT_LE(c.num_bytes, plan::row_region_bytes(bytes));
+      // Sub-arrays are 16-byte aligned and do not overlap.
+      EXPECT_EQ(d.off_scales % 16, 0u);
+      EXPECT_LE(static_cast<size_t>(d.capacity) * d.row_bytes, d.off_scales);
+      EXPECT_LE(d.off_scales + d.capacity * d.num_scales * 4, d.off_topk_idx);
+      EXPECT_LE(d.off_topk_idx + d.capacity * d.num_topk_idx * 4, d.off_topk_weights);
+      EXPECT_LE(d.off_topk_weights + d.capacity * d.num_topk_weights * 4, d.off_src_idx);
+    }
+  }
+  EXPECT_EQ(plan::num_scales(7168), 56);
+  EXPECT_EQ(plan::num_scales(100), 1);
+  EXPECT_EQ(plan::dispatch_rows(1024, 7168, DType::kBF16, 8).capacity, 0);
+}
+
+TEST(Plan, SizeHintValidatesArguments) {
+  expect_error([] { Buffer::get_nvl_buffer_size_hint(100, 7168, DType::kBF16, 33, 4); }, ErrorKind::kInvalidArgument, "num_topk");
+  expect_error([] { Buffer::get_nvl_buffer_size_hint(100, 7168, DType::kBF16, 8, 9); }, ErrorKind::kInvalidArgument, "num_ranks");
+  EXPECT_GT(Buffer::get_nvl_buffer_size_hint(16384, 7168, DType::kBF16, 8, 4), size_t{16384} * 7168 * 2);
+}
+
+TEST(Env, TimeoutIsReadAndValidated) {
+  setenv("EPX_TIMEOUT_S", "2.5", 1);
+  EXPECT_DOUBLE_EQ(env::timeout_s(), 2.5);
+  setenv("EPX_TIMEOUT_S", "abc", 1);
+  expect_error([] { env::timeout_s(); }, ErrorKind::kInvalidArgument, "EPX_TIMEOUT_S");
+  unsetenv("EPX_TIMEOUT_S");
+  EXPECT_DOUBLE_EQ(env::timeout_s(), 100.0);
+  Config c;
+  c.timeout_s = 3;
+  EXPECT_DOUBLE_EQ(effective_timeout_s(c), 3.0);
+}
+
+TEST(Error, CarriesKindMessageAndLocation) {
+  try {
+    EPX_CHECK(false, ErrorKind::kTimeout, "rank ", 1, " peer ", 2);
+  } catch (const Error& e) {
+    EXPECT_EQ(e.kind(), ErrorKind::kTimeout);
+    EXPECT_EQ(e.message(), "rank 1 peer 2");
+    EXPECT_NE(std::string(e.what()).find("Timeout"), std::string::npos);
+    EXPECT_NE(std::string(e.file()).find("test_host.cpp"), std::string::npos);
+    EXPECT_GT(e.line(), 0);
+    return;
+  }
+  ADD_FAILURE() << "EPX_CHECK did not throw";
+}
+
+}  // namespace
+}  // namespace epx

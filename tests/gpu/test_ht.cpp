@@ -1,0 +1,284 @@
+// High-throughput layout / dispatch / combine on 2-4 GPUs against the CPU reference.
+#include <cuda_runtime_api.h>
+
+#include "gpu/harness.hpp"
+
+namespace epx::test {
+namespace {
+
+using ref::RankInput;
+
+struct Case {
+  std::string name;
+  InputSpec spec;
+  int alignment = 1;
+  bool worst_case = false;   // num_worst_tokens sizing (no host sync)
+  int empty_rank = -1;       // this rank has N = 0
+  bool biases = false;
+  int x_row_pad = 0;         // extra elements per x row (non-contiguous x)
+};
+
+uint64_t case_seed(uint64_t seed, const std::string& name) {
+  return seed ^ std::hash<std::string>{}(name);
+}
+
+// Rank r's expert outputs for combine: random bf16 rows, regenerable by every rank.
+std::vector<uint16_t> expert_outputs(uint64_t seed, int rank, int64_t rows, int hidden) {
+  std::mt19937_64 rng(seed * 31 + rank + 17);
+  std::uniform_real_distribution<float> u(-2.f, 2.f);
+  std::vector<uint16_t> y(static_cast<size_t>(rows) * hidden);
+  for (auto& v : y) v = ref::float_to_bf16(u(rng));
+  return y;
+}
+
+std::vector<uint16_t> random_bias(uint64_t seed, int rank, int n, int hidden, int which) {
+  return expert_outputs(seed * 7 + which, rank + 100, n, hidden);
+}
+
+// The device copies of one rank's dispatch inputs.
+struct DeviceInputs {
+  DeviceMem x, scales, topk_idx, topk_weights;
+  DispatchInputs view(const InputSpec& s, int N, int pad) const {
+    DispatchInputs in;
+    const DType dt = s.fp8 ? DType::kFP8E4M3 : DType::kBF16;
+    in.x = View::strided(x.get(), dt, {N, s.hidden}, {s.hidden + pad, 1});
+    if (s.fp8) {
+      const int S = (s.hidden + 127) / 128;
+      in.x_scales = View::strided(scales.get(), DType::kF32, {N, S}, {1, N});  // column-major
+    }
+    in.topk_idx = View::of(topk_idx.get(), DType::kI64, {N, s.num_topk});
+    if (s.with_weights) in.topk_weights = View::of(topk_weights.get(), DType::kF32, {N, s.num_topk});
+    return in;
+  }
+};
+
+DeviceInputs upload_inputs(const RankInput& in, const InputSpec& s, int pad) {
+  DeviceInputs d;
+  const int N = in.num_tokens;
+  const size_t es = s.fp8 ? 1 : 2;
+  const size_t row = static_cast<size_t>(s.hidden) * es, padded = (s.hidden + pad) * es;
+  std::vector<uint8_t> x(padded * N, 0xAB);
+  for (int t = 0; t < N; ++t) std::memcpy(&x[t * padded], &in.x[t * row], row);
+  d.x = DeviceMem::from(x);
+  if (s.fp8) {
+    const int S = (s.hidden + 127) / 128;
+    std::vector<float> col(static_cast<size_t>(S) * N);
+    for (int t = 0; t < N; ++t)
+      for (int j = 0; j < S; ++j) col[static_cast<size_t>(j) * N + t] = in.x_scales[static_cast<size_t>(t) * S + j];
+    d.scales = DeviceMem::from(col);
+  }
+  d.topk_idx = DeviceMem::from(in.topk_idx);
+  if (s.with_weights) d.topk_weights = DeviceMem::from(in.topk_weights);
+  return d;
+}
+
+struct LayoutOut {
+  DeviceMem per_rank, per_expert, in_rank;
+};
+
+LayoutOut run_layout(RankCtx& ctx, const DeviceInputs& d, const InputSpec& s, int N, const ref::Layout& want) {
+  const int R = ctx.world;
+  LayoutOut o{DeviceMem(4 * R), DeviceMem(4 * s.num_experts), DeviceMem(static_cast<size_t>(N) * R)};
+  o.per_rank.fill(0x7F);
+  o.per_expert.fill(0x7F);
+  o.in_rank.fill(0x7F);
+  ctx.buffer->get_dispatch_layout(View::of(d.topk_idx.get(), DType::kI64, {N, s.num_topk}), s.num_experts,
+                                  View::of(o.per_rank.get(), DType::kI32, {R}),
+                                  View::of(o.per_expert.get(), DType::kI32, {s.num_experts}),
+                                  View::of(o.in_rank.get(), DType::kBool, {N, R}), ctx.stream);
+  ctx.buffer->synchronize(ctx.stream);
+  expect_equal(o.per_rank.download<int>(R), want.num_tokens_per_rank, R, "num_tokens_per_rank");
+  expect_equal(o.per_expert.download<int>(s.num_experts), want.num_tokens_per_expert, s.num_experts,
+               "num_tokens_per_expert");
+  expect_equal(o.in_rank.download<uint8_t>(static_cast<size_t>(N) * R), want.is_token_in_rank,
+               static_cast<size_t>(N) * R, "is_token_in_rank");
+  return o;
+}
+
+struct RecvOut {
+  DeviceMem x, scales, topk_idx, topk_weights, src_idx;
+  DispatchOutputs view(const InputSpec& s, int64_t rows) const {
+    DispatchOutputs o;
+    o.recv_x = View::of(x.get(), s.fp8 ? DType::kFP8E4M3 : DType::kBF16, {rows, s.hidden});
+    if (s.fp8) o.recv_x_scales = View::of(scales.get(), DType::kF32, {rows, (s.hidden + 127) / 128});
+    o.recv_topk_idx = View::of(topk_idx.get(), DType::kI64, {rows, s.num_topk});
+    if (s.with_weights) o.recv_topk_weights = View::of(topk_weights.get(), DType::kF32, {rows, s.num_topk});
+    o.recv_src_idx = View::of(src_idx.get(), DType::kI32, {rows});
+    return o;
+  }
+};
+
+RecvOut alloc_recv(const InputSpec& s, int64_t rows) {
+  const size_t es = s.fp8 ? 1 : 2, S = (s.hidden + 127) / 128;
+  RecvOut o{DeviceMem(rows * s.hidden * es), DeviceMem(s.fp8 ? rows * S * 4 : 0), DeviceMem(rows * s.num_topk * 8),
+            DeviceMem(rows * s.num_topk * 4), DeviceMem(rows * 4)};
+  for (DeviceMem* m : {&o.x, &o.scales, &o.topk_idx, &o.topk_weights, &o.src_idx}) m->fill(0x7F);
+  return o;
+}
+
+void check_recv(const RecvOut& o, const InputSpec& s, const ref::DispatchResult& want, int64_t rows, bool meta,
+                const std::string& tag) {
+  const int64_t n = want.num_recv;
+  const size_t es = s.fp8 ? 1 : 2, S = s.fp8 ? (s.hidden + 127) / 128 : 0, K = s.num_topk;
+  auto x = o.x.download<uint8_t>(rows * s.hidden * es);
+  expect_equal(x, want.recv_x, n * s.hidden * es, tag + " recv_x");
+  if (S) expect_equal(o.scales.download<float>(rows * S), want.recv_x_scales, n * S, tag + " recv_x_scales");
+  if (meta) {
+    expect_equal(o.topk_idx.download<int64_t>(rows * K), want.recv_topk_idx, n * K, tag + " recv_topk_idx");
+    if (s.with_weights)
+      expect_equal(o.topk_weights.download<float>(rows * K), want.recv_topk_weights, n * K, tag + " recv_topk_weights");
+    expect_equal(o.src_idx.download<int>(rows), want.recv_src_idx, n, tag + " recv_src_idx");
+  }
+  if (rows > n) {  // worst-case padding: fully written
+    for (size_t i = n * s.hidden * es; i < x.size(); ++i) REQUIRE(x[i] == 0, tag, " padding recv_x byte ", i);
+    if (meta) {
+      auto idx = o.topk_idx.download<int64_t>(rows * K);
+      for (size_t i = n * K; i < idx.size(); ++i) REQUIRE(idx[i] == -1, tag, " padding recv_topk_idx ", i);
+      auto src = o.src_idx.download<int>(rows);
+      for (int64_t i = n; i < rows; ++i) REQUIRE(src[i] == -1, tag, " padding recv_src_idx ", i);
+    }
+  }
+}
+
+void run_case(RankCtx& ctx, const Case& c) {
+  const int R = ctx.world, me = ctx.rank;
+  const uint64_t seed = case_seed(ctx.seed, c.name);
+  std::vector<RankInput> all(R);
+  std::vector<InputSpec> specs(R, c.spec);
+  for (int r = 0; r < R; ++r) {
+    if (r == c.empty_rank) specs[r].num_tokens = 0;
+    all[r] = make_input(seed, r, specs[r]);
+  }
+  const InputSpec& s = specs[me];
+  const int N = s.num_tokens, H = s.hidden, K = s.num_topk, E = s.num_experts;
+  const ref::DispatchShape shape = shape_of(s, R, c.alignment);
+  std::vector<ref::DispatchResult> want(R);
+  for (int r = 0; r < R; ++r) want[r] = ref::dispatch(all, r, shape);
+  const ref::Layout want_layout = ref::get_dispatch_layout(all[me].topk_idx, N, K, E, R);
+
+  DeviceInputs d = upload_inputs(all[me], s, c.x_row_pad);
+  LayoutOut layout = run_layout(ctx, d, s, N, want_layout);
+
+  DispatchInputs in = d.view(s, N, c.x_row_pad);
+  in.num_tokens_per_rank = View::of(layout.per_rank.get(), DType::kI32, {R});
+  in.num_tokens_per_expert = View::of(layout.per_expert.get(), DType::kI32, {E});
+  in.is_token_in_rank = View::of(layout.in_rank.get(), DType::kBool, {N, R});
+  in.expert_alignment = c.alignment;
+  int max_tokens = 0;
+  for (const auto& sp : specs) max_tokens = std::max(max_tokens, sp.num_tokens);
+  in.num_worst_tokens = c.worst_case ? max_tokens * R : 0;
+
+  DispatchHandle handle = ctx.buffer->make_handle(N);
+  DeviceMem per_expert(4 * (E / R));
+  per_expert.fill(0x7F);
+  const int nr = ctx.buffer->dispatch_notify(in, handle, View::of(per_expert.get(), DType::kI32, {E / R}), ctx.stream);
+  if (!c.worst_case) REQUIRE(nr == want[me].num_recv, c.name, ": num_recv ", nr, " want ", want[me].num_recv);
+  const int64_t rows = c.worst_case ? in.num_worst_tokens : nr;
+  RecvOut out = alloc_recv(s, rows);
+  ctx.buffer->dispatch(in, handle, out.view(s, rows), ctx.stream);
+  ctx.buffer->synchronize(ctx.stream);
+  check_recv(out, s, want[me], rows, true, c.name);
+  expect_equal(per_expert.download<int>(E / R), want[me].num_recv_tokens_per_expert, E / R,
+               c.name + " num_recv_tokens_per_expert");
+  // The handle's prefix matrix is DeepEP's rank_prefix_matrix.
+  std::vector<int> prefix(R * R);
+  CUDA_OK(cudaMemcpy(prefix.data(), handle.rank_prefix_matrix, 4 * R * R, cudaMemcpyDeviceToHost));
+  expect_equal(prefix, want[me].rank_prefix_matrix, R * R, c.name + " rank_prefix_matrix");
+
+  // Cached re-dispatch: same routing, x only, must equal the fresh one.
+  {
+    DispatchInputs cached;
+    cached.x = in.x;
+    cached.x_scales = in.x_scales;
+    RecvOut again = alloc_recv(s, rows);
+    DispatchOutputs o = again.view(s, rows);
+    o.recv_topk_idx = o.recv_topk_weights = o.recv_src_idx = View{};
+    ctx.buffer->dispatch(cached, handle, o, ctx.stream);
+    ctx.buffer->synchronize(ctx.stream);
+    check_recv(again, s, want[me], rows, false, c.name + " cached");
+  }
+
+  // Combine: every rank's expert outputs are regenerable, so the reference is exact (bitwise).
+  std::vector<ref::CombineRankInput> cin(R);
+  std::vector<std::vector<uint16_t>> ys(R);
+  for (int r = 0; r < R; ++r) {
+    ys[r] = expert_outputs(seed, r, want[r].num_recv, H);
+    cin[r].dispatched = &want[r];
+    cin[r].x = ys[r];
+    cin[r].topk_weights = want[r].recv_topk_weights;
+  }
+  std::vector<uint16_t> b0, b1;
+  if (c.biases) {
+    b0 = random_bias(seed, me, N, H, 0);
+    b1 = random_bias(seed, me, N, H, 1);
+  }
+  const ref::CombineResult want_c = ref::combine(cin, me, N, H, K, b0, b1);
+
+  std::vector<uint16_t> y_rows(static_cast<size_t>(rows) * H, ref::float_to_bf16(1000.f));  // padding rows ignored
+  std::copy(ys[me].begin(), ys[me].end(), y_rows.begin());
+  DeviceMem y = DeviceMem::from(y_rows);
+  CombineInputs ci;
+  ci.x = View::of(y.get(), DType::kBF16, {rows, H});
+  if (s.with_weights) ci.topk_weights = View::of(out.topk_weights.get(), DType::kF32, {rows, K});
+  DeviceMem db0, db1;
+  if (c.biases) {
+    db0 = DeviceMem::from(b0);
+    db1 = DeviceMem::from(b1);
+    ci.bias_0 = View::of(db0.get(), DType::kBF16, {N, H});
+    ci.bias_1 = View::of(db1.get(), DType::kBF16, {N, H});
+  }
+  std::vector<uint16_t> first;
+  for (int iter = 0; iter < 2; ++iter) {
+    DeviceMem cx(static_cast<size_t>(N) * H * 2), cw(static_cast<size_t>(N) * K * 4);
+    cx.fill(0x7F);
+    cw.fill(0x7F);
+    CombineOutputs co;
+    co.combined_x = View::of(cx.get(), DType::kBF16, {N, H});
+    if (s.with_weights) co.combined_topk_weights = View::of(cw.get(), DType::kF32, {N, K});
+    ctx.buffer->combine(ci, handle, co, ctx.stream);
+    ctx.buffer->synchronize(ctx.stream);
+    auto got = cx.download<uint16_t>(static_cast<size_t>(N) * H);
+    expect_equal(got, want_c.combined_x, static_cast<size_t>(N) * H, c.name + " combined_x");
+    if (s.with_weights)
+      expect_equal(cw.download<float>(static_cast<size_t>(N) * K), want_c.combined_topk_weights,
+                   static_cast<size_t>(N) * K, c.name + " combined_topk_weights");
+    if (iter == 0) first = got;
+    else expect_equal(got, first, first.size(), c.name + " combine run-to-run");
+  }
+  if (me == 0) std::printf("[world %d] case %-28s ok (rank 0 received %d rows)\n", R, c.name.c_str(), want[0].num_recv);
+}
+
+std::vector<Case> cases(int world) {
+  std::vector<Case> v;
+  InputSpec base;
+  base.num_experts = 16 * world;
+  v.push_back({"bf16 h2048", base});
+  { Case c{"bf16 h7168 biases align4", base, 4}; c.spec.hidden = 7168; c.biases = true; v.push_back(c); }
+  { Case c{"bf16 h8192 worst-case", base}; c.spec.hidden = 8192; c.worst_case = true; v.push_back(c); }
+  { Case c{"fp8 h7168 strided", base}; c.spec.hidden = 7168; c.spec.fp8 = true; c.x_row_pad = 128; v.push_back(c); }
+  { Case c{"fp8 h2048 worst-case align8", base, 8}; c.spec.fp8 = true; c.worst_case = true; v.push_back(c); }
+  { Case c{"empty rank 1", base}; c.empty_rank = 1; v.push_back(c); }
+  { Case c{"all to rank 0", base}; c.spec.routing = Routing::kOneRank; v.push_back(c); }
+  { Case c{"skewed no weights k4", base}; c.spec.routing = Routing::kSkewed; c.spec.with_weights = false; c.spec.num_topk = 4; v.push_back(c); }
+  { Case c{"many -1 slots", base}; c.spec.drop_prob = 0.6; c.spec.num_tokens = 1000; v.push_back(c); }
+  { Case c{"bf16 n4096 h7168 k8 e256", base}; c.spec.num_tokens = 4096; c.spec.hidden = 7168; c.spec.num_experts = 256; c.spec.drop_prob = 0; v.push_back(c); }
+  return v;
+}
+
+class HtWorld : public ::testing::TestWithParam<int> {};
+
+TEST_P(HtWorld, MatchesReferenceInEveryMode) {
+  const int world = GetParam();
+  SKIP_WITHOUT_GPUS(world);
+  const int failed = run_world(world, size_t{1} << 30, Config::defaults(world), [](RankCtx& ctx) {
+    for (const Case& c : cases(ctx.world)) run_case(ctx, c);
+  });
+  EXPECT_EQ(failed, 0) << "see the ranks' messages above";
+}
+
+INSTANTIATE_TEST_SUITE_P(Gpu, HtWorld, ::testing::Values(2, 3, 4), [](const auto& info) {
+  return "world" + std::to_string(info.param);
+});
+
+}  // namespace
+}  // namespace epx::test

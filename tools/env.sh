@@ -1,0 +1,17 @@
+# Sourced by the tools: a toolchain that works on the dev/CI machine and on the GPU machine.
+# NVLink multicast stays off everywhere (it can take shared GPU hosts out of service).
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+if ! command -v nvcc >/dev/null 2>&1 && [ -x /usr/local/cuda/bin/nvcc ]; then
+  export PATH=/usr/local/cuda/bin:$PATH
+fi
+if [ -x /opt/gcc/bin/g++ ] && ! command -v g++ >/dev/null 2>&1; then
+  export CXX=/opt/gcc/bin/g++ CC=/opt/gcc/bin/gcc CUDAHOSTCXX=/opt/gcc/bin/g++
+fi
+EPX_GENERATOR=""
+if command -v ninja >/dev/null 2>&1; then EPX_GENERATOR="-G Ninja"; fi
+EPX_JOBS=${EPX_JOBS:-$(nproc)}
+# Configure + build everything into $1 (default build/).
+epx_build() {
+  local dir=${1:-build}
+  cmake -S . -B "$dir" $EPX_GENERATOR -DCMAKE_BUILD_TYPE=Release && cmake --build "$dir" -j "$EPX_JOBS"
+}
