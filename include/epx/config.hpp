@@ -7,7 +7,7 @@ namespace epx {
 struct Config {
   // Thread blocks (one per SM) used by dispatch and combine. Must not exceed the device's SMs.
   int num_sms = 20;
-  // Threads per block of the high-throughput kernels (multiple of 32, 64..1024).
+  // Threads per block of the high-throughput kernels (multiple of 32, 64..512).
   int num_threads = 512;
   // Bound of every device wait; a wait that expires raises Error(kTimeout). 0 = take EPX_TIMEOUT_S
   // (default 100 s).

@@ -120,7 +120,7 @@ __device__ void reduce_tokens(const CombineParams& p, const int* recv_base) {
   }
 }
 
-__global__ void combine_kernel(const __grid_constant__ CombineParams p) {
+__global__ void __launch_bounds__(kMaxHtThreads) combine_kernel(const __grid_constant__ CombineParams p) {
   __shared__ int recv_base[kMaxPeers + 1];  // first received row from each source
   __shared__ int dst_base[kMaxPeers];       // first slot of this rank's rows on each source
   const OpContext& ctx = p.ctx;

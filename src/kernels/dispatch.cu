@@ -97,7 +97,7 @@ __device__ void pad_rows(const DispatchParams& p, int64_t first) {
   if (p.recv_src_idx) coop_fill(p.recv_src_idx + first, -1, num, tid, nthreads);
 }
 
-__global__ void dispatch_kernel(const __grid_constant__ DispatchParams p) {
+__global__ void __launch_bounds__(kMaxHtThreads) dispatch_kernel(const __grid_constant__ DispatchParams p) {
   __shared__ int slot_base[kMaxPeers];  // first row of this rank's rows on each destination
   __shared__ int recv_base[kMaxPeers + 1];  // first row of each source's rows here
   const OpContext& ctx = p.ctx;

@@ -10,6 +10,9 @@
 
 namespace epx::kernels {
 
+// Threads per block of dispatch/combine at most (Config.num_threads is validated against it).
+constexpr int kMaxHtThreads = 512;
+
 struct LayoutParams {
   device::OpContext ctx;  // only err/rank/op are used (no peer traffic)
   const int64_t* topk_idx;

@@ -265,7 +265,88 @@ std::vector<Case> cases(int world) {
   return v;
 }
 
+// CUDA graph: layout -> notify (worst-case, no host sync) -> dispatch -> combine captured once,
+// replayed with fresh inputs (same shapes) written into the captured input buffers.
+void run_graph(RankCtx& ctx) {
+  const int R = ctx.world, me = ctx.rank;
+  InputSpec s;
+  s.num_experts = 16 * R;
+  s.num_tokens = 300;
+  const int N = s.num_tokens, H = s.hidden, K = s.num_topk, E = s.num_experts;
+  const int64_t rows = static_cast<int64_t>(N) * R;
+  RankInput first = make_input(ctx.seed, me, s);
+  DeviceInputs d = upload_inputs(first, s, 0);
+  DeviceMem per_rank(4 * R), per_expert_in(4 * E), in_rank(static_cast<size_t>(N) * R), per_expert(4 * (E / R));
+  DispatchInputs in = d.view(s, N, 0);
+  in.num_tokens_per_rank = View::of(per_rank.get(), DType::kI32, {R});
+  in.num_tokens_per_expert = View::of(per_expert_in.get(), DType::kI32, {E});
+  in.is_token_in_rank = View::of(in_rank.get(), DType::kBool, {N, R});
+  in.num_worst_tokens = static_cast<int>(rows);
+  DispatchHandle handle = ctx.buffer->make_handle(N);
+  RecvOut out = alloc_recv(s, rows);
+  DeviceMem y(rows * H * 2), cx(static_cast<size_t>(N) * H * 2), cw(static_cast<size_t>(N) * K * 4);
+  CombineInputs ci;
+  ci.x = View::of(y.get(), DType::kBF16, {rows, H});
+  ci.topk_weights = View::of(out.topk_weights.get(), DType::kF32, {rows, K});
+  CombineOutputs co;
+  co.combined_x = View::of(cx.get(), DType::kBF16, {N, H});
+  co.combined_topk_weights = View::of(cw.get(), DType::kF32, {N, K});
+
+  cudaGraph_t graph;
+  cudaGraphExec_t exec;
+  CUDA_OK(cudaStreamBeginCapture(ctx.stream, cudaStreamCaptureModeThreadLocal));
+  ctx.buffer->get_dispatch_layout(in.topk_idx, E, in.num_tokens_per_rank, in.num_tokens_per_expert, in.is_token_in_rank,
+                                  ctx.stream);
+  ctx.buffer->dispatch_notify(in, handle, View::of(per_expert.get(), DType::kI32, {E / R}), ctx.stream);
+  ctx.buffer->dispatch(in, handle, out.view(s, rows), ctx.stream);
+  ctx.buffer->combine(ci, handle, co, ctx.stream);
+  CUDA_OK(cudaStreamEndCapture(ctx.stream, &graph));
+  CUDA_OK(cudaGraphInstantiate(&exec, graph, 0));
+
+  for (int replay = 0; replay < 3; ++replay) {
+    const uint64_t seed = ctx.seed + 1000 * (replay + 1);
+    std::vector<RankInput> all(R);
+    for (int r = 0; r < R; ++r) all[r] = make_input(seed, r, s);
+    std::vector<ref::DispatchResult> want(R);
+    for (int r = 0; r < R; ++r) want[r] = ref::dispatch(all, r, shape_of(s, R, 1));
+    DeviceInputs fresh = upload_inputs(all[me], s, 0);
+    CUDA_OK(cudaMemcpy(d.x.get(), fresh.x.get(), d.x.bytes(), cudaMemcpyDeviceToDevice));
+    CUDA_OK(cudaMemcpy(d.topk_idx.get(), fresh.topk_idx.get(), d.topk_idx.bytes(), cudaMemcpyDeviceToDevice));
+    CUDA_OK(cudaMemcpy(d.topk_weights.get(), fresh.topk_weights.get(), d.topk_weights.bytes(), cudaMemcpyDeviceToDevice));
+    // Expert outputs of every rank (regenerable), padded to the worst-case rows.
+    std::vector<ref::CombineRankInput> cin(R);
+    std::vector<std::vector<uint16_t>> ys(R);
+    for (int r = 0; r < R; ++r) {
+      ys[r] = expert_outputs(seed, r, want[r].num_recv, H);
+      cin[r] = {&want[r], ys[r], want[r].recv_topk_weights};
+    }
+    std::vector<uint16_t> y_rows(rows * H, 0);
+    std::copy(ys[me].begin(), ys[me].end(), y_rows.begin());
+    y.upload(y_rows.data(), y_rows.size() * 2);
+    for (DeviceMem* m : {&out.x, &out.topk_idx, &out.topk_weights, &out.src_idx, &cx, &cw}) m->fill(0x7F);
+    ctx.comm->barrier();
+    // NOTE: combine reads recv_topk_weights that the captured dispatch wrote in the same replay.
+    CUDA_OK(cudaGraphLaunch(exec, ctx.stream));
+    ctx.buffer->synchronize(ctx.stream);
+    check_recv(out, s, want[me], rows, true, "graph replay " + std::to_string(replay));
+    const ref::CombineResult want_c = ref::combine(cin, me, N, H, K, {}, {});
+    expect_equal(cx.download<uint16_t>(static_cast<size_t>(N) * H), want_c.combined_x, static_cast<size_t>(N) * H,
+                 "graph replay combined_x");
+    expect_equal(cw.download<float>(static_cast<size_t>(N) * K), want_c.combined_topk_weights, static_cast<size_t>(N) * K,
+                 "graph replay combined_topk_weights");
+  }
+  cudaGraphExecDestroy(exec);
+  cudaGraphDestroy(graph);
+  if (me == 0) std::printf("[world %d] graph capture + 3 replays ok\n", R);
+}
+
 class HtWorld : public ::testing::TestWithParam<int> {};
+
+TEST_P(HtWorld, CudaGraphReplay) {
+  const int world = GetParam();
+  SKIP_WITHOUT_GPUS(world);
+  EXPECT_EQ(run_world(world, size_t{256} << 20, Config::defaults(world), run_graph), 0);
+}
 
 TEST_P(HtWorld, MatchesReferenceInEveryMode) {
   const int world = GetParam();

@@ -1,0 +1,156 @@
+// Error paths on GPUs: host validation, device-recorded errors, timeouts, undersized buffers,
+// reset after failure, and create/destroy cycles without leaks.
+#include <cuda_runtime_api.h>
+
+#include "gpu/harness.hpp"
+
+namespace epx::test {
+namespace {
+
+// Runs f, requires an epx::Error of `kind` whose message contains `needle`.
+template <typename F>
+void require_error(F&& f, ErrorKind kind, const std::string& needle) {
+  try {
+    f();
+  } catch (const Error& e) {
+    REQUIRE(e.kind() == kind, "wrong error kind ", error_kind_name(e.kind()), ": ", e.what());
+    REQUIRE(std::string(e.what()).find(needle) != std::string::npos, "message lacks '", needle, "': ", e.what());
+    return;
+  }
+  throw Failure("no epx::Error thrown, wanted " + std::string(error_kind_name(kind)) + " naming '" + needle + "'");
+}
+
+// A small fresh dispatch (host-synced) that must work: the buffer is usable.
+void small_dispatch(RankCtx& ctx, Buffer& buffer, int num_tokens, int hidden) {
+  const int R = ctx.world, E = 8 * R, K = 4, N = num_tokens;
+  InputSpec s;
+  s.num_tokens = N;
+  s.hidden = hidden;
+  s.num_topk = K;
+  s.num_experts = E;
+  ref::RankInput in = make_input(ctx.seed + 5, ctx.rank, s);
+  DeviceMem x = DeviceMem::from(in.x), topk = DeviceMem::from(in.topk_idx);
+  DeviceMem per_rank(4 * R), per_expert(4 * E), in_rank(static_cast<size_t>(N) * R);
+  DispatchInputs di;
+  di.x = View::of(x.get(), DType::kBF16, {N, hidden});
+  di.topk_idx = View::of(topk.get(), DType::kI64, {N, K});
+  di.num_tokens_per_rank = View::of(per_rank.get(), DType::kI32, {R});
+  di.num_tokens_per_expert = View::of(per_expert.get(), DType::kI32, {E});
+  di.is_token_in_rank = View::of(in_rank.get(), DType::kBool, {N, R});
+  buffer.get_dispatch_layout(di.topk_idx, E, di.num_tokens_per_rank, di.num_tokens_per_expert, di.is_token_in_rank,
+                             ctx.stream);
+  DispatchHandle h = buffer.make_handle(N);
+  const int nr = buffer.dispatch_notify(di, h, View{}, ctx.stream);
+  DeviceMem rx(static_cast<size_t>(nr) * hidden * 2);
+  DispatchOutputs o;
+  o.recv_x = View::of(rx.get(), DType::kBF16, {nr, hidden});
+  buffer.dispatch(di, h, o, ctx.stream);
+  buffer.synchronize(ctx.stream);
+}
+
+void run_errors(RankCtx& ctx) {
+  Buffer& b = *ctx.buffer;
+  const int R = ctx.world, N = 64, H = 1024, K = 4, E = 8 * R;
+  DeviceMem x(N * H * 4), topk(N * K * 8), per_rank(4 * R), per_expert(4 * E), in_rank(N * R);
+  topk.fill(0);
+  DispatchInputs di;
+  di.x = View::of(x.get(), DType::kF32, {N, H});
+  di.topk_idx = View::of(topk.get(), DType::kI64, {N, K});
+  di.num_tokens_per_rank = View::of(per_rank.get(), DType::kI32, {R});
+  di.num_tokens_per_expert = View::of(per_expert.get(), DType::kI32, {E});
+  di.is_token_in_rank = View::of(in_rank.get(), DType::kBool, {N, R});
+  DispatchHandle h = b.make_handle(N);
+
+  // Host validation: named arguments, nothing launched.
+  require_error([&] { b.dispatch_notify(di, h, View{}, ctx.stream); }, ErrorKind::kInvalidArgument, "x: expected dtype");
+  di.x = View::of(x.get(), DType::kBF16, {N, 100});
+  require_error([&] { b.dispatch_notify(di, h, View{}, ctx.stream); }, ErrorKind::kInvalidArgument, "x: row bytes (200)");
+  di.x = View::of(x.get(), DType::kBF16, {N, H});
+  di.topk_idx = View::of(topk.get(), DType::kI64, {N - 1, K});
+  require_error([&] { b.dispatch_notify(di, h, View{}, ctx.stream); }, ErrorKind::kInvalidArgument, "topk_idx: expected shape");
+  di.topk_idx = View::of(topk.get(), DType::kI64, {N, K});
+  require_error([&] { b.get_dispatch_layout(di.topk_idx, E + 1, di.num_tokens_per_rank, di.num_tokens_per_expert,
+                                            di.is_token_in_rank, ctx.stream); },
+                ErrorKind::kInvalidArgument, "num_experts");
+  di.x = View::of(x.get(), DType::kFP8E4M3, {N, H});
+  require_error([&] { b.dispatch_notify(di, h, View{}, ctx.stream); }, ErrorKind::kInvalidArgument, "x_scales: required");
+  di.x = View::of(x.get(), DType::kBF16, {N, H});
+  di.num_worst_tokens = 1 << 29;
+  require_error([&] { b.dispatch_notify(di, h, View{}, ctx.stream); }, ErrorKind::kBufferTooSmall, "num_nvl_bytes >=");
+  di.num_worst_tokens = 0;
+  REQUIRE(!b.failed(), "validation errors must not fail the buffer");
+
+  // Device-recorded error: expert id E on rank 0 (layout is local, no peer involved).
+  if (ctx.rank == 0) {
+    std::vector<int64_t> bad(N * K, 1);
+    bad[7 * K + 2] = E;
+    topk.upload(bad.data(), bad.size() * 8);
+    b.get_dispatch_layout(di.topk_idx, E, di.num_tokens_per_rank, di.num_tokens_per_expert, di.is_token_in_rank,
+                          ctx.stream);
+    require_error([&] { b.synchronize(ctx.stream); }, ErrorKind::kInvalidArgument, "topk_idx: expert id");
+    REQUIRE(b.failed(), "a device error must fail the buffer");
+    require_error([&] { b.dispatch_notify(di, h, View{}, ctx.stream); }, ErrorKind::kState, "reset()");
+  }
+  b.reset();  // collective
+  small_dispatch(ctx, b, 128, 2048);
+
+  if (ctx.rank == 0) std::printf("[world %d] validation, device error, reset ok\n", R);
+}
+
+void run_timeout(RankCtx& ctx) {
+  Buffer& b = *ctx.buffer;
+  Config c = b.config();
+  c.timeout_s = 2;
+  b.set_config(c);
+  if (ctx.rank == 0)
+    require_error([&] { small_dispatch(ctx, b, 16, 512); }, ErrorKind::kTimeout, "waiting for peer");
+  ctx.comm->barrier(120);
+  b.reset();
+  c.timeout_s = 0;
+  b.set_config(c);
+  small_dispatch(ctx, b, 128, 2048);
+  if (ctx.rank == 0) std::printf("[world %d] timeout -> Error(kTimeout), reset, dispatch ok\n", ctx.world);
+}
+
+void run_too_small(RankCtx& ctx) {
+  Buffer small(*ctx.comm, 4 << 20);
+  require_error([&] { small_dispatch(ctx, small, 512, 7168); }, ErrorKind::kBufferTooSmall, "num_nvl_bytes");
+  small.reset();
+  small_dispatch(ctx, small, 16, 1024);
+  if (ctx.rank == 0) std::printf("[world %d] undersized buffer -> Error(kBufferTooSmall) on every rank\n", ctx.world);
+}
+
+void run_lifecycle(RankCtx& ctx) {
+  size_t free0 = 0, total = 0;
+  for (int i = 0; i < 100; ++i) {
+    if (i == 5) CUDA_OK(cudaMemGetInfo(&free0, &total));  // after one-time allocations settle
+    Buffer b(*ctx.comm, 8 << 20);
+  }
+  size_t free1 = 0;
+  CUDA_OK(cudaMemGetInfo(&free1, &total));
+  REQUIRE(free1 + (16 << 20) >= free0, "device memory leaked over 95 create/destroy cycles: ", (free0 - free1) >> 20, " MiB");
+  if (ctx.rank == 0) std::printf("[world %d] 100 Buffer create/destroy cycles, no leak\n", ctx.world);
+}
+
+TEST(GpuErrors, ValidationDeviceErrorAndReset) {
+  SKIP_WITHOUT_GPUS(2);
+  EXPECT_EQ(run_world(2, 64 << 20, Config::defaults(2), run_errors), 0);
+}
+
+TEST(GpuErrors, TimeoutBecomesErrorNotHang) {
+  SKIP_WITHOUT_GPUS(2);
+  EXPECT_EQ(run_world(2, 64 << 20, Config::defaults(2), run_timeout), 0);
+}
+
+TEST(GpuErrors, UndersizedBufferNamesBytesNeeded) {
+  SKIP_WITHOUT_GPUS(2);
+  EXPECT_EQ(run_world(2, 64 << 20, Config::defaults(2), run_too_small), 0);
+}
+
+TEST(GpuLifecycle, HundredCreateDestroyCycles) {
+  SKIP_WITHOUT_GPUS(2);
+  EXPECT_EQ(run_world(2, 64 << 20, Config::defaults(2), run_lifecycle), 0);
+}
+
+}  // namespace
+}  // namespace epx::test
