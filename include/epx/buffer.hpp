@@ -86,8 +86,56 @@ struct CombineOutputs {
   View combined_topk_weights;  // [N, K] f32; required iff topk_weights is given
 };
 
+// ---- Low-latency mode (design.md 4.4-4.5) ---------------------------------------------------
+// T = num_max_dispatch_tokens_per_rank (same on all ranks), E_loc local experts, slots per local
+// expert = R * T. Rows of local expert j are packed in [0, recv_count[j]), ordered by (source
+// rank, source token).
+
+struct LowLatencyHandle {
+  int num_max_dispatch_tokens_per_rank = 0, hidden = 0, num_experts = 0, num_topk = 0;
+  int buffer_idx = 0;  // which of the two LL buffers the dispatch used
+  View src_info;       // [E_loc, R*T] int32: source token index of each packed row
+  View layout_range;   // [E_loc, R] int64: (first row << 32) | count of rows from each source rank
+  View src_topk_slot;  // [E_loc, R*T] int32: k of the row's expert in the source token's top-k
+};
+
+enum class LowLatencyScale { kFloat, kUE8M0 };
+
+struct LowLatencyDispatchArgs {
+  View x;             // [N <= T, H] bf16, rows 16-byte aligned; H % 128 == 0
+  View topk_idx;      // [N, K] int64, -1 = none
+  int num_max_dispatch_tokens_per_rank = 0;
+  int num_experts = 0;
+  bool use_fp8 = true;
+  bool round_scale = false;  // power-of-two scales (implied by UE8M0)
+  LowLatencyScale scale_format = LowLatencyScale::kFloat;
+  View cumulative_local_expert_recv_stats;  // optional [E_loc] int32: += rows received per expert
+  View dispatch_wait_recv_cost_stats;       // optional [R] int64: += wait cycles per source rank
+  bool return_recv_hook = false;  // true: launch only the send; call low_latency_receive later
+};
+
+struct LowLatencyDispatchOutputs {
+  View recv_x;       // [E_loc, R*T, H] fp8 e4m3 (use_fp8) or bf16, contiguous
+  View recv_scales;  // fp8 only: [E_loc, R*T, H/128] f32 or [E_loc, R*T, H/512] int32 (UE8M0),
+                     //   column-major in the last two dims: strides (R*T*C, 1, R*T)
+  View recv_count;   // [E_loc] int32
+  View src_info;     // [E_loc, R*T] int32       (become the handle's views)
+  View layout_range; // [E_loc, R] int64
+  View src_topk_slot;  // [E_loc, R*T] int32
+};
+
+struct LowLatencyCombineArgs {
+  View x;             // [E_loc, R*T, H] bf16 expert outputs in the dispatch layout (or the view
+                      //   from next_combine_buffer, zero-copy)
+  View topk_idx;      // [N, K] int64 as given to the dispatch
+  View topk_weights;  // [N, K] f32
+  bool return_recv_hook = false;
+};
+
 struct BufferOptions {
   Config config{};
+  // Bytes of the low-latency region (0 = no low-latency mode); see low_latency_size_hint.
+  size_t num_ll_bytes = 0;
   // Allow R not equal to the NVLink domain size (scale-out); not yet supported.
   bool allow_scaleout = false;
 };
@@ -139,6 +187,29 @@ class Buffer {
   // --- High-throughput combine (design.md 4.3) ----------------------------------------------
   void combine(const CombineInputs& in, const DispatchHandle& handle, const CombineOutputs& out,
                cudaStream_t stream);
+
+  // --- Low-latency dispatch / combine (design.md 4.4-4.5) ------------------------------------
+  // Bytes of BufferOptions::num_ll_bytes needed for (T, H, R, E) with top-k K.
+  static size_t low_latency_size_hint(int num_max_dispatch_tokens_per_rank, int hidden, int num_ranks,
+                                      int num_experts, int num_topk);
+
+  // Sends (and, unless return_recv_hook, receives). Fills `out`, whose views become the handle's.
+  // With return_recv_hook the receive runs at low_latency_receive(handle): no SM is held between.
+  LowLatencyHandle low_latency_dispatch(const LowLatencyDispatchArgs& args, const LowLatencyDispatchOutputs& out,
+                                        cudaStream_t stream);
+  // out: [N, H] bf16 = sum_k w_k * y_k (fp32, k ascending), tokens' -1 slots skipped.
+  void low_latency_combine(const LowLatencyCombineArgs& args, const LowLatencyHandle& handle, const View& out,
+                           cudaStream_t stream);
+  // The receive half of the last hook-mode dispatch or combine on `buffer_idx` (see the handle or
+  // low_latency_pending_combine_buffer).
+  void low_latency_receive(int buffer_idx, cudaStream_t stream);
+  // [E_loc, R*T, H] bf16 view inside the symmetric buffer: write expert outputs here, then call
+  // low_latency_combine with it as x (zero-copy: no copy into a send buffer).
+  View next_combine_buffer(const LowLatencyHandle& handle) const;
+  // Index of the LL buffer the next low-latency op will use (two alternate).
+  int next_low_latency_buffer() const;
+  // Collective: zero the low-latency flags (not needed between ops; for recovery).
+  void clean_low_latency_buffer();
 
   // --- Errors -------------------------------------------------------------------------------
   // Throws the recorded device error, if any (non-blocking: reads host-mapped memory).

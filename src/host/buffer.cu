@@ -59,14 +59,15 @@ struct Buffer::Impl {
 
   // Refuses work on a failed buffer; surfaces a device error recorded since the last check.
   void check_usable() {
-    raise_recorded_error();
     EPX_CHECK(!failed, ErrorKind::kState, "Buffer failed earlier (", failure,
               "); call reset() (collective) or destroy it");
+    raise_recorded_error();
   }
 
+  // Raises the recorded device error once; afterwards the buffer is failed (kState) until reset.
   void raise_recorded_error() {
     const volatile ErrorRecord* e = error;
-    if (e->state != 2) return;
+    if (e->state != 2 || failed) return;
     static const char* kOps[] = {"none", "layout", "notify", "dispatch", "combine"};
     static const char* kPhases[] = {"none", "entry barrier", "input check", "count exchange", "send",
                                     "receive", "reduce", "capacity check"};

@@ -101,7 +101,7 @@ int launch_local(int world, const std::function<int(int, int, const ncclUniqueId
     }
   }
   // Reap; after the first failure the others get a grace period, then are killed (they may wait
-  // on the failed rank forever if it died inside NCCL).
+  // on the failed rank forever inside an NCCL collective).
   int failed = 0, done = 0;
   std::vector<int> rc(world, -1);
   auto deadline = std::chrono::steady_clock::now() + std::chrono::duration<double>(timeout_s);
@@ -115,7 +115,7 @@ int launch_local(int world, const std::function<int(int, int, const ncclUniqueId
       if (s != 0) {
         std::fprintf(stderr, "launch_local: rank %d exited with status %d\n", r, s);
         if (failed++ == 0) {
-          const auto grace = std::chrono::steady_clock::now() + std::chrono::seconds(60);
+          const auto grace = std::chrono::steady_clock::now() + std::chrono::seconds(15);
           if (grace < deadline) deadline = grace;
         }
       }

@@ -24,24 +24,30 @@ int num_gpus() {
 int run_world(int world, size_t nvl_bytes, const Config& config, const std::function<void(RankCtx&)>& body) {
   const uint64_t seed = run_seed();
   return launch_local(world, [&](int rank, int w, const ncclUniqueId& id) {
+    std::setvbuf(stdout, nullptr, _IOLBF, 0);
+    // NOTE: on failure the communicator and buffer are deliberately not destroyed: their teardown
+    // is collective (NCCL window deregistration) and would wait for ranks that went on; the
+    // process exits instead.
     try {
-      Communicator comm(id, rank, w, rank);
+      auto* comm = new Communicator(id, rank, w, rank);
       BufferOptions opts;
       opts.config = config;
-      Buffer buffer(comm, nvl_bytes, opts);
+      auto* buffer = new Buffer(*comm, nvl_bytes, opts);
       cudaStream_t stream;
       CUDA_OK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
-      RankCtx ctx{rank, w, seed, &comm, &buffer, stream};
+      RankCtx ctx{rank, w, seed, comm, buffer, stream};
       body(ctx);
       CUDA_OK(cudaStreamSynchronize(stream));
-      buffer.check();
+      buffer->check();
       cudaStreamDestroy(stream);
+      delete buffer;
+      delete comm;
       return 0;
     } catch (const std::exception& e) {
       std::fprintf(stderr, "[rank %d/%d seed %llu] FAILED: %s\n", rank, w, (unsigned long long)seed, e.what());
       return 1;
     }
-  });
+  }, /*timeout_s=*/240);
 }
 
 DeviceMem::DeviceMem(size_t bytes) : bytes_(bytes) {
