@@ -121,7 +121,7 @@ EPX_HD RowLayout combine_row_layout(size_t region_bytes, int hidden, int num_wei
 }
 
 // Operations and phases named in error records.
-enum class OpCode : int { kNone = 0, kLayout, kNotify, kDispatch, kCombine };
+enum class OpCode : int { kNone = 0, kLayout, kNotify, kDispatch, kCombine, kLlDispatch, kLlCombine };
 enum class Phase : int { kNone = 0, kEntryBarrier, kInputCheck, kCountExchange, kSend, kReceive,
                          kReduce, kCapacity };
 // Error kinds recorded by the device (mapped onto epx::ErrorKind by the host).

@@ -8,117 +8,13 @@
 #include <cstring>
 #include <vector>
 
-#include "host/checks.hpp"
-#include "host/env.hpp"
-#include "host/plan.hpp"
+#include "host/buffer_impl.hpp"
 #include "host/validate.hpp"
-#include "kernels/ht_params.hpp"
 #include "kernels/transport.hpp"
 
 namespace epx {
 
 using validate::kAny;
-
-struct Buffer::Impl {
-  Communicator* comm = nullptr;
-  Config config;
-  size_t num_nvl_bytes = 0;
-  void* symmetric = nullptr;
-  ncclWindow_t window = nullptr;
-  ncclDevComm dev_comm{};
-  bool dev_comm_created = false;
-  char* peers[kMaxPeers] = {};
-  Workspace* workspace = nullptr;
-  ErrorRecord* error = nullptr;  // host-mapped
-  ErrorRecord* error_device = nullptr;
-  HostMailbox* mailbox = nullptr;  // host-mapped
-  HostMailbox* mailbox_device = nullptr;
-  bool failed = false;
-  std::string failure;
-
-  device::OpContext context(OpCode op) const {
-    device::OpContext c;
-    for (int p = 0; p < kMaxPeers; ++p) c.peers[p] = peers[p];
-    c.rank = comm->rank();
-    c.num_ranks = comm->world();
-    c.ws = workspace;
-    c.err = error_device;
-    c.timeout_ns = static_cast<uint64_t>(effective_timeout_s(config) * 1e9);
-    c.op = static_cast<int>(op);
-    return c;
-  }
-  double timeout_s() const { return effective_timeout_s(config); }
-
-  void zero_state() {
-    EPX_CUDA_CHECK(cudaMemset(symmetric, 0, SymmetricLayout::kRowsOffset));
-    EPX_CUDA_CHECK(cudaMemset(workspace, 0, sizeof(Workspace)));
-    std::memset(error, 0, sizeof(ErrorRecord));
-    std::memset(mailbox, 0, sizeof(HostMailbox));
-    EPX_CUDA_CHECK(cudaDeviceSynchronize());
-  }
-
-  // Refuses work on a failed buffer; surfaces a device error recorded since the last check.
-  void check_usable() {
-    EPX_CHECK(!failed, ErrorKind::kState, "Buffer failed earlier (", failure,
-              "); call reset() (collective) or destroy it");
-    raise_recorded_error();
-  }
-
-  // Raises the recorded device error once; afterwards the buffer is failed (kState) until reset.
-  void raise_recorded_error() {
-    const volatile ErrorRecord* e = error;
-    if (e->state != 2 || failed) return;
-    static const char* kOps[] = {"none", "layout", "notify", "dispatch", "combine"};
-    static const char* kPhases[] = {"none", "entry barrier", "input check", "count exchange", "send",
-                                    "receive", "reduce", "capacity check"};
-    const int op = e->op >= 0 && e->op < 5 ? e->op : 0;
-    const int phase = e->phase >= 0 && e->phase < 8 ? e->phase : 0;
-    std::string msg;
-    ErrorKind kind = ErrorKind::kState;
-    switch (static_cast<DeviceErrorKind>(e->kind)) {
-      case DeviceErrorKind::kTimeout:
-        kind = ErrorKind::kTimeout;
-        msg = detail::concat(kOps[op], " timed out in phase '", kPhases[phase], "' on rank ", e->rank,
-                             " waiting for peer ", e->peer, " (block ", e->block, ", flag ", e->observed,
-                             ", expected >= ", e->expected, ", timeout ", timeout_s(), " s)");
-        break;
-      case DeviceErrorKind::kInvalidArgument:
-        kind = ErrorKind::kInvalidArgument;
-        if (op == static_cast<int>(OpCode::kLayout))
-          msg = detail::concat("topk_idx: expert id ", static_cast<long long>(e->observed), " at token ", e->index,
-                               " outside [-1, ", e->expected, ") (rank ", e->rank, ")");
-        else if (phase == static_cast<int>(Phase::kCapacity))
-          msg = detail::concat("num_worst_tokens: rank ", e->peer, " receives ", e->observed,
-                               " rows, more than num_worst_tokens = ", e->expected);
-        else
-          msg = detail::concat("is_token_in_rank / num_tokens_per_rank disagree for rank ", e->peer,
-                               ": num_tokens_per_rank says ", e->observed, ", is_token_in_rank has ", e->expected,
-                               " (rank ", e->rank, ")");
-        break;
-      case DeviceErrorKind::kBufferTooSmall:
-        kind = ErrorKind::kBufferTooSmall;
-        msg = detail::concat(kOps[op], ": rank ", e->peer, " needs ", e->observed, " rows but the buffer holds ",
-                             e->expected, " rows of this shape; num_nvl_bytes = ", num_nvl_bytes,
-                             " is too small (see Buffer::get_nvl_buffer_size_hint)");
-        break;
-      default:
-        msg = "unknown device error";
-    }
-    failed = true;
-    failure = msg;
-    // Keep the record (state stays 2) so every later call names the first failure.
-    throw Error(kind, msg, __FILE__, __LINE__);
-  }
-
-  void after_launch(const char* what) {
-    const cudaError_t st = cudaPeekAtLastError();
-    if (st != cudaSuccess) {
-      cudaGetLastError();
-      EPX_FAIL(ErrorKind::kCuda, what, ": launch failed: ", cudaGetErrorString(st));
-    }
-    if (env::debug()) std::fprintf(stderr, "epx[rank %d]: %s launched\n", comm->rank(), what);
-  }
-};
 
 Buffer::Buffer(Communicator& comm, size_t num_nvl_bytes, BufferOptions options) : impl_(new Impl) {
   Impl& m = *impl_;
@@ -136,21 +32,27 @@ Buffer::Buffer(Communicator& comm, size_t num_nvl_bytes, BufferOptions options) 
   m.num_nvl_bytes = num_nvl_bytes;
   EPX_CUDA_CHECK(cudaSetDevice(comm.device()));
 
-  // Every rank must use the same size (offsets are symmetric): compare min and max.
+  const size_t num_ll_bytes = options.num_ll_bytes > 0 ? align_up(options.num_ll_bytes, 1 << 21) : 0;
+  // Every rank must use the same sizes (offsets are symmetric): compare min and max.
   {
     unsigned long long* d = nullptr;
     EPX_CUDA_CHECK(cudaMalloc(&d, 2 * sizeof(unsigned long long)));
-    unsigned long long h[2] = {num_nvl_bytes, ~0ull - num_nvl_bytes};
+    const unsigned long long mine = num_nvl_bytes * 4099ull + num_ll_bytes;
+    unsigned long long h[2] = {mine, ~0ull - mine};
     EPX_CUDA_CHECK(cudaMemcpy(d, h, sizeof(h), cudaMemcpyHostToDevice));
     EPX_NCCL_CHECK(ncclAllReduce(d, d, 2, ncclUint64, ncclMax, comm.nccl(), nullptr));
     EPX_CUDA_CHECK(cudaMemcpy(h, d, sizeof(h), cudaMemcpyDeviceToHost));
     cudaFree(d);
-    EPX_ARG_CHECK(h[0] == num_nvl_bytes && ~0ull - h[1] == num_nvl_bytes,
-                  "num_nvl_bytes: must be equal on all ranks; this rank has ", num_nvl_bytes, ", max is ", h[0]);
+    EPX_ARG_CHECK(h[0] == mine && ~0ull - h[1] == mine,
+                  "num_nvl_bytes / num_ll_bytes: must be equal on all ranks; this rank has ", num_nvl_bytes, " / ",
+                  num_ll_bytes);
   }
 
-  EPX_NCCL_CHECK(ncclMemAlloc(&m.symmetric, num_nvl_bytes));
-  EPX_NCCL_CHECK(ncclCommWindowRegister(comm.nccl(), m.symmetric, num_nvl_bytes, &m.window, NCCL_WIN_COLL_SYMMETRIC));
+  m.ll_offset = num_nvl_bytes;
+  m.num_ll_bytes = num_ll_bytes;
+  const size_t total_bytes = num_nvl_bytes + m.num_ll_bytes;
+  EPX_NCCL_CHECK(ncclMemAlloc(&m.symmetric, total_bytes));
+  EPX_NCCL_CHECK(ncclCommWindowRegister(comm.nccl(), m.symmetric, total_bytes, &m.window, NCCL_WIN_COLL_SYMMETRIC));
   ncclDevCommRequirements reqs;
   std::memset(&reqs, 0, sizeof(reqs));
   reqs.lsaMultimem = false;  // never multicast (NVLS) on shared hosts
@@ -168,6 +70,7 @@ Buffer::Buffer(Communicator& comm, size_t num_nvl_bytes, BufferOptions options) 
   cudaFree(peers_device);
 
   EPX_CUDA_CHECK(cudaMalloc(&m.workspace, sizeof(Workspace)));
+  if (m.num_ll_bytes > 0) EPX_CUDA_CHECK(cudaMalloc(&m.ll_ws, sizeof(LlWorkspace)));
   EPX_CUDA_CHECK(cudaHostAlloc(&m.error, sizeof(ErrorRecord), cudaHostAllocMapped));
   EPX_CUDA_CHECK(cudaHostGetDevicePointer(reinterpret_cast<void**>(&m.error_device), m.error, 0));
   EPX_CUDA_CHECK(cudaHostAlloc(&m.mailbox, sizeof(HostMailbox), cudaHostAllocMapped));
@@ -187,6 +90,7 @@ Buffer::~Buffer() {
   if (m.window) ncclCommWindowDeregister(m.comm->nccl(), m.window);
   if (m.symmetric) ncclMemFree(m.symmetric);
   if (m.workspace) cudaFree(m.workspace);
+  if (m.ll_ws) cudaFree(m.ll_ws);
   if (m.error) cudaFreeHost(m.error);
   if (m.mailbox) cudaFreeHost(m.mailbox);
 }

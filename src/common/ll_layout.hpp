@@ -1,0 +1,79 @@
+// Layout of the low-latency region (inside the symmetric buffer, after the high-throughput part).
+//
+//   [ LlSync | buffer 0 | buffer 1 ]     each buffer: dispatch staging, combine staging, zero-copy
+//
+// Ordering contract:
+//   LlSync::data[b][s]      written by rank s (release.sys) with op number n once all of s's writes
+//                           into this rank's buffer b for op n are done (last sending block, after
+//                           every sending block fenced). Read (acquire.sys) by this rank's receive.
+//   LlSync::consumed[b][r]  written by rank r (release.sys) with op number n once r finished reading
+//                           what this rank wrote into r's buffer b for op n. Read (acquire.sys) by
+//                           this rank before it writes into r's buffer b again.
+//   Both only grow; zeroed only by Buffer::clean_low_latency_buffer / reset (collective).
+// Dispatch staging: slot (source s, token t) holds the row once per destination rank: the payload
+// (fp8 + f32 scales, or bf16) and the token's top-k as this rank's local expert ids (-1 elsewhere).
+// Combine staging: slot (token t, top-k position k) holds expert output row y (bf16).
+#pragma once
+#include <cstddef>
+#include <cstdint>
+
+#include "common/layout.hpp"
+
+namespace epx {
+
+struct LlSync {
+  uint64_t data[2][kMaxPeers];
+  uint64_t consumed[2][kMaxPeers];
+  int num_tokens[2][kMaxPeers];  // tokens source s dispatched (written before data[b][s])
+};
+
+struct LlLayout {
+  int num_ranks = 0, max_tokens = 0, hidden = 0, num_topk = 0, experts_per_rank = 0;
+  size_t row_bytes = 0;      // dispatch staging payload: bf16 row, or fp8 row + scales
+  size_t meta_bytes = 0;     // K int32 local ids
+  size_t off_dispatch = 0, off_dispatch_meta = 0, off_combine = 0, off_zero_copy = 0, buffer_bytes = 0;
+  static constexpr size_t kSyncBytes = 4096;
+
+  EPX_HD void place(int R, int T, int H, int K, int E_loc) {
+    num_ranks = R; max_tokens = T; hidden = H; num_topk = K; experts_per_rank = E_loc;
+    row_bytes = align_up(static_cast<size_t>(H) * 2, 16);  // >= fp8 row + H/128 f32 scales
+    meta_bytes = align_up(static_cast<size_t>(K) * 4, 16);
+    const size_t slots = static_cast<size_t>(R) * T;
+    off_dispatch = 0;
+    off_dispatch_meta = align_up(off_dispatch + slots * row_bytes, 128);
+    off_combine = align_up(off_dispatch_meta + slots * meta_bytes, 128);
+    off_zero_copy = align_up(off_combine + static_cast<size_t>(T) * K * H * 2, 128);
+    buffer_bytes = align_up(off_zero_copy + static_cast<size_t>(E_loc) * slots * H * 2, 4096);
+  }
+  EPX_HD size_t num_bytes() const { return kSyncBytes + 2 * buffer_bytes; }
+  EPX_HD char* buffer(char* region, int b) const { return region + kSyncBytes + b * buffer_bytes; }
+  EPX_HD char* dispatch_row(char* region, int b, int src, int t) const {
+    return buffer(region, b) + off_dispatch + (static_cast<size_t>(src) * max_tokens + t) * row_bytes;
+  }
+  EPX_HD int* dispatch_meta(char* region, int b, int src, int t) const {
+    return reinterpret_cast<int*>(buffer(region, b) + off_dispatch_meta +
+                                  (static_cast<size_t>(src) * max_tokens + t) * meta_bytes);
+  }
+  EPX_HD uint16_t* combine_row(char* region, int b, int t, int k) const {
+    return reinterpret_cast<uint16_t*>(buffer(region, b) + off_combine +
+                                       (static_cast<size_t>(t) * num_topk + k) * hidden * 2);
+  }
+  EPX_HD uint16_t* zero_copy(char* region, int b) const {
+    return reinterpret_cast<uint16_t*>(buffer(region, b) + off_zero_copy);
+  }
+};
+
+// Device-local low-latency state (not symmetric).
+//   counter: LL op number, n = counter + 1 read by the send kernel, stored by its last block.
+//   last_op[b]: n of the latest op on buffer b (the one whose consumption a new op waits for).
+//   pending[b]: n of the op whose receive has not run yet on buffer b (read by the receive).
+//   arrive_*: block arrival counters, reset by the last block.
+struct LlWorkspace {
+  uint64_t counter;
+  uint64_t last_op[2];
+  uint64_t pending[2];
+  unsigned int arrive_send[2];
+  unsigned int arrive_recv[2];
+};
+
+}  // namespace epx

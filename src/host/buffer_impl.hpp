@@ -1,0 +1,139 @@
+// Buffer::Impl: state shared by the high-throughput (buffer.cu) and low-latency (buffer_ll.cu)
+// halves of the Buffer.
+#pragma once
+#include <nccl.h>
+#include <nccl_device.h>
+
+#include <cstdio>
+#include <cstring>
+#include <string>
+
+#include "common/ll_layout.hpp"
+#include "epx/buffer.hpp"
+#include "host/checks.hpp"
+#include "host/env.hpp"
+#include "host/plan.hpp"
+#include "kernels/ht_params.hpp"
+#include "kernels/ll_params.hpp"
+
+namespace epx {
+
+struct Buffer::Impl {
+  Communicator* comm = nullptr;
+  Config config;
+  size_t num_nvl_bytes = 0;
+  void* symmetric = nullptr;
+  ncclWindow_t window = nullptr;
+  ncclDevComm dev_comm{};
+  bool dev_comm_created = false;
+  char* peers[kMaxPeers] = {};
+  Workspace* workspace = nullptr;
+  ErrorRecord* error = nullptr;  // host-mapped
+  ErrorRecord* error_device = nullptr;
+  HostMailbox* mailbox = nullptr;  // host-mapped
+  HostMailbox* mailbox_device = nullptr;
+  bool failed = false;
+  std::string failure;
+  // Low-latency region (design.md 4.4-4.5), at `ll_offset` in the symmetric allocation.
+  size_t ll_offset = 0, num_ll_bytes = 0;
+  LlWorkspace* ll_ws = nullptr;
+  int ll_next = 0;  // buffer the next low-latency op uses
+  struct PendingReceive {
+    enum class Kind { kNone, kDispatch, kCombine } kind = Kind::kNone;
+    kernels::LlDispatchParams dispatch{};
+    kernels::LlCombineParams combine{};
+    int num_blocks = 0;
+  } pending[2];
+
+  device::OpContext context(OpCode op) const {
+    device::OpContext c;
+    for (int p = 0; p < kMaxPeers; ++p) c.peers[p] = peers[p];
+    c.rank = comm->rank();
+    c.num_ranks = comm->world();
+    c.ws = workspace;
+    c.err = error_device;
+    c.timeout_ns = static_cast<uint64_t>(effective_timeout_s(config) * 1e9);
+    c.op = static_cast<int>(op);
+    return c;
+  }
+  double timeout_s() const { return effective_timeout_s(config); }
+
+  void zero_state() {
+    EPX_CUDA_CHECK(cudaMemset(symmetric, 0, SymmetricLayout::kRowsOffset));
+    EPX_CUDA_CHECK(cudaMemset(workspace, 0, sizeof(Workspace)));
+    if (num_ll_bytes > 0) {
+      EPX_CUDA_CHECK(cudaMemset(static_cast<char*>(symmetric) + ll_offset, 0, LlLayout::kSyncBytes));
+      EPX_CUDA_CHECK(cudaMemset(ll_ws, 0, sizeof(LlWorkspace)));
+    }
+    ll_next = 0;
+    pending[0] = pending[1] = PendingReceive{};
+    std::memset(error, 0, sizeof(ErrorRecord));
+    std::memset(mailbox, 0, sizeof(HostMailbox));
+    EPX_CUDA_CHECK(cudaDeviceSynchronize());
+  }
+
+  // Refuses work on a failed buffer; surfaces a device error recorded since the last check.
+  void check_usable() {
+    EPX_CHECK(!failed, ErrorKind::kState, "Buffer failed earlier (", failure,
+              "); call reset() (collective) or destroy it");
+    raise_recorded_error();
+  }
+
+  // Raises the recorded device error once; afterwards the buffer is failed (kState) until reset.
+  void raise_recorded_error() {
+    const volatile ErrorRecord* e = error;
+    if (e->state != 2 || failed) return;
+    static const char* kOps[] = {"none", "layout", "notify", "dispatch", "combine", "low_latency_dispatch",
+                                 "low_latency_combine"};
+    static const char* kPhases[] = {"none", "entry barrier", "input check", "count exchange", "send",
+                                    "receive", "reduce", "capacity check"};
+    const int op = e->op >= 0 && e->op < 7 ? e->op : 0;
+    const int phase = e->phase >= 0 && e->phase < 8 ? e->phase : 0;
+    std::string msg;
+    ErrorKind kind = ErrorKind::kState;
+    switch (static_cast<DeviceErrorKind>(e->kind)) {
+      case DeviceErrorKind::kTimeout:
+        kind = ErrorKind::kTimeout;
+        msg = detail::concat(kOps[op], " timed out in phase '", kPhases[phase], "' on rank ", e->rank,
+                             " waiting for peer ", e->peer, " (block ", e->block, ", flag ", e->observed,
+                             ", expected >= ", e->expected, ", timeout ", timeout_s(), " s)");
+        break;
+      case DeviceErrorKind::kInvalidArgument:
+        kind = ErrorKind::kInvalidArgument;
+        if (op == static_cast<int>(OpCode::kLayout))
+          msg = detail::concat("topk_idx: expert id ", static_cast<long long>(e->observed), " at token ", e->index,
+                               " outside [-1, ", e->expected, ") (rank ", e->rank, ")");
+        else if (phase == static_cast<int>(Phase::kCapacity))
+          msg = detail::concat("num_worst_tokens: rank ", e->peer, " receives ", e->observed,
+                               " rows, more than num_worst_tokens = ", e->expected);
+        else
+          msg = detail::concat("is_token_in_rank / num_tokens_per_rank disagree for rank ", e->peer,
+                               ": num_tokens_per_rank says ", e->observed, ", is_token_in_rank has ", e->expected,
+                               " (rank ", e->rank, ")");
+        break;
+      case DeviceErrorKind::kBufferTooSmall:
+        kind = ErrorKind::kBufferTooSmall;
+        msg = detail::concat(kOps[op], ": rank ", e->peer, " needs ", e->observed, " rows but the buffer holds ",
+                             e->expected, " rows of this shape; num_nvl_bytes = ", num_nvl_bytes,
+                             " is too small (see Buffer::get_nvl_buffer_size_hint)");
+        break;
+      default:
+        msg = "unknown device error";
+    }
+    failed = true;
+    failure = msg;
+    // Keep the record (state stays 2) so every later call names the first failure.
+    throw Error(kind, msg, __FILE__, __LINE__);
+  }
+
+  void after_launch(const char* what) {
+    const cudaError_t st = cudaPeekAtLastError();
+    if (st != cudaSuccess) {
+      cudaGetLastError();
+      EPX_FAIL(ErrorKind::kCuda, what, ": launch failed: ", cudaGetErrorString(st));
+    }
+    if (env::debug()) std::fprintf(stderr, "epx[rank %d]: %s launched\n", comm->rank(), what);
+  }
+};
+
+}  // namespace epx

@@ -1,0 +1,166 @@
+// Low-latency dispatch. Send (one block per token): cast the row to fp8 once (per-128-channel
+// scales) and write it once per destination rank into slot (this rank, token) of that rank's
+// staging, with the token's top-k as that rank's local expert ids; then publish data = n.
+// Receive (one block per local expert): after each source's data flag, pack the rows of that
+// expert in (source, token) order into the fixed per-expert slots, with src_info, the top-k slot,
+// layout_range and the column-major scales; then tell every source its staging is consumed.
+#include <cub/block/block_scan.cuh>
+
+#include "device/copy.cuh"
+#include "device/fp8.cuh"
+#include "kernels/ll_params.hpp"
+
+namespace epx::kernels {
+namespace {
+
+using namespace epx::device;
+constexpr int kThreads = 512;
+constexpr int kMaxHidden = 16384;  // smem row for the fp8 cast (H + 4 * H / 128 bytes)
+constexpr int kMaxTopkLl = 16;
+
+// A warp casts 128-channel blocks c = warp, warp + warps, ...: 4 channels per lane.
+__device__ void cast_row_fp8(const LlDispatchParams& p, const uint16_t* row, uint8_t* q, float* scales) {
+  const int H = p.c.layout.hidden, num_blocks = H / 128;
+  const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize, warps = blockDim.x / kWarpSize;
+  for (int c = warp; c < num_blocks; c += warps) {
+    const uint2 raw = reinterpret_cast<const uint2*>(row + c * 128)[lane];
+    float v[4] = {__uint_as_float(raw.x << 16), __uint_as_float(raw.x & 0xffff0000u), __uint_as_float(raw.y << 16),
+                  __uint_as_float(raw.y & 0xffff0000u)};
+    float amax = fmaxf(fmaxf(fabsf(v[0]), fabsf(v[1])), fmaxf(fabsf(v[2]), fabsf(v[3])));
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
+    const Fp8Scale s = fp8_scale(amax, p.round_scale);
+    const uint32_t packed = to_e4m3(v[0] * s.scale) | (to_e4m3(v[1] * s.scale) << 8) |
+                            (to_e4m3(v[2] * s.scale) << 16) | (static_cast<uint32_t>(to_e4m3(v[3] * s.scale)) << 24);
+    reinterpret_cast<uint32_t*>(q + c * 128)[lane] = packed;
+    if (lane == 0) scales[c] = s.scale_inv;
+  }
+}
+
+__global__ void __launch_bounds__(kThreads) ll_dispatch_send(const __grid_constant__ LlDispatchParams p) {
+  __shared__ __align__(16) uint8_t row_smem[kMaxHidden + kMaxHidden / 128 * 4];
+  __shared__ int local_ids[kMaxPeers][kMaxTopkLl];
+  __shared__ int has_rank[kMaxPeers];
+  const LlCommon& c = p.c;
+  const int R = c.ctx.num_ranks, me = c.ctx.rank, K = c.layout.num_topk, E_loc = c.layout.experts_per_rank;
+  const int H = c.layout.hidden;
+  const uint64_t n = c.ws->counter + 1;
+  if (!ll::wait_consumed(c, c.ws->last_op[c.buffer_idx])) return;
+
+  const size_t payload_bytes = p.use_fp8 ? H + H / 128 * 4 : static_cast<size_t>(H) * 2;
+  for (int t = blockIdx.x; t < p.num_tokens; t += gridDim.x) {
+    if (threadIdx.x < R) has_rank[threadIdx.x] = 0;
+    __syncthreads();
+    for (int i = threadIdx.x; i < R * K; i += blockDim.x) {
+      const int r = i / K, k = i % K;
+      const int64_t e = p.topk_idx[t * p.topk_stride + k];
+      const bool here = e >= static_cast<int64_t>(r) * E_loc && e < static_cast<int64_t>(r + 1) * E_loc;
+      local_ids[r][k] = here ? static_cast<int>(e - static_cast<int64_t>(r) * E_loc) : -1;
+      if (here) has_rank[r] = 1;
+    }
+    const uint16_t* row = p.x + t * p.x_stride;
+    if (p.use_fp8) cast_row_fp8(p, row, row_smem, reinterpret_cast<float*>(row_smem + H));
+    __syncthreads();
+    const void* src = p.use_fp8 ? static_cast<const void*>(row_smem) : static_cast<const void*>(row);
+    for (int r = 0; r < R; ++r) {
+      char* region = c.region(r);
+      int* meta = c.layout.dispatch_meta(region, c.buffer_idx, me, t);
+      for (int k = threadIdx.x; k < K; k += blockDim.x) meta[k] = local_ids[r][k];
+      if (has_rank[r])
+        coop_copy(c.layout.dispatch_row(region, c.buffer_idx, me, t), src, payload_bytes, threadIdx.x, blockDim.x);
+    }
+    __syncthreads();
+  }
+  ll::finish_send(c, n, p.num_tokens);
+}
+
+using BlockScan = cub::BlockScan<int, kThreads>;
+
+// Copies staging row (s, t) into packed row `row` of local expert j.
+__device__ void copy_row(const LlDispatchParams& p, int j, int s, int t, int k, int row, int lane, int lanes) {
+  const LlCommon& c = p.c;
+  const LlLayout& L = c.layout;
+  const int H = L.hidden, RT = L.num_ranks * L.max_tokens;
+  const char* src = c.layout.dispatch_row(c.region(c.ctx.rank), c.buffer_idx, s, t);
+  const size_t slot = static_cast<size_t>(j) * RT + row;
+  const size_t row_bytes = p.use_fp8 ? H : 2 * static_cast<size_t>(H);
+  coop_copy(p.recv_x + slot * row_bytes, src, row_bytes, lane, lanes);
+  if (p.use_fp8) {
+    const float* scales = reinterpret_cast<const float*>(src + H);
+    const int S = H / 128;
+    if (p.ue8m0) {
+      const int S4 = (S + 3) / 4;
+      int* out = static_cast<int*>(p.recv_scales) + static_cast<size_t>(j) * RT * S4;
+      for (int i = lane; i < S4; i += lanes) {
+        uint32_t packed = 0;
+        for (int b = 0; b < 4 && 4 * i + b < S; ++b) packed |= ue8m0_byte(scales[4 * i + b]) << (8 * b);
+        out[static_cast<size_t>(i) * RT + row] = static_cast<int>(packed);
+      }
+    } else {
+      float* out = static_cast<float*>(p.recv_scales) + static_cast<size_t>(j) * RT * S;
+      for (int i = lane; i < S; i += lanes) out[static_cast<size_t>(i) * RT + row] = scales[i];
+    }
+  }
+  if (lane == 0) {
+    p.src_info[slot] = t;
+    p.src_topk_slot[slot] = k;
+  }
+}
+
+__global__ void __launch_bounds__(kThreads) ll_dispatch_recv(const __grid_constant__ LlDispatchParams p) {
+  __shared__ BlockScan::TempStorage scan;
+  __shared__ int match_t[kThreads], match_k[kThreads];
+  const LlCommon& c = p.c;
+  const int R = c.ctx.num_ranks, K = c.layout.num_topk, E_loc = c.layout.experts_per_rank;
+  const uint64_t n = c.ws->pending[c.buffer_idx];
+  LlSync* sync = c.sync(c.ctx.rank);
+  const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize, warps = blockDim.x / kWarpSize;
+
+  for (int j = blockIdx.x; j < E_loc; j += gridDim.x) {
+    int running = 0;
+    for (int s = 0; s < R; ++s) {
+      const long long t0 = clock64();
+      if (!wait_peer_done_flag(c.ctx, &sync->data[c.buffer_idx][s], n, s)) return;
+      if (p.wait_stats != nullptr && j == 0 && threadIdx.x == 0) atomicAdd(reinterpret_cast<unsigned long long*>(&p.wait_stats[s]), clock64() - t0);
+      const int Ns = sync->num_tokens[c.buffer_idx][s];
+      const int begin = running;
+      for (int base = 0; base < Ns; base += blockDim.x) {
+        const int t = base + threadIdx.x;
+        int k_hit = -1;
+        if (t < Ns) {
+          const int* meta = c.layout.dispatch_meta(c.region(c.ctx.rank), c.buffer_idx, s, t);
+          for (int k = 0; k < K; ++k)
+            if (meta[k] == j) k_hit = k;
+        }
+        int pos, total;
+        BlockScan(scan).ExclusiveSum(k_hit >= 0 ? 1 : 0, pos, total);
+        if (k_hit >= 0) {
+          match_t[pos] = t;
+          match_k[pos] = k_hit;
+        }
+        __syncthreads();
+        for (int i = warp; i < total; i += warps) copy_row(p, j, s, match_t[i], match_k[i], running + i, lane, kWarpSize);
+        running += total;
+        __syncthreads();
+      }
+      if (threadIdx.x == 0)
+        p.layout_range[static_cast<size_t>(j) * R + s] = (static_cast<int64_t>(begin) << 32) | (running - begin);
+    }
+    if (threadIdx.x == 0) {
+      p.recv_count[j] = running;
+      if (p.cumulative_stats != nullptr) atomicAdd(&p.cumulative_stats[j], running);
+    }
+  }
+  ll::finish_recv(c, n);
+}
+
+}  // namespace
+
+void launch_ll_dispatch_send(const LlDispatchParams& p, int num_blocks, cudaStream_t stream) {
+  ll_dispatch_send<<<num_blocks, kThreads, 0, stream>>>(p);
+}
+void launch_ll_dispatch_recv(const LlDispatchParams& p, int num_blocks, cudaStream_t stream) {
+  ll_dispatch_recv<<<num_blocks, kThreads, 0, stream>>>(p);
+}
+
+}  // namespace epx::kernels
