@@ -9,7 +9,7 @@
 namespace epx::bench {
 
 struct Options {
-  std::string mode = "ht";  // ht | ll | all
+  std::string mode = "all";  // ht | ll | all
   int world = 0;            // 0 = every visible GPU
   std::vector<int> tokens = {4096};
   std::vector<int> hidden = {7168};
@@ -47,5 +47,7 @@ void write_json(const std::string& path, const Options& o, int world, const std:
 
 // Runs the high-throughput workload on this rank; returns its rows (printed by rank 0).
 std::vector<Row> run_ht(const Options& o, Communicator& comm);
+// Runs the low-latency workload (o.ll_tokens tokens, first hidden size).
+std::vector<Row> run_ll(const Options& o, Communicator& comm);
 
 }  // namespace epx::bench

@@ -85,7 +85,7 @@ void usage() {
       "usage: epx_bench [--mode ht|ll|all] [--world N] [--tokens 4096[,..]] [--hidden 7168[,..]]\n"
       "                 [--experts 256] [--topk 8] [--sms 20[,..]] [--routing uniform|skewed]\n"
       "                 [--ll-tokens 128] [--warmup 5] [--iters 30] [--seed 1] [--json out.json]\n"
-      "Defaults are the `ht` workload of benchmarks.md on every visible GPU.\n");
+      "Defaults: the `ht` and `ll` workloads of benchmarks.md on every visible GPU.\n");
 }
 
 }  // namespace
@@ -129,6 +129,10 @@ int main(int argc, char** argv) {
     std::vector<Row> rows;
     if (o.mode == "ht" || o.mode == "all") {
       auto r = run_ht(o, comm);
+      rows.insert(rows.end(), r.begin(), r.end());
+    }
+    if (o.mode == "ll" || o.mode == "all") {
+      auto r = run_ll(o, comm);
       rows.insert(rows.end(), r.begin(), r.end());
     }
     if (rank == 0) {

@@ -100,7 +100,7 @@ struct Buffer::Impl {
         break;
       case DeviceErrorKind::kInvalidArgument:
         kind = ErrorKind::kInvalidArgument;
-        if (op == static_cast<int>(OpCode::kLayout))
+        if (op == static_cast<int>(OpCode::kLayout) || op == static_cast<int>(OpCode::kLlDispatch))
           msg = detail::concat("topk_idx: expert id ", static_cast<long long>(e->observed), " at token ", e->index,
                                " outside [-1, ", e->expected, ") (rank ", e->rank, ")");
         else if (phase == static_cast<int>(Phase::kCapacity))

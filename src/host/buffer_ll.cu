@@ -65,6 +65,7 @@ LowLatencyHandle Buffer::low_latency_dispatch(const LowLatencyDispatchArgs& a, c
                                               cudaStream_t stream) {
   Impl& m = *impl_;
   m.check_usable();
+  check_buffer_free(m, m.ll_next);
   const int R = num_ranks();
   const int T = a.num_max_dispatch_tokens_per_rank;
   validate::in_range(T, "num_max_dispatch_tokens_per_rank", 1, kMaxLlTokens);
@@ -110,7 +111,6 @@ LowLatencyHandle Buffer::low_latency_dispatch(const LowLatencyDispatchArgs& a, c
   check_ll_fits(m, layout);
 
   const int b = m.ll_next;
-  check_buffer_free(m, b);
   kernels::LlDispatchParams p{};
   p.c = ll_common(m, OpCode::kLlDispatch, layout, b);
   p.num_tokens = static_cast<int>(N);
@@ -173,6 +173,7 @@ void Buffer::low_latency_combine(const LowLatencyCombineArgs& a, const LowLatenc
                                  cudaStream_t stream) {
   Impl& m = *impl_;
   m.check_usable();
+  check_buffer_free(m, m.ll_next);
   const int R = num_ranks();
   const int T = h.num_max_dispatch_tokens_per_rank, H = h.hidden, K = h.num_topk;
   EPX_ARG_CHECK(T > 0 && h.src_info.defined(), "handle: not from low_latency_dispatch");
@@ -192,7 +193,6 @@ void Buffer::low_latency_combine(const LowLatencyCombineArgs& a, const LowLatenc
   check_ll_fits(m, layout);
 
   const int b = m.ll_next;
-  check_buffer_free(m, b);
   kernels::LlCombineParams p{};
   p.c = ll_common(m, OpCode::kLlCombine, layout, b);
   p.x = a.x.ptr<uint16_t>();

@@ -54,6 +54,9 @@ __global__ void __launch_bounds__(kThreads) ll_dispatch_send(const __grid_consta
     for (int i = threadIdx.x; i < R * K; i += blockDim.x) {
       const int r = i / K, k = i % K;
       const int64_t e = p.topk_idx[t * p.topk_stride + k];
+      if (r == 0 && (e < -1 || e >= static_cast<int64_t>(R) * E_loc))
+        record_error(c.ctx, DeviceErrorKind::kInvalidArgument, Phase::kInputCheck, -1, t,
+                     static_cast<unsigned long long>(e), static_cast<unsigned long long>(R) * E_loc);
       const bool here = e >= static_cast<int64_t>(r) * E_loc && e < static_cast<int64_t>(r + 1) * E_loc;
       local_ids[r][k] = here ? static_cast<int>(e - static_cast<int64_t>(r) * E_loc) : -1;
       if (here) has_rank[r] = 1;

@@ -261,7 +261,7 @@ std::vector<Case> cases(int world) {
   { Case c{"all to rank 0", base}; c.spec.routing = Routing::kOneRank; v.push_back(c); }
   { Case c{"skewed no weights k4", base}; c.spec.routing = Routing::kSkewed; c.spec.with_weights = false; c.spec.num_topk = 4; v.push_back(c); }
   { Case c{"many -1 slots", base}; c.spec.drop_prob = 0.6; c.spec.num_tokens = 1000; v.push_back(c); }
-  { Case c{"bf16 n4096 h7168 k8 e256", base}; c.spec.num_tokens = 4096; c.spec.hidden = 7168; c.spec.num_experts = 256; c.spec.drop_prob = 0; v.push_back(c); }
+  { Case c{"bf16 n4096 h7168 k8 e64R", base}; c.spec.num_tokens = 4096; c.spec.hidden = 7168; c.spec.num_experts = 64 * world; c.spec.drop_prob = 0; v.push_back(c); }
   return v;
 }
 

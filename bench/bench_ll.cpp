@@ -1,0 +1,161 @@
+// The `ll` workload (benchmarks.md): low-latency dispatch (fp8 and bf16) and combine (bf16) in µs,
+// hook-mode send and receive halves, host CPU time per call, and the NCCL all-to-all baseline of
+// the same exchange, measured in this run on these GPUs.
+#include <cuda_runtime_api.h>
+
+#include <algorithm>
+#include <random>
+
+#include "baselines.cuh"
+#include "bench_common.hpp"
+#include "host/checks.hpp"
+
+namespace epx::bench {
+namespace {
+
+struct Dev {
+  void* ptr = nullptr;
+  explicit Dev(size_t bytes) { EPX_CUDA_CHECK(cudaMalloc(&ptr, bytes > 0 ? bytes : 16)); }
+  ~Dev() { cudaFree(ptr); }
+};
+
+}  // namespace
+
+std::vector<Row> run_ll(const Options& o, Communicator& comm) {
+  const int R = comm.world(), me = comm.rank();
+  const int T = o.ll_tokens, N = o.ll_tokens, H = o.hidden.front(), K = o.topk, E = o.experts, E_loc = E / R;
+  const int64_t RT = static_cast<int64_t>(R) * T;
+  std::vector<Row> rows;
+  cudaStream_t stream;
+  EPX_CUDA_CHECK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+  L2Flusher flusher;
+  auto barrier = [&] { comm.barrier(); };
+
+  BufferOptions opts;
+  opts.num_ll_bytes = Buffer::low_latency_size_hint(T, H, R, E, K);
+  Buffer buffer(comm, Buffer::get_nvl_buffer_size_hint(static_cast<int64_t>(N) * R, H, DType::kBF16, K, R), opts);
+
+  std::mt19937_64 rng(o.seed * 31 + me);
+  std::vector<uint16_t> xh(static_cast<size_t>(N) * H);
+  for (auto& v : xh) v = static_cast<uint16_t>(0x3C00 + (rng() & 0x3FF));
+  std::vector<int64_t> topk = make_topk(o.seed, me, N, K, E, o.routing);
+  std::vector<float> w(static_cast<size_t>(N) * K, 0.125f);
+  Dev dx(xh.size() * 2), dtopk(topk.size() * 8), dw(w.size() * 4);
+  EPX_CUDA_CHECK(cudaMemcpy(dx.ptr, xh.data(), xh.size() * 2, cudaMemcpyHostToDevice));
+  EPX_CUDA_CHECK(cudaMemcpy(dtopk.ptr, topk.data(), topk.size() * 8, cudaMemcpyHostToDevice));
+  EPX_CUDA_CHECK(cudaMemcpy(dw.ptr, w.data(), w.size() * 4, cudaMemcpyHostToDevice));
+  const int S = H / 128;
+  Dev rx(static_cast<size_t>(E_loc) * RT * H * 2), rsc(static_cast<size_t>(E_loc) * RT * S * 4), rcount(4 * E_loc),
+      src_info(4 * E_loc * RT), range(8 * E_loc * R), slot(4 * E_loc * RT), out(static_cast<size_t>(N) * H * 2);
+
+  auto dispatch = [&](bool fp8, bool hook, cudaStream_t s) {
+    LowLatencyDispatchArgs a;
+    a.x = View::of(dx.ptr, DType::kBF16, {N, H});
+    a.topk_idx = View::of(dtopk.ptr, DType::kI64, {N, K});
+    a.num_max_dispatch_tokens_per_rank = T;
+    a.num_experts = E;
+    a.use_fp8 = fp8;
+    a.return_recv_hook = hook;
+    LowLatencyDispatchOutputs d;
+    d.recv_x = View::of(rx.ptr, fp8 ? DType::kFP8E4M3 : DType::kBF16, {E_loc, RT, H});
+    if (fp8) d.recv_scales = View::strided(rsc.ptr, DType::kF32, {E_loc, RT, S}, {RT * S, 1, RT});
+    d.recv_count = View::of(rcount.ptr, DType::kI32, {E_loc});
+    d.src_info = View::of(src_info.ptr, DType::kI32, {E_loc, RT});
+    d.layout_range = View::of(range.ptr, DType::kI64, {E_loc, R});
+    d.src_topk_slot = View::of(slot.ptr, DType::kI32, {E_loc, RT});
+    return buffer.low_latency_dispatch(a, d, s);
+  };
+  LowLatencyHandle handle = dispatch(true, false, stream);
+  auto combine = [&](bool hook, cudaStream_t s) {
+    LowLatencyCombineArgs a;
+    a.x = View::of(rx.ptr, DType::kBF16, {E_loc, RT, H});
+    a.topk_idx = View::of(dtopk.ptr, DType::kI64, {N, K});
+    a.topk_weights = View::of(dw.ptr, DType::kF32, {N, K});
+    a.return_recv_hook = hook;
+    buffer.low_latency_combine(a, handle, View::of(out.ptr, DType::kBF16, {N, H}), s);
+  };
+  buffer.synchronize(stream);
+
+  // Bytes: every (token, expert) pair is one received row (DeepEP's convention); the wire carries
+  // each token once per destination rank.
+  const double fp8_row = H + 4.0 * S, bf16_row = 2.0 * H;
+  std::vector<int> counts(E_loc);
+  EPX_CUDA_CHECK(cudaMemcpy(counts.data(), rcount.ptr, 4 * E_loc, cudaMemcpyDeviceToHost));
+  int64_t recv_rows = 0;
+  for (int c : counts) recv_rows += c;
+  auto add = [&](const std::string& name, const Timing& t, double row_bytes, const Row* base, double host_us) {
+    Row r{name, 0, N, H, t.median_us, t.min_us, t.max_us, recv_rows * row_bytes / t.median_us / 1e3, 0};
+    r.nvlink_gbps = -1;
+    if (base) r.vs_nccl = base->median_us / t.median_us;
+    r.host_us = host_us;
+    r.note = "all SMs while running";
+    rows.push_back(r);
+  };
+
+  // NCCL baseline of the same exchange (bf16 rows once per destination rank, then back).
+  Dev per_rank(4 * R), per_expert(4 * E), in_rank(static_cast<size_t>(N) * R);
+  buffer.get_dispatch_layout(View::of(dtopk.ptr, DType::kI64, {N, K}), E, View::of(per_rank.ptr, DType::kI32, {R}),
+                             View::of(per_expert.ptr, DType::kI32, {E}), View::of(in_rank.ptr, DType::kBool, {N, R}),
+                             stream);
+  buffer.synchronize(stream);
+  NcclAllToAll nccl(comm.nccl(), me, R, N, H, 2);
+  const Timing nd = time_op([&](cudaStream_t s) { nccl.dispatch(dx.ptr, static_cast<const bool*>(in_rank.ptr), N, s); },
+                            stream, o.warmup, o.iters, flusher, barrier);
+  const Timing nc = time_op([&](cudaStream_t s) { nccl.combine(s); }, stream, o.warmup, o.iters, flusher, barrier);
+  Row nccl_d{"ll nccl a2a dispatch", 0, N, H, nd.median_us, nd.min_us, nd.max_us, 0, -1};
+  Row nccl_c{"ll nccl a2a combine", 0, N, H, nc.median_us, nc.min_us, nc.max_us, 0, -1};
+  nccl_d.note = nccl_c.note = "baseline";
+
+  auto host_us = [&](const std::function<void(cudaStream_t)>& op) {
+    return host_time_op(op, stream, 2, std::min(o.iters, 20), barrier).median_us;
+  };
+  std::function<void(cudaStream_t)> d_fp8 = [&](cudaStream_t s) { dispatch(true, false, s); };
+  std::function<void(cudaStream_t)> d_bf16 = [&](cudaStream_t s) { dispatch(false, false, s); };
+  std::function<void(cudaStream_t)> c_bf16 = [&](cudaStream_t s) { combine(false, s); };
+  std::function<void(cudaStream_t)> both = [&](cudaStream_t s) { dispatch(true, false, s); combine(false, s); };
+  add("ll dispatch fp8", time_op(d_fp8, stream, o.warmup, o.iters, flusher, barrier), fp8_row, &nccl_d, host_us(d_fp8));
+  add("ll dispatch bf16", time_op(d_bf16, stream, o.warmup, o.iters, flusher, barrier), bf16_row, &nccl_d, host_us(d_bf16));
+  dispatch(true, false, stream);
+  add("ll combine bf16", time_op(c_bf16, stream, o.warmup, o.iters, flusher, barrier), bf16_row, &nccl_c, host_us(c_bf16));
+  add("ll dispatch+combine", time_op(both, stream, o.warmup, o.iters, flusher, barrier), fp8_row + bf16_row, nullptr, -1);
+
+  // Hook mode: send and receive halves timed separately (nothing runs in between).
+  for (int which = 0; which < 2; ++which) {
+    std::vector<double> send_us, recv_us;
+    cudaEvent_t e0, e1, e2;
+    cudaEventCreate(&e0);
+    cudaEventCreate(&e1);
+    cudaEventCreate(&e2);
+    for (int i = 0; i < o.warmup + o.iters; ++i) {
+      barrier();
+      flusher.flush(stream);
+      cudaEventRecord(e0, stream);
+      int b = buffer.next_low_latency_buffer();
+      if (which == 0) dispatch(true, true, stream); else combine(true, stream);
+      cudaEventRecord(e1, stream);
+      buffer.low_latency_receive(b, stream);
+      cudaEventRecord(e2, stream);
+      cudaEventSynchronize(e2);
+      float a = 0, c = 0;
+      cudaEventElapsedTime(&a, e0, e1);
+      cudaEventElapsedTime(&c, e1, e2);
+      if (i >= o.warmup) { send_us.push_back(a * 1e3); recv_us.push_back(c * 1e3); }
+    }
+    const Timing ts = summarize(send_us), tr = summarize(recv_us);
+    const std::string op = which == 0 ? "ll dispatch fp8" : "ll combine bf16";
+    add(op + " hook send", ts, which == 0 ? fp8_row : bf16_row, nullptr, -1);
+    rows.back().note = "no SM held after it";
+    add(op + " hook recv", tr, which == 0 ? fp8_row : bf16_row, nullptr, -1);
+    rows.back().note = "includes waiting for peers";
+    cudaEventDestroy(e0);
+    cudaEventDestroy(e1);
+    cudaEventDestroy(e2);
+  }
+  rows.push_back(nccl_d);
+  rows.push_back(nccl_c);
+  buffer.synchronize(stream);
+  cudaStreamDestroy(stream);
+  return rows;
+}
+
+}  // namespace epx::bench

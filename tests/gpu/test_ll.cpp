@@ -1,0 +1,427 @@
+// Low-latency dispatch/combine on 2-4 GPUs against the CPU reference: fp8 (float and UE8M0 scales)
+// and bf16, -1 slots, N = 0 and N = T, hook and non-hook, zero-copy, double buffering, CUDA graph
+// replay, 1000 alternating iterations.
+#include <cuda_runtime_api.h>
+
+#include "gpu/harness.hpp"
+#include "reference/reference_ll.hpp"
+
+namespace epx::test {
+namespace {
+
+struct LlSpec {
+  std::string name;
+  int T = 64, H = 2048, K = 8, experts_per_rank = 16;
+  bool fp8 = true, ue8m0 = false, round_scale = false, hook = false, zero_copy = false;
+  double drop = 0.1;
+  int empty_rank = -1;  // N = 0 there; every other rank has N = T - rank (rank 0: N = T)
+};
+
+ref::LlRankInput ll_input(uint64_t seed, int rank, const LlSpec& s, int world) {
+  InputSpec is;
+  is.num_tokens = rank == s.empty_rank ? 0 : s.T - rank;
+  is.hidden = s.H;
+  is.num_topk = s.K;
+  is.num_experts = s.experts_per_rank * world;
+  is.drop_prob = s.drop;
+  is.with_weights = false;
+  ref::RankInput in = make_input(seed, rank, is);
+  ref::LlRankInput out;
+  out.num_tokens = in.num_tokens;
+  out.x.resize(in.x.size() / 2);
+  std::memcpy(out.x.data(), in.x.data(), in.x.size());
+  out.topk_idx = in.topk_idx;
+  return out;
+}
+
+std::vector<float> ll_weights(uint64_t seed, int rank, int n, int k) {
+  std::mt19937_64 rng(seed * 131 + rank);
+  std::uniform_real_distribution<float> u(0.f, 1.f);
+  std::vector<float> w(static_cast<size_t>(n) * k);
+  for (auto& v : w) v = u(rng);
+  return w;
+}
+
+// Rank r's expert outputs: random bf16 on the rows its dispatch filled, 0 elsewhere.
+std::vector<uint16_t> ll_expert_outputs(uint64_t seed, int rank, const ref::LlDispatchResult& d) {
+  const int RT = d.num_ranks * d.num_max_dispatch_tokens_per_rank, H = d.hidden;
+  std::vector<uint16_t> y(static_cast<size_t>(d.num_local_experts) * RT * H, 0);
+  std::mt19937_64 rng(seed * 977 + rank);
+  std::uniform_real_distribution<float> u(-2.f, 2.f);
+  for (int j = 0; j < d.num_local_experts; ++j)
+    for (int row = 0; row < d.recv_count[j]; ++row)
+      for (int h = 0; h < H; ++h) y[(static_cast<size_t>(j) * RT + row) * H + h] = ref::float_to_bf16(u(rng));
+  return y;
+}
+
+// Device tensors of one low-latency dispatch.
+struct LlOut {
+  int E_loc, RT, H, C;
+  bool fp8, ue8m0;
+  DeviceMem x, scales, count, src_info, range, slot;
+  LlOut(int e_loc, int rt, int h, bool f, bool u)
+      : E_loc(e_loc), RT(rt), H(h), C(u ? (h / 128 + 3) / 4 : h / 128), fp8(f), ue8m0(u),
+        x(static_cast<size_t>(e_loc) * rt * h * (f ? 1 : 2)), scales(static_cast<size_t>(e_loc) * rt * C * 4),
+        count(4 * e_loc), src_info(4 * static_cast<size_t>(e_loc) * rt), range(8 * static_cast<size_t>(e_loc) * 8),
+        slot(4 * static_cast<size_t>(e_loc) * rt) {
+    for (DeviceMem* m : {&x, &scales, &count, &src_info, &range, &slot}) m->fill(0x7F);
+  }
+  LowLatencyDispatchOutputs view(int R) const {
+    LowLatencyDispatchOutputs o;
+    o.recv_x = View::of(x.get(), fp8 ? DType::kFP8E4M3 : DType::kBF16, {E_loc, RT, H});
+    if (fp8)
+      o.recv_scales = View::strided(scales.get(), ue8m0 ? DType::kI32 : DType::kF32, {E_loc, RT, C},
+                                    {static_cast<int64_t>(RT) * C, 1, RT});
+    o.recv_count = View::of(count.get(), DType::kI32, {E_loc});
+    o.src_info = View::of(src_info.get(), DType::kI32, {E_loc, RT});
+    o.layout_range = View::of(range.get(), DType::kI64, {E_loc, R});
+    o.src_topk_slot = View::of(slot.get(), DType::kI32, {E_loc, RT});
+    return o;
+  }
+};
+
+// Compares the valid rows of every local expert with the reference.
+void check_ll_recv(const LlOut& o, const ref::LlDispatchResult& want, int R, const std::string& tag) {
+  const int E_loc = o.E_loc, RT = o.RT;
+  expect_equal(o.count.download<int>(E_loc), want.recv_count, E_loc, tag + " recv_count");
+  expect_equal(o.range.download<int64_t>(static_cast<size_t>(E_loc) * R), want.layout_range,
+               static_cast<size_t>(E_loc) * R, tag + " layout_range");
+  const size_t rb = want.row_bytes;
+  auto x = o.x.download<uint8_t>(static_cast<size_t>(E_loc) * RT * rb);
+  auto info = o.src_info.download<int>(static_cast<size_t>(E_loc) * RT);
+  auto slot = o.slot.download<int>(static_cast<size_t>(E_loc) * RT);
+  auto sc = o.scales.download<uint32_t>(static_cast<size_t>(E_loc) * RT * o.C);
+  for (int j = 0; j < E_loc; ++j) {
+    const int n = want.recv_count[j];
+    const size_t first = static_cast<size_t>(j) * RT;
+    REQUIRE(std::memcmp(&x[first * rb], &want.recv_x[first * rb], n * rb) == 0, tag, " recv_x of local expert ", j);
+    REQUIRE(std::memcmp(&info[first], &want.src_info[first], n * 4) == 0, tag, " src_info of local expert ", j);
+    REQUIRE(std::memcmp(&slot[first], &want.src_topk_slot[first], n * 4) == 0, tag, " src_topk_slot of expert ", j);
+    if (!o.fp8) continue;
+    for (int c = 0; c < o.C; ++c) {
+      const size_t at = first * o.C + static_cast<size_t>(c) * RT;
+      const void* w = o.ue8m0 ? static_cast<const void*>(&want.recv_scales_ue8m0[at]) : &want.recv_scales[at];
+      REQUIRE(std::memcmp(&sc[at], w, n * 4) == 0, tag, " recv_scales of local expert ", j, " column ", c);
+    }
+  }
+}
+
+struct LlRun {
+  std::vector<ref::LlRankInput> inputs;
+  std::vector<ref::LlDispatchResult> want;
+  std::vector<std::vector<uint16_t>> y;
+  std::vector<float> weights;
+};
+
+LlRun make_run(RankCtx& ctx, const LlSpec& s, uint64_t seed) {
+  const int R = ctx.world;
+  LlRun run;
+  for (int r = 0; r < R; ++r) run.inputs.push_back(ll_input(seed, r, s, R));
+  for (int r = 0; r < R; ++r)
+    run.want.push_back(ref::ll_dispatch(run.inputs, r, s.T, s.H, s.K, s.experts_per_rank * R, s.fp8, s.round_scale, s.ue8m0));
+  for (int r = 0; r < R; ++r) run.y.push_back(ll_expert_outputs(seed, r, run.want[r]));
+  run.weights = ll_weights(seed, ctx.rank, run.inputs[ctx.rank].num_tokens, s.K);
+  return run;
+}
+
+// One dispatch + combine of `s` (fresh inputs from `seed`), checked against the reference.
+void ll_round(RankCtx& ctx, const LlSpec& s, uint64_t seed, LlOut& out) {
+  const int R = ctx.world, me = ctx.rank, E = s.experts_per_rank * R, RT = R * s.T;
+  LlRun run = make_run(ctx, s, seed);
+  const int N = run.inputs[me].num_tokens;
+  DeviceMem x = DeviceMem::from(run.inputs[me].x), topk = DeviceMem::from(run.inputs[me].topk_idx);
+  DeviceMem w = DeviceMem::from(run.weights);
+  LowLatencyDispatchArgs a;
+  a.x = View::of(x.get(), DType::kBF16, {N, s.H});
+  a.topk_idx = View::of(topk.get(), DType::kI64, {N, s.K});
+  a.num_max_dispatch_tokens_per_rank = s.T;
+  a.num_experts = E;
+  a.use_fp8 = s.fp8;
+  a.round_scale = s.round_scale;
+  a.scale_format = s.ue8m0 ? LowLatencyScale::kUE8M0 : LowLatencyScale::kFloat;
+  a.return_recv_hook = s.hook;
+  const int b = ctx.buffer->next_low_latency_buffer();
+  LowLatencyHandle h = ctx.buffer->low_latency_dispatch(a, out.view(R), ctx.stream);
+  if (s.hook) ctx.buffer->low_latency_receive(b, ctx.stream);
+  ctx.buffer->synchronize(ctx.stream);
+  check_ll_recv(out, run.want[me], R, s.name);
+
+  // Combine: expert outputs into a user tensor, or straight into the zero-copy buffer.
+  DeviceMem y_user;
+  View y;
+  if (s.zero_copy) {
+    y = ctx.buffer->next_combine_buffer(h);
+    CUDA_OK(cudaMemcpy(y.data, run.y[me].data(), run.y[me].size() * 2, cudaMemcpyHostToDevice));
+  } else {
+    y_user = DeviceMem::from(run.y[me]);
+    y = View::of(y_user.get(), DType::kBF16, {out.E_loc, RT, s.H});
+  }
+  DeviceMem combined(static_cast<size_t>(N) * s.H * 2);
+  combined.fill(0x7F);
+  LowLatencyCombineArgs ca;
+  ca.x = y;
+  ca.topk_idx = a.topk_idx;
+  ca.topk_weights = View::of(w.get(), DType::kF32, {N, s.K});
+  ca.return_recv_hook = s.hook;
+  const int cb = ctx.buffer->next_low_latency_buffer();
+  ctx.buffer->low_latency_combine(ca, h, View::of(combined.get(), DType::kBF16, {N, s.H}), ctx.stream);
+  if (s.hook) ctx.buffer->low_latency_receive(cb, ctx.stream);
+  ctx.buffer->synchronize(ctx.stream);
+  const auto want = ref::ll_combine(run.want, run.y, me, run.inputs[me].topk_idx, run.weights, N, s.K, s.H, s.T, E);
+  expect_equal(combined.download<uint16_t>(static_cast<size_t>(N) * s.H), want, static_cast<size_t>(N) * s.H,
+               s.name + " combined");
+}
+
+std::vector<LlSpec> ll_cases() {
+  std::vector<LlSpec> v;
+  { LlSpec s; s.name = "fp8 float scales h7168 k8"; s.H = 7168; s.T = 128; v.push_back(s); }
+  { LlSpec s; s.name = "fp8 ue8m0 h2048 hook"; s.ue8m0 = true; s.hook = true; v.push_back(s); }
+  { LlSpec s; s.name = "fp8 round_scale h4096 zero-copy"; s.H = 4096; s.round_scale = true; s.zero_copy = true; v.push_back(s); }
+  { LlSpec s; s.name = "bf16 h2048 hook zero-copy"; s.fp8 = false; s.hook = true; s.zero_copy = true; v.push_back(s); }
+  { LlSpec s; s.name = "bf16 h8192 empty rank 1"; s.fp8 = false; s.H = 8192; s.T = 32; s.empty_rank = 1; v.push_back(s); }
+  { LlSpec s; s.name = "fp8 h1152 k4 many -1"; s.H = 1152; s.K = 4; s.drop = 0.7; v.push_back(s); }
+  { LlSpec s; s.name = "fp8 h2048 k16 e4"; s.K = 16; s.experts_per_rank = 8; s.drop = 0; v.push_back(s); }
+  return v;
+}
+
+size_t ll_bytes_for(const std::vector<LlSpec>& specs, int R) {
+  size_t m = 0;
+  for (const auto& s : specs) m = std::max(m, Buffer::low_latency_size_hint(s.T, s.H, R, s.experts_per_rank * R, s.K));
+  return m;
+}
+
+int run_ll_world(int world, const std::function<void(RankCtx&)>& body, size_t ll_bytes) {
+  const uint64_t seed = run_seed();
+  return launch_local(world, [&](int rank, int w, const ncclUniqueId& id) {
+    std::setvbuf(stdout, nullptr, _IOLBF, 0);
+    try {
+      auto* comm = new Communicator(id, rank, w, rank);
+      BufferOptions opts;
+      opts.num_ll_bytes = ll_bytes;
+      auto* buffer = new Buffer(*comm, 64 << 20, opts);
+      cudaStream_t stream;
+      CUDA_OK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+      RankCtx ctx{rank, w, seed, comm, buffer, stream};
+      body(ctx);
+      buffer->synchronize(stream);
+      delete buffer;
+      delete comm;
+      return 0;
+    } catch (const std::exception& e) {
+      std::fprintf(stderr, "[rank %d/%d seed %llu] FAILED: %s\n", rank, w, (unsigned long long)seed, e.what());
+      return 1;
+    }
+  }, 240);
+}
+
+class LlWorld : public ::testing::TestWithParam<int> {};
+
+TEST_P(LlWorld, MatchesReferenceInEveryMode) {
+  const int world = GetParam();
+  SKIP_WITHOUT_GPUS(world);
+  const auto specs = ll_cases();
+  EXPECT_EQ(run_ll_world(world, [&](RankCtx& ctx) {
+    for (const LlSpec& s : specs) {
+      LlOut out(s.experts_per_rank, world * s.T, s.H, s.fp8, s.ue8m0);
+      ll_round(ctx, s, ctx.seed ^ std::hash<std::string>{}(s.name), out);
+      if (ctx.rank == 0) std::printf("[world %d] ll case %-32s ok\n", world, s.name.c_str());
+    }
+  }, ll_bytes_for(specs, world)), 0);
+}
+
+// Two micro-batches in flight: both sends, then both receives, then both combines (hooks).
+TEST_P(LlWorld, DoubleBufferedMicroBatchesAndStats) {
+  const int world = GetParam();
+  SKIP_WITHOUT_GPUS(world);
+  LlSpec s;
+  s.name = "double buffering";
+  s.hook = true;
+  EXPECT_EQ(run_ll_world(world, [&](RankCtx& ctx) {
+    const int R = ctx.world, me = ctx.rank, E = s.experts_per_rank * R, E_loc = s.experts_per_rank;
+    LlRun run[2] = {make_run(ctx, s, ctx.seed + 11), make_run(ctx, s, ctx.seed + 12)};
+    std::vector<std::unique_ptr<LlOut>> out;
+    DeviceMem x[2], topk[2], w[2], y[2], comb[2];
+    LowLatencyHandle h[2];
+    int bufs[2];
+    DeviceMem stats(4 * E_loc), waits(8 * R);
+    stats.fill(0);
+    waits.fill(0);
+    for (int m = 0; m < 2; ++m) {
+      const int N = run[m].inputs[me].num_tokens;
+      out.emplace_back(new LlOut(E_loc, R * s.T, s.H, true, false));
+      x[m] = DeviceMem::from(run[m].inputs[me].x);
+      topk[m] = DeviceMem::from(run[m].inputs[me].topk_idx);
+      w[m] = DeviceMem::from(run[m].weights);
+      LowLatencyDispatchArgs a;
+      a.x = View::of(x[m].get(), DType::kBF16, {N, s.H});
+      a.topk_idx = View::of(topk[m].get(), DType::kI64, {N, s.K});
+      a.num_max_dispatch_tokens_per_rank = s.T;
+      a.num_experts = E;
+      a.return_recv_hook = true;
+      a.cumulative_local_expert_recv_stats = View::of(stats.get(), DType::kI32, {E_loc});
+      a.dispatch_wait_recv_cost_stats = View::of(waits.get(), DType::kI64, {R});
+      bufs[m] = ctx.buffer->next_low_latency_buffer();
+      h[m] = ctx.buffer->low_latency_dispatch(a, out[m]->view(R), ctx.stream);
+    }
+    // A third op while both buffers hold unreceived sends is refused.
+    try {
+      ctx.buffer->low_latency_combine({}, h[0], View{}, ctx.stream);
+      throw Failure("third in-flight low-latency op was accepted");
+    } catch (const Error& e) {
+      REQUIRE(e.kind() == ErrorKind::kState && std::string(e.what()).find("in flight") != std::string::npos, e.what());
+    }
+    // Other GPU work between send and receive: nothing is held, results stay right.
+    DeviceMem scratch(64 << 20);
+    for (int i = 0; i < 10; ++i) CUDA_OK(cudaMemsetAsync(scratch.get(), i, 64 << 20, ctx.stream));
+    for (int m = 0; m < 2; ++m) ctx.buffer->low_latency_receive(bufs[m], ctx.stream);
+    ctx.buffer->synchronize(ctx.stream);
+    std::vector<int> expect_stats(E_loc, 0);
+    for (int m = 0; m < 2; ++m) {
+      check_ll_recv(*out[m], run[m].want[me], R, "micro-batch " + std::to_string(m));
+      for (int j = 0; j < E_loc; ++j) expect_stats[j] += run[m].want[me].recv_count[j];
+    }
+    expect_equal(stats.download<int>(E_loc), expect_stats, E_loc, "cumulative_local_expert_recv_stats");
+    for (int m = 0; m < 2; ++m) {
+      const int N = run[m].inputs[me].num_tokens;
+      y[m] = DeviceMem::from(run[m].y[me]);
+      comb[m] = DeviceMem(static_cast<size_t>(N) * s.H * 2);
+      LowLatencyCombineArgs ca;
+      ca.x = View::of(y[m].get(), DType::kBF16, {E_loc, R * s.T, s.H});
+      ca.topk_idx = View::of(topk[m].get(), DType::kI64, {N, s.K});
+      ca.topk_weights = View::of(w[m].get(), DType::kF32, {N, s.K});
+      ca.return_recv_hook = true;
+      bufs[m] = ctx.buffer->next_low_latency_buffer();
+      ctx.buffer->low_latency_combine(ca, h[m], View::of(comb[m].get(), DType::kBF16, {N, s.H}), ctx.stream);
+    }
+    for (int m = 0; m < 2; ++m) ctx.buffer->low_latency_receive(bufs[m], ctx.stream);
+    ctx.buffer->synchronize(ctx.stream);
+    for (int m = 0; m < 2; ++m) {
+      const int N = run[m].inputs[me].num_tokens;
+      const auto want = ref::ll_combine(run[m].want, run[m].y, me, run[m].inputs[me].topk_idx, run[m].weights, N, s.K,
+                                        s.H, s.T, E);
+      expect_equal(comb[m].download<uint16_t>(static_cast<size_t>(N) * s.H), want, static_cast<size_t>(N) * s.H,
+                   "micro-batch combine " + std::to_string(m));
+    }
+    if (me == 0) std::printf("[world %d] two micro-batches in flight, hooks, stats ok\n", R);
+  }, ll_bytes_for({s}, world)), 0);
+}
+
+// CUDA graph: dispatch -> (user copy of expert outputs) -> combine captured once, replayed with
+// fresh inputs; then 1000 alternating dispatch/combine rounds with fresh data, all checked.
+TEST_P(LlWorld, GraphReplayAndThousandRounds) {
+  const int world = GetParam();
+  SKIP_WITHOUT_GPUS(world);
+  LlSpec s;
+  s.name = "graph";
+  s.fp8 = false;
+  s.T = 16;
+  s.H = 512;
+  s.K = 4;
+  s.experts_per_rank = 4;
+  EXPECT_EQ(run_ll_world(world, [&](RankCtx& ctx) {
+    const int R = ctx.world, me = ctx.rank, E = s.experts_per_rank * R, E_loc = s.experts_per_rank, RT = R * s.T;
+    const int N = s.T - me;
+    LlOut out(E_loc, RT, s.H, false, false);
+    DeviceMem x(static_cast<size_t>(N) * s.H * 2), topk(static_cast<size_t>(N) * s.K * 8), w(static_cast<size_t>(N) * s.K * 4);
+    DeviceMem y_host_side(static_cast<size_t>(E_loc) * RT * s.H * 2), y(static_cast<size_t>(E_loc) * RT * s.H * 2);
+    DeviceMem comb(static_cast<size_t>(N) * s.H * 2);
+    LowLatencyDispatchArgs a;
+    a.x = View::of(x.get(), DType::kBF16, {N, s.H});
+    a.topk_idx = View::of(topk.get(), DType::kI64, {N, s.K});
+    a.num_max_dispatch_tokens_per_rank = s.T;
+    a.num_experts = E;
+    a.use_fp8 = false;
+    LowLatencyCombineArgs ca;
+    ca.x = View::of(y.get(), DType::kBF16, {E_loc, RT, s.H});
+    ca.topk_idx = a.topk_idx;
+    ca.topk_weights = View::of(w.get(), DType::kF32, {N, s.K});
+    const View comb_v = View::of(comb.get(), DType::kBF16, {N, s.H});
+    auto upload = [&](const LlRun& run) {
+      x.upload(run.inputs[me].x.data(), run.inputs[me].x.size() * 2);
+      topk.upload(run.inputs[me].topk_idx.data(), run.inputs[me].topk_idx.size() * 8);
+      w.upload(run.weights.data(), run.weights.size() * 4);
+      y_host_side.upload(run.y[me].data(), run.y[me].size() * 2);
+    };
+    auto check = [&](const LlRun& run, const std::string& tag) {
+      check_ll_recv(out, run.want[me], R, tag);
+      const auto want = ref::ll_combine(run.want, run.y, me, run.inputs[me].topk_idx, run.weights, N, s.K, s.H, s.T, E);
+      expect_equal(comb.download<uint16_t>(static_cast<size_t>(N) * s.H), want, static_cast<size_t>(N) * s.H, tag + " combined");
+    };
+    // Each rank's token count is fixed (N = T - rank) so the captured shapes hold.
+    auto fixed_run = [&](uint64_t seed) {
+      LlSpec fixed = s;
+      LlRun run = make_run(ctx, fixed, seed);
+      return run;
+    };
+    cudaGraph_t graph;
+    cudaGraphExec_t exec;
+    CUDA_OK(cudaStreamBeginCapture(ctx.stream, cudaStreamCaptureModeThreadLocal));
+    LowLatencyHandle h = ctx.buffer->low_latency_dispatch(a, out.view(R), ctx.stream);
+    CUDA_OK(cudaMemcpyAsync(y.get(), y_host_side.get(), y.bytes(), cudaMemcpyDeviceToDevice, ctx.stream));
+    ctx.buffer->low_latency_combine(ca, h, comb_v, ctx.stream);
+    CUDA_OK(cudaStreamEndCapture(ctx.stream, &graph));
+    CUDA_OK(cudaGraphInstantiate(&exec, graph, 0));
+    for (int i = 0; i < 5; ++i) {
+      LlRun run = fixed_run(ctx.seed + 500 + i);
+      upload(run);
+      ctx.comm->barrier();
+      CUDA_OK(cudaGraphLaunch(exec, ctx.stream));
+      ctx.buffer->synchronize(ctx.stream);
+      check(run, "graph replay " + std::to_string(i));
+    }
+    cudaGraphExecDestroy(exec);
+    cudaGraphDestroy(graph);
+    if (me == 0) std::printf("[world %d] ll graph capture + 5 replays ok\n", R);
+    for (int i = 0; i < 1000; ++i) {
+      LlRun run = fixed_run(ctx.seed + 10000 + i);
+      upload(run);
+      LowLatencyHandle hh = ctx.buffer->low_latency_dispatch(a, out.view(R), ctx.stream);
+      CUDA_OK(cudaMemcpyAsync(y.get(), y_host_side.get(), y.bytes(), cudaMemcpyDeviceToDevice, ctx.stream));
+      ctx.buffer->low_latency_combine(ca, hh, comb_v, ctx.stream);
+      ctx.buffer->synchronize(ctx.stream);
+      check(run, "round " + std::to_string(i));
+    }
+    if (me == 0) std::printf("[world %d] 1000 alternating ll dispatch/combine rounds ok\n", R);
+  }, ll_bytes_for({s}, world)), 0);
+}
+
+INSTANTIATE_TEST_SUITE_P(Gpu, LlWorld, ::testing::Values(2, 3, 4), [](const auto& info) {
+  return "world" + std::to_string(info.param);
+});
+
+// Bad input raises epx::Error naming the argument.
+TEST(LlErrors, BadInputIsRejected) {
+  SKIP_WITHOUT_GPUS(2);
+  LlSpec s;
+  EXPECT_EQ(run_ll_world(2, [&](RankCtx& ctx) {
+    const int R = ctx.world, E = s.experts_per_rank * R;
+    LlOut out(s.experts_per_rank, R * s.T, s.H, true, false);
+    DeviceMem x(static_cast<size_t>(s.T + 1) * s.H * 2), topk(static_cast<size_t>(s.T + 1) * s.K * 8);
+    topk.fill(0);
+    LowLatencyDispatchArgs a;
+    a.x = View::of(x.get(), DType::kBF16, {s.T + 1, s.H});
+    a.topk_idx = View::of(topk.get(), DType::kI64, {s.T + 1, s.K});
+    a.num_max_dispatch_tokens_per_rank = s.T;
+    a.num_experts = E;
+    auto expect = [&](ErrorKind kind, const std::string& needle) {
+      try {
+        ctx.buffer->low_latency_dispatch(a, out.view(R), ctx.stream);
+      } catch (const Error& e) {
+        REQUIRE(e.kind() == kind && std::string(e.what()).find(needle) != std::string::npos, "got: ", e.what());
+        return;
+      }
+      throw Failure("accepted bad input, wanted '" + needle + "'");
+    };
+    expect(ErrorKind::kInvalidArgument, "exceed num_max_dispatch_tokens_per_rank");
+    a.x = View::of(x.get(), DType::kBF16, {s.T, s.H - 64});
+    a.topk_idx = View::of(topk.get(), DType::kI64, {s.T, s.K});
+    expect(ErrorKind::kInvalidArgument, "multiple of 128");
+    a.x = View::of(x.get(), DType::kBF16, {s.T, s.H});
+    a.num_max_dispatch_tokens_per_rank = 4 * s.T;  // T changed: the region no longer fits
+    expect(ErrorKind::kInvalidArgument, "recv_x: expected shape");
+    if (ctx.rank == 0) std::printf("[world %d] low-latency bad input rejected\n", R);
+  }, ll_bytes_for({s}, 2)), 0);
+}
+
+}  // namespace
+}  // namespace epx::test
