@@ -45,13 +45,16 @@ __device__ void send_rows(const CombineParams& p, const int* recv_base, const in
   const int R = ctx.num_ranks, me = ctx.rank;
   const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
   const int warps = blockDim.x / kWarpSize;
-  const int per_block = (num_recv + gridDim.x - 1) / gridDim.x;
-  const int i_begin = blockIdx.x * per_block;
-  const int i_end = min(num_recv, i_begin + per_block);
-  for (int i = i_begin + warp; i < i_end; i += warps) {
+  // Only rows from other ranks travel (own rows are reduced in place): spread those evenly.
+  const int num_own = recv_base[me + 1] - recv_base[me];
+  const int num_remote = num_recv - num_own;
+  const int per_block = (num_remote + gridDim.x - 1) / gridDim.x;
+  const int v_begin = blockIdx.x * per_block;
+  const int v_end = min(num_remote, v_begin + per_block);
+  for (int v = v_begin + warp; v < v_end; v += warps) {
+    const int i = v < recv_base[me] ? v : v + num_own;
     int s = 0;
     while (s + 1 < R && i >= recv_base[s + 1]) ++s;
-    if (s == me) continue;
     const int64_t slot = dst_base[s] + (i - recv_base[s]);
     char* base = ctx.rows(s);
     char* dst[1] = {p.rows.row(base, slot)};
