@@ -16,10 +16,12 @@ echo "build: $(( $(date +%s) - t0 )) s"
 status=0
 if [ "${EPX_SKIP_TESTS:-0}" != 1 ]; then
   export EPX_TIMEOUT_S=${EPX_TIMEOUT_S:-20}
-  ctest --test-dir build-gpu --output-on-failure ${EPX_CTEST_ARGS:-} > "$OUT/tests.log" 2>&1 || status=1
-  grep -E "seed|case .* ok|FAILED|Failed|SKIPPED|Passed|tests passed|Test +#" "$OUT/tests.log" | tail -60
+  timeout ${EPX_TEST_TIMEOUT:-400} ctest --test-dir build-gpu --output-on-failure ${EPX_CTEST_ARGS:-} \
+    > "$OUT/tests.log" 2>&1 || status=1
+  grep -E "\*\*\*|Failed|tests passed|tests failed" "$OUT/tests.log" | tail -30
 fi
-./build-gpu/bench/epx_bench --json "$OUT/bench.json" "$@" 2>&1 | tee "$OUT/bench.log" | tail -40 || status=1
+timeout ${EPX_BENCH_TIMEOUT:-180} ./build-gpu/bench/epx_bench --json "$OUT/bench.json" "$@" > "$OUT/bench.log" 2>&1 || status=1
+tail -32 "$OUT/bench.log"
 echo "--- summary ---"
 grep -E "tests passed|tests failed" "$OUT/tests.log" 2>/dev/null
 echo "total: $(( $(date +%s) - t0 )) s, status $status"
