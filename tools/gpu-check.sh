@@ -18,7 +18,7 @@ if [ "${EPX_SKIP_TESTS:-0}" != 1 ]; then
   export EPX_TIMEOUT_S=${EPX_TIMEOUT_S:-20}
   timeout ${EPX_TEST_TIMEOUT:-400} ctest --test-dir build-gpu --output-on-failure ${EPX_CTEST_ARGS:-} \
     > "$OUT/tests.log" 2>&1 || status=1
-  grep -E "\*\*\*|Failed|tests passed|tests failed" "$OUT/tests.log" | tail -30
+  grep -E "Test +#.*(Gpu|Ll)|tests passed|tests failed" "$OUT/tests.log" | sed "s/  */ /g" | tail -30
 fi
 timeout ${EPX_BENCH_TIMEOUT:-180} ./build-gpu/bench/epx_bench --json "$OUT/bench.json" "$@" > "$OUT/bench.log" 2>&1 || status=1
 tail -32 "$OUT/bench.log"
