@@ -1,0 +1,852 @@
+"""epx.Buffer: DeepEP V1's Python API over epx's NVLink kernels.
+
+Semantics follow DeepEP V1 (signatures, defaults, returned tuples, stream rules); where epx cannot
+honour a DeepEP option (internode RDMA, LogFMT, ...) the call raises EpxError(kind="Unsupported")
+instead of ignoring it. Tensor checks that the C++ core cannot make (device, torch dtype) happen
+here; shapes, strides and ranges are checked by the core, whose errors name the argument too.
+
+Streams (design.md 4.6, as DeepEP): the high-throughput ops run on the buffer's communication
+stream, which first waits for `previous_event` or else for the current stream. With
+`async_finish=True` the returned EventOverlap holds an event on the communication stream and the
+tensors involved are `record_stream`-ed to it; otherwise the current stream waits for the
+communication stream before the call returns. `allocate_on_comm_stream=True` (which needs
+`previous_event` and `async_finish`) allocates the outputs on the communication stream. The
+low-latency ops run on the communication stream too, except with `return_recv_hook=True`, where
+the send and (later, through the hook) the receive run on the current stream.
+"""
+import contextlib
+from typing import Callable, List, Optional, Tuple, Union
+
+import torch
+import torch.distributed as dist
+
+from . import _C
+from .utils import Config, EventOverlap, _check_int, _error
+
+__all__ = ["Buffer"]
+
+_DTYPE_CODES = {
+    torch.bfloat16: _C.DTYPE_BF16,
+    torch.float8_e4m3fn: _C.DTYPE_FP8E4M3,
+    torch.float32: _C.DTYPE_F32,
+    torch.int32: _C.DTYPE_I32,
+    torch.int64: _C.DTYPE_I64,
+    torch.bool: _C.DTYPE_BOOL,
+}
+_BF16 = (torch.bfloat16,)
+_BF16_FP8 = (torch.bfloat16, torch.float8_e4m3fn)
+_F32 = (torch.float32,)
+_I32 = (torch.int32,)
+_I64 = (torch.int64,)
+_BOOL = (torch.bool,)
+_NO_CONTEXT = contextlib.nullcontext()
+
+# A dispatch handle: (rank_prefix_matrix, count_matrix, send_pos, recv_src_idx, is_token_in_rank,
+# the core's handle). The first element is DeepEP's `rank_prefix_matrix` ([R, R] int32, inclusive
+# prefix over source ranks of the rows each rank receives).
+_HANDLE_LEN = 6
+# A low-latency handle: DeepEP's (src_info, layout_range, num_max_dispatch_tokens_per_rank, hidden,
+# num_experts) followed by epx's (src_topk_slot, num_topk, buffer_idx).
+_LL_HANDLE_LEN = 8
+
+
+def _dtype_names(dtypes) -> str:
+    return " or ".join(str(d).replace("torch.", "") for d in dtypes)
+
+
+class _DeviceMemory:
+    """Exposes raw device memory to torch.as_tensor; keeps `owner` alive as long as the tensor."""
+
+    def __init__(self, ptr: int, num_bytes: int, owner: object) -> None:
+        self.__cuda_array_interface__ = {"shape": (num_bytes,), "typestr": "|u1", "data": (ptr, False),
+                                         "version": 3, "strides": None}
+        self.owner = owner
+
+
+class Buffer:
+    """
+    The symmetric NVLink buffer of one rank and the expert-parallel operations on it:
+        - high-throughput dispatch and combine (training, prefill): `dispatch`, `combine`;
+        - low-latency dispatch and combine (decode, CUDA-graph capturable):
+          `low_latency_dispatch`, `low_latency_combine`.
+    Every operation is collective: all ranks of the group issue the same sequence.
+
+    Attributes (as DeepEP's):
+        num_sms: SMs of the high-throughput kernels used by `get_dispatch_config` /
+            `get_combine_config` once `set_num_sms` was called (else epx's defaults).
+        rank, group_size, group: this rank, the number of ranks, the process group.
+        num_nvl_bytes: bytes of the high-throughput part of the buffer.
+        num_rdma_bytes: bytes of the low-latency part (epx has no RDMA buffer; in low-latency mode
+            this sizes the low-latency region, over NVLink).
+        low_latency_mode, explicitly_destroy: as given.
+        runtime: the C++ buffer (epx._C.Buffer), None after `destroy()`.
+    """
+
+    num_sms: int = 20
+    _num_sms_set: bool = False
+
+    def __init__(self, group: Optional[dist.ProcessGroup],
+                 num_nvl_bytes: int = 0, num_rdma_bytes: int = 0,
+                 low_latency_mode: bool = False, num_qps_per_rank: int = 24,
+                 allow_nvlink_for_low_latency_mode: bool = True,
+                 allow_mnnvl: bool = False,
+                 explicitly_destroy: bool = False,
+                 comm: Optional[object] = None) -> None:
+        """
+        Creates the buffer (collective over the group: every rank calls it with the same sizes).
+
+        Arguments:
+            group: the torch.distributed process group of the expert-parallel ranks (its backend
+                only carries the NCCL unique id; epx makes its own NCCL communicator).
+            num_nvl_bytes: bytes for high-throughput dispatch/combine (see
+                `get_nvl_buffer_size_hint`); 0 with `low_latency_mode` = low-latency only.
+            num_rdma_bytes: in low-latency mode, the bytes of the low-latency region (see
+                `get_low_latency_rdma_size_hint`); must be 0 otherwise (no internode RDMA).
+            low_latency_mode: enables the low-latency operations.
+            num_qps_per_rank: accepted for DeepEP compatibility (must be positive); NVLink has no
+                queue pairs, so it does not change anything.
+            allow_nvlink_for_low_latency_mode: must be True (epx's low-latency mode is NVLink).
+            allow_mnnvl: must be False (multi-node NVLink is not supported).
+            explicitly_destroy: if True, `destroy()` must be called to free the buffer; otherwise
+                it is freed when garbage-collected (a collective step: all ranks should drop it
+                at the same point of the program).
+            comm: an mpi4py communicator used instead of `group` to share the unique id.
+        """
+        _check_int("num_nvl_bytes", num_nvl_bytes, 0)
+        _check_int("num_rdma_bytes", num_rdma_bytes, 0)
+        _check_int("num_qps_per_rank", num_qps_per_rank, 1)
+        if not allow_nvlink_for_low_latency_mode:
+            raise _error("Unsupported", "allow_nvlink_for_low_latency_mode=False: epx moves low-latency traffic "
+                                        "over NVLink only (no RDMA path)")
+        if allow_mnnvl:
+            raise _error("Unsupported", "allow_mnnvl=True: multi-node NVLink is not supported by epx")
+        if low_latency_mode:
+            if num_rdma_bytes == 0:
+                raise _error("InvalidArgument", "num_rdma_bytes: low_latency_mode needs the low-latency region size "
+                                                "(Buffer.get_low_latency_rdma_size_hint), got 0")
+        else:
+            if num_rdma_bytes != 0:
+                raise _error("Unsupported", f"num_rdma_bytes={num_rdma_bytes} without low_latency_mode asks for the "
+                                            "internode RDMA buffer, which epx does not implement")
+            if num_nvl_bytes == 0:
+                raise _error("InvalidArgument", "num_nvl_bytes: must be > 0 without low_latency_mode "
+                                                "(see Buffer.get_nvl_buffer_size_hint)")
+
+        if group is not None:
+            self.rank, self.group_size = group.rank(), group.size()
+
+            def all_gather_object(obj):
+                objects = [None] * self.group_size
+                dist.all_gather_object(objects, obj, group)
+                return objects
+        elif comm is not None:
+            self.rank, self.group_size = comm.Get_rank(), comm.Get_size()
+            all_gather_object = comm.allgather
+        else:
+            raise _error("InvalidArgument", "group: either `group` or `comm` must be given")
+        if self.group_size > _C.MAX_RANKS:
+            raise _error("Unsupported", f"group: {self.group_size} ranks; epx supports one NVLink domain of at most "
+                                        f"{_C.MAX_RANKS} ranks (no internode mode)")
+
+        self.group = group
+        self.num_nvl_bytes = num_nvl_bytes
+        self.num_rdma_bytes = num_rdma_bytes
+        self.low_latency_mode = low_latency_mode
+        self.num_qps_per_rank = num_qps_per_rank
+        self.explicitly_destroy = explicitly_destroy
+        self.runtime = None
+        self._comm = None
+
+        self._device_index = torch.cuda.current_device()
+        self._device = torch.device("cuda", self._device_index)
+        unique_id = _C.get_unique_id() if self.rank == 0 else None
+        unique_id = all_gather_object(unique_id)[0]
+        self._comm = _C.Communicator(unique_id, self.rank, self.group_size, self._device_index)
+        # The core needs a (small) high-throughput part even in low-latency-only mode.
+        nvl_bytes = num_nvl_bytes if num_nvl_bytes > 0 else _C.nvl_buffer_size_hint(0, 8, _C.DTYPE_BF16, 0,
+                                                                                     self.group_size)
+        config = Config.defaults(self.group_size)
+        self._config_key = config._key()
+        self.runtime = _C.Buffer(self._comm, nvl_bytes, num_rdma_bytes if low_latency_mode else 0,
+                                 *self._config_key)
+        self._comm_stream = torch.cuda.Stream(device=self._device, priority=-1)
+        self._counts_host = None  # pinned [MAX_LOCAL_EXPERTS] int32 the notify kernel writes
+        self._counts_device_ptr = 0
+
+    # ---- Lifecycle ------------------------------------------------------------------------------
+
+    def destroy(self) -> None:
+        """Frees the buffer and its NCCL communicator now (collective); needs `explicitly_destroy`."""
+        if not self.explicitly_destroy:
+            raise _error("State", "destroy() needs Buffer(..., explicitly_destroy=True); otherwise the buffer is "
+                                  "freed when garbage-collected")
+        if self.runtime is None:
+            raise _error("State", "destroy(): the buffer was already destroyed")
+        self.runtime.destroy()
+        self.runtime = None
+        self._comm.destroy()
+        self._comm = None
+
+    def _rt(self) -> "_C.Buffer":
+        rt = self.runtime
+        if rt is None:
+            raise _error("State", "the Buffer was destroyed")
+        if torch.cuda.current_device() != self._device_index:
+            raise _error("InvalidArgument", f"current CUDA device is cuda:{torch.cuda.current_device()}, the Buffer "
+                                            f"lives on cuda:{self._device_index} (use torch.cuda.set_device)")
+        return rt
+
+    def _ll_rt(self) -> "_C.Buffer":
+        if not self.low_latency_mode:
+            raise _error("State", "low-latency operation on a Buffer made without low_latency_mode=True")
+        return self._rt()
+
+    @property
+    def failed(self) -> bool:
+        """True once a device-side error was raised; the buffer then refuses work until `reset()`."""
+        return self._rt().failed
+
+    def check(self) -> None:
+        """Raises the device-side error recorded since the last check, if any (non-blocking)."""
+        self._rt().check()
+
+    def synchronize(self) -> None:
+        """Waits for the communication stream (bounded by the config timeout), then `check()`."""
+        self._rt().synchronize(self._comm_stream.cuda_stream)
+
+    def reset(self) -> None:
+        """Collective: clears a recorded error and the buffer's flags so work can start again."""
+        self._rt().reset()
+
+    # ---- Static helpers (DeepEP) ----------------------------------------------------------------
+
+    @staticmethod
+    def set_num_sms(new_num_sms: int) -> None:
+        """Sets the SMs used by the configs of `get_dispatch_config` / `get_combine_config`."""
+        Buffer.num_sms = _check_int("new_num_sms", new_num_sms, 1)
+        Buffer._num_sms_set = True
+
+    @staticmethod
+    def capture() -> EventOverlap:
+        """An EventOverlap with an event recorded on `torch.cuda.current_stream()`."""
+        event = torch.cuda.Event()
+        event.record(torch.cuda.current_stream())
+        return EventOverlap(event)
+
+    @staticmethod
+    def get_low_latency_rdma_size_hint(num_max_dispatch_tokens_per_rank: int, hidden: int, num_ranks: int,
+                                       num_experts: int, num_topk: Optional[int] = None) -> int:
+        """
+        Bytes of `num_rdma_bytes` (the low-latency region) for up to
+        `num_max_dispatch_tokens_per_rank` tokens per rank of `hidden` channels. `num_topk` (an epx
+        extension) gives a tighter size; by default the largest top-k epx supports is assumed.
+        """
+        return _C.low_latency_size_hint(num_max_dispatch_tokens_per_rank, hidden, num_ranks, num_experts,
+                                        _C.LL_MAX_TOPK if num_topk is None else num_topk)
+
+    @staticmethod
+    def get_nvl_buffer_size_hint(num_max_recv_tokens: int, hidden: int, num_ranks: int,
+                                 num_topk: Optional[int] = None, dtype: torch.dtype = torch.bfloat16) -> int:
+        """
+        (epx) Bytes of `num_nvl_bytes` so that a dispatch where a rank receives up to
+        `num_max_recv_tokens` rows of `hidden` channels of `dtype` (and the matching combine)
+        fits. `num_topk` defaults to the largest top-k epx supports.
+        """
+        if dtype not in _BF16_FP8:
+            raise _error("InvalidArgument", f"dtype: expected {_dtype_names(_BF16_FP8)}, got {dtype}")
+        return _C.nvl_buffer_size_hint(num_max_recv_tokens, hidden, _DTYPE_CODES[dtype],
+                                       _C.MAX_TOPK if num_topk is None else num_topk, num_ranks)
+
+    @staticmethod
+    def _default_config(num_ranks: int) -> Config:
+        _check_int("num_ranks", num_ranks, 1)
+        if num_ranks > _C.MAX_RANKS:
+            raise _error("Unsupported", f"num_ranks: {num_ranks} ranks; epx supports at most {_C.MAX_RANKS} "
+                                        "(one NVLink domain)")
+        config = Config.defaults(num_ranks)
+        if Buffer._num_sms_set:
+            config.num_sms = Buffer.num_sms
+        return config
+
+    @staticmethod
+    def get_dispatch_config(num_ranks: int) -> Config:
+        """epx's recommended dispatch config for `num_ranks` (SMs from `set_num_sms` if it was called)."""
+        return Buffer._default_config(num_ranks)
+
+    @staticmethod
+    def get_combine_config(num_ranks: int) -> Config:
+        """epx's recommended combine config for `num_ranks` (SMs from `set_num_sms` if it was called)."""
+        return Buffer._default_config(num_ranks)
+
+    def get_comm_stream(self) -> torch.cuda.Stream:
+        """The communication stream."""
+        return self._comm_stream
+
+    def get_local_buffer_tensor(self, dtype: torch.dtype, size: Optional[torch.Size] = None,
+                                offset: int = 0, use_rdma_buffer: bool = False) -> torch.Tensor:
+        """
+        This rank's high-throughput buffer as a 1-D tensor of `dtype` starting `offset` bytes in
+        (or the first `size.numel()` elements of it, viewed as `size`). Its first part holds the
+        flags of the protocol: write there only with no operation in flight, then `reset()`.
+        `use_rdma_buffer=True` is not supported (see `get_next_low_latency_combine_buffer`).
+        """
+        rt = self._rt()
+        if use_rdma_buffer:
+            raise _error("Unsupported", "get_local_buffer_tensor(use_rdma_buffer=True): epx has no RDMA buffer; the "
+                                        "low-latency region is reached through get_next_low_latency_combine_buffer")
+        element_size = torch.empty((), dtype=dtype).element_size()
+        num_bytes = rt.num_nvl_bytes
+        _check_int("offset", offset, 0, num_bytes)
+        if offset % element_size:
+            raise _error("InvalidArgument", f"offset: must be a multiple of the element size {element_size}, got {offset}")
+        numel = (num_bytes - offset) // element_size
+        tensor = self._wrap(rt.peer_pointer(self.rank) + offset, numel * element_size, dtype, (numel,), (1,))
+        if size is None:
+            return tensor
+        size = torch.Size(size)
+        if size.numel() > numel:
+            raise _error("InvalidArgument", f"size: {tuple(size)} needs {size.numel()} elements, the buffer holds "
+                                            f"{numel} past offset {offset}")
+        return tensor[:size.numel()].view(size)
+
+    # ---- Internals ------------------------------------------------------------------------------
+
+    def _desc(self, t, name: str, dtypes, ndim: Optional[int] = None, optional: bool = False):
+        """Checks what the core cannot see (type, device, torch dtype) and returns the descriptor."""
+        if t is None:
+            if optional:
+                return None
+            raise _error("InvalidArgument", f"{name}: required")
+        if not isinstance(t, torch.Tensor):
+            raise _error("InvalidArgument", f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+        if t.device != self._device:
+            raise _error("InvalidArgument", f"{name}: expected a tensor on {self._device}, got one on {t.device}")
+        if t.dtype not in dtypes:
+            raise _error("InvalidArgument", f"{name}: expected dtype {_dtype_names(dtypes)}, got "
+                                            f"{str(t.dtype).replace('torch.', '')}")
+        if ndim is not None and t.dim() != ndim:
+            raise _error("InvalidArgument", f"{name}: expected {ndim} dimensions, got shape {tuple(t.shape)}")
+        return (t.data_ptr(), _DTYPE_CODES[t.dtype], t.shape, t.stride())
+
+    @staticmethod
+    def _out_desc(t: torch.Tensor):
+        return (t.data_ptr(), _DTYPE_CODES[t.dtype], t.shape, t.stride())
+
+    def _wrap(self, ptr: int, num_bytes: int, dtype: torch.dtype, shape, strides) -> torch.Tensor:
+        """A tensor over memory the core owns; it keeps this Buffer alive."""
+        raw = torch.as_tensor(_DeviceMemory(ptr, num_bytes, self), device=self._device)
+        return raw.view(dtype).as_strided(shape, strides)
+
+    def _apply_config(self, config: Optional[Config], default) -> None:
+        if config is None:
+            config = default(self.group_size)
+        elif not isinstance(config, Config):
+            raise _error("InvalidArgument", f"config: expected an epx.Config, got {type(config).__name__}")
+        key = config._key()
+        if key != self._config_key:
+            self.runtime.set_config(*key)
+            self._config_key = key
+
+    def _begin(self, previous_event: Optional[EventOverlap], async_finish: bool,
+               allocate_on_comm_stream: bool) -> torch.cuda.Stream:
+        """The communication stream waits for `previous_event` or the current stream."""
+        if allocate_on_comm_stream and (previous_event is None or not async_finish):
+            raise _error("InvalidArgument", "allocate_on_comm_stream: needs previous_event and async_finish=True "
+                                            "(as in DeepEP)")
+        compute = torch.cuda.current_stream(self._device)
+        if previous_event is not None:
+            if not isinstance(previous_event, EventOverlap) or previous_event.event is None:
+                raise _error("InvalidArgument", "previous_event: expected an EventOverlap holding an event "
+                                                "(from Buffer.capture() or an op with async_finish=True)")
+            self._comm_stream.wait_event(previous_event.event)
+        else:
+            self._comm_stream.wait_stream(compute)
+        return compute
+
+    def _alloc(self, allocate_on_comm_stream: bool):
+        return torch.cuda.stream(self._comm_stream) if allocate_on_comm_stream else _NO_CONTEXT
+
+    def _end(self, compute: torch.cuda.Stream, async_finish: bool, allocate_on_comm_stream: bool,
+             tensors) -> EventOverlap:
+        """Joins (current stream waits) or returns an event with the tensors recorded on the streams."""
+        comm = self._comm_stream
+        if not async_finish:
+            compute.wait_stream(comm)
+            return EventOverlap()
+        event = torch.cuda.Event()
+        event.record(comm)
+        for t in tensors:
+            if t is not None:
+                t.record_stream(comm)
+                if allocate_on_comm_stream:
+                    t.record_stream(compute)
+        return EventOverlap(event)
+
+    def _recv_counts(self, num_local_experts: int):
+        """Pinned host memory the notify kernel writes the per-expert counts into (read after its host sync)."""
+        if self._counts_host is None:
+            self._counts_host = torch.zeros((_C.MAX_LOCAL_EXPERTS,), dtype=torch.int32, pin_memory=True)
+            self._counts_device_ptr = _C.host_device_pointer(self._counts_host.data_ptr())
+        return (self._counts_device_ptr, _C.DTYPE_I32, (num_local_experts,), (1,))
+
+    def _check_handle(self, handle) -> "_C.DispatchHandle":
+        if not isinstance(handle, tuple) or len(handle) != _HANDLE_LEN or not isinstance(handle[-1], _C.DispatchHandle):
+            raise _error("InvalidArgument", "handle: expected the handle tuple returned by Buffer.dispatch")
+        h = handle[-1]
+        if h.num_ranks != self.group_size or h.rank != self.rank:
+            raise _error("InvalidArgument", f"handle: made on rank {h.rank} of {h.num_ranks}, this buffer is rank "
+                                            f"{self.rank} of {self.group_size}")
+        return h
+
+    # ---- Layout ---------------------------------------------------------------------------------
+
+    def get_dispatch_layout(self, topk_idx: torch.Tensor, num_experts: int,
+                            previous_event: Optional[EventOverlap] = None, async_finish: bool = False,
+                            allocate_on_comm_stream: bool = False) -> \
+            Tuple[torch.Tensor, Optional[torch.Tensor], torch.Tensor, torch.Tensor, EventOverlap]:
+        """
+        Counts what a dispatch will send.
+
+        Arguments:
+            topk_idx: `[num_tokens, num_topk]` int64 expert ids, -1 = no expert in that slot.
+            num_experts: the number of experts (a multiple of the number of ranks).
+            previous_event, async_finish, allocate_on_comm_stream: see the module docstring.
+
+        Returns:
+            num_tokens_per_rank: `[num_ranks]` int32, tokens sent to each rank (a token counts once
+                per rank even if several of its experts live there).
+            num_tokens_per_rdma_rank: None (no internode mode).
+            num_tokens_per_expert: `[num_experts]` int32, tokens sent to each expert.
+            is_token_in_rank: `[num_tokens, num_ranks]` bool.
+            event: the EventOverlap (its event is set only with `async_finish`).
+        """
+        rt = self._rt()
+        d_topk = self._desc(topk_idx, "topk_idx", _I64, ndim=2)
+        _check_int("num_experts", num_experts, 1)
+        R, num_tokens = self.group_size, topk_idx.size(0)
+        compute = self._begin(previous_event, async_finish, allocate_on_comm_stream)
+        with self._alloc(allocate_on_comm_stream):
+            num_tokens_per_rank = torch.empty((R,), dtype=torch.int32, device=self._device)
+            num_tokens_per_expert = torch.empty((num_experts,), dtype=torch.int32, device=self._device)
+            is_token_in_rank = torch.empty((num_tokens, R), dtype=torch.bool, device=self._device)
+        rt.get_dispatch_layout(d_topk, num_experts, self._out_desc(num_tokens_per_rank),
+                               self._out_desc(num_tokens_per_expert), self._out_desc(is_token_in_rank),
+                               self._comm_stream.cuda_stream)
+        event = self._end(compute, async_finish, allocate_on_comm_stream,
+                          (topk_idx, num_tokens_per_rank, num_tokens_per_expert, is_token_in_rank))
+        return num_tokens_per_rank, None, num_tokens_per_expert, is_token_in_rank, event
+
+    # ---- High-throughput dispatch / combine -----------------------------------------------------
+
+    def dispatch(self, x: Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]],
+                 handle: Optional[Tuple] = None,
+                 num_tokens_per_rank: Optional[torch.Tensor] = None,
+                 num_tokens_per_rdma_rank: Optional[torch.Tensor] = None,
+                 is_token_in_rank: Optional[torch.Tensor] = None,
+                 num_tokens_per_expert: Optional[torch.Tensor] = None,
+                 topk_idx: Optional[torch.Tensor] = None, topk_weights: Optional[torch.Tensor] = None,
+                 expert_alignment: int = 1, num_worst_tokens: int = 0,
+                 config: Optional[Config] = None,
+                 previous_event: Optional[EventOverlap] = None, async_finish: bool = False,
+                 allocate_on_comm_stream: bool = False) -> \
+            Tuple[Union[Tuple[torch.Tensor, torch.Tensor], torch.Tensor], Optional[torch.Tensor],
+                  Optional[torch.Tensor], Optional[List[int]], Optional[Tuple], EventOverlap]:
+        """
+        Sends each token once to every rank that holds one of its experts.
+
+        Arguments:
+            x: `[num_tokens, hidden]` bfloat16, or a tuple (`[num_tokens, hidden]` float8_e4m3fn,
+                `[num_tokens, ceil(hidden / 128)]` float32 scales); rows may be strided (16-byte
+                aligned). The fp8 bytes and scales are moved as they are.
+            handle: a handle from an earlier dispatch: cached mode, the same routing is reused and
+                the count exchange skipped (then topk_idx, topk_weights and the layout tensors
+                must not be given).
+            num_tokens_per_rank, is_token_in_rank, num_tokens_per_expert: from
+                `get_dispatch_layout` (required for a fresh dispatch).
+            num_tokens_per_rdma_rank: must be None (no internode mode).
+            topk_idx: `[num_tokens, num_topk]` int64 (required for a fresh dispatch).
+            topk_weights: `[num_tokens, num_topk]` float32, optional.
+            expert_alignment: each count of `num_recv_tokens_per_expert_list` is rounded up to it.
+            num_worst_tokens: > 0: the received tensors get this many rows (padding rows: x 0,
+                topk_idx -1, weights 0, src_idx -1), nothing syncs with the host and the call is
+                CUDA-graph capturable; `num_recv_tokens_per_expert_list` is then an empty list.
+                0: the host waits for the count exchange and allocates exactly the received rows.
+            config: an epx.Config (default `get_dispatch_config(group_size)`).
+            previous_event, async_finish, allocate_on_comm_stream: see the module docstring.
+
+        Returns:
+            recv_x: the received rows, ordered by (source rank, source token index): a tensor, or
+                a (fp8 tensor, scales) tuple like `x`.
+            recv_topk_idx: `[rows, num_topk]` int64 ids of this rank's local experts (-1 for
+                experts elsewhere), None without topk_idx or in cached mode.
+            recv_topk_weights: `[rows, num_topk]` float32 (0 where the id is -1), or None.
+            num_recv_tokens_per_expert_list: list of `num_local_experts` ints (aligned to
+                `expert_alignment`); empty with num_worst_tokens > 0; None in cached mode.
+            handle: (rank_prefix_matrix `[R, R]` int32, count_matrix `[R, R]` int32, send_pos
+                `[num_tokens, R]` int32, recv_src_idx `[rows]` int32, is_token_in_rank, core
+                handle); None in cached mode.
+            event: the EventOverlap (its event is set only with `async_finish`).
+        """
+        rt = self._rt()
+        R = self.group_size
+        if num_tokens_per_rdma_rank is not None:
+            raise _error("Unsupported", "num_tokens_per_rdma_rank: epx has no internode (RDMA) dispatch; pass None")
+        if isinstance(x, tuple):
+            if len(x) != 2:
+                raise _error("InvalidArgument", f"x: expected a tensor or a (fp8 tensor, scales) tuple, got a tuple "
+                                                f"of {len(x)}")
+            x, x_scales = x
+            d_x = self._desc(x, "x[0]", (torch.float8_e4m3fn,), ndim=2)
+            d_scales = self._desc(x_scales, "x[1] (scales)", _F32, ndim=2)
+        else:
+            x_scales, d_scales = None, None
+            d_x = self._desc(x, "x", _BF16_FP8, ndim=2)
+            if x.dtype == torch.float8_e4m3fn:
+                raise _error("InvalidArgument", "x: an fp8 tensor needs its scales: pass x as (fp8 tensor, scales)")
+        _check_int("expert_alignment", expert_alignment, 1)
+        _check_int("num_worst_tokens", num_worst_tokens, 0)
+        self._apply_config(config, Buffer.get_dispatch_config)
+        num_tokens, hidden = x.shape
+
+        if handle is not None:
+            h = self._check_handle(handle)
+            given = [name for name, t in (("topk_idx", topk_idx), ("topk_weights", topk_weights),
+                                          ("num_tokens_per_rank", num_tokens_per_rank),
+                                          ("is_token_in_rank", is_token_in_rank),
+                                          ("num_tokens_per_expert", num_tokens_per_expert)) if t is not None]
+            if given:
+                raise _error("InvalidArgument", f"{', '.join(given)}: not allowed with a cached handle (the handle's "
+                                                "routing is reused)")
+            if num_worst_tokens not in (0, h.num_worst_tokens):
+                raise _error("InvalidArgument", f"num_worst_tokens: the handle was made with num_worst_tokens="
+                                                f"{h.num_worst_tokens}, got {num_worst_tokens}")
+            rows = h.num_worst_tokens if h.num_worst_tokens > 0 else h.num_recv_tokens
+            stream = self._comm_stream.cuda_stream
+            compute = self._begin(previous_event, async_finish, allocate_on_comm_stream)
+            with self._alloc(allocate_on_comm_stream):
+                recv_x = torch.empty((max(rows, 0), hidden), dtype=x.dtype, device=self._device)
+                recv_x_scales = None if x_scales is None else \
+                    torch.empty((max(rows, 0), x_scales.size(1)), dtype=torch.float32, device=self._device)
+            rt.dispatch(h, d_x, d_scales, None, None, expert_alignment, h.num_worst_tokens,
+                        self._out_desc(recv_x), None if recv_x_scales is None else self._out_desc(recv_x_scales),
+                        None, None, None, stream)
+            event = self._end(compute, async_finish, allocate_on_comm_stream,
+                              (x, x_scales, recv_x, recv_x_scales, h.storage))
+            return (recv_x, recv_x_scales) if x_scales is not None else recv_x, None, None, None, None, event
+
+        d_ntpr = self._desc(num_tokens_per_rank, "num_tokens_per_rank", _I32)
+        d_itir = self._desc(is_token_in_rank, "is_token_in_rank", _BOOL)
+        d_ntpe = self._desc(num_tokens_per_expert, "num_tokens_per_expert", _I32, ndim=1)
+        d_topk = self._desc(topk_idx, "topk_idx", _I64, ndim=2, optional=True)
+        d_weights = self._desc(topk_weights, "topk_weights", _F32, ndim=2, optional=True)
+        num_local_experts = num_tokens_per_expert.size(0) // R
+        total, o_rpm, o_cm, o_sp, _ = _C.DispatchHandle.storage_layout(R, num_tokens)
+
+        stream = self._comm_stream.cuda_stream
+        compute = self._begin(previous_event, async_finish, allocate_on_comm_stream)
+        with self._alloc(allocate_on_comm_stream):
+            storage = torch.empty((total,), dtype=torch.int32, device=self._device)
+        _C.memset_async(storage.data_ptr(), 0, total * 4, stream)
+        h = _C.DispatchHandle(storage.data_ptr(), total, R, self.rank, num_tokens, storage)
+        host_synced = num_worst_tokens == 0
+        d_counts = self._recv_counts(num_local_experts) if host_synced else None
+        num_recv = rt.dispatch_notify(h, d_x, d_scales, d_topk, d_weights, d_ntpr, d_itir, d_ntpe, expert_alignment,
+                                      num_worst_tokens, d_counts, stream)
+        if host_synced:
+            counts = self._counts_host[:num_local_experts].tolist()
+            rows = num_recv
+        else:
+            counts = []
+            rows = num_worst_tokens
+        num_topk = 0 if topk_idx is None else topk_idx.size(1)
+        with self._alloc(allocate_on_comm_stream):
+            recv_x = torch.empty((rows, hidden), dtype=x.dtype, device=self._device)
+            recv_x_scales = None if x_scales is None else \
+                torch.empty((rows, x_scales.size(1)), dtype=torch.float32, device=self._device)
+            recv_topk_idx = None if topk_idx is None else \
+                torch.empty((rows, num_topk), dtype=torch.int64, device=self._device)
+            recv_topk_weights = None if topk_weights is None else \
+                torch.empty((rows, num_topk), dtype=torch.float32, device=self._device)
+            recv_src_idx = torch.empty((rows,), dtype=torch.int32, device=self._device)
+        rt.dispatch(h, d_x, d_scales, d_topk, d_weights, expert_alignment, num_worst_tokens,
+                    self._out_desc(recv_x), None if recv_x_scales is None else self._out_desc(recv_x_scales),
+                    None if recv_topk_idx is None else self._out_desc(recv_topk_idx),
+                    None if recv_topk_weights is None else self._out_desc(recv_topk_weights),
+                    self._out_desc(recv_src_idx), stream)
+        rank_prefix_matrix = storage[o_rpm:o_rpm + R * R].view(R, R)
+        count_matrix = storage[o_cm:o_cm + R * R].view(R, R)
+        send_pos = storage[o_sp:o_sp + num_tokens * R].view(num_tokens, R)
+        new_handle = (rank_prefix_matrix, count_matrix, send_pos, recv_src_idx, is_token_in_rank, h)
+        event = self._end(compute, async_finish, allocate_on_comm_stream,
+                          (x, x_scales, topk_idx, topk_weights, num_tokens_per_rank, is_token_in_rank,
+                           num_tokens_per_expert, storage, recv_x, recv_x_scales, recv_topk_idx, recv_topk_weights,
+                           recv_src_idx))
+        recv = (recv_x, recv_x_scales) if x_scales is not None else recv_x
+        return recv, recv_topk_idx, recv_topk_weights, counts, new_handle, event
+
+    def combine(self, x: torch.Tensor, handle: Tuple,
+                topk_weights: Optional[torch.Tensor] = None,
+                bias: Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor], None] = None,
+                config: Optional[Config] = None,
+                previous_event: Optional[EventOverlap] = None, async_finish: bool = False,
+                allocate_on_comm_stream: bool = False) -> \
+            Tuple[torch.Tensor, Optional[torch.Tensor], EventOverlap]:
+        """
+        Sends the rows back to the ranks they came from and sums them there (fp32), **without**
+        weights (weight rows before combining, as in DeepEP). The reverse of `dispatch`.
+
+        Arguments:
+            x: `[rows, hidden]` bfloat16 in the order `dispatch` returned them.
+            handle: the handle of that dispatch.
+            topk_weights: `[rows, num_topk]` float32, optional: summed the same way.
+            bias: a `[num_tokens, hidden]` bfloat16 tensor or a tuple of two, added to the sum.
+            config: an epx.Config (default `get_combine_config(group_size)`).
+            previous_event, async_finish, allocate_on_comm_stream: see the module docstring.
+
+        Returns:
+            combined_x: `[num_tokens, hidden]` bfloat16.
+            combined_topk_weights: `[num_tokens, num_topk]` float32, or None.
+            event: the EventOverlap (its event is set only with `async_finish`).
+        """
+        rt = self._rt()
+        h = self._check_handle(handle)
+        d_x = self._desc(x, "x", _BF16, ndim=2)
+        d_weights = self._desc(topk_weights, "topk_weights", _F32, ndim=2, optional=True)
+        if bias is None:
+            bias_0 = bias_1 = None
+        elif isinstance(bias, torch.Tensor):
+            bias_0, bias_1 = bias, None
+        elif isinstance(bias, tuple) and len(bias) == 2:
+            bias_0, bias_1 = bias
+        else:
+            raise _error("InvalidArgument", "bias: expected a tensor or a tuple of two tensors")
+        d_bias_0 = self._desc(bias_0, "bias[0]", _BF16, optional=True)
+        d_bias_1 = self._desc(bias_1, "bias[1]", _BF16, optional=True)
+        self._apply_config(config, Buffer.get_combine_config)
+        num_tokens = h.num_tokens
+        compute = self._begin(previous_event, async_finish, allocate_on_comm_stream)
+        with self._alloc(allocate_on_comm_stream):
+            combined_x = torch.empty((num_tokens, x.size(1)), dtype=torch.bfloat16, device=self._device)
+            combined_topk_weights = None if topk_weights is None else \
+                torch.empty((num_tokens, topk_weights.size(1)), dtype=torch.float32, device=self._device)
+        rt.combine(h, d_x, d_weights, d_bias_0, d_bias_1, self._out_desc(combined_x),
+                   None if combined_topk_weights is None else self._out_desc(combined_topk_weights),
+                   self._comm_stream.cuda_stream)
+        event = self._end(compute, async_finish, allocate_on_comm_stream,
+                          (x, topk_weights, bias_0, bias_1, h.storage, combined_x, combined_topk_weights))
+        return combined_x, combined_topk_weights, event
+
+    # ---- Low-latency dispatch / combine ---------------------------------------------------------
+
+    def clean_low_latency_buffer(self, num_max_dispatch_tokens_per_rank: int, hidden: int, num_experts: int) -> None:
+        """
+        Collective: zeroes the low-latency flags. epx does not need it between high-throughput and
+        low-latency ops (their memory is separate); it recovers after an error. The arguments
+        (DeepEP's) are checked but the whole low-latency region is cleaned.
+        """
+        rt = self._ll_rt()
+        _check_int("num_max_dispatch_tokens_per_rank", num_max_dispatch_tokens_per_rank, 1)
+        _check_int("hidden", hidden, 1)
+        _check_int("num_experts", num_experts, 1)
+        rt.clean_low_latency_buffer()
+
+    def _check_ll_handle(self, handle):
+        if not isinstance(handle, tuple) or len(handle) != _LL_HANDLE_LEN:
+            raise _error("InvalidArgument", "handle: expected the handle tuple returned by Buffer.low_latency_dispatch")
+        return handle
+
+    def low_latency_dispatch(self, x: torch.Tensor, topk_idx: torch.Tensor,
+                             num_max_dispatch_tokens_per_rank: int, num_experts: int,
+                             cumulative_local_expert_recv_stats: Optional[torch.Tensor] = None,
+                             dispatch_wait_recv_cost_stats: Optional[torch.Tensor] = None,
+                             use_fp8: bool = True, round_scale: bool = False, use_ue8m0: bool = False,
+                             async_finish: bool = False, return_recv_hook: bool = False,
+                             use_per_tensor_quantization: bool = False,
+                             static_scale: Optional[torch.Tensor] = None) -> \
+            Tuple[Union[Tuple[torch.Tensor, torch.Tensor], torch.Tensor], torch.Tensor, Tuple, EventOverlap,
+                  Optional[Callable]]:
+        """
+        Sends each token to its experts' ranks into fixed-size per-expert tensors (no host sync,
+        CUDA-graph capturable). At most two low-latency results may be in flight at once.
+
+        Arguments:
+            x: `[num_tokens, hidden]` bfloat16, num_tokens <= num_max_dispatch_tokens_per_rank,
+                hidden a multiple of 128.
+            topk_idx: `[num_tokens, num_topk]` int64, -1 = none (a token's experts are distinct).
+            num_max_dispatch_tokens_per_rank: T, the same on every rank.
+            num_experts: the number of experts.
+            cumulative_local_expert_recv_stats: optional `[num_local_experts]` int32, += the rows
+                each local expert receives.
+            dispatch_wait_recv_cost_stats: optional `[num_ranks]` int64, += wait time per source
+                rank (epx takes one counter per source rank).
+            use_fp8: cast to fp8 e4m3 with one scale per 128 channels (else bf16 rows).
+            round_scale: power-of-two scales.
+            use_ue8m0: scales packed as UE8M0 exponents, 4 per int32 (needs round_scale=True).
+            async_finish: return an event instead of joining the current stream.
+            return_recv_hook: launch only the send (on the current stream); the returned hook
+                launches the receive. Holds no SM in between. Not with async_finish.
+            use_per_tensor_quantization, static_scale: not supported (must keep their defaults).
+
+        Returns:
+            recv_x: `[num_local_experts, num_ranks * T, hidden]` bf16, or with use_fp8 a tuple
+                (float8_e4m3fn tensor, scales): scales `[E_loc, R*T, hidden // 128]` float32, or
+                with use_ue8m0 `[E_loc, R*T, ceil(hidden / 512)]` int32; column-major in the last
+                two dims. Only the first recv_count[j] rows of expert j are valid.
+            recv_count: `[num_local_experts]` int32.
+            handle: for `low_latency_combine` (DeepEP's 5 fields, then epx's).
+            event: the EventOverlap (event set only with `async_finish`; it keeps the tensors).
+            hook: with return_recv_hook, a callable that launches the receive; else None.
+        """
+        rt = self._ll_rt()
+        if use_per_tensor_quantization or static_scale is not None:
+            raise _error("Unsupported", "use_per_tensor_quantization / static_scale: epx quantizes per 128 channels "
+                                        "only")
+        if async_finish and return_recv_hook:
+            raise _error("InvalidArgument", "async_finish and return_recv_hook: choose one (as in DeepEP)")
+        if use_ue8m0 and not round_scale:
+            raise _error("InvalidArgument", "use_ue8m0: needs round_scale=True (UE8M0 holds power-of-two scales)")
+        if not use_fp8 and (round_scale or use_ue8m0):
+            raise _error("InvalidArgument", "round_scale / use_ue8m0: only with use_fp8=True")
+        d_x = self._desc(x, "x", _BF16, ndim=2)
+        d_topk = self._desc(topk_idx, "topk_idx", _I64, ndim=2)
+        T = _check_int("num_max_dispatch_tokens_per_rank", num_max_dispatch_tokens_per_rank, 1)
+        _check_int("num_experts", num_experts, 1)
+        d_cum = self._desc(cumulative_local_expert_recv_stats, "cumulative_local_expert_recv_stats", _I32,
+                           optional=True)
+        d_wait = self._desc(dispatch_wait_recv_cost_stats, "dispatch_wait_recv_cost_stats", _I64, optional=True)
+        R = self.group_size
+        num_local_experts, hidden, num_topk = num_experts // R, x.size(1), topk_idx.size(1)
+        RT = R * T
+
+        compute = torch.cuda.current_stream(self._device)
+        launch = compute if return_recv_hook else self._comm_stream
+        if not return_recv_hook:
+            launch.wait_stream(compute)
+        dev = self._device
+        recv_x = torch.empty((num_local_experts, RT, hidden), dtype=torch.float8_e4m3fn if use_fp8 else torch.bfloat16,
+                             device=dev)
+        recv_scales = None
+        if use_fp8:
+            if use_ue8m0:
+                recv_scales = torch.empty((num_local_experts, (hidden // 128 + 3) // 4, RT), dtype=torch.int32,
+                                          device=dev).transpose(1, 2)
+            else:
+                recv_scales = torch.empty((num_local_experts, hidden // 128, RT), dtype=torch.float32,
+                                          device=dev).transpose(1, 2)
+        recv_count = torch.empty((num_local_experts,), dtype=torch.int32, device=dev)
+        src_info = torch.empty((num_local_experts, RT), dtype=torch.int32, device=dev)
+        layout_range = torch.empty((num_local_experts, R), dtype=torch.int64, device=dev)
+        src_topk_slot = torch.empty((num_local_experts, RT), dtype=torch.int32, device=dev)
+        out_desc = self._out_desc
+        buffer_idx = rt.low_latency_dispatch(
+            d_x, d_topk, T, num_experts, use_fp8, round_scale, use_ue8m0, d_cum, d_wait, return_recv_hook,
+            out_desc(recv_x), None if recv_scales is None else out_desc(recv_scales), out_desc(recv_count),
+            out_desc(src_info), out_desc(layout_range), out_desc(src_topk_slot), launch.cuda_stream)
+        handle = (src_info, layout_range, T, hidden, num_experts, src_topk_slot, num_topk, buffer_idx)
+        tensors = (x, topk_idx, recv_x, recv_scales, recv_count, src_info, layout_range, src_topk_slot,
+                   cumulative_local_expert_recv_stats, dispatch_wait_recv_cost_stats)
+        event, hook = self._ll_finish(rt, compute, launch, async_finish, return_recv_hook, buffer_idx, tensors)
+        extra = tensors if async_finish else None
+        recv = (recv_x, recv_scales) if use_fp8 else recv_x
+        return recv, recv_count, handle, EventOverlap(event, extra), hook
+
+    @staticmethod
+    def _ll_finish(rt, compute, launch, async_finish: bool, return_recv_hook: bool, buffer_idx: int, keep):
+        """Event or join, and the receive hook (which keeps the op's tensors alive until it runs)."""
+        event = None
+        if async_finish:
+            event = torch.cuda.Event()
+            event.record(launch)
+        elif not return_recv_hook:
+            compute.wait_stream(launch)
+        if not return_recv_hook:
+            return event, None
+        stream = launch.cuda_stream
+
+        def hook() -> None:
+            _ = keep
+            rt.low_latency_receive(buffer_idx, stream)
+        return event, hook
+
+    def low_latency_combine(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor,
+                            handle: Tuple, use_logfmt: bool = False, zero_copy: bool = False,
+                            async_finish: bool = False, return_recv_hook: bool = False,
+                            out: Optional[torch.Tensor] = None,
+                            combine_wait_recv_cost_stats: Optional[torch.Tensor] = None) -> \
+            Tuple[torch.Tensor, EventOverlap, Optional[Callable]]:
+        """
+        Brings the expert outputs back and reduces them **with** the weights:
+        out[t] = sum over k of topk_weights[t, k] * y(expert topk_idx[t, k], t), in fp32.
+
+        Arguments:
+            x: `[num_local_experts, num_ranks * T, hidden]` bfloat16, in the layout
+                `low_latency_dispatch` returned.
+            topk_idx, topk_weights: `[num_tokens, num_topk]` int64 / float32, the dispatch's ids.
+            handle: the handle of that dispatch.
+            use_logfmt: not supported (must be False).
+            zero_copy: the expert outputs are already in `get_next_low_latency_combine_buffer`
+                (x then only has to match its shape and dtype and is not read).
+            async_finish, return_recv_hook: as in `low_latency_dispatch`.
+            out: optional `[num_tokens, hidden]` bfloat16 output, returned.
+            combine_wait_recv_cost_stats: not supported (must be None).
+
+        Returns:
+            combined_x: `[num_tokens, hidden]` bfloat16.
+            event: the EventOverlap (event set only with `async_finish`; it keeps the tensors).
+            hook: with return_recv_hook, a callable that launches the receive; else None.
+        """
+        rt = self._ll_rt()
+        if use_logfmt:
+            raise _error("Unsupported", "use_logfmt=True: epx's low-latency combine sends bf16 only")
+        if combine_wait_recv_cost_stats is not None:
+            raise _error("Unsupported", "combine_wait_recv_cost_stats: not collected by epx; pass None")
+        if async_finish and return_recv_hook:
+            raise _error("InvalidArgument", "async_finish and return_recv_hook: choose one (as in DeepEP)")
+        src_info, layout_range, T, hidden, num_experts, src_topk_slot, num_topk, buffer_idx = \
+            self._check_ll_handle(handle)
+        if zero_copy:
+            d_buf = rt.next_combine_buffer(T, hidden, num_experts, num_topk)
+            if not isinstance(x, torch.Tensor) or x.dtype != torch.bfloat16 or tuple(x.shape) != tuple(d_buf[2]):
+                raise _error("InvalidArgument", f"x: with zero_copy, expected a bfloat16 tensor of shape "
+                                                f"{tuple(d_buf[2])} (the combine buffer's), got "
+                                                f"{getattr(x, 'dtype', type(x).__name__)} {tuple(getattr(x, 'shape', ()))}")
+            d_x = d_buf
+        else:
+            d_x = self._desc(x, "x", _BF16, ndim=3)
+        d_topk = self._desc(topk_idx, "topk_idx", _I64, ndim=2)
+        d_weights = self._desc(topk_weights, "topk_weights", _F32, ndim=2)
+        d_out = None if out is None else self._desc(out, "out", _BF16, ndim=2)
+        compute = torch.cuda.current_stream(self._device)
+        launch = compute if return_recv_hook else self._comm_stream
+        if not return_recv_hook:
+            launch.wait_stream(compute)
+        if out is None:
+            out = torch.empty((topk_idx.size(0), hidden), dtype=torch.bfloat16, device=self._device)
+            d_out = self._out_desc(out)
+        out_desc = self._out_desc
+        rt.low_latency_combine(T, hidden, num_experts, num_topk, buffer_idx, out_desc(src_info),
+                               out_desc(layout_range), out_desc(src_topk_slot), d_x, d_topk, d_weights,
+                               return_recv_hook, d_out, launch.cuda_stream)
+        # The combine used the buffer that was next before it (the two alternate).
+        used_buffer = rt.next_low_latency_buffer() ^ 1
+        tensors = (x, topk_idx, topk_weights, src_info, layout_range, src_topk_slot, out)
+        event, hook = self._ll_finish(rt, compute, launch, async_finish, return_recv_hook, used_buffer, tensors)
+        extra = tensors if async_finish else None
+        return out, EventOverlap(event, extra), hook
+
+    def get_next_low_latency_combine_buffer(self, handle: Tuple) -> torch.Tensor:
+        """
+        The `[num_local_experts, num_ranks * T, hidden]` bfloat16 buffer (inside the symmetric
+        memory) the next low-latency combine sends from: write the expert outputs here and call
+        `low_latency_combine(..., zero_copy=True)` to skip one copy.
+        """
+        rt = self._ll_rt()
+        _, _, T, hidden, num_experts, _, num_topk, _ = self._check_ll_handle(handle)
+        ptr, _, shape, strides = rt.next_combine_buffer(T, hidden, num_experts, num_topk)
+        num_bytes = 2 * (1 + sum((s - 1) * st for s, st in zip(shape, strides))) if all(shape) else 0
+        return self._wrap(ptr, num_bytes, torch.bfloat16, shape, strides)
+
+    def __repr__(self) -> str:
+        state = "destroyed" if self.runtime is None else f"cuda:{self._device_index}"
+        return (f"epx.Buffer(rank {self.rank}/{self.group_size}, {state}, num_nvl_bytes={self.num_nvl_bytes}, "
+                f"num_rdma_bytes={self.num_rdma_bytes}, low_latency_mode={self.low_latency_mode})")

@@ -1,0 +1,409 @@
+"""Shared by the Python tests: a pool of rank processes (one per GPU), seeded inputs that every
+rank can regenerate for every other rank, and pure-torch references of every epx operation.
+
+The references run on the CPU with elementwise IEEE operations only (no reductions whose order
+could differ), so high-throughput results and fp8 casts compare bit for bit.
+"""
+import importlib
+import os
+import queue
+import socket
+import sys
+import time
+import traceback
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+# Never create NVLink multicast objects on the shared GPU hosts; bound every device wait.
+for _k, _v in (("NCCL_NVLS_ENABLE", "0"), ("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1"), ("NVSHMEM_DISABLE_NVLS", "1"),
+               ("EPX_TIMEOUT_S", "60")):
+    os.environ.setdefault(_k, _v)
+
+
+def fresh_seed() -> int:
+    """EPX_TEST_SEED if set, else a fresh one; the tests print it so a failure can be replayed."""
+    env = os.environ.get("EPX_TEST_SEED")
+    return int(env) if env else int.from_bytes(os.urandom(4), "little") & 0x7FFFFFFF
+
+
+def num_gpus() -> int:
+    try:
+        return torch.cuda.device_count()
+    except Exception:  # no driver
+        return 0
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# ---- Rank processes ---------------------------------------------------------------------------------
+
+@dataclass
+class RankContext:
+    """What a test function gets on each rank: `fn(ctx, *args)`."""
+    rank: int
+    world: int
+    group: Any
+    device: torch.device
+    buffers: Dict[tuple, Any] = field(default_factory=dict)
+
+    def buffer(self, num_nvl_bytes: int = 0, num_rdma_bytes: int = 0, low_latency_mode: bool = False):
+        """A cached epx.Buffer (creation is collective: every rank asks for the same ones in order)."""
+        import epx
+        key = (num_nvl_bytes, num_rdma_bytes, low_latency_mode)
+        if key not in self.buffers:
+            self.buffers[key] = epx.Buffer(self.group, num_nvl_bytes, num_rdma_bytes, low_latency_mode=low_latency_mode,
+                                           explicitly_destroy=True)
+        return self.buffers[key]
+
+
+def _worker_main(rank: int, world: int, port: int, sys_path: List[str], inbox, outbox) -> None:
+    sys.path[:0] = [p for p in sys_path if p not in sys.path]
+    try:
+        import torch.distributed as dist
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                          LOCAL_RANK=str(rank))
+        torch.cuda.set_device(rank)
+        device = torch.device("cuda", rank)
+        dist.init_process_group("nccl", rank=rank, world_size=world, device_id=device)
+        ctx = RankContext(rank, world, dist.group.WORLD, device)
+        outbox.put((rank, "ready", None))
+    except BaseException:
+        outbox.put((rank, "error", traceback.format_exc()))
+        return
+    while True:
+        item = inbox.get()
+        if item is None:
+            break
+        module, name, args = item
+        try:
+            fn = getattr(importlib.import_module(module), name)
+            result = fn(ctx, *args)
+            torch.cuda.synchronize()
+            outbox.put((rank, "ok", result))
+        except BaseException:
+            outbox.put((rank, "error", traceback.format_exc()))
+    try:
+        for b in ctx.buffers.values():
+            b.destroy()
+        dist.destroy_process_group()
+    except BaseException:
+        pass
+
+
+class RankPool:
+    """`world` processes (rank r on GPU r) with torch.distributed (NCCL) initialized, running test
+    functions on request. A failure anywhere marks the pool broken (the caller starts a new one)."""
+
+    def __init__(self, world: int, start_timeout_s: float = 240.0) -> None:
+        import torch.multiprocessing as mp
+        ctx = mp.get_context("spawn")
+        self.world = world
+        self.broken = False
+        self.inboxes = [ctx.Queue() for _ in range(world)]
+        self.outbox = ctx.Queue()
+        port = free_port()
+        self.procs = [ctx.Process(target=_worker_main, args=(r, world, port, list(sys.path), self.inboxes[r], self.outbox),
+                                  daemon=True) for r in range(world)]
+        for p in self.procs:
+            p.start()
+        self._collect("start", start_timeout_s)
+
+    def _collect(self, what: str, timeout_s: float) -> List[Any]:
+        results: Dict[int, Any] = {}
+        errors: Dict[int, str] = {}
+        deadline = time.monotonic() + timeout_s
+        while len(results) + len(errors) < self.world:
+            try:
+                rank, status, payload = self.outbox.get(timeout=1.0)
+            except queue.Empty:
+                dead = [(r, p.exitcode) for r, p in enumerate(self.procs) if not p.is_alive()]
+                now = time.monotonic()
+                if dead and not errors:
+                    errors.update({r: f"process exited with code {code}" for r, code in dead if r not in results})
+                    deadline = min(deadline, now + 20)  # give the others a moment to report
+                if now > deadline:
+                    break
+                continue
+            if status == "error":
+                errors[rank] = payload
+                deadline = min(deadline, time.monotonic() + float(os.environ.get("EPX_TIMEOUT_S", "60")) + 20)
+            else:
+                results[rank] = payload
+        if errors or len(results) < self.world:
+            self.broken = True
+            missing = [r for r in range(self.world) if r not in results and r not in errors]
+            lines = [f"{what} failed on {self.world} ranks:"]
+            for r in sorted(errors):
+                lines.append(f"--- rank {r}:\n{errors[r]}")
+            if missing:
+                lines.append(f"--- ranks {missing}: no answer within the timeout")
+            self.close()
+            raise AssertionError("\n".join(lines))
+        return [results[r] for r in range(self.world)]
+
+    def run(self, fn: Callable, *args, timeout_s: float = 300.0) -> List[Any]:
+        """Runs `fn(ctx, *args)` on every rank; returns the results by rank, or raises with every
+        failing rank's traceback."""
+        if self.broken:
+            raise AssertionError("rank pool is broken by an earlier failure")
+        for q in self.inboxes:
+            q.put((fn.__module__, fn.__qualname__, args))
+        return self._collect(f"{fn.__module__}.{fn.__qualname__}{args}", timeout_s)
+
+    def close(self) -> None:
+        for q in self.inboxes:
+            try:
+                q.put(None)
+            except Exception:
+                pass
+        deadline = time.monotonic() + (5 if self.broken else 60)
+        for p in self.procs:
+            p.join(max(0.0, deadline - time.monotonic()))
+        for p in self.procs:
+            if p.is_alive():
+                p.kill()
+                p.join(5)
+
+
+# ---- Seeded inputs ----------------------------------------------------------------------------------
+
+def generator(seed: int, rank: int, salt: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed((seed * 1_000_003 + rank * 7919 + salt) & 0x7FFFFFFFFFFFFFFF)
+
+
+@dataclass
+class RankInput:
+    x: torch.Tensor             # [N, H] bf16 (CPU)
+    topk_idx: torch.Tensor      # [N, K] int64, -1 = none, distinct experts per token
+    topk_weights: torch.Tensor  # [N, K] float32
+
+
+def make_input(seed: int, rank: int, num_tokens: int, hidden: int, num_experts: int, num_topk: int,
+               drop: float = 0.1, salt: int = 0) -> RankInput:
+    """Rank `rank`'s inputs; any rank can make any rank's (CPU, deterministic)."""
+    g = generator(seed, rank, salt)
+    scores = torch.rand((num_tokens, num_experts), generator=g)
+    topk_idx = scores.topk(num_topk, dim=1).indices.to(torch.int64)
+    topk_idx[torch.rand((num_tokens, num_topk), generator=g) < drop] = -1
+    topk_weights = torch.rand((num_tokens, num_topk), generator=g) + 0.25
+    x = (torch.randn((num_tokens, hidden), generator=g) * (1 + rank)).to(torch.bfloat16)
+    return RankInput(x, topk_idx, topk_weights)
+
+
+def token_counts(seed: int, world: int, lo: int, hi: int, salt: int = 0) -> List[int]:
+    g = torch.Generator().manual_seed(seed * 31 + 17 + salt)
+    return [int(v) for v in torch.randint(lo, hi + 1, (world,), generator=g)]
+
+
+# ---- fp8 helpers (same math as the core's reference model) ----------------------------------------
+
+FP8_MAX = 448.0
+
+
+def per_token_cast_to_fp8(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """[N, H] -> (fp8 [N, H], f32 scales [N, ceil(H/128)]); x ~= q * scale per 128 channels."""
+    n, h = x.shape
+    pad = (-h) % 128
+    xf = torch.nn.functional.pad(x.float(), (0, pad)).view(n, (h + pad) // 128, 128)
+    amax = xf.abs().amax(dim=2).clamp_min(1e-4)
+    scale_inv = amax / torch.full_like(amax, FP8_MAX)
+    q = (xf * (torch.full_like(amax, FP8_MAX) / amax).unsqueeze(2)).to(torch.float8_e4m3fn)
+    return q.view(n, h + pad)[:, :h].contiguous(), scale_inv
+
+
+def fp8_dequant(q: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """fp8 [N, H] with f32 scales [N, H/128] -> f32 [N, H] (elementwise, exact)."""
+    n, h = q.shape
+    return (q.float().view(n, h // 128, 128) * scales.float().unsqueeze(2)).view(n, h)
+
+
+def ceil_log2_exact(v: torch.Tensor) -> torch.Tensor:
+    """ceil(log2(v)) for positive float32, exactly (from the float's bits, not log2)."""
+    mantissa, exponent = torch.frexp(v)
+    return torch.where(mantissa == 0.5, exponent - 1, exponent).to(torch.int32)
+
+
+def pow2(exponent: torch.Tensor) -> torch.Tensor:
+    """2^e as float32, exactly (built from the bits; e in the normal range)."""
+    if exponent.numel():
+        assert int(exponent.min()) >= -126 and int(exponent.max()) <= 127, "exponent outside the normal float range"
+    return ((exponent.to(torch.int32) + 127) << 23).view(torch.float32)
+
+
+def ll_quantize(x: torch.Tensor, round_scale: bool) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+    """The low-latency cast of bf16 [N, H] (H % 128 == 0): (fp8 [N, H], scale_inv f32 [N, H/128],
+    exponents int32 [N, H/128] or None)."""
+    n, h = x.shape
+    xf = x.float().view(n, h // 128, 128)
+    amax = xf.abs().amax(dim=2).clamp_min(1e-4)
+    if round_scale:
+        exponent = ceil_log2_exact(amax / torch.full_like(amax, FP8_MAX))
+        scale_inv = pow2(exponent)
+        scale = pow2(-exponent)
+    else:
+        exponent = None
+        scale_inv = amax / torch.full_like(amax, FP8_MAX)
+        scale = torch.full_like(amax, FP8_MAX) / amax
+    q = (xf * scale.unsqueeze(2)).to(torch.float8_e4m3fn).view(n, h)
+    return q, scale_inv, exponent
+
+
+def pack_ue8m0(exponent: torch.Tensor) -> torch.Tensor:
+    """int32 exponents [N, G] -> int32 [N, ceil(G/4)]: byte k (little-endian) = exponent + 127."""
+    n, g = exponent.shape
+    pad = (-g) % 4
+    b = torch.nn.functional.pad((exponent + 127).to(torch.int64), (0, pad)).view(n, (g + pad) // 4, 4)
+    word = b[..., 0] | (b[..., 1] << 8) | (b[..., 2] << 16) | (b[..., 3] << 24)
+    return torch.where(word >= 2 ** 31, word - 2 ** 32, word).to(torch.int32)
+
+
+# ---- References: high-throughput ------------------------------------------------------------------
+
+def ref_layout(topk_idx: torch.Tensor, num_experts: int, world: int):
+    num_tokens = topk_idx.size(0)
+    experts_per_rank = num_experts // world
+    rank_of = torch.where(topk_idx >= 0, topk_idx // experts_per_rank, torch.full_like(topk_idx, -1))
+    is_token_in_rank = torch.zeros((num_tokens, world), dtype=torch.bool)
+    for r in range(world):
+        is_token_in_rank[:, r] = (rank_of == r).any(dim=1)
+    num_tokens_per_rank = is_token_in_rank.sum(dim=0).to(torch.int32)
+    valid = topk_idx[topk_idx >= 0]
+    num_tokens_per_expert = torch.bincount(valid, minlength=num_experts).to(torch.int32)
+    return num_tokens_per_rank, num_tokens_per_expert, is_token_in_rank
+
+
+@dataclass
+class RefDispatch:
+    x: torch.Tensor                  # [rows, H] (any dtype, rows of the sources)
+    scales: Optional[torch.Tensor]   # [rows, S] or None
+    topk_idx: torch.Tensor           # [rows, K] local ids, -1 elsewhere
+    topk_weights: torch.Tensor       # [rows, K], 0 where -1
+    src_rank: torch.Tensor           # [rows]
+    src_idx: torch.Tensor            # [rows] int32
+    num_recv_tokens_per_expert: List[int]
+    rank_prefix_matrix: torch.Tensor  # [R, R] int32
+
+
+def ref_dispatch(xs: Sequence[torch.Tensor], scales: Optional[Sequence[torch.Tensor]],
+                 topk: Sequence[torch.Tensor], weights: Sequence[torch.Tensor], me: int, num_experts: int,
+                 expert_alignment: int = 1) -> RefDispatch:
+    """What rank `me` receives: each token once per destination rank, ordered by (source, token)."""
+    world = len(xs)
+    epr = num_experts // world
+    rows_x, rows_s, rows_i, rows_w, rows_r, rows_t = [], [], [], [], [], []
+    counts = torch.zeros((world, world), dtype=torch.int64)
+    for s in range(world):
+        rank_of = torch.where(topk[s] >= 0, topk[s] // epr, torch.full_like(topk[s], -1))
+        for r in range(world):
+            counts[s, r] = (rank_of == r).any(dim=1).sum()
+        tokens = (rank_of == me).any(dim=1).nonzero().flatten()
+        local = torch.where(rank_of[tokens] == me, topk[s][tokens] - me * epr, torch.full_like(topk[s][tokens], -1))
+        rows_x.append(xs[s][tokens])
+        if scales is not None:
+            rows_s.append(scales[s][tokens])
+        rows_i.append(local)
+        rows_w.append(torch.where(local >= 0, weights[s][tokens], torch.zeros_like(weights[s][tokens])))
+        rows_r.append(torch.full((tokens.numel(),), s, dtype=torch.int64))
+        rows_t.append(tokens.to(torch.int32))
+    per_expert = torch.zeros(epr, dtype=torch.int64)
+    for s in range(world):
+        valid = topk[s][(topk[s] >= me * epr) & (topk[s] < (me + 1) * epr)] - me * epr
+        per_expert += torch.bincount(valid, minlength=epr)
+    aligned = [int((c + expert_alignment - 1) // expert_alignment * expert_alignment) for c in per_expert.tolist()]
+    return RefDispatch(torch.cat(rows_x), torch.cat(rows_s) if scales is not None else None, torch.cat(rows_i),
+                       torch.cat(rows_w), torch.cat(rows_r), torch.cat(rows_t), aligned,
+                       counts.cumsum(dim=0).to(torch.int32))
+
+
+def ref_combine(dispatched: Sequence[RefDispatch], ys: Sequence[torch.Tensor], me: int, num_tokens: int,
+                weights: Optional[Sequence[torch.Tensor]] = None, bias_0: Optional[torch.Tensor] = None,
+                bias_1: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """combined[t] = bf16(((sum over ranks r ascending of y_r[row of (me, t)]) + bias_0) + bias_1), fp32;
+    weights likewise without biases. dispatched[r] / ys[r]: rank r's dispatch and combine input."""
+    hidden = ys[0].size(1)
+    acc = torch.zeros((num_tokens, hidden), dtype=torch.float32)
+    acc_w = None if weights is None else torch.zeros((num_tokens, weights[0].size(1)), dtype=torch.float32)
+    for r, d in enumerate(dispatched):
+        rows = (d.src_rank == me).nonzero().flatten()
+        tokens = d.src_idx[rows].long()
+        acc[tokens] = acc[tokens] + ys[r][rows].float()
+        if acc_w is not None:
+            acc_w[tokens] = acc_w[tokens] + weights[r][rows].float()
+    if bias_0 is not None:
+        acc = acc + bias_0.float()
+    if bias_1 is not None:
+        acc = acc + bias_1.float()
+    return acc.to(torch.bfloat16), acc_w
+
+
+# ---- References: low-latency ----------------------------------------------------------------------
+
+@dataclass
+class RefLowLatency:
+    recv_count: torch.Tensor           # [E_loc] int32
+    rows: List[List[Tuple[int, int, int]]]  # per local expert: (source rank, token, k) in row order
+    layout_range: torch.Tensor         # [E_loc, R] int64
+
+
+def ref_ll_dispatch(topk: Sequence[torch.Tensor], me: int, num_experts: int) -> RefLowLatency:
+    world = len(topk)
+    epr = num_experts // world
+    rows: List[List[Tuple[int, int, int]]] = []
+    layout = torch.zeros((epr, world), dtype=torch.int64)
+    for j in range(epr):
+        e = me * epr + j
+        expert_rows = []
+        for s in range(world):
+            first = len(expert_rows)
+            hits = (topk[s] == e).nonzero().tolist()  # (t, k), t ascending
+            expert_rows += [(s, t, k) for t, k in hits]
+            layout[j, s] = (first << 32) | (len(expert_rows) - first)
+        rows.append(expert_rows)
+    count = torch.tensor([len(r) for r in rows], dtype=torch.int32)
+    return RefLowLatency(count, rows, layout)
+
+
+def expert_scale(e: int) -> float:
+    """The toy expert e multiplies by this (exact in bf16 and f32)."""
+    return 1.0 + (e % 7) / 8.0
+
+
+# ---- Comparison -----------------------------------------------------------------------------------
+
+def assert_equal(actual: torch.Tensor, expected: torch.Tensor, what: str) -> None:
+    """Bitwise equality (dtype and shape too); on failure names the first differing rows."""
+    actual = actual.detach().cpu()
+    expected = expected.detach().cpu()
+    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != expected {tuple(expected.shape)}"
+    assert actual.dtype == expected.dtype, f"{what}: dtype {actual.dtype} != expected {expected.dtype}"
+    if actual.dtype.is_floating_point and actual.element_size() in (1, 2, 4, 8):
+        bits = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[actual.element_size()]
+        a, b = actual.contiguous().view(bits), expected.contiguous().view(bits)
+    else:
+        a, b = actual, expected
+    diff = a != b
+    if diff.any():
+        where = diff.nonzero()
+        first = where[:5].tolist()
+        detail = ""
+        if actual.dtype.is_floating_point:
+            d = (actual.float() - expected.float()).abs()
+            detail = f", max |diff| {d.nan_to_num(float('inf')).max().item():.4g}"
+        raise AssertionError(f"{what}: {int(diff.sum())} of {diff.numel()} elements differ{detail}; first at "
+                             f"{first}: got {[actual[tuple(i)].item() for i in first]}, expected "
+                             f"{[expected[tuple(i)].item() for i in first]}")
+
+
+def calc_diff(x: torch.Tensor, y: torch.Tensor) -> float:
+    """1 - cosine-like similarity (0 for identical), as DeepEP's tests use."""
+    x, y = x.double(), y.double()
+    denominator = (x * x + y * y).sum()
+    if denominator == 0:
+        return 0.0
+    return float(1 - 2 * (x * y).sum() / denominator)

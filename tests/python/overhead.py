@@ -1,0 +1,160 @@
+"""Host CPU time per Python call of the epx operations, next to their GPU kernel time.
+
+    python tests/python/overhead.py [--num-processes N] [--tokens 4096] [--hidden 7168] ...
+
+One process per GPU (all visible by default). For each operation, rank 0 prints:
+  - host us/call: wall time of the Python call (the epx.Buffer method), averaged over a loop of
+    calls that do not wait for the GPU (the fresh dispatch does: it includes the count exchange);
+  - binding us/call: the same launch through epx._C alone (outputs preallocated), i.e. without the
+    Python layer (argument checks, allocation, stream handling);
+  - GPU us/call: kernel (and memset) time per call from the torch profiler.
+"""
+import argparse
+import os
+import socket
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+
+def _add_build_tree() -> None:
+    build = os.environ.get("EPX_BUILD_DIR")
+    path = (Path(build) if build else Path(__file__).resolve().parents[2] / "build") / "python"
+    if (path / "epx" / "__init__.py").exists():
+        sys.path.insert(0, str(path))
+
+
+_add_build_tree()
+import epx  # noqa: E402
+
+
+def host_us(fn, iters: int) -> float:
+    torch.cuda.synchronize()
+    dist.barrier()
+    start = time.perf_counter()
+    for _ in range(iters):
+        fn()
+    elapsed = time.perf_counter() - start
+    torch.cuda.synchronize()
+    return elapsed / iters * 1e6
+
+
+def gpu_us(fn, iters: int) -> float:
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+    torch.cuda.synchronize()
+    dist.barrier()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(iters):
+            fn()
+        torch.cuda.synchronize()
+    total = sum(e.time_range.elapsed_us() for e in prof.events() if e.device_type == DeviceType.CUDA)
+    return total / iters
+
+
+def worker(rank: int, world: int, port: int, args) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.cuda.set_device(rank)
+    device = torch.device("cuda", rank)
+    dist.init_process_group("nccl", rank=rank, world_size=world, device_id=device)
+    E = args.experts_per_rank * world
+    N, H, K, T = args.tokens, args.hidden, args.topk, args.ll_tokens
+    buffer = epx.Buffer(dist.group.WORLD,
+                        num_nvl_bytes=epx.Buffer.get_nvl_buffer_size_hint(world * N, H, world, K),
+                        num_rdma_bytes=epx.Buffer.get_low_latency_rdma_size_hint(T, H, world, E, K),
+                        low_latency_mode=True, explicitly_destroy=True)
+    rt = buffer.runtime
+    stream = buffer.get_comm_stream().cuda_stream
+    g = torch.Generator(device="cpu").manual_seed(rank)
+    x = torch.randn((N, H), generator=g).to(torch.bfloat16).to(device)
+    topk_idx = torch.rand((N, E), generator=g).topk(K, dim=1).indices.to(device)
+    topk_weights = torch.rand((N, K), generator=g).to(device)
+    ntpr, _, ntpe, itir, _ = buffer.get_dispatch_layout(topk_idx, E)
+    layout = dict(num_tokens_per_rank=ntpr, is_token_in_rank=itir, num_tokens_per_expert=ntpe)
+
+    def fresh():
+        return buffer.dispatch(x, topk_idx=topk_idx, topk_weights=topk_weights, **layout)
+
+    recv_x, _, _, _, handle, _ = fresh()
+    h = handle[-1]
+    d = buffer._out_desc
+    out_recv = torch.empty_like(recv_x)
+    combined = torch.empty_like(x)
+
+    rows = []
+
+    def measure(name, wrapper, raw=None, iters=args.iters):
+        for _ in range(3):
+            wrapper()
+        rows.append((name, host_us(wrapper, iters), host_us(raw, iters) if raw else float("nan"),
+                     gpu_us(wrapper, iters)))
+
+    measure("dispatch (fresh, host-synced)", fresh)
+    measure("dispatch (cached)", lambda: buffer.dispatch(x, handle=handle),
+            lambda: rt.dispatch(h, d(x), None, None, None, 1, 0, d(out_recv), None, None, None, None, stream))
+    measure("combine", lambda: buffer.combine(recv_x, handle),
+            lambda: rt.combine(h, d(recv_x), None, None, None, d(combined), None, stream))
+
+    x_ll, idx_ll = x[:T].contiguous(), topk_idx[:T].contiguous()
+    recv, count, ll_handle, _, _ = buffer.low_latency_dispatch(x_ll, idx_ll, T, E)
+    E_loc = E // world
+    outs = dict(
+        recv_x=torch.empty((E_loc, world * T, H), dtype=torch.float8_e4m3fn, device=device),
+        recv_scales=torch.empty((E_loc, H // 128, world * T), dtype=torch.float32, device=device).transpose(1, 2),
+        recv_count=torch.empty((E_loc,), dtype=torch.int32, device=device),
+        src_info=torch.empty((E_loc, world * T), dtype=torch.int32, device=device),
+        layout_range=torch.empty((E_loc, world), dtype=torch.int64, device=device),
+        src_topk_slot=torch.empty((E_loc, world * T), dtype=torch.int32, device=device))
+    raw_ll = [d(outs[k]) for k in ("recv_x", "recv_scales", "recv_count", "src_info", "layout_range", "src_topk_slot")]
+    measure("low_latency_dispatch (fp8)", lambda: buffer.low_latency_dispatch(x_ll, idx_ll, T, E),
+            lambda: rt.low_latency_dispatch(d(x_ll), d(idx_ll), T, E, True, False, False, None, None, False, *raw_ll,
+                                            stream))
+    y = torch.randn((E_loc, world * T, H), device=device).to(torch.bfloat16)
+    w_ll = topk_weights[:T].contiguous()
+    out_ll = torch.empty((T, H), dtype=torch.bfloat16, device=device)
+    src_info, layout_range, _, _, _, src_topk_slot, _, b = ll_handle
+    measure("low_latency_combine", lambda: buffer.low_latency_combine(y, idx_ll, w_ll, ll_handle),
+            lambda: rt.low_latency_combine(T, H, E, K, b, d(src_info), d(layout_range), d(src_topk_slot), d(y),
+                                           d(idx_ll), d(w_ll), False, d(out_ll), stream))
+
+    if rank == 0:
+        print(f"epx overhead: EP{world}, HT {N} tokens x {H} hidden, LL {T} tokens, {E} experts, top-{K}, "
+              f"{args.iters} calls each (rank 0)")
+        print(f"{'operation':34s} {'host us/call':>13s} {'binding us/call':>16s} {'GPU us/call':>12s}")
+        for name, host, raw, gpu in rows:
+            print(f"{name:34s} {host:13.1f} {raw:16.1f} {gpu:12.1f}")
+        sys.stdout.flush()
+    buffer.destroy()
+    dist.destroy_process_group()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--num-processes", type=int, default=0)
+    parser.add_argument("--tokens", type=int, default=4096)
+    parser.add_argument("--ll-tokens", type=int, default=128)
+    parser.add_argument("--hidden", type=int, default=7168)
+    parser.add_argument("--experts-per-rank", type=int, default=8)
+    parser.add_argument("--topk", type=int, default=8)
+    parser.add_argument("--iters", type=int, default=50)
+    args = parser.parse_args()
+    world = args.num_processes or torch.cuda.device_count()
+    if world < 2 or world > torch.cuda.device_count():
+        print(f"needs 2 to {torch.cuda.device_count()} GPUs, asked for {world}")
+        return 2
+    for key, value in (("NCCL_NVLS_ENABLE", "0"), ("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1"),
+                       ("NVSHMEM_DISABLE_NVLS", "1")):
+        os.environ.setdefault(key, value)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(worker, args=(world, port, args), nprocs=world)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

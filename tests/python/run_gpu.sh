@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# The Python layer on a GPU machine, in one command: builds the binding (build dir, default
+# build-python), runs the Python tests (2 and 4 GPUs), the MoE example and the overhead script.
+# Full logs in $OUT (the device tool's output folder) or <build dir>/logs; a summary is printed last.
+#   Usage: tests/python/run_gpu.sh [build-dir]
+#   Env: EPX_TEST_SEED (replay), PYTEST_ARGS, and time limits in seconds: PYTEST_TIMEOUT (1200),
+#   EXAMPLE_TIMEOUT (600), OVERHEAD_TIMEOUT (300).
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+source tools/env.sh
+dir=${1:-build-python}
+logs=${OUT:-$dir/logs}
+mkdir -p "$logs"
+py=${PYTHON:-python3}
+start=$(date +%s)
+if ! { cmake -S . -B "$dir" $EPX_GENERATOR -DCMAKE_BUILD_TYPE=Release -DEPX_BUILD_PYTHON=ON -DEPX_BUILD_TESTS=OFF \
+         -DEPX_BUILD_BENCH=OFF -DPython3_EXECUTABLE="$(command -v "$py")" > "$logs/configure.log" 2>&1 &&
+       cmake --build "$dir" -j "$EPX_JOBS" --target epx_python > "$logs/build.log" 2>&1; }; then
+  tail -40 "$logs/configure.log" "$logs/build.log"
+  echo "run_gpu: BUILD FAILED"
+  exit 1
+fi
+echo "run_gpu: built in $(( $(date +%s) - start )) s"
+export EPX_BUILD_DIR=$dir EPX_TIMEOUT_S=${EPX_TIMEOUT_S:-60}
+nvidia-smi --query-gpu=index,name,memory.used --format=csv > "$logs/gpus.txt" 2>&1 || true
+
+timeout ${PYTEST_TIMEOUT:-1200} "$py" -m pytest tests/python -v -rs ${PYTEST_ARGS:-} > "$logs/pytest.log" 2>&1
+rc_tests=$?
+timeout ${EXAMPLE_TIMEOUT:-600} "$py" examples/moe_layer.py > "$logs/moe_layer.log" 2>&1
+rc_example=$?
+timeout ${OVERHEAD_TIMEOUT:-300} "$py" tests/python/overhead.py > "$logs/overhead.log" 2>&1
+rc_overhead=$?
+
+echo "=== pytest (rc $rc_tests) ==="
+grep -E "^(FAILED|ERROR)|EPX_TEST_SEED" "$logs/pytest.log" | grep -B1 -E "^(FAILED|ERROR)" | head -40
+tail -3 "$logs/pytest.log"
+echo "=== examples/moe_layer.py (rc $rc_example) ==="
+grep -E "^\[|moe_layer|failed" "$logs/moe_layer.log" | tail -12
+echo "=== tests/python/overhead.py (rc $rc_overhead) ==="
+tail -8 "$logs/overhead.log"
+echo "run_gpu: $(( $(date +%s) - start )) s in all; logs in $logs"
+[ $rc_tests -eq 0 ] && [ $rc_example -eq 0 ] && [ $rc_overhead -eq 0 ]

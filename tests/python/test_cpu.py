@@ -1,0 +1,322 @@
+"""CPU-only tests of the Python layer: they need the built module and torch, no GPU.
+
+Argument checks are tested on a Buffer whose C++ runtime is a stand-in that fails the test if it is
+ever called: so each error below is raised before anything reaches the GPU.
+"""
+import pickle
+
+import pytest
+
+from conftest import require_epx
+
+torch, epx = require_epx()
+from epx import _C  # noqa: E402
+
+
+def expect_error(kind, *names):
+    """Context manager: an EpxError of `kind` whose message names each of `names`."""
+    class _Ctx:
+        def __enter__(self):
+            return self
+
+        def __exit__(self, exc_type, exc, tb):
+            assert exc_type is not None, f"no EpxError({kind}) raised"
+            assert issubclass(exc_type, epx.EpxError), f"{exc_type.__name__}: {exc}"
+            assert exc.kind == kind, f"kind {exc.kind} != {kind}: {exc}"
+            for n in names:
+                assert n in str(exc), f"message does not name {n!r}: {exc}"
+            self.error = exc
+            return True
+    return _Ctx()
+
+
+# ---- Package and errors -------------------------------------------------------------------------------
+
+def test_exports():
+    for name in ("Buffer", "Config", "EventOverlap", "EpxError", "topk_idx_t"):
+        assert hasattr(epx, name), name
+    assert epx.topk_idx_t is torch.int64
+    assert epx.EpxError is _C.EpxError
+    assert issubclass(epx.EpxError, RuntimeError)
+    assert set(_C.ERROR_KINDS) == {"InvalidArgument", "BufferTooSmall", "Cuda", "Nccl", "Timeout", "State",
+                                   "Unsupported"}
+
+
+def test_cpp_error_becomes_epx_error():
+    with expect_error("InvalidArgument", "num_ranks") as ctx:
+        _C.nvl_buffer_size_hint(16, 128, _C.DTYPE_BF16, 2, 0)
+    e = ctx.error
+    assert isinstance(e, RuntimeError)
+    assert e.message and e.message in str(e)
+    assert str(e).startswith("epx InvalidArgument error:")
+    assert e.file and e.file.endswith((".cpp", ".cu")) and isinstance(e.line, int) and e.line > 0
+    # Survives pickling with its message (rank processes send exceptions as text, but users may not).
+    assert str(pickle.loads(pickle.dumps(e))) == str(e)
+
+
+def test_constants():
+    assert _C.MAX_RANKS >= 8 and _C.MAX_TOPK >= 8 and 1 <= _C.LL_MAX_TOPK <= _C.MAX_TOPK
+    assert _C.UNIQUE_ID_BYTES == 128
+    assert _C.nccl_version() >= 22800
+    assert [_C.dtype_size(c) for c in (_C.DTYPE_BF16, _C.DTYPE_FP8E4M3, _C.DTYPE_F32, _C.DTYPE_I32, _C.DTYPE_I64,
+                                       _C.DTYPE_BOOL)] == [2, 1, 4, 4, 8, 1]
+
+
+def test_dispatch_handle_storage():
+    total, rpm, cm, sp, nr = _C.DispatchHandle.storage_layout(4, 10)
+    assert (rpm, cm, sp, nr) == (0, 16, 32, 72) and total == 73
+    t = torch.zeros(total, dtype=torch.int32)
+    h = _C.DispatchHandle(t.data_ptr(), total, 4, 1, 10, t)
+    assert (h.num_ranks, h.rank, h.num_tokens, h.num_recv_tokens, h.filled) == (4, 1, 10, -1, False)
+    assert h.storage is t
+    with expect_error("InvalidArgument", "handle storage"):
+        _C.DispatchHandle(t.data_ptr(), total - 1, 4, 1, 10, t)
+    with expect_error("InvalidArgument", "num_ranks"):
+        _C.DispatchHandle(t.data_ptr(), total, 0, 0, 10, t)
+
+
+# ---- Config -------------------------------------------------------------------------------------------
+
+def test_config_fields_and_defaults():
+    c = epx.Config()
+    assert (c.num_sms, c.num_max_nvl_chunked_send_tokens, c.num_max_nvl_chunked_recv_tokens,
+            c.num_max_rdma_chunked_send_tokens, c.num_max_rdma_chunked_recv_tokens) == (20, 6, 256, 6, 256)
+    assert (c.num_threads, c.timeout_s) == (512, 0.0)
+    c = epx.Config(24, 8, 288)  # DeepEP's positional form
+    assert (c.num_sms, c.num_max_nvl_chunked_send_tokens, c.num_max_nvl_chunked_recv_tokens) == (24, 8, 288)
+    assert epx.Config(24, 8, 288) == c and epx.Config(25, 8, 288) != c
+    assert "num_sms=24" in repr(c)
+    for r in range(1, _C.MAX_RANKS + 1):
+        d = epx.Config.defaults(r)
+        assert (d.num_sms, d.num_threads, d.timeout_s) == _C.default_config(r)
+
+
+@pytest.mark.parametrize("kwargs,name", [
+    (dict(num_sms=0), "Config.num_sms"),
+    (dict(num_sms=2000), "Config.num_sms"),
+    (dict(num_sms=1.5), "Config.num_sms"),
+    (dict(num_threads=100), "Config.num_threads"),
+    (dict(num_threads=1024), "Config.num_threads"),
+    (dict(timeout_s=-1.0), "Config.timeout_s"),
+    (dict(timeout_s="1"), "Config.timeout_s"),
+    (dict(num_max_nvl_chunked_send_tokens=0), "Config.num_max_nvl_chunked_send_tokens"),
+    (dict(num_max_rdma_chunked_recv_tokens=-3), "Config.num_max_rdma_chunked_recv_tokens"),
+])
+def test_config_rejects(kwargs, name):
+    with expect_error("InvalidArgument", name):
+        epx.Config(**kwargs)
+
+
+def test_config_size_hints():
+    c = epx.Config()
+    with expect_error("InvalidArgument", "num_max_recv_tokens"):
+        c.get_nvl_buffer_size_hint(7168 * 2, 8)
+    small = c.get_nvl_buffer_size_hint(7168 * 2, 8, num_max_recv_tokens=1024)
+    large = c.get_nvl_buffer_size_hint(7168 * 2, 8, num_max_recv_tokens=8192)
+    assert 0 < small < large and small % (1 << 21) == 0
+    assert large >= 8192 * 7168 * 2
+    with expect_error("Unsupported", "RDMA"):
+        c.get_rdma_buffer_size_hint(7168 * 2, 8)
+
+
+def test_dispatch_and_combine_config():
+    saved = (epx.Buffer.num_sms, epx.Buffer._num_sms_set)
+    try:
+        for r in (1, 2, 4, 8):
+            assert epx.Buffer.get_dispatch_config(r) == epx.Config.defaults(r)
+            assert epx.Buffer.get_combine_config(r) == epx.Config.defaults(r)
+        epx.Buffer.set_num_sms(24)
+        assert epx.Buffer.num_sms == 24
+        assert epx.Buffer.get_dispatch_config(4).num_sms == 24
+        assert epx.Buffer.get_combine_config(2).num_sms == 24
+        with expect_error("InvalidArgument", "new_num_sms"):
+            epx.Buffer.set_num_sms(0)
+        with expect_error("Unsupported", "num_ranks"):
+            epx.Buffer.get_dispatch_config(_C.MAX_RANKS + 1)
+    finally:
+        epx.Buffer.num_sms, epx.Buffer._num_sms_set = saved
+
+
+def test_buffer_size_hints():
+    ll = epx.Buffer.get_low_latency_rdma_size_hint(128, 7168, 8, 256)
+    assert ll > 0 and ll % (1 << 21) == 0
+    assert epx.Buffer.get_low_latency_rdma_size_hint(256, 7168, 8, 256) > ll
+    assert epx.Buffer.get_low_latency_rdma_size_hint(128, 7168, 8, 256, num_topk=8) <= ll
+    with expect_error("InvalidArgument", "hidden"):
+        epx.Buffer.get_low_latency_rdma_size_hint(128, 100, 8, 256)
+    with expect_error("InvalidArgument", "num_experts"):
+        epx.Buffer.get_low_latency_rdma_size_hint(128, 7168, 8, 250)
+    with expect_error("InvalidArgument", "num_topk"):
+        epx.Buffer.get_low_latency_rdma_size_hint(128, 7168, 8, 256, num_topk=_C.LL_MAX_TOPK + 1)
+    bf16 = epx.Buffer.get_nvl_buffer_size_hint(4096, 7168, 8)
+    fp8 = epx.Buffer.get_nvl_buffer_size_hint(4096, 7168, 8, dtype=torch.float8_e4m3fn)
+    assert bf16 >= fp8 > 0
+    assert epx.Buffer.get_nvl_buffer_size_hint(4096, 7168, 8, num_topk=8) <= bf16
+    with expect_error("InvalidArgument", "dtype"):
+        epx.Buffer.get_nvl_buffer_size_hint(4096, 7168, 8, dtype=torch.float16)
+
+
+# ---- EventOverlap -------------------------------------------------------------------------------------
+
+def test_event_overlap_without_event():
+    e = epx.EventOverlap()
+    assert e.event is None and e.extra_tensors is None
+    with expect_error("State", "async_finish"):
+        e.current_stream_wait()
+    with e as same:  # no event: leaving the block does nothing
+        assert same is e
+    t = torch.zeros(2)
+    assert epx.EventOverlap(None, (t,)).extra_tensors[0] is t
+
+
+# ---- Buffer construction: checks before any collective ----------------------------------------------
+
+class _UntouchableGroup:
+    """A process group that fails the test if the Buffer uses it."""
+
+    def __getattr__(self, name):
+        raise AssertionError(f"the Buffer used the group ({name}) before rejecting its arguments")
+
+
+@pytest.mark.parametrize("kwargs,kind,name", [
+    (dict(num_nvl_bytes=1 << 20, allow_mnnvl=True), "Unsupported", "allow_mnnvl"),
+    (dict(num_rdma_bytes=1 << 20, low_latency_mode=True, allow_nvlink_for_low_latency_mode=False), "Unsupported",
+     "allow_nvlink_for_low_latency_mode"),
+    (dict(num_nvl_bytes=1 << 20, num_rdma_bytes=1 << 20), "Unsupported", "num_rdma_bytes"),
+    (dict(low_latency_mode=True), "InvalidArgument", "num_rdma_bytes"),
+    (dict(), "InvalidArgument", "num_nvl_bytes"),
+    (dict(num_nvl_bytes=-1), "InvalidArgument", "num_nvl_bytes"),
+    (dict(num_nvl_bytes=1 << 20, num_qps_per_rank=0), "InvalidArgument", "num_qps_per_rank"),
+])
+def test_buffer_rejects_options(kwargs, kind, name):
+    with expect_error(kind, name):
+        epx.Buffer(_UntouchableGroup(), **kwargs)
+
+
+def test_buffer_needs_group_or_comm():
+    with expect_error("InvalidArgument", "group"):
+        epx.Buffer(None, num_nvl_bytes=1 << 20)
+
+
+# ---- Buffer methods: checks before the GPU ----------------------------------------------------------
+
+class _UntouchableRuntime:
+    """Stands in for the C++ buffer: any call fails the test."""
+
+    def __getattr__(self, name):
+        raise AssertionError(f"the C++ runtime was reached ({name}) before the arguments were rejected")
+
+
+@pytest.fixture
+def fake_buffer(monkeypatch):
+    """A Buffer on a pretend cuda:0 whose runtime must never be reached."""
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+
+    def make(low_latency_mode=True, explicitly_destroy=False, world=4):
+        b = epx.Buffer.__new__(epx.Buffer)
+        b.rank, b.group_size, b.group = 0, world, None
+        b.num_nvl_bytes, b.num_rdma_bytes, b.num_qps_per_rank = 1 << 24, 1 << 24, 24
+        b.low_latency_mode, b.explicitly_destroy = low_latency_mode, explicitly_destroy
+        b.runtime, b._comm = _UntouchableRuntime(), None
+        b._device_index, b._device = 0, torch.device("cuda", 0)
+        b._config_key = epx.Config.defaults(world)._key()
+        b._counts_host, b._counts_device_ptr = None, 0
+        return b
+    return make
+
+
+def cpu(*shape, dtype=torch.bfloat16):
+    return torch.zeros(shape, dtype=dtype)
+
+
+def test_dispatch_rejects(fake_buffer):
+    b = fake_buffer()
+    with expect_error("InvalidArgument", "x", "cuda:0", "cpu"):
+        b.dispatch(cpu(8, 128))
+    with expect_error("InvalidArgument", "x", "expected a torch.Tensor"):
+        b.dispatch([1, 2, 3])
+    with expect_error("InvalidArgument", "x", "tuple of 3"):
+        b.dispatch((cpu(8, 128), cpu(8, 1), cpu(1)))
+    with expect_error("Unsupported", "num_tokens_per_rdma_rank"):
+        b.dispatch(cpu(8, 128), num_tokens_per_rdma_rank=cpu(1, dtype=torch.int32))
+
+
+def test_combine_rejects(fake_buffer):
+    b = fake_buffer()
+    with expect_error("InvalidArgument", "handle"):
+        b.combine(cpu(8, 128), handle=(1, 2, 3))
+    with expect_error("InvalidArgument", "handle"):
+        b.combine(cpu(8, 128), handle=None)
+
+
+def test_low_latency_rejects(fake_buffer):
+    b = fake_buffer()
+    x, idx = cpu(8, 128), cpu(8, 2, dtype=torch.int64)
+    with expect_error("Unsupported", "use_per_tensor_quantization"):
+        b.low_latency_dispatch(x, idx, 8, 16, use_per_tensor_quantization=True)
+    with expect_error("InvalidArgument", "async_finish", "return_recv_hook"):
+        b.low_latency_dispatch(x, idx, 8, 16, async_finish=True, return_recv_hook=True)
+    with expect_error("InvalidArgument", "use_ue8m0", "round_scale"):
+        b.low_latency_dispatch(x, idx, 8, 16, use_ue8m0=True)
+    with expect_error("InvalidArgument", "round_scale"):
+        b.low_latency_dispatch(x, idx, 8, 16, use_fp8=False, round_scale=True)
+    with expect_error("InvalidArgument", "x", "cpu"):
+        b.low_latency_dispatch(x, idx, 8, 16)
+    handle = (None,) * 8
+    with expect_error("Unsupported", "use_logfmt"):
+        b.low_latency_combine(x, idx, cpu(8, 2, dtype=torch.float32), handle, use_logfmt=True)
+    with expect_error("Unsupported", "combine_wait_recv_cost_stats"):
+        b.low_latency_combine(x, idx, cpu(8, 2, dtype=torch.float32), handle, combine_wait_recv_cost_stats=cpu(4))
+    with expect_error("InvalidArgument", "handle"):
+        b.low_latency_combine(x, idx, cpu(8, 2, dtype=torch.float32), (1, 2, 3, 4, 5))
+    with expect_error("InvalidArgument", "handle"):
+        b.get_next_low_latency_combine_buffer((1, 2))
+
+
+def test_low_latency_needs_low_latency_mode(fake_buffer):
+    b = fake_buffer(low_latency_mode=False)
+    with expect_error("State", "low_latency_mode"):
+        b.low_latency_dispatch(cpu(8, 128), cpu(8, 2, dtype=torch.int64), 8, 16)
+    with expect_error("State", "low_latency_mode"):
+        b.clean_low_latency_buffer(8, 128, 16)
+
+
+def test_misc_rejects(fake_buffer):
+    b = fake_buffer()
+    with expect_error("Unsupported", "use_rdma_buffer"):
+        b.get_local_buffer_tensor(torch.bfloat16, use_rdma_buffer=True)
+    with expect_error("State", "explicitly_destroy"):
+        b.destroy()
+    b.runtime = None
+    with expect_error("State", "destroyed"):
+        b.get_dispatch_layout(cpu(4, 2, dtype=torch.int64), 16)
+
+
+def test_tensor_checks_name_the_argument(fake_buffer):
+    b = fake_buffer()
+    b._device = torch.device("meta")  # tensors on "meta" pass the device check without a GPU
+    meta = dict(device="meta")
+    with expect_error("InvalidArgument", "topk_idx", "int64", "int32"):
+        b.get_dispatch_layout(torch.zeros((4, 2), dtype=torch.int32, **meta), 16)
+    with expect_error("InvalidArgument", "topk_idx", "2 dimensions"):
+        b.get_dispatch_layout(torch.zeros((4, 2, 1), dtype=torch.int64, **meta), 16)
+    with expect_error("InvalidArgument", "num_experts"):
+        b.get_dispatch_layout(torch.zeros((4, 2), dtype=torch.int64, **meta), 2.5)
+    with expect_error("InvalidArgument", "x", "bfloat16 or float8_e4m3fn", "float16"):
+        b.dispatch(torch.zeros((4, 128), dtype=torch.float16, **meta))
+    with expect_error("InvalidArgument", "x", "scales"):
+        b.dispatch(torch.zeros((4, 128), dtype=torch.float8_e4m3fn, **meta))
+    with expect_error("InvalidArgument", "x[1] (scales)", "float32"):
+        b.dispatch((torch.zeros((4, 128), dtype=torch.float8_e4m3fn, **meta), torch.zeros((4, 1), **meta).half()))
+    with expect_error("InvalidArgument", "expert_alignment"):
+        b.dispatch(torch.zeros((4, 128), dtype=torch.bfloat16, **meta), expert_alignment=0)
+    with expect_error("InvalidArgument", "config", "epx.Config"):
+        b.dispatch(torch.zeros((4, 128), dtype=torch.bfloat16, **meta), config=object())
+    x = torch.zeros((4, 128), dtype=torch.bfloat16, **meta)
+    with expect_error("InvalidArgument", "num_tokens_per_rank", "required"):
+        b.dispatch(x)
+    with expect_error("InvalidArgument", "out", "bfloat16"):
+        handle = (torch.zeros((2, 8), dtype=torch.int32, **meta), None, 8, 128, 8, None, 2, 0)
+        b.low_latency_combine(torch.zeros((2, 32, 128), dtype=torch.bfloat16, **meta),
+                              torch.zeros((4, 2), dtype=torch.int64, **meta), torch.zeros((4, 2), **meta), handle,
+                              out=torch.zeros((4, 128), **meta))

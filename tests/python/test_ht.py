@@ -1,0 +1,331 @@
+"""GPU tests of the high-throughput path (get_dispatch_layout, dispatch, combine) on 2 and 4 ranks.
+
+Each rank regenerates every rank's inputs from per-rank seeds and compares its outputs with the
+pure-torch references of epx_test_utils: bit-exact (dispatch moves bytes; combine sums in fp32 in
+ascending rank order, then adds the biases, as the contract states).
+"""
+import pytest
+
+from conftest import require_epx
+
+torch, epx = require_epx()
+from epx_test_utils import (assert_equal, make_input, per_token_cast_to_fp8, fp8_dequant, ref_combine,
+                            ref_dispatch, ref_layout, token_counts)
+
+HIDDEN = 512
+TOPK = 4
+MAX_TOKENS = 320
+
+
+def num_experts(world: int) -> int:
+    return 8 * world
+
+
+def ht_buffer(ctx) -> epx.Buffer:
+    """One buffer per world size, big enough for every test here."""
+    rows = ctx.world * MAX_TOKENS
+    return ctx.buffer(num_nvl_bytes=epx.Buffer.get_nvl_buffer_size_hint(rows, HIDDEN, ctx.world))
+
+
+def all_inputs(seed, world, lo=1, hi=MAX_TOKENS, salt=0, hidden=HIDDEN):
+    counts = token_counts(seed, world, lo, hi, salt)
+    return [make_input(seed, r, counts[r], hidden, num_experts(world), TOPK, salt=salt) for r in range(world)]
+
+
+def combine_input(rank: int, recv_x) -> torch.Tensor:
+    """What rank `rank`'s 'experts' return for its received rows (bf16, elementwise, exact)."""
+    factor = 1.0 + rank / 4.0
+    if isinstance(recv_x, tuple):
+        return (fp8_dequant(*recv_x) * factor).to(torch.bfloat16)
+    return (recv_x.float() * factor).to(torch.bfloat16)
+
+
+def make_x(inp, fp8: bool, strided: bool, device):
+    """The rank's x as dispatch takes it (bf16, or (fp8, scales)); optionally with padded rows."""
+    x = inp.x
+    if fp8:
+        q, s = per_token_cast_to_fp8(x)
+        if strided:  # scales transposed in memory: any strides are allowed
+            s = s.t().contiguous().t()
+        payload = (q, s)
+    else:
+        payload = (x,)
+    out = []
+    for t in payload:
+        t = t.to(device)
+        if strided and t.dim() == 2 and t.dtype != torch.float32:
+            wide = torch.zeros((t.size(0), t.size(1) + 64), dtype=t.dtype, device=device)
+            wide[:, :t.size(1)] = t
+            t = wide[:, :t.size(1)]
+        out.append(t)
+    return tuple(out) if fp8 else out[0]
+
+
+def expected_x(inputs, fp8: bool):
+    if fp8:
+        pairs = [per_token_cast_to_fp8(i.x) for i in inputs]
+        return [p[0] for p in pairs], [p[1] for p in pairs]
+    return [i.x for i in inputs], None
+
+
+# ---- Rank functions (run on every rank) ---------------------------------------------------------------
+
+def _layout(ctx, seed):
+    buf = ht_buffer(ctx)
+    inputs = all_inputs(seed, ctx.world)
+    mine = inputs[ctx.rank]
+    ntpr, ntprdma, ntpe, itir, event = buf.get_dispatch_layout(mine.topk_idx.to(ctx.device), num_experts(ctx.world))
+    assert ntprdma is None and event.event is None
+    ref = ref_layout(mine.topk_idx, num_experts(ctx.world), ctx.world)
+    assert_equal(ntpr, ref[0], "num_tokens_per_rank")
+    assert_equal(ntpe, ref[1], "num_tokens_per_expert")
+    assert_equal(itir, ref[2], "is_token_in_rank")
+
+
+def _dispatch_combine(ctx, seed, fp8, strided, with_weights, expert_alignment, zero_token_rank):
+    world, me, dev = ctx.world, ctx.rank, ctx.device
+    E = num_experts(world)
+    buf = ht_buffer(ctx)
+    lo = 0 if zero_token_rank else 1
+    inputs = all_inputs(seed, world, lo=lo)
+    if zero_token_rank:  # rank 1 has no tokens at all
+        inputs[1] = make_input(seed, 1, 0, HIDDEN, E, TOPK)
+    mine = inputs[me]
+    topk = mine.topk_idx.to(dev)
+    weights = mine.topk_weights.to(dev) if with_weights else None
+    x = make_x(mine, fp8, strided, dev)
+
+    ntpr, _, ntpe, itir, _ = buf.get_dispatch_layout(topk, E)
+    recv_x, recv_idx, recv_w, counts, handle, event = buf.dispatch(
+        x, num_tokens_per_rank=ntpr, is_token_in_rank=itir, num_tokens_per_expert=ntpe, topk_idx=topk,
+        topk_weights=weights, expert_alignment=expert_alignment)
+    assert event.event is None
+
+    xs, scales = expected_x(inputs, fp8)
+    refs = [ref_dispatch(xs, scales, [i.topk_idx for i in inputs], [i.topk_weights for i in inputs], r, E,
+                         expert_alignment) for r in range(world)]
+    ref = refs[me]
+    if fp8:
+        assert isinstance(recv_x, tuple) and len(recv_x) == 2
+        assert_equal(recv_x[0], ref.x, "recv_x (fp8)")
+        assert_equal(recv_x[1], ref.scales, "recv_x scales")
+    else:
+        assert_equal(recv_x, ref.x, "recv_x")
+    assert_equal(recv_idx, ref.topk_idx, "recv_topk_idx")
+    if with_weights:
+        assert_equal(recv_w, ref.topk_weights, "recv_topk_weights")
+    else:
+        assert recv_w is None
+    assert counts == ref.num_recv_tokens_per_expert, f"{counts} != {ref.num_recv_tokens_per_expert}"
+    assert isinstance(handle, tuple) and len(handle) == 6
+    assert_equal(handle[0], ref.rank_prefix_matrix, "handle[0] (rank_prefix_matrix)")
+    assert_equal(handle[3], ref.src_idx, "handle[3] (recv_src_idx)")
+    assert handle[4] is itir
+
+    # Cached dispatch: other payload, same routing.
+    other = [make_input(seed, r, inputs[r].x.size(0), HIDDEN, E, TOPK, salt=1) for r in range(world)]
+    x2 = make_x(other[me], fp8, strided, dev)
+    recv_x2, i2, w2, c2, h2, _ = buf.dispatch(x2, handle=handle)
+    assert (i2, w2, c2, h2) == (None, None, None, None)
+    xs2, scales2 = expected_x(other, fp8)
+    ref2 = ref_dispatch(xs2, scales2, [i.topk_idx for i in inputs], [i.topk_weights for i in inputs], me, E)
+    if fp8:
+        assert_equal(recv_x2[0], ref2.x, "cached recv_x (fp8)")
+        assert_equal(recv_x2[1], ref2.scales, "cached recv_x scales")
+    else:
+        assert_equal(recv_x2, ref2.x, "cached recv_x")
+
+    # Combine with weights and two biases.
+    g = torch.Generator().manual_seed(seed + 101 * me)
+    n = mine.x.size(0)
+    bias_0 = torch.randn((n, HIDDEN), generator=g).to(torch.bfloat16)
+    bias_1 = torch.randn((n, HIDDEN), generator=g).to(torch.bfloat16)
+    y = combine_input(me, recv_x)
+    combined_x, combined_w, event = buf.combine(y, handle, topk_weights=recv_w, bias=(bias_0.to(dev), bias_1.to(dev)))
+    assert event.event is None
+    ys = [combine_input(r, (refs[r].x, refs[r].scales) if fp8 else refs[r].x) for r in range(world)]
+    ref_x, ref_w = ref_combine(refs, ys, me, n, [r.topk_weights for r in refs] if with_weights else None,
+                               bias_0, bias_1)
+    assert_equal(combined_x, ref_x, "combined_x")
+    if with_weights:
+        assert_equal(combined_w, ref_w, "combined_topk_weights")
+    else:
+        assert combined_w is None
+
+    # Combine with one bias and none.
+    combined_x, _, _ = buf.combine(y, handle, bias=bias_0.to(dev))
+    assert_equal(combined_x, ref_combine(refs, ys, me, n, None, bias_0)[0], "combined_x (one bias)")
+    combined_x, _, _ = buf.combine(y, handle)
+    assert_equal(combined_x, ref_combine(refs, ys, me, n)[0], "combined_x (no bias)")
+
+
+def _worst_tokens(ctx, seed):
+    world, me, dev = ctx.world, ctx.rank, ctx.device
+    E = num_experts(world)
+    buf = ht_buffer(ctx)
+    inputs = all_inputs(seed, world)
+    mine = inputs[me]
+    topk, weights = mine.topk_idx.to(dev), mine.topk_weights.to(dev)
+    worst = sum(i.x.size(0) for i in inputs)  # no rank can receive more
+    ntpr, _, ntpe, itir, _ = buf.get_dispatch_layout(topk, E)
+    recv_x, recv_idx, recv_w, counts, handle, _ = buf.dispatch(
+        mine.x.to(dev), num_tokens_per_rank=ntpr, is_token_in_rank=itir, num_tokens_per_expert=ntpe, topk_idx=topk,
+        topk_weights=weights, num_worst_tokens=worst)
+    assert counts == [], "with num_worst_tokens the per-expert list is empty (as in DeepEP)"
+    assert recv_x.size(0) == worst and recv_idx.size(0) == worst and handle[3].size(0) == worst
+    refs = [ref_dispatch([i.x for i in inputs], None, [i.topk_idx for i in inputs], [i.topk_weights for i in inputs],
+                         r, E) for r in range(world)]
+    ref = refs[me]
+    n = ref.x.size(0)
+    assert_equal(recv_x[:n], ref.x, "recv_x")
+    assert_equal(recv_idx[:n], ref.topk_idx, "recv_topk_idx")
+    assert_equal(recv_w[:n], ref.topk_weights, "recv_topk_weights")
+    assert_equal(handle[3][:n], ref.src_idx, "recv_src_idx")
+    assert_equal(handle[0], ref.rank_prefix_matrix, "rank_prefix_matrix")
+    assert bool((recv_x[n:] == 0).all()), "padding rows of recv_x must be zero"
+    assert bool((recv_idx[n:] == -1).all()), "padding rows of recv_topk_idx must be -1"
+    assert bool((recv_w[n:] == 0).all()), "padding rows of recv_topk_weights must be 0"
+    assert bool((handle[3][n:] == -1).all()), "padding rows of recv_src_idx must be -1"
+
+    # Cached dispatch keeps the worst-case row count.
+    recv_x2, *_ = buf.dispatch(mine.x.to(dev), handle=handle)
+    assert recv_x2.size(0) == worst
+    assert_equal(recv_x2[:n], ref.x, "cached recv_x")
+
+    # Combine ignores the padding rows (filled with a value that would show).
+    y = combine_input(me, recv_x)
+    y[n:] = 1234.0
+    combined_x, combined_w, _ = buf.combine(y, handle, topk_weights=recv_w)
+    ys = [combine_input(r, refs[r].x) for r in range(world)]
+    ref_x, ref_w = ref_combine(refs, ys, me, mine.x.size(0), [r.topk_weights for r in refs])
+    assert_equal(combined_x, ref_x, "combined_x")
+    assert_equal(combined_w, ref_w, "combined_topk_weights")
+
+
+def _async_and_previous_event(ctx, seed):
+    """async_finish / previous_event / allocate_on_comm_stream give the same results, and the
+    communication stream really waits for work queued on the current stream before the call."""
+    world, me, dev = ctx.world, ctx.rank, ctx.device
+    E = num_experts(world)
+    buf = ht_buffer(ctx)
+    inputs = all_inputs(seed, world)
+    mine = inputs[me]
+    refs = [ref_dispatch([i.x for i in inputs], None, [i.topk_idx for i in inputs], [i.topk_weights for i in inputs],
+                         r, E) for r in range(world)]
+    ys = [combine_input(r, refs[r].x) for r in range(world)]
+    ref_x, ref_w = ref_combine(refs, ys, me, mine.x.size(0), [r.topk_weights for r in refs])
+
+    def late(t_cpu):
+        """A device tensor whose contents land only after ~20 ms of queued work on the current stream."""
+        src = t_cpu.to(dev)
+        out = torch.zeros_like(src)
+        torch.cuda._sleep(20_000_000)
+        out.copy_(src)
+        return out
+
+    for mode in ("sync", "previous_event", "async", "async_previous_comm_alloc"):
+        prev = mode in ("previous_event", "async_previous_comm_alloc")
+        asyn = mode.startswith("async")
+        alloc = mode == "async_previous_comm_alloc"
+
+        def kwargs():
+            return dict(previous_event=buf.capture() if prev else None, async_finish=asyn,
+                        allocate_on_comm_stream=alloc)
+
+        topk = late(mine.topk_idx)
+        ntpr, _, ntpe, itir, ev = buf.get_dispatch_layout(topk, E, **kwargs())
+        if asyn:
+            assert ev.event is not None
+            ev.current_stream_wait()
+        x, weights = late(mine.x), late(mine.topk_weights)
+        recv_x, recv_idx, recv_w, counts, handle, ev = buf.dispatch(
+            x, num_tokens_per_rank=ntpr, is_token_in_rank=itir, num_tokens_per_expert=ntpe, topk_idx=topk,
+            topk_weights=weights, **kwargs())
+        del x, weights  # the buffer must keep them alive (record_stream) until the copy is done
+        if asyn:
+            with ev:
+                pass  # leaving the block makes the current stream wait
+        assert_equal(recv_x, refs[me].x, f"recv_x ({mode})")
+        assert_equal(recv_w, refs[me].topk_weights, f"recv_topk_weights ({mode})")
+        assert counts == refs[me].num_recv_tokens_per_expert
+        y = late(combine_input(me, recv_x.cpu()))
+        combined_x, combined_w, ev = buf.combine(y, handle, topk_weights=recv_w, **kwargs())
+        if asyn:
+            assert ev.event is not None
+            ev.current_stream_wait()
+        else:
+            assert ev.event is None
+        assert_equal(combined_x, ref_x, f"combined_x ({mode})")
+        assert_equal(combined_w, ref_w, f"combined_topk_weights ({mode})")
+    assert buf.get_comm_stream() is buf.get_comm_stream()
+
+
+def _bad_expert_id(ctx, seed):
+    """An expert id out of range is recorded on the device and raised at the next check."""
+    buf = ctx.buffer(num_nvl_bytes=epx.Buffer.get_nvl_buffer_size_hint(256, HIDDEN, ctx.world) + (2 << 20))
+    E = num_experts(ctx.world)
+    topk = make_input(seed, ctx.rank, 16, HIDDEN, E, TOPK).topk_idx
+    topk[3, 1] = E  # out of range on every rank
+    buf.get_dispatch_layout(topk.to(ctx.device), E)
+    try:
+        buf.synchronize()
+    except epx.EpxError as e:
+        assert e.kind == "InvalidArgument" and "topk_idx" in str(e), str(e)
+    else:
+        raise AssertionError("no EpxError for an expert id out of range")
+    assert buf.failed
+    try:
+        buf.get_dispatch_layout(topk.to(ctx.device), E)
+    except epx.EpxError as e:
+        assert e.kind == "State", str(e)
+    else:
+        raise AssertionError("a failed buffer accepted work")
+    buf.reset()
+    assert not buf.failed
+    topk[3, 1] = -1
+    ntpr, _, ntpe, itir, _ = buf.get_dispatch_layout(topk.to(ctx.device), E)
+    assert_equal(ntpe, ref_layout(topk, E, ctx.world)[1], "num_tokens_per_expert after reset")
+
+
+def _local_buffer_tensor(ctx, seed):
+    buf = ht_buffer(ctx)
+    t = buf.get_local_buffer_tensor(torch.bfloat16)
+    assert t.device == ctx.device and t.dtype == torch.bfloat16 and t.numel() == buf.runtime.num_nvl_bytes // 2
+    part = buf.get_local_buffer_tensor(torch.float32, torch.Size((4, 8)), offset=1 << 20)
+    assert part.shape == (4, 8) and part.data_ptr() == t.data_ptr() + (1 << 20)
+
+
+# ---- Tests --------------------------------------------------------------------------------------------
+
+def test_get_dispatch_layout(ranks, seed):
+    ranks.run(_layout, seed)
+
+
+@pytest.mark.parametrize("fp8", [False, True], ids=["bf16", "fp8"])
+@pytest.mark.parametrize("strided", [False, True], ids=["contiguous", "strided"])
+def test_dispatch_combine(ranks, seed, fp8, strided):
+    ranks.run(_dispatch_combine, seed, fp8, strided, True, 1, False)
+
+
+def test_dispatch_without_weights_aligned(ranks, seed):
+    ranks.run(_dispatch_combine, seed, False, False, False, 8, False)
+
+
+def test_dispatch_rank_without_tokens(ranks, seed):
+    ranks.run(_dispatch_combine, seed, True, False, True, 4, True)
+
+
+def test_num_worst_tokens(ranks, seed):
+    ranks.run(_worst_tokens, seed)
+
+
+def test_async_finish_and_previous_event(ranks, seed):
+    ranks.run(_async_and_previous_event, seed)
+
+
+def test_bad_expert_id_raises_and_reset(ranks, seed):
+    ranks.run(_bad_expert_id, seed)
+
+
+def test_get_local_buffer_tensor(ranks, seed):
+    ranks.run(_local_buffer_tensor, seed)

@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Installs what the Python binding and its tests need, only when missing: pybind11 (build),
+# scikit-build-core (pip install .), pytest and torch (tests).
+#   Usage: tools/python-deps.sh [python]      (default: $PYTHON or python3)
+# torch comes from PyPI (its CUDA build: a large download) and brings the nvidia-nccl-cu13
+# package, which cmake/FindNCCL.cmake prefers over the CUDA toolkit's NCCL for that interpreter.
+# On a machine whose NCCL must stay the toolkit's, give a virtual environment
+# (python3 -m venv --system-site-packages DIR; tools/python-deps.sh DIR/bin/python) or configure
+# with NCCL_ROOT set. A machine that has torch already keeps its own.
+set -euo pipefail
+py=${1:-${PYTHON:-python3}}
+where=$("$py" -c 'import sys; print(sys.executable)')
+missing=()
+for spec in pybind11:pybind11 scikit_build_core:scikit-build-core pytest:pytest torch:torch; do
+  module=${spec%%:*} package=${spec#*:}
+  if ! "$py" -c "import $module" >/dev/null 2>&1; then missing+=("$package"); fi
+done
+if [ ${#missing[@]} -eq 0 ]; then
+  echo "python-deps: all present for $where"
+else
+  echo "python-deps: installing ${missing[*]} for $where"
+  "$py" -m pip install "${missing[@]}"
+fi
+# The binding also needs this interpreter's headers (Python.h).
+if ! "$py" -c 'import os, sys, sysconfig; sys.exit(not os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")))'; then
+  echo "python-deps: Python.h not found for $where: install its development package (e.g. python3-dev)" >&2
+  exit 1
+fi
+nccl=$("$py" -c 'import nvidia.nccl as m; print(list(m.__path__)[0])' 2>/dev/null || true)
+if [ -n "$nccl" ] && [ -f "$nccl/include/nccl.h" ]; then
+  version=$(awk '/define NCCL_(MAJOR|MINOR|PATCH) /{printf "%s%s", sep, $3; sep="."}' "$nccl/include/nccl.h")
+  echo "python-deps: $where has NCCL $version ($nccl); CMake builds epx against it unless NCCL_ROOT is set"
+fi
