@@ -12,6 +12,9 @@ struct Config {
   // Bound of every device wait; a wait that expires raises Error(kTimeout). 0 = take EPX_TIMEOUT_S
   // (default 100 s).
   double timeout_s = 0;
+  // Combine variant: false = push all rows, then reduce (validated on 4xH100); true = warp-
+  // specialized push and reduce that overlap through per-chunk flags (experimental until measured).
+  bool pipelined_combine = false;
 
   // Throws Error(kInvalidArgument) naming the field when out of range. `num_device_sms` <= 0 skips
   // the check against the device.

@@ -41,10 +41,27 @@ struct NotifyArea {
   NotifySlot slot[kMaxPeers];
 };
 
+// Per-chunk completion flags of the pipelined combine (Config::pipelined_combine):
+//   flag[r][c] written by rank r (each lane of the sending warp fences .sys, then lane 0 stores
+//   release.sys = e) once chunk c of its rows back to this rank is written; read (acquire.sys,
+//   >= e) by this rank's reducing warps before they read that chunk. Grow only; reset by reset().
+constexpr int kMaxCombineChunks = 1024;
+constexpr int kMinCombineChunkRows = 16;
+struct ChunkFlags {
+  uint64_t flag[kMaxPeers][kMaxCombineChunks];
+};
+// Rows per chunk for `num_rows` rows of one (sender, receiver) pair: both sides compute it from
+// the same count matrix.
+EPX_HD int combine_chunk_rows(int num_rows) {
+  const int per = (num_rows + kMaxCombineChunks - 1) / kMaxCombineChunks;
+  return per > kMinCombineChunkRows ? per : kMinCombineChunkRows;
+}
+
 struct SymmetricLayout {
   static constexpr size_t kSyncOffset = 0;
   static constexpr size_t kNotifyOffset = 4096;
-  static constexpr size_t kRowsOffset = align_up(kNotifyOffset + sizeof(NotifyArea), 4096);
+  static constexpr size_t kChunkFlagsOffset = align_up(kNotifyOffset + sizeof(NotifyArea), 4096);
+  static constexpr size_t kRowsOffset = align_up(kChunkFlagsOffset + sizeof(ChunkFlags), 4096);
   static constexpr size_t kMinBytes = kRowsOffset + 4096;
 };
 

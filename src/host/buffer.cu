@@ -427,7 +427,10 @@ void Buffer::combine(const CombineInputs& in, const DispatchHandle& handle, cons
   p.out_stride = out.combined_x.stride[0];
   p.combined_topk_weights = K ? out.combined_topk_weights.ptr<float>() : nullptr;
   p.out_weight_stride = K ? out.combined_topk_weights.stride[0] : 0;
-  kernels::launch_combine(p, m.config.num_sms, m.config.num_threads, stream);
+  if (m.config.pipelined_combine)
+    kernels::launch_combine_pipelined(p, m.config.num_sms, m.config.num_threads, stream);
+  else
+    kernels::launch_combine(p, m.config.num_sms, m.config.num_threads, stream);
   m.after_launch("combine");
 }
 

@@ -6,39 +6,12 @@
 //   signal:  the last block publishes done = e to every peer;
 //   reduce:  after every peer's done, a warp per token sums its contributions in rank order in
 //            fp32 (own rows read straight from x), adds the biases, rounds to bf16.
-#include <cuda_bf16.h>
-
-#include "device/copy.cuh"
-#include "kernels/ht_params.hpp"
+#include "kernels/combine_common.cuh"
 
 namespace epx::kernels {
 namespace {
 
 using namespace epx::device;
-constexpr int kUnroll = 4;
-
-__device__ __forceinline__ float bf16_bits_to_float(uint32_t bits16) { return __uint_as_float(bits16 << 16); }
-
-__device__ __forceinline__ void add_bf16x8(float (&acc)[8], const int4& v) {
-  const uint32_t w[4] = {static_cast<uint32_t>(v.x), static_cast<uint32_t>(v.y), static_cast<uint32_t>(v.z),
-                         static_cast<uint32_t>(v.w)};
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    acc[2 * i] += bf16_bits_to_float(w[i] & 0xffffu);
-    acc[2 * i + 1] += bf16_bits_to_float(w[i] >> 16);
-  }
-}
-
-__device__ __forceinline__ int4 pack_bf16x8(const float (&acc)[8]) {
-  uint32_t w[4];
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    const uint32_t lo = __bfloat16_as_ushort(__float2bfloat16_rn(acc[2 * i]));
-    const uint32_t hi = __bfloat16_as_ushort(__float2bfloat16_rn(acc[2 * i + 1]));
-    w[i] = lo | (hi << 16);
-  }
-  return make_int4(static_cast<int>(w[0]), static_cast<int>(w[1]), static_cast<int>(w[2]), static_cast<int>(w[3]));
-}
 
 __device__ void send_rows(const CombineParams& p, const int* recv_base, const int* dst_base, int num_recv) {
   const OpContext& ctx = p.ctx;
@@ -66,61 +39,12 @@ __device__ void send_rows(const CombineParams& p, const int* recv_base, const in
 }
 
 __device__ void reduce_tokens(const CombineParams& p, const int* recv_base) {
-  const OpContext& ctx = p.ctx;
-  const int R = ctx.num_ranks, me = ctx.rank;
-  __shared__ int send_base[kMaxPeers];  // first slot of each rank's contributions here
-  if (threadIdx.x == 0) {
-    int sum = 0;
-    for (int r = 0; r < R; ++r) { send_base[r] = sum; sum += p.count_matrix[me * R + r]; }
-  }
-  __syncthreads();
-  char* base = ctx.rows(me);
+  __shared__ int send_base[kMaxPeers];
+  compute_send_base(p, send_base);
   const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
   const int global_warp = blockIdx.x * (blockDim.x / kWarpSize) + warp;
   const int num_warps = gridDim.x * (blockDim.x / kWarpSize);
-  const int num_vec = p.hidden / 8;
-  for (int t = global_warp; t < p.num_tokens; t += num_warps) {
-    // Contribution rows in rank order (the reduction order the reference uses).
-    const int4* src[kMaxPeers];
-    const float* wsrc[kMaxPeers];
-#pragma unroll
-    for (int r = 0; r < kMaxPeers; ++r) {
-      const int pos = r < R ? p.send_pos[static_cast<int64_t>(t) * R + r] : -1;
-      src[r] = nullptr;
-      wsrc[r] = nullptr;
-      if (pos < 0) continue;
-      if (r == me) {
-        const int64_t row = recv_base[me] + pos;
-        src[r] = reinterpret_cast<const int4*>(p.x + row * p.x_stride);
-        if (p.topk_weights) wsrc[r] = p.topk_weights + row * p.weight_stride;
-      } else {
-        src[r] = reinterpret_cast<const int4*>(p.rows.row(base, send_base[r] + pos));
-        if (p.rows.num_topk_weights) wsrc[r] = p.rows.topk_weights(base, send_base[r] + pos);
-      }
-    }
-    for (int v = lane; v < num_vec; v += kWarpSize) {
-      int4 val[kMaxPeers];
-#pragma unroll
-      for (int r = 0; r < kMaxPeers; ++r)
-        if (src[r] != nullptr) val[r] = r == me ? ld_nc_na_v4(src[r] + v) : src[r][v];
-      float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-#pragma unroll
-      for (int r = 0; r < kMaxPeers; ++r)
-        if (src[r] != nullptr) add_bf16x8(acc, val[r]);
-      if (p.bias_0) add_bf16x8(acc, ld_nc_na_v4(reinterpret_cast<const int4*>(p.bias_0 + t * p.bias_0_stride) + v));
-      if (p.bias_1) add_bf16x8(acc, ld_nc_na_v4(reinterpret_cast<const int4*>(p.bias_1 + t * p.bias_1_stride) + v));
-      reinterpret_cast<int4*>(p.combined_x + t * p.out_stride)[v] = pack_bf16x8(acc);
-    }
-    if (p.combined_topk_weights != nullptr) {
-      for (int k = lane; k < p.num_topk; k += kWarpSize) {
-        float acc = 0.f;
-#pragma unroll
-        for (int r = 0; r < kMaxPeers; ++r)
-          if (wsrc[r] != nullptr) acc += wsrc[r][k];
-        p.combined_topk_weights[t * p.out_weight_stride + k] = acc;
-      }
-    }
-  }
+  for (int t = global_warp; t < p.num_tokens; t += num_warps) reduce_token(p, t, recv_base, send_base, lane);
 }
 
 __global__ void __launch_bounds__(kMaxHtThreads) combine_kernel(const __grid_constant__ CombineParams p) {

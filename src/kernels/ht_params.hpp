@@ -91,5 +91,7 @@ struct CombineParams {
   int64_t out_weight_stride;
 };
 void launch_combine(const CombineParams& p, int num_blocks, int num_threads, cudaStream_t stream);
+// The pipelined variant (Config::pipelined_combine): same params, same results bit for bit.
+void launch_combine_pipelined(const CombineParams& p, int num_blocks, int num_threads, cudaStream_t stream);
 
 }  // namespace epx::kernels

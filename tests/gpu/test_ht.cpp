@@ -235,15 +235,21 @@ void run_case(RankCtx& ctx, const Case& c) {
     CombineOutputs co;
     co.combined_x = View::of(cx.get(), DType::kBF16, {N, H});
     if (s.with_weights) co.combined_topk_weights = View::of(cw.get(), DType::kF32, {N, K});
+    // Second run: the pipelined variant must give the same bits.
+    Config cfg = ctx.buffer->config();
+    cfg.pipelined_combine = iter == 1;
+    ctx.buffer->set_config(cfg);
     ctx.buffer->combine(ci, handle, co, ctx.stream);
     ctx.buffer->synchronize(ctx.stream);
+    cfg.pipelined_combine = false;
+    ctx.buffer->set_config(cfg);
     auto got = cx.download<uint16_t>(static_cast<size_t>(N) * H);
     expect_equal(got, want_c.combined_x, static_cast<size_t>(N) * H, c.name + " combined_x");
     if (s.with_weights)
       expect_equal(cw.download<float>(static_cast<size_t>(N) * K), want_c.combined_topk_weights,
                    static_cast<size_t>(N) * K, c.name + " combined_topk_weights");
     if (iter == 0) first = got;
-    else expect_equal(got, first, first.size(), c.name + " combine run-to-run");
+    else expect_equal(got, first, first.size(), c.name + " pipelined combine == combine");
   }
   if (me == 0) std::printf("[world %d] case %-28s ok (rank 0 received %d rows)\n", R, c.name.c_str(), want[0].num_recv);
 }

@@ -1,0 +1,96 @@
+// Pieces shared by the two combine variants (combine.cu, combine_pipelined.cu): bf16 helpers and
+// the reduction of one token over its contributions in rank order (the reference's order).
+#pragma once
+#include <cuda_bf16.h>
+
+#include "device/copy.cuh"
+#include "kernels/ht_params.hpp"
+
+namespace epx::kernels {
+
+using namespace epx::device;
+constexpr int kUnroll = 4;
+
+__device__ __forceinline__ float bf16_bits_to_float(uint32_t bits16) { return __uint_as_float(bits16 << 16); }
+
+__device__ __forceinline__ void add_bf16x8(float (&acc)[8], const int4& v) {
+  const uint32_t w[4] = {static_cast<uint32_t>(v.x), static_cast<uint32_t>(v.y), static_cast<uint32_t>(v.z),
+                         static_cast<uint32_t>(v.w)};
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    acc[2 * i] += bf16_bits_to_float(w[i] & 0xffffu);
+    acc[2 * i + 1] += bf16_bits_to_float(w[i] >> 16);
+  }
+}
+
+__device__ __forceinline__ int4 pack_bf16x8(const float (&acc)[8]) {
+  uint32_t w[4];
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const uint32_t lo = __bfloat16_as_ushort(__float2bfloat16_rn(acc[2 * i]));
+    const uint32_t hi = __bfloat16_as_ushort(__float2bfloat16_rn(acc[2 * i + 1]));
+    w[i] = lo | (hi << 16);
+  }
+  return make_int4(static_cast<int>(w[0]), static_cast<int>(w[1]), static_cast<int>(w[2]), static_cast<int>(w[3]));
+}
+
+// First slot of each rank's contributions in this rank's row region (rows it sent to that rank).
+__device__ __forceinline__ void compute_send_base(const CombineParams& p, int* send_base) {
+  if (threadIdx.x == 0) {
+    const int R = p.ctx.num_ranks, me = p.ctx.rank;
+    int sum = 0;
+    for (int r = 0; r < R; ++r) { send_base[r] = sum; sum += p.count_matrix[me * R + r]; }
+  }
+  __syncthreads();
+}
+
+// One warp: combined_x[t] = bf16(sum over ranks r ascending of row(r, t) + bias_0 + bias_1), and
+// the top-k weight sums. Own rows are read in place from x.
+__device__ __forceinline__ void reduce_token(const CombineParams& p, int t, const int* recv_base,
+                                             const int* send_base, int lane) {
+  const int R = p.ctx.num_ranks, me = p.ctx.rank;
+  char* base = p.ctx.rows(me);
+  const int num_vec = p.hidden / 8;
+  // Contribution rows in rank order (the reduction order the reference uses).
+  const int4* src[kMaxPeers];
+  const float* wsrc[kMaxPeers];
+#pragma unroll
+  for (int r = 0; r < kMaxPeers; ++r) {
+    const int pos = r < R ? p.send_pos[static_cast<int64_t>(t) * R + r] : -1;
+    src[r] = nullptr;
+    wsrc[r] = nullptr;
+    if (pos < 0) continue;
+    if (r == me) {
+      const int64_t row = recv_base[me] + pos;
+      src[r] = reinterpret_cast<const int4*>(p.x + row * p.x_stride);
+      if (p.topk_weights) wsrc[r] = p.topk_weights + row * p.weight_stride;
+    } else {
+      src[r] = reinterpret_cast<const int4*>(p.rows.row(base, send_base[r] + pos));
+      if (p.rows.num_topk_weights) wsrc[r] = p.rows.topk_weights(base, send_base[r] + pos);
+    }
+  }
+  for (int v = lane; v < num_vec; v += kWarpSize) {
+    int4 val[kMaxPeers];
+#pragma unroll
+    for (int r = 0; r < kMaxPeers; ++r)
+      if (src[r] != nullptr) val[r] = r == me ? ld_nc_na_v4(src[r] + v) : src[r][v];
+    float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+#pragma unroll
+    for (int r = 0; r < kMaxPeers; ++r)
+      if (src[r] != nullptr) add_bf16x8(acc, val[r]);
+    if (p.bias_0) add_bf16x8(acc, ld_nc_na_v4(reinterpret_cast<const int4*>(p.bias_0 + t * p.bias_0_stride) + v));
+    if (p.bias_1) add_bf16x8(acc, ld_nc_na_v4(reinterpret_cast<const int4*>(p.bias_1 + t * p.bias_1_stride) + v));
+    reinterpret_cast<int4*>(p.combined_x + t * p.out_stride)[v] = pack_bf16x8(acc);
+  }
+  if (p.combined_topk_weights != nullptr) {
+    for (int k = lane; k < p.num_topk; k += kWarpSize) {
+      float acc = 0.f;
+#pragma unroll
+      for (int r = 0; r < kMaxPeers; ++r)
+        if (wsrc[r] != nullptr) acc += wsrc[r][k];
+      p.combined_topk_weights[t * p.out_weight_stride + k] = acc;
+    }
+  }
+}
+
+}  // namespace epx::kernels
