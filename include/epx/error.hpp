@@ -1,5 +1,5 @@
 // epx::Error: the one error type of the library. Every public entry validates its arguments and
-// throws Error (never exit(), never a silent clamp). Device-side failures (timeouts, bad expert ids
+// throws Error (the process is never terminated, nothing is silently clamped). Device-side failures (timeouts, bad expert ids
 // seen by a kernel) are recorded on the device and raised as Error at the next host check point.
 #pragma once
 #include <sstream>

@@ -51,22 +51,13 @@ __global__ void __launch_bounds__(kMaxHtThreads) combine_kernel(const __grid_con
   __shared__ int recv_base[kMaxPeers + 1];  // first received row from each source
   __shared__ int dst_base[kMaxPeers];       // first slot of this rank's rows on each source
   const OpContext& ctx = p.ctx;
-  const int R = ctx.num_ranks, me = ctx.rank;
   const uint64_t e = op_begin(ctx);
   const int num_recv = *p.num_recv;
   if (num_recv < 0 || !rows_fit(ctx, p.count_matrix, p.rows.capacity, /*by_receiver=*/false)) {
     op_end(ctx, e);
     return;
   }
-  if (threadIdx.x == 0) {
-    recv_base[0] = 0;
-    for (int s = 0; s < R; ++s) {
-      recv_base[s + 1] = recv_base[s] + p.count_matrix[s * R + me];
-      int sum = 0;
-      for (int r = 0; r < me; ++r) sum += p.count_matrix[s * R + r];
-      dst_base[s] = sum;
-    }
-  }
+  compute_recv_and_dst_base(p, recv_base, dst_base);
   if (!wait_peers_ready(ctx, e)) return;
   send_rows(p, recv_base, dst_base, num_recv);
   signal_sends_done(ctx, e);

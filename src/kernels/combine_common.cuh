@@ -34,6 +34,22 @@ __device__ __forceinline__ int4 pack_bf16x8(const float (&acc)[8]) {
   return make_int4(static_cast<int>(w[0]), static_cast<int>(w[1]), static_cast<int>(w[2]), static_cast<int>(w[3]));
 }
 
+// recv_base[s]: first received row from source s (recv_base[R] = rows received);
+// dst_base[s]: first slot of this rank's rows in source s's row region.
+__device__ __forceinline__ void compute_recv_and_dst_base(const CombineParams& p, int* recv_base, int* dst_base) {
+  if (threadIdx.x == 0) {
+    const int R = p.ctx.num_ranks, me = p.ctx.rank;
+    recv_base[0] = 0;
+    for (int s = 0; s < R; ++s) {
+      recv_base[s + 1] = recv_base[s] + p.count_matrix[s * R + me];
+      int sum = 0;
+      for (int r = 0; r < me; ++r) sum += p.count_matrix[s * R + r];
+      dst_base[s] = sum;
+    }
+  }
+  __syncthreads();
+}
+
 // First slot of each rank's contributions in this rank's row region (rows it sent to that rank).
 __device__ __forceinline__ void compute_send_base(const CombineParams& p, int* send_base) {
   if (threadIdx.x == 0) {

@@ -78,22 +78,13 @@ __global__ void __launch_bounds__(kMaxHtThreads) combine_pipelined_kernel(const 
   __shared__ int send_base[kMaxPeers];
   __shared__ int seen[kMaxHtThreads / kWarpSize][kMaxPeers];
   const OpContext& ctx = p.ctx;
-  const int R = ctx.num_ranks, me = ctx.rank;
   const uint64_t e = op_begin(ctx);
   const int num_recv = *p.num_recv;
   if (num_recv < 0 || !rows_fit(ctx, p.count_matrix, p.rows.capacity, /*by_receiver=*/false)) {
     op_end(ctx, e);
     return;
   }
-  if (threadIdx.x == 0) {
-    recv_base[0] = 0;
-    for (int s = 0; s < R; ++s) {
-      recv_base[s + 1] = recv_base[s] + p.count_matrix[s * R + me];
-      int sum = 0;
-      for (int r = 0; r < me; ++r) sum += p.count_matrix[s * R + r];
-      dst_base[s] = sum;
-    }
-  }
+  compute_recv_and_dst_base(p, recv_base, dst_base);
   compute_send_base(p, send_base);
   if (!wait_peers_ready(ctx, e)) return;
 

@@ -17,6 +17,7 @@
 
 #include "epx/error.hpp"
 #include "reference/reference.hpp"
+#include "cpu/test_util.hpp"
 
 namespace {
 
@@ -27,18 +28,8 @@ using epx::ref::DispatchShape;
 using epx::ref::float_to_bf16;
 using epx::ref::RankInput;
 
-float from_bits(uint32_t bits) {
-  float f;
-  std::memcpy(&f, &bits, sizeof f);
-  return f;
-}
-
-// bf16 bits of a value the test knows to be exactly representable (so no rounding is involved).
-uint16_t bf(float f) {
-  const uint16_t b = float_to_bf16(f);
-  EXPECT_EQ(bf16_to_float(b), f) << f << " is not exact in bf16: fix the test data";
-  return b;
-}
+using epx::test_util::bf;
+using epx::test_util::from_bits;
 
 std::vector<uint16_t> bf_vec(const std::vector<float>& values) {
   std::vector<uint16_t> out;

@@ -19,6 +19,7 @@
 
 #include "epx/error.hpp"
 #include "reference/reference.hpp"
+#include "cpu/test_util.hpp"
 #include "reference/reference_ll.hpp"
 
 namespace {
@@ -28,18 +29,8 @@ using epx::ref::float_to_bf16;
 using epx::ref::LlDispatchResult;
 using epx::ref::LlRankInput;
 
-float from_bits(uint32_t bits) {
-  float f;
-  std::memcpy(&f, &bits, sizeof f);
-  return f;
-}
-
-// bf16 bits of a value the test knows to be exactly representable (so no rounding is involved).
-uint16_t bf(float f) {
-  const uint16_t b = float_to_bf16(f);
-  EXPECT_EQ(bf16_to_float(b), f) << f << " is not exact in bf16: fix the test data";
-  return b;
-}
+using epx::test_util::bf;
+using epx::test_util::from_bits;
 
 // A 128-multiple bf16 row of zeros with the given leading values.
 std::vector<uint16_t> bf_row(int hidden, const std::vector<float>& leading) {

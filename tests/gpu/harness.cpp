@@ -21,7 +21,7 @@ int num_gpus() {
   return n;
 }
 
-int run_world(int world, size_t nvl_bytes, const Config& config, const std::function<void(RankCtx&)>& body) {
+int run_world(int world, size_t nvl_bytes, const BufferOptions& options, const std::function<void(RankCtx&)>& body) {
   const uint64_t seed = run_seed();
   return launch_local(world, [&](int rank, int w, const ncclUniqueId& id) {
     std::setvbuf(stdout, nullptr, _IOLBF, 0);
@@ -30,9 +30,7 @@ int run_world(int world, size_t nvl_bytes, const Config& config, const std::func
     // process exits instead.
     try {
       auto* comm = new Communicator(id, rank, w, rank);
-      BufferOptions opts;
-      opts.config = config;
-      auto* buffer = new Buffer(*comm, nvl_bytes, opts);
+      auto* buffer = new Buffer(*comm, nvl_bytes, options);
       cudaStream_t stream;
       CUDA_OK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
       RankCtx ctx{rank, w, seed, comm, buffer, stream};

@@ -45,7 +45,12 @@ struct RankCtx {
 
 // Runs `body` on `world` ranks with a Buffer of `nvl_bytes`; returns the number of failed ranks.
 // Each rank prints what failed, with the seed.
-int run_world(int world, size_t nvl_bytes, const Config& config, const std::function<void(RankCtx&)>& body);
+int run_world(int world, size_t nvl_bytes, const BufferOptions& options, const std::function<void(RankCtx&)>& body);
+inline int run_world(int world, size_t nvl_bytes, const Config& config, const std::function<void(RankCtx&)>& body) {
+  BufferOptions options;
+  options.config = config;
+  return run_world(world, nvl_bytes, options, body);
+}
 
 #define SKIP_WITHOUT_GPUS(n)                                                                        \
   do {                                                                                              \

@@ -191,27 +191,9 @@ size_t ll_bytes_for(const std::vector<LlSpec>& specs, int R) {
 }
 
 int run_ll_world(int world, const std::function<void(RankCtx&)>& body, size_t ll_bytes) {
-  const uint64_t seed = run_seed();
-  return launch_local(world, [&](int rank, int w, const ncclUniqueId& id) {
-    std::setvbuf(stdout, nullptr, _IOLBF, 0);
-    try {
-      auto* comm = new Communicator(id, rank, w, rank);
-      BufferOptions opts;
-      opts.num_ll_bytes = ll_bytes;
-      auto* buffer = new Buffer(*comm, 64 << 20, opts);
-      cudaStream_t stream;
-      CUDA_OK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
-      RankCtx ctx{rank, w, seed, comm, buffer, stream};
-      body(ctx);
-      buffer->synchronize(stream);
-      delete buffer;
-      delete comm;
-      return 0;
-    } catch (const std::exception& e) {
-      std::fprintf(stderr, "[rank %d/%d seed %llu] FAILED: %s\n", rank, w, (unsigned long long)seed, e.what());
-      return 1;
-    }
-  }, 240);
+  BufferOptions options;
+  options.num_ll_bytes = ll_bytes;
+  return run_world(world, 64 << 20, options, body);
 }
 
 class LlWorld : public ::testing::TestWithParam<int> {};
