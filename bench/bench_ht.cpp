@@ -170,6 +170,12 @@ std::vector<Row> run_ht(const Options& o, Communicator& comm) {
         measure("dispatch bf16 cached", cached(false), row_bf16, nr, remote_rows, &nd);
         measure("dispatch fp8 fresh", fresh(true), row_fp8, nr, remote_rows, nullptr);
         measure("dispatch fp8 cached", cached(true), row_fp8, nr, remote_rows, nullptr);
+        cfg.pipelined_dispatch = true;
+        buffer.set_config(cfg);
+        measure("dispatch bf16 cached pipelined", cached(false), row_bf16, nr, remote_rows, &nd);
+        measure("dispatch fp8 cached pipelined", cached(true), row_fp8, nr, remote_rows, nullptr);
+        cfg.pipelined_dispatch = false;
+        buffer.set_config(cfg);
         fresh(false)(stream);  // recv buffer holds bf16 rows again for combine
         measure("combine bf16", combine_op, row_bf16, nr, remote_rows, &nc);
         cfg.pipelined_combine = true;

@@ -15,6 +15,9 @@ struct Config {
   // Combine variant: false = push all rows, then reduce (validated on 4xH100); true = warp-
   // specialized push and reduce that overlap through per-chunk flags (experimental until measured).
   bool pipelined_combine = false;
+  // Dispatch variant: false = push all rows, then copy them out of the buffer (validated on
+  // 4xH100); true = sender and copy warps overlap through per-chunk flags (experimental).
+  bool pipelined_dispatch = false;
 
   // Throws Error(kInvalidArgument) naming the field when out of range. `num_device_sms` <= 0 skips
   // the check against the device.

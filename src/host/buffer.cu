@@ -363,7 +363,10 @@ void Buffer::dispatch(const DispatchInputs& in, const DispatchHandle& handle, co
   p.recv_topk_idx = out.recv_topk_idx.defined() ? out.recv_topk_idx.ptr<int64_t>() : nullptr;
   p.recv_topk_weights = out.recv_topk_weights.defined() ? out.recv_topk_weights.ptr<float>() : nullptr;
   p.recv_src_idx = out.recv_src_idx.defined() ? out.recv_src_idx.ptr<int>() : nullptr;
-  kernels::launch_dispatch(p, m.config.num_sms, m.config.num_threads, stream);
+  if (m.config.pipelined_dispatch)
+    kernels::launch_dispatch_pipelined(p, m.config.num_sms, m.config.num_threads, stream);
+  else
+    kernels::launch_dispatch(p, m.config.num_sms, m.config.num_threads, stream);
   m.after_launch("dispatch");
 }
 

@@ -69,6 +69,8 @@ struct DispatchParams {
   int* recv_src_idx;
 };
 void launch_dispatch(const DispatchParams& p, int num_blocks, int num_threads, cudaStream_t stream);
+// The pipelined variant (Config::pipelined_dispatch): same params, same outputs.
+void launch_dispatch_pipelined(const DispatchParams& p, int num_blocks, int num_threads, cudaStream_t stream);
 
 struct CombineParams {
   device::OpContext ctx;

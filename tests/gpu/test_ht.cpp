@@ -197,6 +197,18 @@ void run_case(RankCtx& ctx, const Case& c) {
     ctx.buffer->synchronize(ctx.stream);
     check_recv(again, s, want[me], rows, false, c.name + " cached");
   }
+  // The pipelined dispatch variant, all outputs, on the same handle: the same rows.
+  {
+    RecvOut piped = alloc_recv(s, rows);
+    Config cfg = ctx.buffer->config();
+    cfg.pipelined_dispatch = true;
+    ctx.buffer->set_config(cfg);
+    ctx.buffer->dispatch(in, handle, piped.view(s, rows), ctx.stream);
+    ctx.buffer->synchronize(ctx.stream);
+    cfg.pipelined_dispatch = false;
+    ctx.buffer->set_config(cfg);
+    check_recv(piped, s, want[me], rows, true, c.name + " pipelined");
+  }
 
   // Combine: every rank's expert outputs are regenerable, so the reference is exact (bitwise).
   std::vector<ref::CombineRankInput> cin(R);

@@ -1,0 +1,92 @@
+// Pieces shared by the two dispatch variants (dispatch.cu, dispatch_pipelined.cu): sending one
+// token to its final rows, copying received rows out of the row region, padding worst-case rows.
+#pragma once
+#include "device/copy.cuh"
+#include "kernels/ht_params.hpp"
+
+namespace epx::kernels {
+
+using namespace epx::device;
+constexpr int kDispatchUnroll = 4;
+
+__device__ __forceinline__ void send_token(const DispatchParams& p, int t, const int* slot_base, int lane) {
+  const OpContext& ctx = p.ctx;
+  const int R = ctx.num_ranks, me = ctx.rank;
+  // Destination row of this token on every rank (null where it is not sent). Indexed by
+  // compile-time constants only, so everything stays in registers.
+  char* dst_x[kMaxPeers];
+  int64_t dst_row[kMaxPeers];
+#pragma unroll
+  for (int r = 0; r < kMaxPeers; ++r) {
+    const int pos = r < R ? p.send_pos[static_cast<int64_t>(t) * R + r] : -1;
+    dst_row[r] = pos >= 0 ? slot_base[r] + pos : -1;
+    dst_x[r] = pos < 0 ? nullptr
+               : r == me ? p.recv_x + dst_row[r] * p.rows.row_bytes
+                         : p.rows.row(ctx.rows(r), dst_row[r]);
+  }
+  warp_copy_multicast<kDispatchUnroll>(p.x + t * p.x_row_stride_bytes, dst_x, p.rows.row_bytes, lane);
+
+  // Metadata: scales, top-k rewritten to the destination's local ids, source index.
+  const int E_loc = p.num_experts_per_rank;
+  const RowLayout& L = p.rows;
+#pragma unroll 1
+  for (int r = 0; r < R; ++r) {
+    const int64_t row = p.send_pos[static_cast<int64_t>(t) * R + r] >= 0 ? slot_base[r] + p.send_pos[static_cast<int64_t>(t) * R + r] : -1;
+    if (row < 0) continue;
+    const bool local = r == me;
+    char* base = local ? nullptr : ctx.rows(r);
+    float* scales = local ? p.recv_x_scales + row * L.num_scales : L.scales(base, row);
+    for (int j = lane; j < L.num_scales; j += kWarpSize)
+      scales[j] = p.x_scales[t * p.scale_token_stride + j * p.scale_hidden_stride];
+    for (int k = lane; k < L.num_topk_idx; k += kWarpSize) {
+      const int64_t e = p.topk_idx[t * p.topk_stride + k];
+      const int64_t first = static_cast<int64_t>(r) * E_loc;
+      const int local_e = (e >= first && e < first + E_loc) ? static_cast<int>(e - first) : -1;
+      const float w = (p.topk_weights != nullptr && local_e >= 0) ? p.topk_weights[t * p.weight_stride + k] : 0.f;
+      if (local) {
+        if (p.recv_topk_idx) p.recv_topk_idx[row * p.num_topk + k] = local_e;
+        if (p.recv_topk_weights) p.recv_topk_weights[row * p.num_topk + k] = w;
+      } else {
+        L.topk_idx(base, row)[k] = local_e;
+        if (L.num_topk_weights) L.topk_weights(base, row)[k] = w;
+      }
+    }
+    if (lane == 0) {
+      if (!local) *L.src_idx(base, row) = t;
+      else if (p.recv_src_idx) p.recv_src_idx[row] = t;
+    }
+  }
+}
+
+// Threads [tid, nthreads) copy rows [first, first + num) of the local row region (written by one
+// source) to the outputs.
+__device__ __forceinline__ void copy_out(const DispatchParams& p, int64_t first, int64_t num, size_t tid,
+                                         size_t nthreads) {
+  const RowLayout& L = p.rows;
+  char* base = p.ctx.rows(p.ctx.rank);
+  coop_copy(p.recv_x + first * L.row_bytes, L.row(base, first), num * L.row_bytes, tid, nthreads);
+  if (L.num_scales)
+    coop_copy(p.recv_x_scales + first * L.num_scales, L.scales(base, first), num * L.num_scales * 4, tid, nthreads);
+  const int K = L.num_topk_idx;
+  for (size_t i = tid; i < static_cast<size_t>(num) * K; i += nthreads) {
+    if (p.recv_topk_idx) p.recv_topk_idx[first * K + i] = L.topk_idx(base, first)[i];
+    if (p.recv_topk_weights) p.recv_topk_weights[first * K + i] = L.num_topk_weights ? L.topk_weights(base, first)[i] : 0.f;
+  }
+  if (p.recv_src_idx) coop_copy(p.recv_src_idx + first, L.src_idx(base, first), num * 4, tid, nthreads);
+}
+
+__device__ __forceinline__ void pad_rows(const DispatchParams& p, int64_t first, size_t tid, size_t nthreads) {
+  const int64_t num = p.out_rows - first;
+  if (num <= 0) return;
+  const RowLayout& L = p.rows;
+  coop_zero(p.recv_x + first * L.row_bytes, num * L.row_bytes, tid, nthreads);
+  if (L.num_scales) coop_zero(p.recv_x_scales + first * L.num_scales, num * L.num_scales * 4, tid, nthreads);
+  const int K = p.num_topk;
+  for (size_t i = tid; i < static_cast<size_t>(num) * K; i += nthreads) {
+    if (p.recv_topk_idx) p.recv_topk_idx[first * K + i] = -1;
+    if (p.recv_topk_weights) p.recv_topk_weights[first * K + i] = 0.f;
+  }
+  if (p.recv_src_idx) coop_fill(p.recv_src_idx + first, -1, num, tid, nthreads);
+}
+
+}  // namespace epx::kernels
