@@ -132,6 +132,35 @@ void run_lifecycle(RankCtx& ctx) {
   if (ctx.rank == 0) std::printf("[world %d] 100 Buffer create/destroy cycles, no leak\n", ctx.world);
 }
 
+// A Communicator adopted from the caller's ncclComm_t serves a Buffer like a fresh one.
+TEST(GpuLifecycle, AdoptsAnExistingNcclComm) {
+  SKIP_WITHOUT_GPUS(2);
+  const uint64_t seed = run_seed();
+  const int failed = launch_local(2, [&](int rank, int world, const ncclUniqueId& id) {
+    try {
+      CUDA_OK(cudaSetDevice(rank));
+      ncclComm_t raw = nullptr;
+      REQUIRE(ncclCommInitRank(&raw, world, id, rank) == ncclSuccess, "ncclCommInitRank");
+      auto* comm = new Communicator(raw, /*owns=*/true);
+      REQUIRE(comm->rank() == rank && comm->world() == world && comm->local_size() == world,
+              "adopted topology: rank ", comm->rank(), " world ", comm->world(), " local ", comm->local_size());
+      auto* buffer = new Buffer(*comm, 64 << 20);
+      cudaStream_t stream;
+      CUDA_OK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+      RankCtx ctx{rank, world, seed, comm, buffer, stream};
+      small_dispatch(ctx, *buffer, 128, 2048);
+      delete buffer;
+      delete comm;
+      if (rank == 0) std::printf("[world %d] adopted ncclComm_t: dispatch ok\n", world);
+      return 0;
+    } catch (const std::exception& e) {
+      std::fprintf(stderr, "[rank %d] FAILED: %s\n", rank, e.what());
+      return 1;
+    }
+  }, 120);
+  EXPECT_EQ(failed, 0);
+}
+
 TEST(GpuErrors, ValidationDeviceErrorAndReset) {
   SKIP_WITHOUT_GPUS(2);
   EXPECT_EQ(run_world(2, 64 << 20, Config::defaults(2), run_errors), 0);

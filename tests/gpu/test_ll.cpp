@@ -181,6 +181,7 @@ std::vector<LlSpec> ll_cases() {
   { LlSpec s; s.name = "bf16 h8192 empty rank 1"; s.fp8 = false; s.H = 8192; s.T = 32; s.empty_rank = 1; v.push_back(s); }
   { LlSpec s; s.name = "fp8 h1152 k4 many -1"; s.H = 1152; s.K = 4; s.drop = 0.7; v.push_back(s); }
   { LlSpec s; s.name = "fp8 h2048 k16 e4"; s.K = 16; s.experts_per_rank = 8; s.drop = 0; v.push_back(s); }
+  { LlSpec s; s.name = "fp8 T1024 h1024 k8"; s.T = 1024; s.H = 1024; s.experts_per_rank = 8; v.push_back(s); }
   return v;
 }
 
