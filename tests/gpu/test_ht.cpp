@@ -375,7 +375,7 @@ TEST_P(HtWorld, MatchesReferenceInEveryMode) {
   EXPECT_EQ(failed, 0) << "see the ranks' messages above";
 }
 
-INSTANTIATE_TEST_SUITE_P(Gpu, HtWorld, ::testing::Values(2, 3, 4), [](const auto& info) {
+INSTANTIATE_TEST_SUITE_P(Gpu, HtWorld, ::testing::Values(2, 3, 4, 8), [](const auto& info) {
   return "world" + std::to_string(info.param);
 });
 

@@ -368,7 +368,7 @@ TEST_P(LlWorld, GraphReplayAndThousandRounds) {
   }, ll_bytes_for({s}, world)), 0);
 }
 
-INSTANTIATE_TEST_SUITE_P(Gpu, LlWorld, ::testing::Values(2, 3, 4), [](const auto& info) {
+INSTANTIATE_TEST_SUITE_P(Gpu, LlWorld, ::testing::Values(2, 3, 4, 8), [](const auto& info) {
   return "world" + std::to_string(info.param);
 });
 

@@ -58,9 +58,9 @@ def pytest_sessionfinish(session, exitstatus):
     _pools.clear()
 
 
-@pytest.fixture(scope="module", params=[2, 4], ids=lambda w: f"ep{w}")
+@pytest.fixture(scope="module", params=[2, 4, 8], ids=lambda w: f"ep{w}")
 def ranks(request):
-    """Runs `fn(ctx, *args)` on 2 or 4 GPU ranks: `ranks.run(fn, *args)` -> results by rank."""
+    """Runs `fn(ctx, *args)` on 2, 4 or 8 GPU ranks (skipped without enough GPUs): `ranks.run(fn, *args)` -> results by rank."""
     from epx_test_utils import num_gpus
     world = request.param
     have = num_gpus()
