@@ -8,28 +8,13 @@ using validate::kAny;
 
 namespace {
 
-constexpr int kMaxLlTopk = 16;
-constexpr int kMaxLlHidden = 16384;
-constexpr int kMaxLlTokens = 1 << 16;
 
-LlLayout ll_layout(int R, int T, int H, int K, int E_loc) {
-  LlLayout l;
-  l.place(R, T, H, K, E_loc);
-  return l;
-}
+using plan::kMaxLlHidden;
+using plan::kMaxLlTokens;
+using plan::kMaxLlTopk;
+using plan::ll_layout;
 
 }  // namespace
-
-size_t Buffer::low_latency_size_hint(int T, int hidden, int num_ranks, int num_experts, int num_topk) {
-  validate::in_range(T, "num_max_dispatch_tokens_per_rank", 1, kMaxLlTokens);
-  validate::in_range(hidden, "hidden", 128, kMaxLlHidden);
-  EPX_ARG_CHECK(hidden % 128 == 0, "hidden: must be a multiple of 128, got ", hidden);
-  validate::in_range(num_ranks, "num_ranks", 1, kMaxPeers);
-  validate::in_range(num_topk, "num_topk", 1, kMaxLlTopk);
-  EPX_ARG_CHECK(num_experts >= num_ranks && num_experts % num_ranks == 0, "num_experts: must be a multiple of ",
-                num_ranks, ", got ", num_experts);
-  return align_up(ll_layout(num_ranks, T, hidden, num_topk, num_experts / num_ranks).num_bytes(), 1 << 21);
-}
 
 int Buffer::next_low_latency_buffer() const { return impl_->ll_next; }
 

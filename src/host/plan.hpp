@@ -5,6 +5,7 @@
 #include <cstdint>
 
 #include "common/layout.hpp"
+#include "common/ll_layout.hpp"
 #include "epx/config.hpp"
 #include "epx/types.hpp"
 
@@ -20,6 +21,16 @@ RowLayout dispatch_rows(size_t num_nvl_bytes, int hidden, DType x_dtype, int num
 RowLayout combine_rows(size_t num_nvl_bytes, int hidden, int num_topk);
 // Smallest num_nvl_bytes whose dispatch and combine layouts both hold `max_rows` rows.
 size_t nvl_bytes_for_rows(int64_t max_rows, int hidden, DType x_dtype, int num_topk);
+
+// Low-latency limits and the region layout for (R, T, H, K, E_loc).
+constexpr int kMaxLlTopk = 16;
+constexpr int kMaxLlHidden = 16384;
+constexpr int kMaxLlTokens = 1 << 16;
+inline LlLayout ll_layout(int R, int T, int H, int K, int E_loc) {
+  LlLayout l;
+  l.place(R, T, H, K, E_loc);
+  return l;
+}
 
 }  // namespace epx::plan
 

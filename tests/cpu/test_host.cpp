@@ -10,6 +10,7 @@
 #include "host/env.hpp"
 #include "host/plan.hpp"
 #include "host/validate.hpp"
+#include "common/ll_layout.hpp"
 
 namespace epx {
 namespace {
@@ -134,6 +135,50 @@ TEST(Error, CarriesKindMessageAndLocation) {
     return;
   }
   ADD_FAILURE() << "EPX_CHECK did not throw";
+}
+
+}  // namespace
+}  // namespace epx
+
+namespace epx {
+namespace {
+
+TEST(Layout, CombineChunksCoverEveryRowWithinTheFlagTable) {
+  for (int rows : {0, 1, 15, 16, 17, 1000, 16384, 16 * 1024 + 1, 1 << 20}) {
+    const int per = combine_chunk_rows(rows);
+    EXPECT_GE(per, kMinCombineChunkRows);
+    const int chunks = (rows + per - 1) / per;
+    EXPECT_LE(chunks, kMaxCombineChunks) << rows << " rows";
+    EXPECT_GE(static_cast<int64_t>(chunks) * per, rows);
+  }
+}
+
+TEST(Layout, SymmetricRegionsDoNotOverlap) {
+  EXPECT_GE(SymmetricLayout::kNotifyOffset, sizeof(SyncArea));
+  EXPECT_GE(SymmetricLayout::kChunkFlagsOffset, SymmetricLayout::kNotifyOffset + sizeof(NotifyArea));
+  EXPECT_GE(SymmetricLayout::kRowsOffset, SymmetricLayout::kChunkFlagsOffset + sizeof(ChunkFlags));
+  EXPECT_EQ(SymmetricLayout::kRowsOffset % 4096, 0u);
+}
+
+TEST(LlLayout, BuffersHoldEveryRegionAligned) {
+  for (int R : {2, 3, 8}) {
+    for (int H : {128, 1152, 7168}) {
+      LlLayout l;
+      l.place(R, 128, H, 8, 32);
+      EXPECT_GE(LlLayout::kSyncBytes, sizeof(LlSync));
+      EXPECT_GE(l.row_bytes, static_cast<size_t>(H) + H / 128 * 4) << "fp8 row + scales must fit";
+      EXPECT_EQ(l.row_bytes % 16, 0u);
+      EXPECT_GE(l.off_dispatch_meta, l.off_dispatch + static_cast<size_t>(R) * 128 * l.row_bytes);
+      EXPECT_GE(l.off_combine, l.off_dispatch_meta + static_cast<size_t>(R) * 128 * l.meta_bytes);
+      EXPECT_GE(l.off_zero_copy, l.off_combine + static_cast<size_t>(128) * 8 * H * 2);
+      EXPECT_GE(l.buffer_bytes, l.off_zero_copy + static_cast<size_t>(32) * R * 128 * H * 2);
+      EXPECT_EQ(l.num_bytes(), LlLayout::kSyncBytes + 2 * l.buffer_bytes);
+      EXPECT_LE(l.num_bytes(), Buffer::low_latency_size_hint(128, H, R, 32 * R, 8));
+    }
+  }
+  EXPECT_THROW(Buffer::low_latency_size_hint(128, 100, 2, 64, 8), Error);   // hidden % 128
+  EXPECT_THROW(Buffer::low_latency_size_hint(128, 1024, 2, 63, 8), Error);  // E % R
+  EXPECT_THROW(Buffer::low_latency_size_hint(0, 1024, 2, 64, 8), Error);    // T
 }
 
 }  // namespace
