@@ -17,22 +17,13 @@ __global__ void __launch_bounds__(kMaxHtThreads) dispatch_kernel(const __grid_co
   __shared__ int slot_base[kMaxPeers];  // first row of this rank's rows on each destination
   __shared__ int recv_base[kMaxPeers + 1];  // first row of each source's rows here
   const OpContext& ctx = p.ctx;
-  const int R = ctx.num_ranks, me = ctx.rank;
   const uint64_t e = op_begin(ctx);
   const int num_recv = *p.num_recv;
   if (num_recv < 0 || !rows_fit(ctx, p.count_matrix, p.rows.capacity, /*by_receiver=*/true)) {  // the count exchange failed a check on every rank alike: skip the op
     op_end(ctx, e);
     return;
   }
-  if (threadIdx.x < R) {
-    int sum = 0;
-    for (int s = 0; s < me; ++s) sum += p.count_matrix[s * R + threadIdx.x];
-    slot_base[threadIdx.x] = sum;
-  }
-  if (threadIdx.x == 0) {
-    recv_base[0] = 0;
-    for (int s = 0; s < R; ++s) recv_base[s + 1] = recv_base[s] + p.count_matrix[s * R + me];
-  }
+  compute_slot_and_recv_base(p, slot_base, recv_base);
   if (!wait_peers_ready(ctx, e)) return;
 
   // Send: contiguous token ranges per block, a warp per token.
@@ -45,6 +36,7 @@ __global__ void __launch_bounds__(kMaxHtThreads) dispatch_kernel(const __grid_co
   signal_sends_done(ctx, e);
 
   // Receive: sources in rotated order so ranks do not all wait on the same peer.
+  const int R = ctx.num_ranks, me = ctx.rank;
   const size_t grid_tid = static_cast<size_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   const size_t grid_threads = static_cast<size_t>(gridDim.x) * blockDim.x;
   for (int i = 1; i < R; ++i) {

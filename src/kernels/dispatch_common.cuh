@@ -9,6 +9,22 @@ namespace epx::kernels {
 using namespace epx::device;
 constexpr int kDispatchUnroll = 4;
 
+// slot_base[r]: first row of this rank's rows on destination r; recv_base[s]: first row of source
+// s's rows here (recv_base[R] = rows received). Block-wide (ends with a barrier).
+__device__ __forceinline__ void compute_slot_and_recv_base(const DispatchParams& p, int* slot_base, int* recv_base) {
+  const int R = p.ctx.num_ranks, me = p.ctx.rank;
+  if (threadIdx.x < R) {
+    int sum = 0;
+    for (int s = 0; s < me; ++s) sum += p.count_matrix[s * R + threadIdx.x];
+    slot_base[threadIdx.x] = sum;
+  }
+  if (threadIdx.x == 0) {
+    recv_base[0] = 0;
+    for (int s = 0; s < R; ++s) recv_base[s + 1] = recv_base[s] + p.count_matrix[s * R + me];
+  }
+  __syncthreads();
+}
+
 __device__ __forceinline__ void send_token(const DispatchParams& p, int t, const int* slot_base, int lane) {
   const OpContext& ctx = p.ctx;
   const int R = ctx.num_ranks, me = ctx.rank;

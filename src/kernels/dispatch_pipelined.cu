@@ -94,22 +94,13 @@ __global__ void __launch_bounds__(kMaxHtThreads) dispatch_pipelined_kernel(const
   __shared__ int slot_base[kMaxPeers];
   __shared__ int recv_base[kMaxPeers + 1];
   const OpContext& ctx = p.ctx;
-  const int R = ctx.num_ranks, me = ctx.rank;
   const uint64_t e = op_begin(ctx);
   const int num_recv = *p.num_recv;
   if (num_recv < 0 || !rows_fit(ctx, p.count_matrix, p.rows.capacity, /*by_receiver=*/true)) {
     op_end(ctx, e);
     return;
   }
-  if (threadIdx.x < R) {
-    int sum = 0;
-    for (int s = 0; s < me; ++s) sum += p.count_matrix[s * R + threadIdx.x];
-    slot_base[threadIdx.x] = sum;
-  }
-  if (threadIdx.x == 0) {
-    recv_base[0] = 0;
-    for (int s = 0; s < R; ++s) recv_base[s + 1] = recv_base[s] + p.count_matrix[s * R + me];
-  }
+  compute_slot_and_recv_base(p, slot_base, recv_base);
   if (!wait_peers_ready(ctx, e)) return;
 
   const int warps = blockDim.x / kWarpSize, warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
