@@ -89,7 +89,10 @@ struct CombineOutputs {
 // ---- Low-latency mode (design.md 4.4-4.5) ---------------------------------------------------
 // T = num_max_dispatch_tokens_per_rank (same on all ranks), E_loc local experts, slots per local
 // expert = R * T. Rows of local expert j are packed in [0, recv_count[j]), ordered by (source
-// rank, source token).
+// rank, source token); rows past recv_count[j] (recv_x, scales, src_info, src_topk_slot) are not
+// written (the one exception to "every output fully written": zeroing them would cost more than
+// the exchange). Ops on one Buffer must be stream-ordered; at most two low-latency results may
+// wait for their receive (hook) at once.
 
 struct LowLatencyHandle {
   int num_max_dispatch_tokens_per_rank = 0, hidden = 0, num_experts = 0, num_topk = 0;
