@@ -8,6 +8,15 @@
 
 namespace epx::bench {
 
+// Owning device allocation of the benchmark (at least 16 bytes, so empty shapes get a pointer).
+struct DeviceArray {
+  void* ptr = nullptr;
+  explicit DeviceArray(size_t bytes);
+  ~DeviceArray();
+  DeviceArray(const DeviceArray&) = delete;
+  DeviceArray& operator=(const DeviceArray&) = delete;
+};
+
 struct Options {
   std::string mode = "all";  // ht | ll | all
   int world = 0;            // 0 = every visible GPU

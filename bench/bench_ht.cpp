@@ -12,15 +12,11 @@
 #include "host/checks.hpp"
 
 namespace epx::bench {
-namespace {
 
-struct DeviceArray {
-  void* ptr = nullptr;
-  explicit DeviceArray(size_t bytes) { EPX_CUDA_CHECK(cudaMalloc(&ptr, bytes > 0 ? bytes : 16)); }
-  ~DeviceArray() { cudaFree(ptr); }
-  DeviceArray(const DeviceArray&) = delete;
-  DeviceArray& operator=(const DeviceArray&) = delete;
-};
+DeviceArray::DeviceArray(size_t bytes) { EPX_CUDA_CHECK(cudaMalloc(&ptr, bytes > 0 ? bytes : 16)); }
+DeviceArray::~DeviceArray() { cudaFree(ptr); }
+
+namespace {
 
 template <typename T>
 void upload(DeviceArray& d, const std::vector<T>& v) {

@@ -11,16 +11,6 @@
 #include "host/checks.hpp"
 
 namespace epx::bench {
-namespace {
-
-struct Dev {
-  void* ptr = nullptr;
-  explicit Dev(size_t bytes) { EPX_CUDA_CHECK(cudaMalloc(&ptr, bytes > 0 ? bytes : 16)); }
-  ~Dev() { cudaFree(ptr); }
-};
-
-}  // namespace
-
 std::vector<Row> run_ll(const Options& o, Communicator& comm) {
   const int R = comm.world(), me = comm.rank();
   const int T = o.ll_tokens, N = o.ll_tokens, H = o.hidden.front(), K = o.topk, E = o.experts, E_loc = E / R;
@@ -40,12 +30,12 @@ std::vector<Row> run_ll(const Options& o, Communicator& comm) {
   for (auto& v : xh) v = static_cast<uint16_t>(0x3C00 + (rng() & 0x3FF));
   std::vector<int64_t> topk = make_topk(o.seed, me, N, K, E, o.routing);
   std::vector<float> w(static_cast<size_t>(N) * K, 0.125f);
-  Dev dx(xh.size() * 2), dtopk(topk.size() * 8), dw(w.size() * 4);
+  DeviceArray dx(xh.size() * 2), dtopk(topk.size() * 8), dw(w.size() * 4);
   EPX_CUDA_CHECK(cudaMemcpy(dx.ptr, xh.data(), xh.size() * 2, cudaMemcpyHostToDevice));
   EPX_CUDA_CHECK(cudaMemcpy(dtopk.ptr, topk.data(), topk.size() * 8, cudaMemcpyHostToDevice));
   EPX_CUDA_CHECK(cudaMemcpy(dw.ptr, w.data(), w.size() * 4, cudaMemcpyHostToDevice));
   const int S = H / 128;
-  Dev rx(static_cast<size_t>(E_loc) * RT * H * 2), rsc(static_cast<size_t>(E_loc) * RT * S * 4), rcount(4 * E_loc),
+  DeviceArray rx(static_cast<size_t>(E_loc) * RT * H * 2), rsc(static_cast<size_t>(E_loc) * RT * S * 4), rcount(4 * E_loc),
       src_info(4 * E_loc * RT), range(8 * E_loc * R), slot(4 * E_loc * RT), out(static_cast<size_t>(N) * H * 2);
 
   auto dispatch = [&](bool fp8, bool hook, cudaStream_t s) {
@@ -93,7 +83,7 @@ std::vector<Row> run_ll(const Options& o, Communicator& comm) {
   };
 
   // NCCL baseline of the same exchange (bf16 rows once per destination rank, then back).
-  Dev per_rank(4 * R), per_expert(4 * E), in_rank(static_cast<size_t>(N) * R);
+  DeviceArray per_rank(4 * R), per_expert(4 * E), in_rank(static_cast<size_t>(N) * R);
   buffer.get_dispatch_layout(View::of(dtopk.ptr, DType::kI64, {N, K}), E, View::of(per_rank.ptr, DType::kI32, {R}),
                              View::of(per_expert.ptr, DType::kI32, {E}), View::of(in_rank.ptr, DType::kBool, {N, R}),
                              stream);

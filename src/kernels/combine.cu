@@ -51,15 +51,9 @@ __global__ void __launch_bounds__(kMaxHtThreads) combine_kernel(const __grid_con
   __shared__ int recv_base[kMaxPeers + 1];  // first received row from each source
   __shared__ int dst_base[kMaxPeers];       // first slot of this rank's rows on each source
   const OpContext& ctx = p.ctx;
-  const uint64_t e = op_begin(ctx);
-  const int num_recv = *p.num_recv;
-  if (num_recv < 0 || !rows_fit(ctx, p.count_matrix, p.rows.capacity, /*by_receiver=*/false)) {
-    op_end(ctx, e);
-    return;
-  }
-  compute_recv_and_dst_base(p, recv_base, dst_base);
-  if (!wait_peers_ready(ctx, e)) return;
-  send_rows(p, recv_base, dst_base, num_recv);
+  uint64_t e = 0;
+  if (!combine_begin(p, e, recv_base, dst_base)) return;
+  send_rows(p, recv_base, dst_base, recv_base[ctx.num_ranks]);
   signal_sends_done(ctx, e);
   if (!wait_all_done(ctx, e, Phase::kReduce)) return;
   reduce_tokens(p, recv_base);

@@ -50,6 +50,19 @@ __device__ __forceinline__ void compute_recv_and_dst_base(const CombineParams& p
   __syncthreads();
 }
 
+// Prologue of both combine kernels: this op's epoch `e`; false (after op_end) when the op is skipped
+// on every rank alike (failed count exchange, or rows that do not fit); else the bases are filled
+// and every peer is ready (false also when that wait failed).
+__device__ __forceinline__ bool combine_begin(const CombineParams& p, uint64_t& e, int* recv_base, int* dst_base) {
+  e = op_begin(p.ctx);
+  if (*p.num_recv < 0 || !rows_fit(p.ctx, p.count_matrix, p.rows.capacity, /*by_receiver=*/false)) {
+    op_end(p.ctx, e);
+    return false;
+  }
+  compute_recv_and_dst_base(p, recv_base, dst_base);
+  return wait_peers_ready(p.ctx, e);
+}
+
 // First slot of each rank's contributions in this rank's row region (rows it sent to that rank).
 __device__ __forceinline__ void compute_send_base(const CombineParams& p, int* send_base) {
   if (threadIdx.x == 0) {

@@ -78,15 +78,9 @@ __global__ void __launch_bounds__(kMaxHtThreads) combine_pipelined_kernel(const 
   __shared__ int send_base[kMaxPeers];
   __shared__ int seen[kMaxHtThreads / kWarpSize][kMaxPeers];
   const OpContext& ctx = p.ctx;
-  const uint64_t e = op_begin(ctx);
-  const int num_recv = *p.num_recv;
-  if (num_recv < 0 || !rows_fit(ctx, p.count_matrix, p.rows.capacity, /*by_receiver=*/false)) {
-    op_end(ctx, e);
-    return;
-  }
-  compute_recv_and_dst_base(p, recv_base, dst_base);
   compute_send_base(p, send_base);
-  if (!wait_peers_ready(ctx, e)) return;
+  uint64_t e = 0;
+  if (!combine_begin(p, e, recv_base, dst_base)) return;
 
   const int warps = blockDim.x / kWarpSize, warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
   const int num_senders = max(1, warps * 3 / 4), num_reducers = warps - num_senders;
