@@ -94,15 +94,15 @@ __device__ __forceinline__ bool wait_peers_ready(const OpContext& ctx, uint64_t 
 }
 
 // Block-wide: this block finished its writes to peers for op e. The last block to arrive publishes
-// done = e to every peer. NOTE: each block fences (sys) before arriving, so the last block's release
-// store orders every block's payload writes before the flag.
+// done = e to every peer. NOTE: each block fences (acq_rel, sys) before arriving, so the last
+// block's release store orders every block's payload writes before the flag.
 __device__ __forceinline__ void signal_sends_done(const OpContext& ctx, uint64_t e) {
   __syncthreads();
   if (threadIdx.x == 0) {
-    __threadfence_system();
+    fence_acq_rel_sys();
     if (atomicAdd(&ctx.ws->arrive_send, 1u) == gridDim.x - 1) {
       ctx.ws->arrive_send = 0;
-      __threadfence_system();
+      fence_acq_rel_sys();
       for (int p = 0; p < ctx.num_ranks; ++p) st_release_sys(&ctx.sync(p)->done[ctx.rank], e);
     }
   }

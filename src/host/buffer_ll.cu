@@ -119,8 +119,10 @@ LowLatencyHandle Buffer::low_latency_dispatch(const LowLatencyDispatchArgs& a, c
   m.after_launch("low_latency_dispatch (send)");
   Impl::PendingReceive pr;
   pr.kind = Impl::PendingReceive::Kind::kDispatch;
+  // Receive grid: every SM, several blocks per local expert when there are fewer experts than SMs.
   pr.dispatch = p;
-  pr.num_blocks = std::max(1, std::min(E_loc, sms));
+  pr.dispatch.blocks_per_expert = std::max(1, sms / E_loc);
+  pr.num_blocks = E_loc >= sms ? sms : E_loc * pr.dispatch.blocks_per_expert;
   m.pending[b] = pr;
   m.ll_next ^= 1;
   if (!a.return_recv_hook) low_latency_receive(b, stream);

@@ -38,15 +38,17 @@ __device__ void send_rows(const CombineParams& p, const int* recv_base, const in
   }
 }
 
+template <int kR, int kU>
 __device__ void reduce_tokens(const CombineParams& p, const int* recv_base) {
   __shared__ int send_base[kMaxPeers];
   compute_send_base(p, send_base);
   const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
   const int global_warp = blockIdx.x * (blockDim.x / kWarpSize) + warp;
   const int num_warps = gridDim.x * (blockDim.x / kWarpSize);
-  for (int t = global_warp; t < p.num_tokens; t += num_warps) reduce_token(p, t, recv_base, send_base, lane);
+  for (int t = global_warp; t < p.num_tokens; t += num_warps) reduce_token<kR, kU>(p, t, recv_base, send_base, lane);
 }
 
+template <int kR, int kU>
 __global__ void __launch_bounds__(kMaxHtThreads) combine_kernel(const __grid_constant__ CombineParams p) {
   __shared__ int recv_base[kMaxPeers + 1];  // first received row from each source
   __shared__ int dst_base[kMaxPeers];       // first slot of this rank's rows on each source
@@ -56,14 +58,16 @@ __global__ void __launch_bounds__(kMaxHtThreads) combine_kernel(const __grid_con
   send_rows(p, recv_base, dst_base, recv_base[ctx.num_ranks]);
   signal_sends_done(ctx, e);
   if (!wait_all_done(ctx, e, Phase::kReduce)) return;
-  reduce_tokens(p, recv_base);
+  reduce_tokens<kR, kU>(p, recv_base);
   op_end(ctx, e);
 }
 
 }  // namespace
 
 void launch_combine(const CombineParams& p, int num_blocks, int num_threads, cudaStream_t stream) {
-  combine_kernel<<<num_blocks, num_threads, 0, stream>>>(p);
+  by_rank_bucket(p.ctx.num_ranks, [&](auto b) {
+    combine_kernel<decltype(b)::kR, decltype(b)::kU><<<num_blocks, num_threads, 0, stream>>>(p);
+  });
 }
 
 }  // namespace epx::kernels

@@ -73,50 +73,75 @@ __device__ __forceinline__ void compute_send_base(const CombineParams& p, int* s
   __syncthreads();
 }
 
+// Reduce variants by rank count (kernels are instantiated per bucket, so each gets its registers):
+// kR >= num_ranks bounds the rank loop; kU vectors per lane are loaded from every rank before any
+// is added, so kR * kU 16-byte loads are in flight per lane (the reduce is latency-bound otherwise).
+template <int R_, int U_>
+struct RankBucket {
+  static constexpr int kR = R_, kU = U_;
+};
+template <typename Launch>
+void by_rank_bucket(int num_ranks, Launch&& launch) {
+  if (num_ranks <= 2) launch(RankBucket<2, 8>{});
+  else if (num_ranks <= 4) launch(RankBucket<4, 3>{});
+  else launch(RankBucket<kMaxPeers, 1>{});
+}
+
 // One warp: combined_x[t] = bf16(sum over ranks r ascending of row(r, t) + bias_0 + bias_1), and
-// the top-k weight sums. Own rows are read in place from x.
+// the top-k weight sums. Own rows are read in place from x. The order of the additions of each
+// element is the rank order whatever the bucket, so results are bit-identical across variants.
+template <int kR, int kU>
 __device__ __forceinline__ void reduce_token(const CombineParams& p, int t, const int* recv_base,
                                              const int* send_base, int lane) {
   const int R = p.ctx.num_ranks, me = p.ctx.rank;
   char* base = p.ctx.rows(me);
   const int num_vec = p.hidden / 8;
-  // Contribution rows in rank order (the reduction order the reference uses).
-  const int4* src[kMaxPeers];
-  const float* wsrc[kMaxPeers];
-#pragma unroll
-  for (int r = 0; r < kMaxPeers; ++r) {
+  // Contribution row of rank r (rank order is the reduction order the reference uses), or null;
+  // its top-k weights when `weights`.
+  const auto contribution = [&](int r, bool weights) -> const void* {
     const int pos = r < R ? p.send_pos[static_cast<int64_t>(t) * R + r] : -1;
-    src[r] = nullptr;
-    wsrc[r] = nullptr;
-    if (pos < 0) continue;
+    if (pos < 0) return nullptr;
     if (r == me) {
       const int64_t row = recv_base[me] + pos;
-      src[r] = reinterpret_cast<const int4*>(p.x + row * p.x_stride);
-      if (p.topk_weights) wsrc[r] = p.topk_weights + row * p.weight_stride;
-    } else {
-      src[r] = reinterpret_cast<const int4*>(p.rows.row(base, send_base[r] + pos));
-      if (p.rows.num_topk_weights) wsrc[r] = p.rows.topk_weights(base, send_base[r] + pos);
+      if (weights) return p.topk_weights ? p.topk_weights + row * p.weight_stride : nullptr;
+      return p.x + row * p.x_stride;
     }
-  }
-  for (int v = lane; v < num_vec; v += kWarpSize) {
-    int4 val[kMaxPeers];
+    if (weights) return p.rows.num_topk_weights ? p.rows.topk_weights(base, send_base[r] + pos) : nullptr;
+    return p.rows.row(base, send_base[r] + pos);
+  };
+  const int4* src[kR];
 #pragma unroll
-    for (int r = 0; r < kMaxPeers; ++r)
-      if (src[r] != nullptr) val[r] = r == me ? ld_nc_na_v4(src[r] + v) : src[r][v];
-    float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  for (int r = 0; r < kR; ++r) src[r] = static_cast<const int4*>(contribution(r, false));
+  const int4* bias0 = p.bias_0 ? reinterpret_cast<const int4*>(p.bias_0 + t * p.bias_0_stride) : nullptr;
+  const int4* bias1 = p.bias_1 ? reinterpret_cast<const int4*>(p.bias_1 + t * p.bias_1_stride) : nullptr;
+  int4* out = reinterpret_cast<int4*>(p.combined_x + t * p.out_stride);
+  for (int v0 = lane; v0 < num_vec; v0 += kU * kWarpSize) {
+    int4 val[kU][kR];
 #pragma unroll
-    for (int r = 0; r < kMaxPeers; ++r)
-      if (src[r] != nullptr) add_bf16x8(acc, val[r]);
-    if (p.bias_0) add_bf16x8(acc, ld_nc_na_v4(reinterpret_cast<const int4*>(p.bias_0 + t * p.bias_0_stride) + v));
-    if (p.bias_1) add_bf16x8(acc, ld_nc_na_v4(reinterpret_cast<const int4*>(p.bias_1 + t * p.bias_1_stride) + v));
-    reinterpret_cast<int4*>(p.combined_x + t * p.out_stride)[v] = pack_bf16x8(acc);
+    for (int u = 0; u < kU; ++u) {
+      const int v = v0 + u * kWarpSize;
+#pragma unroll
+      for (int r = 0; r < kR; ++r)
+        if (src[r] != nullptr && v < num_vec) val[u][r] = r == me ? ld_nc_na_v4(src[r] + v) : src[r][v];
+    }
+#pragma unroll
+    for (int u = 0; u < kU; ++u) {
+      const int v = v0 + u * kWarpSize;
+      if (v >= num_vec) continue;
+      float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+#pragma unroll
+      for (int r = 0; r < kR; ++r)
+        if (src[r] != nullptr) add_bf16x8(acc, val[u][r]);
+      if (bias0) add_bf16x8(acc, ld_nc_na_v4(bias0 + v));
+      if (bias1) add_bf16x8(acc, ld_nc_na_v4(bias1 + v));
+      out[v] = pack_bf16x8(acc);
+    }
   }
   if (p.combined_topk_weights != nullptr) {
     for (int k = lane; k < p.num_topk; k += kWarpSize) {
       float acc = 0.f;
-#pragma unroll
-      for (int r = 0; r < kMaxPeers; ++r)
-        if (wsrc[r] != nullptr) acc += wsrc[r][k];
+      for (int r = 0; r < R; ++r)
+        if (const float* w = static_cast<const float*>(contribution(r, true))) acc += w[k];
       p.combined_topk_weights[t * p.out_weight_stride + k] = acc;
     }
   }

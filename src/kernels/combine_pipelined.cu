@@ -38,13 +38,14 @@ __device__ void send_chunks(const CombineParams& p, const int* recv_base, const 
           p.rows.topk_weights(base, slot)[k] = p.topk_weights[i * p.weight_stride + k];
     }
     // Every lane's stores are ordered (sys) before lane 0's release of the chunk flag.
-    __threadfence_system();
+    fence_acq_rel_sys();
     __syncwarp();
     if (lane == 0) st_release_sys(&ctx.chunk_flags(s)->flag[me][c], e);
   }
 }
 
 // False if a wait failed (the error is recorded).
+template <int kR, int kU>
 __device__ bool reduce_tokens_pipelined(const CombineParams& p, const int* recv_base, const int* send_base,
                                         uint64_t e, int reducer_warp, int num_reducer_warps, int lane,
                                         int* seen /* [kMaxPeers] of this warp, in shared memory */) {
@@ -67,11 +68,12 @@ __device__ bool reduce_tokens_pipelined(const CombineParams& p, const int* recv_
       if (lane == 0) seen[r] = c;
       __syncwarp();
     }
-    reduce_token(p, t, recv_base, send_base, lane);
+    reduce_token<kR, kU>(p, t, recv_base, send_base, lane);
   }
   return true;
 }
 
+template <int kR, int kU>
 __global__ void __launch_bounds__(kMaxHtThreads) combine_pipelined_kernel(const __grid_constant__ CombineParams p) {
   __shared__ int recv_base[kMaxPeers + 1];
   __shared__ int dst_base[kMaxPeers];
@@ -87,8 +89,8 @@ __global__ void __launch_bounds__(kMaxHtThreads) combine_pipelined_kernel(const 
   if (warp < num_senders) {
     send_chunks(p, recv_base, dst_base, e, blockIdx.x * num_senders + warp, gridDim.x * num_senders, lane);
   } else {
-    reduce_tokens_pipelined(p, recv_base, send_base, e, blockIdx.x * num_reducers + (warp - num_senders),
-                            gridDim.x * num_reducers, lane, seen[warp]);
+    reduce_tokens_pipelined<kR, kU>(p, recv_base, send_base, e, blockIdx.x * num_reducers + (warp - num_senders),
+                                    gridDim.x * num_reducers, lane, seen[warp]);
   }
   op_end(ctx, e);
 }
@@ -96,7 +98,9 @@ __global__ void __launch_bounds__(kMaxHtThreads) combine_pipelined_kernel(const 
 }  // namespace
 
 void launch_combine_pipelined(const CombineParams& p, int num_blocks, int num_threads, cudaStream_t stream) {
-  combine_pipelined_kernel<<<num_blocks, num_threads, 0, stream>>>(p);
+  by_rank_bucket(p.ctx.num_ranks, [&](auto b) {
+    combine_pipelined_kernel<decltype(b)::kR, decltype(b)::kU><<<num_blocks, num_threads, 0, stream>>>(p);
+  });
 }
 
 }  // namespace epx::kernels

@@ -32,7 +32,7 @@ __device__ void count_rows(const DispatchParams& p, int t0, int t1, uint64_t e) 
       unsigned int* counter = &ctx.ws->chunk_rows_done[r][c_open];
       if (atomicAdd(counter, static_cast<unsigned int>(n_open)) + n_open == static_cast<unsigned int>(target)) {
         *counter = 0;  // complete: nobody else touches it in this op
-        __threadfence_system();
+        fence_acq_rel_sys();
         st_release_sys(&ctx.chunk_flags(r)->flag[me][c_open], e);
       }
       n_open = 0;
@@ -58,7 +58,7 @@ __device__ void send_batches(const DispatchParams& p, const int* slot_base, uint
     const int t0 = b * kBatch, t1 = min(p.num_tokens, t0 + kBatch);
     for (int t = t0; t < t1; ++t) send_token(p, t, slot_base, lane);
     // Every lane's row stores are ordered (sys) before the counts that may publish them.
-    __threadfence_system();
+    fence_acq_rel_sys();
     __syncwarp();
     if (lane == 0) count_rows(p, t0, t1, e);
     __syncwarp();

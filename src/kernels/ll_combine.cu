@@ -1,11 +1,14 @@
-// Low-latency combine. Send (a warp per packed expert row): write the expert output row back to
-// its source token's staging slot (token, top-k position) on the source rank; then publish
-// data = n. Receive (a block per token): after every rank's data flag, out[t] = sum over the
+// Low-latency combine. Send (a warp per packed expert row; the rows of all experts are spread over
+// the whole grid): write the expert output row back to its source token's staging slot (token,
+// top-k position) on the source rank; then publish data = n. Receive (a block per token): after every rank's data flag, out[t] = sum over the
 // token's valid top-k slots, k ascending, of w_k * y_k with fp32 fused multiply-adds; then tell
 // every rank its staging writes are consumed.
 #include <cuda_bf16.h>
 
+#include <cub/block/block_scan.cuh>
+
 #include "device/copy.cuh"
+#include "epx/buffer.hpp"  // kMaxLocalExperts
 #include "kernels/ll_params.hpp"
 
 namespace epx::kernels {
@@ -14,27 +17,65 @@ namespace {
 using namespace epx::device;
 constexpr int kThreads = 512;
 constexpr int kUnroll = 4;
+constexpr int kMaxTopk = 16;  // low-latency top-k bound (plan::kMaxLlTopk)
+constexpr int kBatch = 8;
+constexpr int kExpertsPerThread = (kMaxLocalExperts + kThreads - 1) / kThreads;
+using BlockScan = cub::BlockScan<int, kThreads>;
 
-__global__ void __launch_bounds__(kThreads) ll_combine_send(const __grid_constant__ LlCombineParams p) {
+// One warp: packed row `row` of local expert j back to its source's staging slot. Not inlined:
+// inlined, ptxas spills in the grid loop of ll_combine_send.
+__device__ __noinline__ void send_row(const LlCombineParams& p, int j, int row, int lane) {
   const LlCommon& c = p.c;
   const LlLayout& L = c.layout;
-  const int R = c.ctx.num_ranks, E_loc = L.experts_per_rank, H = L.hidden, RT = R * L.max_tokens;
+  const int R = c.ctx.num_ranks;
+  const int64_t* range = p.layout_range + static_cast<size_t>(j) * R;
+  int s = 0;
+  while (s + 1 < R && row >= static_cast<int>(range[s + 1] >> 32)) ++s;
+  const size_t slot = static_cast<size_t>(j) * R * L.max_tokens + row;
+  char* dst[1] = {reinterpret_cast<char*>(L.combine_row(c.region(s), c.buffer_idx, p.src_info[slot], p.src_topk_slot[slot]))};
+  warp_copy_multicast<kUnroll>(p.x + slot * L.hidden, dst, L.hidden * 2, lane);
+}
+
+__global__ void __launch_bounds__(kThreads) ll_combine_send(const __grid_constant__ LlCombineParams p) {
+  // first_row[j]: packed rows of the local experts before j (first_row[E_loc] = all of them), so the
+  // rows of every expert are spread over all warps of the grid at once.
+  __shared__ int first_row[kMaxLocalExperts + 1];
+  __shared__ BlockScan::TempStorage scan;
+  const LlCommon& c = p.c;
+  const LlLayout& L = c.layout;
+  const int R = c.ctx.num_ranks, E_loc = L.experts_per_rank;
   const uint64_t n = c.ws->counter + 1;
   if (!ll::wait_consumed(c, c.ws->last_op[c.buffer_idx])) return;
+  int counts[kExpertsPerThread];
+#pragma unroll
+  for (int i = 0; i < kExpertsPerThread; ++i) {
+    const int j = threadIdx.x * kExpertsPerThread + i;
+    const int64_t last = j < E_loc ? p.layout_range[static_cast<size_t>(j) * R + R - 1] : 0;
+    counts[i] = static_cast<int>(last >> 32) + static_cast<int>(last & 0xffffffff);
+  }
+  int mine = 0;
+#pragma unroll
+  for (int i = 0; i < kExpertsPerThread; ++i) mine += counts[i];
+  int before = 0, total = 0;
+  BlockScan(scan).ExclusiveSum(mine, before, total);
+#pragma unroll
+  for (int i = 0; i < kExpertsPerThread; ++i) {
+    if (threadIdx.x * kExpertsPerThread + i < E_loc) first_row[threadIdx.x * kExpertsPerThread + i] = before;
+    before += counts[i];
+  }
+  if (threadIdx.x == 0) first_row[E_loc] = total;
+  __syncthreads();
+
   const int lane = threadIdx.x % kWarpSize;
   const int global_warp = blockIdx.x * (blockDim.x / kWarpSize) + threadIdx.x / kWarpSize;
   const int num_warps = gridDim.x * (blockDim.x / kWarpSize);
-  for (int j = 0; j < E_loc; ++j) {
-    const int64_t* range = p.layout_range + static_cast<size_t>(j) * R;
-    const int64_t last = range[R - 1];
-    const int count = static_cast<int>(last >> 32) + static_cast<int>(last & 0xffffffff);
-    for (int row = global_warp; row < count; row += num_warps) {
-      int s = 0;
-      while (s + 1 < R && row >= static_cast<int>(range[s + 1] >> 32)) ++s;
-      const size_t slot = static_cast<size_t>(j) * RT + row;
-      char* dst[1] = {reinterpret_cast<char*>(L.combine_row(c.region(s), c.buffer_idx, p.src_info[slot], p.src_topk_slot[slot]))};
-      warp_copy_multicast<kUnroll>(p.x + slot * H, dst, H * 2, lane);
-    }
+  for (int g = global_warp; g < total; g += num_warps) {
+    // Expert j with first_row[j] <= g < first_row[j + 1].
+    int j = 0;
+#pragma unroll
+    for (int step = kMaxLocalExperts / 2; step > 0; step /= 2)
+      if (j + step < E_loc && first_row[j + step] <= g) j += step;
+    send_row(p, j, g - first_row[j], lane);
   }
   ll::finish_send(c, n, 0);
 }
@@ -58,14 +99,27 @@ __global__ void __launch_bounds__(kThreads) ll_combine_recv(const __grid_constan
   bool ok = true;
   if (threadIdx.x < R) ok = wait_flag_geq(c.ctx, &sync->data[c.buffer_idx][threadIdx.x], n, Phase::kReceive, threadIdx.x);
   if (!__syncthreads_and(ok)) return;
+  __shared__ float weight[kMaxTopk];  // 0 where the slot is -1 (never read then)
+  __shared__ int valid[kMaxTopk];
   char* region = c.region(c.ctx.rank);
   for (int t = blockIdx.x; t < p.num_tokens; t += gridDim.x) {
+    if (threadIdx.x < K) {
+      valid[threadIdx.x] = p.topk_idx[t * p.topk_stride + threadIdx.x] >= 0;
+      weight[threadIdx.x] = valid[threadIdx.x] ? p.topk_weights[t * p.weight_stride + threadIdx.x] : 0.f;
+    }
+    __syncthreads();
     for (int v = threadIdx.x; v < H / 8; v += blockDim.x) {
       float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-      for (int k = 0; k < K; ++k) {
-        if (p.topk_idx[t * p.topk_stride + k] < 0) continue;
-        const int4 y = reinterpret_cast<const int4*>(L.combine_row(region, c.buffer_idx, t, k))[v];
-        fma_bf16x8(acc, p.topk_weights[t * p.weight_stride + k], y);
+      // kBatch slots loaded before any is added (latency), added in k order (bits).
+      for (int k0 = 0; k0 < K; k0 += kBatch) {
+        int4 y[kBatch];
+#pragma unroll
+        for (int i = 0; i < kBatch; ++i)
+          if (k0 + i < K && valid[k0 + i])
+            y[i] = reinterpret_cast<const int4*>(L.combine_row(region, c.buffer_idx, t, k0 + i))[v];
+#pragma unroll
+        for (int i = 0; i < kBatch; ++i)
+          if (k0 + i < K && valid[k0 + i]) fma_bf16x8(acc, weight[k0 + i], y[i]);
       }
       uint32_t w[4];
 #pragma unroll
@@ -75,6 +129,7 @@ __global__ void __launch_bounds__(kThreads) ll_combine_recv(const __grid_constan
       reinterpret_cast<int4*>(p.out + t * p.out_stride)[v] =
           make_int4(static_cast<int>(w[0]), static_cast<int>(w[1]), static_cast<int>(w[2]), static_cast<int>(w[3]));
     }
+    __syncthreads();
   }
   ll::finish_recv(c, n);
 }

@@ -1,7 +1,7 @@
 // Low-latency dispatch. Send (one block per token): cast the row to fp8 once (per-128-channel
 // scales) and write it once per destination rank into slot (this rank, token) of that rank's
 // staging, with the token's top-k as that rank's local expert ids; then publish data = n.
-// Receive (one block per local expert): after each source's data flag, pack the rows of that
+// Receive (blocks per local expert): after every source's data flag, pack the rows of each
 // expert in (source, token) order into the fixed per-expert slots, with src_info, the top-k slot,
 // layout_range and the column-major scales; then tell every source its staging is consumed.
 #include <cub/block/block_scan.cuh>
@@ -110,49 +110,76 @@ __device__ void copy_row(const LlDispatchParams& p, int j, int s, int t, int k, 
   }
 }
 
+// Blocks [j * bpe, (j + 1) * bpe) serve local expert j (bpe = blocks_per_expert; the grid loops
+// over experts when it has fewer blocks). After every source's data flag, each block scans all
+// received tokens in (source, token) order, a pass of blockDim.x tokens at a time, and copies its
+// share of each pass's matches: rows of all sources are copied at once, by every warp.
 __global__ void __launch_bounds__(kThreads) ll_dispatch_recv(const __grid_constant__ LlDispatchParams p) {
   __shared__ BlockScan::TempStorage scan;
-  __shared__ int match_t[kThreads], match_k[kThreads];
+  __shared__ int match_t[kThreads], match_k[kThreads], match_s[kThreads];
+  __shared__ int token_begin[kMaxPeers + 1];  // first flat index of each source's tokens
+  __shared__ int row_begin[kMaxPeers + 1];    // first packed row of each source (of expert j)
   const LlCommon& c = p.c;
   const int R = c.ctx.num_ranks, K = c.layout.num_topk, E_loc = c.layout.experts_per_rank;
   const uint64_t n = c.ws->pending[c.buffer_idx];
   LlSync* sync = c.sync(c.ctx.rank);
   const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize, warps = blockDim.x / kWarpSize;
+  const int bpe = p.blocks_per_expert, sub = blockIdx.x % bpe, num_groups = gridDim.x / bpe;
 
-  for (int j = blockIdx.x; j < E_loc; j += gridDim.x) {
+  // Thread s waits for source s (all sources at once).
+  bool ok = true;
+  if (threadIdx.x < R) {
+    const long long t0 = clock64();
+    ok = wait_flag_geq(c.ctx, &sync->data[c.buffer_idx][threadIdx.x], n, Phase::kReceive, threadIdx.x);
+    if (ok && p.wait_stats != nullptr && blockIdx.x == 0)
+      atomicAdd(reinterpret_cast<unsigned long long*>(&p.wait_stats[threadIdx.x]), clock64() - t0);
+  }
+  if (!__syncthreads_and(ok)) return;
+  if (threadIdx.x == 0) {
+    token_begin[0] = 0;
+    for (int s = 0; s < R; ++s) token_begin[s + 1] = token_begin[s] + sync->num_tokens[c.buffer_idx][s];
+  }
+  __syncthreads();
+  const int num_flat = token_begin[R];
+  char* region = c.region(c.ctx.rank);
+
+  for (int j = blockIdx.x / bpe; j < E_loc; j += num_groups) {
     int running = 0;
-    for (int s = 0; s < R; ++s) {
-      const long long t0 = clock64();
-      if (!wait_peer_done_flag(c.ctx, &sync->data[c.buffer_idx][s], n, s)) return;
-      if (p.wait_stats != nullptr && j == 0 && threadIdx.x == 0) atomicAdd(reinterpret_cast<unsigned long long*>(&p.wait_stats[s]), clock64() - t0);
-      const int Ns = sync->num_tokens[c.buffer_idx][s];
-      const int begin = running;
-      for (int base = 0; base < Ns; base += blockDim.x) {
-        const int t = base + threadIdx.x;
-        int k_hit = -1;
-        if (t < Ns) {
-          const int* meta = c.layout.dispatch_meta(c.region(c.ctx.rank), c.buffer_idx, s, t);
-          for (int k = 0; k < K; ++k)
-            if (meta[k] == j) k_hit = k;
-        }
-        int pos, total;
-        BlockScan(scan).ExclusiveSum(k_hit >= 0 ? 1 : 0, pos, total);
-        if (k_hit >= 0) {
-          match_t[pos] = t;
-          match_k[pos] = k_hit;
-        }
-        __syncthreads();
-        for (int i = warp; i < total; i += warps) copy_row(p, j, s, match_t[i], match_k[i], running + i, lane, kWarpSize);
-        running += total;
-        __syncthreads();
+    for (int base = 0; base < num_flat; base += blockDim.x) {
+      const int f = base + threadIdx.x;
+      int k_hit = -1, s = 0, t = 0;
+      if (f < num_flat) {
+        while (f >= token_begin[s + 1]) ++s;
+        t = f - token_begin[s];
+        const int* meta = c.layout.dispatch_meta(region, c.buffer_idx, s, t);
+        for (int k = 0; k < K; ++k)
+          if (meta[k] == j) k_hit = k;
       }
-      if (threadIdx.x == 0)
-        p.layout_range[static_cast<size_t>(j) * R + s] = (static_cast<int64_t>(begin) << 32) | (running - begin);
+      int pos, total;
+      BlockScan(scan).ExclusiveSum(k_hit >= 0 ? 1 : 0, pos, total);
+      if (f < num_flat && t == 0) row_begin[s] = running + pos;  // source s starts here
+      if (k_hit >= 0) {
+        match_t[pos] = t;
+        match_k[pos] = k_hit;
+        match_s[pos] = s;
+      }
+      __syncthreads();
+      for (int i = sub * warps + warp; i < total; i += warps * bpe)
+        copy_row(p, j, match_s[i], match_t[i], match_k[i], running + i, lane, kWarpSize);
+      running += total;
+      __syncthreads();
     }
-    if (threadIdx.x == 0) {
+    if (sub == 0 && threadIdx.x == 0) {
+      row_begin[R] = running;
+      for (int s = R - 1; s >= 0; --s)
+        if (token_begin[s + 1] == token_begin[s]) row_begin[s] = row_begin[s + 1];  // no tokens from s
+      for (int s = 0; s < R; ++s)
+        p.layout_range[static_cast<size_t>(j) * R + s] =
+            (static_cast<int64_t>(row_begin[s]) << 32) | (row_begin[s + 1] - row_begin[s]);
       p.recv_count[j] = running;
       if (p.cumulative_stats != nullptr) atomicAdd(&p.cumulative_stats[j], running);
     }
+    __syncthreads();
   }
   ll::finish_recv(c, n);
 }

@@ -37,6 +37,7 @@ struct LlDispatchParams {
   int64_t* layout_range;  // [E_loc, R]
   int* cumulative_stats;  // [E_loc] or null
   int64_t* wait_stats;    // [R] or null
+  int blocks_per_expert;  // receive: blocks sharing each local expert's copies (grid % it == 0)
 };
 void launch_ll_dispatch_send(const LlDispatchParams& p, int num_blocks, cudaStream_t stream);
 void launch_ll_dispatch_recv(const LlDispatchParams& p, int num_blocks, cudaStream_t stream);
@@ -73,11 +74,11 @@ __device__ __forceinline__ bool wait_consumed(const LlCommon& c, uint64_t last) 
 __device__ __forceinline__ void finish_send(const LlCommon& c, uint64_t n, int num_tokens) {
   __syncthreads();
   if (threadIdx.x != 0) return;
-  __threadfence_system();
+  device::fence_acq_rel_sys();
   const int b = c.buffer_idx;
   if (atomicAdd(&c.ws->arrive_send[b], 1u) != gridDim.x - 1) return;
   c.ws->arrive_send[b] = 0;
-  __threadfence_system();
+  device::fence_acq_rel_sys();
   for (int r = 0; r < c.ctx.num_ranks; ++r) {
     c.sync(r)->num_tokens[b][c.ctx.rank] = num_tokens;
     device::st_release_sys(&c.sync(r)->data[b][c.ctx.rank], n);
@@ -91,11 +92,11 @@ __device__ __forceinline__ void finish_send(const LlCommon& c, uint64_t n, int n
 __device__ __forceinline__ void finish_recv(const LlCommon& c, uint64_t n) {
   __syncthreads();
   if (threadIdx.x != 0) return;
-  __threadfence_system();
+  device::fence_acq_rel_sys();
   const int b = c.buffer_idx;
   if (atomicAdd(&c.ws->arrive_recv[b], 1u) != gridDim.x - 1) return;
   c.ws->arrive_recv[b] = 0;
-  __threadfence_system();
+  device::fence_acq_rel_sys();
   for (int s = 0; s < c.ctx.num_ranks; ++s) device::st_release_sys(&c.sync(s)->consumed[b][c.ctx.rank], n);
 }
 }  // namespace ll
