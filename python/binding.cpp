@@ -146,6 +146,34 @@ struct PyCommunicator {
   }
 };
 
+// "Stream `dst` waits for the work queued on `src` so far" with one reusable event (torch's
+// Stream.wait_stream creates, records and destroys a torch.cuda.Event per call, through several
+// Python frames). Reusing the event is safe: cudaStreamWaitEvent waits for the record that precedes
+// it, and the record and the wait happen in one call under the GIL. Works under CUDA-graph capture
+// the same way (a fork or join of the capture). The event belongs to the device that was current at
+// construction; both streams must be on it.
+struct StreamJoin {
+  cudaEvent_t event = nullptr;
+  StreamJoin() {
+    const cudaError_t st = cudaEventCreateWithFlags(&event, cudaEventDisableTiming);
+    EPX_CHECK(st == cudaSuccess, ErrorKind::kCuda, "stream join: cudaEventCreateWithFlags failed: ",
+              cudaGetErrorString(st));
+  }
+  StreamJoin(const StreamJoin&) = delete;
+  StreamJoin& operator=(const StreamJoin&) = delete;
+  ~StreamJoin() {
+    if (event != nullptr) (void)cudaEventDestroy(event);  // may fail once the CUDA runtime is unloading
+  }
+  void wait(uintptr_t dst, uintptr_t src) {
+    cudaError_t st = cudaEventRecord(event, to_stream(src));
+    EPX_CHECK(st == cudaSuccess, ErrorKind::kCuda, "stream join: cudaEventRecord on stream ", src,
+              " failed: ", cudaGetErrorString(st));
+    st = cudaStreamWaitEvent(to_stream(dst), event, 0);
+    EPX_CHECK(st == cudaSuccess, ErrorKind::kCuda, "stream join: cudaStreamWaitEvent on stream ", dst,
+              " failed: ", cudaGetErrorString(st));
+  }
+};
+
 struct PyBuffer {
   std::unique_ptr<epx::Buffer> buffer;
   ~PyBuffer() { release_without_gil(buffer); }
@@ -335,6 +363,12 @@ PYBIND11_MODULE(_C, m) {
     const cudaError_t st = cudaMemsetAsync(reinterpret_cast<void*>(ptr), value, num_bytes, to_stream(stream));
     EPX_CHECK(st == cudaSuccess, ErrorKind::kCuda, "cudaMemsetAsync failed: ", cudaGetErrorString(st));
   }, py::arg("ptr"), py::arg("value"), py::arg("num_bytes"), py::arg("stream"));
+
+  py::class_<StreamJoin>(m, "StreamJoin",
+                         "A reusable CUDA event (made on the current device) for stream-to-stream waits.")
+      .def(py::init<>())
+      .def("wait", &StreamJoin::wait, py::arg("dst"), py::arg("src"),
+           "Stream `dst` (a cudaStream_t int) waits for the work queued on stream `src` so far (no host sync).");
 
   // ---- Communicator ---------------------------------------------------------------------------
   m.def("get_unique_id", [] {

@@ -35,11 +35,21 @@ _DTYPE_CODES = {
 }
 _BF16 = (torch.bfloat16,)
 _BF16_FP8 = (torch.bfloat16, torch.float8_e4m3fn)
+_FP8 = (torch.float8_e4m3fn,)
 _F32 = (torch.float32,)
 _I32 = (torch.int32,)
 _I64 = (torch.int64,)
 _BOOL = (torch.bool,)
 _NO_CONTEXT = contextlib.nullcontext()
+# Per-call hot path helpers (looked up as module globals: cheaper than torch.cuda.current_stream(),
+# which builds a torch.cuda.Stream through several Python frames; the CPU tests replace them).
+_current_raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None) or \
+    (lambda device_index: torch.cuda.current_stream(device_index).cuda_stream)  # device index -> cudaStream_t int
+_current_device = torch._C._cuda_getDevice  # torch.cuda.current_device() without its Python frames
+# (num_ranks, Buffer.num_sms if set_num_sms was called else None) -> the default config's key.
+_DEFAULT_CONFIG_KEYS = {}
+# Low-latency dispatch output layouts by geometry (see _ll_layout).
+_LL_LAYOUTS = {}
 
 # A dispatch handle: (rank_prefix_matrix, count_matrix, send_pos, recv_src_idx, is_token_in_rank,
 # the core's handle). The first element is DeepEP's `rank_prefix_matrix` ([R, R] int32, inclusive
@@ -48,6 +58,46 @@ _HANDLE_LEN = 6
 # A low-latency handle: DeepEP's (src_info, layout_range, num_max_dispatch_tokens_per_rank, hidden,
 # num_experts) followed by epx's (src_topk_slot, num_topk, buffer_idx).
 _LL_HANDLE_LEN = 8
+
+
+def _contiguous_strides(shape) -> Tuple[int, ...]:
+    """The strides torch gives a contiguous tensor of `shape` (a dimension of size 0 counts as 1)."""
+    strides, step = [], 1
+    for size in reversed(shape):
+        strides.append(step)
+        step *= max(size, 1)
+    return tuple(reversed(strides))
+
+
+def _ll_layout(num_ranks: int, num_experts: int, T: int, hidden: int, use_fp8: bool, use_ue8m0: bool):
+    """
+    The outputs of a low-latency dispatch as (shape, strides, torch dtype, (dtype code, shape,
+    strides)) for recv_x, recv_scales (None without fp8), recv_count, src_info, layout_range and
+    src_topk_slot: computed once per geometry (shape and strides as DeepEP makes them; the scales
+    are column-major in the last two dims).
+    """
+    key = (num_ranks, num_experts, T, hidden, use_fp8, use_ue8m0)
+    layout = _LL_LAYOUTS.get(key)
+    if layout is not None:
+        return layout
+    E, RT = num_experts // num_ranks, num_ranks * T
+
+    def spec(shape, dtype, strides=None):
+        strides = _contiguous_strides(shape) if strides is None else strides
+        return shape, strides, dtype, (_DTYPE_CODES[dtype], shape, strides)
+
+    scales = None
+    if use_fp8:
+        num_scales = (hidden // 128 + 3) // 4 if use_ue8m0 else hidden // 128
+        st = _contiguous_strides((E, num_scales, RT))  # allocated [E, S, RT], returned transposed
+        scales = spec((E, RT, num_scales), torch.int32 if use_ue8m0 else torch.float32, (st[0], st[2], st[1]))
+    layout = (spec((E, RT, hidden), torch.float8_e4m3fn if use_fp8 else torch.bfloat16), scales,
+              spec((E,), torch.int32), spec((E, RT), torch.int32), spec((E, num_ranks), torch.int64),
+              spec((E, RT), torch.int32))
+    if len(_LL_LAYOUTS) >= 64:
+        _LL_LAYOUTS.clear()
+    _LL_LAYOUTS[key] = layout
+    return layout
 
 
 def _dtype_names(dtypes) -> str:
@@ -170,6 +220,9 @@ class Buffer:
         self.runtime = _C.Buffer(self._comm, nvl_bytes, num_rdma_bytes if low_latency_mode else 0,
                                  *self._config_key)
         self._comm_stream = torch.cuda.Stream(device=self._device, priority=-1)
+        self._comm_raw = self._comm_stream.cuda_stream  # its cudaStream_t, for the binding
+        # Stream-to-stream waits (comm <-> current) through one reusable event on this device.
+        self._stream_wait = _C.StreamJoin().wait
         self._counts_host = None  # pinned [MAX_LOCAL_EXPERTS] int32 the notify kernel writes
         self._counts_device_ptr = 0
 
@@ -191,8 +244,9 @@ class Buffer:
         rt = self.runtime
         if rt is None:
             raise _error("State", "the Buffer was destroyed")
-        if torch.cuda.current_device() != self._device_index:
-            raise _error("InvalidArgument", f"current CUDA device is cuda:{torch.cuda.current_device()}, the Buffer "
+        device = _current_device()
+        if device != self._device_index:
+            raise _error("InvalidArgument", f"current CUDA device is cuda:{device}, the Buffer "
                                             f"lives on cuda:{self._device_index} (use torch.cuda.set_device)")
         return rt
 
@@ -311,22 +365,25 @@ class Buffer:
 
     # ---- Internals ------------------------------------------------------------------------------
 
-    def _desc(self, t, name: str, dtypes, ndim: Optional[int] = None, optional: bool = False):
+    def _desc(self, t, name: str, dtypes, ndim: Optional[int] = None):
         """Checks what the core cannot see (type, device, torch dtype) and returns the descriptor."""
-        if t is None:
-            if optional:
-                return None
-            raise _error("InvalidArgument", f"{name}: required")
         if not isinstance(t, torch.Tensor):
+            if t is None:
+                raise _error("InvalidArgument", f"{name}: required")
             raise _error("InvalidArgument", f"{name}: expected a torch.Tensor, got {type(t).__name__}")
         if t.device != self._device:
             raise _error("InvalidArgument", f"{name}: expected a tensor on {self._device}, got one on {t.device}")
-        if t.dtype not in dtypes:
+        dtype = t.dtype
+        if dtype not in dtypes:
             raise _error("InvalidArgument", f"{name}: expected dtype {_dtype_names(dtypes)}, got "
-                                            f"{str(t.dtype).replace('torch.', '')}")
+                                            f"{str(dtype).replace('torch.', '')}")
         if ndim is not None and t.dim() != ndim:
             raise _error("InvalidArgument", f"{name}: expected {ndim} dimensions, got shape {tuple(t.shape)}")
-        return (t.data_ptr(), _DTYPE_CODES[t.dtype], t.shape, t.stride())
+        return (t.data_ptr(), _DTYPE_CODES[dtype], t.shape, t.stride())
+
+    def _opt_desc(self, t, name: str, dtypes, ndim: Optional[int] = None):
+        """`_desc` of an optional argument: None stays None."""
+        return None if t is None else self._desc(t, name, dtypes, ndim)
 
     @staticmethod
     def _out_desc(t: torch.Tensor):
@@ -337,49 +394,60 @@ class Buffer:
         raw = torch.as_tensor(_DeviceMemory(ptr, num_bytes, self), device=self._device)
         return raw.view(dtype).as_strided(shape, strides)
 
-    def _apply_config(self, config: Optional[Config], default) -> None:
+    def _apply_config(self, config: Optional[Config]) -> None:
+        """Sets `config` (None: the default of `get_dispatch_config` / `get_combine_config`, which
+        are the same) on the core if it differs from the one it has."""
         if config is None:
-            config = default(self.group_size)
-        elif not isinstance(config, Config):
+            # The default depends only on the group size and on set_num_sms: computed once each.
+            marker = (self.group_size, Buffer.num_sms if Buffer._num_sms_set else None)
+            key = _DEFAULT_CONFIG_KEYS.get(marker)
+            if key is None:
+                key = _DEFAULT_CONFIG_KEYS[marker] = Buffer._default_config(self.group_size)._key()
+        elif isinstance(config, Config):
+            key = config._key()
+        else:
             raise _error("InvalidArgument", f"config: expected an epx.Config, got {type(config).__name__}")
-        key = config._key()
         if key != self._config_key:
             self.runtime.set_config(*key)
             self._config_key = key
 
     def _begin(self, previous_event: Optional[EventOverlap], async_finish: bool,
-               allocate_on_comm_stream: bool) -> torch.cuda.Stream:
-        """The communication stream waits for `previous_event` or the current stream."""
+               allocate_on_comm_stream: bool) -> int:
+        """The communication stream waits for `previous_event` or the current stream; returns the
+        current stream (its cudaStream_t)."""
         if allocate_on_comm_stream and (previous_event is None or not async_finish):
             raise _error("InvalidArgument", "allocate_on_comm_stream: needs previous_event and async_finish=True "
                                             "(as in DeepEP)")
-        compute = torch.cuda.current_stream(self._device)
+        compute = _current_raw_stream(self._device_index)
         if previous_event is not None:
-            if not isinstance(previous_event, EventOverlap) or previous_event.event is None:
+            event = previous_event.event if isinstance(previous_event, EventOverlap) else None
+            if event is None:
                 raise _error("InvalidArgument", "previous_event: expected an EventOverlap holding an event "
                                                 "(from Buffer.capture() or an op with async_finish=True)")
-            self._comm_stream.wait_event(previous_event.event)
+            event.wait(self._comm_stream)
         else:
-            self._comm_stream.wait_stream(compute)
+            self._stream_wait(self._comm_raw, compute)
         return compute
 
     def _alloc(self, allocate_on_comm_stream: bool):
         return torch.cuda.stream(self._comm_stream) if allocate_on_comm_stream else _NO_CONTEXT
 
-    def _end(self, compute: torch.cuda.Stream, async_finish: bool, allocate_on_comm_stream: bool,
-             tensors) -> EventOverlap:
-        """Joins (current stream waits) or returns an event with the tensors recorded on the streams."""
-        comm = self._comm_stream
+    def _end(self, compute: int, async_finish: bool, allocate_on_comm_stream: bool, tensors) -> EventOverlap:
+        """Joins (the current stream `compute` waits) or returns an event with the tensors recorded on
+        the streams."""
         if not async_finish:
-            compute.wait_stream(comm)
+            self._stream_wait(compute, self._comm_raw)
             return EventOverlap()
+        comm = self._comm_stream
         event = torch.cuda.Event()
         event.record(comm)
+        # The current stream is the one of _begin again (allocate_on_comm_stream's context has ended).
+        compute_stream = torch.cuda.current_stream(self._device) if allocate_on_comm_stream else None
         for t in tensors:
             if t is not None:
                 t.record_stream(comm)
-                if allocate_on_comm_stream:
-                    t.record_stream(compute)
+                if compute_stream is not None:
+                    t.record_stream(compute_stream)
         return EventOverlap(event)
 
     def _recv_counts(self, num_local_experts: int):
@@ -431,7 +499,7 @@ class Buffer:
             is_token_in_rank = torch.empty((num_tokens, R), dtype=torch.bool, device=self._device)
         rt.get_dispatch_layout(d_topk, num_experts, self._out_desc(num_tokens_per_rank),
                                self._out_desc(num_tokens_per_expert), self._out_desc(is_token_in_rank),
-                               self._comm_stream.cuda_stream)
+                               self._comm_raw)
         event = self._end(compute, async_finish, allocate_on_comm_stream,
                           (topk_idx, num_tokens_per_rank, num_tokens_per_expert, is_token_in_rank))
         return num_tokens_per_rank, None, num_tokens_per_expert, is_token_in_rank, event
@@ -496,53 +564,62 @@ class Buffer:
                 raise _error("InvalidArgument", f"x: expected a tensor or a (fp8 tensor, scales) tuple, got a tuple "
                                                 f"of {len(x)}")
             x, x_scales = x
-            d_x = self._desc(x, "x[0]", (torch.float8_e4m3fn,), ndim=2)
-            d_scales = self._desc(x_scales, "x[1] (scales)", _F32, ndim=2)
+            d_x = self._desc(x, "x[0]", _FP8, 2)
+            d_scales = self._desc(x_scales, "x[1] (scales)", _F32, 2)
         else:
             x_scales, d_scales = None, None
-            d_x = self._desc(x, "x", _BF16_FP8, ndim=2)
-            if x.dtype == torch.float8_e4m3fn:
+            d_x = self._desc(x, "x", _BF16_FP8, 2)
+            if d_x[1] == _C.DTYPE_FP8E4M3:
                 raise _error("InvalidArgument", "x: an fp8 tensor needs its scales: pass x as (fp8 tensor, scales)")
-        _check_int("expert_alignment", expert_alignment, 1)
-        _check_int("num_worst_tokens", num_worst_tokens, 0)
-        self._apply_config(config, Buffer.get_dispatch_config)
-        num_tokens, hidden = x.shape
+        if type(expert_alignment) is not int or expert_alignment < 1:  # (the common case without a call)
+            _check_int("expert_alignment", expert_alignment, 1)
+        if type(num_worst_tokens) is not int or num_worst_tokens < 0:
+            _check_int("num_worst_tokens", num_worst_tokens, 0)
+        self._apply_config(config)
+        num_tokens, hidden = d_x[2]
 
         if handle is not None:
             h = self._check_handle(handle)
-            given = [name for name, t in (("topk_idx", topk_idx), ("topk_weights", topk_weights),
-                                          ("num_tokens_per_rank", num_tokens_per_rank),
-                                          ("is_token_in_rank", is_token_in_rank),
-                                          ("num_tokens_per_expert", num_tokens_per_expert)) if t is not None]
-            if given:
+            if topk_idx is not None or topk_weights is not None or num_tokens_per_rank is not None or \
+                    is_token_in_rank is not None or num_tokens_per_expert is not None:
+                given = [name for name, t in (("topk_idx", topk_idx), ("topk_weights", topk_weights),
+                                              ("num_tokens_per_rank", num_tokens_per_rank),
+                                              ("is_token_in_rank", is_token_in_rank),
+                                              ("num_tokens_per_expert", num_tokens_per_expert)) if t is not None]
                 raise _error("InvalidArgument", f"{', '.join(given)}: not allowed with a cached handle (the handle's "
                                                 "routing is reused)")
-            if num_worst_tokens not in (0, h.num_worst_tokens):
+            worst = h.num_worst_tokens
+            if num_worst_tokens != 0 and num_worst_tokens != worst:
                 raise _error("InvalidArgument", f"num_worst_tokens: the handle was made with num_worst_tokens="
-                                                f"{h.num_worst_tokens}, got {num_worst_tokens}")
-            rows = h.num_worst_tokens if h.num_worst_tokens > 0 else h.num_recv_tokens
-            stream = self._comm_stream.cuda_stream
+                                                f"{worst}, got {num_worst_tokens}")
+            rows = max(worst if worst > 0 else h.num_recv_tokens, 0)
             compute = self._begin(previous_event, async_finish, allocate_on_comm_stream)
-            with self._alloc(allocate_on_comm_stream):
-                recv_x = torch.empty((max(rows, 0), hidden), dtype=x.dtype, device=self._device)
+            dev = self._device
+            if allocate_on_comm_stream:
+                with torch.cuda.stream(self._comm_stream):
+                    recv_x = torch.empty((rows, hidden), dtype=x.dtype, device=dev)
+                    recv_x_scales = None if x_scales is None else \
+                        torch.empty((rows, d_scales[2][1]), dtype=torch.float32, device=dev)
+            else:
+                recv_x = torch.empty((rows, hidden), dtype=x.dtype, device=dev)
                 recv_x_scales = None if x_scales is None else \
-                    torch.empty((max(rows, 0), x_scales.size(1)), dtype=torch.float32, device=self._device)
-            rt.dispatch(h, d_x, d_scales, None, None, expert_alignment, h.num_worst_tokens,
-                        self._out_desc(recv_x), None if recv_x_scales is None else self._out_desc(recv_x_scales),
-                        None, None, None, stream)
+                    torch.empty((rows, d_scales[2][1]), dtype=torch.float32, device=dev)
+            out_desc = self._out_desc
+            rt.dispatch(h, d_x, d_scales, None, None, expert_alignment, worst, out_desc(recv_x),
+                        None if recv_x_scales is None else out_desc(recv_x_scales), None, None, None, self._comm_raw)
             event = self._end(compute, async_finish, allocate_on_comm_stream,
-                              (x, x_scales, recv_x, recv_x_scales, h.storage))
+                              (x, x_scales, recv_x, recv_x_scales, h.storage) if async_finish else None)
             return (recv_x, recv_x_scales) if x_scales is not None else recv_x, None, None, None, None, event
 
         d_ntpr = self._desc(num_tokens_per_rank, "num_tokens_per_rank", _I32)
         d_itir = self._desc(is_token_in_rank, "is_token_in_rank", _BOOL)
-        d_ntpe = self._desc(num_tokens_per_expert, "num_tokens_per_expert", _I32, ndim=1)
-        d_topk = self._desc(topk_idx, "topk_idx", _I64, ndim=2, optional=True)
-        d_weights = self._desc(topk_weights, "topk_weights", _F32, ndim=2, optional=True)
+        d_ntpe = self._desc(num_tokens_per_expert, "num_tokens_per_expert", _I32, 1)
+        d_topk = self._opt_desc(topk_idx, "topk_idx", _I64, 2)
+        d_weights = self._opt_desc(topk_weights, "topk_weights", _F32, 2)
         num_local_experts = num_tokens_per_expert.size(0) // R
         total, o_rpm, o_cm, o_sp, _ = _C.DispatchHandle.storage_layout(R, num_tokens)
 
-        stream = self._comm_stream.cuda_stream
+        stream = self._comm_raw
         compute = self._begin(previous_event, async_finish, allocate_on_comm_stream)
         with self._alloc(allocate_on_comm_stream):
             storage = torch.empty((total,), dtype=torch.int32, device=self._device)
@@ -610,30 +687,38 @@ class Buffer:
         """
         rt = self._rt()
         h = self._check_handle(handle)
-        d_x = self._desc(x, "x", _BF16, ndim=2)
-        d_weights = self._desc(topk_weights, "topk_weights", _F32, ndim=2, optional=True)
+        d_x = self._desc(x, "x", _BF16, 2)
+        d_weights = None if topk_weights is None else self._desc(topk_weights, "topk_weights", _F32, 2)
         if bias is None:
-            bias_0 = bias_1 = None
-        elif isinstance(bias, torch.Tensor):
-            bias_0, bias_1 = bias, None
-        elif isinstance(bias, tuple) and len(bias) == 2:
-            bias_0, bias_1 = bias
+            bias_0 = bias_1 = d_bias_0 = d_bias_1 = None
         else:
-            raise _error("InvalidArgument", "bias: expected a tensor or a tuple of two tensors")
-        d_bias_0 = self._desc(bias_0, "bias[0]", _BF16, optional=True)
-        d_bias_1 = self._desc(bias_1, "bias[1]", _BF16, optional=True)
-        self._apply_config(config, Buffer.get_combine_config)
+            if isinstance(bias, torch.Tensor):
+                bias_0, bias_1 = bias, None
+            elif isinstance(bias, tuple) and len(bias) == 2:
+                bias_0, bias_1 = bias
+            else:
+                raise _error("InvalidArgument", "bias: expected a tensor or a tuple of two tensors")
+            d_bias_0 = self._opt_desc(bias_0, "bias[0]", _BF16)
+            d_bias_1 = self._opt_desc(bias_1, "bias[1]", _BF16)
+        self._apply_config(config)
         num_tokens = h.num_tokens
         compute = self._begin(previous_event, async_finish, allocate_on_comm_stream)
-        with self._alloc(allocate_on_comm_stream):
-            combined_x = torch.empty((num_tokens, x.size(1)), dtype=torch.bfloat16, device=self._device)
-            combined_topk_weights = None if topk_weights is None else \
-                torch.empty((num_tokens, topk_weights.size(1)), dtype=torch.float32, device=self._device)
-        rt.combine(h, d_x, d_weights, d_bias_0, d_bias_1, self._out_desc(combined_x),
-                   None if combined_topk_weights is None else self._out_desc(combined_topk_weights),
-                   self._comm_stream.cuda_stream)
+        dev = self._device
+        if allocate_on_comm_stream:
+            with torch.cuda.stream(self._comm_stream):
+                combined_x = torch.empty((num_tokens, d_x[2][1]), dtype=torch.bfloat16, device=dev)
+                combined_topk_weights = None if d_weights is None else \
+                    torch.empty((num_tokens, d_weights[2][1]), dtype=torch.float32, device=dev)
+        else:
+            combined_x = torch.empty((num_tokens, d_x[2][1]), dtype=torch.bfloat16, device=dev)
+            combined_topk_weights = None if d_weights is None else \
+                torch.empty((num_tokens, d_weights[2][1]), dtype=torch.float32, device=dev)
+        out_desc = self._out_desc
+        rt.combine(h, d_x, d_weights, d_bias_0, d_bias_1, out_desc(combined_x),
+                   None if combined_topk_weights is None else out_desc(combined_topk_weights), self._comm_raw)
         event = self._end(compute, async_finish, allocate_on_comm_stream,
-                          (x, topk_weights, bias_0, bias_1, h.storage, combined_x, combined_topk_weights))
+                          (x, topk_weights, bias_0, bias_1, h.storage, combined_x, combined_topk_weights)
+                          if async_finish else None)
         return combined_x, combined_topk_weights, event
 
     # ---- Low-latency dispatch / combine ---------------------------------------------------------
@@ -707,66 +792,60 @@ class Buffer:
             raise _error("InvalidArgument", "use_ue8m0: needs round_scale=True (UE8M0 holds power-of-two scales)")
         if not use_fp8 and (round_scale or use_ue8m0):
             raise _error("InvalidArgument", "round_scale / use_ue8m0: only with use_fp8=True")
-        d_x = self._desc(x, "x", _BF16, ndim=2)
-        d_topk = self._desc(topk_idx, "topk_idx", _I64, ndim=2)
-        T = _check_int("num_max_dispatch_tokens_per_rank", num_max_dispatch_tokens_per_rank, 1)
-        _check_int("num_experts", num_experts, 1)
-        d_cum = self._desc(cumulative_local_expert_recv_stats, "cumulative_local_expert_recv_stats", _I32,
-                           optional=True)
-        d_wait = self._desc(dispatch_wait_recv_cost_stats, "dispatch_wait_recv_cost_stats", _I64, optional=True)
-        R = self.group_size
-        num_local_experts, hidden, num_topk = num_experts // R, x.size(1), topk_idx.size(1)
-        RT = R * T
+        d_x = self._desc(x, "x", _BF16, 2)
+        d_topk = self._desc(topk_idx, "topk_idx", _I64, 2)
+        T = num_max_dispatch_tokens_per_rank
+        if type(T) is not int or T < 1:
+            _check_int("num_max_dispatch_tokens_per_rank", T, 1)
+        if type(num_experts) is not int or num_experts < 1:
+            _check_int("num_experts", num_experts, 1)
+        d_cum = self._opt_desc(cumulative_local_expert_recv_stats, "cumulative_local_expert_recv_stats", _I32)
+        d_wait = self._opt_desc(dispatch_wait_recv_cost_stats, "dispatch_wait_recv_cost_stats", _I64)
+        hidden, num_topk = d_x[2][1], d_topk[2][1]
+        l_x, l_scales, l_count, l_info, l_range, l_slot = \
+            _ll_layout(self.group_size, num_experts, T, hidden, use_fp8, use_ue8m0)
 
-        compute = torch.cuda.current_stream(self._device)
-        launch = compute if return_recv_hook else self._comm_stream
-        if not return_recv_hook:
-            launch.wait_stream(compute)
-        dev = self._device
-        recv_x = torch.empty((num_local_experts, RT, hidden), dtype=torch.float8_e4m3fn if use_fp8 else torch.bfloat16,
-                             device=dev)
-        recv_scales = None
-        if use_fp8:
-            if use_ue8m0:
-                recv_scales = torch.empty((num_local_experts, (hidden // 128 + 3) // 4, RT), dtype=torch.int32,
-                                          device=dev).transpose(1, 2)
-            else:
-                recv_scales = torch.empty((num_local_experts, hidden // 128, RT), dtype=torch.float32,
-                                          device=dev).transpose(1, 2)
-        recv_count = torch.empty((num_local_experts,), dtype=torch.int32, device=dev)
-        src_info = torch.empty((num_local_experts, RT), dtype=torch.int32, device=dev)
-        layout_range = torch.empty((num_local_experts, R), dtype=torch.int64, device=dev)
-        src_topk_slot = torch.empty((num_local_experts, RT), dtype=torch.int32, device=dev)
-        out_desc = self._out_desc
+        compute = _current_raw_stream(self._device_index)
+        if return_recv_hook:
+            launch = compute
+        else:
+            launch = self._comm_raw
+            self._stream_wait(launch, compute)
+        dev, empty = self._device, torch.empty_strided
+        recv_x = empty(l_x[0], l_x[1], dtype=l_x[2], device=dev)
+        recv_scales = None if l_scales is None else empty(l_scales[0], l_scales[1], dtype=l_scales[2], device=dev)
+        recv_count = empty(l_count[0], l_count[1], dtype=torch.int32, device=dev)
+        src_info = empty(l_info[0], l_info[1], dtype=torch.int32, device=dev)
+        layout_range = empty(l_range[0], l_range[1], dtype=torch.int64, device=dev)
+        src_topk_slot = empty(l_slot[0], l_slot[1], dtype=torch.int32, device=dev)
         buffer_idx = rt.low_latency_dispatch(
             d_x, d_topk, T, num_experts, use_fp8, round_scale, use_ue8m0, d_cum, d_wait, return_recv_hook,
-            out_desc(recv_x), None if recv_scales is None else out_desc(recv_scales), out_desc(recv_count),
-            out_desc(src_info), out_desc(layout_range), out_desc(src_topk_slot), launch.cuda_stream)
+            (recv_x.data_ptr(),) + l_x[3],
+            None if recv_scales is None else (recv_scales.data_ptr(),) + l_scales[3],
+            (recv_count.data_ptr(),) + l_count[3], (src_info.data_ptr(),) + l_info[3],
+            (layout_range.data_ptr(),) + l_range[3], (src_topk_slot.data_ptr(),) + l_slot[3], launch)
         handle = (src_info, layout_range, T, hidden, num_experts, src_topk_slot, num_topk, buffer_idx)
         tensors = (x, topk_idx, recv_x, recv_scales, recv_count, src_info, layout_range, src_topk_slot,
-                   cumulative_local_expert_recv_stats, dispatch_wait_recv_cost_stats)
-        event, hook = self._ll_finish(rt, compute, launch, async_finish, return_recv_hook, buffer_idx, tensors)
-        extra = tensors if async_finish else None
+                   cumulative_local_expert_recv_stats, dispatch_wait_recv_cost_stats) \
+            if async_finish or return_recv_hook else None
+        event, hook = self._ll_finish(rt, compute, async_finish, return_recv_hook, buffer_idx, tensors)
         recv = (recv_x, recv_scales) if use_fp8 else recv_x
-        return recv, recv_count, handle, EventOverlap(event, extra), hook
+        return recv, recv_count, handle, EventOverlap(event, tensors if async_finish else None), hook
 
-    @staticmethod
-    def _ll_finish(rt, compute, launch, async_finish: bool, return_recv_hook: bool, buffer_idx: int, keep):
-        """Event or join, and the receive hook (which keeps the op's tensors alive until it runs)."""
-        event = None
+    def _ll_finish(self, rt, compute: int, async_finish: bool, return_recv_hook: bool, buffer_idx: int, keep):
+        """Event or join, and the receive hook (which keeps the op's tensors alive until it runs). The
+        op ran on the current stream `compute` with return_recv_hook, else on the communication stream."""
+        if return_recv_hook:  # (never with async_finish)
+            def hook() -> None:
+                _ = keep
+                rt.low_latency_receive(buffer_idx, compute)
+            return None, hook
         if async_finish:
             event = torch.cuda.Event()
-            event.record(launch)
-        elif not return_recv_hook:
-            compute.wait_stream(launch)
-        if not return_recv_hook:
+            event.record(self._comm_stream)
             return event, None
-        stream = launch.cuda_stream
-
-        def hook() -> None:
-            _ = keep
-            rt.low_latency_receive(buffer_idx, stream)
-        return event, hook
+        self._stream_wait(compute, self._comm_raw)
+        return None, None
 
     def low_latency_combine(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor,
                             handle: Tuple, use_logfmt: bool = False, zero_copy: bool = False,
@@ -812,27 +891,29 @@ class Buffer:
                                                 f"{getattr(x, 'dtype', type(x).__name__)} {tuple(getattr(x, 'shape', ()))}")
             d_x = d_buf
         else:
-            d_x = self._desc(x, "x", _BF16, ndim=3)
-        d_topk = self._desc(topk_idx, "topk_idx", _I64, ndim=2)
-        d_weights = self._desc(topk_weights, "topk_weights", _F32, ndim=2)
-        d_out = None if out is None else self._desc(out, "out", _BF16, ndim=2)
-        compute = torch.cuda.current_stream(self._device)
-        launch = compute if return_recv_hook else self._comm_stream
-        if not return_recv_hook:
-            launch.wait_stream(compute)
-        if out is None:
-            out = torch.empty((topk_idx.size(0), hidden), dtype=torch.bfloat16, device=self._device)
-            d_out = self._out_desc(out)
+            d_x = self._desc(x, "x", _BF16, 3)
+        d_topk = self._desc(topk_idx, "topk_idx", _I64, 2)
+        d_weights = self._desc(topk_weights, "topk_weights", _F32, 2)
+        d_out = None if out is None else self._desc(out, "out", _BF16, 2)
+        compute = _current_raw_stream(self._device_index)
+        if return_recv_hook:
+            launch = compute
+        else:
+            launch = self._comm_raw
+            self._stream_wait(launch, compute)
         out_desc = self._out_desc
+        if out is None:
+            out = torch.empty((d_topk[2][0], hidden), dtype=torch.bfloat16, device=self._device)
+            d_out = out_desc(out)
         rt.low_latency_combine(T, hidden, num_experts, num_topk, buffer_idx, out_desc(src_info),
                                out_desc(layout_range), out_desc(src_topk_slot), d_x, d_topk, d_weights,
-                               return_recv_hook, d_out, launch.cuda_stream)
-        # The combine used the buffer that was next before it (the two alternate).
-        used_buffer = rt.next_low_latency_buffer() ^ 1
-        tensors = (x, topk_idx, topk_weights, src_info, layout_range, src_topk_slot, out)
-        event, hook = self._ll_finish(rt, compute, launch, async_finish, return_recv_hook, used_buffer, tensors)
-        extra = tensors if async_finish else None
-        return out, EventOverlap(event, extra), hook
+                               return_recv_hook, d_out, launch)
+        # The combine used the buffer that was next before it (the two alternate); only the hook needs it.
+        used_buffer = rt.next_low_latency_buffer() ^ 1 if return_recv_hook else -1
+        tensors = (x, topk_idx, topk_weights, src_info, layout_range, src_topk_slot, out) \
+            if async_finish or return_recv_hook else None
+        event, hook = self._ll_finish(rt, compute, async_finish, return_recv_hook, used_buffer, tensors)
+        return out, EventOverlap(event, tensors if async_finish else None), hook
 
     def get_next_low_latency_combine_buffer(self, handle: Tuple) -> torch.Tensor:
         """

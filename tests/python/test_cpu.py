@@ -211,6 +211,7 @@ class _UntouchableRuntime:
 def fake_buffer(monkeypatch):
     """A Buffer on a pretend cuda:0 whose runtime must never be reached."""
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(epx.buffer, "_current_device", lambda: 0)
 
     def make(low_latency_mode=True, explicitly_destroy=False, world=4):
         b = epx.Buffer.__new__(epx.Buffer)
@@ -221,8 +222,12 @@ def fake_buffer(monkeypatch):
         b._device_index, b._device = 0, torch.device("cuda", 0)
         b._config_key = epx.Config.defaults(world)._key()
         b._counts_host, b._counts_device_ptr = None, 0
+        b._comm_stream, b._comm_raw, b._stream_wait = None, _COMM, None
         return b
     return make
+
+
+_COMPUTE, _COMM = 0xA0, 0xC0  # pretend cudaStream_t handles of the current and communication streams
 
 
 def cpu(*shape, dtype=torch.bfloat16):
@@ -320,3 +325,157 @@ def test_tensor_checks_name_the_argument(fake_buffer):
         b.low_latency_combine(torch.zeros((2, 32, 128), dtype=torch.bfloat16, **meta),
                               torch.zeros((4, 2), dtype=torch.int64, **meta), torch.zeros((4, 2), **meta), handle,
                               out=torch.zeros((4, 128), **meta))
+
+
+# ---- Hot paths with a recording runtime: stream order, outputs and handles ----------------------------
+
+class _RecordingRuntime:
+    """Stands in for the C++ buffer on the launch paths: records each call (name, args)."""
+
+    def __init__(self, log):
+        self.log = log
+
+    def __getattr__(self, name):
+        if name in ("dispatch", "combine", "low_latency_combine", "low_latency_receive", "set_config"):
+            return lambda *args: self.log.append((name, args))
+        raise AssertionError(f"unexpected runtime call {name}")
+
+    def low_latency_dispatch(self, *args):
+        self.log.append(("low_latency_dispatch", args))
+        return 1  # the buffer index
+
+    def next_low_latency_buffer(self):
+        return 0
+
+
+@pytest.fixture
+def recording_buffer(fake_buffer, monkeypatch):
+    """A fake Buffer on "meta" whose runtime and stream waits are recorded into `b.log`."""
+    monkeypatch.setattr(epx.buffer, "_current_raw_stream", lambda device: _COMPUTE)
+
+    def make(world=4):
+        b = fake_buffer(world=world)
+        b._device = torch.device("meta")
+        b.log = []
+        b.runtime = _RecordingRuntime(b.log)
+        b._stream_wait = lambda dst, src: b.log.append(("wait", dst, src))
+        return b
+    return make
+
+
+def _meta(*shape, dtype=torch.bfloat16):
+    return torch.zeros(shape, dtype=dtype, device="meta")
+
+
+def _desc_of(t):
+    return (t.data_ptr(), {torch.bfloat16: _C.DTYPE_BF16, torch.float8_e4m3fn: _C.DTYPE_FP8E4M3,
+                           torch.float32: _C.DTYPE_F32, torch.int32: _C.DTYPE_I32, torch.int64: _C.DTYPE_I64,
+                           torch.bool: _C.DTYPE_BOOL}[t.dtype], tuple(t.shape), tuple(t.stride()))
+
+
+def _norm(desc):
+    return None if desc is None else (desc[0], desc[1], tuple(desc[2]), tuple(desc[3]))
+
+
+def test_cached_dispatch_and_combine_streams(recording_buffer):
+    b = recording_buffer()
+    storage = torch.zeros(_C.DispatchHandle.storage_layout(4, 10)[0], dtype=torch.int32)
+    h = _C.DispatchHandle(storage.data_ptr(), storage.numel(), 4, 0, 10, storage)
+    handle = (None,) * 5 + (h,)
+    x = _meta(10, 128)
+    recv_x, idx, w, counts, new_handle, event = b.dispatch(x, handle=handle)
+    assert (idx, w, counts, new_handle, event.event, event.extra_tensors) == (None,) * 6
+    assert recv_x.shape == (0, 128) and recv_x.dtype == torch.bfloat16  # rows unknown until filled: 0
+    (w0, (name, args), w1) = b.log
+    assert w0 == ("wait", _COMM, _COMPUTE) and w1 == ("wait", _COMPUTE, _COMM)
+    assert name == "dispatch" and args[0] is h and args[-1] == _COMM
+    assert _norm(args[1]) == _desc_of(x) and _norm(args[7]) == _desc_of(recv_x)
+    with expect_error("InvalidArgument", "topk_idx", "cached handle"):
+        b.dispatch(x, handle=handle, topk_idx=_meta(10, 2, dtype=torch.int64))
+    with expect_error("InvalidArgument", "num_worst_tokens"):
+        b.dispatch(x, handle=handle, num_worst_tokens=5)
+
+    b.log.clear()
+    y = _meta(3, 128)
+    combined_x, combined_w, event = b.combine(y, handle)
+    assert combined_w is None and event.event is None
+    assert combined_x.shape == (10, 128) and combined_x.dtype == torch.bfloat16
+    (w0, (name, args), w1) = b.log
+    assert w0 == ("wait", _COMM, _COMPUTE) and w1 == ("wait", _COMPUTE, _COMM)
+    assert name == "combine" and args[-1] == _COMM and _norm(args[5]) == _desc_of(combined_x)
+
+
+def test_default_config_follows_set_num_sms(recording_buffer):
+    b = recording_buffer()
+    storage = torch.zeros(_C.DispatchHandle.storage_layout(4, 10)[0], dtype=torch.int32)
+    handle = (None,) * 5 + (_C.DispatchHandle(storage.data_ptr(), storage.numel(), 4, 0, 10, storage),)
+    saved = (epx.Buffer.num_sms, epx.Buffer._num_sms_set)
+    try:
+        b.dispatch(_meta(10, 128), handle=handle)
+        assert not [c for c in b.log if c[0] == "set_config"]
+        epx.Buffer.set_num_sms(24)
+        for _ in range(2):
+            b.dispatch(_meta(10, 128), handle=handle)
+        # Set once (the core keeps it), with the SMs of set_num_sms.
+        assert [c[1] for c in b.log if c[0] == "set_config"] == [epx.Buffer.get_dispatch_config(4)._key()]
+        assert epx.Buffer.get_dispatch_config(4).num_sms == 24
+        b.log.clear()
+        b.combine(_meta(3, 128), handle, config=epx.Config(30))
+        assert b.log[0] == ("set_config", epx.Config(30)._key())
+        b.log.clear()
+        b.combine(_meta(3, 128), handle)
+        assert b.log[0] == ("set_config", epx.Buffer.get_combine_config(4)._key())
+    finally:
+        epx.Buffer.num_sms, epx.Buffer._num_sms_set = saved
+
+
+@pytest.mark.parametrize("use_fp8,use_ue8m0,hook", [(True, False, False), (True, True, False), (False, False, False),
+                                                    (True, False, True)])
+def test_low_latency_outputs_and_streams(recording_buffer, use_fp8, use_ue8m0, hook):
+    world, E, T, H, K = 4, 16, 8, 640, 2
+    b = recording_buffer(world)
+    x, topk = _meta(5, H), _meta(5, K, dtype=torch.int64)
+    recv, count, handle, event, recv_hook = b.low_latency_dispatch(
+        x, topk, T, E, use_fp8=use_fp8, round_scale=use_ue8m0, use_ue8m0=use_ue8m0, return_recv_hook=hook)
+    # Shapes, dtypes and strides as DeepEP makes them.
+    E_loc, RT = E // world, world * T
+    recv_x, scales = recv if use_fp8 else (recv, None)
+    assert recv_x.shape == (E_loc, RT, H) and recv_x.is_contiguous()
+    assert recv_x.dtype == (torch.float8_e4m3fn if use_fp8 else torch.bfloat16)
+    if use_fp8:
+        ref = torch.empty((E_loc, (H // 128 + 3) // 4 if use_ue8m0 else H // 128, RT),
+                          dtype=torch.int32 if use_ue8m0 else torch.float32).transpose(1, 2)
+        assert (scales.shape, scales.stride(), scales.dtype) == (ref.shape, ref.stride(), ref.dtype)
+    assert count.shape == (E_loc,) and count.dtype == torch.int32
+    src_info, layout_range, T_, H_, E_, src_topk_slot, K_, buffer_idx = handle
+    assert (T_, H_, E_, K_, buffer_idx) == (T, H, E, K, 1)
+    assert src_info.shape == src_topk_slot.shape == (E_loc, RT) and src_info.dtype == src_topk_slot.dtype == torch.int32
+    assert layout_range.shape == (E_loc, world) and layout_range.dtype == torch.int64
+    assert event.event is None and event.extra_tensors is None
+    calls = [c for c in b.log if c[0] != "wait"]
+    waits = [c for c in b.log if c[0] == "wait"]
+    (name, args), = calls
+    assert name == "low_latency_dispatch" and args[-1] == (_COMPUTE if hook else _COMM)
+    assert [_norm(d) for d in args[10:16]] == [_desc_of(recv_x), None if scales is None else _desc_of(scales),
+                                               _desc_of(count), _desc_of(src_info), _desc_of(layout_range),
+                                               _desc_of(src_topk_slot)]
+    if hook:
+        assert waits == [] and callable(recv_hook)
+        recv_hook()
+        assert b.log[-1] == ("low_latency_receive", (1, _COMPUTE))
+    else:
+        assert recv_hook is None and b.log == [("wait", _COMM, _COMPUTE), calls[0], ("wait", _COMPUTE, _COMM)]
+
+    b.log.clear()
+    y = _meta(E_loc, RT, H)
+    out, event, recv_hook = b.low_latency_combine(y, topk, _meta(5, K, dtype=torch.float32), handle,
+                                                  return_recv_hook=hook)
+    assert out.shape == (5, H) and out.dtype == torch.bfloat16 and event.event is None
+    (name, args), = [c for c in b.log if c[0] != "wait"]
+    assert name == "low_latency_combine" and args[:5] == (T, H, E, K, 1) and args[-1] == (_COMPUTE if hook else _COMM)
+    assert _norm(args[12]) == _desc_of(out)
+    if hook:
+        recv_hook()
+        assert b.log[-1] == ("low_latency_receive", (1, _COMPUTE))  # the buffer before next_low_latency_buffer
+    else:
+        assert b.log[0] == ("wait", _COMM, _COMPUTE) and b.log[-1] == ("wait", _COMPUTE, _COMM)
