@@ -166,17 +166,29 @@ std::vector<Row> run_ht(const Options& o, Communicator& comm) {
         measure("dispatch bf16 cached", cached(false), row_bf16, nr, remote_rows, &nd);
         measure("dispatch fp8 fresh", fresh(true), row_fp8, nr, remote_rows, nullptr);
         measure("dispatch fp8 cached", cached(true), row_fp8, nr, remote_rows, nullptr);
+        // Pipelined variants at a few sender/other warp splits (Config::pipeline_send_warps).
+        const int warps = cfg.num_threads / 32;
+        const std::vector<int> splits = {warps / 2, warps * 5 / 8, warps * 3 / 4};
         cfg.pipelined_dispatch = true;
-        buffer.set_config(cfg);
-        measure("dispatch bf16 cached pipelined", cached(false), row_bf16, nr, remote_rows, &nd);
-        measure("dispatch fp8 cached pipelined", cached(true), row_fp8, nr, remote_rows, nullptr);
+        for (int sw : splits) {
+          cfg.pipeline_send_warps = sw;
+          buffer.set_config(cfg);
+          const std::string tag = " pipelined s" + std::to_string(sw);
+          measure("dispatch bf16 cached" + tag, cached(false), row_bf16, nr, remote_rows, &nd);
+          measure("dispatch fp8 cached" + tag, cached(true), row_fp8, nr, remote_rows, nullptr);
+        }
         cfg.pipelined_dispatch = false;
+        cfg.pipeline_send_warps = 0;
         buffer.set_config(cfg);
         fresh(false)(stream);  // recv buffer holds bf16 rows again for combine
         measure("combine bf16", combine_op, row_bf16, nr, remote_rows, &nc);
         cfg.pipelined_combine = true;
-        buffer.set_config(cfg);
-        measure("combine bf16 pipelined", combine_op, row_bf16, nr, remote_rows, &nc);
+        for (int sw : splits) {
+          cfg.pipeline_send_warps = sw;
+          buffer.set_config(cfg);
+          measure("combine bf16 pipelined s" + std::to_string(sw), combine_op, row_bf16, nr, remote_rows, &nc);
+        }
+        cfg.pipeline_send_warps = 0;
         cfg.pipelined_combine = false;
         buffer.set_config(cfg);
       }

@@ -18,6 +18,9 @@ struct Config {
   // Dispatch variant: false = push all rows, then copy them out of the buffer (validated on
   // 4xH100); true = sender and copy warps overlap through per-chunk flags (experimental).
   bool pipelined_dispatch = false;
+  // Pipelined variants: warps per block that push rows (the others reduce / copy out); 0 = 3/4 of
+  // the block. Must leave at least one warp of the other role.
+  int pipeline_send_warps = 0;
 
   // Throws Error(kInvalidArgument) naming the field when out of range. `num_device_sms` <= 0 skips
   // the check against the device.

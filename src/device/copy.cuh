@@ -39,8 +39,10 @@ __device__ __forceinline__ void warp_copy_multicast(const void* src, char* const
 }
 
 // Threads [tid, tid + nthreads*k) of a cooperative group copy `num_bytes` (multiple of 4) from
-// `src` to `dst`. Uses 16-byte accesses when both are 16-byte aligned and the size allows.
-// `src` is memory a peer wrote before a completed acquire: plain loads (no .nc).
+// `src` to `dst`, kUnroll 16-byte loads in flight per thread. Uses 16-byte accesses when both are
+// 16-byte aligned and the size allows. `src` is memory a peer wrote before a completed acquire:
+// plain loads (no .nc).
+template <int kUnroll = 4>
 __device__ __forceinline__ void coop_copy(void* dst, const void* src, size_t num_bytes, size_t tid,
                                           size_t nthreads) {
   if (num_bytes == 0) return;
@@ -50,12 +52,12 @@ __device__ __forceinline__ void coop_copy(void* dst, const void* src, size_t num
     int4* d = static_cast<int4*>(dst);
     const size_t n = num_bytes / 16;
     size_t i = tid;
-    for (; i + 3 * nthreads < n; i += 4 * nthreads) {
-      int4 v0 = s[i], v1 = s[i + nthreads], v2 = s[i + 2 * nthreads], v3 = s[i + 3 * nthreads];
-      st_na_v4(d + i, v0);
-      st_na_v4(d + i + nthreads, v1);
-      st_na_v4(d + i + 2 * nthreads, v2);
-      st_na_v4(d + i + 3 * nthreads, v3);
+    for (; i + (kUnroll - 1) * nthreads < n; i += kUnroll * nthreads) {
+      int4 v[kUnroll];
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) v[u] = s[i + u * nthreads];
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) st_na_v4(d + i + u * nthreads, v[u]);
     }
     for (; i < n; i += nthreads) st_na_v4(d + i, s[i]);
   } else {

@@ -1,9 +1,10 @@
 // Pipelined high-throughput combine (Config::pipelined_combine): the push and the reduce of
 // combine.cu overlap. Warp roles in every block:
-//   senders (3/4 of the warps): work items (chunk c, source s) in c-major order, so every source's
-//     low positions go first; a warp writes the chunk's rows into the source's row region, fences,
-//     and publishes chunk_flags[me][c] = e on the source;
-//   reducers (1/4 of the warps): tokens in increasing order; before reducing token t, wait for the
+//   senders (p.send_warps of the warps): a row per warp in (chunk c, source s, row) order over all
+//     sender warps, so every source's low positions go first; the warp fences, counts the row on
+//     Workspace::chunk_rows_done[s][c], and the warp completing chunk c publishes
+//     chunk_flags[me][c] = e on source s;
+//   reducers (the other warps): tokens in increasing order; before reducing token t, wait for the
 //     chunk holding each of its contributions (positions grow with t, so the wait front advances
 //     with the senders), then reduce exactly as combine.cu (same order, same bits).
 #include "kernels/combine_common.cuh"
@@ -11,36 +12,46 @@
 namespace epx::kernels {
 namespace {
 
-__device__ void send_chunks(const CombineParams& p, const int* recv_base, const int* dst_base, uint64_t e,
-                            int sender_warp, int num_sender_warps, int lane) {
+// Rows go out one per warp in (chunk, source, row-in-chunk) order over all sender warps of the
+// grid, so every source's front advances in position order; after each row the warp fences and
+// counts it on its (source, chunk) counter, and the warp that completes a chunk publishes its flag.
+__device__ void send_rows_pipelined(const CombineParams& p, const int* recv_base, const int* dst_base, uint64_t e,
+                                   int sender_warp, int num_sender_warps, int lane) {
   const OpContext& ctx = p.ctx;
   const int R = ctx.num_ranks, me = ctx.rank;
-  int max_chunks = 0;
+  int max_chunks = 0, slots = 0;  // slots: row slots per (chunk, source) item, the largest chunk
   for (int s = 0; s < R; ++s) {
-    const int n = recv_base[s + 1] - recv_base[s];
-    const int chunks = (n + combine_chunk_rows(n) - 1) / combine_chunk_rows(n);
-    max_chunks = max(max_chunks, chunks);
+    const int n = recv_base[s + 1] - recv_base[s], per = combine_chunk_rows(n);
+    max_chunks = max(max_chunks, (n + per - 1) / per);
+    slots = max(slots, per);
   }
-  for (int item = sender_warp; item < max_chunks * R; item += num_sender_warps) {
+  const int64_t total = static_cast<int64_t>(max_chunks) * R * slots;
+  for (int64_t g = sender_warp; g < total; g += num_sender_warps) {
+    const int item = static_cast<int>(g / slots), k = static_cast<int>(g % slots);
     const int c = item / R, s = item % R;
-    const int n = recv_base[s + 1] - recv_base[s];
-    const int rows_per_chunk = combine_chunk_rows(n);
-    const int first = c * rows_per_chunk;
-    if (s == me || first >= n) continue;
-    const int last = min(n, first + rows_per_chunk);
+    if (s == me) continue;
+    const int n = recv_base[s + 1] - recv_base[s], per = combine_chunk_rows(n);
+    const int pos = c * per + k;
+    if (k >= per || pos >= n) continue;
+    const int64_t i = recv_base[s] + pos, slot = dst_base[s] + pos;
     char* base = ctx.rows(s);
-    for (int pos = first; pos < last; ++pos) {
-      const int64_t i = recv_base[s] + pos, slot = dst_base[s] + pos;
-      char* dst[1] = {p.rows.row(base, slot)};
-      warp_copy_multicast<kUnroll>(p.x + i * p.x_stride, dst, p.rows.row_bytes, lane);
-      if (p.rows.num_topk_weights)
-        for (int k = lane; k < p.num_topk; k += kWarpSize)
-          p.rows.topk_weights(base, slot)[k] = p.topk_weights[i * p.weight_stride + k];
-    }
-    // Every lane's stores are ordered (sys) before lane 0's release of the chunk flag.
+    char* dst[1] = {p.rows.row(base, slot)};
+    warp_copy_multicast<kUnroll>(p.x + i * p.x_stride, dst, p.rows.row_bytes, lane);
+    if (p.rows.num_topk_weights)
+      for (int kk = lane; kk < p.num_topk; kk += kWarpSize)
+        p.rows.topk_weights(base, slot)[kk] = p.topk_weights[i * p.weight_stride + kk];
+    // Every lane's stores are ordered (sys) before the count that may publish them.
     fence_acq_rel_sys();
     __syncwarp();
-    if (lane == 0) st_release_sys(&ctx.chunk_flags(s)->flag[me][c], e);
+    if (lane == 0) {
+      unsigned int* counter = &ctx.ws->chunk_rows_done[s][c];
+      const unsigned int target = static_cast<unsigned int>(min(per, n - c * per));
+      if (atomicAdd(counter, 1u) + 1 == target) {
+        *counter = 0;  // complete: nobody else touches it in this op
+        fence_acq_rel_sys();
+        st_release_sys(&ctx.chunk_flags(s)->flag[me][c], e);
+      }
+    }
   }
 }
 
@@ -85,9 +96,9 @@ __global__ void __launch_bounds__(kMaxHtThreads) combine_pipelined_kernel(const 
   if (!combine_begin(p, e, recv_base, dst_base)) return;
 
   const int warps = blockDim.x / kWarpSize, warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
-  const int num_senders = max(1, warps * 3 / 4), num_reducers = warps - num_senders;
+  const int num_senders = p.send_warps, num_reducers = warps - num_senders;
   if (warp < num_senders) {
-    send_chunks(p, recv_base, dst_base, e, blockIdx.x * num_senders + warp, gridDim.x * num_senders, lane);
+    send_rows_pipelined(p, recv_base, dst_base, e, blockIdx.x * num_senders + warp, gridDim.x * num_senders, lane);
   } else {
     reduce_tokens_pipelined<kR, kU>(p, recv_base, send_base, e, blockIdx.x * num_reducers + (warp - num_senders),
                                     gridDim.x * num_reducers, lane, seen[warp]);

@@ -80,7 +80,7 @@ __device__ __forceinline__ void copy_out(const DispatchParams& p, int64_t first,
                                          size_t nthreads) {
   const RowLayout& L = p.rows;
   char* base = p.ctx.rows(p.ctx.rank);
-  coop_copy(p.recv_x + first * L.row_bytes, L.row(base, first), num * L.row_bytes, tid, nthreads);
+  coop_copy<8>(p.recv_x + first * L.row_bytes, L.row(base, first), num * L.row_bytes, tid, nthreads);
   if (L.num_scales)
     coop_copy(p.recv_x_scales + first * L.num_scales, L.scales(base, first), num * L.num_scales * 4, tid, nthreads);
   const int K = L.num_topk_idx;

@@ -1,10 +1,10 @@
 // Pipelined high-throughput dispatch (Config::pipelined_dispatch): the push and the copy-out of
 // dispatch.cu overlap. Warp roles in every block:
-//   senders (3/4 of the warps): batches of kBatch consecutive tokens, batch b by sender warp
+//   senders (p.send_warps of the warps): batches of kBatch consecutive tokens, batch b by sender warp
 //     b % num_senders, so the token front advances in order; a warp sends its batch (send_token),
 //     fences, and counts the rows it wrote into each (destination, chunk) counter; the warp that
 //     completes a chunk publishes chunk_flags[me][c] = e on that destination. Then worst-case padding.
-//   copiers (1/4 of the warps): items (chunk c, source s) in c-major order; wait for the chunk's
+//   copiers (the other warps): items (chunk c, source s) in c-major order; wait for the chunk's
 //     flag, then copy its rows (contiguous in the row region and in the outputs) out.
 #include "kernels/dispatch_common.cuh"
 
@@ -104,7 +104,7 @@ __global__ void __launch_bounds__(kMaxHtThreads) dispatch_pipelined_kernel(const
   if (!wait_peers_ready(ctx, e)) return;
 
   const int warps = blockDim.x / kWarpSize, warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
-  const int num_senders = max(1, warps * 3 / 4), num_copiers = warps - num_senders;
+  const int num_senders = p.send_warps, num_copiers = warps - num_senders;
   if (warp < num_senders) {
     const int sender = blockIdx.x * num_senders + warp, total = gridDim.x * num_senders;
     send_batches(p, slot_base, e, sender, total, lane);

@@ -16,7 +16,7 @@ namespace {
 
 using namespace epx::device;
 constexpr int kThreads = 512;
-constexpr int kUnroll = 4;
+constexpr int kUnroll = 8;
 constexpr int kMaxTopk = 16;  // low-latency top-k bound (plan::kMaxLlTopk)
 constexpr int kBatch = 8;
 constexpr int kExpertsPerThread = (kMaxLocalExperts + kThreads - 1) / kThreads;

@@ -18,14 +18,23 @@ constexpr int kThreads = 512;
 constexpr int kMaxHidden = 16384;  // smem row for the fp8 cast (H + 4 * H / 128 bytes)
 constexpr int kMaxTopkLl = 16;
 
-// A warp casts 128-channel blocks c = warp, warp + warps, ...: 4 channels per lane.
+// A warp casts 128-channel blocks c = warp, warp + warps, ...: 4 channels per lane. All of a
+// lane's loads are issued before the first cast (the row is read once, latency-bound otherwise).
+constexpr int kCastIters = kMaxHidden / 128 / (kThreads / kWarpSize);
 __device__ void cast_row_fp8(const LlDispatchParams& p, const uint16_t* row, uint8_t* q, float* scales) {
   const int H = p.c.layout.hidden, num_blocks = H / 128;
-  const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize, warps = blockDim.x / kWarpSize;
-  for (int c = warp; c < num_blocks; c += warps) {
-    const uint2 raw = reinterpret_cast<const uint2*>(row + c * 128)[lane];
-    float v[4] = {__uint_as_float(raw.x << 16), __uint_as_float(raw.x & 0xffff0000u), __uint_as_float(raw.y << 16),
-                  __uint_as_float(raw.y & 0xffff0000u)};
+  const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
+  constexpr int warps = kThreads / kWarpSize;
+  uint2 raw[kCastIters];
+#pragma unroll
+  for (int i = 0; i < kCastIters; ++i)
+    if (warp + i * warps < num_blocks) raw[i] = reinterpret_cast<const uint2*>(row + (warp + i * warps) * 128)[lane];
+#pragma unroll
+  for (int i = 0; i < kCastIters; ++i) {
+    const int c = warp + i * warps;
+    if (c >= num_blocks) continue;
+    float v[4] = {__uint_as_float(raw[i].x << 16), __uint_as_float(raw[i].x & 0xffff0000u),
+                  __uint_as_float(raw[i].y << 16), __uint_as_float(raw[i].y & 0xffff0000u)};
     float amax = fmaxf(fmaxf(fabsf(v[0]), fabsf(v[1])), fmaxf(fabsf(v[2]), fabsf(v[3])));
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
@@ -37,7 +46,7 @@ __device__ void cast_row_fp8(const LlDispatchParams& p, const uint16_t* row, uin
   }
 }
 
-__global__ void __launch_bounds__(kThreads) ll_dispatch_send(const __grid_constant__ LlDispatchParams p) {
+__global__ void __launch_bounds__(kThreads, 1) ll_dispatch_send(const __grid_constant__ LlDispatchParams p) {
   __shared__ __align__(16) uint8_t row_smem[kMaxHidden + kMaxHidden / 128 * 4];
   __shared__ int local_ids[kMaxPeers][kMaxTopkLl];
   __shared__ int has_rank[kMaxPeers];

@@ -78,6 +78,19 @@ TEST(Config, ValidatesEveryField) {
   c = Config{};
   c.timeout_s = -1;
   expect_error([&] { c.validate(132); }, ErrorKind::kInvalidArgument, "Config.timeout_s");
+  c = Config{};
+  c.num_threads = 256;  // 8 warps: 1..7 sender warps
+  c.pipeline_send_warps = 8;
+  expect_error([&] { c.validate(132); }, ErrorKind::kInvalidArgument, "Config.pipeline_send_warps");
+  c.pipeline_send_warps = -1;
+  expect_error([&] { c.validate(132); }, ErrorKind::kInvalidArgument, "Config.pipeline_send_warps");
+  c.pipeline_send_warps = 7;
+  EXPECT_NO_THROW(c.validate(132));
+  EXPECT_EQ(pipeline_send_warps(c), 7);
+  c.pipeline_send_warps = 0;
+  EXPECT_EQ(pipeline_send_warps(c), 6);  // auto: 3/4 of the block
+  c.num_threads = 64;
+  EXPECT_EQ(pipeline_send_warps(c), 1);  // at least one of each role
   EXPECT_GE(Config::defaults(4).num_sms, 1);
 }
 
