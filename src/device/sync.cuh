@@ -75,6 +75,18 @@ __device__ __forceinline__ bool wait_flag_geq(const OpContext& ctx, const uint64
   }
 }
 
+// Warp-wide: lane 0 polls (32 pollers per warp would crowd out the other warps' memory traffic);
+// then every lane acquires once, so each lane's later loads are ordered after the flag. False
+// (for every lane) if the wait failed.
+__device__ __forceinline__ bool warp_wait_flag_geq(const OpContext& ctx, const uint64_t* flag, uint64_t target,
+                                                   Phase phase, int peer, int lane) {
+  bool ok = true;
+  if (lane == 0) ok = wait_flag_geq(ctx, flag, target, phase, peer);
+  if (!__shfl_sync(0xffffffffu, ok, 0)) return false;
+  (void)ld_acquire_sys(flag);
+  return true;
+}
+
 // Start of an op, called by every block: returns this op's epoch. Block 0 tells every peer that
 // this rank finished the previous op (so its buffer may be overwritten).
 __device__ __forceinline__ uint64_t op_begin(const OpContext& ctx) {

@@ -31,7 +31,7 @@ __device__ void send_rows(const CombineParams& p, const int* recv_base, const in
     const int64_t slot = dst_base[s] + (i - recv_base[s]);
     char* base = ctx.rows(s);
     char* dst[1] = {p.rows.row(base, slot)};
-    warp_copy_multicast<kUnroll>(p.x + i * p.x_stride, dst, p.rows.row_bytes, lane);
+    warp_copy_multicast<kSendUnroll>(p.x + i * p.x_stride, dst, p.rows.row_bytes, lane);
     if (p.rows.num_topk_weights)
       for (int k = lane; k < p.num_topk; k += kWarpSize)
         p.rows.topk_weights(base, slot)[k] = p.topk_weights[i * p.weight_stride + k];

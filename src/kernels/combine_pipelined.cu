@@ -36,7 +36,7 @@ __device__ void send_rows_pipelined(const CombineParams& p, const int* recv_base
     const int64_t i = recv_base[s] + pos, slot = dst_base[s] + pos;
     char* base = ctx.rows(s);
     char* dst[1] = {p.rows.row(base, slot)};
-    warp_copy_multicast<kUnroll>(p.x + i * p.x_stride, dst, p.rows.row_bytes, lane);
+    warp_copy_multicast<kSendUnroll>(p.x + i * p.x_stride, dst, p.rows.row_bytes, lane);
     if (p.rows.num_topk_weights)
       for (int kk = lane; kk < p.num_topk; kk += kWarpSize)
         p.rows.topk_weights(base, slot)[kk] = p.topk_weights[i * p.weight_stride + kk];
@@ -73,9 +73,7 @@ __device__ bool reduce_tokens_pipelined(const CombineParams& p, const int* recv_
       if (pos < 0) continue;
       const int c = pos / combine_chunk_rows(p.count_matrix[me * R + r]);
       if (c <= seen[r]) continue;
-      // Every lane acquires, so each lane's later loads of the chunk are ordered after it.
-      const bool ok = wait_flag_geq(ctx, &flags->flag[r][c], e, Phase::kReduce, r);
-      if (!__all_sync(0xffffffffu, ok)) return false;
+      if (!warp_wait_flag_geq(ctx, &flags->flag[r][c], e, Phase::kReduce, r, lane)) return false;
       if (lane == 0) seen[r] = c;
       __syncwarp();
     }

@@ -82,9 +82,7 @@ __device__ bool copy_chunks(const DispatchParams& p, const int* recv_base, uint6
     const int n = recv_base[s + 1] - recv_base[s], per_chunk = chunk_rows_of(p, s, me);
     const int first = c * per_chunk;
     if (s == me || first >= n) continue;
-    // Every lane acquires, so each lane's loads of the chunk are ordered after it.
-    const bool ok = wait_flag_geq(ctx, &flags->flag[s][c], e, Phase::kReceive, s);
-    if (!__all_sync(0xffffffffu, ok)) return false;
+    if (!warp_wait_flag_geq(ctx, &flags->flag[s][c], e, Phase::kReceive, s, lane)) return false;
     copy_out(p, recv_base[s] + first, min(per_chunk, n - first), lane, kWarpSize);
   }
   return true;

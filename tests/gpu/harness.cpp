@@ -65,7 +65,12 @@ void DeviceMem::download_raw(void* dst, size_t bytes) const {
   if (bytes) CUDA_OK(cudaMemcpy(dst, get(), bytes, cudaMemcpyDeviceToHost));
 }
 
-void DeviceMem::fill(uint8_t byte) { CUDA_OK(cudaMemset(get(), byte, bytes_ > 0 ? bytes_ : 16)); }
+// cudaMemset runs on the legacy default stream, which does not order against the tests'
+// non-blocking streams: wait for it, or the fill can land after (and over) a kernel's outputs.
+void DeviceMem::fill(uint8_t byte) {
+  CUDA_OK(cudaMemset(get(), byte, bytes_ > 0 ? bytes_ : 16));
+  CUDA_OK(cudaDeviceSynchronize());
+}
 
 ref::RankInput make_input(uint64_t seed, int rank, const InputSpec& spec) {
   std::mt19937_64 rng(seed * 1000003ull + static_cast<uint64_t>(rank) * 7919ull + spec.hidden);
