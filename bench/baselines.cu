@@ -98,6 +98,47 @@ Timing time_op(const std::function<void(cudaStream_t)>& op, cudaStream_t stream,
   return summarize(std::move(samples));
 }
 
+Timing graph_time_op(const std::function<void(cudaStream_t)>& op, cudaStream_t stream, int ops_per_graph,
+                     int reps, L2Flusher& flusher, const std::function<void()>& between) {
+  EPX_ARG_CHECK(ops_per_graph > 0 && reps > 0, "graph_time_op: ops_per_graph and reps must be > 0");
+  auto build = [&](bool with_op) {
+    cudaGraph_t graph = nullptr;
+    cudaGraphExec_t exec = nullptr;
+    BENCH_CUDA(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal));
+    for (int i = 0; i < ops_per_graph; ++i) {
+      flusher.flush(stream);
+      if (with_op) op(stream);
+    }
+    BENCH_CUDA(cudaStreamEndCapture(stream, &graph));
+    BENCH_CUDA(cudaGraphInstantiate(&exec, graph, 0));
+    BENCH_CUDA(cudaGraphDestroy(graph));
+    return exec;
+  };
+  EventPair ev;
+  auto replay = [&](cudaGraphExec_t exec) {
+    std::vector<double> us;
+    for (int i = 0; i <= reps; ++i) {  // the first replay warms up
+      if (between) between();
+      BENCH_CUDA(cudaEventRecord(ev.start, stream));
+      BENCH_CUDA(cudaGraphLaunch(exec, stream));
+      BENCH_CUDA(cudaEventRecord(ev.stop, stream));
+      BENCH_CUDA(cudaEventSynchronize(ev.stop));
+      float ms = 0.f;
+      BENCH_CUDA(cudaEventElapsedTime(&ms, ev.start, ev.stop));
+      if (i > 0) us.push_back(1000.0 * ms);
+    }
+    return us;
+  };
+  cudaGraphExec_t with = build(true), flush_only = build(false);
+  const std::vector<double> op_us = replay(with);
+  const double flush_us = summarize(replay(flush_only)).median_us;
+  BENCH_CUDA(cudaGraphExecDestroy(with));
+  BENCH_CUDA(cudaGraphExecDestroy(flush_only));
+  std::vector<double> samples;
+  for (double t : op_us) samples.push_back((t - flush_us) / ops_per_graph);
+  return summarize(std::move(samples));
+}
+
 Timing host_time_op(const std::function<void(cudaStream_t)>& op, cudaStream_t stream, int warmup,
                     int iters, const std::function<void()>& between) {
   EPX_ARG_CHECK(iters > 0, "host_time_op: iters must be > 0, got ", iters);

@@ -43,6 +43,14 @@ class L2Flusher {
 Timing time_op(const std::function<void(cudaStream_t)>& op, cudaStream_t stream, int warmup,
                int iters, L2Flusher& flusher, const std::function<void()>& between = {});
 
+// Kernel time without launch overhead: op(stream) is captured `ops_per_graph` times into one CUDA
+// graph, each preceded by an L2 flush; the graph is replayed `reps` times (after between()) and a
+// graph of the flushes alone is timed the same way. Sample = (replay - median flush replay) /
+// ops_per_graph. op must be capturable (no host sync); ops_per_graph even for ops that alternate
+// buffers.
+Timing graph_time_op(const std::function<void(cudaStream_t)>& op, cudaStream_t stream, int ops_per_graph,
+                     int reps, L2Flusher& flusher, const std::function<void()>& between = {});
+
 // Host CPU microseconds spent inside op(stream) (steady_clock around the call only). After
 // each iteration the stream is synchronized outside the measured region. `between` as above.
 Timing host_time_op(const std::function<void(cudaStream_t)>& op, cudaStream_t stream, int warmup,

@@ -109,6 +109,21 @@ std::vector<Row> run_ll(const Options& o, Communicator& comm) {
   add("ll combine bf16", time_op(c_bf16, stream, o.warmup, o.iters, flusher, barrier), bf16_row, &nccl_c, host_us(c_bf16));
   add("ll dispatch+combine", time_op(both, stream, o.warmup, o.iters, flusher, barrier), fp8_row + bf16_row, nullptr, -1);
 
+  // Kernel time (DeepEP's "kernel time"): graph replay, launch overhead excluded.
+  const int per_graph = 8, reps = std::max(5, o.iters / 4);
+  auto add_graph = [&](const std::string& name, const std::function<void(cudaStream_t)>& op, double row_bytes,
+                       const Row* base) {
+    buffer.synchronize(stream);
+    add(name, graph_time_op(op, stream, per_graph, reps, flusher, barrier), row_bytes, base, -1);
+    rows.back().note = "kernels only: graph replay";
+  };
+  add_graph("ll dispatch fp8 kernel", d_fp8, fp8_row, nullptr);
+  add_graph("ll dispatch bf16 kernel", d_bf16, bf16_row, nullptr);
+  dispatch(true, false, stream);
+  add_graph("ll combine bf16 kernel", c_bf16, bf16_row, nullptr);
+  add_graph("ll dispatch+combine kernel", both, fp8_row + bf16_row, nullptr);
+  buffer.synchronize(stream);
+
   // Hook mode: send and receive halves timed separately (nothing runs in between).
   for (int which = 0; which < 2; ++which) {
     std::vector<double> send_us, recv_us;

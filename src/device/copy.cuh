@@ -9,37 +9,33 @@ namespace epx::device {
 constexpr int kWarpSize = 32;
 
 // One warp copies `num_bytes` (multiple of 16, 16-byte aligned) from `src` to every non-null
-// destination. Each chunk is loaded once and stored to every destination.
+// destination. Each chunk is loaded once and stored to every destination. Every round (the last,
+// partial one included) issues all of a lane's kUnroll loads before its first store.
 template <int kUnroll, int kMaxDst>
 __device__ __forceinline__ void warp_copy_multicast(const void* src, char* const (&dst)[kMaxDst],
                                                     int num_bytes, int lane) {
   const int4* s = static_cast<const int4*>(src);
   const int num_vec = num_bytes / 16;
   constexpr int kStep = kUnroll * kWarpSize;
-  int i = lane;
-  for (; i + (kUnroll - 1) * kWarpSize < num_vec; i += kStep) {
+  for (int i = lane; i < num_vec; i += kStep) {
     int4 v[kUnroll];
 #pragma unroll
-    for (int u = 0; u < kUnroll; ++u) v[u] = ld_nc_na_v4(s + i + u * kWarpSize);
+    for (int u = 0; u < kUnroll; ++u)
+      if (i + u * kWarpSize < num_vec) v[u] = ld_nc_na_v4(s + i + u * kWarpSize);
 #pragma unroll
     for (int d = 0; d < kMaxDst; ++d) {
       if (dst[d] != nullptr) {
         int4* o = reinterpret_cast<int4*>(dst[d]);
 #pragma unroll
-        for (int u = 0; u < kUnroll; ++u) st_na_v4(o + i + u * kWarpSize, v[u]);
+        for (int u = 0; u < kUnroll; ++u)
+          if (i + u * kWarpSize < num_vec) st_na_v4(o + i + u * kWarpSize, v[u]);
       }
     }
-  }
-  for (; i < num_vec; i += kWarpSize) {
-    const int4 v = ld_nc_na_v4(s + i);
-#pragma unroll
-    for (int d = 0; d < kMaxDst; ++d)
-      if (dst[d] != nullptr) st_na_v4(reinterpret_cast<int4*>(dst[d]) + i, v);
   }
 }
 
 // Threads [tid, tid + nthreads*k) of a cooperative group copy `num_bytes` (multiple of 4) from
-// `src` to `dst`, kUnroll 16-byte loads in flight per thread. Uses 16-byte accesses when both are
+// `src` to `dst`, up to kUnroll 16-byte loads in flight per thread (every round). Uses 16-byte accesses when both are
 // 16-byte aligned and the size allows. `src` is memory a peer wrote before a completed acquire:
 // plain loads (no .nc).
 template <int kUnroll = 4>
@@ -51,15 +47,15 @@ __device__ __forceinline__ void coop_copy(void* dst, const void* src, size_t num
     const int4* s = static_cast<const int4*>(src);
     int4* d = static_cast<int4*>(dst);
     const size_t n = num_bytes / 16;
-    size_t i = tid;
-    for (; i + (kUnroll - 1) * nthreads < n; i += kUnroll * nthreads) {
+    for (size_t i = tid; i < n; i += kUnroll * nthreads) {
       int4 v[kUnroll];
 #pragma unroll
-      for (int u = 0; u < kUnroll; ++u) v[u] = s[i + u * nthreads];
+      for (int u = 0; u < kUnroll; ++u)
+        if (i + u * nthreads < n) v[u] = s[i + u * nthreads];
 #pragma unroll
-      for (int u = 0; u < kUnroll; ++u) st_na_v4(d + i + u * nthreads, v[u]);
+      for (int u = 0; u < kUnroll; ++u)
+        if (i + u * nthreads < n) st_na_v4(d + i + u * nthreads, v[u]);
     }
-    for (; i < n; i += nthreads) st_na_v4(d + i, s[i]);
   } else {
     const int* s = static_cast<const int*>(src);
     int* d = static_cast<int*>(dst);

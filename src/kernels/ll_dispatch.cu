@@ -96,7 +96,7 @@ __device__ void copy_row(const LlDispatchParams& p, int j, int s, int t, int k, 
   const char* src = c.layout.dispatch_row(c.region(c.ctx.rank), c.buffer_idx, s, t);
   const size_t slot = static_cast<size_t>(j) * RT + row;
   const size_t row_bytes = p.use_fp8 ? H : 2 * static_cast<size_t>(H);
-  coop_copy(p.recv_x + slot * row_bytes, src, row_bytes, lane, lanes);
+  coop_copy<16>(p.recv_x + slot * row_bytes, src, row_bytes, lane, lanes);
   if (p.use_fp8) {
     const float* scales = reinterpret_cast<const float*>(src + H);
     const int S = H / 128;
