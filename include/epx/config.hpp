@@ -21,6 +21,9 @@ struct Config {
   // Pipelined variants: warps per block that push rows (the others reduce / copy out); 0 = 3/4 of
   // the block. Must leave at least one warp of the other role.
   int pipeline_send_warps = 0;
+  // Pipelined variants: > 0 = whole blocks [0, pipeline_send_blocks) push and the other blocks
+  // reduce / copy out (pipeline_send_warps is then unused). Must be < num_sms.
+  int pipeline_send_blocks = 0;
 
   // Throws Error(kInvalidArgument) naming the field when out of range. `num_device_sms` <= 0 skips
   // the check against the device.

@@ -16,6 +16,9 @@ void Config::validate(int num_device_sms) const {
   EPX_ARG_CHECK(pipeline_send_warps >= 0 && pipeline_send_warps < num_threads / 32,
                 "Config.pipeline_send_warps: expected 0 (auto) or 1..", num_threads / 32 - 1,
                 " (warps per block minus one), got ", pipeline_send_warps);
+  EPX_ARG_CHECK(pipeline_send_blocks >= 0 && pipeline_send_blocks < num_sms,
+                "Config.pipeline_send_blocks: expected 0 (split warps) or 1..", num_sms - 1,
+                " (num_sms minus one), got ", pipeline_send_blocks);
   EPX_ARG_CHECK(timeout_s >= 0 && timeout_s <= 86400, "Config.timeout_s: expected [0, 86400] seconds, got ",
                 timeout_s);
 }

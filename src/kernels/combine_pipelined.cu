@@ -1,6 +1,6 @@
 // Pipelined high-throughput combine (Config::pipelined_combine): the push and the reduce of
 // combine.cu overlap. Warp roles in every block:
-//   senders (p.send_warps of the warps): a row per warp in (chunk c, source s, row) order over all
+//   senders (p.send_warps of each block's warps, or whole blocks: pipeline_roles.cuh): a row per warp in (chunk c, source s, row) order over all
 //     sender warps, so every source's low positions go first; the warp fences, counts the row on
 //     Workspace::chunk_rows_done[s][c], and the warp completing chunk c publishes
 //     chunk_flags[me][c] = e on source s;
@@ -8,6 +8,7 @@
 //     chunk holding each of its contributions (positions grow with t, so the wait front advances
 //     with the senders), then reduce exactly as combine.cu (same order, same bits).
 #include "kernels/combine_common.cuh"
+#include "kernels/pipeline_roles.cuh"
 
 namespace epx::kernels {
 namespace {
@@ -93,14 +94,12 @@ __global__ void __launch_bounds__(kMaxHtThreads) combine_pipelined_kernel(const 
   uint64_t e = 0;
   if (!combine_begin(p, e, recv_base, dst_base)) return;
 
-  const int warps = blockDim.x / kWarpSize, warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
-  const int num_senders = p.send_warps, num_reducers = warps - num_senders;
-  if (warp < num_senders) {
-    send_rows_pipelined(p, recv_base, dst_base, e, blockIdx.x * num_senders + warp, gridDim.x * num_senders, lane);
-  } else {
-    reduce_tokens_pipelined<kR, kU>(p, recv_base, send_base, e, blockIdx.x * num_reducers + (warp - num_senders),
-                                    gridDim.x * num_reducers, lane, seen[warp]);
-  }
+  const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
+  const WarpRole role = pipeline_role(p.send_blocks, p.send_warps);
+  if (role.sends)
+    send_rows_pipelined(p, recv_base, dst_base, e, role.index, role.count, lane);
+  else
+    reduce_tokens_pipelined<kR, kU>(p, recv_base, send_base, e, role.index, role.count, lane, seen[warp]);
   op_end(ctx, e);
 }
 

@@ -1,12 +1,13 @@
 // Pipelined high-throughput dispatch (Config::pipelined_dispatch): the push and the copy-out of
 // dispatch.cu overlap. Warp roles in every block:
-//   senders (p.send_warps of the warps): batches of kBatch consecutive tokens, batch b by sender warp
+//   senders (p.send_warps of each block's warps, or whole blocks: pipeline_roles.cuh): batches of kBatch consecutive tokens, batch b by sender warp
 //     b % num_senders, so the token front advances in order; a warp sends its batch (send_token),
 //     fences, and counts the rows it wrote into each (destination, chunk) counter; the warp that
 //     completes a chunk publishes chunk_flags[me][c] = e on that destination. Then worst-case padding.
 //   copiers (the other warps): items (chunk c, source s) in c-major order; wait for the chunk's
 //     flag, then copy its rows (contiguous in the row region and in the outputs) out.
 #include "kernels/dispatch_common.cuh"
+#include "kernels/pipeline_roles.cuh"
 
 namespace epx::kernels {
 namespace {
@@ -101,14 +102,13 @@ __global__ void __launch_bounds__(kMaxHtThreads) dispatch_pipelined_kernel(const
   compute_slot_and_recv_base(p, slot_base, recv_base);
   if (!wait_peers_ready(ctx, e)) return;
 
-  const int warps = blockDim.x / kWarpSize, warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
-  const int num_senders = p.send_warps, num_copiers = warps - num_senders;
-  if (warp < num_senders) {
-    const int sender = blockIdx.x * num_senders + warp, total = gridDim.x * num_senders;
-    send_batches(p, slot_base, e, sender, total, lane);
-    pad_rows(p, num_recv, static_cast<size_t>(sender) * kWarpSize + lane, static_cast<size_t>(total) * kWarpSize);
+  const int lane = threadIdx.x % kWarpSize;
+  const WarpRole role = pipeline_role(p.send_blocks, p.send_warps);
+  if (role.sends) {
+    send_batches(p, slot_base, e, role.index, role.count, lane);
+    pad_rows(p, num_recv, static_cast<size_t>(role.index) * kWarpSize + lane, static_cast<size_t>(role.count) * kWarpSize);
   } else {
-    copy_chunks(p, recv_base, e, blockIdx.x * num_copiers + (warp - num_senders), gridDim.x * num_copiers, lane);
+    copy_chunks(p, recv_base, e, role.index, role.count, lane);
   }
   op_end(ctx, e);
 }

@@ -91,6 +91,12 @@ TEST(Config, ValidatesEveryField) {
   EXPECT_EQ(pipeline_send_warps(c), 6);  // auto: 3/4 of the block
   c.num_threads = 64;
   EXPECT_EQ(pipeline_send_warps(c), 1);  // at least one of each role
+  c = Config{};
+  c.num_sms = 20;
+  c.pipeline_send_blocks = 20;  // no receiving block left
+  expect_error([&] { c.validate(132); }, ErrorKind::kInvalidArgument, "Config.pipeline_send_blocks");
+  c.pipeline_send_blocks = 19;
+  EXPECT_NO_THROW(c.validate(132));
   EXPECT_GE(Config::defaults(4).num_sms, 1);
 }
 
