@@ -41,10 +41,11 @@ __device__ void send_rows_pipelined(const CombineParams& p, const int* recv_base
     if (p.rows.num_topk_weights)
       for (int kk = lane; kk < p.num_topk; kk += kWarpSize)
         p.rows.topk_weights(base, slot)[kk] = p.topk_weights[i * p.weight_stride + kk];
-    // Every lane's stores are ordered (sys) before the count that may publish them.
-    fence_acq_rel_sys();
+    // The warp barrier orders every lane's stores before lane 0's fence, whose cumulativity orders
+    // them (sys) before the count that may publish them: one fence per row, not 32.
     __syncwarp();
     if (lane == 0) {
+      fence_acq_rel_sys();
       unsigned int* counter = &ctx.ws->chunk_rows_done[s][c];
       const unsigned int target = static_cast<unsigned int>(min(per, n - c * per));
       if (atomicAdd(counter, 1u) + 1 == target) {

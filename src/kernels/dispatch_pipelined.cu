@@ -58,10 +58,13 @@ __device__ void send_batches(const DispatchParams& p, const int* slot_base, uint
   for (int b = sender_warp; b < num_batches; b += num_sender_warps) {
     const int t0 = b * kBatch, t1 = min(p.num_tokens, t0 + kBatch);
     for (int t = t0; t < t1; ++t) send_token(p, t, slot_base, lane);
-    // Every lane's row stores are ordered (sys) before the counts that may publish them.
-    fence_acq_rel_sys();
+    // The warp barrier orders every lane's row stores before lane 0's fence, whose cumulativity
+    // orders them (sys) before the counts that may publish them.
     __syncwarp();
-    if (lane == 0) count_rows(p, t0, t1, e);
+    if (lane == 0) {
+      fence_acq_rel_sys();
+      count_rows(p, t0, t1, e);
+    }
     __syncwarp();
   }
 }
