@@ -166,40 +166,8 @@ std::vector<Row> run_ht(const Options& o, Communicator& comm) {
         measure("dispatch bf16 cached", cached(false), row_bf16, nr, remote_rows, &nd);
         measure("dispatch fp8 fresh", fresh(true), row_fp8, nr, remote_rows, nullptr);
         measure("dispatch fp8 cached", cached(true), row_fp8, nr, remote_rows, nullptr);
-        // Pipelined variants at a few role splits: sender warps per block ("sN"), or whole sender
-        // blocks ("bN"): Config::pipeline_send_warps / pipeline_send_blocks.
-        const int warps = cfg.num_threads / 32;
-        struct Split {
-          std::string tag;
-          int send_warps, send_blocks;
-        };
-        std::vector<Split> splits;
-        for (int sw : {warps / 2, warps * 5 / 8, warps * 3 / 4}) splits.push_back({" s" + std::to_string(sw), sw, 0});
-        for (int sb : {sms / 2, sms * 5 / 8})
-          if (sb >= 1 && sb < sms) splits.push_back({" b" + std::to_string(sb), 0, sb});
-        auto use_split = [&](const Split& sp) {
-          cfg.pipeline_send_warps = sp.send_warps;
-          cfg.pipeline_send_blocks = sp.send_blocks;
-          buffer.set_config(cfg);
-        };
-        cfg.pipelined_dispatch = true;
-        for (const Split& sp : splits) {
-          use_split(sp);
-          measure("dispatch bf16 cached pipelined" + sp.tag, cached(false), row_bf16, nr, remote_rows, &nd);
-          measure("dispatch fp8 cached pipelined" + sp.tag, cached(true), row_fp8, nr, remote_rows, nullptr);
-        }
-        cfg.pipelined_dispatch = false;
-        use_split({"", 0, 0});
         fresh(false)(stream);  // recv buffer holds bf16 rows again for combine
         measure("combine bf16", combine_op, row_bf16, nr, remote_rows, &nc);
-        cfg.pipelined_combine = true;
-        for (const Split& sp : splits) {
-          use_split(sp);
-          measure("combine bf16 pipelined" + sp.tag, combine_op, row_bf16, nr, remote_rows, &nc);
-        }
-        cfg.pipeline_send_warps = cfg.pipeline_send_blocks = 0;
-        cfg.pipelined_combine = false;
-        buffer.set_config(cfg);
       }
       rows.push_back(nd);
       rows.push_back(nc);

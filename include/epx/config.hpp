@@ -12,18 +12,6 @@ struct Config {
   // Bound of every device wait; a wait that expires raises Error(kTimeout). 0 = take EPX_TIMEOUT_S
   // (default 100 s).
   double timeout_s = 0;
-  // Combine variant: false = push all rows, then reduce (validated on 4xH100); true = warp-
-  // specialized push and reduce that overlap through per-chunk flags (experimental until measured).
-  bool pipelined_combine = false;
-  // Dispatch variant: false = push all rows, then copy them out of the buffer (validated on
-  // 4xH100); true = sender and copy warps overlap through per-chunk flags (experimental).
-  bool pipelined_dispatch = false;
-  // Pipelined variants: warps per block that push rows (the others reduce / copy out); 0 = 3/4 of
-  // the block. Must leave at least one warp of the other role.
-  int pipeline_send_warps = 0;
-  // Pipelined variants: > 0 = whole blocks [0, pipeline_send_blocks) push and the other blocks
-  // reduce / copy out (pipeline_send_warps is then unused). Must be < num_sms.
-  int pipeline_send_blocks = 0;
 
   // Throws Error(kInvalidArgument) naming the field when out of range. `num_device_sms` <= 0 skips
   // the check against the device.

@@ -41,28 +41,10 @@ struct NotifyArea {
   NotifySlot slot[kMaxPeers];
 };
 
-// Per-chunk completion flags of the pipelined combine and dispatch (Config::pipelined_*):
-//   flag[r][c] written by rank r (release.sys = e, after .sys fences by every warp that wrote rows
-//   of the chunk) once chunk c of r's rows into this rank's row region (a chunk = a range of
-//   positions among r's rows to this rank) is written; read (acquire.sys, >= e) by this rank's
-//   reducing / copying warps before they read that chunk. Grow only; reset by reset().
-constexpr int kMaxCombineChunks = 1024;
-constexpr int kMinCombineChunkRows = 16;
-struct ChunkFlags {
-  uint64_t flag[kMaxPeers][kMaxCombineChunks];
-};
-// Rows per chunk for `num_rows` rows of one (sender, receiver) pair: both sides compute it from
-// the same count matrix.
-EPX_HD int combine_chunk_rows(int num_rows) {
-  const int per = (num_rows + kMaxCombineChunks - 1) / kMaxCombineChunks;
-  return per > kMinCombineChunkRows ? per : kMinCombineChunkRows;
-}
-
 struct SymmetricLayout {
   static constexpr size_t kSyncOffset = 0;
   static constexpr size_t kNotifyOffset = 4096;
-  static constexpr size_t kChunkFlagsOffset = align_up(kNotifyOffset + sizeof(NotifyArea), 4096);
-  static constexpr size_t kRowsOffset = align_up(kChunkFlagsOffset + sizeof(ChunkFlags), 4096);
+  static constexpr size_t kRowsOffset = align_up(kNotifyOffset + sizeof(NotifyArea), 4096);
   static constexpr size_t kMinBytes = kRowsOffset + 4096;
 };
 
@@ -173,14 +155,10 @@ struct HostMailbox {
 //   epoch: op counter, read by every block at the start of an op (e = epoch + 1), written (e) by the
 //          last block to finish; kernel boundaries order it.
 //   arrive_send / arrive_end: block arrival counters, reset by the last arriving block.
-//   chunk_rows_done[r][c]: rows of chunk c of this rank's rows to rank r already written by the
-//          pipelined dispatch (atomicAdd after a .sys fence); the warp that completes the chunk
-//          resets it to 0 and publishes ChunkFlags::flag[me][c] = e on rank r.
 struct Workspace {
   uint64_t epoch;
   unsigned int arrive_send;
   unsigned int arrive_end;
-  unsigned int chunk_rows_done[kMaxPeers][kMaxCombineChunks];
 };
 
 }  // namespace epx

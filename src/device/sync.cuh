@@ -27,9 +27,6 @@ struct OpContext {
     return reinterpret_cast<NotifyArea*>(peers[r] + SymmetricLayout::kNotifyOffset);
   }
   __device__ char* rows(int r) const { return peers[r] + SymmetricLayout::kRowsOffset; }
-  __device__ ChunkFlags* chunk_flags(int r) const {
-    return reinterpret_cast<ChunkFlags*>(peers[r] + SymmetricLayout::kChunkFlagsOffset);
-  }
 };
 
 __device__ __forceinline__ void record_error(const OpContext& ctx, DeviceErrorKind kind, Phase phase,
@@ -73,18 +70,6 @@ __device__ __forceinline__ bool wait_flag_geq(const OpContext& ctx, const uint64
       }
     }
   }
-}
-
-// Warp-wide: lane 0 polls (32 pollers per warp would crowd out the other warps' memory traffic);
-// then every lane acquires once, so each lane's later loads are ordered after the flag. False
-// (for every lane) if the wait failed.
-__device__ __forceinline__ bool warp_wait_flag_geq(const OpContext& ctx, const uint64_t* flag, uint64_t target,
-                                                   Phase phase, int peer, int lane) {
-  bool ok = true;
-  if (lane == 0) ok = wait_flag_geq(ctx, flag, target, phase, peer);
-  if (!__shfl_sync(0xffffffffu, ok, 0)) return false;
-  (void)ld_acquire_sys(flag);
-  return true;
 }
 
 // Start of an op, called by every block: returns this op's epoch. Block 0 tells every peer that

@@ -363,12 +363,7 @@ void Buffer::dispatch(const DispatchInputs& in, const DispatchHandle& handle, co
   p.recv_topk_idx = out.recv_topk_idx.defined() ? out.recv_topk_idx.ptr<int64_t>() : nullptr;
   p.recv_topk_weights = out.recv_topk_weights.defined() ? out.recv_topk_weights.ptr<float>() : nullptr;
   p.recv_src_idx = out.recv_src_idx.defined() ? out.recv_src_idx.ptr<int>() : nullptr;
-  p.send_warps = pipeline_send_warps(m.config);
-  p.send_blocks = m.config.pipeline_send_blocks;
-  if (m.config.pipelined_dispatch)
-    kernels::launch_dispatch_pipelined(p, m.config.num_sms, m.config.num_threads, stream);
-  else
-    kernels::launch_dispatch(p, m.config.num_sms, m.config.num_threads, stream);
+  kernels::launch_dispatch(p, m.config.num_sms, m.config.num_threads, stream);
   m.after_launch("dispatch");
 }
 
@@ -432,12 +427,7 @@ void Buffer::combine(const CombineInputs& in, const DispatchHandle& handle, cons
   p.out_stride = out.combined_x.stride[0];
   p.combined_topk_weights = K ? out.combined_topk_weights.ptr<float>() : nullptr;
   p.out_weight_stride = K ? out.combined_topk_weights.stride[0] : 0;
-  p.send_warps = pipeline_send_warps(m.config);
-  p.send_blocks = m.config.pipeline_send_blocks;
-  if (m.config.pipelined_combine)
-    kernels::launch_combine_pipelined(p, m.config.num_sms, m.config.num_threads, stream);
-  else
-    kernels::launch_combine(p, m.config.num_sms, m.config.num_threads, stream);
+  kernels::launch_combine(p, m.config.num_sms, m.config.num_threads, stream);
   m.after_launch("combine");
 }
 

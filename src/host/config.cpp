@@ -1,6 +1,5 @@
 #include "epx/config.hpp"
 
-#include <algorithm>
 #include <cstdlib>
 
 #include "epx/error.hpp"
@@ -13,12 +12,6 @@ void Config::validate(int num_device_sms) const {
   validate::in_range(num_sms, "Config.num_sms", 1, num_device_sms > 0 ? num_device_sms : 1024);
   validate::in_range(num_threads, "Config.num_threads", 64, 512);
   EPX_ARG_CHECK(num_threads % 32 == 0, "Config.num_threads: must be a multiple of 32, got ", num_threads);
-  EPX_ARG_CHECK(pipeline_send_warps >= 0 && pipeline_send_warps < num_threads / 32,
-                "Config.pipeline_send_warps: expected 0 (auto) or 1..", num_threads / 32 - 1,
-                " (warps per block minus one), got ", pipeline_send_warps);
-  EPX_ARG_CHECK(pipeline_send_blocks >= 0 && pipeline_send_blocks < num_sms,
-                "Config.pipeline_send_blocks: expected 0 (split warps) or 1..", num_sms - 1,
-                " (num_sms minus one), got ", pipeline_send_blocks);
   EPX_ARG_CHECK(timeout_s >= 0 && timeout_s <= 86400, "Config.timeout_s: expected [0, 86400] seconds, got ",
                 timeout_s);
 }
@@ -30,11 +23,6 @@ Config Config::defaults(int num_ranks) {
   c.num_threads = 512;
   c.timeout_s = 0;
   return c;
-}
-
-int pipeline_send_warps(const Config& c) {
-  const int warps = c.num_threads / 32;
-  return c.pipeline_send_warps > 0 ? c.pipeline_send_warps : std::max(1, warps * 3 / 4);
 }
 
 double effective_timeout_s(const Config& c) {

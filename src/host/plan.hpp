@@ -37,6 +37,4 @@ inline LlLayout ll_layout(int R, int T, int H, int K, int E_loc) {
 namespace epx {
 // The config's timeout, or EPX_TIMEOUT_S.
 double effective_timeout_s(const Config& c);
-// Sender warps per block of the pipelined variants (Config::pipeline_send_warps, 0 = 3/4).
-int pipeline_send_warps(const Config& c);
 }  // namespace epx

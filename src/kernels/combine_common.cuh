@@ -1,5 +1,5 @@
-// Pieces shared by the two combine variants (combine.cu, combine_pipelined.cu): bf16 helpers and
-// the reduction of one token over its contributions in rank order (the reference's order).
+// Pieces of the combine kernel (combine.cu): bf16 helpers, the prologue, and the reduction of one
+// token over its contributions in rank order (the reference's order).
 #pragma once
 #include <cuda_bf16.h>
 

@@ -1,5 +1,5 @@
-// Pieces shared by the two dispatch variants (dispatch.cu, dispatch_pipelined.cu): sending one
-// token to its final rows, copying received rows out of the row region, padding worst-case rows.
+// Pieces of the dispatch kernel (dispatch.cu): sending one token to its final rows, copying received
+// rows out of the row region, padding worst-case rows.
 #pragma once
 #include "device/copy.cuh"
 #include "kernels/ht_params.hpp"

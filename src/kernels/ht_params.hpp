@@ -67,12 +67,8 @@ struct DispatchParams {
   int64_t* recv_topk_idx;
   float* recv_topk_weights;
   int* recv_src_idx;
-  int send_warps;   // pipelined variant: sender warps per block (the others copy out)
-  int send_blocks;  // pipelined variant: > 0: sender blocks instead (the others copy out)
 };
 void launch_dispatch(const DispatchParams& p, int num_blocks, int num_threads, cudaStream_t stream);
-// The pipelined variant (Config::pipelined_dispatch): same params, same outputs.
-void launch_dispatch_pipelined(const DispatchParams& p, int num_blocks, int num_threads, cudaStream_t stream);
 
 struct CombineParams {
   device::OpContext ctx;
@@ -93,11 +89,7 @@ struct CombineParams {
   int64_t out_stride;
   float* combined_topk_weights;  // [N, K] or null
   int64_t out_weight_stride;
-  int send_warps;   // pipelined variant: sender warps per block (the others reduce)
-  int send_blocks;  // pipelined variant: > 0: sender blocks instead (the others reduce)
 };
 void launch_combine(const CombineParams& p, int num_blocks, int num_threads, cudaStream_t stream);
-// The pipelined variant (Config::pipelined_combine): same params, same results bit for bit.
-void launch_combine_pipelined(const CombineParams& p, int num_blocks, int num_threads, cudaStream_t stream);
 
 }  // namespace epx::kernels

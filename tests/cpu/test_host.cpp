@@ -78,25 +78,6 @@ TEST(Config, ValidatesEveryField) {
   c = Config{};
   c.timeout_s = -1;
   expect_error([&] { c.validate(132); }, ErrorKind::kInvalidArgument, "Config.timeout_s");
-  c = Config{};
-  c.num_threads = 256;  // 8 warps: 1..7 sender warps
-  c.pipeline_send_warps = 8;
-  expect_error([&] { c.validate(132); }, ErrorKind::kInvalidArgument, "Config.pipeline_send_warps");
-  c.pipeline_send_warps = -1;
-  expect_error([&] { c.validate(132); }, ErrorKind::kInvalidArgument, "Config.pipeline_send_warps");
-  c.pipeline_send_warps = 7;
-  EXPECT_NO_THROW(c.validate(132));
-  EXPECT_EQ(pipeline_send_warps(c), 7);
-  c.pipeline_send_warps = 0;
-  EXPECT_EQ(pipeline_send_warps(c), 6);  // auto: 3/4 of the block
-  c.num_threads = 64;
-  EXPECT_EQ(pipeline_send_warps(c), 1);  // at least one of each role
-  c = Config{};
-  c.num_sms = 20;
-  c.pipeline_send_blocks = 20;  // no receiving block left
-  expect_error([&] { c.validate(132); }, ErrorKind::kInvalidArgument, "Config.pipeline_send_blocks");
-  c.pipeline_send_blocks = 19;
-  EXPECT_NO_THROW(c.validate(132));
   EXPECT_GE(Config::defaults(4).num_sms, 1);
 }
 
@@ -162,20 +143,9 @@ TEST(Error, CarriesKindMessageAndLocation) {
 namespace epx {
 namespace {
 
-TEST(Layout, CombineChunksCoverEveryRowWithinTheFlagTable) {
-  for (int rows : {0, 1, 15, 16, 17, 1000, 16384, 16 * 1024 + 1, 1 << 20}) {
-    const int per = combine_chunk_rows(rows);
-    EXPECT_GE(per, kMinCombineChunkRows);
-    const int chunks = (rows + per - 1) / per;
-    EXPECT_LE(chunks, kMaxCombineChunks) << rows << " rows";
-    EXPECT_GE(static_cast<int64_t>(chunks) * per, rows);
-  }
-}
-
 TEST(Layout, SymmetricRegionsDoNotOverlap) {
   EXPECT_GE(SymmetricLayout::kNotifyOffset, sizeof(SyncArea));
-  EXPECT_GE(SymmetricLayout::kChunkFlagsOffset, SymmetricLayout::kNotifyOffset + sizeof(NotifyArea));
-  EXPECT_GE(SymmetricLayout::kRowsOffset, SymmetricLayout::kChunkFlagsOffset + sizeof(ChunkFlags));
+  EXPECT_GE(SymmetricLayout::kRowsOffset, SymmetricLayout::kNotifyOffset + sizeof(NotifyArea));
   EXPECT_EQ(SymmetricLayout::kRowsOffset % 4096, 0u);
 }
 
