@@ -168,6 +168,11 @@ std::vector<Row> run_ht(const Options& o, Communicator& comm) {
         measure("dispatch fp8 cached", cached(true), row_fp8, nr, remote_rows, nullptr);
         fresh(false)(stream);  // recv buffer holds bf16 rows again for combine
         measure("combine bf16", combine_op, row_bf16, nr, remote_rows, &nc);
+        cfg.ring_combine = false;
+        buffer.set_config(cfg);
+        measure("combine bf16 row region", combine_op, row_bf16, nr, remote_rows, &nc);
+        cfg.ring_combine = true;
+        buffer.set_config(cfg);
       }
       rows.push_back(nd);
       rows.push_back(nc);

@@ -12,6 +12,10 @@ struct Config {
   // Bound of every device wait; a wait that expires raises Error(kTimeout). 0 = take EPX_TIMEOUT_S
   // (default 100 s).
   double timeout_s = 0;
+  // Combine through bounded per-channel rings (push and reduce overlap, rows stay in L2) when the
+  // buffer and the block size allow it; false = push every row into the row region, then reduce.
+  // Same results bit for bit.
+  bool ring_combine = true;
 
   // Throws Error(kInvalidArgument) naming the field when out of range. `num_device_sms` <= 0 skips
   // the check against the device.

@@ -41,10 +41,25 @@ struct NotifyArea {
   NotifySlot slot[kMaxPeers];
 };
 
+// Control words of the ring combine (combine_rings.cu), all (op epoch << 32) | count, grow only,
+// zeroed by reset(). On rank X:
+//   tail[r][c]:  rows sender r has written into its ring (r, c) in X's row region;
+//   head[s][c]:  rows receiver s has consumed from X's ring (X, c) in s's row region;
+//   bound[s][c]: first position, among s's rows to X, of receiver s's channel c (c = channels: the end).
+constexpr int kMaxRingChannels = 80;
+constexpr int kMinRingSlots = 64;   // rows per ring below which combine uses the row region
+constexpr int kMaxRingSlots = 128;  // small rings keep the rows in flight in L2
+struct RingCtl {
+  uint64_t tail[kMaxPeers][kMaxRingChannels];
+  uint64_t head[kMaxPeers][kMaxRingChannels];
+  uint64_t bound[kMaxPeers][kMaxRingChannels + 1];
+};
+
 struct SymmetricLayout {
   static constexpr size_t kSyncOffset = 0;
   static constexpr size_t kNotifyOffset = 4096;
-  static constexpr size_t kRowsOffset = align_up(kNotifyOffset + sizeof(NotifyArea), 4096);
+  static constexpr size_t kRingCtlOffset = align_up(kNotifyOffset + sizeof(NotifyArea), 4096);
+  static constexpr size_t kRowsOffset = align_up(kRingCtlOffset + sizeof(RingCtl), 4096);
   static constexpr size_t kMinBytes = kRowsOffset + 4096;
 };
 

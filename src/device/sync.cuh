@@ -27,6 +27,9 @@ struct OpContext {
     return reinterpret_cast<NotifyArea*>(peers[r] + SymmetricLayout::kNotifyOffset);
   }
   __device__ char* rows(int r) const { return peers[r] + SymmetricLayout::kRowsOffset; }
+  __device__ RingCtl* ring_ctl(int r) const {
+    return reinterpret_cast<RingCtl*>(peers[r] + SymmetricLayout::kRingCtlOffset);
+  }
 };
 
 __device__ __forceinline__ void record_error(const OpContext& ctx, DeviceErrorKind kind, Phase phase,

@@ -88,30 +88,17 @@ void by_rank_bucket(int num_ranks, Launch&& launch) {
 }
 
 // One warp: combined_x[t] = bf16(sum over ranks r ascending of row(r, t) + bias_0 + bias_1), and
-// the top-k weight sums. Own rows are read in place from x. The order of the additions of each
+// the top-k weight sums. contribution(r, weights) gives rank r's row of token t (or its top-k
+// weights when `weights`), null where r has none; own rows (r == me) are read with .nc loads (the
+// caller's x), the others with plain loads (written by peers). The order of the additions of each
 // element is the rank order whatever the bucket, so results are bit-identical across variants.
-template <int kR, int kU>
-__device__ __forceinline__ void reduce_token(const CombineParams& p, int t, const int* recv_base,
-                                             const int* send_base, int lane) {
+template <int kR, int kU, typename Contribution>
+__device__ __forceinline__ void reduce_token_with(const CombineParams& p, int t, int lane, const Contribution& contribution) {
   const int R = p.ctx.num_ranks, me = p.ctx.rank;
-  char* base = p.ctx.rows(me);
   const int num_vec = p.hidden / 8;
-  // Contribution row of rank r (rank order is the reduction order the reference uses), or null;
-  // its top-k weights when `weights`.
-  const auto contribution = [&](int r, bool weights) -> const void* {
-    const int pos = r < R ? p.send_pos[static_cast<int64_t>(t) * R + r] : -1;
-    if (pos < 0) return nullptr;
-    if (r == me) {
-      const int64_t row = recv_base[me] + pos;
-      if (weights) return p.topk_weights ? p.topk_weights + row * p.weight_stride : nullptr;
-      return p.x + row * p.x_stride;
-    }
-    if (weights) return p.rows.num_topk_weights ? p.rows.topk_weights(base, send_base[r] + pos) : nullptr;
-    return p.rows.row(base, send_base[r] + pos);
-  };
   const int4* src[kR];
 #pragma unroll
-  for (int r = 0; r < kR; ++r) src[r] = static_cast<const int4*>(contribution(r, false));
+  for (int r = 0; r < kR; ++r) src[r] = r < R ? static_cast<const int4*>(contribution(r, false)) : nullptr;
   const int4* bias0 = p.bias_0 ? reinterpret_cast<const int4*>(p.bias_0 + t * p.bias_0_stride) : nullptr;
   const int4* bias1 = p.bias_1 ? reinterpret_cast<const int4*>(p.bias_1 + t * p.bias_1_stride) : nullptr;
   int4* out = reinterpret_cast<int4*>(p.combined_x + t * p.out_stride);
@@ -145,6 +132,31 @@ __device__ __forceinline__ void reduce_token(const CombineParams& p, int t, cons
       p.combined_topk_weights[t * p.out_weight_stride + k] = acc;
     }
   }
+}
+
+// Rank me's own contribution of token t: its received row recv_base[me] + pos, read from x.
+__device__ __forceinline__ const void* own_contribution(const CombineParams& p, int t, const int* recv_base, bool weights) {
+  const int R = p.ctx.num_ranks, me = p.ctx.rank;
+  const int pos = p.send_pos[static_cast<int64_t>(t) * R + me];
+  if (pos < 0) return nullptr;
+  const int64_t row = recv_base[me] + pos;
+  if (weights) return p.topk_weights ? p.topk_weights + row * p.weight_stride : nullptr;
+  return p.x + row * p.x_stride;
+}
+
+// The row-region combine's reduce: rank r's row of token t sits at slot send_base[r] + pos.
+template <int kR, int kU>
+__device__ __forceinline__ void reduce_token(const CombineParams& p, int t, const int* recv_base,
+                                             const int* send_base, int lane) {
+  const int R = p.ctx.num_ranks, me = p.ctx.rank;
+  char* base = p.ctx.rows(me);
+  reduce_token_with<kR, kU>(p, t, lane, [&](int r, bool weights) -> const void* {
+    if (r == me) return own_contribution(p, t, recv_base, weights);
+    const int pos = p.send_pos[static_cast<int64_t>(t) * R + r];
+    if (pos < 0) return nullptr;
+    if (weights) return p.rows.num_topk_weights ? p.rows.topk_weights(base, send_base[r] + pos) : nullptr;
+    return p.rows.row(base, send_base[r] + pos);
+  });
 }
 
 }  // namespace epx::kernels

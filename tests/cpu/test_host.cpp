@@ -145,7 +145,8 @@ namespace {
 
 TEST(Layout, SymmetricRegionsDoNotOverlap) {
   EXPECT_GE(SymmetricLayout::kNotifyOffset, sizeof(SyncArea));
-  EXPECT_GE(SymmetricLayout::kRowsOffset, SymmetricLayout::kNotifyOffset + sizeof(NotifyArea));
+  EXPECT_GE(SymmetricLayout::kRingCtlOffset, SymmetricLayout::kNotifyOffset + sizeof(NotifyArea));
+  EXPECT_GE(SymmetricLayout::kRowsOffset, SymmetricLayout::kRingCtlOffset + sizeof(RingCtl));
   EXPECT_EQ(SymmetricLayout::kRowsOffset % 4096, 0u);
 }
 

@@ -1,0 +1,209 @@
+// Ring combine (not yet run on a GPU): the push and the reduce overlap through bounded rings that
+// are reused, so the rows in flight stay in L2 (the row-region combine writes every row once and
+// reads it back after all of them arrived). Blocks pair up into channels: block 2c sends for
+// channel c, block 2c + 1 reduces for channel c.
+//   receiver (rank s, channel c): owns s's tokens [lo_c, hi_c) (lo_c = c * N / C). First it tells
+//     every peer r where its channel starts among s's rows to r: bound[s][c] on r (the last channel
+//     also writes bound[s][C], the end). Then, a batch of one token per warp at a time, in token
+//     order: for each contribution from a peer r, wait until tail[r][c] covers its stream index,
+//     reduce in rank order exactly as combine.cu (same bits), and after the batch tell each peer
+//     how many of its rows are consumed (head[s][c] on r).
+//   sender (rank r, channel c): for each peer s, a group of warps streams the rows r received from
+//     s whose positions lie in [bound[s][c], bound[s][c + 1]) into ring (r, c) on s, a batch at a
+//     time: wait for room (head), write, group barrier, fence, publish tail.
+// Every flag is (op epoch << 32) | count, so nothing is reset between ops; a peer's previous op is
+// over (entry barrier) before any of this op's rows are written, so every ring starts empty.
+#include "kernels/combine_common.cuh"
+
+namespace epx::kernels {
+namespace {
+
+constexpr int kRowsPerWarp = 2;  // rows per sender warp per batch
+
+__device__ __forceinline__ uint64_t tagged(uint64_t e, int64_t count) { return (e << 32) | static_cast<uint64_t>(count); }
+
+// Rows s (this rank) sends to r from its tokens [0, t0): the position of the last such token + 1.
+// One warp; scans backwards 32 tokens at a time.
+__device__ int rows_before(const CombineParams& p, int r, int t0, int lane) {
+  const int R = p.ctx.num_ranks;
+  for (int base = t0 - 1; base >= 0; base -= kWarpSize) {
+    const int t = base - lane;
+    const int pos = t >= 0 ? p.send_pos[static_cast<int64_t>(t) * R + r] : -1;
+    const unsigned hits = __ballot_sync(0xffffffffu, pos >= 0);
+    if (hits != 0) return __shfl_sync(0xffffffffu, pos, __ffs(hits) - 1) + 1;  // lowest lane = highest t
+  }
+  return 0;
+}
+
+// False if a wait failed (the error is recorded); the caller still reaches every barrier.
+template <int kR, int kU>
+__device__ bool receive(const CombineParams& p, uint64_t e, int c, const int* recv_base) {
+  __shared__ int first[kMaxPeers];      // stream index 0 of each peer's rows for this channel
+  __shared__ int consumed[kMaxPeers];   // rows of each peer consumed so far
+  __shared__ int seen_tail[kMaxHtThreads / kWarpSize][kMaxPeers];
+  __shared__ int failed;
+  const OpContext& ctx = p.ctx;
+  const int R = ctx.num_ranks, me = ctx.rank, C = p.ring_channels, Q = p.ring_slots;
+  const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize, warps = blockDim.x / kWarpSize;
+  const int N = p.num_tokens;
+  const int lo = static_cast<int>(static_cast<int64_t>(c) * N / C), hi = static_cast<int>(static_cast<int64_t>(c + 1) * N / C);
+  if (threadIdx.x == 0) failed = 0;
+  // Channel bounds to every peer: warp r computes rank r's.
+  for (int r = warp; r < R; r += warps) {
+    if (r == me) continue;
+    const int start = rows_before(p, r, lo, lane);
+    if (lane == 0) {
+      first[r] = start;
+      st_release_sys(&ctx.ring_ctl(r)->bound[me][c], tagged(e, start));
+      if (c == C - 1) st_release_sys(&ctx.ring_ctl(r)->bound[me][C], tagged(e, p.count_matrix[me * R + r]));
+    }
+  }
+  if (lane < kMaxPeers) seen_tail[warp][lane] = 0;
+  if (threadIdx.x < kMaxPeers) consumed[threadIdx.x] = 0;
+  __syncthreads();
+
+  char* base = ctx.rows(me);
+  RingCtl* ctl = ctx.ring_ctl(me);
+  for (int batch = lo; batch < hi; batch += warps) {
+    const int t = batch + warp;
+    bool ok = true;
+    if (t < hi && !failed) {
+      // Wait for every peer's row of t (stream index = position - first).
+      for (int r = 0; r < R && ok; ++r) {
+        if (r == me) continue;
+        const int pos = p.send_pos[static_cast<int64_t>(t) * R + r];
+        if (pos < 0) continue;
+        const int idx = pos - first[r];
+        if (idx >= seen_tail[warp][r]) {  // every lane reads it before lane 0 may update it below
+          if (lane == 0) {
+            ok = wait_flag_geq(ctx, &ctl->tail[r][c], tagged(e, idx + 1), Phase::kReduce, r);
+            if (ok) seen_tail[warp][r] = static_cast<int>(ld_acquire_sys(&ctl->tail[r][c]) & 0xffffffffu);
+          }
+          __syncwarp();
+          ok = __shfl_sync(0xffffffffu, ok, 0);
+          (void)ld_acquire_sys(&ctl->tail[r][c]);  // every lane: its loads of the row come after
+        }
+      }
+      if (ok) {
+        reduce_token_with<kR, kU>(p, t, lane, [&](int r, bool weights) -> const void* {
+          if (r == me) return own_contribution(p, t, recv_base, weights);
+          const int pos = p.send_pos[static_cast<int64_t>(t) * R + r];
+          if (pos < 0) return nullptr;
+          const int64_t slot = (static_cast<int64_t>(r) * C + c) * Q + (pos - first[r]) % Q;
+          if (weights) return p.rows.num_topk_weights ? p.rows.topk_weights(base, slot) : nullptr;
+          return p.rows.row(base, slot);
+        });
+        if (lane < R && lane != me) {
+          const int pos = p.send_pos[static_cast<int64_t>(t) * R + lane];
+          if (pos >= 0) atomicMax(&consumed[lane], pos - first[lane] + 1);
+        }
+      } else if (lane == 0) {
+        failed = 1;
+      }
+    }
+    __syncthreads();
+    if (failed) return false;
+    // The batch's rows are read: tell each peer (release orders those loads before the reuse).
+    // Read before the next barrier: warps of the next batch raise `consumed` for rows that other
+    // warps of that batch may not have read yet.
+    const int rows_done = threadIdx.x < R ? consumed[threadIdx.x] : 0;
+    __syncthreads();
+    if (threadIdx.x < R && threadIdx.x != me)
+      st_release_sys(&ctx.ring_ctl(threadIdx.x)->head[me][c], tagged(e, rows_done));
+  }
+  return true;
+}
+
+__device__ bool send(const CombineParams& p, uint64_t e, int c, const int* recv_base) {
+  __shared__ int lo[kMaxPeers], hi[kMaxPeers];
+  __shared__ int failed;
+  const OpContext& ctx = p.ctx;
+  const int R = ctx.num_ranks, me = ctx.rank, C = p.ring_channels, Q = p.ring_slots;
+  const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize, warps = blockDim.x / kWarpSize;
+  RingCtl* ctl = ctx.ring_ctl(me);
+  bool ok = true;
+  if (threadIdx.x == 0) failed = 0;
+  if (threadIdx.x < R && threadIdx.x != me) {
+    const int s = threadIdx.x;
+    ok = wait_flag_geq(ctx, &ctl->bound[s][c], tagged(e, 0), Phase::kReduce, s) &&
+         wait_flag_geq(ctx, &ctl->bound[s][c + 1], tagged(e, 0), Phase::kReduce, s);
+    if (ok) {
+      lo[s] = static_cast<int>(ld_acquire_sys(&ctl->bound[s][c]) & 0xffffffffu);
+      hi[s] = static_cast<int>(ld_acquire_sys(&ctl->bound[s][c + 1]) & 0xffffffffu);
+    }
+  }
+  if (!__syncthreads_and(ok)) return false;
+
+  // Warp groups, one per peer: group g serves the g-th peer after this rank.
+  const int peers = R - 1, group_warps = warps / peers;
+  const int g = warp / group_warps, gw = warp % group_warps;
+  if (g < peers) {
+    const int s = (me + 1 + g) % R;
+    const int n = hi[s] - lo[s], batch = group_warps * kRowsPerWarp, group_threads = group_warps * kWarpSize;
+    char* dst_base = ctx.rows(s);
+    const bool leader = gw == 0 && lane == 0;
+    __shared__ int group_failed[kMaxPeers];
+    if (leader) group_failed[g] = 0;
+    named_barrier_sync(1 + g, group_threads);
+    for (int i = 0; i < n; i += batch) {
+      const int end = min(n, i + batch);
+      // Room for rows [i, end): the receiver consumed at least end - Q rows.
+      if (leader && end > Q &&
+          !wait_flag_geq(ctx, &ctl->head[s][c], tagged(e, end - Q), Phase::kReduce, s))
+        group_failed[g] = 1;
+      named_barrier_sync(1 + g, group_threads);
+      if (group_failed[g]) break;
+      (void)ld_acquire_sys(&ctl->head[s][c]);  // the receiver's loads of the old rows came first
+      for (int k = 0; k < kRowsPerWarp; ++k) {
+        const int idx = i + k * group_warps + gw;
+        if (idx >= end) break;
+        const int64_t row = recv_base[s] + lo[s] + idx;
+        const int64_t slot = (static_cast<int64_t>(me) * C + c) * Q + idx % Q;
+        char* dst[1] = {p.rows.row(dst_base, slot)};
+        warp_copy_multicast<kSendUnroll>(p.x + row * p.x_stride, dst, p.rows.row_bytes, lane);
+        if (p.rows.num_topk_weights)
+          for (int kk = lane; kk < p.num_topk; kk += kWarpSize)
+            p.rows.topk_weights(dst_base, slot)[kk] = p.topk_weights[row * p.weight_stride + kk];
+      }
+      // Every warp's rows before the leader's fence and tail (cumulativity).
+      named_barrier_sync(1 + g, group_threads);
+      if (leader) {
+        fence_acq_rel_sys();
+        st_release_sys(&ctx.ring_ctl(s)->tail[me][c], tagged(e, end));
+      }
+    }
+    if (leader && group_failed[g]) failed = 1;
+  }
+  __syncthreads();
+  return failed == 0;
+}
+
+template <int kR, int kU>
+__global__ void __launch_bounds__(kMaxHtThreads, 1) combine_rings_kernel(const __grid_constant__ CombineParams p) {
+  __shared__ int recv_base[kMaxPeers + 1];
+  __shared__ int dst_base[kMaxPeers];
+  const OpContext& ctx = p.ctx;
+  const uint64_t e = op_begin(ctx);
+  if (*p.num_recv < 0) {  // the count exchange failed a check on every rank alike: skip the op
+    op_end(ctx, e);
+    return;
+  }
+  compute_recv_and_dst_base(p, recv_base, dst_base);
+  if (!wait_peers_ready(ctx, e)) return;
+  const int c = blockIdx.x / 2;
+  if (c < p.ring_channels) {
+    if (blockIdx.x % 2 == 0) send(p, e, c, recv_base);
+    else receive<kR, kU>(p, e, c, recv_base);
+  }
+  op_end(ctx, e);
+}
+
+}  // namespace
+
+void launch_combine_rings(const CombineParams& p, int num_blocks, int num_threads, cudaStream_t stream) {
+  by_rank_bucket(p.ctx.num_ranks, [&](auto b) {
+    combine_rings_kernel<decltype(b)::kR, decltype(b)::kU><<<num_blocks, num_threads, 0, stream>>>(p);
+  });
+}
+
+}  // namespace epx::kernels
