@@ -115,17 +115,23 @@ LowLatencyHandle Buffer::low_latency_dispatch(const LowLatencyDispatchArgs& a, c
   p.cumulative_stats = a.cumulative_local_expert_recv_stats.defined() ? a.cumulative_local_expert_recv_stats.ptr<int>() : nullptr;
   p.wait_stats = a.dispatch_wait_recv_cost_stats.defined() ? a.dispatch_wait_recv_cost_stats.ptr<int64_t>() : nullptr;
   const int sms = m.comm->num_device_sms();
-  kernels::launch_ll_dispatch_send(p, std::max(1, std::min<int>(static_cast<int>(N), sms)), stream);
-  m.after_launch("low_latency_dispatch (send)");
-  Impl::PendingReceive pr;
-  pr.kind = Impl::PendingReceive::Kind::kDispatch;
   // Receive grid: every SM, several blocks per local expert when there are fewer experts than SMs.
-  pr.dispatch = p;
-  pr.dispatch.blocks_per_expert = std::max(1, sms / E_loc);
-  pr.num_blocks = E_loc >= sms ? sms : E_loc * pr.dispatch.blocks_per_expert;
-  m.pending[b] = pr;
+  p.blocks_per_expert = std::max(1, sms / E_loc);
+  const int recv_blocks = E_loc >= sms ? sms : E_loc * p.blocks_per_expert;
+  if (a.return_recv_hook) {
+    kernels::launch_ll_dispatch_send(p, std::max(1, std::min<int>(static_cast<int>(N), sms)), stream);
+    m.after_launch("low_latency_dispatch (send)");
+    Impl::PendingReceive pr;
+    pr.kind = Impl::PendingReceive::Kind::kDispatch;
+    pr.dispatch = p;
+    pr.num_blocks = recv_blocks;
+    m.pending[b] = pr;
+  } else {
+    // One launch: the send half, then (same blocks) the receive half.
+    kernels::launch_ll_dispatch_fused(p, recv_blocks, stream);
+    m.after_launch("low_latency_dispatch");
+  }
   m.ll_next ^= 1;
-  if (!a.return_recv_hook) low_latency_receive(b, stream);
 
   LowLatencyHandle h;
   h.num_max_dispatch_tokens_per_rank = T;
@@ -194,15 +200,20 @@ void Buffer::low_latency_combine(const LowLatencyCombineArgs& a, const LowLatenc
   p.out = out.ptr<uint16_t>();
   p.out_stride = out.stride[0];
   const int sms = m.comm->num_device_sms();
-  kernels::launch_ll_combine_send(p, sms, stream);
-  m.after_launch("low_latency_combine (send)");
-  Impl::PendingReceive pr;
-  pr.kind = Impl::PendingReceive::Kind::kCombine;
-  pr.combine = p;
-  pr.num_blocks = std::max(1, std::min<int>(static_cast<int>(N), sms));
-  m.pending[b] = pr;
+  if (a.return_recv_hook) {
+    kernels::launch_ll_combine_send(p, sms, stream);
+    m.after_launch("low_latency_combine (send)");
+    Impl::PendingReceive pr;
+    pr.kind = Impl::PendingReceive::Kind::kCombine;
+    pr.combine = p;
+    pr.num_blocks = std::max(1, std::min<int>(static_cast<int>(N), sms));
+    m.pending[b] = pr;
+  } else {
+    // One launch: the send half over every SM, then (same blocks) the receive half.
+    kernels::launch_ll_combine_fused(p, sms, stream);
+    m.after_launch("low_latency_combine");
+  }
   m.ll_next ^= 1;
-  if (!a.return_recv_hook) low_latency_receive(b, stream);
 }
 
 View Buffer::next_combine_buffer(const LowLatencyHandle& h) const {

@@ -36,7 +36,8 @@ __device__ __noinline__ void send_row(const LlCombineParams& p, int j, int row, 
   warp_copy_multicast<kUnroll>(p.x + slot * L.hidden, dst, L.hidden * 2, lane);
 }
 
-__global__ void __launch_bounds__(kThreads) ll_combine_send(const __grid_constant__ LlCombineParams p) {
+// Send half of op n; false (nothing sent) when the wait for the peers' consumption failed.
+__device__ __forceinline__ bool combine_send(const LlCombineParams& p, uint64_t n) {
   // first_row[j]: packed rows of the local experts before j (first_row[E_loc] = all of them), so the
   // rows of every expert are spread over all warps of the grid at once.
   __shared__ int first_row[kMaxLocalExperts + 1];
@@ -44,8 +45,7 @@ __global__ void __launch_bounds__(kThreads) ll_combine_send(const __grid_constan
   const LlCommon& c = p.c;
   const LlLayout& L = c.layout;
   const int R = c.ctx.num_ranks, E_loc = L.experts_per_rank;
-  const uint64_t n = c.ws->counter + 1;
-  if (!ll::wait_consumed(c, c.ws->last_op[c.buffer_idx])) return;
+  if (!ll::wait_consumed(c, c.ws->last_op[c.buffer_idx])) return false;
   int counts[kExpertsPerThread];
 #pragma unroll
   for (int i = 0; i < kExpertsPerThread; ++i) {
@@ -78,6 +78,7 @@ __global__ void __launch_bounds__(kThreads) ll_combine_send(const __grid_constan
     send_row(p, j, g - first_row[j], lane);
   }
   ll::finish_send(c, n, 0);
+  return true;
 }
 
 __device__ __forceinline__ void fma_bf16x8(float (&acc)[8], float w, const int4& v) {
@@ -90,11 +91,10 @@ __device__ __forceinline__ void fma_bf16x8(float (&acc)[8], float w, const int4&
   }
 }
 
-__global__ void __launch_bounds__(kThreads) ll_combine_recv(const __grid_constant__ LlCombineParams p) {
+__device__ __forceinline__ void combine_recv(const LlCombineParams& p, uint64_t n) {
   const LlCommon& c = p.c;
   const LlLayout& L = c.layout;
   const int R = c.ctx.num_ranks, K = L.num_topk, H = L.hidden;
-  const uint64_t n = c.ws->pending[c.buffer_idx];
   LlSync* sync = c.sync(c.ctx.rank);
   bool ok = true;
   if (threadIdx.x < R) ok = wait_flag_geq(c.ctx, &sync->data[c.buffer_idx][threadIdx.x], n, Phase::kReceive, threadIdx.x);
@@ -134,6 +134,19 @@ __global__ void __launch_bounds__(kThreads) ll_combine_recv(const __grid_constan
   ll::finish_recv(c, n);
 }
 
+// The op number n as in ll_dispatch.cu: read by every block before the last one advances it.
+__global__ void __launch_bounds__(kThreads, 1) ll_combine_send(const __grid_constant__ LlCombineParams p) {
+  combine_send(p, p.c.ws->counter + 1);
+}
+__global__ void __launch_bounds__(kThreads, 1) ll_combine_recv(const __grid_constant__ LlCombineParams p) {
+  combine_recv(p, p.c.ws->pending[p.c.buffer_idx]);
+}
+// Non-hook mode: both halves in one launch; the grid must be co-resident (at most the SM count).
+__global__ void __launch_bounds__(kThreads, 1) ll_combine_fused(const __grid_constant__ LlCombineParams p) {
+  const uint64_t n = p.c.ws->counter + 1;
+  if (combine_send(p, n)) combine_recv(p, n);
+}
+
 }  // namespace
 
 void launch_ll_combine_send(const LlCombineParams& p, int num_blocks, cudaStream_t stream) {
@@ -141,6 +154,9 @@ void launch_ll_combine_send(const LlCombineParams& p, int num_blocks, cudaStream
 }
 void launch_ll_combine_recv(const LlCombineParams& p, int num_blocks, cudaStream_t stream) {
   ll_combine_recv<<<num_blocks, kThreads, 0, stream>>>(p);
+}
+void launch_ll_combine_fused(const LlCombineParams& p, int num_blocks, cudaStream_t stream) {
+  ll_combine_fused<<<num_blocks, kThreads, 0, stream>>>(p);
 }
 
 }  // namespace epx::kernels

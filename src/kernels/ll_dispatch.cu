@@ -46,15 +46,16 @@ __device__ void cast_row_fp8(const LlDispatchParams& p, const uint16_t* row, uin
   }
 }
 
-__global__ void __launch_bounds__(kThreads, 1) ll_dispatch_send(const __grid_constant__ LlDispatchParams p) {
+// Send half of op n; false (nothing sent) when the wait for the peers' consumption failed. Not
+// inlined: inlined into ll_dispatch_fused beside the receive half, ptxas spills.
+__device__ __noinline__ bool dispatch_send(const LlDispatchParams& p, uint64_t n) {
   __shared__ __align__(16) uint8_t row_smem[kMaxHidden + kMaxHidden / 128 * 4];
   __shared__ int local_ids[kMaxPeers][kMaxTopkLl];
   __shared__ int has_rank[kMaxPeers];
   const LlCommon& c = p.c;
   const int R = c.ctx.num_ranks, me = c.ctx.rank, K = c.layout.num_topk, E_loc = c.layout.experts_per_rank;
   const int H = c.layout.hidden;
-  const uint64_t n = c.ws->counter + 1;
-  if (!ll::wait_consumed(c, c.ws->last_op[c.buffer_idx])) return;
+  if (!ll::wait_consumed(c, c.ws->last_op[c.buffer_idx])) return false;
 
   const size_t payload_bytes = p.use_fp8 ? H + H / 128 * 4 : static_cast<size_t>(H) * 2;
   for (int t = blockIdx.x; t < p.num_tokens; t += gridDim.x) {
@@ -84,6 +85,7 @@ __global__ void __launch_bounds__(kThreads, 1) ll_dispatch_send(const __grid_con
     __syncthreads();
   }
   ll::finish_send(c, n, p.num_tokens);
+  return true;
 }
 
 using BlockScan = cub::BlockScan<int, kThreads>;
@@ -123,14 +125,13 @@ __device__ void copy_row(const LlDispatchParams& p, int j, int s, int t, int k, 
 // over experts when it has fewer blocks). After every source's data flag, each block scans all
 // received tokens in (source, token) order, a pass of blockDim.x tokens at a time, and copies its
 // share of each pass's matches: rows of all sources are copied at once, by every warp.
-__global__ void __launch_bounds__(kThreads) ll_dispatch_recv(const __grid_constant__ LlDispatchParams p) {
+__device__ __forceinline__ void dispatch_recv(const LlDispatchParams& p, uint64_t n) {
   __shared__ BlockScan::TempStorage scan;
   __shared__ int match_t[kThreads], match_k[kThreads], match_s[kThreads];
   __shared__ int token_begin[kMaxPeers + 1];  // first flat index of each source's tokens
   __shared__ int row_begin[kMaxPeers + 1];    // first packed row of each source (of expert j)
   const LlCommon& c = p.c;
   const int R = c.ctx.num_ranks, K = c.layout.num_topk, E_loc = c.layout.experts_per_rank;
-  const uint64_t n = c.ws->pending[c.buffer_idx];
   LlSync* sync = c.sync(c.ctx.rank);
   const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize, warps = blockDim.x / kWarpSize;
   const int bpe = p.blocks_per_expert, sub = blockIdx.x % bpe, num_groups = gridDim.x / bpe;
@@ -193,6 +194,22 @@ __global__ void __launch_bounds__(kThreads) ll_dispatch_recv(const __grid_consta
   ll::finish_recv(c, n);
 }
 
+// Op number n: every block reads the counter before it arrives at the end of the send half, and
+// only the last block to arrive advances it, so all blocks see the same n.
+__global__ void __launch_bounds__(kThreads, 1) ll_dispatch_send(const __grid_constant__ LlDispatchParams p) {
+  dispatch_send(p, p.c.ws->counter + 1);
+}
+__global__ void __launch_bounds__(kThreads, 1) ll_dispatch_recv(const __grid_constant__ LlDispatchParams p) {
+  dispatch_recv(p, p.c.ws->pending[p.c.buffer_idx]);
+}
+// Non-hook mode: both halves in one launch. The grid must be co-resident (at most one block per
+// SM, the host launches at most the SM count), since blocks wait in the receive half for the
+// sends of all blocks.
+__global__ void __launch_bounds__(kThreads, 1) ll_dispatch_fused(const __grid_constant__ LlDispatchParams p) {
+  const uint64_t n = p.c.ws->counter + 1;
+  if (dispatch_send(p, n)) dispatch_recv(p, n);
+}
+
 }  // namespace
 
 void launch_ll_dispatch_send(const LlDispatchParams& p, int num_blocks, cudaStream_t stream) {
@@ -200,6 +217,9 @@ void launch_ll_dispatch_send(const LlDispatchParams& p, int num_blocks, cudaStre
 }
 void launch_ll_dispatch_recv(const LlDispatchParams& p, int num_blocks, cudaStream_t stream) {
   ll_dispatch_recv<<<num_blocks, kThreads, 0, stream>>>(p);
+}
+void launch_ll_dispatch_fused(const LlDispatchParams& p, int num_blocks, cudaStream_t stream) {
+  ll_dispatch_fused<<<num_blocks, kThreads, 0, stream>>>(p);
 }
 
 }  // namespace epx::kernels

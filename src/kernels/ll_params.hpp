@@ -41,6 +41,8 @@ struct LlDispatchParams {
 };
 void launch_ll_dispatch_send(const LlDispatchParams& p, int num_blocks, cudaStream_t stream);
 void launch_ll_dispatch_recv(const LlDispatchParams& p, int num_blocks, cudaStream_t stream);
+// Non-hook mode: send and receive in one launch (num_blocks <= the SM count, co-resident).
+void launch_ll_dispatch_fused(const LlDispatchParams& p, int num_blocks, cudaStream_t stream);
 
 struct LlCombineParams {
   LlCommon c;
@@ -58,6 +60,7 @@ struct LlCombineParams {
 };
 void launch_ll_combine_send(const LlCombineParams& p, int num_blocks, cudaStream_t stream);
 void launch_ll_combine_recv(const LlCombineParams& p, int num_blocks, cudaStream_t stream);
+void launch_ll_combine_fused(const LlCombineParams& p, int num_blocks, cudaStream_t stream);
 
 // Shared by both ops: wait until every peer consumed this rank's previous writes into buffer b,
 // and the end-of-send signal.
