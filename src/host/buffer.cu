@@ -427,12 +427,10 @@ void Buffer::combine(const CombineInputs& in, const DispatchHandle& handle, cons
   p.out_stride = out.combined_x.stride[0];
   p.combined_topk_weights = K ? out.combined_topk_weights.ptr<float>() : nullptr;
   p.out_weight_stride = K ? out.combined_topk_weights.stride[0] : 0;
-  // Rings when every channel gets a sender warp per peer and every ring kMinRingSlots rows.
-  const int channels = std::min(m.config.num_sms / 2, kMaxRingChannels);
-  const int64_t slots = channels > 0 ? std::min<int64_t>(kMaxRingSlots, rows.capacity / (static_cast<int64_t>(R) * channels)) : 0;
-  if (m.config.ring_combine && channels > 0 && slots >= kMinRingSlots && m.config.num_threads / 32 >= R - 1) {
-    p.ring_channels = channels;
-    p.ring_slots = static_cast<int>(slots);
+  const plan::RingPlan ring = plan::ring_plan(m.config, R, rows.capacity);
+  if (ring.channels > 0) {
+    p.ring_channels = ring.channels;
+    p.ring_slots = ring.slots;
     kernels::launch_combine_rings(p, m.config.num_sms, m.config.num_threads, stream);
   } else {
     kernels::launch_combine(p, m.config.num_sms, m.config.num_threads, stream);

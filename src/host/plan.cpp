@@ -1,5 +1,7 @@
 #include "host/plan.hpp"
 
+#include <algorithm>
+
 #include "epx/buffer.hpp"
 #include "epx/error.hpp"
 #include "host/validate.hpp"
@@ -27,6 +29,17 @@ size_t nvl_bytes_for_rows(int64_t max_rows, int hidden, DType x_dtype, int num_t
   c.place(max_rows);
   const size_t region = (d.num_bytes > c.num_bytes ? d.num_bytes : c.num_bytes) + 5 * 16;
   return align_up(SymmetricLayout::kRowsOffset + region, 1 << 21);
+}
+
+RingPlan ring_plan(const Config& config, int num_ranks, int64_t capacity) {
+  RingPlan plan;
+  const int channels = std::min(config.num_sms / 2, kMaxRingChannels);
+  if (!config.ring_combine || channels < 1 || num_ranks < 2 || config.num_threads / 32 < num_ranks - 1) return plan;
+  const int64_t slots = std::min<int64_t>(kMaxRingSlots, capacity / (static_cast<int64_t>(num_ranks) * channels));
+  if (slots < kMinRingSlots) return plan;
+  plan.channels = channels;
+  plan.slots = static_cast<int>(slots);
+  return plan;
 }
 
 }  // namespace epx::plan

@@ -19,6 +19,14 @@ size_t row_region_bytes(size_t num_nvl_bytes);
 // serves every dispatch of that shape.
 RowLayout dispatch_rows(size_t num_nvl_bytes, int hidden, DType x_dtype, int num_topk);
 RowLayout combine_rows(size_t num_nvl_bytes, int hidden, int num_topk);
+
+// Ring combine geometry: channels (block pairs) and rows per ring, or {0, 0} when the ring combine
+// does not apply (off in the config, fewer than 2 blocks, fewer warps per block than peers, or
+// rings of fewer than kMinRingSlots rows in `capacity` rows of the row region).
+struct RingPlan {
+  int channels = 0, slots = 0;
+};
+RingPlan ring_plan(const Config& config, int num_ranks, int64_t capacity);
 // Smallest num_nvl_bytes whose dispatch and combine layouts both hold `max_rows` rows.
 size_t nvl_bytes_for_rows(int64_t max_rows, int hidden, DType x_dtype, int num_topk);
 

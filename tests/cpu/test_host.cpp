@@ -143,6 +143,30 @@ TEST(Error, CarriesKindMessageAndLocation) {
 namespace epx {
 namespace {
 
+TEST(Plan, RingCombineGeometry) {
+  Config c;
+  c.num_sms = 20;
+  c.num_threads = 512;
+  const plan::RingPlan p = plan::ring_plan(c, 4, 100000);
+  EXPECT_EQ(p.channels, 10);
+  EXPECT_EQ(p.slots, kMaxRingSlots);
+  EXPECT_LE(int64_t{4} * p.channels * p.slots, 100000);
+  // Small region: rings shrink, then the row-region combine takes over.
+  EXPECT_EQ(plan::ring_plan(c, 4, 4 * 10 * 100).slots, 100);
+  EXPECT_EQ(plan::ring_plan(c, 4, 4 * 10 * (kMinRingSlots - 1)).channels, 0);
+  // Too few warps for a sender group per peer, one block, or switched off.
+  c.num_threads = 192;  // 6 warps < 7 peers
+  EXPECT_EQ(plan::ring_plan(c, 8, 1 << 20).channels, 0);
+  EXPECT_GT(plan::ring_plan(c, 7, 1 << 20).channels, 0);
+  c.num_threads = 512;
+  c.num_sms = 1;
+  EXPECT_EQ(plan::ring_plan(c, 2, 1 << 20).channels, 0);
+  c.num_sms = 200;  // channels capped by the control words
+  EXPECT_EQ(plan::ring_plan(c, 2, 1 << 24).channels, kMaxRingChannels);
+  c.ring_combine = false;
+  EXPECT_EQ(plan::ring_plan(c, 2, 1 << 24).channels, 0);
+}
+
 TEST(Layout, SymmetricRegionsDoNotOverlap) {
   EXPECT_GE(SymmetricLayout::kNotifyOffset, sizeof(SyncArea));
   EXPECT_GE(SymmetricLayout::kRingCtlOffset, SymmetricLayout::kNotifyOffset + sizeof(NotifyArea));
