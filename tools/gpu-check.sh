@@ -28,7 +28,8 @@ if [[ $stages == *" tests "* ]]; then
   grep -E "Test +#.*(Gpu|Ll)|tests passed|tests failed" "$OUT/tests.log" | sed "s/  */ /g" | tail -30
 fi
 if [[ $stages == *" bench "* ]]; then
-  timeout ${EPX_BENCH_TIMEOUT:-240} ./build-gpu/bench/epx_bench --json "$OUT/bench.json" "$@" > "$OUT/bench.log" 2>&1 || status=1
+  # A hang becomes an error naming rank, peer and phase within seconds (library default: 100 s).
+  EPX_TIMEOUT_S=${EPX_TIMEOUT_S:-20} timeout ${EPX_BENCH_TIMEOUT:-240} ./build-gpu/bench/epx_bench --json "$OUT/bench.json" "$@" > "$OUT/bench.log" 2>&1 || status=1
   tail -36 "$OUT/bench.log"
 fi
 if [[ $stages == *" python "* ]]; then
