@@ -98,6 +98,37 @@ Timing time_op(const std::function<void(cudaStream_t)>& op, cudaStream_t stream,
   return summarize(std::move(samples));
 }
 
+std::pair<Timing, Timing> time_two_halves(const std::function<void(cudaStream_t)>& first,
+                                          const std::function<void(cudaStream_t)>& second, cudaStream_t stream,
+                                          int warmup, int iters, L2Flusher& flusher,
+                                          const std::function<void()>& between) {
+  EPX_ARG_CHECK(iters > 0, "time_two_halves: iters must be > 0, got ", iters);
+  EPX_ARG_CHECK(warmup >= 0, "time_two_halves: warmup must be >= 0, got ", warmup);
+  for (int i = 0; i < warmup; ++i) {
+    first(stream);
+    second(stream);
+  }
+  BENCH_CUDA(cudaStreamSynchronize(stream));
+  EventPair a, b;  // a.start | first | a.stop | second | b.stop
+  std::vector<double> first_us, second_us;
+  for (int i = 0; i < iters; ++i) {
+    if (between) between();
+    flusher.flush(stream);
+    BENCH_CUDA(cudaEventRecord(a.start, stream));
+    first(stream);
+    BENCH_CUDA(cudaEventRecord(a.stop, stream));
+    second(stream);
+    BENCH_CUDA(cudaEventRecord(b.stop, stream));
+    BENCH_CUDA(cudaEventSynchronize(b.stop));
+    float ms1 = 0.f, ms2 = 0.f;
+    BENCH_CUDA(cudaEventElapsedTime(&ms1, a.start, a.stop));
+    BENCH_CUDA(cudaEventElapsedTime(&ms2, a.stop, b.stop));
+    first_us.push_back(1000.0 * ms1);
+    second_us.push_back(1000.0 * ms2);
+  }
+  return {summarize(std::move(first_us)), summarize(std::move(second_us))};
+}
+
 Timing graph_time_op(const std::function<void(cudaStream_t)>& op, cudaStream_t stream, int ops_per_graph,
                      int reps, L2Flusher& flusher, const std::function<void()>& between) {
   EPX_ARG_CHECK(ops_per_graph > 0 && reps > 0, "graph_time_op: ops_per_graph and reps must be > 0");

@@ -6,6 +6,7 @@
 
 #include <cstddef>
 #include <functional>
+#include <utility>
 #include <vector>
 
 namespace epx::bench {
@@ -42,6 +43,13 @@ class L2Flusher {
 // event, synchronize the stop event. Returns event-time statistics in microseconds.
 Timing time_op(const std::function<void(cudaStream_t)>& op, cudaStream_t stream, int warmup,
                int iters, L2Flusher& flusher, const std::function<void()>& between = {});
+
+// Like time_op, for an op in two consecutive halves (a hook's send and receive): each iteration
+// between(), flush, event, first(stream), event, second(stream), event. Returns the halves' times.
+std::pair<Timing, Timing> time_two_halves(const std::function<void(cudaStream_t)>& first,
+                                          const std::function<void(cudaStream_t)>& second, cudaStream_t stream,
+                                          int warmup, int iters, L2Flusher& flusher,
+                                          const std::function<void()>& between = {});
 
 // Kernel time without launch overhead: op(stream) is captured `ops_per_graph` times into one CUDA
 // graph, each preceded by an L2 flush; the graph is replayed `reps` times (after between()) and a

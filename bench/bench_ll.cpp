@@ -126,35 +126,18 @@ std::vector<Row> run_ll(const Options& o, Communicator& comm) {
 
   // Hook mode: send and receive halves timed separately (nothing runs in between).
   for (int which = 0; which < 2; ++which) {
-    std::vector<double> send_us, recv_us;
-    cudaEvent_t e0, e1, e2;
-    cudaEventCreate(&e0);
-    cudaEventCreate(&e1);
-    cudaEventCreate(&e2);
-    for (int i = 0; i < o.warmup + o.iters; ++i) {
-      barrier();
-      flusher.flush(stream);
-      cudaEventRecord(e0, stream);
-      int b = buffer.next_low_latency_buffer();
-      if (which == 0) dispatch(true, true, stream); else combine(true, stream);
-      cudaEventRecord(e1, stream);
-      buffer.low_latency_receive(b, stream);
-      cudaEventRecord(e2, stream);
-      cudaEventSynchronize(e2);
-      float a = 0, c = 0;
-      cudaEventElapsedTime(&a, e0, e1);
-      cudaEventElapsedTime(&c, e1, e2);
-      if (i >= o.warmup) { send_us.push_back(a * 1e3); recv_us.push_back(c * 1e3); }
-    }
-    const Timing ts = summarize(send_us), tr = summarize(recv_us);
+    int b = 0;
+    const auto send = [&](cudaStream_t s) {
+      b = buffer.next_low_latency_buffer();
+      if (which == 0) dispatch(true, true, s); else combine(true, s);
+    };
+    const auto recv = [&](cudaStream_t s) { buffer.low_latency_receive(b, s); };
+    const auto [ts, tr] = time_two_halves(send, recv, stream, o.warmup, o.iters, flusher, barrier);
     const std::string op = which == 0 ? "ll dispatch fp8" : "ll combine bf16";
     add(op + " hook send", ts, which == 0 ? fp8_row : bf16_row, nullptr, -1);
     rows.back().note = "no SM held after it";
     add(op + " hook recv", tr, which == 0 ? fp8_row : bf16_row, nullptr, -1);
     rows.back().note = "includes waiting for peers";
-    cudaEventDestroy(e0);
-    cudaEventDestroy(e1);
-    cudaEventDestroy(e2);
   }
   rows.push_back(nccl_d);
   rows.push_back(nccl_c);

@@ -81,16 +81,21 @@ def expert_mlp(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor) -> torch.Ten
     return torch.nn.functional.silu(x @ w1) @ w2
 
 
-def reference_moe(x, router, w1, w2, num_topk):
-    """Single-GPU MoE in fp32 over all experts."""
-    topk_idx, weights = route(x, router, num_topk)
-    xf = x.float()
+def apply_experts(xf, topk_idx, weights, w1, w2):
+    """sum over k of weights[t, k] * expert_{topk_idx[t, k]}(xf[t]) for the experts w1/w2 hold (ids
+    0..E-1 index them; other ids, -1 included, contribute nothing), in fp32."""
     out = torch.zeros_like(xf)
     for e in range(w1.size(0)):
         rows, slots = (topk_idx == e).nonzero(as_tuple=True)
         if rows.numel():
             out = out.index_add(0, rows, expert_mlp(xf[rows], w1[e], w2[e]) * weights[rows, slots].unsqueeze(1))
     return out
+
+
+def reference_moe(x, router, w1, w2, num_topk):
+    """Single-GPU MoE in fp32 over all experts."""
+    topk_idx, weights = route(x, router, num_topk)
+    return apply_experts(x.float(), topk_idx, weights, w1, w2)
 
 
 # ---- High-throughput path ---------------------------------------------------------------------------
@@ -139,13 +144,7 @@ def moe_high_throughput(x, router, w1_local, w2_local, buffer, num_experts, num_
     topk_idx, topk_weights = route(x, router, num_topk)
     state = {}
     recv_x, recv_weights = Dispatch.apply(x, topk_weights, topk_idx, buffer, num_experts, state)
-    recv_topk_idx = state["recv_topk_idx"]
-    xf = recv_x.float()
-    y = torch.zeros_like(xf)
-    for j in range(w1_local.size(0)):
-        rows, slots = (recv_topk_idx == j).nonzero(as_tuple=True)
-        if rows.numel():
-            y = y.index_add(0, rows, expert_mlp(xf[rows], w1_local[j], w2_local[j]) * recv_weights[rows, slots].unsqueeze(1))
+    y = apply_experts(recv_x.float(), state["recv_topk_idx"], recv_weights, w1_local, w2_local)
     return Combine.apply(y.to(torch.bfloat16), buffer, state["handle"])
 
 

@@ -137,14 +137,22 @@ void release_without_gil(std::unique_ptr<T>& p) {
   }
 }
 
-struct PyCommunicator {
-  std::unique_ptr<epx::Communicator> comm;
-  ~PyCommunicator() { release_without_gil(comm); }
-  epx::Communicator& get() {
-    EPX_CHECK(comm != nullptr, ErrorKind::kState, "Communicator was destroyed");
-    return *comm;
+inline const char* owned_name(const epx::Communicator*) { return "Communicator"; }
+inline const char* owned_name(const epx::Buffer*) { return "Buffer"; }
+
+// A core object owned by a Python object: released without the GIL (its teardown may wait on the
+// peers), and refused with a clear error once destroy() released it.
+template <class T>
+struct Owned {
+  std::unique_ptr<T> ptr;
+  ~Owned() { release_without_gil(ptr); }
+  T& get() {
+    EPX_CHECK(ptr != nullptr, ErrorKind::kState, owned_name(static_cast<const T*>(nullptr)), " was destroyed");
+    return *ptr;
   }
 };
+using PyCommunicator = Owned<epx::Communicator>;
+using PyBuffer = Owned<epx::Buffer>;
 
 // "Stream `dst` waits for the work queued on `src` so far" with one reusable event (torch's
 // Stream.wait_stream creates, records and destroys a torch.cuda.Event per call, through several
@@ -171,15 +179,6 @@ struct StreamJoin {
     st = cudaStreamWaitEvent(to_stream(dst), event, 0);
     EPX_CHECK(st == cudaSuccess, ErrorKind::kCuda, "stream join: cudaStreamWaitEvent on stream ", dst,
               " failed: ", cudaGetErrorString(st));
-  }
-};
-
-struct PyBuffer {
-  std::unique_ptr<epx::Buffer> buffer;
-  ~PyBuffer() { release_without_gil(buffer); }
-  epx::Buffer& get() {
-    EPX_CHECK(buffer != nullptr, ErrorKind::kState, "Buffer was destroyed");
-    return *buffer;
   }
 };
 
@@ -385,7 +384,7 @@ PYBIND11_MODULE(_C, m) {
              std::memcpy(id.internal, id_bytes.data(), sizeof(id.internal));
              auto c = std::make_unique<PyCommunicator>();
              py::gil_scoped_release nogil;
-             c->comm = std::make_unique<epx::Communicator>(id, rank, world, device);
+             c->ptr = std::make_unique<epx::Communicator>(id, rank, world, device);
              return c;
            }),
            py::arg("unique_id"), py::arg("rank"), py::arg("world"), py::arg("device"),
@@ -401,9 +400,9 @@ PYBIND11_MODULE(_C, m) {
              py::gil_scoped_release nogil;
              comm.barrier(timeout_s);
            }, py::arg("timeout_s") = 100.0)
-      .def("destroy", [](PyCommunicator& c) { release_without_gil(c.comm); },
+      .def("destroy", [](PyCommunicator& c) { release_without_gil(c.ptr); },
            "Destroys the NCCL communicator now (collective); later calls raise EpxError(State).")
-      .def_property_readonly("destroyed", [](PyCommunicator& c) { return c.comm == nullptr; });
+      .def_property_readonly("destroyed", [](PyCommunicator& c) { return c.ptr == nullptr; });
 
   // ---- Dispatch handle ------------------------------------------------------------------------
   py::class_<PyDispatchHandle>(m, "DispatchHandle")
@@ -439,7 +438,7 @@ PYBIND11_MODULE(_C, m) {
              epx::Communicator& c = comm.get();
              auto b = std::make_unique<PyBuffer>();
              py::gil_scoped_release nogil;
-             b->buffer = std::make_unique<epx::Buffer>(c, num_nvl_bytes, options);
+             b->ptr = std::make_unique<epx::Buffer>(c, num_nvl_bytes, options);
              return b;
            }),
            py::arg("comm"), py::arg("num_nvl_bytes"), py::arg("num_ll_bytes"), py::arg("num_sms"),
@@ -449,7 +448,7 @@ PYBIND11_MODULE(_C, m) {
       .def_property_readonly("num_ranks", [](PyBuffer& b) { return b.get().num_ranks(); })
       .def_property_readonly("num_nvl_bytes", [](PyBuffer& b) { return b.get().num_nvl_bytes(); })
       .def_property_readonly("failed", [](PyBuffer& b) { return b.get().failed(); })
-      .def_property_readonly("destroyed", [](PyBuffer& b) { return b.buffer == nullptr; })
+      .def_property_readonly("destroyed", [](PyBuffer& b) { return b.ptr == nullptr; })
       .def("config", [](PyBuffer& b) { return config_to_tuple(b.get().config()); })
       .def("set_config", [](PyBuffer& b, int num_sms, int num_threads, double timeout_s) {
              b.get().set_config(make_config(num_sms, num_threads, timeout_s));
@@ -624,6 +623,6 @@ PYBIND11_MODULE(_C, m) {
              py::gil_scoped_release nogil;
              buf.reset();
            })
-      .def("destroy", [](PyBuffer& b) { release_without_gil(b.buffer); },
+      .def("destroy", [](PyBuffer& b) { release_without_gil(b.ptr); },
            "Frees the symmetric memory now (collective); later calls raise EpxError(State).");
 }

@@ -10,7 +10,7 @@ struct Config {
   // Threads per block of the high-throughput kernels (multiple of 32, 64..512).
   int num_threads = 512;
   // Bound of every device wait; a wait that expires raises Error(kTimeout). 0 = take EPX_TIMEOUT_S
-  // (default 100 s).
+  // (default 100 s), read when the Buffer is made or given this config.
   double timeout_s = 0;
   // Combine through bounded per-channel rings (push and reduce overlap, rows stay in L2) when the
   // buffer and the block size allow it; false = push every row into the row region, then reduce.

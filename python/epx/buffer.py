@@ -805,12 +805,7 @@ class Buffer:
         l_x, l_scales, l_count, l_info, l_range, l_slot = \
             _ll_layout(self.group_size, num_experts, T, hidden, use_fp8, use_ue8m0)
 
-        compute = _current_raw_stream(self._device_index)
-        if return_recv_hook:
-            launch = compute
-        else:
-            launch = self._comm_raw
-            self._stream_wait(launch, compute)
+        compute, launch = self._ll_begin(return_recv_hook)
         dev, empty = self._device, torch.empty_strided
         recv_x = empty(l_x[0], l_x[1], dtype=l_x[2], device=dev)
         recv_scales = None if l_scales is None else empty(l_scales[0], l_scales[1], dtype=l_scales[2], device=dev)
@@ -831,6 +826,15 @@ class Buffer:
         event, hook = self._ll_finish(rt, compute, async_finish, return_recv_hook, buffer_idx, tensors)
         recv = (recv_x, recv_scales) if use_fp8 else recv_x
         return recv, recv_count, handle, EventOverlap(event, tensors if async_finish else None), hook
+
+    def _ll_begin(self, return_recv_hook: bool) -> Tuple[int, int]:
+        """(current stream, launch stream): with return_recv_hook the op runs on the current stream,
+        else on the communication stream, which first waits for the current one."""
+        compute = _current_raw_stream(self._device_index)
+        if return_recv_hook:
+            return compute, compute
+        self._stream_wait(self._comm_raw, compute)
+        return compute, self._comm_raw
 
     def _ll_finish(self, rt, compute: int, async_finish: bool, return_recv_hook: bool, buffer_idx: int, keep):
         """Event or join, and the receive hook (which keeps the op's tensors alive until it runs). The
@@ -895,12 +899,7 @@ class Buffer:
         d_topk = self._desc(topk_idx, "topk_idx", _I64, 2)
         d_weights = self._desc(topk_weights, "topk_weights", _F32, 2)
         d_out = None if out is None else self._desc(out, "out", _BF16, 2)
-        compute = _current_raw_stream(self._device_index)
-        if return_recv_hook:
-            launch = compute
-        else:
-            launch = self._comm_raw
-            self._stream_wait(launch, compute)
+        compute, launch = self._ll_begin(return_recv_hook)
         out_desc = self._out_desc
         if out is None:
             out = torch.empty((d_topk[2][0], hidden), dtype=torch.bfloat16, device=self._device)

@@ -115,14 +115,6 @@ __device__ __forceinline__ bool wait_peer_done(const OpContext& ctx, uint64_t e,
   return __syncthreads_and(ok);
 }
 
-// Block-wide: thread 0 waits until *flag >= target; false (for all threads) on failure.
-__device__ __forceinline__ bool wait_peer_done_flag(const OpContext& ctx, const uint64_t* flag, uint64_t target,
-                                                    int peer) {
-  bool ok = true;
-  if (threadIdx.x == 0) ok = wait_flag_geq(ctx, flag, target, Phase::kReceive, peer);
-  return __syncthreads_and(ok);
-}
-
 // Block-wide: wait until every peer has published done >= e.
 __device__ __forceinline__ bool wait_all_done(const OpContext& ctx, uint64_t e, Phase phase) {
   bool ok = true;

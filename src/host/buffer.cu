@@ -20,7 +20,7 @@ Buffer::Buffer(Communicator& comm, size_t num_nvl_bytes, BufferOptions options) 
   Impl& m = *impl_;
   m.comm = &comm;
   options.config.validate(comm.num_device_sms());
-  m.config = options.config;
+  m.set_config(options.config);
   EPX_CHECK(comm.world() <= kMaxPeers, ErrorKind::kUnsupported, "world size ", comm.world(),
             " exceeds the NVLink domain limit of ", kMaxPeers, " ranks");
   EPX_CHECK(comm.local_size() == comm.world(), ErrorKind::kUnsupported, "the communicator spans ", comm.num_nodes(),
@@ -99,7 +99,7 @@ Communicator& Buffer::comm() const { return *impl_->comm; }
 const Config& Buffer::config() const { return impl_->config; }
 void Buffer::set_config(const Config& config) {
   config.validate(impl_->comm->num_device_sms());
-  impl_->config = config;
+  impl_->set_config(config);
 }
 int Buffer::rank() const { return impl_->comm->rank(); }
 int Buffer::num_ranks() const { return impl_->comm->world(); }

@@ -21,6 +21,7 @@ namespace epx {
 struct Buffer::Impl {
   Communicator* comm = nullptr;
   Config config;
+  double timeout_seconds = 0;  // effective_timeout_s(config), read once per config (not per op)
   size_t num_nvl_bytes = 0;
   void* symmetric = nullptr;
   ncclWindow_t window = nullptr;
@@ -52,11 +53,15 @@ struct Buffer::Impl {
     c.num_ranks = comm->world();
     c.ws = workspace;
     c.err = error_device;
-    c.timeout_ns = static_cast<uint64_t>(effective_timeout_s(config) * 1e9);
+    c.timeout_ns = static_cast<uint64_t>(timeout_seconds * 1e9);
     c.op = static_cast<int>(op);
     return c;
   }
-  double timeout_s() const { return effective_timeout_s(config); }
+  double timeout_s() const { return timeout_seconds; }
+  void set_config(const Config& c) {
+    config = c;
+    timeout_seconds = effective_timeout_s(c);
+  }
 
   void zero_state() {
     EPX_CUDA_CHECK(cudaMemset(symmetric, 0, SymmetricLayout::kRowsOffset));

@@ -141,16 +141,15 @@ TEST(GpuLifecycle, AdoptsAnExistingNcclComm) {
       CUDA_OK(cudaSetDevice(rank));
       ncclComm_t raw = nullptr;
       REQUIRE(ncclCommInitRank(&raw, world, id, rank) == ncclSuccess, "ncclCommInitRank");
-      auto* comm = new Communicator(raw, /*owns=*/true);
-      REQUIRE(comm->rank() == rank && comm->world() == world && comm->local_size() == world,
-              "adopted topology: rank ", comm->rank(), " world ", comm->world(), " local ", comm->local_size());
-      auto* buffer = new Buffer(*comm, 64 << 20);
+      Communicator comm(raw, /*owns=*/true);
+      REQUIRE(comm.rank() == rank && comm.world() == world && comm.local_size() == world,
+              "adopted topology: rank ", comm.rank(), " world ", comm.world(), " local ", comm.local_size());
+      Buffer buffer(comm, 64 << 20);
       cudaStream_t stream;
       CUDA_OK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
-      RankCtx ctx{rank, world, seed, comm, buffer, stream};
-      small_dispatch(ctx, *buffer, 128, 2048);
-      delete buffer;
-      delete comm;
+      RankCtx ctx{rank, world, seed, &comm, &buffer, stream};
+      small_dispatch(ctx, buffer, 128, 2048);
+      CUDA_OK(cudaStreamDestroy(stream));
       if (rank == 0) std::printf("[world %d] adopted ncclComm_t: dispatch ok\n", world);
       return 0;
     } catch (const std::exception& e) {
