@@ -31,6 +31,7 @@ struct Options {
   std::string json;  // path of the JSON output (rank 0), empty = none
   uint64_t seed = 1;
   int ll_tokens = 128;
+  bool ring_sweep = false;  // also time the ring combine over Config's ring_* knobs
 };
 
 // One measured line of the report.

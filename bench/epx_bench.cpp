@@ -85,6 +85,7 @@ void usage() {
       "usage: epx_bench [--mode ht|ll|all] [--world N] [--tokens 4096[,..]] [--hidden 7168[,..]]\n"
       "                 [--experts 256] [--topk 8] [--sms 20[,..]] [--routing uniform|skewed]\n"
       "                 [--ll-tokens 128] [--warmup 5] [--iters 30] [--seed 1] [--json out.json]\n"
+      "                 [--ring-sweep]   (also: ring combine for every ring_senders x slots x chunk)\n"
       "Defaults: the `ht` and `ll` workloads of benchmarks.md on every visible GPU.\n");
 }
 
@@ -112,6 +113,7 @@ int main(int argc, char** argv) {
     else if (a == "--iters") o.iters = std::atoi(next());
     else if (a == "--seed") o.seed = std::strtoull(next(), nullptr, 10);
     else if (a == "--json") o.json = next();
+    else if (a == "--ring-sweep") o.ring_sweep = true;
     else if (a == "-h" || a == "--help") { usage(); return 0; }
     else { std::fprintf(stderr, "epx_bench: unknown option %s\n", a.c_str()); usage(); return 2; }
   }

@@ -16,6 +16,15 @@ struct Config {
   // buffer and the block size allow it; false = push every row into the row region, then reduce.
   // Same results bit for bit.
   bool ring_combine = true;
+  // Ring combine tuning (DeepEP's chunked send/recv tokens play the same part). Channels are groups
+  // of ring_senders sender blocks and one receiver block (num_sms / (ring_senders + 1) channels);
+  // sender block j of a channel streams to every ring_senders-th peer, a peer's rows spread over
+  // its warps. 0 = one sender block per peer. Must not exceed the peers (R - 1) when used.
+  int ring_senders = 0;
+  // Rows per (peer, channel) ring at most (fewer when the row region is smaller).
+  int ring_slots = 128;
+  // Rows a sender warp writes before it publishes them (one release each time).
+  int ring_chunk = 2;
 
   // Throws Error(kInvalidArgument) naming the field when out of range. `num_device_sms` <= 0 skips
   // the check against the device.

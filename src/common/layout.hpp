@@ -43,14 +43,16 @@ struct NotifyArea {
 
 // Control words of the ring combine (combine_rings.cu), all (op epoch << 32) | count, grow only,
 // zeroed by reset(). On rank X:
-//   tail[r][c]:  rows sender r has written into its ring (r, c) in X's row region;
-//   head[s][c]:  rows receiver s has consumed from X's ring (X, c) in s's row region;
-//   bound[s][c]: first position, among s's rows to X, of receiver s's channel c (c = channels: the end).
+//   tail[r][c][w]: rows sender warp w of rank r has written into its ring (r, c) in X's row region
+//                  (a peer's stream is dealt round-robin over the W warps serving it: row i is warp
+//                  i % W's (i / W)-th);
+//   head[s][c]:    rows receiver s has consumed from X's ring (X, c) in s's row region;
+//   bound[s][c]:   first position, among s's rows to X, of receiver s's channel c (c = channels: the end).
 constexpr int kMaxRingChannels = 80;
-constexpr int kMinRingSlots = 64;   // rows per ring below which combine uses the row region
-constexpr int kMaxRingSlots = 128;  // small rings keep the rows in flight in L2
+constexpr int kMaxRingWarps = 16;  // 512 threads
+constexpr int kMinRingSlots = 64;  // rows per ring below which combine uses the row region
 struct RingCtl {
-  uint64_t tail[kMaxPeers][kMaxRingChannels];
+  uint64_t tail[kMaxPeers][kMaxRingChannels][kMaxRingWarps];
   uint64_t head[kMaxPeers][kMaxRingChannels];
   uint64_t bound[kMaxPeers][kMaxRingChannels + 1];
 };

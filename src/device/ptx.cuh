@@ -40,11 +40,6 @@ __device__ __forceinline__ int ld_volatile(const volatile int* p) {
 
 __device__ __forceinline__ void fence_acq_rel_sys() { asm volatile("fence.acq_rel.sys;" ::: "memory"); }
 
-// Named barrier `id` (1..15; 0 is __syncthreads) over `num_threads` threads (a multiple of 32).
-__device__ __forceinline__ void named_barrier_sync(int id, int num_threads) {
-  asm volatile("bar.sync %0, %1;" ::"r"(id), "r"(num_threads) : "memory");
-}
-
 __device__ __forceinline__ uint64_t globaltimer_ns() {
   uint64_t t;
   asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));

@@ -430,7 +430,9 @@ void Buffer::combine(const CombineInputs& in, const DispatchHandle& handle, cons
   const plan::RingPlan ring = plan::ring_plan(m.config, R, rows.capacity);
   if (ring.channels > 0) {
     p.ring_channels = ring.channels;
+    p.ring_senders = ring.senders;
     p.ring_slots = ring.slots;
+    p.ring_chunk = m.config.ring_chunk;
     kernels::launch_combine_rings(p, m.config.num_sms, m.config.num_threads, stream);
   } else {
     kernels::launch_combine(p, m.config.num_sms, m.config.num_threads, stream);

@@ -33,11 +33,19 @@ size_t nvl_bytes_for_rows(int64_t max_rows, int hidden, DType x_dtype, int num_t
 
 RingPlan ring_plan(const Config& config, int num_ranks, int64_t capacity) {
   RingPlan plan;
-  const int channels = std::min(config.num_sms / 2, kMaxRingChannels);
-  if (!config.ring_combine || channels < 1 || num_ranks < 2 || config.num_threads / 32 < num_ranks - 1) return plan;
-  const int64_t slots = std::min<int64_t>(kMaxRingSlots, capacity / (static_cast<int64_t>(num_ranks) * channels));
-  if (slots < kMinRingSlots) return plan;
+  const int peers = num_ranks - 1;
+  EPX_ARG_CHECK(config.ring_senders <= peers, "Config.ring_senders: at most one sender block per peer (",
+                peers, " at ", num_ranks, " ranks), got ", config.ring_senders);
+  if (!config.ring_combine || peers < 1) return plan;
+  const int senders = config.ring_senders > 0 ? config.ring_senders : peers;
+  const int channels = std::min(config.num_sms / (senders + 1), kMaxRingChannels);
+  const int warps = config.num_threads / 32;
+  const int peers_per_block = (peers + senders - 1) / senders;
+  if (channels < 1 || warps < peers_per_block) return plan;
+  const int64_t slots = std::min<int64_t>(config.ring_slots, capacity / (static_cast<int64_t>(num_ranks) * channels));
+  if (slots < kMinRingSlots || slots < int64_t{config.ring_chunk} * warps) return plan;
   plan.channels = channels;
+  plan.senders = senders;
   plan.slots = static_cast<int>(slots);
   return plan;
 }

@@ -20,11 +20,13 @@ size_t row_region_bytes(size_t num_nvl_bytes);
 RowLayout dispatch_rows(size_t num_nvl_bytes, int hidden, DType x_dtype, int num_topk);
 RowLayout combine_rows(size_t num_nvl_bytes, int hidden, int num_topk);
 
-// Ring combine geometry: channels (block pairs) and rows per ring, or {0, 0} when the ring combine
-// does not apply (off in the config, fewer than 2 blocks, fewer warps per block than peers, or
-// rings of fewer than kMinRingSlots rows in `capacity` rows of the row region).
+// Ring combine geometry: channels (ring_senders sender blocks + one receiver block each), sender
+// blocks per channel and rows per ring, or channels = 0 when the ring combine does not apply (off
+// in the config, too few blocks, fewer warps per sender block than its peers, or rings smaller
+// than kMinRingSlots or Config's ring_chunk * warps in `capacity` rows of the row region).
+// Throws when Config.ring_senders exceeds the peers.
 struct RingPlan {
-  int channels = 0, slots = 0;
+  int channels = 0, senders = 0, slots = 0;
 };
 RingPlan ring_plan(const Config& config, int num_ranks, int64_t capacity);
 // Smallest num_nvl_bytes whose dispatch and combine layouts both hold `max_rows` rows.

@@ -1,16 +1,17 @@
-// Ring combine (not yet run on a GPU): the push and the reduce overlap through bounded rings that
-// are reused, so the rows in flight stay in L2 (the row-region combine writes every row once and
-// reads it back after all of them arrived). Blocks pair up into channels: block 2c sends for
-// channel c, block 2c + 1 reduces for channel c.
+// Ring combine: the push and the reduce overlap through bounded rings that are reused, so the rows
+// in flight stay in L2 (the row-region combine writes every row once and reads it back after all
+// of them arrived). Blocks group into channels: k = p.ring_senders sender blocks and one receiver
+// block per channel (block (k + 1) c + j, j < k sends, j = k receives).
 //   receiver (rank s, channel c): owns s's tokens [lo_c, hi_c) (lo_c = c * N / C). First it tells
 //     every peer r where its channel starts among s's rows to r: bound[s][c] on r (the last channel
 //     also writes bound[s][C], the end). Then, a batch of one token per warp at a time, in token
-//     order: for each contribution from a peer r, wait until tail[r][c] covers its stream index,
-//     reduce in rank order exactly as combine.cu (same bits), and after the batch tell each peer
-//     how many of its rows are consumed (head[s][c] on r).
-//   sender (rank r, channel c): for each peer s, a group of warps streams the rows r received from
-//     s whose positions lie in [bound[s][c], bound[s][c + 1]) into ring (r, c) on s, a batch at a
-//     time: wait for room (head), write, group barrier, fence, publish tail.
+//     order: for each contribution from a peer r, wait until the tail word of the sender warp that
+//     wrote it covers it, reduce in rank order exactly as combine.cu (same bits), and after the
+//     batch tell each peer how many of its rows are consumed (head[s][c] on r).
+//   sender (rank r, channel c, block j): serves its g-th peers after r with g % k == j, each with
+//     W of its warps. Warp w streams rows w, w + W, ... of the rows r received from s whose
+//     positions lie in [bound[s][c], bound[s][c + 1]) into ring (r, c) on s, ring_chunk rows at a
+//     time: wait for room (head), write, release its own tail word. No warp waits for another.
 // Every flag is (op epoch << 32) | count, so nothing is reset between ops; a peer's previous op is
 // over (entry barrier) before any of this op's rows are written, so every ring starts empty.
 #include "kernels/combine_common.cuh"
@@ -18,9 +19,14 @@
 namespace epx::kernels {
 namespace {
 
-constexpr int kRowsPerWarp = 2;  // rows per sender warp per batch
-
 __device__ __forceinline__ uint64_t tagged(uint64_t e, int64_t count) { return (e << 32) | static_cast<uint64_t>(count); }
+
+// Warps a sender block gives each of its peers, for the g-th peer after the sender (both sides
+// compute it alike): block g % k serves ceil((peers - j) / k) peers.
+__device__ __forceinline__ int ring_peer_warps(int peers, int k, int g, int warps) {
+  const int j = g % k;
+  return warps / ((peers - j + k - 1) / k);
+}
 
 // Rows s (this rank) sends to r from its tokens [0, t0): the position of the last such token + 1.
 // One warp; scans backwards 32 tokens at a time.
@@ -39,8 +45,9 @@ __device__ int rows_before(const CombineParams& p, int r, int t0, int lane) {
 template <int kR, int kU>
 __device__ bool receive(const CombineParams& p, uint64_t e, int c, const int* recv_base) {
   __shared__ int first[kMaxPeers];      // stream index 0 of each peer's rows for this channel
+  __shared__ int peer_warps[kMaxPeers];  // W of each peer's sender warps
   __shared__ int consumed[kMaxPeers];   // rows of each peer consumed so far
-  __shared__ int seen_tail[kMaxHtThreads / kWarpSize][kMaxPeers];
+  __shared__ int seen[kMaxRingWarps][kMaxPeers][kMaxRingWarps];  // per warp: tail counts it acquired
   __shared__ int failed;
   const OpContext& ctx = p.ctx;
   const int R = ctx.num_ranks, me = ctx.rank, C = p.ring_channels, Q = p.ring_slots;
@@ -54,11 +61,12 @@ __device__ bool receive(const CombineParams& p, uint64_t e, int c, const int* re
     const int start = rows_before(p, r, lo, lane);
     if (lane == 0) {
       first[r] = start;
+      peer_warps[r] = ring_peer_warps(R - 1, p.ring_senders, (me - r - 1 + R) % R, warps);
       st_release_sys(&ctx.ring_ctl(r)->bound[me][c], tagged(e, start));
       if (c == C - 1) st_release_sys(&ctx.ring_ctl(r)->bound[me][C], tagged(e, p.count_matrix[me * R + r]));
     }
   }
-  if (lane < kMaxPeers) seen_tail[warp][lane] = 0;
+  for (int i = threadIdx.x; i < kMaxRingWarps * kMaxPeers * kMaxRingWarps; i += blockDim.x) (&seen[0][0][0])[i] = 0;
   if (threadIdx.x < kMaxPeers) consumed[threadIdx.x] = 0;
   __syncthreads();
 
@@ -68,20 +76,22 @@ __device__ bool receive(const CombineParams& p, uint64_t e, int c, const int* re
     const int t = batch + warp;
     bool ok = true;
     if (t < hi && !failed) {
-      // Wait for every peer's row of t (stream index = position - first).
+      // Wait for every peer's row of t: stream index i = position - first, written by the peer's
+      // warp i % W as its (i / W)-th row.
       for (int r = 0; r < R && ok; ++r) {
         if (r == me) continue;
         const int pos = p.send_pos[static_cast<int64_t>(t) * R + r];
         if (pos < 0) continue;
-        const int idx = pos - first[r];
-        if (idx >= seen_tail[warp][r]) {  // every lane reads it before lane 0 may update it below
+        const int idx = pos - first[r], W = peer_warps[r], w = idx % W, need = idx / W + 1;
+        if (need > seen[warp][r][w]) {  // every lane reads it before lane 0 may update it below
+          const uint64_t* tail = &ctl->tail[r][c][w];
           if (lane == 0) {
-            ok = wait_flag_geq(ctx, &ctl->tail[r][c], tagged(e, idx + 1), Phase::kReduce, r);
-            if (ok) seen_tail[warp][r] = static_cast<int>(ld_acquire_sys(&ctl->tail[r][c]) & 0xffffffffu);
+            ok = wait_flag_geq(ctx, tail, tagged(e, need), Phase::kReduce, r);
+            if (ok) seen[warp][r][w] = static_cast<int>(ld_acquire_sys(tail) & 0xffffffffu);
           }
           __syncwarp();
           ok = __shfl_sync(0xffffffffu, ok, 0);
-          (void)ld_acquire_sys(&ctl->tail[r][c]);  // every lane: its loads of the row come after
+          (void)ld_acquire_sys(tail);  // every lane: its loads of the row come after
         }
       }
       if (ok) {
@@ -114,17 +124,20 @@ __device__ bool receive(const CombineParams& p, uint64_t e, int c, const int* re
   return true;
 }
 
-__device__ bool send(const CombineParams& p, uint64_t e, int c, const int* recv_base) {
+// Sender block j of channel c.
+__device__ bool send(const CombineParams& p, uint64_t e, int c, int j, const int* recv_base) {
   __shared__ int lo[kMaxPeers], hi[kMaxPeers];
   __shared__ int failed;
   const OpContext& ctx = p.ctx;
-  const int R = ctx.num_ranks, me = ctx.rank, C = p.ring_channels, Q = p.ring_slots;
+  const int R = ctx.num_ranks, me = ctx.rank, C = p.ring_channels, Q = p.ring_slots, k = p.ring_senders;
   const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize, warps = blockDim.x / kWarpSize;
+  const int peers = R - 1;
   RingCtl* ctl = ctx.ring_ctl(me);
   bool ok = true;
   if (threadIdx.x == 0) failed = 0;
-  if (threadIdx.x < R && threadIdx.x != me) {
-    const int s = threadIdx.x;
+  const int t = static_cast<int>(threadIdx.x);
+  if (t < R && t != me && (t - me - 1 + R) % R % k == j) {
+    const int s = t;
     ok = wait_flag_geq(ctx, &ctl->bound[s][c], tagged(e, 0), Phase::kReduce, s) &&
          wait_flag_geq(ctx, &ctl->bound[s][c + 1], tagged(e, 0), Phase::kReduce, s);
     if (ok) {
@@ -134,45 +147,42 @@ __device__ bool send(const CombineParams& p, uint64_t e, int c, const int* recv_
   }
   if (!__syncthreads_and(ok)) return false;
 
-  // Warp groups, one per peer: group g serves the g-th peer after this rank.
-  const int peers = R - 1, group_warps = warps / peers;
-  const int g = warp / group_warps, gw = warp % group_warps;
+  // This block's peers: the g-th after me for g = j, j + k, ...; W warps each.
+  const int W = ring_peer_warps(peers, k, j, warps);
+  const int g = j + (warp / W) * k, w = warp % W;
   if (g < peers) {
     const int s = (me + 1 + g) % R;
-    const int n = hi[s] - lo[s], batch = group_warps * kRowsPerWarp, group_threads = group_warps * kWarpSize;
+    const int n = hi[s] - lo[s], step = p.ring_chunk * W;
     char* dst_base = ctx.rows(s);
-    const bool leader = gw == 0 && lane == 0;
-    __shared__ int group_failed[kMaxPeers];
-    if (leader) group_failed[g] = 0;
-    named_barrier_sync(1 + g, group_threads);
-    for (int i = 0; i < n; i += batch) {
-      const int end = min(n, i + batch);
-      // Room for rows [i, end): the receiver consumed at least end - Q rows.
-      if (leader && end > Q &&
-          !wait_flag_geq(ctx, &ctl->head[s][c], tagged(e, end - Q), Phase::kReduce, s))
-        group_failed[g] = 1;
-      named_barrier_sync(1 + g, group_threads);
-      if (group_failed[g]) break;
-      (void)ld_acquire_sys(&ctl->head[s][c]);  // the receiver's loads of the old rows came first
-      for (int k = 0; k < kRowsPerWarp; ++k) {
-        const int idx = i + k * group_warps + gw;
-        if (idx >= end) break;
-        const int64_t row = recv_base[s] + lo[s] + idx;
-        const int64_t slot = (static_cast<int64_t>(me) * C + c) * Q + idx % Q;
+    uint64_t* tail = &ctx.ring_ctl(s)->tail[me][c][w];
+    const uint64_t* head = &ctl->head[s][c];
+    int written = 0;  // rows of this warp published
+    for (int i0 = w; i0 < n; i0 += step) {
+      const int last = min(n - 1, i0 + step - W);  // stream index of the chunk's last row
+      // Room for rows up to `last`: the receiver consumed at least last + 1 - Q rows.
+      if (last + 1 > Q) {
+        if (lane == 0) ok = wait_flag_geq(ctx, head, tagged(e, last + 1 - Q), Phase::kReduce, s);
+        if (!__shfl_sync(0xffffffffu, ok, 0)) break;
+        (void)ld_acquire_sys(head);  // the receiver's loads of the old rows came first
+      }
+      for (int i = i0; i <= last; i += W) {
+        const int64_t row = recv_base[s] + lo[s] + i;
+        const int64_t slot = (static_cast<int64_t>(me) * C + c) * Q + i % Q;
         char* dst[1] = {p.rows.row(dst_base, slot)};
         warp_copy_multicast<kSendUnroll>(p.x + row * p.x_stride, dst, p.rows.row_bytes, lane);
         if (p.rows.num_topk_weights)
           for (int kk = lane; kk < p.num_topk; kk += kWarpSize)
             p.rows.topk_weights(dst_base, slot)[kk] = p.topk_weights[row * p.weight_stride + kk];
+        ++written;
       }
-      // Every warp's rows before the leader's fence and tail (cumulativity).
-      named_barrier_sync(1 + g, group_threads);
-      if (leader) {
+      // Every lane's rows before lane 0's fence and tail (cumulativity through the warp barrier).
+      __syncwarp();
+      if (lane == 0) {
         fence_acq_rel_sys();
-        st_release_sys(&ctx.ring_ctl(s)->tail[me][c], tagged(e, end));
+        st_release_sys(tail, tagged(e, written));
       }
     }
-    if (leader && group_failed[g]) failed = 1;
+    if (lane == 0 && !ok) failed = 1;
   }
   __syncthreads();
   return failed == 0;
@@ -190,9 +200,9 @@ __global__ void __launch_bounds__(kMaxHtThreads, 1) combine_rings_kernel(const _
   }
   compute_recv_and_dst_base(p, recv_base, dst_base);
   if (!wait_peers_ready(ctx, e)) return;
-  const int c = blockIdx.x / 2;
+  const int c = blockIdx.x / (p.ring_senders + 1), j = blockIdx.x % (p.ring_senders + 1);
   if (c < p.ring_channels) {
-    if (blockIdx.x % 2 == 0) send(p, e, c, recv_base);
+    if (j < p.ring_senders) send(p, e, c, j, recv_base);
     else receive<kR, kU>(p, e, c, recv_base);
   }
   op_end(ctx, e);

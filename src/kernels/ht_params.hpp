@@ -89,12 +89,14 @@ struct CombineParams {
   int64_t out_stride;
   float* combined_topk_weights;  // [N, K] or null
   int64_t out_weight_stride;
-  // Ring combine (launch_combine_rings): channels (sender block + receiver block each) and rows
-  // per ring; ring (r, c) of rank s holds rows r sends to s for s's channel c.
-  int ring_channels, ring_slots;
+  // Ring combine (launch_combine_rings): channels (ring_senders sender blocks + one receiver block
+  // each), rows per ring and rows a sender warp publishes at once; ring (r, c) of rank s holds the
+  // rows r sends to s for s's channel c.
+  int ring_channels, ring_senders, ring_slots, ring_chunk;
 };
 void launch_combine(const CombineParams& p, int num_blocks, int num_threads, cudaStream_t stream);
-// The ring variant (p.ring_channels > 0): blocks 2c and 2c + 1 are channel c's sender and receiver.
+// The ring variant (p.ring_channels > 0): blocks (k + 1) c + j are channel c's senders (j < k =
+// p.ring_senders) and its receiver (j = k).
 void launch_combine_rings(const CombineParams& p, int num_blocks, int num_threads, cudaStream_t stream);
 
 }  // namespace epx::kernels

@@ -78,6 +78,18 @@ TEST(Config, ValidatesEveryField) {
   c = Config{};
   c.timeout_s = -1;
   expect_error([&] { c.validate(132); }, ErrorKind::kInvalidArgument, "Config.timeout_s");
+  c = Config{};
+  c.ring_senders = 8;
+  expect_error([&] { c.validate(132); }, ErrorKind::kInvalidArgument, "Config.ring_senders");
+  c = Config{};
+  c.ring_chunk = 0;
+  expect_error([&] { c.validate(132); }, ErrorKind::kInvalidArgument, "Config.ring_chunk");
+  c = Config{};
+  c.ring_chunk = 8;  // 8 rows x 16 warps > 100 slots
+  c.ring_slots = 100;
+  expect_error([&] { c.validate(132); }, ErrorKind::kInvalidArgument, "Config.ring_slots");
+  c.num_threads = 384;  // 8 x 12 = 96 fits
+  EXPECT_NO_THROW(c.validate(132));
   EXPECT_GE(Config::defaults(4).num_sms, 1);
 }
 
@@ -147,17 +159,36 @@ TEST(Plan, RingCombineGeometry) {
   Config c;
   c.num_sms = 20;
   c.num_threads = 512;
+  c.ring_senders = 1;
   const plan::RingPlan p = plan::ring_plan(c, 4, 100000);
   EXPECT_EQ(p.channels, 10);
-  EXPECT_EQ(p.slots, kMaxRingSlots);
+  EXPECT_EQ(p.senders, 1);
+  EXPECT_EQ(p.slots, c.ring_slots);
   EXPECT_LE(int64_t{4} * p.channels * p.slots, 100000);
+  // Default: one sender block per peer, so channels of R blocks.
+  c.ring_senders = 0;
+  EXPECT_EQ(plan::ring_plan(c, 4, 100000).senders, 3);
+  EXPECT_EQ(plan::ring_plan(c, 4, 100000).channels, 5);
+  EXPECT_EQ(plan::ring_plan(c, 8, 1 << 20).channels, 2);
+  c.ring_senders = 2;  // 3 peers over 2 blocks: 6 channels of 3 blocks
+  EXPECT_EQ(plan::ring_plan(c, 4, 100000).channels, 6);
+  c.ring_senders = 1;
   // Small region: rings shrink, then the row-region combine takes over.
   EXPECT_EQ(plan::ring_plan(c, 4, 4 * 10 * 100).slots, 100);
   EXPECT_EQ(plan::ring_plan(c, 4, 4 * 10 * (kMinRingSlots - 1)).channels, 0);
-  // Too few warps for a sender group per peer, one block, or switched off.
+  // Rings must hold ring_chunk rows of every warp: 4 * 16 = 64 fits, 5 * 16 = 80 > 70 does not.
+  c.ring_chunk = 4;
+  EXPECT_EQ(plan::ring_plan(c, 4, 4 * 10 * 70).slots, 70);
+  c.ring_chunk = 5;
+  EXPECT_EQ(plan::ring_plan(c, 4, 4 * 10 * 70).channels, 0);
+  c.ring_chunk = 2;
+  // Too few warps for a warp per peer of a sender block, too few blocks, or switched off.
   c.num_threads = 192;  // 6 warps < 7 peers
   EXPECT_EQ(plan::ring_plan(c, 8, 1 << 20).channels, 0);
   EXPECT_GT(plan::ring_plan(c, 7, 1 << 20).channels, 0);
+  c.ring_senders = 2;  // 4 peers per block now
+  EXPECT_GT(plan::ring_plan(c, 8, 1 << 20).channels, 0);
+  c.ring_senders = 1;
   c.num_threads = 512;
   c.num_sms = 1;
   EXPECT_EQ(plan::ring_plan(c, 2, 1 << 20).channels, 0);
@@ -165,6 +196,9 @@ TEST(Plan, RingCombineGeometry) {
   EXPECT_EQ(plan::ring_plan(c, 2, 1 << 24).channels, kMaxRingChannels);
   c.ring_combine = false;
   EXPECT_EQ(plan::ring_plan(c, 2, 1 << 24).channels, 0);
+  // More sender blocks than peers is an error naming the field, even with the rings off.
+  c.ring_senders = 3;
+  expect_error([&] { plan::ring_plan(c, 3, 1 << 20); }, ErrorKind::kInvalidArgument, "Config.ring_senders");
 }
 
 TEST(Layout, SymmetricRegionsDoNotOverlap) {

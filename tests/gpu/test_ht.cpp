@@ -227,21 +227,28 @@ void run_case(RankCtx& ctx, const Case& c) {
     ci.bias_1 = View::of(db1.get(), DType::kBF16, {N, H});
   }
   std::vector<uint16_t> first;
-  for (int iter = 0; iter < 2; ++iter) {
+  for (int iter = 0; iter < 3; ++iter) {
     DeviceMem cx(static_cast<size_t>(N) * H * 2), cw(static_cast<size_t>(N) * K * 4);
     cx.fill(0x7F);
     cw.fill(0x7F);
     CombineOutputs co;
     co.combined_x = View::of(cx.get(), DType::kBF16, {N, H});
     if (s.with_weights) co.combined_topk_weights = View::of(cw.get(), DType::kF32, {N, K});
-    // Run 1: the ring combine (the default); run 2: the row-region combine.
-    Config cfg = ctx.buffer->config();
-    cfg.ring_combine = iter == 0;
+    // Run 1: the ring combine (the default: a sender block per peer); run 2: the row-region
+    // combine; run 3: rings of 64 rows (wrapping many times) with one sender block for all peers
+    // and chunks of 3 rows (ragged ends).
+    const Config saved = ctx.buffer->config();
+    Config cfg = saved;
+    cfg.ring_combine = iter != 1;
+    if (iter == 2) {
+      cfg.ring_senders = 1;
+      cfg.ring_slots = 64;
+      cfg.ring_chunk = 3;
+    }
     ctx.buffer->set_config(cfg);
     ctx.buffer->combine(ci, handle, co, ctx.stream);
     ctx.buffer->synchronize(ctx.stream);
-    cfg.ring_combine = true;
-    ctx.buffer->set_config(cfg);
+    ctx.buffer->set_config(saved);
     auto got = cx.download<uint16_t>(static_cast<size_t>(N) * H);
     expect_equal(got, want_c.combined_x, static_cast<size_t>(N) * H, c.name + " combined_x");
     if (s.with_weights)
@@ -249,7 +256,7 @@ void run_case(RankCtx& ctx, const Case& c) {
                    static_cast<size_t>(N) * K, c.name + " combined_topk_weights");
     // Two variants: the same bits.
     if (iter == 0) first = got;
-    else expect_equal(got, first, first.size(), c.name + " row-region combine == ring combine");
+    else expect_equal(got, first, first.size(), c.name + (iter == 1 ? " row-region" : " small-ring") + " combine == ring combine");
   }
   if (me == 0) std::printf("[world %d] case %-28s ok (rank 0 received %d rows)\n", R, c.name.c_str(), want[0].num_recv);
 }
