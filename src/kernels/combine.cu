@@ -68,7 +68,7 @@ __global__ void __launch_bounds__(kMaxHtThreads, 1) combine_kernel(const __grid_
 
 void launch_combine(const CombineParams& p, int num_blocks, int num_threads, cudaStream_t stream) {
   by_rank_bucket(p.ctx.num_ranks, [&](auto b) {
-    launch_with_reduce_smem<combine_kernel<decltype(b)::kR>>(num_blocks, num_threads, stream, p);
+    launch_with_reduce_smem(combine_kernel<decltype(b)::kR>, num_blocks, num_threads, stream, p);
   });
 }
 

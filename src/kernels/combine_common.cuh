@@ -165,9 +165,9 @@ __device__ __forceinline__ void reduce_token_with(const CombineParams& p, int t,
 // Launch `kernel` (a combine kernel instance) with the reduce's dynamic shared memory; the first
 // launch of each instance raises its limit to what 512 threads need. A failure is left as the
 // thread's last CUDA error, which the caller's after_launch raises.
-template <auto kernel>
-void launch_with_reduce_smem(int num_blocks, int num_threads, cudaStream_t stream, const CombineParams& p) {
-  static std::atomic<bool> raised{false};  // one per kernel instance
+template <typename Kernel>
+void launch_with_reduce_smem(Kernel kernel, int num_blocks, int num_threads, cudaStream_t stream, const CombineParams& p) {
+  static std::atomic<bool> raised{false};
   if (!raised.load(std::memory_order_acquire)) {
     if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                              static_cast<int>(reduce_smem_bytes(kMaxHtThreads))) != cudaSuccess)
