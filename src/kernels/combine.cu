@@ -38,20 +38,18 @@ __device__ void send_rows(const CombineParams& p, const int* recv_base, const in
   }
 }
 
-template <int kR>
+template <int kR, int kU>
 __device__ void reduce_tokens(const CombineParams& p, const int* recv_base) {
   __shared__ int send_base[kMaxPeers];
-  extern __shared__ int4 reduce_smem[];
-  int4* stage = warp_reduce_stage(reduce_smem);
   compute_send_base(p, send_base);
   const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
   const int global_warp = blockIdx.x * (blockDim.x / kWarpSize) + warp;
   const int num_warps = gridDim.x * (blockDim.x / kWarpSize);
-  for (int t = global_warp; t < p.num_tokens; t += num_warps) reduce_token<kR>(p, t, recv_base, send_base, lane, stage);
+  for (int t = global_warp; t < p.num_tokens; t += num_warps) reduce_token<kR, kU>(p, t, recv_base, send_base, lane);
 }
 
-template <int kR>
-__global__ void __launch_bounds__(kMaxHtThreads, 1) combine_kernel(const __grid_constant__ CombineParams p) {
+template <int kR, int kU>
+__global__ void __launch_bounds__(kMaxHtThreads) combine_kernel(const __grid_constant__ CombineParams p) {
   __shared__ int recv_base[kMaxPeers + 1];  // first received row from each source
   __shared__ int dst_base[kMaxPeers];       // first slot of this rank's rows on each source
   const OpContext& ctx = p.ctx;
@@ -60,7 +58,7 @@ __global__ void __launch_bounds__(kMaxHtThreads, 1) combine_kernel(const __grid_
   send_rows(p, recv_base, dst_base, recv_base[ctx.num_ranks]);
   signal_sends_done(ctx, e);
   if (!wait_all_done(ctx, e, Phase::kReduce)) return;
-  reduce_tokens<kR>(p, recv_base);
+  reduce_tokens<kR, kU>(p, recv_base);
   op_end(ctx, e);
 }
 
@@ -68,7 +66,7 @@ __global__ void __launch_bounds__(kMaxHtThreads, 1) combine_kernel(const __grid_
 
 void launch_combine(const CombineParams& p, int num_blocks, int num_threads, cudaStream_t stream) {
   by_rank_bucket(p.ctx.num_ranks, [&](auto b) {
-    launch_with_reduce_smem(combine_kernel<decltype(b)::kR>, num_blocks, num_threads, stream, p);
+    combine_kernel<decltype(b)::kR, decltype(b)::kU><<<num_blocks, num_threads, 0, stream>>>(p);
   });
 }
 

@@ -3,8 +3,6 @@
 #pragma once
 #include <cuda_bf16.h>
 
-#include <atomic>
-
 #include "device/copy.cuh"
 #include "kernels/ht_params.hpp"
 
@@ -75,82 +73,56 @@ __device__ __forceinline__ void compute_send_base(const CombineParams& p, int* s
   __syncthreads();
 }
 
-// Reduce variants by rank count (kernels are instantiated per bucket): kR >= num_ranks bounds the
-// unrolled loops over contributions.
-template <int R_>
+// Reduce variants by rank count (kernels are instantiated per bucket, so each gets its registers):
+// kR >= num_ranks bounds the rank loop; kU vectors per lane are loaded from every rank before any
+// is added, so kR * kU 16-byte loads are in flight per lane (the reduce is latency-bound otherwise).
+template <int R_, int U_>
 struct RankBucket {
-  static constexpr int kR = R_;
+  static constexpr int kR = R_, kU = U_;
 };
 template <typename Launch>
 void by_rank_bucket(int num_ranks, Launch&& launch) {
-  if (num_ranks <= 2) launch(RankBucket<2>{});
-  else if (num_ranks <= 4) launch(RankBucket<4>{});
-  else launch(RankBucket<kMaxPeers>{});
-}
-
-// The reduce is latency-bound: each lane keeps kReduceSlots 16-byte loads in flight, staged in its
-// own shared-memory slots by cp.async (no registers held while they fly). Dynamic shared memory of
-// the combine kernels: kReduceSlots * 16 bytes per thread (one stage area per warp).
-constexpr int kReduceSlots = 24;
-constexpr int kMaxReduceStages = 12;  // cp_async_wait's range
-constexpr size_t reduce_smem_bytes(int num_threads) { return static_cast<size_t>(num_threads) * kReduceSlots * 16; }
-
-// This warp's stage area in the dynamic shared memory.
-__device__ __forceinline__ int4* warp_reduce_stage(int4* smem) {
-  return smem + static_cast<size_t>(threadIdx.x / kWarpSize) * kReduceSlots * kWarpSize;
+  if (num_ranks <= 2) launch(RankBucket<2, 8>{});
+  else if (num_ranks <= 4) launch(RankBucket<4, 3>{});
+  else launch(RankBucket<kMaxPeers, 1>{});
 }
 
 // One warp: combined_x[t] = bf16(sum over ranks r ascending of row(r, t) + bias_0 + bias_1), and
 // the top-k weight sums. contribution(r, weights) gives rank r's row of token t (or its top-k
-// weights when `weights`), null where r has none. The n present sources of each vector go to n
-// consecutive slots of a stage; min(12, 24 / n) stages cycle, so up to 24 vectors per lane are in
-// flight. The order of the additions of each element is the rank order then the biases whatever
-// the bucket, so results are bit-identical across variants and with the reference.
-template <int kR, typename Contribution>
-__device__ __forceinline__ void reduce_token_with(const CombineParams& p, int t, int lane, int4* stage,
-                                                  const Contribution& contribution) {
-  const int R = p.ctx.num_ranks;
+// weights when `weights`), null where r has none; own rows (r == me) are read with .nc loads (the
+// caller's x), the others with plain loads (written by peers). The order of the additions of each
+// element is the rank order whatever the bucket, so results are bit-identical across variants.
+template <int kR, int kU, typename Contribution>
+__device__ __forceinline__ void reduce_token_with(const CombineParams& p, int t, int lane, const Contribution& contribution) {
+  const int R = p.ctx.num_ranks, me = p.ctx.rank;
   const int num_vec = p.hidden / 8;
-  constexpr int kS = kR + 2;  // ranks, then the two biases
-  const int4* src[kS];
-  int slot[kS];
-  int n = 0;
+  const int4* src[kR];
 #pragma unroll
-  for (int j = 0; j < kS; ++j) {
-    const void* ptr = nullptr;
-    if (j < kR) ptr = j < R ? contribution(j, false) : nullptr;
-    else if (j == kR) ptr = p.bias_0 ? p.bias_0 + t * p.bias_0_stride : nullptr;
-    else ptr = p.bias_1 ? p.bias_1 + t * p.bias_1_stride : nullptr;
-    src[j] = static_cast<const int4*>(ptr);
-    slot[j] = n;
-    n += ptr != nullptr;
-  }
+  for (int r = 0; r < kR; ++r) src[r] = r < R ? static_cast<const int4*>(contribution(r, false)) : nullptr;
+  const int4* bias0 = p.bias_0 ? reinterpret_cast<const int4*>(p.bias_0 + t * p.bias_0_stride) : nullptr;
+  const int4* bias1 = p.bias_1 ? reinterpret_cast<const int4*>(p.bias_1 + t * p.bias_1_stride) : nullptr;
   int4* out = reinterpret_cast<int4*>(p.combined_x + t * p.out_stride);
-  const int stages = n == 0 ? 1 : min(kMaxReduceStages, kReduceSlots / n);
-  auto issue = [&](int s, int v) {
-    int4* dst = stage + s * n * kWarpSize + lane;
+  for (int v0 = lane; v0 < num_vec; v0 += kU * kWarpSize) {
+    int4 val[kU][kR];
 #pragma unroll
-    for (int j = 0; j < kS; ++j)
-      if (src[j] != nullptr) cp_async_16(dst + slot[j] * kWarpSize, src[j] + v);
-  };
-  for (int s = 0; s < stages; ++s) {
-    const int v = lane + s * kWarpSize;
-    if (v < num_vec) issue(s, v);
-    cp_async_commit();
-  }
-  int s = 0;
-  for (int v = lane; v < num_vec; v += kWarpSize) {
-    cp_async_wait(stages - 1);  // this vector's group landed
-    const int4* got = stage + s * n * kWarpSize + lane;
-    float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    for (int u = 0; u < kU; ++u) {
+      const int v = v0 + u * kWarpSize;
 #pragma unroll
-    for (int j = 0; j < kS; ++j)
-      if (src[j] != nullptr) add_bf16x8(acc, got[slot[j] * kWarpSize]);
-    out[v] = pack_bf16x8(acc);
-    const int next = v + stages * kWarpSize;
-    if (next < num_vec) issue(s, next);  // same thread read the slots above: no hazard
-    cp_async_commit();
-    s = s + 1 == stages ? 0 : s + 1;
+      for (int r = 0; r < kR; ++r)
+        if (src[r] != nullptr && v < num_vec) val[u][r] = r == me ? ld_nc_na_v4(src[r] + v) : src[r][v];
+    }
+#pragma unroll
+    for (int u = 0; u < kU; ++u) {
+      const int v = v0 + u * kWarpSize;
+      if (v >= num_vec) continue;
+      float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+#pragma unroll
+      for (int r = 0; r < kR; ++r)
+        if (src[r] != nullptr) add_bf16x8(acc, val[u][r]);
+      if (bias0) add_bf16x8(acc, ld_nc_na_v4(bias0 + v));
+      if (bias1) add_bf16x8(acc, ld_nc_na_v4(bias1 + v));
+      out[v] = pack_bf16x8(acc);
+    }
   }
   if (p.combined_topk_weights != nullptr) {
     for (int k = lane; k < p.num_topk; k += kWarpSize) {
@@ -160,21 +132,6 @@ __device__ __forceinline__ void reduce_token_with(const CombineParams& p, int t,
       p.combined_topk_weights[t * p.out_weight_stride + k] = acc;
     }
   }
-}
-
-// Launch `kernel` (a combine kernel instance) with the reduce's dynamic shared memory; the first
-// launch of each instance raises its limit to what 512 threads need. A failure is left as the
-// thread's last CUDA error, which the caller's after_launch raises.
-template <typename Kernel>
-void launch_with_reduce_smem(Kernel kernel, int num_blocks, int num_threads, cudaStream_t stream, const CombineParams& p) {
-  static std::atomic<bool> raised{false};
-  if (!raised.load(std::memory_order_acquire)) {
-    if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                             static_cast<int>(reduce_smem_bytes(kMaxHtThreads))) != cudaSuccess)
-      return;
-    raised.store(true, std::memory_order_release);
-  }
-  kernel<<<num_blocks, num_threads, reduce_smem_bytes(num_threads), stream>>>(p);
 }
 
 // Rank me's own contribution of token t: its received row recv_base[me] + pos, read from x.
@@ -188,12 +145,12 @@ __device__ __forceinline__ const void* own_contribution(const CombineParams& p, 
 }
 
 // The row-region combine's reduce: rank r's row of token t sits at slot send_base[r] + pos.
-template <int kR>
+template <int kR, int kU>
 __device__ __forceinline__ void reduce_token(const CombineParams& p, int t, const int* recv_base,
-                                             const int* send_base, int lane, int4* stage) {
+                                             const int* send_base, int lane) {
   const int R = p.ctx.num_ranks, me = p.ctx.rank;
   char* base = p.ctx.rows(me);
-  reduce_token_with<kR>(p, t, lane, stage, [&](int r, bool weights) -> const void* {
+  reduce_token_with<kR, kU>(p, t, lane, [&](int r, bool weights) -> const void* {
     if (r == me) return own_contribution(p, t, recv_base, weights);
     const int pos = p.send_pos[static_cast<int64_t>(t) * R + r];
     if (pos < 0) return nullptr;

@@ -42,15 +42,13 @@ __device__ int rows_before(const CombineParams& p, int r, int t0, int lane) {
 }
 
 // False if a wait failed (the error is recorded); the caller still reaches every barrier.
-template <int kR>
+template <int kR, int kU>
 __device__ bool receive(const CombineParams& p, uint64_t e, int c, const int* recv_base) {
   __shared__ int first[kMaxPeers];      // stream index 0 of each peer's rows for this channel
   __shared__ int peer_warps[kMaxPeers];  // W of each peer's sender warps
   __shared__ int consumed[kMaxPeers];   // rows of each peer consumed so far
   __shared__ int seen[kMaxRingWarps][kMaxPeers][kMaxRingWarps];  // per warp: tail counts it acquired
   __shared__ int failed;
-  extern __shared__ int4 reduce_smem[];
-  int4* stage = warp_reduce_stage(reduce_smem);
   const OpContext& ctx = p.ctx;
   const int R = ctx.num_ranks, me = ctx.rank, C = p.ring_channels, Q = p.ring_slots;
   const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize, warps = blockDim.x / kWarpSize;
@@ -97,7 +95,7 @@ __device__ bool receive(const CombineParams& p, uint64_t e, int c, const int* re
         }
       }
       if (ok) {
-        reduce_token_with<kR>(p, t, lane, stage, [&](int r, bool weights) -> const void* {
+        reduce_token_with<kR, kU>(p, t, lane, [&](int r, bool weights) -> const void* {
           if (r == me) return own_contribution(p, t, recv_base, weights);
           const int pos = p.send_pos[static_cast<int64_t>(t) * R + r];
           if (pos < 0) return nullptr;
@@ -190,7 +188,7 @@ __device__ bool send(const CombineParams& p, uint64_t e, int c, int j, const int
   return failed == 0;
 }
 
-template <int kR>
+template <int kR, int kU>
 __global__ void __launch_bounds__(kMaxHtThreads, 1) combine_rings_kernel(const __grid_constant__ CombineParams p) {
   __shared__ int recv_base[kMaxPeers + 1];
   __shared__ int dst_base[kMaxPeers];
@@ -205,7 +203,7 @@ __global__ void __launch_bounds__(kMaxHtThreads, 1) combine_rings_kernel(const _
   const int c = blockIdx.x / (p.ring_senders + 1), j = blockIdx.x % (p.ring_senders + 1);
   if (c < p.ring_channels) {
     if (j < p.ring_senders) send(p, e, c, j, recv_base);
-    else receive<kR>(p, e, c, recv_base);
+    else receive<kR, kU>(p, e, c, recv_base);
   }
   op_end(ctx, e);
 }
@@ -214,7 +212,7 @@ __global__ void __launch_bounds__(kMaxHtThreads, 1) combine_rings_kernel(const _
 
 void launch_combine_rings(const CombineParams& p, int num_blocks, int num_threads, cudaStream_t stream) {
   by_rank_bucket(p.ctx.num_ranks, [&](auto b) {
-    launch_with_reduce_smem(combine_rings_kernel<decltype(b)::kR>, num_blocks, num_threads, stream, p);
+    combine_rings_kernel<decltype(b)::kR, decltype(b)::kU><<<num_blocks, num_threads, 0, stream>>>(p);
   });
 }
 
