@@ -234,14 +234,14 @@ void run_case(RankCtx& ctx, const Case& c) {
     CombineOutputs co;
     co.combined_x = View::of(cx.get(), DType::kBF16, {N, H});
     if (s.with_weights) co.combined_topk_weights = View::of(cw.get(), DType::kF32, {N, K});
-    // Run 1: the ring combine (the default: a sender block per peer); run 2: the row-region
-    // combine; run 3: rings of 64 rows (wrapping many times) with one sender block for all peers
-    // and chunks of 3 rows (ragged ends).
+    // Run 1: the ring combine (the default: one sender block per channel for all peers); run 2:
+    // the row-region combine; run 3: rings of 64 rows (wrapping many times), a sender block per
+    // peer (16 warps each) and chunks of 3 rows (ragged ends).
     const Config saved = ctx.buffer->config();
     Config cfg = saved;
     cfg.ring_combine = iter != 1;
     if (iter == 2) {
-      cfg.ring_senders = 1;
+      cfg.ring_senders = 0;
       cfg.ring_slots = 64;
       cfg.ring_chunk = 3;
     }
