@@ -41,117 +41,87 @@ __device__ int rows_before(const CombineParams& p, int r, int t0, int lane) {
   return 0;
 }
 
-// Rows s (this rank) sends to r from its tokens [lo, t0): the stream index of the first such
-// row at a token >= t0, scanning forward (`end` if none before hi). One warp.
-__device__ int rows_until(const CombineParams& p, int r, int t0, int hi, int first, int end, int lane) {
-  const int R = p.ctx.num_ranks;
-  for (int base = t0; base < hi; base += kWarpSize) {
-    const int t = base + lane;
-    const int pos = t < hi ? p.send_pos[static_cast<int64_t>(t) * R + r] : -1;
-    const unsigned hits = __ballot_sync(0xffffffffu, pos >= 0);
-    if (hits != 0) return __shfl_sync(0xffffffffu, pos, __ffs(hits) - 1) - first;  // lowest lane = lowest t
-  }
-  return end;
-}
-
-// False if a wait failed (the error is recorded). Warp w reduces tokens lo + w, lo + w + warps, ...
-// without waiting for the other warps; progress[w] is its next token. Whichever warp raises the
-// minimum progress T publishes to every peer r how many of r's rows lie before T (head, an atomic
-// max, so concurrent publishers cannot move it back). The last warp to finish a token always sees
-// every warp's progress, so the head never lags behind what was consumed once all warps wait.
+// False if a wait failed (the error is recorded); the caller still reaches every barrier.
 template <int kR, int kU>
 __device__ bool receive(const CombineParams& p, uint64_t e, int c, const int* recv_base) {
   __shared__ int first[kMaxPeers];      // stream index 0 of each peer's rows for this channel
-  __shared__ int end[kMaxPeers];        // rows of each peer for this channel
   __shared__ int peer_warps[kMaxPeers];  // W of each peer's sender warps
+  __shared__ int consumed[kMaxPeers];   // rows of each peer consumed so far
   __shared__ int seen[kMaxRingWarps][kMaxPeers][kMaxRingWarps];  // per warp: tail counts it acquired
-  __shared__ volatile int progress[kMaxRingWarps];
-  __shared__ int published;
-  __shared__ volatile int failed;
+  __shared__ int failed;
   const OpContext& ctx = p.ctx;
   const int R = ctx.num_ranks, me = ctx.rank, C = p.ring_channels, Q = p.ring_slots;
   const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize, warps = blockDim.x / kWarpSize;
   const int N = p.num_tokens;
   const int lo = static_cast<int>(static_cast<int64_t>(c) * N / C), hi = static_cast<int>(static_cast<int64_t>(c + 1) * N / C);
-  if (threadIdx.x == 0) {
-    failed = 0;
-    published = lo;
-  }
-  if (threadIdx.x < kMaxRingWarps) progress[threadIdx.x] = lo + static_cast<int>(threadIdx.x);
+  if (threadIdx.x == 0) failed = 0;
   // Channel bounds to every peer: warp r computes rank r's.
   for (int r = warp; r < R; r += warps) {
     if (r == me) continue;
     const int start = rows_before(p, r, lo, lane);
-    const int stop = rows_before(p, r, hi, lane);
     if (lane == 0) {
       first[r] = start;
-      end[r] = stop - start;
       peer_warps[r] = ring_peer_warps(R - 1, p.ring_senders, (me - r - 1 + R) % R, warps);
       st_release_sys(&ctx.ring_ctl(r)->bound[me][c], tagged(e, start));
       if (c == C - 1) st_release_sys(&ctx.ring_ctl(r)->bound[me][C], tagged(e, p.count_matrix[me * R + r]));
     }
   }
   for (int i = threadIdx.x; i < kMaxRingWarps * kMaxPeers * kMaxRingWarps; i += blockDim.x) (&seen[0][0][0])[i] = 0;
+  if (threadIdx.x < kMaxPeers) consumed[threadIdx.x] = 0;
   __syncthreads();
 
   char* base = ctx.rows(me);
   RingCtl* ctl = ctx.ring_ctl(me);
-  for (int t = lo + warp; t < hi && !failed; t += warps) {
-    // Wait for every peer's row of t: stream index i = position - first, written by the peer's
-    // warp i % W as its (i / W)-th row.
+  for (int batch = lo; batch < hi; batch += warps) {
+    const int t = batch + warp;
     bool ok = true;
-    for (int r = 0; r < R && ok; ++r) {
-      if (r == me) continue;
-      const int pos = p.send_pos[static_cast<int64_t>(t) * R + r];
-      if (pos < 0) continue;
-      const int idx = pos - first[r], W = peer_warps[r], w = idx % W, need = idx / W + 1;
-      if (need > seen[warp][r][w]) {  // every lane reads it before lane 0 may update it below
-        const uint64_t* tail = &ctl->tail[r][c][w];
-        if (lane == 0) {
-          ok = wait_flag_geq(ctx, tail, tagged(e, need), Phase::kReduce, r);
-          if (ok) seen[warp][r][w] = static_cast<int>(ld_acquire_sys(tail) & 0xffffffffu);
-        }
-        __syncwarp();
-        ok = __shfl_sync(0xffffffffu, ok, 0);
-        (void)ld_acquire_sys(tail);  // every lane: its loads of the row come after
-      }
-    }
-    if (!ok) {
-      if (lane == 0) failed = 1;
-      break;
-    }
-    reduce_token_with<kR, kU>(p, t, lane, [&](int r, bool weights) -> const void* {
-      if (r == me) return own_contribution(p, t, recv_base, weights);
-      const int pos = p.send_pos[static_cast<int64_t>(t) * R + r];
-      if (pos < 0) return nullptr;
-      const int64_t slot = (static_cast<int64_t>(r) * C + c) * Q + (pos - first[r]) % Q;
-      if (weights) return p.rows.num_topk_weights ? p.rows.topk_weights(base, slot) : nullptr;
-      return p.rows.row(base, slot);
-    });
-    // Token t is read: raise this warp's progress, then (after a fence, so that of two warps
-    // finishing at once at least one sees both) read everyone's: lane 0 does all of it.
-    __syncwarp();
-    int T = hi, prev = hi;
-    if (lane == 0) {
-      progress[warp] = t + warps;
-      fence_sc_cta();
-      for (int w = 0; w < warps; ++w) T = min(T, progress[w]);
-      prev = atomicMax(&published, T);
-    }
-    T = __shfl_sync(0xffffffffu, T, 0);
-    prev = __shfl_sync(0xffffffffu, prev, 0);
-    if (T > prev) {
-      // Rows before T are read by the warps that held them (each fenced before its progress
-      // store); the release of the head orders those loads before the sender's reuse.
-      for (int r = 0; r < R; ++r) {
+    if (t < hi && !failed) {
+      // Wait for every peer's row of t: stream index i = position - first, written by the peer's
+      // warp i % W as its (i / W)-th row.
+      for (int r = 0; r < R && ok; ++r) {
         if (r == me) continue;
-        const int rows = rows_until(p, r, T, hi, first[r], end[r], lane);
-        if (lane == 0) red_max_release_sys(&ctx.ring_ctl(r)->head[me][c], tagged(e, rows));
+        const int pos = p.send_pos[static_cast<int64_t>(t) * R + r];
+        if (pos < 0) continue;
+        const int idx = pos - first[r], W = peer_warps[r], w = idx % W, need = idx / W + 1;
+        if (need > seen[warp][r][w]) {  // every lane reads it before lane 0 may update it below
+          const uint64_t* tail = &ctl->tail[r][c][w];
+          if (lane == 0) {
+            ok = wait_flag_geq(ctx, tail, tagged(e, need), Phase::kReduce, r);
+            if (ok) seen[warp][r][w] = static_cast<int>(ld_acquire_sys(tail) & 0xffffffffu);
+          }
+          __syncwarp();
+          ok = __shfl_sync(0xffffffffu, ok, 0);
+          (void)ld_acquire_sys(tail);  // every lane: its loads of the row come after
+        }
+      }
+      if (ok) {
+        reduce_token_with<kR, kU>(p, t, lane, [&](int r, bool weights) -> const void* {
+          if (r == me) return own_contribution(p, t, recv_base, weights);
+          const int pos = p.send_pos[static_cast<int64_t>(t) * R + r];
+          if (pos < 0) return nullptr;
+          const int64_t slot = (static_cast<int64_t>(r) * C + c) * Q + (pos - first[r]) % Q;
+          if (weights) return p.rows.num_topk_weights ? p.rows.topk_weights(base, slot) : nullptr;
+          return p.rows.row(base, slot);
+        });
+        if (lane < R && lane != me) {
+          const int pos = p.send_pos[static_cast<int64_t>(t) * R + lane];
+          if (pos >= 0) atomicMax(&consumed[lane], pos - first[lane] + 1);
+        }
+      } else if (lane == 0) {
+        failed = 1;
       }
     }
+    __syncthreads();
+    if (failed) return false;
+    // The batch's rows are read: tell each peer (release orders those loads before the reuse).
+    // Read before the next barrier: warps of the next batch raise `consumed` for rows that other
+    // warps of that batch may not have read yet.
+    const int rows_done = threadIdx.x < R ? consumed[threadIdx.x] : 0;
+    __syncthreads();
+    if (threadIdx.x < R && threadIdx.x != me)
+      st_release_sys(&ctx.ring_ctl(threadIdx.x)->head[me][c], tagged(e, rows_done));
   }
-  __syncthreads();
-  return !failed;
+  return true;
 }
 
 // Sender block j of channel c.
