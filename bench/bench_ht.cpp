@@ -174,17 +174,16 @@ std::vector<Row> run_ht(const Options& o, Communicator& comm) {
         cfg.ring_combine = true;
         buffer.set_config(cfg);
         if (o.ring_sweep) {
-          for (int senders = 1; senders < R; ++senders)
-            for (int slots : {128, 256})
-              for (int chunk : {1, 2, 4}) {
-                Config sweep = cfg;
-                sweep.ring_senders = senders;
-                sweep.ring_slots = slots;
-                sweep.ring_chunk = chunk;
-                buffer.set_config(sweep);
-                measure("combine ring s" + std::to_string(senders) + " Q" + std::to_string(slots) + " c" + std::to_string(chunk),
-                        combine_op, row_bf16, nr, remote_rows, &nc);
-              }
+          const std::vector<int> senders_list = R == 2 ? std::vector<int>{1} : std::vector<int>{1, R - 1};
+          for (int senders : senders_list)
+            for (int chunk : {0, 2, 4}) {
+              Config sweep = cfg;
+              sweep.ring_senders = senders;
+              sweep.ring_chunk = chunk;
+              buffer.set_config(sweep);
+              measure("combine ring s" + std::to_string(senders) + " c" + std::to_string(chunk), combine_op, row_bf16, nr,
+                      remote_rows, &nc);
+            }
           buffer.set_config(cfg);
         }
       }

@@ -85,7 +85,7 @@ void usage() {
       "usage: epx_bench [--mode ht|ll|all] [--world N] [--tokens 4096[,..]] [--hidden 7168[,..]]\n"
       "                 [--experts 256] [--topk 8] [--sms 20[,..]] [--routing uniform|skewed]\n"
       "                 [--ll-tokens 128] [--warmup 5] [--iters 30] [--seed 1] [--json out.json]\n"
-      "                 [--ring-sweep]   (also: ring combine for every ring_senders x slots x chunk)\n"
+      "                 [--ring-sweep]   (also: ring combine for ring_senders 1 and R-1 x ring_chunk 0, 2, 4)\n"
       "Defaults: the `ht` and `ll` workloads of benchmarks.md on every visible GPU.\n");
 }
 

@@ -25,8 +25,9 @@ struct Config {
   int ring_senders = 1;
   // Rows per (peer, channel) ring at most (fewer when the row region is smaller).
   int ring_slots = 128;
-  // Rows a sender warp writes before it publishes them (one release each time).
-  int ring_chunk = 2;
+  // Rows a sender warp writes before it publishes them (one release each time); 0 = about 20
+  // rows per round of the warps serving a peer, at most 4 each.
+  int ring_chunk = 0;
 
   // Throws Error(kInvalidArgument) naming the field when out of range. `num_device_sms` <= 0 skips
   // the check against the device.

@@ -13,7 +13,7 @@ void Config::validate(int num_device_sms) const {
   validate::in_range(num_threads, "Config.num_threads", 64, 512);
   EPX_ARG_CHECK(num_threads % 32 == 0, "Config.num_threads: must be a multiple of 32, got ", num_threads);
   validate::in_range(ring_senders, "Config.ring_senders", 0, 7);
-  validate::in_range(ring_chunk, "Config.ring_chunk", 1, 16);
+  validate::in_range(ring_chunk, "Config.ring_chunk", 0, 16);
   validate::in_range(ring_slots, "Config.ring_slots", 64, 4096);
   // A ring must hold a receiver batch (one token per warp) and, beyond it, a chunk of every sender
   // warp of a peer but one row, or the two sides could wait for each other (docs/protocol.md).

@@ -21,11 +21,22 @@ namespace {
 
 __device__ __forceinline__ uint64_t tagged(uint64_t e, int64_t count) { return (e << 32) | static_cast<uint64_t>(count); }
 
-// Warps a sender block gives each of its peers, for the g-th peer after the sender (both sides
-// compute it alike): block g % k serves ceil((peers - j) / k) peers.
-__device__ __forceinline__ int ring_peer_warps(int peers, int k, int g, int warps) {
-  const int j = g % k;
-  return warps / ((peers - j + k - 1) / k);
+// The warps [first, first + count) a sender block gives the g-th peer after the sender (both sides
+// compute it alike): block j = g % k serves n = ceil((peers - j) / k) peers, the i-th being
+// g = j + i k; every warp works, the first warps % n peers get one more.
+struct PeerWarps {
+  int first, count;
+};
+__device__ __forceinline__ PeerWarps ring_peer_warps(int peers, int k, int g, int warps) {
+  const int j = g % k, i = g / k, n = (peers - j + k - 1) / k;
+  const int q = warps / n, extra = warps % n;
+  return {i * q + min(i, extra), q + (i < extra ? 1 : 0)};
+}
+
+// Rows a sender warp writes per release: Config.ring_chunk, or when 0 about 20 rows of the peer's
+// stream per round of its W warps (measured: 4 at W = 5, and large spans stall the in-order receiver).
+__device__ __forceinline__ int ring_chunk(const CombineParams& p, int W) {
+  return p.ring_chunk > 0 ? p.ring_chunk : max(1, min(4, 20 / W));
 }
 
 // Rows s (this rank) sends to r from its tokens [0, t0): the position of the last such token + 1.
@@ -61,7 +72,7 @@ __device__ bool receive(const CombineParams& p, uint64_t e, int c, const int* re
     const int start = rows_before(p, r, lo, lane);
     if (lane == 0) {
       first[r] = start;
-      peer_warps[r] = ring_peer_warps(R - 1, p.ring_senders, (me - r - 1 + R) % R, warps);
+      peer_warps[r] = ring_peer_warps(R - 1, p.ring_senders, (me - r - 1 + R) % R, warps).count;
       st_release_sys(&ctx.ring_ctl(r)->bound[me][c], tagged(e, start));
       if (c == C - 1) st_release_sys(&ctx.ring_ctl(r)->bound[me][C], tagged(e, p.count_matrix[me * R + r]));
     }
@@ -147,12 +158,19 @@ __device__ bool send(const CombineParams& p, uint64_t e, int c, int j, const int
   }
   if (!__syncthreads_and(ok)) return false;
 
-  // This block's peers: the g-th after me for g = j, j + k, ...; W warps each.
-  const int W = ring_peer_warps(peers, k, j, warps);
-  const int g = j + (warp / W) * k, w = warp % W;
+  // This block's peers: the g-th after me for g = j, j + k, ...; find this warp's.
+  int g = j, w = warp, W = 0;
+  for (; g < peers; g += k) {
+    const PeerWarps pw = ring_peer_warps(peers, k, g, warps);
+    if (warp < pw.first + pw.count) {
+      w = warp - pw.first;
+      W = pw.count;
+      break;
+    }
+  }
   if (g < peers) {
     const int s = (me + 1 + g) % R;
-    const int n = hi[s] - lo[s], step = p.ring_chunk * W;
+    const int n = hi[s] - lo[s], step = ring_chunk(p, W) * W;
     char* dst_base = ctx.rows(s);
     uint64_t* tail = &ctx.ring_ctl(s)->tail[me][c][w];
     const uint64_t* head = &ctl->head[s][c];

@@ -82,7 +82,7 @@ TEST(Config, ValidatesEveryField) {
   c.ring_senders = 8;
   expect_error([&] { c.validate(132); }, ErrorKind::kInvalidArgument, "Config.ring_senders");
   c = Config{};
-  c.ring_chunk = 0;
+  c.ring_chunk = -1;
   expect_error([&] { c.validate(132); }, ErrorKind::kInvalidArgument, "Config.ring_chunk");
   c = Config{};
   c.ring_chunk = 8;  // 8 rows x 16 warps > 100 slots
