@@ -173,9 +173,8 @@ std::vector<Row> run_ht(const Options& o, Communicator& comm) {
         measure("combine bf16 row region", combine_op, row_bf16, nr, remote_rows, &nc);
         cfg.ring_combine = true;
         buffer.set_config(cfg);
-        if (o.ring_sweep) {
-          const std::vector<int> senders_list = R == 2 ? std::vector<int>{1} : std::vector<int>{1, R - 1};
-          for (int senders : senders_list)
+        if (o.ring_sweep && R >= 3) {  // 2 ranks: always the row region
+          for (int senders : {1, R - 1})
             for (int chunk : {0, 2, 4}) {
               Config sweep = cfg;
               sweep.ring_senders = senders;

@@ -12,9 +12,9 @@ struct Config {
   // Bound of every device wait; a wait that expires raises Error(kTimeout). 0 = take EPX_TIMEOUT_S
   // (default 100 s), read when the Buffer is made or given this config.
   double timeout_s = 0;
-  // Combine through bounded per-channel rings (push and reduce overlap, rows stay in L2) when the
-  // buffer and the block size allow it; false = push every row into the row region, then reduce.
-  // Same results bit for bit.
+  // Combine through bounded per-channel rings (push and reduce overlap) from 3 ranks up, when the
+  // buffer and the block size allow it; false (and 2 ranks, where it measured faster) = push every
+  // row into the row region, then reduce. Same results bit for bit.
   bool ring_combine = true;
   // Ring combine tuning (DeepEP's chunked send/recv tokens play the same part). Channels are groups
   // of ring_senders sender blocks and one receiver block (num_sms / (ring_senders + 1) channels);

@@ -22,7 +22,7 @@ RowLayout combine_rows(size_t num_nvl_bytes, int hidden, int num_topk);
 
 // Ring combine geometry: channels (ring_senders sender blocks + one receiver block each), sender
 // blocks per channel and rows per ring, or channels = 0 when the ring combine does not apply (off
-// in the config, too few blocks, fewer warps per sender block than its peers, or rings smaller
+// in the config, fewer than 3 ranks, too few blocks, fewer warps per sender block than its peers, or rings smaller
 // than kMinRingSlots or Config's ring_chunk * warps in `capacity` rows of the row region).
 // Throws when Config.ring_senders exceeds the peers.
 struct RingPlan {

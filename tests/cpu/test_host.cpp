@@ -165,7 +165,7 @@ TEST(Plan, RingCombineGeometry) {
   EXPECT_EQ(p.senders, 1);
   EXPECT_EQ(p.slots, c.ring_slots);
   EXPECT_LE(int64_t{4} * p.channels * p.slots, 100000);
-  // Default: one sender block per peer, so channels of R blocks.
+  // 0: one sender block per peer, so channels of R blocks.
   c.ring_senders = 0;
   EXPECT_EQ(plan::ring_plan(c, 4, 100000).senders, 3);
   EXPECT_EQ(plan::ring_plan(c, 4, 100000).channels, 5);
@@ -191,11 +191,12 @@ TEST(Plan, RingCombineGeometry) {
   c.ring_senders = 1;
   c.num_threads = 512;
   c.num_sms = 1;
-  EXPECT_EQ(plan::ring_plan(c, 2, 1 << 20).channels, 0);
+  EXPECT_EQ(plan::ring_plan(c, 3, 1 << 20).channels, 0);
   c.num_sms = 200;  // channels capped by the control words
-  EXPECT_EQ(plan::ring_plan(c, 2, 1 << 24).channels, kMaxRingChannels);
+  EXPECT_EQ(plan::ring_plan(c, 3, 1 << 24).channels, kMaxRingChannels);
+  EXPECT_EQ(plan::ring_plan(c, 2, 1 << 24).channels, 0);  // 2 ranks: the row region is faster
   c.ring_combine = false;
-  EXPECT_EQ(plan::ring_plan(c, 2, 1 << 24).channels, 0);
+  EXPECT_EQ(plan::ring_plan(c, 3, 1 << 24).channels, 0);
   // More sender blocks than peers is an error naming the field, even with the rings off.
   c.ring_senders = 3;
   expect_error([&] { plan::ring_plan(c, 3, 1 << 20); }, ErrorKind::kInvalidArgument, "Config.ring_senders");

@@ -236,7 +236,8 @@ void run_case(RankCtx& ctx, const Case& c) {
     if (s.with_weights) co.combined_topk_weights = View::of(cw.get(), DType::kF32, {N, K});
     // Run 1: the ring combine (the default: one sender block per channel for all peers); run 2:
     // the row-region combine; run 3: rings of 64 rows (wrapping many times), a sender block per
-    // peer (16 warps each) and chunks of 3 rows (ragged ends).
+    // peer (16 warps each) and chunks of 3 rows (ragged ends). At 2 ranks all three take the row
+    // region (the ring combine starts at 3).
     const Config saved = ctx.buffer->config();
     Config cfg = saved;
     cfg.ring_combine = iter != 1;
