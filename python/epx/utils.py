@@ -67,7 +67,9 @@ class Config:
         num_max_rdma_chunked_send_tokens, num_max_rdma_chunked_recv_tokens: accepted for
             compatibility with DeepEP (they must be positive) but **not used**: epx's dispatch is
             one-sided (after the count exchange every sender writes each row straight into its
-            final slot in the receiver's buffer), so there are no ring buffers or chunks to size.
+            final slot in the receiver's buffer), so it has no rings or chunks to size; combine's
+            rings (from 3 ranks) use the C++ core's measured defaults (epx::Config ring_slots,
+            ring_chunk), which the Python Config does not set.
         num_threads: (epx, keyword only) threads per block, a multiple of 32 in [64, 512].
         timeout_s: (epx, keyword only) bound of every device wait; 0 = `EPX_TIMEOUT_S` (100 s).
 
