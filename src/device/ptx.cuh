@@ -40,6 +40,12 @@ __device__ __forceinline__ int ld_volatile(const volatile int* p) {
 
 __device__ __forceinline__ void fence_acq_rel_sys() { asm volatile("fence.acq_rel.sys;" ::: "memory"); }
 
+// Hint: start bringing `num_bytes` (a multiple of 16, 16-byte aligned) at `p` into L2, so the
+// loads that follow later hit L2 instead of HBM. One thread issues it; no completion to wait for.
+__device__ __forceinline__ void prefetch_l2_bulk(const void* p, uint32_t num_bytes) {
+  asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(__cvta_generic_to_global(p)), "r"(num_bytes) : "memory");
+}
+
 __device__ __forceinline__ uint64_t globaltimer_ns() {
   uint64_t t;
   asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));

@@ -185,6 +185,7 @@ __device__ bool send(const CombineParams& p, uint64_t e, int c, int j, const int
       }
       for (int i = i0; i <= last; i += W) {
         const int64_t row = recv_base[s] + lo[s] + i;
+        if (lane == 0 && i + W < n) prefetch_l2_bulk(p.x + (row + W) * p.x_stride, p.rows.row_bytes);  // the next row
         const int64_t slot = (static_cast<int64_t>(me) * C + c) * Q + i % Q;
         char* dst[1] = {p.rows.row(dst_base, slot)};
         warp_copy_multicast<kSendUnroll>(p.x + row * p.x_stride, dst, p.rows.row_bytes, lane);
