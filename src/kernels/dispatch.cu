@@ -32,11 +32,7 @@ __global__ void __launch_bounds__(kMaxHtThreads) dispatch_kernel(const __grid_co
   const int per_block = (p.num_tokens + gridDim.x - 1) / gridDim.x;
   const int t_begin = blockIdx.x * per_block;
   const int t_end = min(p.num_tokens, t_begin + per_block);
-  for (int t = t_begin + warp; t < t_end; t += warps) {
-    if (lane == 0 && t + warps < t_end)  // this warp's next token into L2
-      prefetch_l2_bulk(p.x + (t + warps) * p.x_row_stride_bytes, p.rows.row_bytes);
-    send_token(p, t, slot_base, lane);
-  }
+  for (int t = t_begin + warp; t < t_end; t += warps) send_token(p, t, slot_base, lane);
   signal_sends_done(ctx, e);
 
   // Receive: sources in rotated order so ranks do not all wait on the same peer.
