@@ -26,10 +26,6 @@ __device__ void send_rows(const CombineParams& p, const int* recv_base, const in
   const int v_end = min(num_remote, v_begin + per_block);
   for (int v = v_begin + warp; v < v_end; v += warps) {
     const int i = v < recv_base[me] ? v : v + num_own;
-    if (lane == 0 && v + warps < v_end) {  // this warp's next row into L2
-      const int next = v + warps < recv_base[me] ? v + warps : v + warps + num_own;
-      prefetch_l2_bulk(p.x + next * p.x_stride, p.rows.row_bytes);
-    }
     int s = 0;
     while (s + 1 < R && i >= recv_base[s + 1]) ++s;
     const int64_t slot = dst_base[s] + (i - recv_base[s]);
