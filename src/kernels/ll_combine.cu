@@ -9,6 +9,7 @@
 
 #include "device/copy.cuh"
 #include "epx/buffer.hpp"  // kMaxLocalExperts
+#include "kernels/launch.cuh"
 #include "kernels/ll_params.hpp"
 
 namespace epx::kernels {
@@ -141,7 +142,7 @@ __global__ void __launch_bounds__(kThreads, 1) ll_combine_send(const __grid_cons
 __global__ void __launch_bounds__(kThreads, 1) ll_combine_recv(const __grid_constant__ LlCombineParams p) {
   combine_recv(p, p.c.ws->pending[p.c.buffer_idx]);
 }
-// Non-hook mode: both halves in one launch; the grid must be co-resident (at most the SM count).
+// Non-hook mode: both halves in one launch, cooperative (blocks wait for each other's sends).
 __global__ void __launch_bounds__(kThreads, 1) ll_combine_fused(const __grid_constant__ LlCombineParams p) {
   const uint64_t n = p.c.ws->counter + 1;
   if (combine_send(p, n)) combine_recv(p, n);
@@ -155,8 +156,10 @@ void launch_ll_combine_send(const LlCombineParams& p, int num_blocks, cudaStream
 void launch_ll_combine_recv(const LlCombineParams& p, int num_blocks, cudaStream_t stream) {
   ll_combine_recv<<<num_blocks, kThreads, 0, stream>>>(p);
 }
+// Cooperative launch: the blocks wait for each other's send halves, so the driver must place them
+// all at once (an error, not a hang, when it cannot).
 void launch_ll_combine_fused(const LlCombineParams& p, int num_blocks, cudaStream_t stream) {
-  ll_combine_fused<<<num_blocks, kThreads, 0, stream>>>(p);
+  launch_cooperative(ll_combine_fused, num_blocks, kThreads, stream, p);
 }
 
 }  // namespace epx::kernels

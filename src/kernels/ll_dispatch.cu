@@ -8,6 +8,7 @@
 
 #include "device/copy.cuh"
 #include "device/fp8.cuh"
+#include "kernels/launch.cuh"
 #include "kernels/ll_params.hpp"
 
 namespace epx::kernels {
@@ -202,9 +203,8 @@ __global__ void __launch_bounds__(kThreads, 1) ll_dispatch_send(const __grid_con
 __global__ void __launch_bounds__(kThreads, 1) ll_dispatch_recv(const __grid_constant__ LlDispatchParams p) {
   dispatch_recv(p, p.c.ws->pending[p.c.buffer_idx]);
 }
-// Non-hook mode: both halves in one launch. The grid must be co-resident (at most one block per
-// SM, the host launches at most the SM count), since blocks wait in the receive half for the
-// sends of all blocks.
+// Non-hook mode: both halves in one launch. Blocks wait in the receive half for the sends of all
+// blocks, so the launch is cooperative (all blocks resident at once).
 __global__ void __launch_bounds__(kThreads, 1) ll_dispatch_fused(const __grid_constant__ LlDispatchParams p) {
   const uint64_t n = p.c.ws->counter + 1;
   if (dispatch_send(p, n)) dispatch_recv(p, n);
@@ -218,8 +218,10 @@ void launch_ll_dispatch_send(const LlDispatchParams& p, int num_blocks, cudaStre
 void launch_ll_dispatch_recv(const LlDispatchParams& p, int num_blocks, cudaStream_t stream) {
   ll_dispatch_recv<<<num_blocks, kThreads, 0, stream>>>(p);
 }
+// Cooperative launch: the blocks wait for each other's send halves, so the driver must place them
+// all at once (an error, not a hang, when it cannot).
 void launch_ll_dispatch_fused(const LlDispatchParams& p, int num_blocks, cudaStream_t stream) {
-  ll_dispatch_fused<<<num_blocks, kThreads, 0, stream>>>(p);
+  launch_cooperative(ll_dispatch_fused, num_blocks, kThreads, stream, p);
 }
 
 }  // namespace epx::kernels
