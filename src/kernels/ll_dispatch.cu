@@ -56,6 +56,9 @@ __device__ __noinline__ bool dispatch_send(const LlDispatchParams& p, uint64_t n
   const LlCommon& c = p.c;
   const int R = c.ctx.num_ranks, me = c.ctx.rank, K = c.layout.num_topk, E_loc = c.layout.experts_per_rank;
   const int H = c.layout.hidden;
+  // The block's first row starts moving into L2 while the block waits for the consumed flags.
+  if (threadIdx.x == 0 && blockIdx.x < p.num_tokens)
+    prefetch_l2_bulk(p.x + blockIdx.x * p.x_stride, static_cast<uint32_t>(H) * 2);
   if (!ll::wait_consumed(c, c.ws->last_op[c.buffer_idx])) return false;
 
   const size_t payload_bytes = p.use_fp8 ? H + H / 128 * 4 : static_cast<size_t>(H) * 2;
@@ -76,7 +79,10 @@ __device__ __noinline__ bool dispatch_send(const LlDispatchParams& p, uint64_t n
     if (p.use_fp8) cast_row_fp8(p, row, row_smem, reinterpret_cast<float*>(row_smem + H));
     __syncthreads();
     const void* src = p.use_fp8 ? static_cast<const void*>(row_smem) : static_cast<const void*>(row);
-    for (int r = 0; r < R; ++r) {
+    // Peers first, in an order rotated by the block, so at every moment the grid's writes spread
+    // over every rank's ingress (all blocks starting at rank 0 made it an incast), then this rank.
+    for (int i = 0; i < R; ++i) {
+      const int r = i + 1 < R ? (me + 1 + (blockIdx.x + i) % (R - 1)) % R : me;
       char* region = c.region(r);
       int* meta = c.layout.dispatch_meta(region, c.buffer_idx, me, t);
       for (int k = threadIdx.x; k < K; k += blockDim.x) meta[k] = local_ids[r][k];
