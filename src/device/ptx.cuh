@@ -39,6 +39,7 @@ __device__ __forceinline__ int ld_volatile(const volatile int* p) {
 }
 
 __device__ __forceinline__ void fence_acq_rel_sys() { asm volatile("fence.acq_rel.sys;" ::: "memory"); }
+__device__ __forceinline__ void fence_acq_rel_gpu() { asm volatile("fence.acq_rel.gpu;" ::: "memory"); }
 
 // Hint: start bringing `num_bytes` (a multiple of 16, 16-byte aligned) at `p` into L2, so the
 // loads that follow later hit L2 instead of HBM. One thread issues it; no completion to wait for.

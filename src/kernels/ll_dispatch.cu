@@ -56,9 +56,6 @@ __device__ __noinline__ bool dispatch_send(const LlDispatchParams& p, uint64_t n
   const LlCommon& c = p.c;
   const int R = c.ctx.num_ranks, me = c.ctx.rank, K = c.layout.num_topk, E_loc = c.layout.experts_per_rank;
   const int H = c.layout.hidden;
-  // The block's first row starts moving into L2 while the block waits for the consumed flags.
-  if (threadIdx.x == 0 && blockIdx.x < p.num_tokens)
-    prefetch_l2_bulk(p.x + blockIdx.x * p.x_stride, static_cast<uint32_t>(H) * 2);
   if (!ll::wait_consumed(c, c.ws->last_op[c.buffer_idx])) return false;
 
   const size_t payload_bytes = p.use_fp8 ? H + H / 128 * 4 : static_cast<size_t>(H) * 2;

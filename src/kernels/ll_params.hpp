@@ -91,11 +91,14 @@ __device__ __forceinline__ void finish_send(const LlCommon& c, uint64_t n, int n
   c.ws->pending[b] = n;
 }
 
-// Last receiving block: tell every source its writes into buffer b for op n are consumed.
+// Last receiving block: tell every source its writes into buffer b for op n are consumed. What
+// the flag orders are this GPU's loads of the staging (before the source's next writes), so the
+// blocks meet at gpu scope; only the last block's fence and releases are system scope (causality
+// is transitive). The blocks' output writes are ordered by the stream, not by this flag.
 __device__ __forceinline__ void finish_recv(const LlCommon& c, uint64_t n) {
   __syncthreads();
   if (threadIdx.x != 0) return;
-  device::fence_acq_rel_sys();
+  device::fence_acq_rel_gpu();
   const int b = c.buffer_idx;
   if (atomicAdd(&c.ws->arrive_recv[b], 1u) != gridDim.x - 1) return;
   c.ws->arrive_recv[b] = 0;
