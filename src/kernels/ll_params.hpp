@@ -81,11 +81,11 @@ __device__ __forceinline__ void finish_send(const LlCommon& c, uint64_t n, int n
   const int b = c.buffer_idx;
   if (atomicAdd(&c.ws->arrive_send[b], 1u) != gridDim.x - 1) return;
   c.ws->arrive_send[b] = 0;
+  // One fence orders every block's rows and the headers before all R flags (a release pattern;
+  // st.release per flag fenced R times).
+  for (int r = 0; r < c.ctx.num_ranks; ++r) c.sync(r)->num_tokens[b][c.ctx.rank] = num_tokens;
   device::fence_acq_rel_sys();
-  for (int r = 0; r < c.ctx.num_ranks; ++r) {
-    c.sync(r)->num_tokens[b][c.ctx.rank] = num_tokens;
-    device::st_release_sys(&c.sync(r)->data[b][c.ctx.rank], n);
-  }
+  for (int r = 0; r < c.ctx.num_ranks; ++r) device::st_relaxed_sys(&c.sync(r)->data[b][c.ctx.rank], n);
   c.ws->counter = n;
   c.ws->last_op[b] = n;
   c.ws->pending[b] = n;
@@ -103,7 +103,7 @@ __device__ __forceinline__ void finish_recv(const LlCommon& c, uint64_t n) {
   if (atomicAdd(&c.ws->arrive_recv[b], 1u) != gridDim.x - 1) return;
   c.ws->arrive_recv[b] = 0;
   device::fence_acq_rel_sys();
-  for (int s = 0; s < c.ctx.num_ranks; ++s) device::st_release_sys(&c.sync(s)->consumed[b][c.ctx.rank], n);
+  for (int s = 0; s < c.ctx.num_ranks; ++s) device::st_relaxed_sys(&c.sync(s)->consumed[b][c.ctx.rank], n);
 }
 }  // namespace ll
 
