@@ -102,8 +102,8 @@ __device__ __forceinline__ void signal_sends_done(const OpContext& ctx, uint64_t
     fence_acq_rel_sys();
     if (atomicAdd(&ctx.ws->arrive_send, 1u) == gridDim.x - 1) {
       ctx.ws->arrive_send = 0;
-      fence_acq_rel_sys();
-      for (int p = 0; p < ctx.num_ranks; ++p) st_release_sys(&ctx.sync(p)->done[ctx.rank], e);
+      fence_acq_rel_sys();  // one fence, then relaxed flag stores: a release pattern
+      for (int p = 0; p < ctx.num_ranks; ++p) st_relaxed_sys(&ctx.sync(p)->done[ctx.rank], e);
     }
   }
 }

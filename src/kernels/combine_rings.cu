@@ -197,8 +197,8 @@ __device__ bool send(const CombineParams& p, uint64_t e, int c, int j, const int
       // Every lane's rows before lane 0's fence and tail (cumulativity through the warp barrier).
       __syncwarp();
       if (lane == 0) {
-        fence_acq_rel_sys();
-        st_release_sys(tail, tagged(e, written));
+        fence_acq_rel_sys();  // with the relaxed store, a release pattern (one fence, not two)
+        st_relaxed_sys(tail, tagged(e, written));
       }
     }
     if (lane == 0 && !ok) failed = 1;
