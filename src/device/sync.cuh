@@ -93,19 +93,30 @@ __device__ __forceinline__ bool wait_peers_ready(const OpContext& ctx, uint64_t 
   return __syncthreads_and(ok);
 }
 
+// Scope of the fence each block's thread 0 runs before it arrives (last_block_to_arrive).
+enum class ArriveFence { kNone, kGpu, kSys };
+
+// Block-wide grid arrival on `counter` (a local word, zero between uses): true only on thread 0 of
+// the last block to arrive, which has reset the counter. Each block's thread 0 first fences at
+// kFence scope, so the last block (after its own fence) can publish every block's earlier accesses.
+template <ArriveFence kFence>
+__device__ __forceinline__ bool last_block_to_arrive(unsigned int* counter) {
+  __syncthreads();
+  if (threadIdx.x != 0) return false;
+  if constexpr (kFence == ArriveFence::kSys) fence_acq_rel_sys();
+  if constexpr (kFence == ArriveFence::kGpu) fence_acq_rel_gpu();
+  if (atomicAdd(counter, 1u) != gridDim.x - 1) return false;
+  *counter = 0;
+  return true;
+}
+
 // Block-wide: this block finished its writes to peers for op e. The last block to arrive publishes
 // done = e to every peer. NOTE: each block fences (acq_rel, sys) before arriving, so the last
-// block's release store orders every block's payload writes before the flag.
+// block's fence and relaxed stores (a release pattern) order every block's payload writes before the flag.
 __device__ __forceinline__ void signal_sends_done(const OpContext& ctx, uint64_t e) {
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    fence_acq_rel_sys();
-    if (atomicAdd(&ctx.ws->arrive_send, 1u) == gridDim.x - 1) {
-      ctx.ws->arrive_send = 0;
-      fence_acq_rel_sys();  // one fence, then relaxed flag stores: a release pattern
-      for (int p = 0; p < ctx.num_ranks; ++p) st_relaxed_sys(&ctx.sync(p)->done[ctx.rank], e);
-    }
-  }
+  if (!last_block_to_arrive<ArriveFence::kSys>(&ctx.ws->arrive_send)) return;
+  fence_acq_rel_sys();
+  for (int p = 0; p < ctx.num_ranks; ++p) st_relaxed_sys(&ctx.sync(p)->done[ctx.rank], e);
 }
 
 // Block-wide: wait until `peer` has published done >= e.
@@ -148,13 +159,7 @@ __device__ __forceinline__ bool rows_fit(const OpContext& ctx, const int* count_
 
 // End of an op, called by every block (also on early exit): the last block advances the epoch.
 __device__ __forceinline__ void op_end(const OpContext& ctx, uint64_t e) {
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    if (atomicAdd(&ctx.ws->arrive_end, 1u) == gridDim.x - 1) {
-      ctx.ws->arrive_end = 0;
-      ctx.ws->epoch = e;
-    }
-  }
+  if (last_block_to_arrive<ArriveFence::kNone>(&ctx.ws->arrive_end)) ctx.ws->epoch = e;
 }
 
 }  // namespace epx::device

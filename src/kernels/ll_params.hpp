@@ -75,12 +75,8 @@ __device__ __forceinline__ bool wait_consumed(const LlCommon& c, uint64_t last) 
 
 // Last sending block: header, then data[b][me] = n on every rank, then the op bookkeeping.
 __device__ __forceinline__ void finish_send(const LlCommon& c, uint64_t n, int num_tokens) {
-  __syncthreads();
-  if (threadIdx.x != 0) return;
-  device::fence_acq_rel_sys();
   const int b = c.buffer_idx;
-  if (atomicAdd(&c.ws->arrive_send[b], 1u) != gridDim.x - 1) return;
-  c.ws->arrive_send[b] = 0;
+  if (!device::last_block_to_arrive<device::ArriveFence::kSys>(&c.ws->arrive_send[b])) return;
   // One fence orders every block's rows and the headers before all R flags (a release pattern;
   // st.release per flag fenced R times).
   for (int r = 0; r < c.ctx.num_ranks; ++r) c.sync(r)->num_tokens[b][c.ctx.rank] = num_tokens;
@@ -96,12 +92,8 @@ __device__ __forceinline__ void finish_send(const LlCommon& c, uint64_t n, int n
 // blocks meet at gpu scope; only the last block's fence and releases are system scope (causality
 // is transitive). The blocks' output writes are ordered by the stream, not by this flag.
 __device__ __forceinline__ void finish_recv(const LlCommon& c, uint64_t n) {
-  __syncthreads();
-  if (threadIdx.x != 0) return;
-  device::fence_acq_rel_gpu();
   const int b = c.buffer_idx;
-  if (atomicAdd(&c.ws->arrive_recv[b], 1u) != gridDim.x - 1) return;
-  c.ws->arrive_recv[b] = 0;
+  if (!device::last_block_to_arrive<device::ArriveFence::kGpu>(&c.ws->arrive_recv[b])) return;
   device::fence_acq_rel_sys();
   for (int s = 0; s < c.ctx.num_ranks; ++s) device::st_relaxed_sys(&c.sync(s)->consumed[b][c.ctx.rank], n);
 }
