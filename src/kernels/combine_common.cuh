@@ -9,7 +9,7 @@
 namespace epx::kernels {
 
 using namespace epx::device;
-constexpr int kSendUnroll = 8;  // row vectors per lane in flight while pushing rows
+constexpr int kSendUnroll = 8;  // row vectors per lane in flight while the row-region combine pushes rows
 
 __device__ __forceinline__ float bf16_bits_to_float(uint32_t bits16) { return __uint_as_float(bits16 << 16); }
 
