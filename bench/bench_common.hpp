@@ -32,6 +32,10 @@ struct Options {
   uint64_t seed = 1;
   int ll_tokens = 128;
   bool ring_sweep = false;  // also time the ring combine over Config's ring_* knobs
+  // Also time combine at these ring settings, each letters and numbers: s ring_senders (sender
+  // and receiver blocks), w ring_send_warps (split blocks), c ring_chunk, q ring_slots (e.g.
+  // "w3c8q256"); rejected when malformed.
+  std::vector<std::string> combine_configs;
 };
 
 // One measured line of the report.

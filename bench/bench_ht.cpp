@@ -23,6 +23,32 @@ void upload(DeviceArray& d, const std::vector<T>& v) {
   EPX_CUDA_CHECK(cudaMemcpy(d.ptr, v.data(), v.size() * sizeof(T), cudaMemcpyHostToDevice));
 }
 
+// `c` with the ring settings of `spec` ("w6c2q256": letter, number, ...; see Options).
+Config with_ring_settings(Config c, const std::string& spec) {
+  size_t i = 0;
+  while (i < spec.size()) {
+    const char key = spec[i++];
+    size_t used = 0;
+    int value = 0;
+    try {
+      value = std::stoi(spec.substr(i), &used);
+    } catch (const std::exception&) {
+      used = 0;
+    }
+    EPX_ARG_CHECK(used > 0, "--combine-configs: expected a number after '", key, "' in '", spec, "'");
+    i += used;
+    switch (key) {
+      case 's': c.ring_senders = value, c.ring_split_blocks = false; break;
+      case 'w': c.ring_send_warps = value, c.ring_split_blocks = true; break;
+      case 'c': c.ring_chunk = value; break;
+      case 'q': c.ring_slots = value; break;
+      default: EPX_ARG_CHECK(false, "--combine-configs: unknown setting '", key, "' in '", spec, "' (s, w, c, q)");
+    }
+  }
+  c.ring_combine = true;
+  return c;
+}
+
 }  // namespace
 
 std::vector<Row> run_ht(const Options& o, Communicator& comm) {
@@ -172,16 +198,39 @@ std::vector<Row> run_ht(const Options& o, Communicator& comm) {
         buffer.set_config(cfg);
         measure("combine bf16 row region", combine_op, row_bf16, nr, remote_rows, &nc);
         cfg.ring_combine = true;
+        if (R >= 3 && cfg.ring_split_blocks) {  // the rings' other layout: sender and receiver blocks
+          Config blocks = cfg;
+          blocks.ring_split_blocks = false;
+          buffer.set_config(blocks);
+          measure("combine bf16 ring blocks", combine_op, row_bf16, nr, remote_rows, &nc);
+        }
+        buffer.set_config(cfg);
+        for (const std::string& spec : o.combine_configs) {
+          buffer.set_config(with_ring_settings(cfg, spec));
+          measure("combine " + spec, combine_op, row_bf16, nr, remote_rows, &nc);
+        }
         buffer.set_config(cfg);
         if (o.ring_sweep && R >= 3) {  // 2 ranks: always the row region
           for (int senders : {1, R - 1})
             for (int chunk : {0, 2, 4}) {
               Config sweep = cfg;
+              sweep.ring_split_blocks = false;
               sweep.ring_senders = senders;
               sweep.ring_chunk = chunk;
               buffer.set_config(sweep);
               measure("combine ring s" + std::to_string(senders) + " c" + std::to_string(chunk), combine_op, row_bf16, nr,
                       remote_rows, &nc);
+            }
+          for (int send_warps : {R - 1, 2 * (R - 1)})  // split blocks: a warp or two per peer
+            for (int chunk : {0, 4, 8}) {
+              if (send_warps >= cfg.num_threads / 32) continue;
+              Config sweep = cfg;
+              sweep.ring_split_blocks = true;
+              sweep.ring_send_warps = send_warps;
+              sweep.ring_chunk = chunk;
+              buffer.set_config(sweep);
+              measure("combine split w" + std::to_string(send_warps) + " c" + std::to_string(chunk), combine_op, row_bf16,
+                      nr, remote_rows, &nc);
             }
           buffer.set_config(cfg);
         }

@@ -85,7 +85,11 @@ void usage() {
       "usage: epx_bench [--mode ht|ll|all] [--world N] [--tokens 4096[,..]] [--hidden 7168[,..]]\n"
       "                 [--experts 256] [--topk 8] [--sms 20[,..]] [--routing uniform|skewed]\n"
       "                 [--ll-tokens 128] [--warmup 5] [--iters 30] [--seed 1] [--json out.json]\n"
-      "                 [--ring-sweep]   (also: ring combine for ring_senders 1 and R-1 x ring_chunk 0, 2, 4)\n"
+      "                 [--combine-configs w3c8,s1c0,w3c8q256,..]   (also: combine at these ring settings:\n"
+      "                  s ring_senders (sender and receiver blocks), w ring_send_warps (split blocks),\n"
+      "                  c ring_chunk, q ring_slots)\n"
+      "                 [--ring-sweep]   (also: sender and receiver blocks, ring_senders 1 and R-1 x ring_chunk 0, 2, 4;\n"
+      "                  split blocks, R-1 and 2(R-1) sending warps x ring_chunk 0, 4, 8)\n"
       "Defaults: the `ht` and `ll` workloads of benchmarks.md on every visible GPU.\n");
 }
 
@@ -114,6 +118,10 @@ int main(int argc, char** argv) {
     else if (a == "--seed") o.seed = std::strtoull(next(), nullptr, 10);
     else if (a == "--json") o.json = next();
     else if (a == "--ring-sweep") o.ring_sweep = true;
+    else if (a == "--combine-configs") {
+      std::stringstream ss(next());
+      for (std::string item; std::getline(ss, item, ',');) o.combine_configs.push_back(item);
+    }
     else if (a == "-h" || a == "--help") { usage(); return 0; }
     else { std::fprintf(stderr, "epx_bench: unknown option %s\n", a.c_str()); usage(); return 2; }
   }

@@ -26,8 +26,18 @@ struct Config {
   // Rows per (peer, channel) ring at most (fewer when the row region is smaller).
   int ring_slots = 128;
   // Rows a sender warp writes before it publishes them (one release each time); 0 = about 20
-  // rows per round of the warps serving a peer, at most 4 each.
+  // rows per round of the warps serving a peer, at most 4 each; with split blocks 8 rows per
+  // round (8 for one warp per peer, 4 for two).
   int ring_chunk = 0;
+  // Split blocks (the default): every block is a channel of its own whose first ring_send_warps
+  // warps stream to every peer (ring_senders is ignored) while the others reduce, so every SM both
+  // sends and reduces. false = the sender and receiver blocks above. Measured at 24 SMs (4xH200):
+  // EP4 591 vs 648 us, EP3 465 vs 498 us (docs/performance.md).
+  bool ring_split_blocks = true;
+  // Sending warps of a split block; 0 = a warp per peer, two when there are only two peers (the
+  // measured best: 3 at EP4, 4 at EP3). The ring combine is off (row region) when there are fewer
+  // than the peers (R - 1) or no warp is left to reduce.
+  int ring_send_warps = 0;
 
   // Throws Error(kInvalidArgument) naming the field when out of range. `num_device_sms` <= 0 skips
   // the check against the device.

@@ -46,6 +46,22 @@ __device__ __forceinline__ int ld_volatile(const volatile int* p) {
 __device__ __forceinline__ void fence_acq_rel_sys() { asm volatile("fence.acq_rel.sys;" ::: "memory"); }
 __device__ __forceinline__ void fence_acq_rel_gpu() { asm volatile("fence.acq_rel.gpu;" ::: "memory"); }
 
+// Named barrier `id` (1..15; 0 is __syncthreads') over `num_threads` threads (a multiple of 32):
+// lets two warp groups of one block synchronize apart. bar_red_and also returns whether `pred`
+// held in every participating thread.
+__device__ __forceinline__ void bar_sync(int id, int num_threads) {
+  asm volatile("bar.sync %0, %1;" ::"r"(id), "r"(num_threads) : "memory");
+}
+__device__ __forceinline__ bool bar_red_and(int id, int num_threads, bool pred) {
+  int all;
+  asm volatile(
+      "{\n .reg .pred p, q;\n setp.ne.b32 p, %1, 0;\n bar.red.and.pred q, %2, %3, p;\n selp.b32 %0, 1, 0, q;\n}"
+      : "=r"(all)
+      : "r"(static_cast<int>(pred)), "r"(id), "r"(num_threads)
+      : "memory");
+  return all != 0;
+}
+
 // Hint: start bringing `num_bytes` (a multiple of 16, 16-byte aligned) at `p` into L2, so the
 // loads that follow later hit L2 instead of HBM. One thread issues it; no completion to wait for.
 __device__ __forceinline__ void prefetch_l2_bulk(const void* p, uint32_t num_bytes) {

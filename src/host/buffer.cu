@@ -433,6 +433,7 @@ void Buffer::combine(const CombineInputs& in, const DispatchHandle& handle, cons
     p.ring_senders = ring.senders;
     p.ring_slots = ring.slots;
     p.ring_chunk = m.config.ring_chunk;
+    p.ring_send_warps = ring.send_warps;
     kernels::launch_combine_rings(p, m.config.num_sms, m.config.num_threads, stream);
   } else {
     kernels::launch_combine(p, m.config.num_sms, m.config.num_threads, stream);

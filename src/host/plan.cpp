@@ -38,16 +38,23 @@ RingPlan ring_plan(const Config& config, int num_ranks, int64_t capacity) {
                 peers, " at ", num_ranks, " ranks), got ", config.ring_senders);
   // At 2 ranks the row-region combine measured faster (4xH200 EP2, 16 SMs: 384 vs 487 us).
   if (!config.ring_combine || num_ranks < 3) return plan;
-  const int senders = config.ring_senders > 0 ? config.ring_senders : peers;
-  const int channels = std::min(config.num_sms / (senders + 1), kMaxRingChannels);
   const int warps = config.num_threads / 32;
+  // Split blocks: each block is a channel, its first send_warps warps one sender for every peer
+  // (auto: a warp per peer, two each for two peers).
+  const int send_warps = !config.ring_split_blocks     ? 0
+                         : config.ring_send_warps > 0 ? config.ring_send_warps
+                                                      : peers * std::max(1, 4 / peers);
+  const int senders = send_warps > 0 ? 1 : config.ring_senders > 0 ? config.ring_senders : peers;
+  const int channels = std::min(send_warps > 0 ? config.num_sms : config.num_sms / (senders + 1), kMaxRingChannels);
+  const int sender_warps = send_warps > 0 ? send_warps : warps;
   const int peers_per_block = (peers + senders - 1) / senders;
-  if (channels < 1 || warps < peers_per_block) return plan;
+  if (channels < 1 || sender_warps < peers_per_block || (send_warps > 0 && send_warps >= warps)) return plan;
   const int64_t slots = std::min<int64_t>(config.ring_slots, capacity / (static_cast<int64_t>(num_ranks) * channels));
   if (slots < kMinRingSlots || slots < int64_t{config.ring_chunk} * warps) return plan;
   plan.channels = channels;
   plan.senders = senders;
   plan.slots = static_cast<int>(slots);
+  plan.send_warps = send_warps;
   return plan;
 }
 

@@ -26,7 +26,7 @@ RowLayout combine_rows(size_t num_nvl_bytes, int hidden, int num_topk);
 // than kMinRingSlots or Config's ring_chunk * warps in `capacity` rows of the row region).
 // Throws when Config.ring_senders exceeds the peers.
 struct RingPlan {
-  int channels = 0, senders = 0, slots = 0;
+  int channels = 0, senders = 0, slots = 0, send_warps = 0;
 };
 RingPlan ring_plan(const Config& config, int num_ranks, int64_t capacity);
 // Smallest num_nvl_bytes whose dispatch and combine layouts both hold `max_rows` rows.

@@ -1,7 +1,10 @@
 // Ring combine: the push and the reduce overlap through bounded, reused rings (the row-region
 // combine writes every row once and reduces only after all of them arrived; EP4 24 SMs: 671 vs
 // 889 us, docs/performance.md). Blocks group into channels: k = p.ring_senders sender blocks and one receiver
-// block per channel (block (k + 1) c + j, j < k sends, j = k receives).
+// block per channel (block (k + 1) c + j, j < k sends, j = k receives). Split blocks
+// (p.ring_send_warps = S > 0): block c is channel c, its warps [0, S) are the channel's one sender
+// (k = 1) and the others its receiver, each part with its own named barrier, so every SM sends and
+// reduces.
 //   receiver (rank s, channel c): owns s's tokens [lo_c, hi_c) (lo_c = c * N / C). First it tells
 //     every peer r where its channel starts among s's rows to r: bound[s][c] on r (the last channel
 //     also writes bound[s][C], the end). Then, a batch of one token per warp at a time, in token
@@ -14,6 +17,8 @@
 //     time: wait for room (head), write, release its own tail word. No warp waits for another.
 // Every flag is (op epoch << 32) | count, so nothing is reset between ops; a peer's previous op is
 // over (entry barrier) before any of this op's rows are written, so every ring starts empty.
+#include <algorithm>
+
 #include "kernels/combine_common.cuh"
 
 namespace epx::kernels {
@@ -25,6 +30,21 @@ namespace {
 constexpr int kRingSendUnroll = 12;
 
 __device__ __forceinline__ uint64_t tagged(uint64_t e, int64_t count) { return (e << 32) | static_cast<uint64_t>(count); }
+
+// The warps [first, first + count) of a block that play one part (send or receive), with their own
+// barrier: 0 (__syncthreads) when they are the whole block, else a named barrier.
+struct WarpGroup {
+  int first, count, barrier;
+  __device__ int warp() const { return static_cast<int>(threadIdx.x) / kWarpSize - first; }
+  __device__ int thread() const { return static_cast<int>(threadIdx.x) - first * kWarpSize; }
+  __device__ void sync() const {
+    if (barrier == 0) __syncthreads();
+    else bar_sync(barrier, count * kWarpSize);
+  }
+  __device__ bool sync_and(bool pred) const {
+    return barrier == 0 ? __syncthreads_and(pred) != 0 : bar_red_and(barrier, count * kWarpSize, pred);
+  }
+};
 
 // The warps [first, first + count) a sender block gives the g-th peer after the sender (both sides
 // compute it alike): block j = g % k serves n = ceil((peers - j) / k) peers, the i-th being
@@ -39,9 +59,12 @@ __device__ __forceinline__ PeerWarps ring_peer_warps(int peers, int k, int g, in
 }
 
 // Rows a sender warp writes per release: Config.ring_chunk, or when 0 about 20 rows of the peer's
-// stream per round of its W warps (measured: 4 at W = 5, and large spans stall the in-order receiver).
+// stream per round of its W warps (measured: 4 at W = 5, and large spans stall the in-order
+// receiver); split blocks: 8 rows per round (EP4, W = 1: 8 beat 4, 6 and 10; EP3, W = 2: 4 as good
+// as 3 and 6, 2 slower).
 __device__ __forceinline__ int ring_chunk(const CombineParams& p, int W) {
-  return p.ring_chunk > 0 ? p.ring_chunk : max(1, min(4, 20 / W));
+  if (p.ring_chunk > 0) return p.ring_chunk;
+  return p.ring_send_warps > 0 ? max(1, 8 / W) : max(1, min(4, 20 / W));
 }
 
 // Rows s (this rank) sends to r from its tokens [0, t0): the position of the last such token + 1.
@@ -58,8 +81,9 @@ __device__ int rows_before(const CombineParams& p, int r, int t0, int lane) {
 }
 
 // False if a wait failed (the error is recorded); the caller still reaches every barrier.
+// g: the receiving warps; send_warps: the warps of a sender block (or group) of every rank.
 template <int kR, int kU>
-__device__ bool receive(const CombineParams& p, uint64_t e, int c, const int* recv_base) {
+__device__ bool receive(const CombineParams& p, uint64_t e, int c, const int* recv_base, WarpGroup g, int send_warps) {
   __shared__ int first[kMaxPeers];      // stream index 0 of each peer's rows for this channel
   __shared__ int peer_warps[kMaxPeers];  // W of each peer's sender warps
   __shared__ int consumed[kMaxPeers];   // rows of each peer consumed so far
@@ -67,24 +91,24 @@ __device__ bool receive(const CombineParams& p, uint64_t e, int c, const int* re
   __shared__ int failed;
   const OpContext& ctx = p.ctx;
   const int R = ctx.num_ranks, me = ctx.rank, C = p.ring_channels, Q = p.ring_slots;
-  const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize, warps = blockDim.x / kWarpSize;
+  const int warp = g.warp(), lane = threadIdx.x % kWarpSize, warps = g.count, tid = g.thread();
   const int N = p.num_tokens;
   const int lo = static_cast<int>(static_cast<int64_t>(c) * N / C), hi = static_cast<int>(static_cast<int64_t>(c + 1) * N / C);
-  if (threadIdx.x == 0) failed = 0;
+  if (tid == 0) failed = 0;
   // Channel bounds to every peer: warp r computes rank r's.
   for (int r = warp; r < R; r += warps) {
     if (r == me) continue;
     const int start = rows_before(p, r, lo, lane);
     if (lane == 0) {
       first[r] = start;
-      peer_warps[r] = ring_peer_warps(R - 1, p.ring_senders, (me - r - 1 + R) % R, warps).count;
+      peer_warps[r] = ring_peer_warps(R - 1, p.ring_senders, (me - r - 1 + R) % R, send_warps).count;
       st_release_sys(&ctx.ring_ctl(r)->bound[me][c], tagged(e, start));
       if (c == C - 1) st_release_sys(&ctx.ring_ctl(r)->bound[me][C], tagged(e, p.count_matrix[me * R + r]));
     }
   }
-  for (int i = threadIdx.x; i < kMaxRingWarps * kMaxPeers * kMaxRingWarps; i += blockDim.x) (&seen[0][0][0])[i] = 0;
-  if (threadIdx.x < kMaxPeers) consumed[threadIdx.x] = 0;
-  __syncthreads();
+  for (int i = tid; i < kMaxRingWarps * kMaxPeers * kMaxRingWarps; i += warps * kWarpSize) (&seen[0][0][0])[i] = 0;
+  if (tid < kMaxPeers) consumed[tid] = 0;
+  g.sync();
 
   char* base = ctx.rows(me);
   RingCtl* ctl = ctx.ring_ctl(me);
@@ -127,31 +151,30 @@ __device__ bool receive(const CombineParams& p, uint64_t e, int c, const int* re
         failed = 1;
       }
     }
-    __syncthreads();
+    g.sync();
     if (failed) return false;
     // The batch's rows are read: tell each peer (release orders those loads before the reuse).
     // Read before the next barrier: warps of the next batch raise `consumed` for rows that other
     // warps of that batch may not have read yet.
-    const int rows_done = threadIdx.x < R ? consumed[threadIdx.x] : 0;
-    __syncthreads();
-    if (threadIdx.x < R && threadIdx.x != me)
-      st_release_sys(&ctx.ring_ctl(threadIdx.x)->head[me][c], tagged(e, rows_done));
+    const int rows_done = tid < R ? consumed[tid] : 0;
+    g.sync();
+    if (tid < R && tid != me) st_release_sys(&ctx.ring_ctl(tid)->head[me][c], tagged(e, rows_done));
   }
   return true;
 }
 
-// Sender block j of channel c.
-__device__ __noinline__ bool send(const CombineParams& p, uint64_t e, int c, int j, const int* recv_base) {
+// Sender block (or warp group) j of channel c.
+__device__ __noinline__ bool send(const CombineParams& p, uint64_t e, int c, int j, const int* recv_base, WarpGroup wg) {
   __shared__ int lo[kMaxPeers], hi[kMaxPeers];
   __shared__ int failed;
   const OpContext& ctx = p.ctx;
   const int R = ctx.num_ranks, me = ctx.rank, C = p.ring_channels, Q = p.ring_slots, k = p.ring_senders;
-  const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize, warps = blockDim.x / kWarpSize;
+  const int warp = wg.warp(), lane = threadIdx.x % kWarpSize, warps = wg.count;
   const int peers = R - 1;
   RingCtl* ctl = ctx.ring_ctl(me);
   bool ok = true;
-  if (threadIdx.x == 0) failed = 0;
-  const int t = static_cast<int>(threadIdx.x);
+  const int t = wg.thread();
+  if (t == 0) failed = 0;
   if (t < R && t != me && (t - me - 1 + R) % R % k == j) {
     const int s = t;
     ok = wait_flag_geq(ctx, &ctl->bound[s][c], tagged(e, 0), Phase::kReduce, s) &&
@@ -161,7 +184,7 @@ __device__ __noinline__ bool send(const CombineParams& p, uint64_t e, int c, int
       hi[s] = static_cast<int>(ld_acquire_sys(&ctl->bound[s][c + 1]) & 0xffffffffu);
     }
   }
-  if (!__syncthreads_and(ok)) return false;
+  if (!wg.sync_and(ok)) return false;
 
   // This block's peers: the g-th after me for g = j, j + k, ...; find this warp's.
   int g = j, w = warp, W = 0;
@@ -208,7 +231,7 @@ __device__ __noinline__ bool send(const CombineParams& p, uint64_t e, int c, int
     }
     if (lane == 0 && !ok) failed = 1;
   }
-  __syncthreads();
+  wg.sync();
   return failed == 0;
 }
 
@@ -224,10 +247,16 @@ __global__ void __launch_bounds__(kMaxHtThreads, 1) combine_rings_kernel(const _
   }
   compute_recv_and_dst_base(p, recv_base, dst_base);
   if (!wait_peers_ready(ctx, e)) return;
-  const int c = blockIdx.x / (p.ring_senders + 1), j = blockIdx.x % (p.ring_senders + 1);
+  const int warps = blockDim.x / kWarpSize, sw = p.ring_send_warps;
+  // Split blocks: block c is channel c, warps [0, sw) send, the rest receive. Else channel c's
+  // blocks are (k + 1) c + j: j < k send, j = k receives.
+  const int c = sw > 0 ? blockIdx.x : blockIdx.x / (p.ring_senders + 1);
+  const int j = sw > 0 ? 0 : blockIdx.x % (p.ring_senders + 1);
+  const bool sending = sw > 0 ? static_cast<int>(threadIdx.x) < sw * kWarpSize : j < p.ring_senders;
+  const WarpGroup g = sw == 0 ? WarpGroup{0, warps, 0} : sending ? WarpGroup{0, sw, 1} : WarpGroup{sw, warps - sw, 2};
   if (c < p.ring_channels) {
-    if (j < p.ring_senders) send(p, e, c, j, recv_base);
-    else receive<kR, kU>(p, e, c, recv_base);
+    if (sending) send(p, e, c, j, recv_base, g);
+    else receive<kR, kU>(p, e, c, recv_base, g, sw > 0 ? sw : warps);
   }
   op_end(ctx, e);
 }
@@ -235,8 +264,10 @@ __global__ void __launch_bounds__(kMaxHtThreads, 1) combine_rings_kernel(const _
 }  // namespace
 
 void launch_combine_rings(const CombineParams& p, int num_blocks, int num_threads, cudaStream_t stream) {
-  by_rank_bucket(p.ctx.num_ranks, [&](auto b) {
-    combine_rings_kernel<decltype(b)::kR, decltype(b)::kU><<<num_blocks, num_threads, 0, stream>>>(p);
+  // Rings start at 3 ranks (plan::ring_plan), so the 2-rank bucket is not instantiated.
+  by_rank_bucket(std::max(p.ctx.num_ranks, 3), [&](auto b) {
+    if constexpr (decltype(b)::kR >= 3)
+      combine_rings_kernel<decltype(b)::kR, decltype(b)::kU><<<num_blocks, num_threads, 0, stream>>>(p);
   });
 }
 

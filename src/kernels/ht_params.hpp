@@ -90,13 +90,14 @@ struct CombineParams {
   float* combined_topk_weights;  // [N, K] or null
   int64_t out_weight_stride;
   // Ring combine (launch_combine_rings): channels (ring_senders sender blocks + one receiver block
-  // each), rows per ring and rows a sender warp publishes at once; ring (r, c) of rank s holds the
-  // rows r sends to s for s's channel c.
-  int ring_channels, ring_senders, ring_slots, ring_chunk;
+  // each; or, when ring_send_warps > 0, one block each whose first ring_send_warps warps send and
+  // the rest receive, ring_senders = 1), rows per ring and rows a sender warp publishes at once;
+  // ring (r, c) of rank s holds the rows r sends to s for s's channel c.
+  int ring_channels, ring_senders, ring_slots, ring_chunk, ring_send_warps;
 };
 void launch_combine(const CombineParams& p, int num_blocks, int num_threads, cudaStream_t stream);
 // The ring variant (p.ring_channels > 0): blocks (k + 1) c + j are channel c's senders (j < k =
-// p.ring_senders) and its receiver (j = k).
+// p.ring_senders) and its receiver (j = k); with p.ring_send_warps > 0, block c is channel c.
 void launch_combine_rings(const CombineParams& p, int num_blocks, int num_threads, cudaStream_t stream);
 
 }  // namespace epx::kernels

@@ -157,6 +157,7 @@ namespace {
 
 TEST(Plan, RingCombineGeometry) {
   Config c;
+  c.ring_split_blocks = false;  // sender and receiver blocks (split blocks: the next test)
   c.num_sms = 20;
   c.num_threads = 512;
   c.ring_senders = 1;
@@ -200,6 +201,51 @@ TEST(Plan, RingCombineGeometry) {
   // More sender blocks than peers is an error naming the field, even with the rings off.
   c.ring_senders = 3;
   expect_error([&] { plan::ring_plan(c, 3, 1 << 20); }, ErrorKind::kInvalidArgument, "Config.ring_senders");
+}
+
+TEST(Plan, RingCombineSplitBlocks) {
+  Config c;
+  c.num_sms = 24;
+  c.num_threads = 512;
+  EXPECT_TRUE(c.ring_split_blocks);  // the default
+  // Auto: a warp per peer, two each when there are two peers.
+  EXPECT_EQ(plan::ring_plan(c, 4, 1 << 20).send_warps, 3);
+  EXPECT_EQ(plan::ring_plan(c, 3, 1 << 20).send_warps, 4);
+  EXPECT_EQ(plan::ring_plan(c, 8, 1 << 24).send_warps, 7);
+  EXPECT_EQ(plan::ring_plan(c, 2, 1 << 20).channels, 0);  // 2 ranks: the row region
+  c.ring_send_warps = 8;
+  c.ring_senders = 2;  // ignored by split blocks: one sender part per channel
+  const plan::RingPlan p = plan::ring_plan(c, 4, 1 << 20);
+  EXPECT_EQ(p.channels, 24);  // every block is a channel
+  EXPECT_EQ(p.senders, 1);
+  EXPECT_EQ(p.send_warps, 8);
+  EXPECT_EQ(p.slots, c.ring_slots);
+  c.ring_split_blocks = false;  // sender and receiver blocks: ring_send_warps is ignored
+  EXPECT_EQ(plan::ring_plan(c, 4, 1 << 20).send_warps, 0);
+  EXPECT_EQ(plan::ring_plan(c, 4, 1 << 20).channels, 8);
+  c.ring_split_blocks = true;
+  // Rings shrink with the region: 4 ranks x 24 channels x 100 rows.
+  EXPECT_EQ(plan::ring_plan(c, 4, 4 * 24 * 100).slots, 100);
+  EXPECT_EQ(plan::ring_plan(c, 4, 4 * 24 * (kMinRingSlots - 1)).channels, 0);
+  // Fewer sending warps than peers, or no receiving warp left: the row region.
+  c.ring_senders = 1;
+  c.ring_send_warps = 6;
+  EXPECT_EQ(plan::ring_plan(c, 8, 1 << 24).channels, 0);  // 7 peers
+  EXPECT_GT(plan::ring_plan(c, 7, 1 << 24).channels, 0);  // 6 peers
+  c.num_threads = 192;  // 6 warps, all sending
+  EXPECT_EQ(plan::ring_plan(c, 4, 1 << 24).channels, 0);
+  c.ring_send_warps = 0;
+  c.num_threads = 128;  // auto at 4 ranks: 3 send, 1 reduces; at 5 ranks 4 would send, none reduce
+  EXPECT_EQ(plan::ring_plan(c, 4, 1 << 24).send_warps, 3);
+  EXPECT_EQ(plan::ring_plan(c, 5, 1 << 24).channels, 0);
+  // Config validation names the field.
+  c.num_threads = 512;
+  c.ring_send_warps = 16;
+  expect_error([&] { c.validate(132); }, ErrorKind::kInvalidArgument, "Config.ring_send_warps");
+  c.ring_send_warps = -1;
+  expect_error([&] { c.validate(132); }, ErrorKind::kInvalidArgument, "Config.ring_send_warps");
+  c.ring_send_warps = 15;
+  c.validate(132);
 }
 
 TEST(Layout, SymmetricRegionsDoNotOverlap) {

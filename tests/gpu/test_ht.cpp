@@ -227,24 +227,30 @@ void run_case(RankCtx& ctx, const Case& c) {
     ci.bias_1 = View::of(db1.get(), DType::kBF16, {N, H});
   }
   std::vector<uint16_t> first;
-  for (int iter = 0; iter < 3; ++iter) {
+  for (int iter = 0; iter < 4; ++iter) {
     DeviceMem cx(static_cast<size_t>(N) * H * 2), cw(static_cast<size_t>(N) * K * 4);
     cx.fill(0x7F);
     cw.fill(0x7F);
     CombineOutputs co;
     co.combined_x = View::of(cx.get(), DType::kBF16, {N, H});
     if (s.with_weights) co.combined_topk_weights = View::of(cw.get(), DType::kF32, {N, K});
-    // Run 1: the ring combine (the default: one sender block per channel for all peers); run 2:
-    // the row-region combine; run 3: rings of 64 rows (wrapping many times), a sender block per
-    // peer (16 warps each) and chunks of 3 rows (ragged ends). At 2 ranks all three take the row
-    // region (the ring combine starts at 3).
+    // Run 1: the ring combine (the default: split blocks, a warp per peer sending); run 2: the
+    // row-region combine; run 3: sender and receiver blocks, rings of 64 rows (wrapping many
+    // times), a sender block per peer (16 warps each) and chunks of 3 rows (ragged ends); run 4:
+    // split blocks with 5 sending warps (uneven over the peers) and 11 reducing, on rings of 64
+    // rows. At 2 ranks all four take the row region (the ring combine starts at 3).
     const Config saved = ctx.buffer->config();
     Config cfg = saved;
     cfg.ring_combine = iter != 1;
     if (iter == 2) {
+      cfg.ring_split_blocks = false;
       cfg.ring_senders = 0;
       cfg.ring_slots = 64;
       cfg.ring_chunk = 3;
+    }
+    if (iter == 3) {
+      cfg.ring_send_warps = 5;
+      cfg.ring_slots = 64;
     }
     ctx.buffer->set_config(cfg);
     ctx.buffer->combine(ci, handle, co, ctx.stream);
@@ -257,7 +263,7 @@ void run_case(RankCtx& ctx, const Case& c) {
                    static_cast<size_t>(N) * K, c.name + " combined_topk_weights");
     // Two variants: the same bits.
     if (iter == 0) first = got;
-    else expect_equal(got, first, first.size(), c.name + (iter == 1 ? " row-region" : " small-ring") + " combine == ring combine");
+    else expect_equal(got, first, first.size(), c.name + (iter == 1 ? " row-region" : iter == 2 ? " ring-blocks" : " split-5") + " combine == ring combine");
   }
   if (me == 0) std::printf("[world %d] case %-28s ok (rank 0 received %d rows)\n", R, c.name.c_str(), want[0].num_recv);
 }
