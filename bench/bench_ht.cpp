@@ -192,6 +192,16 @@ std::vector<Row> run_ht(const Options& o, Communicator& comm) {
         measure("dispatch bf16 cached", cached(false), row_bf16, nr, remote_rows, &nd);
         measure("dispatch fp8 fresh", fresh(true), row_fp8, nr, remote_rows, nullptr);
         measure("dispatch fp8 cached", cached(true), row_fp8, nr, remote_rows, nullptr);
+        for (int k : o.dispatch_copy_warps) {  // split-block dispatch variants
+          Config split = cfg;
+          split.dispatch_copy_warps = k;
+          buffer.set_config(split);
+          const std::string tag = " k" + std::to_string(k);
+          measure("dispatch bf16 fresh" + tag, fresh(false), row_bf16, nr, remote_rows, &nd);
+          measure("dispatch bf16 cached" + tag, cached(false), row_bf16, nr, remote_rows, &nd);
+          measure("dispatch fp8 cached" + tag, cached(true), row_fp8, nr, remote_rows, nullptr);
+          buffer.set_config(cfg);
+        }
         fresh(false)(stream);  // recv buffer holds bf16 rows again for combine
         measure("combine bf16", combine_op, row_bf16, nr, remote_rows, &nc);
         cfg.ring_combine = false;

@@ -39,6 +39,11 @@ struct Config {
   // than the peers (R - 1) or no warp is left to reduce.
   int ring_send_warps = 0;
 
+  // Dispatch: > 0 = split blocks, this many warps of every block copy received rows out of the row
+  // region as they land while the other warps send (overlapping the two); 0 = every warp sends,
+  // then the copy-out follows each source's completion. Split blocks need num_sms <= 80.
+  int dispatch_copy_warps = 4;
+
   // Throws Error(kInvalidArgument) naming the field when out of range. `num_device_sms` <= 0 skips
   // the check against the device.
   void validate(int num_device_sms = 0) const;

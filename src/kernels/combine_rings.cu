@@ -20,6 +20,7 @@
 #include <algorithm>
 
 #include "kernels/combine_common.cuh"
+#include "kernels/positions.cuh"
 
 namespace epx::kernels {
 namespace {
@@ -29,7 +30,6 @@ namespace {
 // registers (inlined beside the receive, 12 spills).
 constexpr int kRingSendUnroll = 12;
 
-__device__ __forceinline__ uint64_t tagged(uint64_t e, int64_t count) { return (e << 32) | static_cast<uint64_t>(count); }
 
 // The warps [first, first + count) of a block that play one part (send or receive), with their own
 // barrier: 0 (__syncthreads) when they are the whole block, else a named barrier.
@@ -67,19 +67,6 @@ __device__ __forceinline__ int ring_chunk(const CombineParams& p, int W) {
   return p.ring_send_warps > 0 ? max(1, 8 / W) : max(1, min(4, 20 / W));
 }
 
-// Rows s (this rank) sends to r from its tokens [0, t0): the position of the last such token + 1.
-// One warp; scans backwards 32 tokens at a time.
-__device__ int rows_before(const CombineParams& p, int r, int t0, int lane) {
-  const int R = p.ctx.num_ranks;
-  for (int base = t0 - 1; base >= 0; base -= kWarpSize) {
-    const int t = base - lane;
-    const int pos = t >= 0 ? p.send_pos[static_cast<int64_t>(t) * R + r] : -1;
-    const unsigned hits = __ballot_sync(0xffffffffu, pos >= 0);
-    if (hits != 0) return __shfl_sync(0xffffffffu, pos, __ffs(hits) - 1) + 1;  // lowest lane = highest t
-  }
-  return 0;
-}
-
 // False if a wait failed (the error is recorded); the caller still reaches every barrier.
 // g: the receiving warps; send_warps: the warps of a sender block (or group) of every rank.
 template <int kR, int kU>
@@ -98,12 +85,12 @@ __device__ bool receive(const CombineParams& p, uint64_t e, int c, const int* re
   // Channel bounds to every peer: warp r computes rank r's.
   for (int r = warp; r < R; r += warps) {
     if (r == me) continue;
-    const int start = rows_before(p, r, lo, lane);
+    const int start = rows_before(p.send_pos, R, r, lo, lane);
     if (lane == 0) {
       first[r] = start;
       peer_warps[r] = ring_peer_warps(R - 1, p.ring_senders, (me - r - 1 + R) % R, send_warps).count;
-      st_release_sys(&ctx.ring_ctl(r)->bound[me][c], tagged(e, start));
-      if (c == C - 1) st_release_sys(&ctx.ring_ctl(r)->bound[me][C], tagged(e, p.count_matrix[me * R + r]));
+      st_release_sys(&ctx.ring_ctl(r)->bound[me][c], tagged_count(e, start));
+      if (c == C - 1) st_release_sys(&ctx.ring_ctl(r)->bound[me][C], tagged_count(e, p.count_matrix[me * R + r]));
     }
   }
   for (int i = tid; i < kMaxRingWarps * kMaxPeers * kMaxRingWarps; i += warps * kWarpSize) (&seen[0][0][0])[i] = 0;
@@ -126,7 +113,7 @@ __device__ bool receive(const CombineParams& p, uint64_t e, int c, const int* re
         if (need > seen[warp][r][w]) {  // every lane reads it before lane 0 may update it below
           const uint64_t* tail = &ctl->tail[r][c][w];
           if (lane == 0) {
-            ok = wait_flag_geq(ctx, tail, tagged(e, need), Phase::kReduce, r);
+            ok = wait_flag_geq(ctx, tail, tagged_count(e, need), Phase::kReduce, r);
             if (ok) seen[warp][r][w] = static_cast<int>(ld_acquire_sys(tail) & 0xffffffffu);
           }
           __syncwarp();
@@ -158,7 +145,7 @@ __device__ bool receive(const CombineParams& p, uint64_t e, int c, const int* re
     // warps of that batch may not have read yet.
     const int rows_done = tid < R ? consumed[tid] : 0;
     g.sync();
-    if (tid < R && tid != me) st_release_sys(&ctx.ring_ctl(tid)->head[me][c], tagged(e, rows_done));
+    if (tid < R && tid != me) st_release_sys(&ctx.ring_ctl(tid)->head[me][c], tagged_count(e, rows_done));
   }
   return true;
 }
@@ -177,8 +164,8 @@ __device__ __noinline__ bool send(const CombineParams& p, uint64_t e, int c, int
   if (t == 0) failed = 0;
   if (t < R && t != me && (t - me - 1 + R) % R % k == j) {
     const int s = t;
-    ok = wait_flag_geq(ctx, &ctl->bound[s][c], tagged(e, 0), Phase::kReduce, s) &&
-         wait_flag_geq(ctx, &ctl->bound[s][c + 1], tagged(e, 0), Phase::kReduce, s);
+    ok = wait_flag_geq(ctx, &ctl->bound[s][c], tagged_count(e, 0), Phase::kReduce, s) &&
+         wait_flag_geq(ctx, &ctl->bound[s][c + 1], tagged_count(e, 0), Phase::kReduce, s);
     if (ok) {
       lo[s] = static_cast<int>(ld_acquire_sys(&ctl->bound[s][c]) & 0xffffffffu);
       hi[s] = static_cast<int>(ld_acquire_sys(&ctl->bound[s][c + 1]) & 0xffffffffu);
@@ -207,7 +194,7 @@ __device__ __noinline__ bool send(const CombineParams& p, uint64_t e, int c, int
       const int last = min(n - 1, i0 + step - W);  // stream index of the chunk's last row
       // Room for rows up to `last`: the receiver consumed at least last + 1 - Q rows.
       if (last + 1 > Q) {
-        if (lane == 0) ok = wait_flag_geq(ctx, head, tagged(e, last + 1 - Q), Phase::kReduce, s);
+        if (lane == 0) ok = wait_flag_geq(ctx, head, tagged_count(e, last + 1 - Q), Phase::kReduce, s);
         if (!__shfl_sync(0xffffffffu, ok, 0)) break;
         (void)ld_acquire_sys(head);  // the receiver's loads of the old rows came first
       }
@@ -226,7 +213,7 @@ __device__ __noinline__ bool send(const CombineParams& p, uint64_t e, int c, int
       __syncwarp();
       if (lane == 0) {
         fence_acq_rel_sys();  // with the relaxed store, a release pattern (one fence, not two)
-        st_relaxed_sys(tail, tagged(e, written));
+        st_relaxed_sys(tail, tagged_count(e, written));
       }
     }
     if (lane == 0 && !ok) failed = 1;

@@ -6,7 +6,15 @@
 //   signal:   the last block to finish publishes done = e to every peer;
 //   receive:  after source s's done, copy s's rows from the row region into the outputs;
 //   pad:      worst-case mode: rows past the received count get idx -1, weights 0, src -1, x 0.
+// Split blocks (p.copy_warps = K > 0, dispatch_split_kernel): the copy-out overlaps the sends. In
+// block b, warps [0, S = warps - K) send b's tokens and, every kPublishRounds rounds of S tokens,
+// tell each destination how far b's rows to it are written; warps [S, warps) copy out the rows
+// that block b of every source has published so far. Words (in RingCtl, tagged with the op epoch
+// like the ring combine's; docs/protocol.md):
+//   bound[s][b] on r: first row of r's row region holding s's block-b tokens (bound[s][B]: the end);
+//   tail[s][b][0] on r: end of the rows s's block b has written to r so far.
 #include "kernels/dispatch_common.cuh"
+#include "kernels/positions.cuh"
 
 namespace epx::kernels {
 namespace {
@@ -48,10 +56,136 @@ __global__ void __launch_bounds__(kMaxHtThreads) dispatch_kernel(const __grid_co
   op_end(ctx, e);
 }
 
+// Rounds of S tokens a split block's senders write between two publications of their progress.
+constexpr int kPublishRounds = 2;
+
+// Split blocks' senders (warps [0, S), named barrier 1): block b's tokens, progress published.
+__device__ void send_and_publish(const DispatchParams& p, uint64_t e, const int* slot_base, int S) {
+  const OpContext& ctx = p.ctx;
+  const int R = ctx.num_ranks, me = ctx.rank, b = blockIdx.x, B = gridDim.x;
+  const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
+  const int per_block = (p.num_tokens + B - 1) / B;
+  const int t_begin = min(p.num_tokens, b * per_block), t_end = min(p.num_tokens, t_begin + per_block);
+  // Where block b's rows start on every destination (and, from the last block, where they end).
+  if (warp == 0) {
+    for (int r = 0; r < R; ++r) {
+      if (r == me) continue;
+      const int start = slot_base[r] + rows_before(p.send_pos, R, r, t_begin, lane);
+      if (lane == 0) {
+        st_release_sys(&ctx.ring_ctl(r)->bound[me][b], tagged_count(e, start));
+        if (b == B - 1) st_release_sys(&ctx.ring_ctl(r)->bound[me][B], tagged_count(e, slot_base[r] + p.count_matrix[me * R + r]));
+      }
+    }
+  }
+  for (int t0 = t_begin; t0 < t_end; t0 += S * kPublishRounds) {
+    const int t1 = min(t_end, t0 + S * kPublishRounds);
+    for (int t = t0 + warp; t < t1; t += S) send_token(p, t, slot_base, lane);
+    bar_sync(1, S * kWarpSize);  // every sender warp's rows of [t0, t1) before warp 0's fence
+    if (warp == 0) {
+      int end[kMaxPeers];
+#pragma unroll
+      for (int r = 0; r < kMaxPeers; ++r)
+        end[r] = r < R && r != me ? slot_base[r] + rows_before(p.send_pos, R, r, t1, lane) : 0;
+      if (lane == 0) {
+        fence_acq_rel_sys();  // cumulative over the barrier: a release of the whole round's rows
+#pragma unroll
+        for (int r = 0; r < kMaxPeers; ++r)
+          if (r < R && r != me) st_relaxed_sys(&ctx.ring_ctl(r)->tail[me][b][0], tagged_count(e, end[r]));
+      }
+    }
+  }
+}
+
+// Split blocks' copy-out (warps [S, warps), named barrier 2): the rows of block b of every source,
+// as far as each has published, in turns. Senders never wait on this, so no turn can block another.
+__device__ bool copy_out_as_published(const DispatchParams& p, uint64_t e, int S, int num_recv) {
+  __shared__ int next[kMaxPeers], hi[kMaxPeers], avail[kMaxPeers];
+  __shared__ int status;  // 0 running, 1 all copied, 2 failed
+  const OpContext& ctx = p.ctx;
+  const int R = ctx.num_ranks, me = ctx.rank, b = blockIdx.x;
+  const int threads = static_cast<int>(blockDim.x) - S * kWarpSize, tid = static_cast<int>(threadIdx.x) - S * kWarpSize;
+  RingCtl* ctl = ctx.ring_ctl(me);
+  bool ok = true;
+  if (tid < R && tid != me) {
+    ok = wait_flag_geq(ctx, &ctl->bound[tid][b], tagged_count(e, 0), Phase::kReceive, tid) &&
+         wait_flag_geq(ctx, &ctl->bound[tid][b + 1], tagged_count(e, 0), Phase::kReceive, tid);
+    if (ok) {
+      next[tid] = static_cast<int>(ld_acquire_sys(&ctl->bound[tid][b]) & 0xffffffffu);
+      hi[tid] = static_cast<int>(ld_acquire_sys(&ctl->bound[tid][b + 1]) & 0xffffffffu);
+    }
+  } else if (tid < kMaxPeers) {
+    next[tid] = hi[tid] = 0;
+  }
+  if (tid == 0) status = 0;
+  if (!bar_red_and(2, threads, ok)) return false;
+  uint64_t idle_since = 0;
+  for (uint32_t pass = 0;; ++pass) {
+    // Thread s looks at source s's progress (acquire); the barrier orders the copies after it.
+    if (tid < R && tid != me) {
+      const uint64_t v = next[tid] < hi[tid] ? ld_acquire_sys(&ctl->tail[tid][b][0]) : 0;
+      avail[tid] = v >= tagged_count(e, 0) ? min(hi[tid], static_cast<int>(v & 0xffffffffu)) : next[tid];
+    }
+    bar_sync(2, threads);
+    bool progressed = false, pending = false;
+    for (int i = 1; i < R; ++i) {
+      const int s = (me + i) % R;
+      if (avail[s] > next[s]) {
+        copy_out(p, next[s], avail[s] - next[s], tid, threads);
+        progressed = true;
+      }
+      if (avail[s] < hi[s]) pending = true;
+    }
+    if (tid == 0) {
+      if (!pending) {
+        status = 1;
+      } else if (progressed) {
+        idle_since = 0;
+      } else if ((pass & 255u) == 255u) {  // bounded: the timeout counts from the last progress
+        const uint64_t now = globaltimer_ns();
+        if (idle_since == 0) idle_since = now;
+        if (has_error(ctx)) status = 2;
+        else if (now - idle_since > ctx.timeout_ns) {
+          int s = 0;
+          for (int i = 1; i < R; ++i)
+            if (avail[(me + i) % R] < hi[(me + i) % R]) { s = (me + i) % R; break; }
+          record_error(ctx, DeviceErrorKind::kTimeout, Phase::kReceive, s, -1, static_cast<unsigned long long>(avail[s]),
+                       static_cast<unsigned long long>(hi[s]));
+          status = 2;
+        }
+      }
+    }
+    bar_sync(2, threads);  // every thread read avail/next before they move on
+    if (tid < R && tid != me) next[tid] = avail[tid];
+    if (status != 0) break;
+  }
+  if (status == 2) return false;
+  pad_rows(p, num_recv, static_cast<size_t>(b) * threads + tid, static_cast<size_t>(gridDim.x) * threads);
+  return true;
+}
+
+__global__ void __launch_bounds__(kMaxHtThreads) dispatch_split_kernel(const __grid_constant__ DispatchParams p) {
+  __shared__ int slot_base[kMaxPeers];
+  __shared__ int recv_base[kMaxPeers + 1];
+  const OpContext& ctx = p.ctx;
+  const uint64_t e = op_begin(ctx);
+  const int num_recv = *p.num_recv;
+  if (num_recv < 0 || !rows_fit(ctx, p.count_matrix, p.rows.capacity, /*by_receiver=*/true)) {
+    op_end(ctx, e);
+    return;
+  }
+  compute_slot_and_recv_base(p, slot_base, recv_base);
+  if (!wait_peers_ready(ctx, e)) return;
+  const int S = static_cast<int>(blockDim.x) / kWarpSize - p.copy_warps;
+  if (static_cast<int>(threadIdx.x) < S * kWarpSize) send_and_publish(p, e, slot_base, S);
+  else copy_out_as_published(p, e, S, num_recv);
+  op_end(ctx, e);
+}
+
 }  // namespace
 
 void launch_dispatch(const DispatchParams& p, int num_blocks, int num_threads, cudaStream_t stream) {
-  dispatch_kernel<<<num_blocks, num_threads, 0, stream>>>(p);
+  if (p.copy_warps > 0) dispatch_split_kernel<<<num_blocks, num_threads, 0, stream>>>(p);
+  else dispatch_kernel<<<num_blocks, num_threads, 0, stream>>>(p);
 }
 
 }  // namespace epx::kernels

@@ -67,6 +67,9 @@ struct DispatchParams {
   int64_t* recv_topk_idx;
   float* recv_topk_weights;
   int* recv_src_idx;
+  // > 0: split blocks (dispatch.cu): this many warps of each block copy rows out as they land
+  // while the others send; 0: every warp sends, then copies out after each source's done.
+  int copy_warps;
 };
 void launch_dispatch(const DispatchParams& p, int num_blocks, int num_threads, cudaStream_t stream);
 

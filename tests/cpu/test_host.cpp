@@ -90,6 +90,13 @@ TEST(Config, ValidatesEveryField) {
   expect_error([&] { c.validate(132); }, ErrorKind::kInvalidArgument, "Config.ring_slots");
   c.num_threads = 384;  // 8 x 12 = 96 fits
   EXPECT_NO_THROW(c.validate(132));
+  c = Config{};
+  c.dispatch_copy_warps = 16;  // no warp left to send
+  expect_error([&] { c.validate(132); }, ErrorKind::kInvalidArgument, "Config.dispatch_copy_warps");
+  c.dispatch_copy_warps = -1;
+  expect_error([&] { c.validate(132); }, ErrorKind::kInvalidArgument, "Config.dispatch_copy_warps");
+  c.dispatch_copy_warps = 15;
+  EXPECT_NO_THROW(c.validate(132));
   EXPECT_GE(Config::defaults(4).num_sms, 1);
 }
 

@@ -197,6 +197,30 @@ void run_case(RankCtx& ctx, const Case& c) {
     ctx.buffer->synchronize(ctx.stream);
     check_recv(again, s, want[me], rows, false, c.name + " cached");
   }
+  // Split-block dispatch (5 warps of each block copy out as rows land): fresh (notify again, all
+  // metadata) and cached, both equal to the reference.
+  {
+    const Config saved = ctx.buffer->config();
+    Config split = saved;
+    split.dispatch_copy_warps = 5;
+    ctx.buffer->set_config(split);
+    DispatchHandle h2 = ctx.buffer->make_handle(N);
+    const int nr2 = ctx.buffer->dispatch_notify(in, h2, View::of(per_expert.get(), DType::kI32, {E / R}), ctx.stream);
+    REQUIRE(nr2 == nr, c.name, ": split num_recv ", nr2, " want ", nr);
+    RecvOut fresh = alloc_recv(s, rows);
+    ctx.buffer->dispatch(in, h2, fresh.view(s, rows), ctx.stream);
+    DispatchInputs cached;
+    cached.x = in.x;
+    cached.x_scales = in.x_scales;
+    RecvOut again = alloc_recv(s, rows);
+    DispatchOutputs o = again.view(s, rows);
+    o.recv_topk_idx = o.recv_topk_weights = o.recv_src_idx = View{};
+    ctx.buffer->dispatch(cached, h2, o, ctx.stream);
+    ctx.buffer->synchronize(ctx.stream);
+    ctx.buffer->set_config(saved);
+    check_recv(fresh, s, want[me], rows, true, c.name + " split");
+    check_recv(again, s, want[me], rows, false, c.name + " split cached");
+  }
   // Combine: every rank's expert outputs are regenerable, so the reference is exact (bitwise).
   std::vector<ref::CombineRankInput> cin(R);
   std::vector<std::vector<uint16_t>> ys(R);
