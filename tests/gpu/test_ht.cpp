@@ -389,7 +389,11 @@ class HtWorld : public ::testing::TestWithParam<int> {};
 TEST_P(HtWorld, CudaGraphReplay) {
   const int world = GetParam();
   SKIP_WITHOUT_GPUS(world);
-  EXPECT_EQ(run_world(world, size_t{256} << 20, Config::defaults(world), run_graph), 0);
+  Config c = Config::defaults(world);
+  EXPECT_EQ(run_world(world, size_t{256} << 20, c, run_graph), 0);
+  // And the other dispatch layout: split blocks if the default is not, and the other way round.
+  c.dispatch_copy_warps = c.dispatch_copy_warps > 0 ? 0 : 5;
+  EXPECT_EQ(run_world(world, size_t{256} << 20, c, run_graph), 0);
 }
 
 TEST_P(HtWorld, MatchesReferenceInEveryMode) {
