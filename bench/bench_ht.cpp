@@ -194,6 +194,7 @@ std::vector<Row> run_ht(const Options& o, Communicator& comm) {
         measure("dispatch fp8 cached", cached(true), row_fp8, nr, remote_rows, nullptr);
         for (int k : o.dispatch_copy_warps) {  // split-block dispatch variants
           Config split = cfg;
+          split.dispatch_split_blocks = k > 0;  // 0: send, then copy out
           split.dispatch_copy_warps = k;
           buffer.set_config(split);
           const std::string tag = " k" + std::to_string(k);

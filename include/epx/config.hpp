@@ -39,10 +39,15 @@ struct Config {
   // than the peers (R - 1) or no warp is left to reduce.
   int ring_send_warps = 0;
 
-  // Dispatch: > 0 = split blocks, this many warps of every block copy received rows out of the row
-  // region as they land while the other warps send (overlapping the two); 0 = every warp sends,
-  // then the copy-out follows each source's completion. Split blocks need num_sms <= 80.
-  int dispatch_copy_warps = 4;
+  // Dispatch on split blocks (the default; needs num_sms <= 80): dispatch_copy_warps warps of every
+  // block copy received rows out of the row region as they land while the other warps send.
+  // false = every warp sends, then copies out after each source's completion. Measured at EP4,
+  // 4xH200, cached: bf16 515 vs 641 us at 24 SMs, fp8 294 vs 349 (docs/performance.md).
+  bool dispatch_split_blocks = true;
+  // Copy-out warps of a split block; 0 = auto: the rest after S = round(1.3 MB / (row bytes x
+  // num_sms)) sending warps, a fit of the measured best at EP4, hidden 7168 (S = 4 for bf16 and 7
+  // for fp8 at 24 SMs, 5 and 9 at 20; the fit gives 4, 8, 5, 9).
+  int dispatch_copy_warps = 0;
 
   // Throws Error(kInvalidArgument) naming the field when out of range. `num_device_sms` <= 0 skips
   // the check against the device.

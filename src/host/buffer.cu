@@ -363,8 +363,7 @@ void Buffer::dispatch(const DispatchInputs& in, const DispatchHandle& handle, co
   p.recv_topk_idx = out.recv_topk_idx.defined() ? out.recv_topk_idx.ptr<int64_t>() : nullptr;
   p.recv_topk_weights = out.recv_topk_weights.defined() ? out.recv_topk_weights.ptr<float>() : nullptr;
   p.recv_src_idx = out.recv_src_idx.defined() ? out.recv_src_idx.ptr<int>() : nullptr;
-  // Split blocks keep per-block progress words (RingCtl: at most kMaxRingChannels blocks).
-  p.copy_warps = m.config.num_sms <= kMaxRingChannels ? m.config.dispatch_copy_warps : 0;
+  p.copy_warps = plan::dispatch_copy_warps(m.config, rows.row_bytes);
   kernels::launch_dispatch(p, m.config.num_sms, m.config.num_threads, stream);
   m.after_launch("dispatch");
 }

@@ -31,6 +31,17 @@ size_t nvl_bytes_for_rows(int64_t max_rows, int hidden, DType x_dtype, int num_t
   return align_up(SymmetricLayout::kRowsOffset + region, 1 << 21);
 }
 
+int dispatch_copy_warps(const Config& config, int64_t row_bytes) {
+  if (!config.dispatch_split_blocks || config.num_sms > kMaxRingChannels) return 0;
+  const int warps = config.num_threads / 32;
+  if (warps < 2) return 0;
+  if (config.dispatch_copy_warps > 0) return std::min(config.dispatch_copy_warps, warps - 1);
+  // Sending warps in the whole grid ~ 1.3 MB of rows in flight, one row per warp (measured at EP4).
+  const double send = 1.3e6 / (static_cast<double>(std::max<int64_t>(row_bytes, 1)) * config.num_sms);
+  const int s = std::clamp(static_cast<int>(send + 0.5), 1, warps - 1);
+  return warps - s;
+}
+
 RingPlan ring_plan(const Config& config, int num_ranks, int64_t capacity) {
   RingPlan plan;
   const int peers = num_ranks - 1;

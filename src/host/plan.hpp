@@ -29,6 +29,9 @@ struct RingPlan {
   int channels = 0, senders = 0, slots = 0, send_warps = 0;
 };
 RingPlan ring_plan(const Config& config, int num_ranks, int64_t capacity);
+// Copy-out warps of a split-block dispatch (Config.dispatch_split_blocks), 0 when it does not apply
+// (switched off, or more blocks than the per-block progress words: kMaxRingChannels).
+int dispatch_copy_warps(const Config& config, int64_t row_bytes);
 // Smallest num_nvl_bytes whose dispatch and combine layouts both hold `max_rows` rows.
 size_t nvl_bytes_for_rows(int64_t max_rows, int hidden, DType x_dtype, int num_topk);
 

@@ -210,6 +210,33 @@ TEST(Plan, RingCombineGeometry) {
   expect_error([&] { plan::ring_plan(c, 3, 1 << 20); }, ErrorKind::kInvalidArgument, "Config.ring_senders");
 }
 
+TEST(Plan, DispatchSplitBlocks) {
+  Config c;
+  c.num_threads = 512;
+  EXPECT_TRUE(c.dispatch_split_blocks);
+  // Auto: sending warps = round(1.3 MB / (row bytes x blocks)), the rest copy out.
+  c.num_sms = 24;
+  EXPECT_EQ(plan::dispatch_copy_warps(c, 7168 * 2), 16 - 4);        // bf16, hidden 7168
+  EXPECT_EQ(plan::dispatch_copy_warps(c, 7168), 16 - 8);           // fp8 (scales are apart)
+  c.num_sms = 20;
+  EXPECT_EQ(plan::dispatch_copy_warps(c, 7168 * 2), 16 - 5);
+  EXPECT_EQ(plan::dispatch_copy_warps(c, 7168), 16 - 9);
+  EXPECT_EQ(plan::dispatch_copy_warps(c, 64), 1);  // tiny rows: all but one warp send
+  c.num_sms = 1;
+  EXPECT_EQ(plan::dispatch_copy_warps(c, 1 << 20), 15);  // huge rows: one warp sends
+  // Explicit, capped at all warps but one; off; too many blocks for the progress words.
+  c.num_sms = 24;
+  c.dispatch_copy_warps = 6;
+  EXPECT_EQ(plan::dispatch_copy_warps(c, 7168 * 2), 6);
+  c.num_threads = 128;
+  EXPECT_EQ(plan::dispatch_copy_warps(c, 7168 * 2), 3);
+  c.dispatch_split_blocks = false;
+  EXPECT_EQ(plan::dispatch_copy_warps(c, 7168 * 2), 0);
+  c.dispatch_split_blocks = true;
+  c.num_sms = kMaxRingChannels + 1;
+  EXPECT_EQ(plan::dispatch_copy_warps(c, 7168 * 2), 0);
+}
+
 TEST(Plan, RingCombineSplitBlocks) {
   Config c;
   c.num_sms = 24;

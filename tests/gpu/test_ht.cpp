@@ -202,6 +202,7 @@ void run_case(RankCtx& ctx, const Case& c) {
   {
     const Config saved = ctx.buffer->config();
     Config split = saved;
+    split.dispatch_split_blocks = true;
     split.dispatch_copy_warps = 5;
     ctx.buffer->set_config(split);
     DispatchHandle h2 = ctx.buffer->make_handle(N);
@@ -392,7 +393,7 @@ TEST_P(HtWorld, CudaGraphReplay) {
   Config c = Config::defaults(world);
   EXPECT_EQ(run_world(world, size_t{256} << 20, c, run_graph), 0);
   // And the other dispatch layout: split blocks if the default is not, and the other way round.
-  c.dispatch_copy_warps = c.dispatch_copy_warps > 0 ? 0 : 5;
+  c.dispatch_split_blocks = !c.dispatch_split_blocks;
   EXPECT_EQ(run_world(world, size_t{256} << 20, c, run_graph), 0);
 }
 
