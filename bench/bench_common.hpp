@@ -36,7 +36,7 @@ struct Options {
   // and receiver blocks), w ring_send_warps (split blocks), c ring_chunk, q ring_slots (e.g.
   // "w3c8q256"); rejected when malformed.
   std::vector<std::string> combine_configs;
-  // Also time dispatch with these Config.dispatch_copy_warps (split blocks; 0 = not split).
+  // Also time dispatch on split blocks with these Config.dispatch_copy_warps (0 = the auto count).
   std::vector<int> dispatch_copy_warps;
 };
 

@@ -194,10 +194,10 @@ std::vector<Row> run_ht(const Options& o, Communicator& comm) {
         measure("dispatch fp8 cached", cached(true), row_fp8, nr, remote_rows, nullptr);
         for (int k : o.dispatch_copy_warps) {  // split-block dispatch variants
           Config split = cfg;
-          split.dispatch_split_blocks = k > 0;  // 0: send, then copy out
-          split.dispatch_copy_warps = k;
+          split.dispatch_split_blocks = true;
+          split.dispatch_copy_warps = k;  // 0: the auto count
           buffer.set_config(split);
-          const std::string tag = " k" + std::to_string(k);
+          const std::string tag = k > 0 ? " split k" + std::to_string(k) : " split auto";
           measure("dispatch bf16 fresh" + tag, fresh(false), row_bf16, nr, remote_rows, &nd);
           measure("dispatch bf16 cached" + tag, cached(false), row_bf16, nr, remote_rows, &nd);
           measure("dispatch fp8 cached" + tag, cached(true), row_fp8, nr, remote_rows, nullptr);

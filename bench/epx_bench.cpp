@@ -88,7 +88,7 @@ void usage() {
       "                 [--combine-configs w3c8,s1c0,w3c8q256,..]   (also: combine at these ring settings:\n"
       "                  s ring_senders (sender and receiver blocks), w ring_send_warps (split blocks),\n"
       "                  c ring_chunk, q ring_slots)\n"
-      "                 [--dispatch-copy-warps 4,6,..]   (also: dispatch with split blocks of that many copy-out warps; 0 = not split)\n"
+      "                 [--dispatch-copy-warps 4,6,..]   (also: dispatch on split blocks with that many copy-out warps; 0 = the auto count)\n"
       "                 [--ring-sweep]   (also: sender and receiver blocks, ring_senders 1 and R-1 x ring_chunk 0, 2, 4;\n"
       "                  split blocks, R-1 and 2(R-1) sending warps x ring_chunk 0, 4, 8)\n"
       "Defaults: the `ht` and `ll` workloads of benchmarks.md on every visible GPU.\n");

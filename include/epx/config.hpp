@@ -39,11 +39,12 @@ struct Config {
   // than the peers (R - 1) or no warp is left to reduce.
   int ring_send_warps = 0;
 
-  // Dispatch on split blocks (the default; needs num_sms <= 80): dispatch_copy_warps warps of every
-  // block copy received rows out of the row region as they land while the other warps send.
-  // false = every warp sends, then copies out after each source's completion. Measured at EP4,
-  // 4xH200, cached: bf16 515 vs 641 us at 24 SMs, fp8 294 vs 349 (docs/performance.md).
-  bool dispatch_split_blocks = true;
+  // Dispatch on split blocks (needs num_sms <= 80): dispatch_copy_warps warps of every block copy
+  // received rows out of the row region as they land while the other warps send. false = every
+  // warp sends, then copies out after each source's completion. Measured at EP4, 4xH200, cached:
+  // bf16 515 vs 641 us at 24 SMs, fp8 294 vs 349 (docs/performance.md). Off by default for now:
+  // the GPU tests passed at 4 and 5 copy warps, the auto counts (7-12) were only benchmarked.
+  bool dispatch_split_blocks = false;
   // Copy-out warps of a split block; 0 = auto: the rest after S = round(1.3 MB / (row bytes x
   // num_sms)) sending warps, a fit of the measured best at EP4, hidden 7168 (S = 4 for bf16 and 7
   // for fp8 at 24 SMs, 5 and 9 at 20; the fit gives 4, 8, 5, 9).

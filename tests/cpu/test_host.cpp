@@ -213,7 +213,9 @@ TEST(Plan, RingCombineGeometry) {
 TEST(Plan, DispatchSplitBlocks) {
   Config c;
   c.num_threads = 512;
-  EXPECT_TRUE(c.dispatch_split_blocks);
+  EXPECT_FALSE(c.dispatch_split_blocks);  // off by default (include/epx/config.hpp)
+  EXPECT_EQ(plan::dispatch_copy_warps(c, 7168 * 2), 0);
+  c.dispatch_split_blocks = true;
   // Auto: sending warps = round(1.3 MB / (row bytes x blocks)), the rest copy out.
   c.num_sms = 24;
   EXPECT_EQ(plan::dispatch_copy_warps(c, 7168 * 2), 16 - 4);        // bf16, hidden 7168

@@ -197,13 +197,13 @@ void run_case(RankCtx& ctx, const Case& c) {
     ctx.buffer->synchronize(ctx.stream);
     check_recv(again, s, want[me], rows, false, c.name + " cached");
   }
-  // Split-block dispatch (5 warps of each block copy out as rows land): fresh (notify again, all
-  // metadata) and cached, both equal to the reference.
-  {
+  // Split-block dispatch (5 warps of each block copy out as rows land, then the auto count): fresh
+  // (notify again, all metadata) and cached, both equal to the reference.
+  for (int copy_warps : {5, 0}) {
     const Config saved = ctx.buffer->config();
     Config split = saved;
     split.dispatch_split_blocks = true;
-    split.dispatch_copy_warps = 5;
+    split.dispatch_copy_warps = copy_warps;
     ctx.buffer->set_config(split);
     DispatchHandle h2 = ctx.buffer->make_handle(N);
     const int nr2 = ctx.buffer->dispatch_notify(in, h2, View::of(per_expert.get(), DType::kI32, {E / R}), ctx.stream);
@@ -219,8 +219,9 @@ void run_case(RankCtx& ctx, const Case& c) {
     ctx.buffer->dispatch(cached, h2, o, ctx.stream);
     ctx.buffer->synchronize(ctx.stream);
     ctx.buffer->set_config(saved);
-    check_recv(fresh, s, want[me], rows, true, c.name + " split");
-    check_recv(again, s, want[me], rows, false, c.name + " split cached");
+    const std::string tag = c.name + " split k" + std::to_string(copy_warps);
+    check_recv(fresh, s, want[me], rows, true, tag);
+    check_recv(again, s, want[me], rows, false, tag + " cached");
   }
   // Combine: every rank's expert outputs are regenerable, so the reference is exact (bitwise).
   std::vector<ref::CombineRankInput> cin(R);
