@@ -1,7 +1,8 @@
 // Ring combine: the push and the reduce overlap through bounded, reused rings (the row-region
-// combine writes every row once and reduces only after all of them arrived; EP4 24 SMs: 671 vs
-// 889 us, docs/performance.md). Blocks group into channels: k = p.ring_senders sender blocks and one receiver
-// block per channel (block (k + 1) c + j, j < k sends, j = k receives). Split blocks
+// combine writes every row once and reduces only after all of them arrived; EP4, 24 SMs, 4xH200:
+// 584 us on split blocks, 650 on sender and receiver blocks, 888 for the row region;
+// docs/performance.md). Blocks group into channels: k = p.ring_senders sender blocks and one
+// receiver block per channel (block (k + 1) c + j, j < k sends, j = k receives). Split blocks
 // (p.ring_send_warps = S > 0): block c is channel c, its warps [0, S) are the channel's one sender
 // (k = 1) and the others its receiver, each part with its own named barrier, so every SM sends and
 // reduces.
@@ -29,7 +30,6 @@ namespace {
 // 656.0 us for 8 (EP4, 24 SMs, 4xH200, same run); the sender is not inlined so it gets its own
 // registers (inlined beside the receive, 12 spills).
 constexpr int kRingSendUnroll = 12;
-
 
 // The warps [first, first + count) of a block that play one part (send or receive), with their own
 // barrier: 0 (__syncthreads) when they are the whole block, else a named barrier.
