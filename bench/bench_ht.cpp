@@ -10,6 +10,7 @@
 #include "bench_common.hpp"
 #include "common/layout.hpp"
 #include "host/checks.hpp"
+#include "host/plan.hpp"
 
 namespace epx::bench {
 
@@ -217,8 +218,12 @@ std::vector<Row> run_ht(const Options& o, Communicator& comm) {
         }
         buffer.set_config(cfg);
         for (const std::string& spec : o.combine_configs) {
-          buffer.set_config(with_ring_settings(cfg, spec));
+          const Config c = with_ring_settings(cfg, spec);
+          buffer.set_config(c);
           measure("combine " + spec, combine_op, row_bf16, nr, remote_rows, &nc);
+          // Settings whose rings do not fit this buffer (or this rank count) run the row region.
+          if (plan::ring_plan(c, R, plan::combine_rows(nvl_bytes, H, K).capacity).channels == 0)
+            rows.back().note = "row region: these rings do not fit";
         }
         buffer.set_config(cfg);
         if (o.ring_sweep && R >= 3) {  // 2 ranks: always the row region
