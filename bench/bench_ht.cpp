@@ -217,7 +217,18 @@ std::vector<Row> run_ht(const Options& o, Communicator& comm) {
           measure("combine bf16 ring blocks", combine_op, row_bf16, nr, remote_rows, &nc);
         }
         buffer.set_config(cfg);
-        for (const std::string& spec : o.combine_configs) {
+        // Ring settings to time: the ones asked for, and with --ring-sweep (3 ranks up; 2 ranks always
+        // take the row region) sender and receiver blocks (1 or R-1 sender blocks x chunk 0, 2, 4)
+        // and split blocks (a warp or two per peer sending x chunk 0, 4, 8).
+        std::vector<std::string> specs = o.combine_configs;
+        if (o.ring_sweep && R >= 3) {
+          for (int senders : {1, R - 1})
+            for (int chunk : {0, 2, 4}) specs.push_back("s" + std::to_string(senders) + "c" + std::to_string(chunk));
+          for (int send_warps : {R - 1, 2 * (R - 1)})
+            for (int chunk : {0, 4, 8})
+              if (send_warps < cfg.num_threads / 32) specs.push_back("w" + std::to_string(send_warps) + "c" + std::to_string(chunk));
+        }
+        for (const std::string& spec : specs) {
           const Config c = with_ring_settings(cfg, spec);
           buffer.set_config(c);
           measure("combine " + spec, combine_op, row_bf16, nr, remote_rows, &nc);
@@ -226,30 +237,6 @@ std::vector<Row> run_ht(const Options& o, Communicator& comm) {
             rows.back().note = "row region: these rings do not fit";
         }
         buffer.set_config(cfg);
-        if (o.ring_sweep && R >= 3) {  // 2 ranks: always the row region
-          for (int senders : {1, R - 1})
-            for (int chunk : {0, 2, 4}) {
-              Config sweep = cfg;
-              sweep.ring_split_blocks = false;
-              sweep.ring_senders = senders;
-              sweep.ring_chunk = chunk;
-              buffer.set_config(sweep);
-              measure("combine ring s" + std::to_string(senders) + " c" + std::to_string(chunk), combine_op, row_bf16, nr,
-                      remote_rows, &nc);
-            }
-          for (int send_warps : {R - 1, 2 * (R - 1)})  // split blocks: a warp or two per peer
-            for (int chunk : {0, 4, 8}) {
-              if (send_warps >= cfg.num_threads / 32) continue;
-              Config sweep = cfg;
-              sweep.ring_split_blocks = true;
-              sweep.ring_send_warps = send_warps;
-              sweep.ring_chunk = chunk;
-              buffer.set_config(sweep);
-              measure("combine split w" + std::to_string(send_warps) + " c" + std::to_string(chunk), combine_op, row_bf16,
-                      nr, remote_rows, &nc);
-            }
-          buffer.set_config(cfg);
-        }
       }
       rows.push_back(nd);
       rows.push_back(nc);

@@ -1,6 +1,7 @@
 // Device-side synchronization of epx ops: op epochs, the entry barrier, completion signals, and
-// the one bounded wait. Every wait has a deadline; on expiry it records an ErrorRecord (op, phase,
-// rank, peer, observed vs expected), prints one line and returns false: the kernel then returns.
+// the bounded waits (one flag, or several polled in turn). Every wait has a deadline; on expiry
+// it records an ErrorRecord (op, phase, rank, peer, observed vs expected), prints one line and
+// returns false: the kernel then returns.
 #pragma once
 #include <cstdint>
 #include <cstdio>
@@ -73,6 +74,25 @@ __device__ __forceinline__ bool wait_flag_geq(const OpContext& ctx, const uint64
       }
     }
   }
+}
+
+// The bound of a loop that polls several flags in turn (none of them may stall the others): call
+// it after every pass that made no progress, and set idle_since = 0 after one that did. Every
+// 256th call checks: false when another block or rank failed, or, once `timeout_ns` has passed
+// since the last progress, with the error recorded.
+struct PollClock {
+  uint64_t idle_since = 0;
+  uint32_t passes = 0;
+};
+__device__ __forceinline__ bool poll_still_ok(const OpContext& ctx, PollClock& clock, Phase phase, int peer,
+                                              uint64_t observed, uint64_t target) {
+  if ((++clock.passes & 255u) != 0) return true;
+  if (has_error(ctx)) return false;
+  const uint64_t now = globaltimer_ns();
+  if (clock.idle_since == 0) clock.idle_since = now;
+  if (now - clock.idle_since <= ctx.timeout_ns) return true;
+  record_error(ctx, DeviceErrorKind::kTimeout, phase, peer, -1, observed, target);
+  return false;
 }
 
 // Start of an op, called by every block: returns this op's epoch. Block 0 tells every peer that

@@ -114,7 +114,7 @@ __device__ bool receive(const CombineParams& p, uint64_t e, int c, const int* re
           const uint64_t* tail = &ctl->tail[r][c][w];
           if (lane == 0) {
             ok = wait_flag_geq(ctx, tail, tagged_count(e, need), Phase::kReduce, r);
-            if (ok) seen[warp][r][w] = static_cast<int>(ld_acquire_sys(tail) & 0xffffffffu);
+            if (ok) seen[warp][r][w] = count_of(ld_acquire_sys(tail));
           }
           __syncwarp();
           ok = __shfl_sync(0xffffffffu, ok, 0);
@@ -162,15 +162,8 @@ __device__ __noinline__ bool send(const CombineParams& p, uint64_t e, int c, int
   bool ok = true;
   const int t = wg.thread();
   if (t == 0) failed = 0;
-  if (t < R && t != me && (t - me - 1 + R) % R % k == j) {
-    const int s = t;
-    ok = wait_flag_geq(ctx, &ctl->bound[s][c], tagged_count(e, 0), Phase::kReduce, s) &&
-         wait_flag_geq(ctx, &ctl->bound[s][c + 1], tagged_count(e, 0), Phase::kReduce, s);
-    if (ok) {
-      lo[s] = static_cast<int>(ld_acquire_sys(&ctl->bound[s][c]) & 0xffffffffu);
-      hi[s] = static_cast<int>(ld_acquire_sys(&ctl->bound[s][c + 1]) & 0xffffffffu);
-    }
-  }
+  if (t < R && t != me && (t - me - 1 + R) % R % k == j)
+    ok = wait_range(ctx, &ctl->bound[t][c], &ctl->bound[t][c + 1], e, Phase::kReduce, t, lo[t], hi[t]);
   if (!wg.sync_and(ok)) return false;
 
   // This block's peers: the g-th after me for g = j, j + k, ...; find this warp's.

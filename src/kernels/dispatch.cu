@@ -107,52 +107,34 @@ __device__ bool copy_out_as_published(const DispatchParams& p, uint64_t e, int S
   RingCtl* ctl = ctx.ring_ctl(me);
   bool ok = true;
   if (tid < R && tid != me) {
-    ok = wait_flag_geq(ctx, &ctl->bound[tid][b], tagged_count(e, 0), Phase::kReceive, tid) &&
-         wait_flag_geq(ctx, &ctl->bound[tid][b + 1], tagged_count(e, 0), Phase::kReceive, tid);
-    if (ok) {
-      next[tid] = static_cast<int>(ld_acquire_sys(&ctl->bound[tid][b]) & 0xffffffffu);
-      hi[tid] = static_cast<int>(ld_acquire_sys(&ctl->bound[tid][b + 1]) & 0xffffffffu);
-    }
+    ok = wait_range(ctx, &ctl->bound[tid][b], &ctl->bound[tid][b + 1], e, Phase::kReceive, tid, next[tid], hi[tid]);
   } else if (tid < kMaxPeers) {
     next[tid] = hi[tid] = 0;
   }
   if (tid == 0) status = 0;
   if (!bar_red_and(2, threads, ok)) return false;
-  uint64_t idle_since = 0;
-  for (uint32_t pass = 0;; ++pass) {
+  PollClock clock;
+  while (true) {
     // Thread s looks at source s's progress (acquire); the barrier orders the copies after it.
     if (tid < R && tid != me) {
       const uint64_t v = next[tid] < hi[tid] ? ld_acquire_sys(&ctl->tail[tid][b][0]) : 0;
-      avail[tid] = v >= tagged_count(e, 0) ? min(hi[tid], static_cast<int>(v & 0xffffffffu)) : next[tid];
+      avail[tid] = v >= tagged_count(e, 0) ? min(hi[tid], count_of(v)) : next[tid];
     }
     bar_sync(2, threads);
-    bool progressed = false, pending = false;
+    bool progressed = false;
+    int pending = -1;  // the first source not yet all copied
     for (int i = 1; i < R; ++i) {
       const int s = (me + i) % R;
       if (avail[s] > next[s]) {
         copy_out(p, next[s], avail[s] - next[s], tid, threads);
         progressed = true;
       }
-      if (avail[s] < hi[s]) pending = true;
+      if (avail[s] < hi[s] && pending < 0) pending = s;
     }
     if (tid == 0) {
-      if (!pending) {
-        status = 1;
-      } else if (progressed) {
-        idle_since = 0;
-      } else if ((pass & 255u) == 255u) {  // bounded: the timeout counts from the last progress
-        const uint64_t now = globaltimer_ns();
-        if (idle_since == 0) idle_since = now;
-        if (has_error(ctx)) status = 2;
-        else if (now - idle_since > ctx.timeout_ns) {
-          int s = 0;
-          for (int i = 1; i < R; ++i)
-            if (avail[(me + i) % R] < hi[(me + i) % R]) { s = (me + i) % R; break; }
-          record_error(ctx, DeviceErrorKind::kTimeout, Phase::kReceive, s, -1, static_cast<unsigned long long>(avail[s]),
-                       static_cast<unsigned long long>(hi[s]));
-          status = 2;
-        }
-      }
+      if (pending < 0) status = 1;
+      else if (progressed) clock.idle_since = 0;
+      else if (!poll_still_ok(ctx, clock, Phase::kReceive, pending, avail[pending], hi[pending])) status = 2;
     }
     bar_sync(2, threads);  // every thread read avail/next before they move on
     if (tid < R && tid != me) next[tid] = avail[tid];

@@ -4,6 +4,7 @@
 #include <cstdint>
 
 #include "device/copy.cuh"  // kWarpSize
+#include "device/sync.cuh"
 
 namespace epx::kernels {
 
@@ -13,6 +14,21 @@ using device::kWarpSize;
 // is reset between them.
 __device__ __forceinline__ uint64_t tagged_count(uint64_t e, int64_t count) {
   return (e << 32) | static_cast<uint64_t>(count);
+}
+__device__ __forceinline__ int count_of(uint64_t word) { return static_cast<int>(word & 0xffffffffu); }
+
+// A peer's range [lo, hi) announced for op e as two progress words (its start, and the next
+// range's start): waits until both are published, then reads them (acquire). False if a wait
+// failed (the error is recorded).
+__device__ __forceinline__ bool wait_range(const device::OpContext& ctx, const uint64_t* lo_word,
+                                           const uint64_t* hi_word, uint64_t e, Phase phase, int peer,
+                                           int& lo, int& hi) {
+  if (!device::wait_flag_geq(ctx, lo_word, tagged_count(e, 0), phase, peer) ||
+      !device::wait_flag_geq(ctx, hi_word, tagged_count(e, 0), phase, peer))
+    return false;
+  lo = count_of(device::ld_acquire_sys(lo_word));
+  hi = count_of(device::ld_acquire_sys(hi_word));
+  return true;
 }
 
 // Rows this rank sends to r from its tokens [0, t0): the position of the last such token + 1. One
