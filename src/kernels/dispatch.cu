@@ -25,22 +25,15 @@ __global__ void __launch_bounds__(kMaxHtThreads) dispatch_kernel(const __grid_co
   __shared__ int slot_base[kMaxPeers];  // first row of this rank's rows on each destination
   __shared__ int recv_base[kMaxPeers + 1];  // first row of each source's rows here
   const OpContext& ctx = p.ctx;
-  const uint64_t e = op_begin(ctx);
-  const int num_recv = *p.num_recv;
-  if (num_recv < 0 || !rows_fit(ctx, p.count_matrix, p.rows.capacity, /*by_receiver=*/true)) {  // the count exchange failed a check on every rank alike: skip the op
-    op_end(ctx, e);
-    return;
-  }
-  compute_slot_and_recv_base(p, slot_base, recv_base);
-  if (!wait_peers_ready(ctx, e)) return;
+  uint64_t e;
+  int num_recv;
+  if (!dispatch_begin(p, e, num_recv, slot_base, recv_base)) return;
 
   // Send: contiguous token ranges per block, a warp per token.
   const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
   const int warps = blockDim.x / kWarpSize;
-  const int per_block = (p.num_tokens + gridDim.x - 1) / gridDim.x;
-  const int t_begin = blockIdx.x * per_block;
-  const int t_end = min(p.num_tokens, t_begin + per_block);
-  for (int t = t_begin + warp; t < t_end; t += warps) send_token(p, t, slot_base, lane);
+  const TokenRange tokens = block_tokens(p.num_tokens);
+  for (int t = tokens.begin + warp; t < tokens.end; t += warps) send_token(p, t, slot_base, lane);
   signal_sends_done(ctx, e);
 
   // Receive: sources in rotated order so ranks do not all wait on the same peer.
@@ -64,8 +57,8 @@ __device__ void send_and_publish(const DispatchParams& p, uint64_t e, const int*
   const OpContext& ctx = p.ctx;
   const int R = ctx.num_ranks, me = ctx.rank, b = blockIdx.x, B = gridDim.x;
   const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
-  const int per_block = (p.num_tokens + B - 1) / B;
-  const int t_begin = min(p.num_tokens, b * per_block), t_end = min(p.num_tokens, t_begin + per_block);
+  const TokenRange tokens = block_tokens(p.num_tokens);
+  const int t_begin = tokens.begin, t_end = tokens.end;
   // Where block b's rows start on every destination (and, from the last block, where they end).
   if (warp == 0) {
     for (int r = 0; r < R; ++r) {
@@ -148,19 +141,13 @@ __device__ bool copy_out_as_published(const DispatchParams& p, uint64_t e, int S
 __global__ void __launch_bounds__(kMaxHtThreads) dispatch_split_kernel(const __grid_constant__ DispatchParams p) {
   __shared__ int slot_base[kMaxPeers];
   __shared__ int recv_base[kMaxPeers + 1];
-  const OpContext& ctx = p.ctx;
-  const uint64_t e = op_begin(ctx);
-  const int num_recv = *p.num_recv;
-  if (num_recv < 0 || !rows_fit(ctx, p.count_matrix, p.rows.capacity, /*by_receiver=*/true)) {
-    op_end(ctx, e);
-    return;
-  }
-  compute_slot_and_recv_base(p, slot_base, recv_base);
-  if (!wait_peers_ready(ctx, e)) return;
+  uint64_t e;
+  int num_recv;
+  if (!dispatch_begin(p, e, num_recv, slot_base, recv_base)) return;
   const int S = static_cast<int>(blockDim.x) / kWarpSize - p.copy_warps;
   if (static_cast<int>(threadIdx.x) < S * kWarpSize) send_and_publish(p, e, slot_base, S);
   else copy_out_as_published(p, e, S, num_recv);
-  op_end(ctx, e);
+  op_end(p.ctx, e);
 }
 
 }  // namespace

@@ -25,6 +25,31 @@ __device__ __forceinline__ void compute_slot_and_recv_base(const DispatchParams&
   __syncthreads();
 }
 
+// Prologue of both dispatch kernels: this op's epoch `e` and rows received `num_recv`; false (after
+// op_end) when the op is skipped on every rank alike (failed count exchange, or rows that do not
+// fit); else the bases are filled and every peer is ready (false also when that wait failed).
+__device__ __forceinline__ bool dispatch_begin(const DispatchParams& p, uint64_t& e, int& num_recv, int* slot_base,
+                                               int* recv_base) {
+  e = op_begin(p.ctx);
+  num_recv = *p.num_recv;
+  if (num_recv < 0 || !rows_fit(p.ctx, p.count_matrix, p.rows.capacity, /*by_receiver=*/true)) {
+    op_end(p.ctx, e);
+    return false;
+  }
+  compute_slot_and_recv_base(p, slot_base, recv_base);
+  return wait_peers_ready(p.ctx, e);
+}
+
+// The tokens [begin, end) block `blockIdx.x` sends: contiguous ranges, in block order.
+struct TokenRange {
+  int begin, end;
+};
+__device__ __forceinline__ TokenRange block_tokens(int num_tokens) {
+  const int per_block = (num_tokens + gridDim.x - 1) / gridDim.x;
+  const int begin = min(num_tokens, static_cast<int>(blockIdx.x) * per_block);
+  return {begin, min(num_tokens, begin + per_block)};
+}
+
 __device__ __forceinline__ void send_token(const DispatchParams& p, int t, const int* slot_base, int lane) {
   const OpContext& ctx = p.ctx;
   const int R = ctx.num_ranks, me = ctx.rank;
