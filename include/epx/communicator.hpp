@@ -1,9 +1,22 @@
-// Communicator: an NCCL communicator plus the topology epx needs. One per process (and GPU).
+// Communicator: the ranks of one expert-parallel group and the host collectives epx needs.
+//
+// Two kinds, one interface:
+//  - real: an NCCL communicator, one process (or thread) per GPU (made from an ncclUniqueId or
+//    adopted from the caller's ncclComm_t);
+//  - simulated: handed out by a SimWorld (epx/sim_world.hpp): R ranks as threads of one process on
+//    one GPU, for developing and testing EP code on a single GPU. Its host collectives are thread
+//    barriers, its symmetric memory slices of one allocation, and each rank owns SMs / R of the
+//    device (num_device_sms()), so every rank's grids are resident together.
+// A Communicator is used from one thread at a time (its rank's).
 #pragma once
-#include <nccl.h>
 #include <cuda_runtime_api.h>
+#include <nccl.h>
+
+#include <cstddef>
 
 namespace epx {
+
+class SimWorld;
 
 class Communicator {
  public:
@@ -26,19 +39,30 @@ class Communicator {
   int local_size() const { return local_size_; }
   int num_nodes() const { return world_ / local_size_; }
   int device() const { return device_; }
+  // SMs this rank may use: the device's, or its share (device SMs / R) in a SimWorld.
   int num_device_sms() const { return num_device_sms_; }
+  // The NCCL communicator; nullptr when simulated.
   ncclComm_t nccl() const { return comm_; }
+  bool simulated() const { return sim_ != nullptr; }
+  // The SimWorld this rank belongs to; nullptr when real.
+  SimWorld* sim_world() const { return sim_; }
 
-  // Host-blocking barrier over all ranks (an NCCL all-reduce of one int), bounded by `timeout_s`.
+  // Host-blocking barrier over all ranks, bounded by `timeout_s` (Error(kTimeout) on expiry).
   void barrier(double timeout_s = 100.0);
+  // Host all-gather of `num_bytes` per rank: all[r * num_bytes ...] = rank r's `mine`. Bounded.
+  void all_gather(const void* mine, void* all, size_t num_bytes, double timeout_s = 100.0);
 
  private:
+  friend class SimWorld;
+  Communicator(SimWorld& world, int rank, int device, int num_sms_per_rank);
   void init_topology();
   ncclComm_t comm_ = nullptr;
   bool owns_ = false;
+  SimWorld* sim_ = nullptr;
   int rank_ = 0, world_ = 1, local_rank_ = 0, local_size_ = 1, device_ = 0, num_device_sms_ = 0;
-  int* barrier_word_ = nullptr;
-  cudaStream_t barrier_stream_ = nullptr;
+  void* scratch_ = nullptr;  // device scratch of the NCCL host collectives
+  size_t num_scratch_bytes_ = 0;
+  cudaStream_t stream_ = nullptr;
 };
 
 }  // namespace epx

@@ -1,0 +1,71 @@
+// SimWorld: R expert-parallel ranks as threads of one process on ONE GPU (design.md §3).
+//
+// For developing and testing EP programs on a single GPU: every rank has its own thread, stream,
+// Communicator and Buffer, exactly as in a real run; the Buffers' symmetric windows are slices of
+// one device allocation, the host barrier is a thread barrier, and each rank may use SMs / R of the
+// device, so all ranks' blocks are resident together and every protocol of epx runs as it does on
+// R GPUs. Results are bit for bit those of a real run. Timings are NOT NVLink numbers (all ranks
+// share one GPU's SMs and memory): use real GPUs to measure.
+//
+// Rules for code that runs in a SimWorld (they hold for epx itself):
+//  - use the rank's own non-blocking stream; no cudaDeviceSynchronize, no cudaMemset/cudaMemcpy on
+//    the legacy default stream, no cudaFree while peers run (each of these waits for, or serializes
+//    behind, every rank's kernels, which may be waiting for this rank: a deadlock until timeout);
+//  - capture CUDA graphs with cudaStreamCaptureModeThreadLocal (or Relaxed).
+//
+// Example:
+//   epx::launch_sim(4, [&](int rank, int world, epx::Communicator& comm) {
+//     epx::Buffer buffer(comm, bytes);   // collective over the 4 threads
+//     ...
+//     return 0;
+//   });
+#pragma once
+#include <functional>
+#include <memory>
+#include <string>
+
+#include "epx/communicator.hpp"
+
+namespace epx {
+
+class SimWorld {
+ public:
+  // Fewest SMs a simulated rank must own (the low-latency receive needs one block per SM).
+  static constexpr int kMinSmsPerRank = 4;
+  // Largest R on `device`: min(kMaxRanks, device SMs / kMinSmsPerRank).
+  static int max_world(int device = 0);
+
+  // world in [2, max_world(device)]; `timeout_s` bounds every host collective (0 = EPX_TIMEOUT_S).
+  // Creates `world` Communicators; creating them makes no CUDA call beyond device queries.
+  explicit SimWorld(int world, int device = 0, double timeout_s = 0);
+  // Frees what the ranks' Buffers left behind. Destroy the world after every rank's thread ended.
+  ~SimWorld();
+  SimWorld(const SimWorld&) = delete;
+  SimWorld& operator=(const SimWorld&) = delete;
+
+  int world() const;
+  int device() const;
+  // SMs each rank owns: the device's SMs / world (Communicator::num_device_sms()).
+  int num_sms_per_rank() const;
+  // The communicator of `rank`: use it from that rank's thread only.
+  Communicator& comm(int rank);
+  // `rank`'s thread failed and takes no further part: the peers' host collectives fail at once
+  // with an error naming it (device waits end by their own timeout, naming the peer).
+  void leave(int rank, const std::string& reason);
+
+  struct State;  // internal (src/host/sim_world.cpp)
+  State& state() { return *state_; }
+
+ private:
+  std::unique_ptr<State> state_;
+};
+
+// Runs fn(rank, world, comm) on `world` threads of this process on GPU `device` (the current
+// device set in each thread), one SimWorld for the call. Returns the number of ranks that failed:
+// fn returned non-zero or threw (the exception is printed with the rank; the rank leaves the world
+// so its peers stop waiting for it). timeout_s: bound of the world's host collectives (0 =
+// EPX_TIMEOUT_S).
+int launch_sim(int world, const std::function<int(int rank, int world, Communicator& comm)>& fn, int device = 0,
+               double timeout_s = 0);
+
+}  // namespace epx
