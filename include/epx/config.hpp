@@ -53,8 +53,10 @@ struct Config {
   // Throws Error(kInvalidArgument) naming the field when out of range. `num_device_sms` <= 0 skips
   // the check against the device.
   void validate(int num_device_sms = 0) const;
-  // Default config for a given number of ranks (measured table, see src/host/config.cpp).
-  static Config defaults(int num_ranks);
+  // Default config for a given number of ranks (measured table, see src/host/config.cpp), with
+  // num_sms at most `num_device_sms` when that is > 0 (a SimWorld rank's share:
+  // Communicator::num_device_sms()).
+  static Config defaults(int num_ranks, int num_device_sms = 0);
 };
 
 }  // namespace epx

@@ -1,6 +1,7 @@
 // Local launcher: runs `fn(rank, world, id)` in one forked process per visible GPU (or `world`
 // processes) and shares the NCCL unique id through shared memory. Returns the number of ranks that
 // failed (non-zero exit or signal); each child's exceptions are printed with its rank.
+// For R ranks on one GPU (threads, no NCCL), see launch_sim in epx/sim_world.hpp.
 #pragma once
 #include <functional>
 #include <nccl.h>

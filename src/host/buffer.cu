@@ -8,18 +8,32 @@
 #include <cstring>
 #include <vector>
 
+#include "epx/sim_world.hpp"
 #include "host/buffer_impl.hpp"
+#include "host/sim_world_state.hpp"
 #include "host/validate.hpp"
-#include "kernels/transport.hpp"
 
 namespace epx {
 
 using validate::kAny;
 
+namespace {
+
+// Config.num_sms is bounded by the SMs this rank owns; a simulated rank owns a share of the device.
+void validate_config(const Communicator& comm, const Config& config) {
+  if (comm.simulated())
+    EPX_ARG_CHECK(config.num_sms <= comm.num_device_sms(), "Config.num_sms: ", config.num_sms,
+                  " exceeds this simulated rank's SM share of ", comm.num_device_sms(), " (the device's SMs / ",
+                  comm.world(), " ranks)");
+  config.validate(comm.num_device_sms());
+}
+
+}  // namespace
+
 Buffer::Buffer(Communicator& comm, size_t num_nvl_bytes, BufferOptions options) : impl_(new Impl) {
   Impl& m = *impl_;
   m.comm = &comm;
-  options.config.validate(comm.num_device_sms());
+  validate_config(comm, options.config);
   m.set_config(options.config);
   EPX_CHECK(comm.world() <= kMaxPeers, ErrorKind::kUnsupported, "world size ", comm.world(),
             " exceeds the NVLink domain limit of ", kMaxPeers, " ranks");
@@ -33,44 +47,29 @@ Buffer::Buffer(Communicator& comm, size_t num_nvl_bytes, BufferOptions options) 
   EPX_CUDA_CHECK(cudaSetDevice(comm.device()));
 
   const size_t num_ll_bytes = options.num_ll_bytes > 0 ? align_up(options.num_ll_bytes, 1 << 21) : 0;
-  // Every rank must use the same sizes (offsets are symmetric): compare min and max.
+  // Every rank must use the same sizes (offsets are symmetric).
   {
-    unsigned long long* d = nullptr;
-    EPX_CUDA_CHECK(cudaMalloc(&d, 2 * sizeof(unsigned long long)));
-    const unsigned long long mine = num_nvl_bytes * 4099ull + num_ll_bytes;
-    unsigned long long h[2] = {mine, ~0ull - mine};
-    EPX_CUDA_CHECK(cudaMemcpy(d, h, sizeof(h), cudaMemcpyHostToDevice));
-    EPX_NCCL_CHECK(ncclAllReduce(d, d, 2, ncclUint64, ncclMax, comm.nccl(), nullptr));
-    EPX_CUDA_CHECK(cudaMemcpy(h, d, sizeof(h), cudaMemcpyDeviceToHost));
-    cudaFree(d);
-    EPX_ARG_CHECK(h[0] == mine && ~0ull - h[1] == mine,
-                  "num_nvl_bytes / num_ll_bytes: must be equal on all ranks; this rank has ", num_nvl_bytes, " / ",
-                  num_ll_bytes);
+    struct Sizes {
+      unsigned long long num_nvl_bytes, num_ll_bytes;
+    } mine{num_nvl_bytes, num_ll_bytes};
+    std::vector<Sizes> all(comm.world());
+    comm.all_gather(&mine, all.data(), sizeof(Sizes), m.timeout_s());
+    for (int r = 0; r < comm.world(); ++r)
+      EPX_ARG_CHECK(all[r].num_nvl_bytes == mine.num_nvl_bytes && all[r].num_ll_bytes == mine.num_ll_bytes,
+                    "num_nvl_bytes / num_ll_bytes: must be equal on all ranks; rank ", comm.rank(), " has ",
+                    num_nvl_bytes, " / ", num_ll_bytes, ", rank ", r, " has ", all[r].num_nvl_bytes, " / ",
+                    all[r].num_ll_bytes, " (after rounding up to 2 MiB)");
   }
 
+  m.arena = std::make_shared<DeviceArena>(comm.device(), comm.simulated());
   m.ll_offset = num_nvl_bytes;
   m.num_ll_bytes = num_ll_bytes;
-  const size_t total_bytes = num_nvl_bytes + m.num_ll_bytes;
-  EPX_NCCL_CHECK(ncclMemAlloc(&m.symmetric, total_bytes));
-  EPX_NCCL_CHECK(ncclCommWindowRegister(comm.nccl(), m.symmetric, total_bytes, &m.window, NCCL_WIN_COLL_SYMMETRIC));
-  ncclDevCommRequirements reqs;
-  std::memset(&reqs, 0, sizeof(reqs));
-  reqs.lsaMultimem = false;  // never multicast (NVLS) on shared hosts
-  reqs.lsaBarrierCount = 1;
-  EPX_NCCL_CHECK(ncclDevCommCreate(comm.nccl(), &reqs, &m.dev_comm));
-  m.dev_comm_created = true;
-  EPX_CHECK(m.dev_comm.lsaSize == comm.world(), ErrorKind::kUnsupported, "LSA team has ", m.dev_comm.lsaSize,
-            " ranks, world has ", comm.world());
+  m.memory = SymmetricMemory::create(comm, num_nvl_bytes + num_ll_bytes, m.timeout_s());
+  m.symmetric = m.memory->local();
+  for (int p = 0; p < comm.world(); ++p) m.peers[p] = m.memory->peers()[p];
 
-  void** peers_device = nullptr;
-  EPX_CUDA_CHECK(cudaMalloc(&peers_device, sizeof(void*) * kMaxPeers));
-  kernels::launch_query_peers(m.dev_comm, m.window, peers_device, nullptr);
-  EPX_CUDA_CHECK(cudaGetLastError());
-  EPX_CUDA_CHECK(cudaMemcpy(m.peers, peers_device, sizeof(void*) * comm.world(), cudaMemcpyDeviceToHost));
-  cudaFree(peers_device);
-
-  EPX_CUDA_CHECK(cudaMalloc(&m.workspace, sizeof(Workspace)));
-  if (m.num_ll_bytes > 0) EPX_CUDA_CHECK(cudaMalloc(&m.ll_ws, sizeof(LlWorkspace)));
+  m.workspace = static_cast<Workspace*>(m.arena->alloc(sizeof(Workspace)));
+  if (m.num_ll_bytes > 0) m.ll_ws = static_cast<LlWorkspace*>(m.arena->alloc(sizeof(LlWorkspace)));
   EPX_CUDA_CHECK(cudaHostAlloc(&m.error, sizeof(ErrorRecord), cudaHostAllocMapped));
   EPX_CUDA_CHECK(cudaHostGetDevicePointer(reinterpret_cast<void**>(&m.error_device), m.error, 0));
   EPX_CUDA_CHECK(cudaHostAlloc(&m.mailbox, sizeof(HostMailbox), cudaHostAllocMapped));
@@ -83,22 +82,26 @@ Buffer::~Buffer() {
   if (!impl_) return;
   Impl& m = *impl_;
   cudaSetDevice(m.comm->device());
-  cudaDeviceSynchronize();
+  try { m.quiesce("~Buffer"); } catch (const Error&) {}
   // Deregistration is collective: keep ranks in step so no peer still writes into our memory.
   try { m.comm->barrier(m.timeout_s()); } catch (const Error&) {}
-  if (m.dev_comm_created) ncclDevCommDestroy(m.comm->nccl(), &m.dev_comm);
-  if (m.window) ncclCommWindowDeregister(m.comm->nccl(), m.window);
-  if (m.symmetric) ncclMemFree(m.symmetric);
-  if (m.workspace) cudaFree(m.workspace);
-  if (m.ll_ws) cudaFree(m.ll_ws);
-  if (m.error) cudaFreeHost(m.error);
-  if (m.mailbox) cudaFreeHost(m.mailbox);
+  m.memory.reset();
+  m.arena->free(m.workspace);
+  m.arena->free(m.ll_ws);
+  if (m.comm->simulated()) {
+    // cudaFreeHost may wait for every rank's kernels: the world frees these when it ends.
+    m.comm->sim_world()->state().defer_free_host(m.error);
+    m.comm->sim_world()->state().defer_free_host(m.mailbox);
+  } else {
+    if (m.error) cudaFreeHost(m.error);
+    if (m.mailbox) cudaFreeHost(m.mailbox);
+  }
 }
 
 Communicator& Buffer::comm() const { return *impl_->comm; }
 const Config& Buffer::config() const { return impl_->config; }
 void Buffer::set_config(const Config& config) {
-  config.validate(impl_->comm->num_device_sms());
+  validate_config(*impl_->comm, config);
   impl_->set_config(config);
 }
 int Buffer::rank() const { return impl_->comm->rank(); }
@@ -126,8 +129,8 @@ void Buffer::synchronize(cudaStream_t stream) {
 void Buffer::reset() {
   Impl& m = *impl_;
   EPX_CUDA_CHECK(cudaSetDevice(m.comm->device()));
-  // Kernels are bounded, so this returns; then no peer is writing into our memory.
-  EPX_CUDA_CHECK(cudaDeviceSynchronize());
+  // Kernels are bounded, so this returns; after the barrier no peer is writing into our memory.
+  m.quiesce("Buffer::reset");
   m.comm->barrier(m.timeout_s());
   m.zero_state();
   m.failed = false;
@@ -172,7 +175,7 @@ void Buffer::get_dispatch_layout(const View& topk_idx, int num_experts, const Vi
   p.num_tokens_per_expert = num_tokens_per_expert.ptr<int>();
   p.is_token_in_rank = is_token_in_rank.ptr<bool>();
   kernels::launch_layout(p, stream);
-  m.after_launch("get_dispatch_layout");
+  m.after_launch("get_dispatch_layout", stream);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -186,10 +189,11 @@ DispatchHandle Buffer::make_handle(int num_tokens) const {
   h.rank = rank();
   h.num_tokens = num_tokens;
   const size_t num_ints = 2 * R * R + static_cast<size_t>(num_tokens) * R + 1;
-  int* mem = nullptr;
-  EPX_CUDA_CHECK(cudaMalloc(&mem, num_ints * sizeof(int)));
-  EPX_CUDA_CHECK(cudaMemset(mem, 0, num_ints * sizeof(int)));
-  h.storage = std::shared_ptr<void>(mem, [](void* q) { cudaFree(q); });
+  std::shared_ptr<DeviceArena> arena = impl_->arena;
+  int* mem = static_cast<int*>(arena->alloc(num_ints * sizeof(int)));
+  h.storage = std::shared_ptr<void>(mem, [arena](void* q) { arena->free(q); });
+  EPX_CUDA_CHECK(cudaMemsetAsync(mem, 0, num_ints * sizeof(int), arena->stream));
+  host_wait_stream(arena->stream, impl_->timeout_s() + 10, "Buffer::make_handle", rank());
   h.rank_prefix_matrix = mem;
   h.count_matrix = mem + R * R;
   h.send_pos = mem + 2 * R * R;
@@ -287,7 +291,7 @@ int Buffer::dispatch_notify(const DispatchInputs& in, DispatchHandle& handle, co
   handle.num_recv_tokens = -1;
   handle.max_recv_tokens = -1;
   kernels::launch_notify(p, stream);
-  m.after_launch("dispatch_notify");
+  m.after_launch("dispatch_notify", stream);
   handle.filled = true;
   if (!host_sync) return -1;
 
@@ -365,7 +369,7 @@ void Buffer::dispatch(const DispatchInputs& in, const DispatchHandle& handle, co
   p.recv_src_idx = out.recv_src_idx.defined() ? out.recv_src_idx.ptr<int>() : nullptr;
   p.copy_warps = plan::dispatch_copy_warps(m.config, rows.row_bytes);
   kernels::launch_dispatch(p, m.config.num_sms, m.config.num_threads, stream);
-  m.after_launch("dispatch");
+  m.after_launch("dispatch", stream);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -439,7 +443,7 @@ void Buffer::combine(const CombineInputs& in, const DispatchHandle& handle, cons
   } else {
     kernels::launch_combine(p, m.config.num_sms, m.config.num_threads, stream);
   }
-  m.after_launch("combine");
+  m.after_launch("combine", stream);
 }
 
 }  // namespace epx

@@ -6,13 +6,16 @@
 
 #include <cstdio>
 #include <cstring>
+#include <memory>
 #include <string>
 
 #include "common/ll_layout.hpp"
 #include "epx/buffer.hpp"
 #include "host/checks.hpp"
+#include "host/device_arena.hpp"
 #include "host/env.hpp"
 #include "host/plan.hpp"
+#include "host/symmetric.hpp"
 #include "kernels/ht_params.hpp"
 #include "kernels/ll_params.hpp"
 
@@ -23,10 +26,9 @@ struct Buffer::Impl {
   Config config;
   double timeout_seconds = 0;  // effective_timeout_s(config), read once per config (not per op)
   size_t num_nvl_bytes = 0;
-  void* symmetric = nullptr;
-  ncclWindow_t window = nullptr;
-  ncclDevComm dev_comm{};
-  bool dev_comm_created = false;
+  std::shared_ptr<DeviceArena> arena;
+  std::unique_ptr<SymmetricMemory> memory;
+  char* symmetric = nullptr;  // this rank's window (memory->local())
   char* peers[kMaxPeers] = {};
   Workspace* workspace = nullptr;
   ErrorRecord* error = nullptr;  // host-mapped
@@ -63,19 +65,25 @@ struct Buffer::Impl {
     timeout_seconds = effective_timeout_s(c);
   }
 
+  // Zeroes the flags and workspaces on the control stream and waits for it. The caller has
+  // quiesced this rank's ops (and kept the ranks in step, except at creation).
   void zero_state() {
-    EPX_CUDA_CHECK(cudaMemset(symmetric, 0, SymmetricLayout::kRowsOffset));
-    EPX_CUDA_CHECK(cudaMemset(workspace, 0, sizeof(Workspace)));
-    if (num_ll_bytes > 0) {
-      EPX_CUDA_CHECK(cudaMemset(static_cast<char*>(symmetric) + ll_offset, 0, LlLayout::kSyncBytes));
-      EPX_CUDA_CHECK(cudaMemset(ll_ws, 0, sizeof(LlWorkspace)));
-    }
+    const cudaStream_t s = arena->stream;
+    EPX_CUDA_CHECK(cudaMemsetAsync(symmetric, 0, SymmetricLayout::kRowsOffset, s));
+    EPX_CUDA_CHECK(cudaMemsetAsync(workspace, 0, sizeof(Workspace), s));
+    if (num_ll_bytes > 0) zero_ll_state();
     ll_next = 0;
     pending[0] = pending[1] = PendingReceive{};
     std::memset(error, 0, sizeof(ErrorRecord));
     std::memset(mailbox, 0, sizeof(HostMailbox));
-    EPX_CUDA_CHECK(cudaDeviceSynchronize());
+    host_wait_stream(s, timeout_s() + 10, "Buffer (zeroing its flags)", comm->rank());
   }
+  void zero_ll_state() {
+    const cudaStream_t s = arena->stream;
+    EPX_CUDA_CHECK(cudaMemsetAsync(symmetric + ll_offset, 0, LlLayout::kSyncBytes, s));
+    EPX_CUDA_CHECK(cudaMemsetAsync(ll_ws, 0, sizeof(LlWorkspace), s));
+  }
+  void quiesce(const char* what) { arena->quiesce(timeout_s() + 10, what, comm->rank()); }
 
   // Refuses work on a failed buffer; surfaces a device error recorded since the last check.
   void check_usable() {
@@ -131,12 +139,13 @@ struct Buffer::Impl {
     throw Error(kind, msg, __FILE__, __LINE__);
   }
 
-  void after_launch(const char* what) {
+  void after_launch(const char* what, cudaStream_t stream) {
     const cudaError_t st = cudaPeekAtLastError();
     if (st != cudaSuccess) {
       cudaGetLastError();
       EPX_FAIL(ErrorKind::kCuda, what, ": launch failed: ", cudaGetErrorString(st));
     }
+    arena->join(stream);
     if (env::debug()) std::fprintf(stderr, "epx[rank %d]: %s launched\n", comm->rank(), what);
   }
 };

@@ -120,7 +120,7 @@ LowLatencyHandle Buffer::low_latency_dispatch(const LowLatencyDispatchArgs& a, c
   const int recv_blocks = E_loc >= sms ? sms : E_loc * p.blocks_per_expert;
   if (a.return_recv_hook) {
     kernels::launch_ll_dispatch_send(p, std::max(1, std::min<int>(static_cast<int>(N), sms)), stream);
-    m.after_launch("low_latency_dispatch (send)");
+    m.after_launch("low_latency_dispatch (send)", stream);
     Impl::PendingReceive pr;
     pr.kind = Impl::PendingReceive::Kind::kDispatch;
     pr.dispatch = p;
@@ -129,7 +129,7 @@ LowLatencyHandle Buffer::low_latency_dispatch(const LowLatencyDispatchArgs& a, c
   } else {
     // One launch: the send half, then (same blocks) the receive half.
     kernels::launch_ll_dispatch_fused(p, recv_blocks, stream);
-    m.after_launch("low_latency_dispatch");
+    m.after_launch("low_latency_dispatch", stream);
   }
   m.ll_next ^= 1;
 
@@ -154,10 +154,10 @@ void Buffer::low_latency_receive(int b, cudaStream_t stream) {
             "low_latency_receive: nothing pending on low-latency buffer ", b, " (the hook was already called?)");
   if (pr.kind == Impl::PendingReceive::Kind::kDispatch) {
     kernels::launch_ll_dispatch_recv(pr.dispatch, pr.num_blocks, stream);
-    m.after_launch("low_latency_dispatch (receive)");
+    m.after_launch("low_latency_dispatch (receive)", stream);
   } else {
     kernels::launch_ll_combine_recv(pr.combine, pr.num_blocks, stream);
-    m.after_launch("low_latency_combine (receive)");
+    m.after_launch("low_latency_combine (receive)", stream);
   }
   pr.kind = Impl::PendingReceive::Kind::kNone;
 }
@@ -202,7 +202,7 @@ void Buffer::low_latency_combine(const LowLatencyCombineArgs& a, const LowLatenc
   const int sms = m.comm->num_device_sms();
   if (a.return_recv_hook) {
     kernels::launch_ll_combine_send(p, sms, stream);
-    m.after_launch("low_latency_combine (send)");
+    m.after_launch("low_latency_combine (send)", stream);
     Impl::PendingReceive pr;
     pr.kind = Impl::PendingReceive::Kind::kCombine;
     pr.combine = p;
@@ -211,7 +211,7 @@ void Buffer::low_latency_combine(const LowLatencyCombineArgs& a, const LowLatenc
   } else {
     // One launch: the send half over every SM, then (same blocks) the receive half.
     kernels::launch_ll_combine_fused(p, sms, stream);
-    m.after_launch("low_latency_combine");
+    m.after_launch("low_latency_combine", stream);
   }
   m.ll_next ^= 1;
 }
@@ -222,7 +222,7 @@ View Buffer::next_combine_buffer(const LowLatencyHandle& h) const {
   EPX_ARG_CHECK(h.num_max_dispatch_tokens_per_rank > 0, "handle: not from low_latency_dispatch");
   const LlLayout layout = ll_layout(R, h.num_max_dispatch_tokens_per_rank, h.hidden, h.num_topk, h.num_experts / R);
   check_ll_fits(m, layout);
-  char* region = static_cast<char*>(m.symmetric) + m.ll_offset;
+  char* region = m.symmetric + m.ll_offset;
   return View::of(layout.zero_copy(region, m.ll_next), DType::kBF16,
                   {h.num_experts / R, static_cast<int64_t>(R) * h.num_max_dispatch_tokens_per_rank, h.hidden});
 }
@@ -230,13 +230,12 @@ View Buffer::next_combine_buffer(const LowLatencyHandle& h) const {
 void Buffer::clean_low_latency_buffer() {
   Impl& m = *impl_;
   EPX_CHECK(m.num_ll_bytes > 0, ErrorKind::kState, "clean_low_latency_buffer: no low-latency region");
-  EPX_CUDA_CHECK(cudaDeviceSynchronize());
+  m.quiesce("clean_low_latency_buffer");
   m.comm->barrier(m.timeout_s());
-  EPX_CUDA_CHECK(cudaMemset(static_cast<char*>(m.symmetric) + m.ll_offset, 0, LlLayout::kSyncBytes));
-  EPX_CUDA_CHECK(cudaMemset(m.ll_ws, 0, sizeof(LlWorkspace)));
+  m.zero_ll_state();
   m.ll_next = 0;
   m.pending[0] = m.pending[1] = Impl::PendingReceive{};
-  EPX_CUDA_CHECK(cudaDeviceSynchronize());
+  host_wait_stream(m.arena->stream, m.timeout_s() + 10, "clean_low_latency_buffer", m.comm->rank());
   m.comm->barrier(m.timeout_s());
 }
 

@@ -2,13 +2,27 @@
 
 #include <nccl_device.h>
 
-#include <chrono>
-#include <thread>
+#include <cstring>
 
 #include "epx/error.hpp"
+#include "epx/sim_world.hpp"
 #include "host/checks.hpp"
+#include "host/sim_world_state.hpp"
 
 namespace epx {
+namespace {
+
+// Grows the device scratch of the NCCL host collectives to at least `num_bytes`.
+void reserve_scratch(void*& scratch, size_t& num_scratch_bytes, size_t num_bytes) {
+  if (num_bytes <= num_scratch_bytes) return;
+  if (scratch) EPX_CUDA_CHECK(cudaFree(scratch));
+  scratch = nullptr;
+  num_scratch_bytes = 0;
+  EPX_CUDA_CHECK(cudaMalloc(&scratch, num_bytes));
+  num_scratch_bytes = num_bytes;
+}
+
+}  // namespace
 
 ncclUniqueId Communicator::make_unique_id() {
   ncclUniqueId id;
@@ -33,6 +47,11 @@ Communicator::Communicator(ncclComm_t comm, bool owns) : comm_(comm), owns_(owns
   init_topology();
 }
 
+// A simulated rank: the whole world is one NVLink domain on one device; no CUDA call here.
+Communicator::Communicator(SimWorld& world, int rank, int device, int num_sms_per_rank)
+    : sim_(&world), rank_(rank), world_(world.world()), local_rank_(rank), local_size_(world.world()),
+      device_(device), num_device_sms_(num_sms_per_rank) {}
+
 void Communicator::init_topology() {
   EPX_NCCL_CHECK(ncclCommUserRank(comm_, &rank_));
   EPX_NCCL_CHECK(ncclCommCount(comm_, &world_));
@@ -42,19 +61,41 @@ void Communicator::init_topology() {
   local_rank_ = lsa.rank;
   local_size_ = lsa.nRanks;
   EPX_CUDA_CHECK(cudaDeviceGetAttribute(&num_device_sms_, cudaDevAttrMultiProcessorCount, device_));
-  EPX_CUDA_CHECK(cudaMalloc(&barrier_word_, sizeof(int)));
-  EPX_CUDA_CHECK(cudaStreamCreateWithFlags(&barrier_stream_, cudaStreamNonBlocking));
+  EPX_CUDA_CHECK(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
 }
 
 Communicator::~Communicator() {
-  if (barrier_stream_) cudaStreamDestroy(barrier_stream_);
-  if (barrier_word_) cudaFree(barrier_word_);
+  if (stream_) cudaStreamDestroy(stream_);
+  if (scratch_) cudaFree(scratch_);
   if (owns_ && comm_) ncclCommDestroy(comm_);
 }
 
 void Communicator::barrier(double timeout_s) {
-  EPX_NCCL_CHECK(ncclAllReduce(barrier_word_, barrier_word_, 1, ncclInt32, ncclSum, comm_, barrier_stream_));
-  host_wait_stream(barrier_stream_, timeout_s, "Communicator::barrier", rank_);
+  if (sim_) {
+    sim_->state().group.barrier(rank_, timeout_s, "Communicator::barrier");
+    return;
+  }
+  EPX_CUDA_CHECK(cudaSetDevice(device_));
+  reserve_scratch(scratch_, num_scratch_bytes_, sizeof(int));
+  int* word = static_cast<int*>(scratch_);
+  EPX_NCCL_CHECK(ncclAllReduce(word, word, 1, ncclInt32, ncclSum, comm_, stream_));
+  host_wait_stream(stream_, timeout_s, "Communicator::barrier", rank_);
+}
+
+void Communicator::all_gather(const void* mine, void* all, size_t num_bytes, double timeout_s) {
+  if (sim_) {
+    sim_->state().group.all_gather(rank_, mine, all, num_bytes, timeout_s, "Communicator::all_gather");
+    return;
+  }
+  EPX_CUDA_CHECK(cudaSetDevice(device_));
+  if (num_bytes == 0) return;
+  reserve_scratch(scratch_, num_scratch_bytes_, num_bytes * static_cast<size_t>(world_));
+  char* recv = static_cast<char*>(scratch_);
+  char* send = recv + static_cast<size_t>(rank_) * num_bytes;  // in place: NCCL's convention
+  EPX_CUDA_CHECK(cudaMemcpyAsync(send, mine, num_bytes, cudaMemcpyHostToDevice, stream_));
+  EPX_NCCL_CHECK(ncclAllGather(send, recv, num_bytes, ncclUint8, comm_, stream_));
+  EPX_CUDA_CHECK(cudaMemcpyAsync(all, recv, num_bytes * world_, cudaMemcpyDeviceToHost, stream_));
+  host_wait_stream(stream_, timeout_s, "Communicator::all_gather", rank_);
 }
 
 }  // namespace epx

@@ -26,9 +26,10 @@ void Config::validate(int num_device_sms) const {
 }
 
 // Measured on 4xH100 (NV18): dispatch and combine are within a few % of their plateau from 20 SMs.
-Config Config::defaults(int num_ranks) {
+Config Config::defaults(int num_ranks, int num_device_sms) {
   Config c;
   c.num_sms = num_ranks <= 2 ? 16 : 20;
+  if (num_device_sms > 0 && c.num_sms > num_device_sms) c.num_sms = num_device_sms;
   c.num_threads = 512;
   c.timeout_s = 0;
   return c;

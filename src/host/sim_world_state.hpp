@@ -1,0 +1,47 @@
+// SimWorld's internals: the rank threads' host collectives and the symmetric slabs (design.md §3).
+#pragma once
+#include <cuda_runtime_api.h>
+
+#include <cstddef>
+#include <memory>
+#include <mutex>
+#include <vector>
+
+#include "epx/sim_world.hpp"
+#include "host/thread_group.hpp"
+
+namespace epx {
+
+struct SimWorld::State {
+  State(int world, int device, int num_sms_per_rank, double timeout_s)
+      : group(world), device(device), num_sms_per_rank(num_sms_per_rank), timeout_s(timeout_s) {}
+
+  ThreadGroup group;
+  const int device;
+  const int num_sms_per_rank;
+  const double timeout_s;
+  std::vector<std::unique_ptr<Communicator>> comms;
+
+  // Collective over the ranks (every rank, the same `num_bytes_per_rank`): one device allocation
+  // of R slices; returns this rank's slice and writes every rank's slice base into peers[0, R).
+  // NOTE: the slab is allocated and freed stream-ordered on the world's own stream, so neither
+  // waits for the kernels of other ranks (cudaMalloc/cudaFree may synchronize the device).
+  char* alloc_symmetric(int rank, size_t num_bytes_per_rank, double timeout_s, char** peers);
+  // Each rank releases its slice once (after its own work on it is done); the last frees the slab.
+  void release_symmetric(char* slice);
+  // Host-mapped memory a Buffer no longer uses, freed when the world ends (cudaFreeHost may
+  // synchronize the device while peers run).
+  void defer_free_host(void* ptr);
+
+  std::mutex mutex;  // guards everything below
+  cudaStream_t stream = nullptr;
+  struct Slab {
+    char* base = nullptr;
+    size_t num_bytes_per_rank = 0;
+    int num_live = 0;
+  };
+  std::vector<Slab> slabs;
+  std::vector<void*> deferred_host;
+};
+
+}  // namespace epx
