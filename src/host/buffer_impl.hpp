@@ -130,6 +130,21 @@ struct Buffer::Impl {
                              e->expected, " rows of this shape; num_nvl_bytes = ", num_nvl_bytes,
                              " is too small (see Buffer::get_nvl_buffer_size_hint)");
         break;
+      case DeviceErrorKind::kAborted: {
+        kind = ErrorKind::kAborted;
+        const uint64_t w = e->observed;
+        const int peer_op = AbortWord::op(w) >= 0 && AbortWord::op(w) < 7 ? AbortWord::op(w) : 0;
+        const int peer_phase = AbortWord::phase(w) >= 0 && AbortWord::phase(w) < 8 ? AbortWord::phase(w) : 0;
+        const char* what = AbortWord::kind(w) == static_cast<int>(DeviceErrorKind::kTimeout) ? "timed out"
+                           : AbortWord::kind(w) == static_cast<int>(DeviceErrorKind::kInvalidArgument)
+                               ? "saw invalid input"
+                               : "failed";
+        msg = detail::concat(kOps[op], " aborted in phase '", kPhases[phase], "' on rank ", e->rank, ": rank ",
+                             e->peer, " failed (its ", kOps[peer_op], " ", what, " in phase '", kPhases[peer_phase],
+                             "'", AbortWord::peer(w) >= 0 ? detail::concat(" waiting for peer ", AbortWord::peer(w)) : "",
+                             "); call reset() on every rank");
+        break;
+      }
       default:
         msg = "unknown device error";
     }
