@@ -63,12 +63,13 @@ struct Buffer::Impl {
   void set_config(const Config& c) {
     config = c;
     timeout_seconds = effective_timeout_s(c);
+    if (arena) arena->set_timeout(timeout_seconds + 10);
   }
 
   // Zeroes the flags and workspaces on the control stream and waits for it. The caller has
   // quiesced this rank's ops (and kept the ranks in step, except at creation).
   void zero_state() {
-    const cudaStream_t s = arena->stream;
+    const cudaStream_t s = arena->stream();
     EPX_CUDA_CHECK(cudaMemsetAsync(symmetric, 0, SymmetricLayout::kRowsOffset, s));
     EPX_CUDA_CHECK(cudaMemsetAsync(workspace, 0, sizeof(Workspace), s));
     if (num_ll_bytes > 0) zero_ll_state();
@@ -79,11 +80,11 @@ struct Buffer::Impl {
     host_wait_stream(s, timeout_s() + 10, "Buffer (zeroing its flags)", comm->rank());
   }
   void zero_ll_state() {
-    const cudaStream_t s = arena->stream;
+    const cudaStream_t s = arena->stream();
     EPX_CUDA_CHECK(cudaMemsetAsync(symmetric + ll_offset, 0, LlLayout::kSyncBytes, s));
     EPX_CUDA_CHECK(cudaMemsetAsync(ll_ws, 0, sizeof(LlWorkspace), s));
   }
-  void quiesce(const char* what) { arena->quiesce(timeout_s() + 10, what, comm->rank()); }
+  void quiesce(const char* what) { arena->quiesce(what); }
 
   // Refuses work on a failed buffer; surfaces a device error recorded since the last check.
   void check_usable() {
