@@ -202,7 +202,7 @@ int run_simulated(Options o, bool sms_given) {
   }
   int num_device_sms = 0;
   cudaDeviceGetAttribute(&num_device_sms, cudaDevAttrMultiProcessorCount, device);
-  const int share = epx::SimWorld(world, device).num_sms_per_rank();
+  const int share = epx::SimWorld::sms_per_rank(world, device);
   if (!sms_given) o.sms = {std::min(o.sms.front(), share)};
   for (int sms : o.sms) {
     if (sms > share) {

@@ -32,6 +32,11 @@ int SimWorld::max_world(int device) {
   return by_sms < kMaxRanks ? by_sms : kMaxRanks;
 }
 
+int SimWorld::sms_per_rank(int world, int device) {
+  EPX_ARG_CHECK(world >= 1, "SimWorld world: expected >= 1, got ", world);
+  return device_sms(device) / world;
+}
+
 SimWorld::SimWorld(int world, int device, double timeout_s) {
   // Streams share the device's hardware queues (8 by default); work queued behind a rank's
   // dependent kernel in a shared queue cannot start, and a peer's kernel may be waiting for it.
