@@ -72,7 +72,7 @@ Communicator::~Communicator() {
 
 void Communicator::barrier(double timeout_s) {
   if (sim_) {
-    sim_->state().group.barrier(rank_, timeout_s, "Communicator::barrier");
+    sim_->state().group.barrier(rank_, sim_->state().bound(timeout_s), "Communicator::barrier");
     return;
   }
   EPX_CUDA_CHECK(cudaSetDevice(device_));
@@ -84,7 +84,8 @@ void Communicator::barrier(double timeout_s) {
 
 void Communicator::all_gather(const void* mine, void* all, size_t num_bytes, double timeout_s) {
   if (sim_) {
-    sim_->state().group.all_gather(rank_, mine, all, num_bytes, timeout_s, "Communicator::all_gather");
+    sim_->state().group.all_gather(rank_, mine, all, num_bytes, sim_->state().bound(timeout_s),
+                                   "Communicator::all_gather");
     return;
   }
   EPX_CUDA_CHECK(cudaSetDevice(device_));

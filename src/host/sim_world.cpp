@@ -117,7 +117,7 @@ char* SimWorld::State::alloc_symmetric(int rank, size_t num_bytes_per_rank, doub
     }
   }
   std::vector<Offer> offers(world);
-  group.all_gather(rank, &mine, offers.data(), sizeof(Offer), wait_s, "SimWorld symmetric allocation");
+  group.all_gather(rank, &mine, offers.data(), sizeof(Offer), bound(wait_s), "SimWorld symmetric allocation");
   for (int r = 0; r < world; ++r)
     EPX_ARG_CHECK(offers[r].num_bytes == offers[0].num_bytes, "symmetric size: must be equal on all ranks; rank ", r,
                   " asks for ", offers[r].num_bytes, " bytes, rank 0 for ", offers[0].num_bytes);

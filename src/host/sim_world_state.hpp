@@ -21,6 +21,10 @@ struct SimWorld::State {
   const int num_sms_per_rank;
   const double timeout_s;
   std::vector<std::unique_ptr<Communicator>> comms;
+  // The bound of a host collective: the caller's, at most the world's.
+  double bound(double caller_timeout_s) const {
+    return caller_timeout_s > 0 && caller_timeout_s < timeout_s ? caller_timeout_s : timeout_s;
+  }
 
   // Collective over the ranks (every rank, the same `num_bytes_per_rank`): one device allocation
   // of R slices; returns this rank's slice and writes every rank's slice base into peers[0, R).

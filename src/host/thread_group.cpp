@@ -60,6 +60,7 @@ void ThreadGroup::barrier(int rank, double timeout_s, const char* what) {
 
 void ThreadGroup::all_gather(int rank, const void* mine, void* all, size_t num_bytes, double timeout_s,
                              const char* what) {
+  EPX_ARG_CHECK(rank >= 0 && rank < size_, what, ": rank ", rank, " outside [0, ", size_, ")");
   {
     std::lock_guard<std::mutex> lock(mutex_);
     check_not_broken_locked(what);
