@@ -42,16 +42,16 @@ Timing summarize(std::vector<double> v) {
   return t;
 }
 
-L2Flusher::L2Flusher() {
+L2Flusher::L2Flusher(cudaStream_t stream) : stream_(stream) {
   int dev = 0, l2 = 0;
   BENCH_CUDA(cudaGetDevice(&dev));
   BENCH_CUDA(cudaDeviceGetAttribute(&l2, cudaDevAttrL2CacheSize, dev));
   bytes_ = 2 * static_cast<size_t>(std::max(l2, 1 << 20));
-  BENCH_CUDA(cudaMalloc(&buf_, bytes_));
+  BENCH_CUDA(cudaMallocAsync(&buf_, bytes_, stream_));
 }
 
 L2Flusher::~L2Flusher() {
-  if (buf_) cudaFree(buf_);
+  if (buf_) cudaFreeAsync(buf_, stream_);
 }
 
 void L2Flusher::flush(cudaStream_t stream) {
@@ -596,11 +596,12 @@ double raw_store_ceiling_gbps(void* const* peer_ptrs_host, int rank, int world,
   p.world = world;
 
   void* src = nullptr;
-  BENCH_CUDA(cudaMalloc(&src, bytes_per_peer));
+  BENCH_CUDA(cudaMallocAsync(&src, bytes_per_peer, s));
   struct SrcGuard {
     void* ptr;
-    ~SrcGuard() { cudaFree(ptr); }
-  } guard{src};
+    cudaStream_t stream;
+    ~SrcGuard() { cudaFreeAsync(ptr, stream); }
+  } guard{src, s};
   BENCH_CUDA(cudaMemsetAsync(src, 0x5a, bytes_per_peer, s));
   p.src = static_cast<const int4*>(src);
 

@@ -23,10 +23,11 @@ struct Timing {
 // Median/min/max of a list of samples (microseconds). Empty input gives all zeros.
 Timing summarize(std::vector<double> samples_us);
 
-// Owns a device buffer of 2x the current device's L2 size; flush() overwrites it on `stream`.
+// Owns a device buffer of 2x the current device's L2 size, allocated and freed in the order of
+// `stream` (which must outlive it); flush() overwrites it on the stream given.
 class L2Flusher {
  public:
-  L2Flusher();  // uses the current device
+  explicit L2Flusher(cudaStream_t stream);  // uses the current device
   ~L2Flusher();
   L2Flusher(const L2Flusher&) = delete;
   L2Flusher& operator=(const L2Flusher&) = delete;
@@ -36,6 +37,7 @@ class L2Flusher {
  private:
   void* buf_ = nullptr;
   size_t bytes_ = 0;
+  cudaStream_t stream_ = nullptr;
 };
 
 // `warmup` calls of op(stream), then for each of `iters` timed iterations: between() (if given;
@@ -136,6 +138,7 @@ constexpr int kCeilingMaxWorld = 8;
 // included) must each point to >= bytes_per_peer bytes this rank may write (symmetric memory).
 // bytes_per_peer % 16 == 0, 2 <= world <= 8. Timed with time_op (3 warm-up runs, `iters` timed,
 // `between` before each). Returns GB/s out per GPU = (world-1) * bytes_per_peer / median time.
+// Every CUDA call is ordered on `s` (its source buffer too), so it also runs in a SimWorld.
 double raw_store_ceiling_gbps(void* const* peer_ptrs_host, int rank, int world,
                               size_t bytes_per_peer, int num_sms, cudaStream_t s,
                               L2Flusher& flusher, int iters,

@@ -1,5 +1,7 @@
 // Shared pieces of the benchmark driver: options, workload inputs, result rows and the report.
 #pragma once
+#include <cuda_runtime_api.h>
+
 #include <cstdint>
 #include <string>
 #include <vector>
@@ -8,10 +10,25 @@
 
 namespace epx::bench {
 
-// Owning device allocation of the benchmark (at least 16 bytes, so empty shapes get a pointer).
+// The rank's own non-blocking stream, destroyed last (declare it before what allocates on it).
+struct Stream {
+  cudaStream_t stream = nullptr;
+  Stream();
+  ~Stream();
+  Stream(const Stream&) = delete;
+  Stream& operator=(const Stream&) = delete;
+};
+
+// Owning device allocation of the benchmark (at least 16 bytes, so empty shapes get a pointer),
+// allocated and freed in the order of `stream`: no device-wide sync, which in a SimWorld would wait
+// for every rank's kernels (sim_world.hpp). `stream` must outlive the array.
+// NOTE: destroy it only after the stream's work is done: the memory pool may make another stream
+// (another simulated rank's) wait for this free before it reuses the memory, and that wait must
+// not be behind a kernel that waits for that rank.
 struct DeviceArray {
   void* ptr = nullptr;
-  explicit DeviceArray(size_t bytes);
+  cudaStream_t stream = nullptr;
+  DeviceArray(size_t bytes, cudaStream_t stream);
   ~DeviceArray();
   DeviceArray(const DeviceArray&) = delete;
   DeviceArray& operator=(const DeviceArray&) = delete;
@@ -20,6 +37,7 @@ struct DeviceArray {
 struct Options {
   std::string mode = "all";  // ht | ll | all
   int world = 0;            // 0 = every visible GPU
+  int sim = 0;              // > 0: that many simulated ranks as threads on GPU 0 (SimWorld)
   std::vector<int> tokens = {4096};
   std::vector<int> hidden = {7168};
   int experts = 256;
@@ -51,19 +69,39 @@ struct Row {
   double vs_nccl = -1;      // speed-up over the NCCL baseline of the same op, -1 = n/a
   double host_us = -1;      // CPU time per call, -1 = not measured
   std::string note;
+  // Simulated run (SimWorld): the numbers are those of rank `rank`, the slowest for this row.
+  bool simulated = false;
+  int rank = 0;
+};
+
+// What a run measured and under which conditions (rank 0 prints and writes it).
+struct Report {
+  int world = 0;
+  std::string device;
+  bool simulated = false;
+  int num_sms_per_rank = 0;           // simulated: each rank's SM share of the one GPU
+  std::vector<std::string> skipped;   // measurements this run cannot make, each with its reason
+  std::vector<Row> rows;
 };
 
 // Routing and payloads of the benchmark: uniform (or skewed) distinct top-k experts per token.
 std::vector<int64_t> make_topk(uint64_t seed, int rank, int num_tokens, int num_topk, int num_experts,
                                const std::string& routing);
 
-void print_rows(const std::vector<Row>& rows);
-void write_json(const std::string& path, const Options& o, int world, const std::string& device,
-                const std::vector<Row>& rows);
+// The first line of a simulated run's output, repeated above its table.
+std::string simulated_banner(int world);
 
-// Runs the high-throughput workload on this rank; returns its rows (printed by rank 0).
+void print_rows(const std::vector<Row>& rows);
+void write_json(const std::string& path, const Options& o, const Report& report);
+
+// Runs the high-throughput workload on this rank; returns its rows (printed by rank 0). Simulated
+// (comm.simulated()): no NCCL all-to-all baseline (no NCCL communicator), every o.sms <= the
+// rank's share (comm.num_device_sms()).
 std::vector<Row> run_ht(const Options& o, Communicator& comm);
-// Runs the low-latency workload (o.ll_tokens tokens, first hidden size).
+// Runs the low-latency workload (o.ll_tokens tokens, first hidden size); simulated as run_ht.
 std::vector<Row> run_ll(const Options& o, Communicator& comm);
+
+// Measurements that a simulated run skips, each with its reason (printed and in the JSON).
+std::vector<std::string> skipped_when_simulated(const Options& o);
 
 }  // namespace epx::bench

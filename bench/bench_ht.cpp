@@ -1,5 +1,7 @@
 // The `ht` workload (benchmarks.md): fresh and cached dispatch (bf16, fp8), combine, the NCCL
 // all-to-all baseline and the raw NVLink store ceiling, all measured in this run on these GPUs.
+// Simulated ranks (SimWorld) run the same on their SM share, without the NCCL baseline; every CUDA
+// call here is ordered on the rank's stream (sim_world.hpp's rules).
 #include <cuda_runtime_api.h>
 
 #include <algorithm>
@@ -14,14 +16,30 @@
 
 namespace epx::bench {
 
-DeviceArray::DeviceArray(size_t bytes) { EPX_CUDA_CHECK(cudaMalloc(&ptr, bytes > 0 ? bytes : 16)); }
-DeviceArray::~DeviceArray() { cudaFree(ptr); }
+Stream::Stream() { EPX_CUDA_CHECK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking)); }
+Stream::~Stream() { cudaStreamDestroy(stream); }
+
+DeviceArray::DeviceArray(size_t bytes, cudaStream_t s) : stream(s) {
+  EPX_CUDA_CHECK(cudaMallocAsync(&ptr, bytes > 0 ? bytes : 16, stream));
+}
+DeviceArray::~DeviceArray() { cudaFreeAsync(ptr, stream); }
+
+std::vector<std::string> skipped_when_simulated(const Options& o) {
+  std::vector<std::string> skipped;
+  if (o.mode == "ht" || o.mode == "all")
+    skipped.push_back("nccl a2a dispatch/combine bf16 (ht): a simulated rank has no NCCL communicator");
+  if (o.mode == "ll" || o.mode == "all")
+    skipped.push_back("ll nccl a2a dispatch/combine: a simulated rank has no NCCL communicator");
+  return skipped;
+}
 
 namespace {
 
+// Host to device on the rank's stream; returns when `v` may be released.
 template <typename T>
 void upload(DeviceArray& d, const std::vector<T>& v) {
-  EPX_CUDA_CHECK(cudaMemcpy(d.ptr, v.data(), v.size() * sizeof(T), cudaMemcpyHostToDevice));
+  EPX_CUDA_CHECK(cudaMemcpyAsync(d.ptr, v.data(), v.size() * sizeof(T), cudaMemcpyHostToDevice, d.stream));
+  EPX_CUDA_CHECK(cudaStreamSynchronize(d.stream));
 }
 
 // `c` with the ring settings of `spec` ("w6c2q256": letter, number, ...; see Options).
@@ -55,10 +73,13 @@ Config with_ring_settings(Config c, const std::string& spec) {
 std::vector<Row> run_ht(const Options& o, Communicator& comm) {
   const int R = comm.world(), me = comm.rank();
   std::vector<Row> rows;
-  cudaStream_t stream;
-  EPX_CUDA_CHECK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
-  L2Flusher flusher;
+  const Stream owned_stream;
+  const cudaStream_t stream = owned_stream.stream;
+  L2Flusher flusher(stream);
   auto barrier = [&] { comm.barrier(); };
+  for (int sms : o.sms)  // a simulated rank's grids must fit its share so that all ranks' are resident
+    EPX_ARG_CHECK(!comm.simulated() || sms <= comm.num_device_sms(), "--sms ", sms,
+                  " exceeds a simulated rank's share of ", comm.num_device_sms(), " SMs");
 
   for (int N : o.tokens) {
     for (int H : o.hidden) {
@@ -75,13 +96,15 @@ std::vector<Row> run_ht(const Options& o, Communicator& comm) {
       std::vector<float> sc(static_cast<size_t>(N) * S, 1.f);
       std::vector<int64_t> topk = make_topk(o.seed, me, N, K, E, o.routing);
       std::vector<float> w(static_cast<size_t>(N) * K, 0.125f);
-      DeviceArray dx(xh.size() * 2), dx8(x8.size()), dsc(sc.size() * 4), dtopk(topk.size() * 8), dw(w.size() * 4);
+      DeviceArray dx(xh.size() * 2, stream), dx8(x8.size(), stream), dsc(sc.size() * 4, stream),
+          dtopk(topk.size() * 8, stream), dw(w.size() * 4, stream);
       upload(dx, xh);
       upload(dx8, x8);
       upload(dsc, sc);
       upload(dtopk, topk);
       upload(dw, w);
-      DeviceArray per_rank(4 * R), per_expert(4 * E), in_rank(static_cast<size_t>(N) * R), recv_per_expert(4 * (E / R));
+      DeviceArray per_rank(4 * R, stream), per_expert(4 * E, stream), in_rank(static_cast<size_t>(N) * R, stream),
+          recv_per_expert(4 * (E / R), stream);
       const View topk_v = View::of(dtopk.ptr, DType::kI64, {N, K});
       buffer.get_dispatch_layout(topk_v, E, View::of(per_rank.ptr, DType::kI32, {R}),
                                  View::of(per_expert.ptr, DType::kI32, {E}),
@@ -97,8 +120,9 @@ std::vector<Row> run_ht(const Options& o, Communicator& comm) {
 
       // Outputs sized for the worst case once (a framework's caching allocator does the same).
       const int64_t cap = static_cast<int64_t>(N) * R;
-      DeviceArray rx(cap * H * 2), rsc(cap * S * 4), ridx(cap * K * 8), rw(cap * K * 4), rsrc(cap * 4);
-      DeviceArray cx(static_cast<size_t>(N) * H * 2), cw(static_cast<size_t>(N) * K * 4);
+      DeviceArray rx(cap * H * 2, stream), rsc(cap * S * 4, stream), ridx(cap * K * 8, stream), rw(cap * K * 4, stream),
+          rsrc(cap * 4, stream);
+      DeviceArray cx(static_cast<size_t>(N) * H * 2, stream), cw(static_cast<size_t>(N) * K * 4, stream);
       DispatchHandle handle = buffer.make_handle(N);
 
       auto dispatch_outputs = [&](bool fp8, int64_t nr, bool meta) {
@@ -137,7 +161,8 @@ std::vector<Row> run_ht(const Options& o, Communicator& comm) {
       buffer.synchronize(stream);
       const int64_t nr = handle.num_recv_tokens;
       std::vector<int> counts(R * R);
-      EPX_CUDA_CHECK(cudaMemcpy(counts.data(), handle.count_matrix, 4 * R * R, cudaMemcpyDeviceToHost));
+      EPX_CUDA_CHECK(cudaMemcpyAsync(counts.data(), handle.count_matrix, 4 * R * R, cudaMemcpyDeviceToHost, stream));
+      EPX_CUDA_CHECK(cudaStreamSynchronize(stream));
       const int64_t local_rows = counts[me * R + me];
       const int64_t remote_rows = nr - local_rows;
 
@@ -151,18 +176,24 @@ std::vector<Row> run_ht(const Options& o, Communicator& comm) {
         buffer.combine(ci, handle, co, s);
       };
 
-      // Same-run baselines: NCCL all-to-all (bf16) and the raw store ceiling.
-      NcclAllToAll nccl(comm.nccl(), me, R, N, H, 2);
-      const Timing nccl_d = time_op([&](cudaStream_t s) { nccl.dispatch(dx.ptr, static_cast<const bool*>(in_rank.ptr), N, s); },
-                                    stream, o.warmup, o.iters, flusher, barrier);
-      const Timing nccl_c = time_op([&](cudaStream_t s) { nccl.combine(s); }, stream, o.warmup, o.iters, flusher, barrier);
+      // Same-run baselines: NCCL all-to-all (bf16; real ranks only) and the raw store ceiling.
       const double row_bf16 = 2.0 * H, row_fp8 = H + 4.0 * S;
       auto gbps = [](double bytes, double us) { return us > 0 ? bytes / us / 1e3 : 0; };
-      Row nd{"nccl a2a dispatch bf16", 0, N, H, nccl_d.median_us, nccl_d.min_us, nccl_d.max_us,
-             gbps(nr * row_bf16, nccl_d.median_us), gbps(remote_rows * row_bf16, nccl_d.median_us)};
-      Row nc{"nccl a2a combine bf16", 0, N, H, nccl_c.median_us, nccl_c.min_us, nccl_c.max_us,
-             gbps(nr * row_bf16, nccl_c.median_us), gbps(remote_rows * row_bf16, nccl_c.median_us)};
-      nd.note = nc.note = "baseline (all SMs NCCL wants)";
+      const bool with_nccl = comm.nccl() != nullptr;
+      Row nd, nc;
+      if (with_nccl) {
+        NcclAllToAll nccl(comm.nccl(), me, R, N, H, 2);
+        const Timing nccl_d = time_op([&](cudaStream_t s) { nccl.dispatch(dx.ptr, static_cast<const bool*>(in_rank.ptr), N, s); },
+                                      stream, o.warmup, o.iters, flusher, barrier);
+        const Timing nccl_c = time_op([&](cudaStream_t s) { nccl.combine(s); }, stream, o.warmup, o.iters, flusher, barrier);
+        nd = Row{"nccl a2a dispatch bf16", 0, N, H, nccl_d.median_us, nccl_d.min_us, nccl_d.max_us,
+                 gbps(nr * row_bf16, nccl_d.median_us), gbps(remote_rows * row_bf16, nccl_d.median_us)};
+        nc = Row{"nccl a2a combine bf16", 0, N, H, nccl_c.median_us, nccl_c.min_us, nccl_c.max_us,
+                 gbps(nr * row_bf16, nccl_c.median_us), gbps(remote_rows * row_bf16, nccl_c.median_us)};
+        nd.note = nc.note = "baseline (all SMs NCCL wants)";
+      }
+      const Row* nccl_dispatch = with_nccl ? &nd : nullptr;
+      const Row* nccl_combine = with_nccl ? &nc : nullptr;
 
       for (int sms : o.sms) {
         Config cfg = buffer.config();
@@ -175,7 +206,7 @@ std::vector<Row> run_ht(const Options& o, Communicator& comm) {
         const double ceiling = raw_store_ceiling_gbps(peers.data(), me, R, per_peer, sms, stream, flusher, o.iters, barrier);
         barrier();
         Row ceil_row{"raw store ceiling", sms, N, H, 0, 0, 0, 0, ceiling, 100.0};
-        ceil_row.note = "peer stores, same SMs";
+        ceil_row.note = comm.simulated() ? "stores to the peers' slices, same SMs" : "peer stores, same SMs";
         rows.push_back(ceil_row);
 
         auto measure = [&](const std::string& name, const std::function<void(cudaStream_t)>& op, double row_bytes,
@@ -189,8 +220,8 @@ std::vector<Row> run_ht(const Options& o, Communicator& comm) {
           buffer.synchronize(stream);
           rows.push_back(r);
         };
-        measure("dispatch bf16 fresh", fresh(false), row_bf16, nr, remote_rows, &nd);
-        measure("dispatch bf16 cached", cached(false), row_bf16, nr, remote_rows, &nd);
+        measure("dispatch bf16 fresh", fresh(false), row_bf16, nr, remote_rows, nccl_dispatch);
+        measure("dispatch bf16 cached", cached(false), row_bf16, nr, remote_rows, nccl_dispatch);
         measure("dispatch fp8 fresh", fresh(true), row_fp8, nr, remote_rows, nullptr);
         measure("dispatch fp8 cached", cached(true), row_fp8, nr, remote_rows, nullptr);
         for (int k : o.dispatch_copy_warps) {  // split-block dispatch variants
@@ -199,22 +230,22 @@ std::vector<Row> run_ht(const Options& o, Communicator& comm) {
           split.dispatch_copy_warps = k;  // 0: the auto count
           buffer.set_config(split);
           const std::string tag = k > 0 ? " split k" + std::to_string(k) : " split auto";
-          measure("dispatch bf16 fresh" + tag, fresh(false), row_bf16, nr, remote_rows, &nd);
-          measure("dispatch bf16 cached" + tag, cached(false), row_bf16, nr, remote_rows, &nd);
+          measure("dispatch bf16 fresh" + tag, fresh(false), row_bf16, nr, remote_rows, nccl_dispatch);
+          measure("dispatch bf16 cached" + tag, cached(false), row_bf16, nr, remote_rows, nccl_dispatch);
           measure("dispatch fp8 cached" + tag, cached(true), row_fp8, nr, remote_rows, nullptr);
           buffer.set_config(cfg);
         }
         fresh(false)(stream);  // recv buffer holds bf16 rows again for combine
-        measure("combine bf16", combine_op, row_bf16, nr, remote_rows, &nc);
+        measure("combine bf16", combine_op, row_bf16, nr, remote_rows, nccl_combine);
         cfg.ring_combine = false;
         buffer.set_config(cfg);
-        measure("combine bf16 row region", combine_op, row_bf16, nr, remote_rows, &nc);
+        measure("combine bf16 row region", combine_op, row_bf16, nr, remote_rows, nccl_combine);
         cfg.ring_combine = true;
         if (R >= 3 && cfg.ring_split_blocks) {  // the rings' other layout: sender and receiver blocks
           Config blocks = cfg;
           blocks.ring_split_blocks = false;
           buffer.set_config(blocks);
-          measure("combine bf16 ring blocks", combine_op, row_bf16, nr, remote_rows, &nc);
+          measure("combine bf16 ring blocks", combine_op, row_bf16, nr, remote_rows, nccl_combine);
         }
         buffer.set_config(cfg);
         // Ring settings to time: the ones asked for, and with --ring-sweep (3 ranks up; 2 ranks always
@@ -231,19 +262,20 @@ std::vector<Row> run_ht(const Options& o, Communicator& comm) {
         for (const std::string& spec : specs) {
           const Config c = with_ring_settings(cfg, spec);
           buffer.set_config(c);
-          measure("combine " + spec, combine_op, row_bf16, nr, remote_rows, &nc);
+          measure("combine " + spec, combine_op, row_bf16, nr, remote_rows, nccl_combine);
           // Settings whose rings do not fit this buffer (or this rank count) run the row region.
           if (plan::ring_plan(c, R, plan::combine_rows(nvl_bytes, H, K).capacity).channels == 0)
             rows.back().note = "row region: these rings do not fit";
         }
         buffer.set_config(cfg);
       }
-      rows.push_back(nd);
-      rows.push_back(nc);
+      if (with_nccl) {
+        rows.push_back(nd);
+        rows.push_back(nc);
+      }
       buffer.synchronize(stream);
     }
   }
-  cudaStreamDestroy(stream);
   return rows;
 }
 

@@ -1,6 +1,7 @@
 // The `ll` workload (benchmarks.md): low-latency dispatch (fp8 and bf16) and combine (bf16) in µs,
 // hook-mode send and receive halves, host CPU time per call, and the NCCL all-to-all baseline of
-// the same exchange, measured in this run on these GPUs.
+// the same exchange, measured in this run on these GPUs. Simulated ranks (SimWorld) run the same
+// on their SM share, without the NCCL baseline, every CUDA call ordered on the rank's stream.
 #include <cuda_runtime_api.h>
 
 #include <algorithm>
@@ -16,9 +17,9 @@ std::vector<Row> run_ll(const Options& o, Communicator& comm) {
   const int T = o.ll_tokens, N = o.ll_tokens, H = o.hidden.front(), K = o.topk, E = o.experts, E_loc = E / R;
   const int64_t RT = static_cast<int64_t>(R) * T;
   std::vector<Row> rows;
-  cudaStream_t stream;
-  EPX_CUDA_CHECK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
-  L2Flusher flusher;
+  const Stream owned_stream;
+  const cudaStream_t stream = owned_stream.stream;
+  L2Flusher flusher(stream);
   auto barrier = [&] { comm.barrier(); };
 
   BufferOptions opts;
@@ -30,13 +31,15 @@ std::vector<Row> run_ll(const Options& o, Communicator& comm) {
   for (auto& v : xh) v = static_cast<uint16_t>(0x3C00 + (rng() & 0x3FF));
   std::vector<int64_t> topk = make_topk(o.seed, me, N, K, E, o.routing);
   std::vector<float> w(static_cast<size_t>(N) * K, 0.125f);
-  DeviceArray dx(xh.size() * 2), dtopk(topk.size() * 8), dw(w.size() * 4);
-  EPX_CUDA_CHECK(cudaMemcpy(dx.ptr, xh.data(), xh.size() * 2, cudaMemcpyHostToDevice));
-  EPX_CUDA_CHECK(cudaMemcpy(dtopk.ptr, topk.data(), topk.size() * 8, cudaMemcpyHostToDevice));
-  EPX_CUDA_CHECK(cudaMemcpy(dw.ptr, w.data(), w.size() * 4, cudaMemcpyHostToDevice));
+  DeviceArray dx(xh.size() * 2, stream), dtopk(topk.size() * 8, stream), dw(w.size() * 4, stream);
+  EPX_CUDA_CHECK(cudaMemcpyAsync(dx.ptr, xh.data(), xh.size() * 2, cudaMemcpyHostToDevice, stream));
+  EPX_CUDA_CHECK(cudaMemcpyAsync(dtopk.ptr, topk.data(), topk.size() * 8, cudaMemcpyHostToDevice, stream));
+  EPX_CUDA_CHECK(cudaMemcpyAsync(dw.ptr, w.data(), w.size() * 4, cudaMemcpyHostToDevice, stream));
+  EPX_CUDA_CHECK(cudaStreamSynchronize(stream));
   const int S = H / 128;
-  DeviceArray rx(static_cast<size_t>(E_loc) * RT * H * 2), rsc(static_cast<size_t>(E_loc) * RT * S * 4), rcount(4 * E_loc),
-      src_info(4 * E_loc * RT), range(8 * E_loc * R), slot(4 * E_loc * RT), out(static_cast<size_t>(N) * H * 2);
+  DeviceArray rx(static_cast<size_t>(E_loc) * RT * H * 2, stream), rsc(static_cast<size_t>(E_loc) * RT * S * 4, stream),
+      rcount(4 * E_loc, stream), src_info(4 * E_loc * RT, stream), range(8 * E_loc * R, stream),
+      slot(4 * E_loc * RT, stream), out(static_cast<size_t>(N) * H * 2, stream);
 
   auto dispatch = [&](bool fp8, bool hook, cudaStream_t s) {
     LowLatencyDispatchArgs a;
@@ -70,7 +73,8 @@ std::vector<Row> run_ll(const Options& o, Communicator& comm) {
   // each token once per destination rank.
   const double fp8_row = H + 4.0 * S, bf16_row = 2.0 * H;
   std::vector<int> counts(E_loc);
-  EPX_CUDA_CHECK(cudaMemcpy(counts.data(), rcount.ptr, 4 * E_loc, cudaMemcpyDeviceToHost));
+  EPX_CUDA_CHECK(cudaMemcpyAsync(counts.data(), rcount.ptr, 4 * E_loc, cudaMemcpyDeviceToHost, stream));
+  EPX_CUDA_CHECK(cudaStreamSynchronize(stream));
   int64_t recv_rows = 0;
   for (int c : counts) recv_rows += c;
   auto add = [&](const std::string& name, const Timing& t, double row_bytes, const Row* base, double host_us) {
@@ -78,23 +82,30 @@ std::vector<Row> run_ll(const Options& o, Communicator& comm) {
     r.nvlink_gbps = -1;
     if (base) r.vs_nccl = base->median_us / t.median_us;
     r.host_us = host_us;
-    r.note = "all SMs while running";
+    r.note = comm.simulated() ? "the rank's SM share while running" : "all SMs while running";
     rows.push_back(r);
   };
 
-  // NCCL baseline of the same exchange (bf16 rows once per destination rank, then back).
-  DeviceArray per_rank(4 * R), per_expert(4 * E), in_rank(static_cast<size_t>(N) * R);
-  buffer.get_dispatch_layout(View::of(dtopk.ptr, DType::kI64, {N, K}), E, View::of(per_rank.ptr, DType::kI32, {R}),
-                             View::of(per_expert.ptr, DType::kI32, {E}), View::of(in_rank.ptr, DType::kBool, {N, R}),
-                             stream);
-  buffer.synchronize(stream);
-  NcclAllToAll nccl(comm.nccl(), me, R, N, H, 2);
-  const Timing nd = time_op([&](cudaStream_t s) { nccl.dispatch(dx.ptr, static_cast<const bool*>(in_rank.ptr), N, s); },
-                            stream, o.warmup, o.iters, flusher, barrier);
-  const Timing nc = time_op([&](cudaStream_t s) { nccl.combine(s); }, stream, o.warmup, o.iters, flusher, barrier);
-  Row nccl_d{"ll nccl a2a dispatch", 0, N, H, nd.median_us, nd.min_us, nd.max_us, 0, -1};
-  Row nccl_c{"ll nccl a2a combine", 0, N, H, nc.median_us, nc.min_us, nc.max_us, 0, -1};
-  nccl_d.note = nccl_c.note = "baseline";
+  // NCCL baseline of the same exchange (bf16 rows once per destination rank, then back); real
+  // ranks only (a simulated rank has no NCCL communicator).
+  const bool with_nccl = comm.nccl() != nullptr;
+  Row nccl_d, nccl_c;
+  if (with_nccl) {
+    DeviceArray per_rank(4 * R, stream), per_expert(4 * E, stream), in_rank(static_cast<size_t>(N) * R, stream);
+    buffer.get_dispatch_layout(View::of(dtopk.ptr, DType::kI64, {N, K}), E, View::of(per_rank.ptr, DType::kI32, {R}),
+                               View::of(per_expert.ptr, DType::kI32, {E}), View::of(in_rank.ptr, DType::kBool, {N, R}),
+                               stream);
+    buffer.synchronize(stream);
+    NcclAllToAll nccl(comm.nccl(), me, R, N, H, 2);
+    const Timing nd = time_op([&](cudaStream_t s) { nccl.dispatch(dx.ptr, static_cast<const bool*>(in_rank.ptr), N, s); },
+                              stream, o.warmup, o.iters, flusher, barrier);
+    const Timing nc = time_op([&](cudaStream_t s) { nccl.combine(s); }, stream, o.warmup, o.iters, flusher, barrier);
+    nccl_d = Row{"ll nccl a2a dispatch", 0, N, H, nd.median_us, nd.min_us, nd.max_us, 0, -1};
+    nccl_c = Row{"ll nccl a2a combine", 0, N, H, nc.median_us, nc.min_us, nc.max_us, 0, -1};
+    nccl_d.note = nccl_c.note = "baseline";
+  }
+  const Row* nccl_dispatch = with_nccl ? &nccl_d : nullptr;
+  const Row* nccl_combine = with_nccl ? &nccl_c : nullptr;
 
   auto host_us = [&](const std::function<void(cudaStream_t)>& op) {
     return host_time_op(op, stream, 2, std::min(o.iters, 20), barrier).median_us;
@@ -103,10 +114,10 @@ std::vector<Row> run_ll(const Options& o, Communicator& comm) {
   std::function<void(cudaStream_t)> d_bf16 = [&](cudaStream_t s) { dispatch(false, false, s); };
   std::function<void(cudaStream_t)> c_bf16 = [&](cudaStream_t s) { combine(false, s); };
   std::function<void(cudaStream_t)> both = [&](cudaStream_t s) { dispatch(true, false, s); combine(false, s); };
-  add("ll dispatch fp8", time_op(d_fp8, stream, o.warmup, o.iters, flusher, barrier), fp8_row, &nccl_d, host_us(d_fp8));
-  add("ll dispatch bf16", time_op(d_bf16, stream, o.warmup, o.iters, flusher, barrier), bf16_row, &nccl_d, host_us(d_bf16));
+  add("ll dispatch fp8", time_op(d_fp8, stream, o.warmup, o.iters, flusher, barrier), fp8_row, nccl_dispatch, host_us(d_fp8));
+  add("ll dispatch bf16", time_op(d_bf16, stream, o.warmup, o.iters, flusher, barrier), bf16_row, nccl_dispatch, host_us(d_bf16));
   dispatch(true, false, stream);
-  add("ll combine bf16", time_op(c_bf16, stream, o.warmup, o.iters, flusher, barrier), bf16_row, &nccl_c, host_us(c_bf16));
+  add("ll combine bf16", time_op(c_bf16, stream, o.warmup, o.iters, flusher, barrier), bf16_row, nccl_combine, host_us(c_bf16));
   add("ll dispatch+combine", time_op(both, stream, o.warmup, o.iters, flusher, barrier), fp8_row + bf16_row, nullptr, -1);
 
   // Kernel time (DeepEP's "kernel time"): graph replay, launch overhead excluded.
@@ -139,10 +150,11 @@ std::vector<Row> run_ll(const Options& o, Communicator& comm) {
     add(op + " hook recv", tr, which == 0 ? fp8_row : bf16_row, nullptr, -1);
     rows.back().note = "includes waiting for peers";
   }
-  rows.push_back(nccl_d);
-  rows.push_back(nccl_c);
+  if (with_nccl) {
+    rows.push_back(nccl_d);
+    rows.push_back(nccl_c);
+  }
   buffer.synchronize(stream);
-  cudaStreamDestroy(stream);
   return rows;
 }
 

@@ -15,3 +15,4 @@ epx_build() {
   local dir=${1:-build}
   cmake -S . -B "$dir" $EPX_GENERATOR -DCMAKE_BUILD_TYPE=Release && cmake --build "$dir" -j "$EPX_JOBS"
 }
+export CUDA_DEVICE_MAX_CONNECTIONS=${CUDA_DEVICE_MAX_CONNECTIONS:-32}  # SimWorld: ranks share one GPU's hardware queues (docs/protocol.md)

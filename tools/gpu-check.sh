@@ -1,21 +1,29 @@
 #!/usr/bin/env bash
 # The command the GPU machine runs each session (device tool); logs under $OUT, summary last.
 #   tools/gpu-check.sh [bench args...]
-# Stages (EPX_STAGES, default "tests bench"; each bounded by `timeout`):
-#   tests   C++ CPU + GPU tests (ctest)            ~2-3 min on 4xH100
-#   bench   epx_bench (ht + ll), args passed on     ~1-2 min
-#   python  tests/python/run_gpu.sh: pytest on 2 and 4 GPUs, the MoE example, the overhead script
-#           (~4-5 min: run it as a second call on the warm machine: EPX_STAGES=python)
+# Stages (EPX_STAGES; each bounded by `timeout`). Default: "tests sanitize bench" on one GPU,
+# "tests bench" on several.
+#   tests     C++ CPU + GPU tests (ctest): on one GPU the simulated (SimWorld) cases run at R = 2, 3,
+#             4, 8 and the real ones skip with their reason; EPX_CTEST_ARGS adds ctest arguments
+#             (e.g. "-L sim")
+#   sanitize  compute-sanitizer memcheck, racecheck and synccheck over a SimWorld subset
+#             (EPX_SANITIZE_FILTER, a gtest filter)
+#   bench     epx_bench (ht + ll), args passed on; on one GPU: --sim ${EPX_SIM_WORLD:-4} (simulated)
+#   python    tests/python/run_gpu.sh: pytest (real on >= 2 GPUs, simulated on one), the MoE example,
+#             the overhead script (~4-5 min: a second call on the warm machine: EPX_STAGES=python)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 source tools/env.sh
 OUT=${OUT:-/tmp/epx-out}
 mkdir -p "$OUT"
-stages=" ${EPX_STAGES:-tests bench} "
+num_gpus=$(nvidia-smi -L 2>/dev/null | grep -c "^GPU" || true)
+if [ "$num_gpus" -ge 2 ]; then default_stages="tests bench"; else default_stages="tests sanitize bench"; fi
+stages=" ${EPX_STAGES:-$default_stages} "
 nvidia-smi -L > "$OUT/gpus.txt" 2>&1; nvidia-smi topo -m >> "$OUT/gpus.txt" 2>&1
+echo "gpus: $num_gpus; stages:$stages"
 t0=$(date +%s)
 status=0
-if [[ $stages == *" tests "* || $stages == *" bench "* ]]; then
+if [[ $stages == *" tests "* || $stages == *" bench "* || $stages == *" sanitize "* ]]; then
   if ! epx_build build-gpu > "$OUT/build.log" 2>&1; then
     grep -E "error|Error" "$OUT/build.log" | head -40; echo "BUILD FAILED"; exit 1
   fi
@@ -25,11 +33,28 @@ if [[ $stages == *" tests "* ]]; then
   export EPX_TIMEOUT_S=${EPX_TIMEOUT_S:-20}
   timeout ${EPX_TEST_TIMEOUT:-400} ctest --test-dir build-gpu --output-on-failure ${EPX_CTEST_ARGS:-} \
     > "$OUT/tests.log" 2>&1 || status=1
-  grep -E "Test +#.*(Gpu|Ll)|tests passed|tests failed" "$OUT/tests.log" | sed "s/  */ /g" | tail -30
+  grep -E "Test +#.*(Gpu|Ll|Sim)|tests passed|tests failed" "$OUT/tests.log" | grep -v "Skipped" | sed "s/  */ /g" | tail -40
+  echo "skipped: $(grep -c "(Skipped)" "$OUT/tests.log")"
+fi
+if [[ $stages == *" sanitize "* ]]; then
+  # Instrumented kernels run far slower: a longer device-wait bound keeps slow from reading as hung.
+  filter=${EPX_SANITIZE_FILTER:-"*HtWorld.MatchesReferenceInEveryMode/sim_world2:*LlWorld.MatchesReferenceInEveryMode/sim_world2"}
+  for tool in memcheck racecheck synccheck; do
+    EPX_TIMEOUT_S=${EPX_SANITIZE_WAIT_S:-120} timeout ${EPX_SANITIZE_TIMEOUT:-150} \
+      compute-sanitizer --tool $tool --error-exitcode 9 ./build-gpu/tests/epx_gpu_tests --gtest_filter="$filter" \
+      > "$OUT/sanitize-$tool.log" 2>&1
+    rc=$?
+    [ $rc -eq 0 ] || status=1
+    echo "sanitize $tool (rc $rc): $(grep -E "ERROR SUMMARY|RACECHECK SUMMARY" "$OUT/sanitize-$tool.log" | tail -1)" \
+      "$(grep -E "^\[  (PASSED|FAILED) " "$OUT/sanitize-$tool.log" | tr '\n' ' ')"
+  done
 fi
 if [[ $stages == *" bench "* ]]; then
+  bench_args=("$@")
+  if [ "$num_gpus" -lt 2 ]; then bench_args=(--sim "${EPX_SIM_WORLD:-4}" "$@"); fi
   # A hang becomes an error naming rank, peer and phase within seconds (library default: 100 s).
-  EPX_TIMEOUT_S=${EPX_TIMEOUT_S:-20} timeout ${EPX_BENCH_TIMEOUT:-240} ./build-gpu/bench/epx_bench --json "$OUT/bench.json" "$@" > "$OUT/bench.log" 2>&1 || status=1
+  EPX_TIMEOUT_S=${EPX_TIMEOUT_S:-20} timeout ${EPX_BENCH_TIMEOUT:-240} ./build-gpu/bench/epx_bench --json "$OUT/bench.json" \
+    "${bench_args[@]}" > "$OUT/bench.log" 2>&1 || status=1
   tail -36 "$OUT/bench.log"
 fi
 if [[ $stages == *" python "* ]]; then

@@ -31,6 +31,9 @@ def main() -> int:
         except (OSError, ValueError):
             print("tune: the benchmark wrote no JSON (no GPUs?)", file=sys.stderr)
             return 1
+    if report.get("simulated"):
+        print("tune: a simulated run (--sim) measures no NVLink numbers: nothing to tune from", file=sys.stderr)
+        return 1
     best = {}
     for row in report["rows"]:
         if row["sms"] <= 0 or row["op"] == "raw store ceiling":

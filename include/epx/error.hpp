@@ -16,6 +16,7 @@ enum class ErrorKind {
   kTimeout,          // a bounded device or host wait expired (names op, phase, rank, peer)
   kState,            // the object is in a state that refuses the call (e.g. failed Buffer)
   kUnsupported,      // valid request that this build/topology cannot serve
+  kAborted,          // a peer's operation failed and told this rank (names the peer, op, phase)
 };
 
 const char* error_kind_name(ErrorKind kind);

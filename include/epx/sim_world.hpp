@@ -34,6 +34,8 @@ class SimWorld {
   static constexpr int kMinSmsPerRank = 4;
   // Largest R on `device`: min(kMaxRanks, device SMs / kMinSmsPerRank).
   static int max_world(int device = 0);
+  // SMs each of `world` ranks would own on `device` (device SMs / world), without making a world.
+  static int sms_per_rank(int world, int device = 0);
 
   // world in [2, max_world(device)]; `timeout_s` bounds every host collective (0 = EPX_TIMEOUT_S).
   // Creates `world` Communicators; creating them makes no CUDA call beyond device queries.

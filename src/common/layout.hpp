@@ -11,6 +11,11 @@
 //                       all of op e's writes into this rank's buffer are done, value e.
 //                       Read by this rank (acquire.sys) before it reads what p wrote.
 //   Both only grow (epochs); they are reset to 0 only by the collective Buffer::reset().
+//   SyncArea::abort[p]  written by rank p (relaxed.sys, after a fence) when one of its ops failed
+//                       in a way its peers cannot see themselves (a timeout, bad input seen by a
+//                       kernel): an AbortWord. Every bounded wait of this rank polls its own
+//                       abort words and, seeing one, ends with an error naming rank p. Reset to
+//                       0 only by Buffer::reset().
 #pragma once
 #include <cstddef>
 #include <cstdint>
@@ -27,6 +32,21 @@ EPX_HD constexpr size_t align_up(size_t x, size_t a) { return (x + a - 1) / a * 
 struct SyncArea {
   uint64_t ready[kMaxPeers];
   uint64_t done[kMaxPeers];
+  uint64_t abort[kMaxPeers];
+};
+
+// An abort word: what failed on the rank that wrote it (op, phase, error kind, the peer it waited
+// for or -1), with the top bit set so a valid word is never 0.
+struct AbortWord {
+  static constexpr uint64_t kValid = 1ull << 63;
+  EPX_HD static uint64_t encode(int kind, int op, int phase, int peer) {
+    return kValid | (static_cast<uint64_t>(kind & 0xff) << 40) | (static_cast<uint64_t>(op & 0xff) << 32) |
+           (static_cast<uint64_t>(phase & 0xff) << 24) | static_cast<uint64_t>((peer + 1) & 0xffff);
+  }
+  EPX_HD static int kind(uint64_t w) { return static_cast<int>((w >> 40) & 0xff); }
+  EPX_HD static int op(uint64_t w) { return static_cast<int>((w >> 32) & 0xff); }
+  EPX_HD static int phase(uint64_t w) { return static_cast<int>((w >> 24) & 0xff); }
+  EPX_HD static int peer(uint64_t w) { return static_cast<int>(w & 0xffff) - 1; }
 };
 
 // Counts each source rank s writes into this rank during notify (slot s):
@@ -64,6 +84,7 @@ struct SymmetricLayout {
   static constexpr size_t kRowsOffset = align_up(kRingCtlOffset + sizeof(RingCtl), 4096);
   static constexpr size_t kMinBytes = kRowsOffset + 4096;
 };
+static_assert(sizeof(SyncArea) <= SymmetricLayout::kNotifyOffset, "SyncArea must fit before the NotifyArea");
 
 // Struct-of-arrays row storage inside the row region: payload rows, fp8 scales, top-k ids and
 // weights, source token index. Arrays a row shape does not use have zero size.
@@ -142,7 +163,8 @@ enum class OpCode : int { kNone = 0, kLayout, kNotify, kDispatch, kCombine, kLlD
 enum class Phase : int { kNone = 0, kEntryBarrier, kInputCheck, kCountExchange, kSend, kReceive,
                          kReduce, kCapacity };
 // Error kinds recorded by the device (mapped onto epx::ErrorKind by the host).
-enum class DeviceErrorKind : int { kNone = 0, kTimeout, kInvalidArgument, kBufferTooSmall };
+// kAborted: a peer's abort word ended a wait (ErrorRecord::peer = that rank, observed = its word).
+enum class DeviceErrorKind : int { kNone = 0, kTimeout, kInvalidArgument, kBufferTooSmall, kAborted };
 
 // Host-mapped (pinned) record of the first device error. The device claims it with atomicCAS on
 // `state` 0 -> 1, writes the fields, fences (sys) and stores state = 2; the host reads fields only

@@ -1,7 +1,8 @@
 // Device-side synchronization of epx ops: op epochs, the entry barrier, completion signals, and
 // the bounded waits (one flag, or several polled in turn). Every wait has a deadline; on expiry
 // it records an ErrorRecord (op, phase, rank, peer, observed vs expected), prints one line and
-// returns false: the kernel then returns.
+// returns false: the kernel then returns. A rank that records an error its peers cannot see
+// raises its abort word in their windows; their waits end at their next check, naming it.
 #pragma once
 #include <cstdint>
 #include <cstdio>
@@ -33,11 +34,25 @@ struct OpContext {
   }
 };
 
+// Errors every rank detects alike (from data all ranks share, e.g. the count matrix) need no abort:
+// each peer reports its own.
+__device__ __forceinline__ bool every_rank_detects(DeviceErrorKind kind, Phase phase) {
+  return kind == DeviceErrorKind::kBufferTooSmall || kind == DeviceErrorKind::kAborted || phase == Phase::kCapacity;
+}
+
 __device__ __forceinline__ void record_error(const OpContext& ctx, DeviceErrorKind kind, Phase phase,
                                              int peer, int index, unsigned long long observed,
                                              unsigned long long expected) {
   ErrorRecord* e = ctx.err;
   if (atomicCAS(&e->state, 0, 1) != 0) return;  // first error wins
+  if (!every_rank_detects(kind, phase)) {
+    // Tell every peer, so their waits end now with an error naming this rank instead of running
+    // out their own timeout. NOTE: the fence orders nothing of the payload; the word is the message.
+    const uint64_t word = AbortWord::encode(static_cast<int>(kind), ctx.op, static_cast<int>(phase), peer);
+    fence_acq_rel_sys();
+    for (int p = 0; p < ctx.num_ranks; ++p)
+      if (p != ctx.rank) st_relaxed_sys(&ctx.sync(p)->abort[ctx.rank], word);
+  }
   e->kind = static_cast<int>(kind);
   e->op = ctx.op;
   e->phase = static_cast<int>(phase);
@@ -58,6 +73,21 @@ __device__ __forceinline__ bool has_error(const OpContext& ctx) {
   return ld_volatile(&ctx.err->state) != 0;
 }
 
+// The periodic check of every bounded wait: false when this rank already failed, or when a peer's
+// abort word is set (then the error names that peer). Called every 256 polls.
+__device__ __forceinline__ bool still_ok(const OpContext& ctx, Phase phase) {
+  if (has_error(ctx)) return false;
+  const SyncArea* own = ctx.sync(ctx.rank);
+  for (int p = 0; p < ctx.num_ranks; ++p) {
+    const uint64_t word = ld_relaxed_sys(&own->abort[p]);
+    if (word != 0) {
+      record_error(ctx, DeviceErrorKind::kAborted, phase, p, -1, word, 0);
+      return false;
+    }
+  }
+  return true;
+}
+
 // The one bounded wait: until *flag >= target (acquire, system scope).
 __device__ __forceinline__ bool wait_flag_geq(const OpContext& ctx, const uint64_t* flag, uint64_t target,
                                               Phase phase, int peer) {
@@ -67,7 +97,7 @@ __device__ __forceinline__ bool wait_flag_geq(const OpContext& ctx, const uint64
     if (v >= target) return true;
     if ((iter & 255u) == 255u) {
       // Another block or rank already failed: stop waiting for work that will not come.
-      if (has_error(ctx)) return false;
+      if (!still_ok(ctx, phase)) return false;
       if (globaltimer_ns() - start > ctx.timeout_ns) {
         record_error(ctx, DeviceErrorKind::kTimeout, phase, peer, -1, v, target);
         return false;
@@ -87,7 +117,7 @@ struct PollClock {
 __device__ __forceinline__ bool poll_still_ok(const OpContext& ctx, PollClock& clock, Phase phase, int peer,
                                               uint64_t observed, uint64_t target) {
   if ((++clock.passes & 255u) != 0) return true;
-  if (has_error(ctx)) return false;
+  if (!still_ok(ctx, phase)) return false;
   const uint64_t now = globaltimer_ns();
   if (clock.idle_since == 0) clock.idle_since = now;
   if (now - clock.idle_since <= ctx.timeout_ns) return true;

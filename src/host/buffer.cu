@@ -61,7 +61,8 @@ Buffer::Buffer(Communicator& comm, size_t num_nvl_bytes, BufferOptions options) 
                     all[r].num_ll_bytes, " (after rounding up to 2 MiB)");
   }
 
-  m.arena = std::make_shared<DeviceArena>(comm.device(), comm.simulated());
+  m.arena = std::make_shared<DeviceArena>(comm.device(), comm.simulated(), comm.rank());
+  m.arena->set_timeout(m.timeout_s() + 10);
   m.ll_offset = num_nvl_bytes;
   m.num_ll_bytes = num_ll_bytes;
   m.memory = SymmetricMemory::create(comm, num_nvl_bytes + num_ll_bytes, m.timeout_s());
@@ -192,8 +193,8 @@ DispatchHandle Buffer::make_handle(int num_tokens) const {
   std::shared_ptr<DeviceArena> arena = impl_->arena;
   int* mem = static_cast<int*>(arena->alloc(num_ints * sizeof(int)));
   h.storage = std::shared_ptr<void>(mem, [arena](void* q) { arena->free(q); });
-  EPX_CUDA_CHECK(cudaMemsetAsync(mem, 0, num_ints * sizeof(int), arena->stream));
-  host_wait_stream(arena->stream, impl_->timeout_s() + 10, "Buffer::make_handle", rank());
+  EPX_CUDA_CHECK(cudaMemsetAsync(mem, 0, num_ints * sizeof(int), arena->stream()));
+  host_wait_stream(arena->stream(), impl_->timeout_s() + 10, "Buffer::make_handle", rank());
   h.rank_prefix_matrix = mem;
   h.count_matrix = mem + R * R;
   h.send_pos = mem + 2 * R * R;

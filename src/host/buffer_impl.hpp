@@ -63,12 +63,13 @@ struct Buffer::Impl {
   void set_config(const Config& c) {
     config = c;
     timeout_seconds = effective_timeout_s(c);
+    if (arena) arena->set_timeout(timeout_seconds + 10);
   }
 
   // Zeroes the flags and workspaces on the control stream and waits for it. The caller has
   // quiesced this rank's ops (and kept the ranks in step, except at creation).
   void zero_state() {
-    const cudaStream_t s = arena->stream;
+    const cudaStream_t s = arena->stream();
     EPX_CUDA_CHECK(cudaMemsetAsync(symmetric, 0, SymmetricLayout::kRowsOffset, s));
     EPX_CUDA_CHECK(cudaMemsetAsync(workspace, 0, sizeof(Workspace), s));
     if (num_ll_bytes > 0) zero_ll_state();
@@ -79,11 +80,11 @@ struct Buffer::Impl {
     host_wait_stream(s, timeout_s() + 10, "Buffer (zeroing its flags)", comm->rank());
   }
   void zero_ll_state() {
-    const cudaStream_t s = arena->stream;
+    const cudaStream_t s = arena->stream();
     EPX_CUDA_CHECK(cudaMemsetAsync(symmetric + ll_offset, 0, LlLayout::kSyncBytes, s));
     EPX_CUDA_CHECK(cudaMemsetAsync(ll_ws, 0, sizeof(LlWorkspace), s));
   }
-  void quiesce(const char* what) { arena->quiesce(timeout_s() + 10, what, comm->rank()); }
+  void quiesce(const char* what) { arena->quiesce(what); }
 
   // Refuses work on a failed buffer; surfaces a device error recorded since the last check.
   void check_usable() {
@@ -130,6 +131,21 @@ struct Buffer::Impl {
                              e->expected, " rows of this shape; num_nvl_bytes = ", num_nvl_bytes,
                              " is too small (see Buffer::get_nvl_buffer_size_hint)");
         break;
+      case DeviceErrorKind::kAborted: {
+        kind = ErrorKind::kAborted;
+        const uint64_t w = e->observed;
+        const int peer_op = AbortWord::op(w) >= 0 && AbortWord::op(w) < 7 ? AbortWord::op(w) : 0;
+        const int peer_phase = AbortWord::phase(w) >= 0 && AbortWord::phase(w) < 8 ? AbortWord::phase(w) : 0;
+        const char* what = AbortWord::kind(w) == static_cast<int>(DeviceErrorKind::kTimeout) ? "timed out"
+                           : AbortWord::kind(w) == static_cast<int>(DeviceErrorKind::kInvalidArgument)
+                               ? "saw invalid input"
+                               : "failed";
+        msg = detail::concat(kOps[op], " aborted in phase '", kPhases[phase], "' on rank ", e->rank, ": rank ",
+                             e->peer, " failed (its ", kOps[peer_op], " ", what, " in phase '", kPhases[peer_phase],
+                             "'", AbortWord::peer(w) >= 0 ? detail::concat(" waiting for peer ", AbortWord::peer(w)) : "",
+                             "); call reset() on every rank");
+        break;
+      }
       default:
         msg = "unknown device error";
     }

@@ -235,7 +235,7 @@ void Buffer::clean_low_latency_buffer() {
   m.zero_ll_state();
   m.ll_next = 0;
   m.pending[0] = m.pending[1] = Impl::PendingReceive{};
-  host_wait_stream(m.arena->stream, m.timeout_s() + 10, "clean_low_latency_buffer", m.comm->rank());
+  host_wait_stream(m.arena->stream(), m.timeout_s() + 10, "clean_low_latency_buffer", m.comm->rank());
   m.comm->barrier(m.timeout_s());
 }
 

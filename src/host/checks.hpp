@@ -24,5 +24,7 @@ namespace epx {
 // Waits until all work on `stream` is done, polling, at most `timeout_s`; on expiry throws
 // Error(kTimeout) naming `what` and `rank`.
 void host_wait_stream(cudaStream_t stream, double timeout_s, const char* what, int rank);
+// The same for the work before `event`'s last record.
+void host_wait_event(cudaEvent_t event, double timeout_s, const char* what, int rank);
 
 }  // namespace epx

@@ -11,6 +11,7 @@ const char* error_kind_name(ErrorKind kind) {
     case ErrorKind::kTimeout: return "Timeout";
     case ErrorKind::kState: return "State";
     case ErrorKind::kUnsupported: return "Unsupported";
+    case ErrorKind::kAborted: return "Aborted";
   }
   return "Unknown";
 }

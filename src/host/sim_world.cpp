@@ -2,6 +2,7 @@
 #include "epx/sim_world.hpp"
 
 #include <cstdint>
+#include <cstdlib>
 #include <cstdio>
 #include <exception>
 #include <string>
@@ -31,7 +32,17 @@ int SimWorld::max_world(int device) {
   return by_sms < kMaxRanks ? by_sms : kMaxRanks;
 }
 
+int SimWorld::sms_per_rank(int world, int device) {
+  EPX_ARG_CHECK(world >= 1, "SimWorld world: expected >= 1, got ", world);
+  return device_sms(device) / world;
+}
+
 SimWorld::SimWorld(int world, int device, double timeout_s) {
+  // Streams share the device's hardware queues (8 by default); work queued behind a rank's
+  // dependent kernel in a shared queue cannot start, and a peer's kernel may be waiting for it.
+  // More queues make sharing rare. Read when the CUDA context is created: this only helps when
+  // the SimWorld comes first (tools/test.sh and the Python tests export it).
+  setenv("CUDA_DEVICE_MAX_CONNECTIONS", "32", /*overwrite=*/0);
   const int sms = device_sms(device);
   const int by_sms = sms / kMinSmsPerRank;
   EPX_ARG_CHECK(world >= 2, "SimWorld world: expected >= 2 ranks (a simulated world exists to exercise peers), got ",
@@ -43,6 +54,15 @@ SimWorld::SimWorld(int world, int device, double timeout_s) {
   EPX_ARG_CHECK(timeout_s >= 0 && timeout_s <= 86400, "SimWorld timeout_s: expected [0, 86400] seconds, got ",
                 timeout_s);
   state_ = std::make_unique<State>(world, device, sms / world, timeout_s > 0 ? timeout_s : env::timeout_s());
+  // The stream-ordered allocator may make one stream wait for another's free to reuse its memory;
+  // here that stream may belong to a peer whose kernel waits for this rank: reuse only what is
+  // already free. NOTE: a setting of the device's default pool, for the whole process.
+  {
+    cudaMemPool_t pool = nullptr;
+    EPX_CUDA_CHECK(cudaDeviceGetDefaultMemPool(&pool, device));
+    int allow = 0;
+    EPX_CUDA_CHECK(cudaMemPoolSetAttribute(pool, cudaMemPoolReuseAllowInternalDependencies, &allow));
+  }
   for (int r = 0; r < world; ++r)
     state_->comms.emplace_back(new Communicator(*this, r, device, state_->num_sms_per_rank));
 }
