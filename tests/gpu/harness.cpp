@@ -1,11 +1,14 @@
 #include "gpu/harness.hpp"
 
+#include <signal.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
 #include <algorithm>
+#include <chrono>
 #include <cstdio>
 #include <cstdlib>
+#include <thread>
 
 namespace epx::test {
 namespace {
@@ -127,10 +130,36 @@ std::string why_not_runnable(WorldMode mode, int world) {
 }
 
 int run_in_child(const std::function<int()>& fn, double timeout_s) {
-  return launch_local(1, [&](int, int, const ncclUniqueId&) {
+  std::fflush(stdout);
+  std::fflush(stderr);
+  const pid_t pid = fork();
+  REQUIRE(pid >= 0, "fork() failed");
+  if (pid == 0) {
     std::setvbuf(stdout, nullptr, _IOLBF, 0);
-    return fn();
-  }, timeout_s);
+    int rc = 1;
+    try {
+      rc = fn();
+    } catch (const std::exception& e) {
+      std::fprintf(stderr, "[child] FAILED: %s\n", e.what());
+    }
+    std::fflush(stdout);
+    std::fflush(stderr);
+    _exit(std::min(std::max(rc, 0), 255));
+  }
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::duration<double>(timeout_s);
+  int status = 0;
+  while (waitpid(pid, &status, WNOHANG) == 0) {
+    if (std::chrono::steady_clock::now() > deadline) {
+      std::fprintf(stderr, "run_in_child: killing the child after %.0f s\n", timeout_s);
+      kill(pid, SIGKILL);
+      waitpid(pid, &status, 0);
+      return 1;
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(5));
+  }
+  if (WIFEXITED(status)) return WEXITSTATUS(status);
+  std::fprintf(stderr, "run_in_child: the child died of signal %d\n", WIFSIGNALED(status) ? WTERMSIG(status) : 0);
+  return 1;
 }
 
 int run_world(WorldMode mode, int world, size_t nvl_bytes, const BufferOptions& options,

@@ -89,8 +89,8 @@ struct RankCtx {
   BufferOptions options;
 };
 
-// Runs `body` on `world` ranks, each with a Buffer of `nvl_bytes`; returns 0 when every rank
-// passed (each failed rank prints what failed, with the seed). Sim mode runs the SimWorld in a
+// Runs `body` on `world` ranks, each with a Buffer of `nvl_bytes`; returns the number of ranks that
+// failed (each prints what failed, with the seed). Sim mode runs the SimWorld in a
 // child process, so this process never initializes CUDA (real-mode tests fork after it) and a
 // world that hangs is killed at the time limit.
 int run_world(WorldMode mode, int world, size_t nvl_bytes, const BufferOptions& options,
@@ -102,8 +102,8 @@ inline int run_world(WorldMode mode, int world, size_t nvl_bytes, const Config& 
   return run_world(mode, world, nvl_bytes, options, body);
 }
 
-// Runs `fn` in a child process (one CUDA context of its own); returns its result, 1 if it threw
-// (printed) or was killed after `timeout_s`.
+// Runs `fn` in a forked child process (a CUDA context of its own); returns its result (0..255), 1
+// if it threw (printed), died, or was killed after `timeout_s`.
 int run_in_child(const std::function<int()>& fn, double timeout_s = 240);
 
 // The stream of the rank the calling thread runs; REQUIREs one (set by run_world, or RankStream).

@@ -54,8 +54,9 @@ TEST(SimWorld, WorldSizeOutOfRangeNamesValueAndLimit) {
 TEST(SimWorld, RanksSeeTheirWorldAndSmShare) {
   SKIP_WITHOUT_SIM_WORLD(3);
   EXPECT_EQ(run_in_child([] {
-    const int world = 3, sms = device_sms();
+    const int world = 3;
     const int failed = launch_sim(world, [&](int rank, int w, Communicator& comm) {
+      const int sms = device_sms();
       REQUIRE(w == world && comm.world() == world && comm.rank() == rank, "rank ", comm.rank(), " of ", comm.world());
       REQUIRE(comm.simulated() && comm.nccl() == nullptr && comm.sim_world() != nullptr, "rank ", rank,
               ": not a simulated communicator");
