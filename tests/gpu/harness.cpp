@@ -1,9 +1,99 @@
 #include "gpu/harness.hpp"
 
+#include <signal.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <chrono>
 #include <cstdio>
 #include <cstdlib>
+#include <thread>
 
 namespace epx::test {
+namespace {
+
+// Bound of one test's world, start to end (the ctest limit is above it).
+constexpr double kWorldTimeoutS = 240;
+
+thread_local cudaStream_t t_rank_stream = nullptr;
+
+// Runs fn in a forked child and returns its value (-1 if the child died or threw): for questions
+// that need CUDA, which must stay uninitialized in this process (the real-mode ranks are forked).
+int value_from_child(const std::function<int()>& fn) {
+  int fds[2];
+  if (pipe(fds) != 0) return -1;
+  std::fflush(stdout);
+  std::fflush(stderr);
+  const pid_t pid = fork();
+  if (pid < 0) return -1;
+  if (pid == 0) {
+    int value = -1;
+    try {
+      value = fn();
+    } catch (const std::exception& e) {
+      std::fprintf(stderr, "value_from_child: %s\n", e.what());
+    }
+    (void)!write(fds[1], &value, sizeof(value));
+    _exit(0);
+  }
+  close(fds[1]);
+  int value = -1;
+  if (read(fds[0], &value, sizeof(value)) != sizeof(value)) value = -1;
+  close(fds[0]);
+  int status = 0;
+  waitpid(pid, &status, 0);
+  return value;
+}
+
+// One rank of a world, in either mode: a Buffer with the fitted options, the rank's stream, the
+// body, then the checks that the body left no error behind.
+int run_rank(WorldMode mode, int rank, int world, uint64_t seed, Communicator& comm, size_t nvl_bytes,
+             const BufferOptions& options, const std::function<void(RankCtx&)>& body) {
+  std::setvbuf(stdout, nullptr, _IOLBF, 0);
+  // NOTE: on failure the buffer is deliberately not destroyed: its teardown is collective and
+  // would wait for ranks that went on. A real rank's process exits; a SimWorld frees what the
+  // ranks' Buffers left behind when it ends.
+  try {
+    BufferOptions fitted = options;
+    // A simulated rank owns SMs / R of the device; the library refuses more (no silent clamp).
+    if (mode == WorldMode::kSim) fitted.config.num_sms = std::min(fitted.config.num_sms, comm.num_device_sms());
+    auto* buffer = new Buffer(comm, nvl_bytes, fitted);
+    cudaStream_t stream;
+    CUDA_OK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+    {
+      RankStream on_stream(stream);
+      RankCtx ctx{rank, world, seed, &comm, buffer, stream, mode, fitted};
+      body(ctx);
+      CUDA_OK(cudaStreamSynchronize(stream));
+      buffer->check();
+    }
+    delete buffer;
+    CUDA_OK(cudaStreamDestroy(stream));
+    return 0;
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "[%s rank %d/%d seed %llu] FAILED: %s\n", mode_name(mode), rank, world,
+                 (unsigned long long)seed, e.what());
+    return 1;
+  }
+}
+
+}  // namespace
+
+const char* mode_name(WorldMode mode) { return mode == WorldMode::kSim ? "sim" : "real"; }
+
+std::vector<WorldParam> world_params() {
+  std::vector<WorldParam> v;
+  for (WorldMode mode : {WorldMode::kReal, WorldMode::kSim})
+    for (int world : {2, 3, 4, 8}) v.push_back({mode, world});
+  return v;
+}
+
+std::string world_param_name(const ::testing::TestParamInfo<WorldParam>& info) {
+  return std::string(mode_name(info.param.mode)) + "_world" + std::to_string(info.param.world);
+}
+
+std::string mode_param_name(const ::testing::TestParamInfo<WorldMode>& info) { return mode_name(info.param); }
 
 uint64_t run_seed() {
   static const uint64_t seed = [] {
@@ -21,55 +111,125 @@ int num_gpus() {
   return n;
 }
 
-int run_world(int world, size_t nvl_bytes, const BufferOptions& options, const std::function<void(RankCtx&)>& body) {
-  const uint64_t seed = run_seed();
-  return launch_local(world, [&](int rank, int w, const ncclUniqueId& id) {
+int sim_max_world() {
+  static const int n = num_gpus() < 1 ? 0 : std::max(0, value_from_child([] { return SimWorld::max_world(0); }));
+  return n;
+}
+
+std::string why_not_runnable(WorldMode mode, int world) {
+  const int have = num_gpus();
+  if (mode == WorldMode::kReal) {
+    if (have < world) return detail::concat("needs ", world, " GPUs, found ", have);
+    return {};
+  }
+  if (have < 1) return detail::concat("needs 1 GPU, found ", have);
+  const int max_world = sim_max_world();
+  if (world > max_world)
+    return detail::concat("needs a SimWorld of ", world, " ranks, SimWorld::max_world() is ", max_world, " on GPU 0");
+  return {};
+}
+
+int run_in_child(const std::function<int()>& fn, double timeout_s) {
+  std::fflush(stdout);
+  std::fflush(stderr);
+  const pid_t pid = fork();
+  REQUIRE(pid >= 0, "fork() failed");
+  if (pid == 0) {
     std::setvbuf(stdout, nullptr, _IOLBF, 0);
-    // NOTE: on failure the communicator and buffer are deliberately not destroyed: their teardown
-    // is collective (NCCL window deregistration) and would wait for ranks that went on; the
-    // process exits instead.
+    int rc = 1;
     try {
-      auto* comm = new Communicator(id, rank, w, rank);
-      auto* buffer = new Buffer(*comm, nvl_bytes, options);
-      cudaStream_t stream;
-      CUDA_OK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
-      RankCtx ctx{rank, w, seed, comm, buffer, stream};
-      body(ctx);
-      CUDA_OK(cudaStreamSynchronize(stream));
-      buffer->check();
-      cudaStreamDestroy(stream);
-      delete buffer;
-      delete comm;
-      return 0;
+      rc = fn();
     } catch (const std::exception& e) {
-      std::fprintf(stderr, "[rank %d/%d seed %llu] FAILED: %s\n", rank, w, (unsigned long long)seed, e.what());
+      std::fprintf(stderr, "[child] FAILED: %s\n", e.what());
+    }
+    std::fflush(stdout);
+    std::fflush(stderr);
+    _exit(std::min(std::max(rc, 0), 255));
+  }
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::duration<double>(timeout_s);
+  int status = 0;
+  while (waitpid(pid, &status, WNOHANG) == 0) {
+    if (std::chrono::steady_clock::now() > deadline) {
+      std::fprintf(stderr, "run_in_child: killing the child after %.0f s\n", timeout_s);
+      kill(pid, SIGKILL);
+      waitpid(pid, &status, 0);
       return 1;
     }
-  }, /*timeout_s=*/240);
+    std::this_thread::sleep_for(std::chrono::milliseconds(5));
+  }
+  if (WIFEXITED(status)) return WEXITSTATUS(status);
+  std::fprintf(stderr, "run_in_child: the child died of signal %d\n", WIFSIGNALED(status) ? WTERMSIG(status) : 0);
+  return 1;
+}
+
+int run_world(WorldMode mode, int world, size_t nvl_bytes, const BufferOptions& options,
+              const std::function<void(RankCtx&)>& body) {
+  const uint64_t seed = run_seed();
+  if (mode == WorldMode::kReal) {
+    return launch_local(world, [&](int rank, int w, const ncclUniqueId& id) {
+      Communicator* comm = nullptr;
+      try {
+        comm = new Communicator(id, rank, w, rank);  // NOTE: not destroyed on failure (collective)
+      } catch (const std::exception& e) {
+        std::fprintf(stderr, "[real rank %d/%d] FAILED: %s\n", rank, w, e.what());
+        return 1;
+      }
+      const int rc = run_rank(mode, rank, w, seed, *comm, nvl_bytes, options, body);
+      if (rc == 0) delete comm;
+      return rc;
+    }, kWorldTimeoutS);
+  }
+  return run_in_child([&] {
+    return launch_sim(world, [&](int rank, int w, Communicator& comm) {
+      return run_rank(mode, rank, w, seed, comm, nvl_bytes, options, body);
+    }, /*device=*/0, /*timeout_s=*/0);
+  }, kWorldTimeoutS);
+}
+
+cudaStream_t rank_stream() {
+  REQUIRE(t_rank_stream != nullptr, "no rank stream on this thread (run_world or RankStream sets it)");
+  return t_rank_stream;
+}
+
+RankStream::RankStream(cudaStream_t stream) : previous_(t_rank_stream) { t_rank_stream = stream; }
+RankStream::~RankStream() { t_rank_stream = previous_; }
+
+void upload_bytes(void* dst, const void* src, size_t bytes) {
+  if (!bytes) return;
+  const cudaStream_t stream = rank_stream();
+  CUDA_OK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyHostToDevice, stream));
+  CUDA_OK(cudaStreamSynchronize(stream));
+}
+
+void download_bytes(void* dst, const void* src, size_t bytes) {
+  const cudaStream_t stream = rank_stream();
+  if (bytes) CUDA_OK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToHost, stream));
+  CUDA_OK(cudaStreamSynchronize(stream));
+}
+
+void copy_device_bytes(void* dst, const void* src, size_t bytes) {
+  if (bytes) CUDA_OK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToDevice, rank_stream()));
 }
 
 DeviceMem::DeviceMem(size_t bytes) : bytes_(bytes) {
+  const cudaStream_t stream = rank_stream();
   void* p = nullptr;
-  CUDA_OK(cudaMalloc(&p, bytes > 0 ? bytes : 16));
-  ptr_ = std::shared_ptr<void>(p, [](void* q) { cudaFree(q); });
+  CUDA_OK(cudaMallocAsync(&p, bytes > 0 ? bytes : 16, stream));
+  ptr_ = std::shared_ptr<void>(p, [stream](void* q) { cudaFreeAsync(q, stream); });
 }
 
 void DeviceMem::upload(const void* src, size_t bytes) {
   REQUIRE(bytes <= bytes_, "upload of ", bytes, " bytes into ", bytes_);
-  if (bytes) CUDA_OK(cudaMemcpy(get(), src, bytes, cudaMemcpyHostToDevice));
+  upload_bytes(get(), src, bytes);
 }
 
 void DeviceMem::download_raw(void* dst, size_t bytes) const {
   REQUIRE(bytes <= bytes_, "download of ", bytes, " bytes from ", bytes_);
-  CUDA_OK(cudaDeviceSynchronize());
-  if (bytes) CUDA_OK(cudaMemcpy(dst, get(), bytes, cudaMemcpyDeviceToHost));
+  download_bytes(dst, get(), bytes);
 }
 
-// cudaMemset runs on the legacy default stream, which does not order against the tests'
-// non-blocking streams: wait for it, or the fill can land after (and over) a kernel's outputs.
 void DeviceMem::fill(uint8_t byte) {
-  CUDA_OK(cudaMemset(get(), byte, bytes_ > 0 ? bytes_ : 16));
-  CUDA_OK(cudaDeviceSynchronize());
+  CUDA_OK(cudaMemsetAsync(get(), byte, bytes_ > 0 ? bytes_ : 16, rank_stream()));
 }
 
 ref::RankInput make_input(uint64_t seed, int rank, const InputSpec& spec) {

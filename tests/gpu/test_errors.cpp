@@ -7,19 +7,6 @@
 namespace epx::test {
 namespace {
 
-// Runs f, requires an epx::Error of `kind` whose message contains `needle`.
-template <typename F>
-void require_error(F&& f, ErrorKind kind, const std::string& needle) {
-  try {
-    f();
-  } catch (const Error& e) {
-    REQUIRE(e.kind() == kind, "wrong error kind ", error_kind_name(e.kind()), ": ", e.what());
-    REQUIRE(std::string(e.what()).find(needle) != std::string::npos, "message lacks '", needle, "': ", e.what());
-    return;
-  }
-  throw Failure("no epx::Error thrown, wanted " + std::string(error_kind_name(kind)) + " naming '" + needle + "'");
-}
-
 // A small fresh dispatch (host-synced) that must work: the buffer is usable.
 void small_dispatch(RankCtx& ctx, Buffer& buffer, int num_tokens, int hidden) {
   const int R = ctx.world, E = 8 * R, K = 4, N = num_tokens;
@@ -113,7 +100,7 @@ void run_timeout(RankCtx& ctx) {
 }
 
 void run_too_small(RankCtx& ctx) {
-  Buffer small(*ctx.comm, 4 << 20);
+  Buffer small(*ctx.comm, 4 << 20, ctx.options);
   require_error([&] { small_dispatch(ctx, small, 512, 7168); }, ErrorKind::kBufferTooSmall, "num_nvl_bytes");
   small.reset();
   small_dispatch(ctx, small, 16, 1024);
@@ -121,13 +108,21 @@ void run_too_small(RankCtx& ctx) {
 }
 
 void run_lifecycle(RankCtx& ctx) {
+  // NOTE: the ranks of a SimWorld share the device's memory: every rank measures between two
+  // barriers, when no rank holds a Buffer of the loop.
   size_t free0 = 0, total = 0;
   for (int i = 0; i < 100; ++i) {
-    if (i == 5) CUDA_OK(cudaMemGetInfo(&free0, &total));  // after one-time allocations settle
-    Buffer b(*ctx.comm, 8 << 20);
+    if (i == 5) {  // after one-time allocations settle
+      ctx.comm->barrier();
+      CUDA_OK(cudaMemGetInfo(&free0, &total));
+      ctx.comm->barrier();
+    }
+    Buffer b(*ctx.comm, 8 << 20, ctx.options);
   }
   size_t free1 = 0;
+  ctx.comm->barrier();
   CUDA_OK(cudaMemGetInfo(&free1, &total));
+  ctx.comm->barrier();
   REQUIRE(free1 + (16 << 20) >= free0, "device memory leaked over 95 create/destroy cycles: ", (free0 - free1) >> 20, " MiB");
   if (ctx.rank == 0) std::printf("[world %d] 100 Buffer create/destroy cycles, no leak\n", ctx.world);
 }
@@ -147,8 +142,11 @@ TEST(GpuLifecycle, AdoptsAnExistingNcclComm) {
       Buffer buffer(comm, 64 << 20);
       cudaStream_t stream;
       CUDA_OK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
-      RankCtx ctx{rank, world, seed, &comm, &buffer, stream};
-      small_dispatch(ctx, buffer, 128, 2048);
+      {
+        RankStream on_stream(stream);
+        RankCtx ctx{rank, world, seed, &comm, &buffer, stream};
+        small_dispatch(ctx, buffer, 128, 2048);
+      }
       CUDA_OK(cudaStreamDestroy(stream));
       if (rank == 0) std::printf("[world %d] adopted ncclComm_t: dispatch ok\n", world);
       return 0;
@@ -160,25 +158,32 @@ TEST(GpuLifecycle, AdoptsAnExistingNcclComm) {
   EXPECT_EQ(failed, 0);
 }
 
-TEST(GpuErrors, ValidationDeviceErrorAndReset) {
-  SKIP_WITHOUT_GPUS(2);
-  EXPECT_EQ(run_world(2, 64 << 20, Config::defaults(2), run_errors), 0);
+class GpuErrors : public ::testing::TestWithParam<WorldMode> {};
+
+TEST_P(GpuErrors, ValidationDeviceErrorAndReset) {
+  SKIP_UNLESS_RUNNABLE(GetParam(), 2);
+  EXPECT_EQ(run_world(GetParam(), 2, 64 << 20, Config::defaults(2), run_errors), 0);
 }
 
-TEST(GpuErrors, TimeoutBecomesErrorNotHang) {
-  SKIP_WITHOUT_GPUS(2);
-  EXPECT_EQ(run_world(2, 64 << 20, Config::defaults(2), run_timeout), 0);
+TEST_P(GpuErrors, TimeoutBecomesErrorNotHang) {
+  SKIP_UNLESS_RUNNABLE(GetParam(), 2);
+  EXPECT_EQ(run_world(GetParam(), 2, 64 << 20, Config::defaults(2), run_timeout), 0);
 }
 
-TEST(GpuErrors, UndersizedBufferNamesBytesNeeded) {
-  SKIP_WITHOUT_GPUS(2);
-  EXPECT_EQ(run_world(2, 64 << 20, Config::defaults(2), run_too_small), 0);
+TEST_P(GpuErrors, UndersizedBufferNamesBytesNeeded) {
+  SKIP_UNLESS_RUNNABLE(GetParam(), 2);
+  EXPECT_EQ(run_world(GetParam(), 2, 64 << 20, Config::defaults(2), run_too_small), 0);
 }
 
-TEST(GpuLifecycle, HundredCreateDestroyCycles) {
-  SKIP_WITHOUT_GPUS(2);
-  EXPECT_EQ(run_world(2, 64 << 20, Config::defaults(2), run_lifecycle), 0);
+class GpuLifecycle : public ::testing::TestWithParam<WorldMode> {};
+
+TEST_P(GpuLifecycle, HundredCreateDestroyCycles) {
+  SKIP_UNLESS_RUNNABLE(GetParam(), 2);
+  EXPECT_EQ(run_world(GetParam(), 2, 64 << 20, Config::defaults(2), run_lifecycle), 0);
 }
+
+INSTANTIATE_TEST_SUITE_P(Gpu, GpuErrors, ::testing::Values(WorldMode::kReal, WorldMode::kSim), mode_param_name);
+INSTANTIATE_TEST_SUITE_P(Gpu, GpuLifecycle, ::testing::Values(WorldMode::kReal, WorldMode::kSim), mode_param_name);
 
 }  // namespace
 }  // namespace epx::test

@@ -1,4 +1,5 @@
-// High-throughput layout / dispatch / combine on 2-4 GPUs against the CPU reference.
+// High-throughput layout / dispatch / combine on 2-8 ranks (real GPUs or a SimWorld) against the
+// CPU reference.
 #include <cuda_runtime_api.h>
 
 #include "gpu/harness.hpp"
@@ -182,7 +183,7 @@ void run_case(RankCtx& ctx, const Case& c) {
                c.name + " num_recv_tokens_per_expert");
   // The handle's prefix matrix is DeepEP's rank_prefix_matrix.
   std::vector<int> prefix(R * R);
-  CUDA_OK(cudaMemcpy(prefix.data(), handle.rank_prefix_matrix, 4 * R * R, cudaMemcpyDeviceToHost));
+  download_bytes(prefix.data(), handle.rank_prefix_matrix, 4 * R * R);
   expect_equal(prefix, want[me].rank_prefix_matrix, R * R, c.name + " rank_prefix_matrix");
 
   // Cached re-dispatch through a handle: same routing, x only, into sentinel-filled outputs.
@@ -354,9 +355,9 @@ void run_graph(RankCtx& ctx) {
     std::vector<ref::DispatchResult> want(R);
     for (int r = 0; r < R; ++r) want[r] = ref::dispatch(all, r, shape_of(s, R, 1));
     DeviceInputs fresh = upload_inputs(all[me], s, 0);
-    CUDA_OK(cudaMemcpy(d.x.get(), fresh.x.get(), d.x.bytes(), cudaMemcpyDeviceToDevice));
-    CUDA_OK(cudaMemcpy(d.topk_idx.get(), fresh.topk_idx.get(), d.topk_idx.bytes(), cudaMemcpyDeviceToDevice));
-    CUDA_OK(cudaMemcpy(d.topk_weights.get(), fresh.topk_weights.get(), d.topk_weights.bytes(), cudaMemcpyDeviceToDevice));
+    copy_device_bytes(d.x.get(), fresh.x.get(), d.x.bytes());
+    copy_device_bytes(d.topk_idx.get(), fresh.topk_idx.get(), d.topk_idx.bytes());
+    copy_device_bytes(d.topk_weights.get(), fresh.topk_weights.get(), d.topk_weights.bytes());
     // Expert outputs of every rank (regenerable), padded to the worst-case rows.
     std::vector<ref::CombineRankInput> cin(R);
     std::vector<std::vector<uint16_t>> ys(R);
@@ -384,30 +385,30 @@ void run_graph(RankCtx& ctx) {
   if (me == 0) std::printf("[world %d] graph capture + 3 replays ok\n", R);
 }
 
-class HtWorld : public ::testing::TestWithParam<int> {};
+class HtWorld : public ::testing::TestWithParam<WorldParam> {};
 
 TEST_P(HtWorld, CudaGraphReplay) {
-  const int world = GetParam();
-  SKIP_WITHOUT_GPUS(world);
+  const WorldMode mode = GetParam().mode;
+  const int world = GetParam().world;
+  SKIP_UNLESS_RUNNABLE(mode, world);
   Config c = Config::defaults(world);
-  EXPECT_EQ(run_world(world, size_t{256} << 20, c, run_graph), 0);
+  EXPECT_EQ(run_world(mode, world, size_t{256} << 20, c, run_graph), 0);
   // And the other dispatch layout: split blocks if the default is not, and the other way round.
   c.dispatch_split_blocks = !c.dispatch_split_blocks;
-  EXPECT_EQ(run_world(world, size_t{256} << 20, c, run_graph), 0);
+  EXPECT_EQ(run_world(mode, world, size_t{256} << 20, c, run_graph), 0);
 }
 
 TEST_P(HtWorld, MatchesReferenceInEveryMode) {
-  const int world = GetParam();
-  SKIP_WITHOUT_GPUS(world);
-  const int failed = run_world(world, size_t{1} << 30, Config::defaults(world), [](RankCtx& ctx) {
+  const WorldMode mode = GetParam().mode;
+  const int world = GetParam().world;
+  SKIP_UNLESS_RUNNABLE(mode, world);
+  const int failed = run_world(mode, world, size_t{1} << 30, Config::defaults(world), [](RankCtx& ctx) {
     for (const Case& c : cases(ctx.world)) run_case(ctx, c);
   });
   EXPECT_EQ(failed, 0) << "see the ranks' messages above";
 }
 
-INSTANTIATE_TEST_SUITE_P(Gpu, HtWorld, ::testing::Values(2, 3, 4, 8), [](const auto& info) {
-  return "world" + std::to_string(info.param);
-});
+INSTANTIATE_TEST_SUITE_P(Gpu, HtWorld, ::testing::ValuesIn(world_params()), world_param_name);
 
 }  // namespace
 }  // namespace epx::test

@@ -1,6 +1,6 @@
-// Low-latency dispatch/combine on 2-4 GPUs against the CPU reference: fp8 (float and UE8M0 scales)
-// and bf16, -1 slots, N = 0 and N = T, hook and non-hook, zero-copy, double buffering, CUDA graph
-// replay, 1000 alternating iterations.
+// Low-latency dispatch/combine on 2-8 ranks (real GPUs or a SimWorld) against the CPU reference:
+// fp8 (float and UE8M0 scales) and bf16, -1 slots, N = 0 and N = T, hook and non-hook, zero-copy,
+// double buffering, CUDA graph replay, 1000 alternating iterations.
 #include <cuda_runtime_api.h>
 
 #include "gpu/harness.hpp"
@@ -151,7 +151,7 @@ void ll_round(RankCtx& ctx, const LlSpec& s, uint64_t seed, LlOut& out) {
   View y;
   if (s.zero_copy) {
     y = ctx.buffer->next_combine_buffer(h);
-    CUDA_OK(cudaMemcpy(y.data, run.y[me].data(), run.y[me].size() * 2, cudaMemcpyHostToDevice));
+    upload_bytes(y.data, run.y[me].data(), run.y[me].size() * 2);
   } else {
     y_user = DeviceMem::from(run.y[me]);
     y = View::of(y_user.get(), DType::kBF16, {out.E_loc, RT, s.H});
@@ -191,19 +191,20 @@ size_t ll_bytes_for(const std::vector<LlSpec>& specs, int R) {
   return m;
 }
 
-int run_ll_world(int world, const std::function<void(RankCtx&)>& body, size_t ll_bytes) {
+int run_ll_world(WorldMode mode, int world, const std::function<void(RankCtx&)>& body, size_t ll_bytes) {
   BufferOptions options;
   options.num_ll_bytes = ll_bytes;
-  return run_world(world, 64 << 20, options, body);
+  return run_world(mode, world, 64 << 20, options, body);
 }
 
-class LlWorld : public ::testing::TestWithParam<int> {};
+class LlWorld : public ::testing::TestWithParam<WorldParam> {};
 
 TEST_P(LlWorld, MatchesReferenceInEveryMode) {
-  const int world = GetParam();
-  SKIP_WITHOUT_GPUS(world);
+  const WorldMode mode = GetParam().mode;
+  const int world = GetParam().world;
+  SKIP_UNLESS_RUNNABLE(mode, world);
   const auto specs = ll_cases();
-  EXPECT_EQ(run_ll_world(world, [&](RankCtx& ctx) {
+  EXPECT_EQ(run_ll_world(mode, world, [&](RankCtx& ctx) {
     for (const LlSpec& s : specs) {
       LlOut out(s.experts_per_rank, world * s.T, s.H, s.fp8, s.ue8m0);
       ll_round(ctx, s, ctx.seed ^ std::hash<std::string>{}(s.name), out);
@@ -214,12 +215,13 @@ TEST_P(LlWorld, MatchesReferenceInEveryMode) {
 
 // Two micro-batches in flight: both sends, then both receives, then both combines (hooks).
 TEST_P(LlWorld, DoubleBufferedMicroBatchesAndStats) {
-  const int world = GetParam();
-  SKIP_WITHOUT_GPUS(world);
+  const WorldMode mode = GetParam().mode;
+  const int world = GetParam().world;
+  SKIP_UNLESS_RUNNABLE(mode, world);
   LlSpec s;
   s.name = "double buffering";
   s.hook = true;
-  EXPECT_EQ(run_ll_world(world, [&](RankCtx& ctx) {
+  EXPECT_EQ(run_ll_world(mode, world, [&](RankCtx& ctx) {
     const int R = ctx.world, me = ctx.rank, E = s.experts_per_rank * R, E_loc = s.experts_per_rank;
     LlRun run[2] = {make_run(ctx, s, ctx.seed + 11), make_run(ctx, s, ctx.seed + 12)};
     std::vector<std::unique_ptr<LlOut>> out;
@@ -292,8 +294,9 @@ TEST_P(LlWorld, DoubleBufferedMicroBatchesAndStats) {
 // CUDA graph: dispatch -> (user copy of expert outputs) -> combine captured once, replayed with
 // fresh inputs; then 1000 alternating dispatch/combine rounds with fresh data, all checked.
 TEST_P(LlWorld, GraphReplayAndThousandRounds) {
-  const int world = GetParam();
-  SKIP_WITHOUT_GPUS(world);
+  const WorldMode mode = GetParam().mode;
+  const int world = GetParam().world;
+  SKIP_UNLESS_RUNNABLE(mode, world);
   LlSpec s;
   s.name = "graph";
   s.fp8 = false;
@@ -301,7 +304,7 @@ TEST_P(LlWorld, GraphReplayAndThousandRounds) {
   s.H = 512;
   s.K = 4;
   s.experts_per_rank = 4;
-  EXPECT_EQ(run_ll_world(world, [&](RankCtx& ctx) {
+  EXPECT_EQ(run_ll_world(mode, world, [&](RankCtx& ctx) {
     const int R = ctx.world, me = ctx.rank, E = s.experts_per_rank * R, E_loc = s.experts_per_rank, RT = R * s.T;
     const int N = s.T - me;
     LlOut out(E_loc, RT, s.H, false, false);
@@ -368,15 +371,15 @@ TEST_P(LlWorld, GraphReplayAndThousandRounds) {
   }, ll_bytes_for({s}, world)), 0);
 }
 
-INSTANTIATE_TEST_SUITE_P(Gpu, LlWorld, ::testing::Values(2, 3, 4, 8), [](const auto& info) {
-  return "world" + std::to_string(info.param);
-});
+INSTANTIATE_TEST_SUITE_P(Gpu, LlWorld, ::testing::ValuesIn(world_params()), world_param_name);
 
 // Bad input raises epx::Error naming the argument.
-TEST(LlErrors, BadInputIsRejected) {
-  SKIP_WITHOUT_GPUS(2);
+class LlErrors : public ::testing::TestWithParam<WorldMode> {};
+
+TEST_P(LlErrors, BadInputIsRejected) {
+  SKIP_UNLESS_RUNNABLE(GetParam(), 2);
   LlSpec s;
-  EXPECT_EQ(run_ll_world(2, [&](RankCtx& ctx) {
+  EXPECT_EQ(run_ll_world(GetParam(), 2, [&](RankCtx& ctx) {
     const int R = ctx.world, E = s.experts_per_rank * R;
     LlOut out(s.experts_per_rank, R * s.T, s.H, true, false);
     DeviceMem x(static_cast<size_t>(s.T + 1) * s.H * 2), topk(static_cast<size_t>(s.T + 1) * s.K * 8);
@@ -405,6 +408,8 @@ TEST(LlErrors, BadInputIsRejected) {
     if (ctx.rank == 0) std::printf("[world %d] low-latency bad input rejected\n", R);
   }, ll_bytes_for({s}, 2)), 0);
 }
+
+INSTANTIATE_TEST_SUITE_P(Gpu, LlErrors, ::testing::Values(WorldMode::kReal, WorldMode::kSim), mode_param_name);
 
 }  // namespace
 }  // namespace epx::test
