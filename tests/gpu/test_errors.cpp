@@ -99,6 +99,58 @@ void run_timeout(RankCtx& ctx) {
   if (ctx.rank == 0) std::printf("[world %d] timeout -> Error(kTimeout), reset, dispatch ok\n", ctx.world);
 }
 
+// Bad input that only rank 0's notify kernel sees: rank 0 raises its abort word, and its peers'
+// next waits end with Error(kAborted) naming rank 0 instead of running out their 60 s timeout
+// (which would be kTimeout: the kind tells the two apart).
+void run_abort(RankCtx& ctx) {
+  Buffer& b = *ctx.buffer;
+  Config c = b.config();
+  c.timeout_s = 60;
+  b.set_config(c);
+  const int R = ctx.world, E = 8 * R, K = 4, N = 64, H = 1024;
+  InputSpec s;
+  s.num_tokens = N;
+  s.hidden = H;
+  s.num_topk = K;
+  s.num_experts = E;
+  s.drop_prob = 0;
+  ref::RankInput in = make_input(ctx.seed + 11, ctx.rank, s);
+  DeviceMem x = DeviceMem::from(in.x), topk = DeviceMem::from(in.topk_idx);
+  DeviceMem per_rank(4 * R), per_expert(4 * E), in_rank(static_cast<size_t>(N) * R);
+  DispatchInputs di;
+  di.x = View::of(x.get(), DType::kBF16, {N, H});
+  di.topk_idx = View::of(topk.get(), DType::kI64, {N, K});
+  di.num_tokens_per_rank = View::of(per_rank.get(), DType::kI32, {R});
+  di.num_tokens_per_expert = View::of(per_expert.get(), DType::kI32, {E});
+  di.is_token_in_rank = View::of(in_rank.get(), DType::kBool, {N, R});
+  b.get_dispatch_layout(di.topk_idx, E, di.num_tokens_per_rank, di.num_tokens_per_expert, di.is_token_in_rank,
+                        ctx.stream);
+  if (ctx.rank == 0) {
+    // num_tokens_per_rank no longer matches is_token_in_rank for rank 1.
+    std::vector<int> counts = per_rank.download<int>(R);
+    counts[1] += 1;
+    per_rank.upload(counts.data(), 4 * R);
+  }
+  DispatchHandle h = b.make_handle(N);
+  auto dispatch = [&] {
+    const int nr = b.dispatch_notify(di, h, View{}, ctx.stream);
+    DeviceMem rx(static_cast<size_t>(nr) * H * 2);
+    DispatchOutputs o;
+    o.recv_x = View::of(rx.get(), DType::kBF16, {nr, H});
+    b.dispatch(di, h, o, ctx.stream);
+    b.synchronize(ctx.stream);
+  };
+  if (ctx.rank == 0)
+    require_error(dispatch, ErrorKind::kInvalidArgument, "disagree for rank 1");
+  else
+    require_error(dispatch, ErrorKind::kAborted, "rank 0 failed");
+  b.reset();  // collective: clears every abort word
+  c.timeout_s = 0;
+  b.set_config(c);
+  small_dispatch(ctx, b, 128, 2048);
+  if (ctx.rank == 0) std::printf("[world %d] bad input on rank 0 -> peers aborted naming it, reset ok\n", R);
+}
+
 void run_too_small(RankCtx& ctx) {
   Buffer small(*ctx.comm, 4 << 20, ctx.options);
   require_error([&] { small_dispatch(ctx, small, 512, 7168); }, ErrorKind::kBufferTooSmall, "num_nvl_bytes");
@@ -168,6 +220,11 @@ TEST_P(GpuErrors, ValidationDeviceErrorAndReset) {
 TEST_P(GpuErrors, TimeoutBecomesErrorNotHang) {
   SKIP_UNLESS_RUNNABLE(GetParam(), 2);
   EXPECT_EQ(run_world(GetParam(), 2, 64 << 20, Config::defaults(2), run_timeout), 0);
+}
+
+TEST_P(GpuErrors, PeerFailureAbortsWaitsNamingIt) {
+  SKIP_UNLESS_RUNNABLE(GetParam(), 3);
+  EXPECT_EQ(run_world(GetParam(), 3, 64 << 20, Config::defaults(3), run_abort), 0);
 }
 
 TEST_P(GpuErrors, UndersizedBufferNamesBytesNeeded) {
