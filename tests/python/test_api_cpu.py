@@ -80,7 +80,8 @@ DEEPEP_V1["Buffer.internode_combine"] = DEEPEP_V1["Buffer.combine"]
 DEEPEP_V1_STATIC = {"Buffer.is_sm90_compiled", "Buffer.set_num_sms", "Buffer.capture",
                     "Buffer.get_low_latency_rdma_size_hint", "Buffer.get_dispatch_config", "Buffer.get_combine_config"}
 # epx's additions: keyword-only, with a default, so no DeepEP call changes meaning.
-EPX_EXTENSIONS = {"Buffer.get_low_latency_rdma_size_hint": {"num_topk"}, "Config.__init__": {"num_threads", "timeout_s"}}
+EPX_EXTENSIONS = {"Buffer.get_low_latency_rdma_size_hint": {"num_topk"},
+                  "Config.__init__": {"num_threads", "timeout_s"}}
 # DeepEP's Config tables for one NVLink domain: num_ranks -> the four chunk sizes after Config's rounding
 # of the RDMA receive chunk (128 -> 132 for a send chunk of 6).
 DEEPEP_DISPATCH_CHUNKS = {2: (24, 256, 6, 132), 4: (6, 256, 6, 132), 8: (6, 256, 6, 132)}
@@ -158,7 +159,8 @@ def test_megatron_import_with_sys_modules_alias(no_deep_ep):
         no_deep_ep.setitem(sys.modules, name, module)
     ns = _megatron_style_import()
     assert ns["HAVE_DEEP_EP"] is True
-    assert ns["Buffer"] is epx.Buffer and ns["EventHandle"] is epx.EventHandle and ns["EventOverlap"] is epx.EventOverlap
+    assert ns["Buffer"] is epx.Buffer and ns["EventHandle"] is epx.EventHandle
+    assert ns["EventOverlap"] is epx.EventOverlap
 
 
 def test_alias_as_deep_ep(no_deep_ep):
@@ -307,7 +309,8 @@ def _accepted(*args, **kwargs):
 def test_buffer_accepts_deepep_options():
     _accepted(1 << 20, 0)  # Megatron-core: positional sizes
     _accepted(1 << 20, 1 << 24, low_latency_mode=True, num_qps_per_rank=32, allow_mnnvl=True)  # SGLang
-    _accepted(1 << 20, 1 << 24, True, 24, True, True, False, False, False, None)  # DeepEP's order, positionally
+    # DeepEP's order, positionally: explicitly_destroy=True sits between use_fabric and enable_shrink.
+    _accepted(1 << 20, 1 << 24, True, 24, True, True, False, True, False, None)
     _accepted(num_nvl_bytes=1 << 30, num_rdma_bytes=1 << 24, low_latency_mode=True, num_qps_per_rank=32,
               allow_nvlink_for_low_latency_mode=True, allow_mnnvl=False, explicitly_destroy=True,
               enable_shrink=False)  # vLLM low latency
@@ -504,7 +507,8 @@ def test_local_buffer_tensors(replay, monkeypatch):
     base, nvl = b.runtime.peer_pointer(0), b.runtime.num_nvl_bytes
     # vLLM's cleanup: the low-latency region as int8 (it follows the high-throughput part).
     t = b.get_local_buffer_tensor(dtype=torch.int8, use_rdma_buffer=True)
-    assert wrapped[-1] == (base + nvl, b.num_rdma_bytes, torch.int8, (b.num_rdma_bytes,)) and t.numel() == b.num_rdma_bytes
+    assert wrapped[-1] == (base + nvl, b.num_rdma_bytes, torch.int8, (b.num_rdma_bytes,))
+    assert t.numel() == b.num_rdma_bytes
     b.get_local_buffer_tensor(torch.bfloat16, offset=64)  # offset in bytes, as in DeepEP
     assert wrapped[-1] == (base + 64, nvl - 64, torch.bfloat16, ((nvl - 64) // 2,))
     t = b.get_local_buffer_tensor(torch.float32, torch.Size((4, 8)), 16, True)
@@ -551,9 +555,9 @@ def test_megatron_core_replay(replay):
     assert torch.tensor(num_recv_tokens_per_expert_list).tolist() == [3, 4]
     assert len(_calls(b, "dispatch_notify")) == 1 and len(_calls(b, "dispatch")) == 1
     # FusedDispatch.backward: combine the gradient with the probs' gradient.
-    grad_x, grad_token_probs, after_event = b.combine(recv_x.contiguous(), handle, topk_weights=recv_token_probs.float(),
-                                                      previous_event=None, async_finish=False,
-                                                      allocate_on_comm_stream=False)
+    grad_x, grad_token_probs, after_event = b.combine(recv_x.contiguous(), handle,
+                                                      topk_weights=recv_token_probs.float(), previous_event=None,
+                                                      async_finish=False, allocate_on_comm_stream=False)
     assert grad_x.shape == x.shape and grad_token_probs.shape == token_probs.shape and after_event.event is None
     # FusedCombine.forward and .backward (a cached re-dispatch of the gradient).
     combined_x, _, after_event = b.combine(recv_x, handle=handle, async_finish=False, previous_event=None,

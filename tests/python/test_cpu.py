@@ -79,9 +79,9 @@ def test_dispatch_handle_storage():
 
 def test_config_fields_and_defaults():
     c = epx.Config()
+    # (DeepEP rounds the RDMA receive chunk up to a multiple of the send chunk: 256 -> 258.)
     assert (c.num_sms, c.num_max_nvl_chunked_send_tokens, c.num_max_nvl_chunked_recv_tokens,
-            c.num_max_rdma_chunked_send_tokens, c.num_max_rdma_chunked_recv_tokens) == (20, 6, 256, 6, 258)  # DeepEP rounds
-    # the RDMA receive chunk up to a multiple of the send chunk: 256 -> 258
+            c.num_max_rdma_chunked_send_tokens, c.num_max_rdma_chunked_recv_tokens) == (20, 6, 256, 6, 258)
     assert (c.num_threads, c.timeout_s) == (512, 0.0)
     c = epx.Config(24, 8, 288)  # DeepEP's positional form
     assert (c.num_sms, c.num_max_nvl_chunked_send_tokens, c.num_max_nvl_chunked_recv_tokens) == (24, 8, 288)
