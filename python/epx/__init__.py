@@ -10,6 +10,7 @@ In-tree use (no install): after `cmake --build build`, `PYTHONPATH=build/python 
 import torch
 
 from . import _C  # noqa: F401  (epx._C: the binding)
+from ._version import __version__
 from ._C import EpxError
 from .utils import Config, EventOverlap
 from .buffer import Buffer
@@ -17,4 +18,4 @@ from .buffer import Buffer
 # Dtype of top-k expert ids (as DeepEP's `topk_idx_t`).
 topk_idx_t = torch.int64
 
-__all__ = ["Buffer", "Config", "EventOverlap", "EpxError", "topk_idx_t"]
+__all__ = ["Buffer", "Config", "EventOverlap", "EpxError", "topk_idx_t", "__version__"]
