@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The main job (README): build, then the benchmark on every local GPU with the default workload
-# (`ht` and `ll` of benchmarks.md). Extra arguments go to epx_bench (see `epx_bench --help`).
+# (`ht` and `ll` of docs/benchmarks.md). Extra arguments go to epx_bench (see `epx_bench --help`).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source tools/env.sh
