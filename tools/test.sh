@@ -26,7 +26,10 @@ if [ "${EPX_PYTHON_TESTS:-1}" != 0 ]; then
     fi
     py=$venv/bin/python
   fi
-  tools/python-deps.sh "$py"
+  # What the binding and its tests need (scikit-build-core only serves pip install).
+  if ! "$py" -c "import torch, pybind11, pytest" >/dev/null 2>&1; then
+    tools/python-deps.sh "$py"
+  fi
   python_args=(-DEPX_BUILD_PYTHON=ON -DPython3_EXECUTABLE="$py")
 fi
 cmake -S . -B "$dir" $EPX_GENERATOR -DCMAKE_BUILD_TYPE=Release "${python_args[@]}"
