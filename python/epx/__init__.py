@@ -15,6 +15,7 @@ import sys
 import torch
 
 from . import _C  # noqa: F401  (epx._C: the binding)
+from ._version import __version__
 from ._C import EpxError
 from . import utils
 from .utils import Config, EventHandle, EventOverlap
@@ -47,4 +48,5 @@ def alias_as_deep_ep() -> None:
         sys.modules[name] = target
 
 
-__all__ = ["Buffer", "Config", "EventHandle", "EventOverlap", "EpxError", "topk_idx_t", "alias_as_deep_ep"]
+__all__ = ["Buffer", "Config", "EventHandle", "EventOverlap", "EpxError", "topk_idx_t", "alias_as_deep_ep",
+           "__version__"]
