@@ -86,6 +86,11 @@ Buffer::~Buffer() {
   try { m.quiesce("~Buffer"); } catch (const Error&) {}
   // Deregistration is collective: keep ranks in step so no peer still writes into our memory.
   try { m.comm->barrier(m.timeout_s()); } catch (const Error&) {}
+  try {
+    const std::string overrun = m.memory->check_bounds(m.arena->stream());
+    if (!overrun.empty())
+      std::fprintf(stderr, "epx[rank %d]: ~Buffer: symmetric window overrun: %s\n", m.comm->rank(), overrun.c_str());
+  } catch (const Error&) {}
   m.memory.reset();
   m.arena->free(m.workspace);
   m.arena->free(m.ll_ws);
@@ -133,6 +138,14 @@ void Buffer::reset() {
   // Kernels are bounded, so this returns; after the barrier no peer is writing into our memory.
   m.quiesce("Buffer::reset");
   m.comm->barrier(m.timeout_s());
+  // Simulated windows have guard bands: every rank checks its own, and all learn of any overrun.
+  const std::string overrun = m.memory->check_bounds(m.arena->stream());
+  const char mine = overrun.empty() ? 0 : 1;
+  std::vector<char> all(num_ranks());
+  m.comm->all_gather(&mine, all.data(), 1, m.timeout_s());
+  for (int r = 0; r < num_ranks(); ++r)
+    EPX_CHECK(all[r] == 0, ErrorKind::kState, "Buffer::reset: a kernel wrote outside rank ", r,
+              "'s symmetric window", r == rank() ? detail::concat(" (", overrun, ")") : std::string(""));
   m.zero_state();
   m.failed = false;
   m.failure.clear();

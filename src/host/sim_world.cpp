@@ -8,6 +8,7 @@
 #include <string>
 #include <thread>
 
+#include "common/layout.hpp"
 #include "epx/buffer.hpp"
 #include "host/checks.hpp"
 #include "host/env.hpp"
@@ -96,6 +97,7 @@ void SimWorld::leave(int rank, const std::string& reason) { state_->group.leave(
 
 char* SimWorld::State::alloc_symmetric(int rank, size_t num_bytes_per_rank, double wait_s, char** peers) {
   const int world = group.size();
+  const size_t stride = kGuardBytes + align_up(num_bytes_per_rank, kGuardBytes);
   // Rank 0 allocates; every rank learns the base (or the failure) from one all-gather, so all
   // ranks succeed or all throw.
   struct Offer {
@@ -108,9 +110,13 @@ char* SimWorld::State::alloc_symmetric(int rank, size_t num_bytes_per_rank, doub
       std::lock_guard<std::mutex> lock(mutex);
       if (stream == nullptr) EPX_CUDA_CHECK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
       void* base = nullptr;
-      EPX_CUDA_CHECK(cudaMallocAsync(&base, num_bytes_per_rank * world, stream));
+      // [guard | window 0 | guard | window 1 | ... | guard]: a write past a window lands in a
+      // guard (found by check_guards), never in the next rank's flags.
+      EPX_CUDA_CHECK(cudaMallocAsync(&base, stride * world + kGuardBytes, stream));
+      for (int r = 0; r <= world; ++r)
+        EPX_CUDA_CHECK(cudaMemsetAsync(static_cast<char*>(base) + r * stride, kGuardByte, kGuardBytes, stream));
       EPX_CUDA_CHECK(cudaStreamSynchronize(stream));
-      slabs.push_back(Slab{static_cast<char*>(base), num_bytes_per_rank, world});
+      slabs.push_back(Slab{static_cast<char*>(base), stride, world});
       mine.base = reinterpret_cast<uint64_t>(base);
     } catch (const Error& e) {
       failure = e.message();
@@ -124,14 +130,30 @@ char* SimWorld::State::alloc_symmetric(int rank, size_t num_bytes_per_rank, doub
   EPX_CHECK(offers[0].base != 0, ErrorKind::kCuda, "SimWorld: allocating ", world, " x ", num_bytes_per_rank,
             " bytes of symmetric memory failed on rank 0", failure.empty() ? "" : ": ", failure);
   char* base = reinterpret_cast<char*>(offers[0].base);
-  for (int r = 0; r < world; ++r) peers[r] = base + static_cast<size_t>(r) * num_bytes_per_rank;
+  for (int r = 0; r < world; ++r) peers[r] = base + kGuardBytes + static_cast<size_t>(r) * stride;
   return peers[rank];
+}
+
+std::string SimWorld::State::check_guards(const char* window, size_t num_bytes, cudaStream_t check_stream) {
+  // The guards before and after this window (the one after starts at the window's rounded end).
+  const size_t padded = align_up(num_bytes, kGuardBytes);
+  const char* guards[2] = {window - kGuardBytes, window + padded};
+  std::vector<unsigned char> host(kGuardBytes);
+  for (int g = 0; g < 2; ++g) {
+    EPX_CUDA_CHECK(cudaMemcpyAsync(host.data(), guards[g], kGuardBytes, cudaMemcpyDeviceToHost, check_stream));
+    EPX_CUDA_CHECK(cudaStreamSynchronize(check_stream));
+    for (size_t i = 0; i < kGuardBytes; ++i)
+      if (host[i] != kGuardByte)
+        return g == 0 ? detail::concat("a write landed ", kGuardBytes - i, " bytes before the window")
+                      : detail::concat("a write landed ", i, " bytes past the window's ", num_bytes, " bytes");
+  }
+  return {};
 }
 
 void SimWorld::State::release_symmetric(char* slice) {
   std::lock_guard<std::mutex> lock(mutex);
   for (Slab& slab : slabs) {
-    if (slab.base == nullptr || slice < slab.base || slice >= slab.base + slab.num_bytes_per_rank * group.size())
+    if (slab.base == nullptr || slice < slab.base || slice >= slab.base + slab.stride * group.size() + kGuardBytes)
       continue;
     if (--slab.num_live == 0) {
       cudaFreeAsync(slab.base, stream);

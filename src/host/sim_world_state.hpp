@@ -5,6 +5,7 @@
 #include <cstddef>
 #include <memory>
 #include <mutex>
+#include <string>
 #include <vector>
 
 #include "epx/sim_world.hpp"
@@ -33,6 +34,12 @@ struct SimWorld::State {
   char* alloc_symmetric(int rank, size_t num_bytes_per_rank, double timeout_s, char** peers);
   // Each rank releases its slice once (after its own work on it is done); the last frees the slab.
   void release_symmetric(char* slice);
+  // Guard bands around every window (filled with kGuardByte): what a rank's kernels wrote outside
+  // its window shows there instead of in a peer's flags. Empty when both guards of `window` are
+  // intact, else what was found.
+  static constexpr size_t kGuardBytes = size_t{2} << 20;
+  static constexpr unsigned char kGuardByte = 0xEB;
+  std::string check_guards(const char* window, size_t num_bytes, cudaStream_t check_stream);
   // Host-mapped memory a Buffer no longer uses, freed when the world ends (cudaFreeHost may
   // synchronize the device while peers run).
   void defer_free_host(void* ptr);
@@ -41,7 +48,7 @@ struct SimWorld::State {
   cudaStream_t stream = nullptr;
   struct Slab {
     char* base = nullptr;
-    size_t num_bytes_per_rank = 0;
+    size_t stride = 0;  // guard + window rounded up to kGuardBytes
     int num_live = 0;
   };
   std::vector<Slab> slabs;

@@ -74,6 +74,7 @@ class SimSymmetric final : public SymmetricMemory {
     state_.alloc_symmetric(comm.rank(), num_bytes, timeout_s, peers_);
   }
   ~SimSymmetric() override { state_.release_symmetric(local()); }
+  std::string check_bounds(cudaStream_t stream) override { return state_.check_guards(local(), num_bytes(), stream); }
 
  private:
   SimWorld::State& state_;

@@ -5,6 +5,9 @@
 #pragma once
 #include <cstddef>
 #include <memory>
+#include <string>
+
+#include <cuda_runtime_api.h>
 
 #include "common/layout.hpp"
 #include "epx/communicator.hpp"
@@ -17,6 +20,11 @@ class SymmetricMemory {
   static std::unique_ptr<SymmetricMemory> create(Communicator& comm, size_t num_bytes, double timeout_s);
   // Collective for the NCCL window (deregistration); the caller keeps the ranks in step first.
   virtual ~SymmetricMemory() = default;
+
+  // Empty when nothing of this rank's was seen written outside its window (simulated windows have
+  // guard bands; an NCCL window has none and always answers empty), else what was found. Call
+  // only when no op runs.
+  virtual std::string check_bounds(cudaStream_t stream) { (void)stream; return {}; }
 
   char* local() const { return peers_[rank_]; }
   // peers()[p] = rank p's window as mapped in this process, p < world.
