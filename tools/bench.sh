@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The main job (README): build, then the benchmark on every local GPU with the default workload
-# (`ht` and `ll` of benchmarks.md). Extra arguments go to epx_bench (see `epx_bench --help`); on one
-# GPU, `--sim R` runs the workloads simulated (R ranks as threads; not NVLink numbers).
+# (`ht` and `ll` of docs/benchmarks.md). Extra arguments go to epx_bench (see `epx_bench --help`); on
+# one GPU, `--sim R` runs the workloads simulated (R ranks as threads; not NVLink numbers).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source tools/env.sh

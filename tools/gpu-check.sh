@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The command the GPU machine runs each session (device tool); logs under $OUT, summary last.
+# Build, tests and benchmark in one command on a GPU machine; logs under $OUT, summary last.
 #   tools/gpu-check.sh [bench args...]
 # Stages (EPX_STAGES, default "tests bench"; each bounded by `timeout`; one device call holds
 # 10 minutes, so run `sanitize` and `python` as calls of their own on the warm machine).

@@ -3,10 +3,8 @@
 # scikit-build-core (pip install .), pytest and torch (tests).
 #   Usage: tools/python-deps.sh [python]      (default: $PYTHON or python3)
 # torch comes from PyPI (its CUDA build: a large download) and brings the nvidia-nccl-cu13
-# package, which cmake/FindNCCL.cmake prefers over the CUDA toolkit's NCCL for that interpreter.
-# On a machine whose NCCL must stay the toolkit's, give a virtual environment
-# (python3 -m venv --system-site-packages DIR; tools/python-deps.sh DIR/bin/python) or configure
-# with NCCL_ROOT set. A machine that has torch already keeps its own.
+# package: a build of the binding for this interpreter compiles epx against that NCCL
+# (cmake/FindNCCL.cmake), since torch loads it at run time. A machine that has torch keeps its own.
 set -euo pipefail
 py=${1:-${PYTHON:-python3}}
 where=$("$py" -c 'import sys; print(sys.executable)')
@@ -29,5 +27,5 @@ fi
 nccl=$("$py" -c 'import nvidia.nccl as m; print(list(m.__path__)[0])' 2>/dev/null || true)
 if [ -n "$nccl" ] && [ -f "$nccl/include/nccl.h" ]; then
   version=$(awk '/define NCCL_(MAJOR|MINOR|PATCH) /{printf "%s%s", sep, $3; sep="."}' "$nccl/include/nccl.h")
-  echo "python-deps: $where has NCCL $version ($nccl); CMake builds epx against it unless NCCL_ROOT is set"
+  echo "python-deps: $where has NCCL $version ($nccl): a build of the binding for it uses that NCCL"
 fi

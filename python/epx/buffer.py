@@ -6,13 +6,14 @@ instead of ignoring it. Tensor checks that the C++ core cannot make (device, tor
 here; shapes, strides and ranges are checked by the core, whose errors name the argument too.
 
 Streams (design.md 4.6, as DeepEP): the high-throughput ops run on the buffer's communication
-stream, which first waits for `previous_event` or else for the current stream. With
-`async_finish=True` the returned EventOverlap holds an event on the communication stream and the
-tensors involved are `record_stream`-ed to it; otherwise the current stream waits for the
-communication stream before the call returns. `allocate_on_comm_stream=True` (which needs
-`previous_event` and `async_finish`) allocates the outputs on the communication stream. The
-low-latency ops run on the communication stream too, except with `return_recv_hook=True`, where
-the send and (later, through the hook) the receive run on the current stream.
+stream, which first waits for `previous_event` (an EventOverlap without an event counts as none)
+or else for the current stream. With `async_finish=True` the returned EventOverlap holds an
+event (an EventHandle) on the communication stream and the tensors involved are `record_stream`-ed
+to it; otherwise the current stream waits for the communication stream before the call returns.
+`allocate_on_comm_stream=True` (which needs `previous_event` and `async_finish`) allocates the
+outputs on the communication stream. The low-latency ops run on the communication stream too,
+except with `return_recv_hook=True`, where the send and (later, through the hook) the receive run
+on the current stream.
 """
 import contextlib
 import weakref
@@ -23,9 +24,11 @@ import torch.distributed as dist
 
 from . import _C
 from . import sim as _sim
-from .utils import Config, EventOverlap, _check_int, _error
+from ._C import EpxError
+from .utils import Config, EventHandle, EventOverlap, _DEEPEP_COMBINE_CHUNKS, _DEEPEP_DISPATCH_CHUNKS, _check_int, \
+    _error
 
-__all__ = ["Buffer"]
+__all__ = ["Buffer", "Config", "EventHandle", "EventOverlap"]
 
 _DTYPE_CODES = {
     torch.bfloat16: _C.DTYPE_BF16,
@@ -131,7 +134,7 @@ class Buffer:
         num_nvl_bytes: bytes of the high-throughput part of the buffer.
         num_rdma_bytes: bytes of the low-latency part (epx has no RDMA buffer; in low-latency mode
             this sizes the low-latency region, over NVLink).
-        low_latency_mode, explicitly_destroy: as given.
+        low_latency_mode, explicitly_destroy, enable_shrink: as given.
         runtime: the C++ buffer (epx._C.Buffer), None after `destroy()`.
     """
 
@@ -143,7 +146,9 @@ class Buffer:
                  low_latency_mode: bool = False, num_qps_per_rank: int = 24,
                  allow_nvlink_for_low_latency_mode: bool = True,
                  allow_mnnvl: bool = False,
+                 use_fabric: bool = False,
                  explicitly_destroy: bool = False,
+                 enable_shrink: bool = False,
                  comm: Optional[object] = None) -> None:
         """
         Creates the buffer (collective over the group: every rank calls it with the same sizes).
@@ -163,10 +168,16 @@ class Buffer:
             num_qps_per_rank: accepted for DeepEP compatibility (must be positive); NVLink has no
                 queue pairs, so it does not change anything.
             allow_nvlink_for_low_latency_mode: must be True (epx's low-latency mode is NVLink).
-            allow_mnnvl: must be False (multi-node NVLink is not supported).
+            allow_mnnvl: accepted either way: it allows, not requires, multi-node NVLink. epx uses
+                the NVLink domain NCCL reports and refuses (EpxError(Unsupported)) a group that
+                spans more than one.
+            use_fabric: must be False: epx's buffer is allocated by NCCL (ncclMemAlloc), which picks
+                the memory handle type itself.
             explicitly_destroy: if True, `destroy()` must be called to free the buffer; otherwise
                 it is freed when garbage-collected (a collective step: all ranks should drop it
                 at the same point of the program).
+            enable_shrink: must be False for now: masking failed ranks in low-latency mode
+                (DeepEP's shrink mode and its `low_latency_*_mask_buffer` calls) is not implemented.
             comm: an mpi4py communicator used instead of `group` to share the unique id.
         """
         _check_int("num_nvl_bytes", num_nvl_bytes, 0)
@@ -175,8 +186,12 @@ class Buffer:
         if not allow_nvlink_for_low_latency_mode:
             raise _error("Unsupported", "allow_nvlink_for_low_latency_mode=False: epx moves low-latency traffic "
                                         "over NVLink only (no RDMA path)")
-        if allow_mnnvl:
-            raise _error("Unsupported", "allow_mnnvl=True: multi-node NVLink is not supported by epx")
+        if use_fabric:
+            raise _error("Unsupported", "use_fabric=True: epx allocates its buffer through NCCL (ncclMemAlloc), which "
+                                        "chooses the memory handle type itself; pass use_fabric=False")
+        if enable_shrink:
+            raise _error("Unsupported", "enable_shrink=True: masking failed ranks (DeepEP's shrink mode) is not "
+                                        "implemented by epx yet; pass enable_shrink=False")
         if low_latency_mode:
             if num_rdma_bytes == 0:
                 raise _error("InvalidArgument", "num_rdma_bytes: low_latency_mode needs the low-latency region size "
@@ -215,6 +230,7 @@ class Buffer:
         self.low_latency_mode = low_latency_mode
         self.num_qps_per_rank = num_qps_per_rank
         self.explicitly_destroy = explicitly_destroy
+        self.enable_shrink = enable_shrink
         self.runtime = None
         self._comm = None
 
@@ -306,13 +322,17 @@ class Buffer:
     @staticmethod
     def capture() -> EventOverlap:
         """An EventOverlap with an event recorded on `torch.cuda.current_stream()`."""
-        event = torch.cuda.Event()
-        event.record(torch.cuda.current_stream())
-        return EventOverlap(event)
+        return EventOverlap(EventHandle())
+
+    @staticmethod
+    def is_sm90_compiled() -> bool:
+        """True: epx is built with the SM90 (Hopper) feature set only (DeepEP's build without it,
+        DISABLE_SM90_FEATURES, has no epx counterpart)."""
+        return True
 
     @staticmethod
     def get_low_latency_rdma_size_hint(num_max_dispatch_tokens_per_rank: int, hidden: int, num_ranks: int,
-                                       num_experts: int, num_topk: Optional[int] = None) -> int:
+                                       num_experts: int, *, num_topk: Optional[int] = None) -> int:
         """
         Bytes of `num_rdma_bytes` (the low-latency region) for up to
         `num_max_dispatch_tokens_per_rank` tokens per rank of `hidden` channels. `num_topk` (an epx
@@ -336,9 +356,9 @@ class Buffer:
 
     @staticmethod
     def _default_config(num_ranks: int, num_sms_share: Optional[int] = None) -> Config:
-        """epx's defaults (SMs from set_num_sms if it was called), with num_sms at most the SM share
-        of a simulated rank: `num_sms_share`, or by default that of the simulated rank this thread
-        runs (0: not one)."""
+        """The config of an op given config=None: epx's measured default for `num_ranks`, with the
+        SMs of `set_num_sms` once it was called, and at most the SM share of a simulated rank:
+        `num_sms_share`, or by default that of the simulated rank this thread runs (0: not one)."""
         _check_int("num_ranks", num_ranks, 1)
         if num_ranks > _C.MAX_RANKS:
             raise _error("Unsupported", f"num_ranks: {num_ranks} ranks; epx supports at most {_C.MAX_RANKS} "
@@ -353,15 +373,26 @@ class Buffer:
 
     @staticmethod
     def get_dispatch_config(num_ranks: int) -> Config:
-        """epx's recommended dispatch config for `num_ranks` (SMs from `set_num_sms` if it was called; on a
-        simulated rank's thread at most its SM share)."""
-        return Buffer._default_config(num_ranks)
+        """
+        DeepEP's recommended dispatch config for `num_ranks`: `Config(Buffer.num_sms, ...)` with
+        DeepEP's chunk sizes (a rank count DeepEP does not list, such as 3, takes the next listed
+        one; more than one NVLink domain raises EpxError(Unsupported)). On a simulated rank's thread
+        num_sms is at most the rank's SM share.
+        """
+        return Buffer._fit_share(Config._deepep_table(_DEEPEP_DISPATCH_CHUNKS, Buffer.num_sms, num_ranks))
 
     @staticmethod
     def get_combine_config(num_ranks: int) -> Config:
-        """epx's recommended combine config for `num_ranks` (SMs from `set_num_sms` if it was called; on a
-        simulated rank's thread at most its SM share)."""
-        return Buffer._default_config(num_ranks)
+        """DeepEP's recommended combine config for `num_ranks` (see `get_dispatch_config`)."""
+        return Buffer._fit_share(Config._deepep_table(_DEEPEP_COMBINE_CHUNKS, Buffer.num_sms, num_ranks))
+
+    @staticmethod
+    def _fit_share(config: Config) -> Config:
+        """`config` with num_sms at most the SM share of the simulated rank this thread runs (if any)."""
+        share = _sim._rank_share()
+        if share and config.num_sms > share:
+            config.num_sms = share
+        return config
 
     def get_comm_stream(self) -> torch.cuda.Stream:
         """The communication stream."""
@@ -370,22 +401,28 @@ class Buffer:
     def get_local_buffer_tensor(self, dtype: torch.dtype, size: Optional[torch.Size] = None,
                                 offset: int = 0, use_rdma_buffer: bool = False) -> torch.Tensor:
         """
-        This rank's high-throughput buffer as a 1-D tensor of `dtype` starting `offset` bytes in
-        (or the first `size.numel()` elements of it, viewed as `size`). Its first part holds the
-        flags of the protocol: write there only with no operation in flight, then `reset()`.
-        `use_rdma_buffer=True` is not supported (see `get_next_low_latency_combine_buffer`).
+        This rank's raw buffer as a 1-D tensor of `dtype` starting `offset` bytes in (or the
+        first `size.numel()` elements of it, viewed as `size`): the high-throughput part, or with
+        `use_rdma_buffer=True` the low-latency region (`num_rdma_bytes` bytes; empty without
+        low-latency mode). Both begin with the flags of their protocol: write there only with no
+        operation in flight, then `reset()` (high-throughput) or `clean_low_latency_buffer()`.
         """
         rt = self._rt()
+        if not isinstance(dtype, torch.dtype):
+            raise _error("InvalidArgument", f"dtype: expected a torch.dtype, got {dtype!r}")
+        element_size = dtype.itemsize
         if use_rdma_buffer:
-            raise _error("Unsupported", "get_local_buffer_tensor(use_rdma_buffer=True): epx has no RDMA buffer; the "
-                                        "low-latency region is reached through get_next_low_latency_combine_buffer")
-        element_size = torch.empty((), dtype=dtype).element_size()
-        num_bytes = rt.num_nvl_bytes
+            # The low-latency region follows the high-throughput part in the symmetric allocation.
+            num_bytes = self.num_rdma_bytes if self.low_latency_mode else 0
+            base = rt.peer_pointer(self.rank) + rt.num_nvl_bytes
+        else:
+            num_bytes = rt.num_nvl_bytes
+            base = rt.peer_pointer(self.rank)
         _check_int("offset", offset, 0, num_bytes)
         if offset % element_size:
             raise _error("InvalidArgument", f"offset: must be a multiple of the element size {element_size}, got {offset}")
         numel = (num_bytes - offset) // element_size
-        tensor = self._wrap(rt.peer_pointer(self.rank) + offset, numel * element_size, dtype, (numel,), (1,))
+        tensor = self._wrap(base + offset, numel * element_size, dtype, (numel,), (1,))
         if size is None:
             return tensor
         size = torch.Size(size)
@@ -446,16 +483,23 @@ class Buffer:
     def _begin(self, previous_event: Optional[EventOverlap], async_finish: bool,
                allocate_on_comm_stream: bool) -> int:
         """The communication stream waits for `previous_event` or the current stream; returns the
-        current stream (its cudaStream_t)."""
-        if allocate_on_comm_stream and (previous_event is None or not async_finish):
-            raise _error("InvalidArgument", "allocate_on_comm_stream: needs previous_event and async_finish=True "
-                                            "(as in DeepEP)")
-        compute = _current_raw_stream(self._device_index)
+        current stream (its cudaStream_t). An EventOverlap without an event is no event (as in DeepEP)."""
+        event = None
         if previous_event is not None:
-            event = previous_event.event if isinstance(previous_event, EventOverlap) else None
-            if event is None:
-                raise _error("InvalidArgument", "previous_event: expected an EventOverlap holding an event "
-                                                "(from Buffer.capture() or an op with async_finish=True)")
+            try:
+                event = previous_event.event
+            except AttributeError:
+                raise _error("InvalidArgument", f"previous_event: expected an EventOverlap (from Buffer.capture() or "
+                                                f"an op with async_finish=True), got {type(previous_event).__name__}") \
+                    from None
+            if event is not None and not isinstance(event, torch.cuda.Event):
+                raise _error("InvalidArgument", f"previous_event: its event must be a CUDA event (EventHandle), got "
+                                                f"{type(event).__name__}")
+        if allocate_on_comm_stream and (event is None or not async_finish):
+            raise _error("InvalidArgument", "allocate_on_comm_stream: needs a previous_event holding an event and "
+                                            "async_finish=True (as in DeepEP)")
+        compute = _current_raw_stream(self._device_index)
+        if event is not None:
             event.wait(self._comm_stream)
         else:
             self._stream_wait(self._comm_raw, compute)
@@ -471,8 +515,7 @@ class Buffer:
             self._stream_wait(compute, self._comm_raw)
             return EventOverlap()
         comm = self._comm_stream
-        event = torch.cuda.Event()
-        event.record(comm)
+        event = EventHandle._recorded_on(comm)
         # The current stream is the one of _begin again (allocate_on_comm_stream's context has ended).
         compute_stream = torch.cuda.current_stream(self._device) if allocate_on_comm_stream else None
         for t in tensors:
@@ -485,7 +528,8 @@ class Buffer:
     def _recv_counts(self, num_local_experts: int):
         """Pinned host memory the notify kernel writes the per-expert counts into (read after its host sync)."""
         if self._counts_host is None:
-            self._counts_host = torch.zeros((_C.MAX_LOCAL_EXPERTS,), dtype=torch.int32, pin_memory=True)
+            # device="cpu": torch.set_default_device("cuda") must not move this host buffer.
+            self._counts_host = torch.zeros((_C.MAX_LOCAL_EXPERTS,), dtype=torch.int32, device="cpu", pin_memory=True)
             self._counts_device_ptr = _C.host_device_pointer(self._counts_host.data_ptr())
         return (self._counts_device_ptr, _C.DTYPE_I32, (num_local_experts,), (1,))
 
@@ -753,6 +797,30 @@ class Buffer:
                           if async_finish else None)
         return combined_x, combined_topk_weights, event
 
+    def internode_dispatch(self, x: Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]],
+                           handle: Optional[Tuple] = None,
+                           num_tokens_per_rank: Optional[torch.Tensor] = None,
+                           num_tokens_per_rdma_rank: Optional[torch.Tensor] = None,
+                           is_token_in_rank: Optional[torch.Tensor] = None,
+                           num_tokens_per_expert: Optional[torch.Tensor] = None,
+                           topk_idx: Optional[torch.Tensor] = None, topk_weights: Optional[torch.Tensor] = None,
+                           expert_alignment: int = 1, num_worst_tokens: int = 0,
+                           config: Optional[Config] = None,
+                           previous_event: Optional[EventOverlap] = None, async_finish: bool = False,
+                           allocate_on_comm_stream: bool = False):
+        """DeepEP's internode (RDMA + NVLink) dispatch: EpxError(Unsupported), epx serves one NVLink
+        domain (`dispatch` is the one to call)."""
+        raise _error("Unsupported", "internode_dispatch: epx has no internode (RDMA) mode; use dispatch")
+
+    def internode_combine(self, x: torch.Tensor, handle: Tuple,
+                          topk_weights: Optional[torch.Tensor] = None,
+                          bias: Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor], None] = None,
+                          config: Optional[Config] = None,
+                          previous_event: Optional[EventOverlap] = None, async_finish: bool = False,
+                          allocate_on_comm_stream: bool = False):
+        """DeepEP's internode combine: EpxError(Unsupported) (see `internode_dispatch`)."""
+        raise _error("Unsupported", "internode_combine: epx has no internode (RDMA) mode; use combine")
+
     # ---- Low-latency dispatch / combine ---------------------------------------------------------
 
     def clean_low_latency_buffer(self, num_max_dispatch_tokens_per_rank: int, hidden: int, num_experts: int) -> None:
@@ -777,9 +845,7 @@ class Buffer:
                              cumulative_local_expert_recv_stats: Optional[torch.Tensor] = None,
                              dispatch_wait_recv_cost_stats: Optional[torch.Tensor] = None,
                              use_fp8: bool = True, round_scale: bool = False, use_ue8m0: bool = False,
-                             async_finish: bool = False, return_recv_hook: bool = False,
-                             use_per_tensor_quantization: bool = False,
-                             static_scale: Optional[torch.Tensor] = None) -> \
+                             async_finish: bool = False, return_recv_hook: bool = False) -> \
             Tuple[Union[Tuple[torch.Tensor, torch.Tensor], torch.Tensor], torch.Tensor, Tuple, EventOverlap,
                   Optional[Callable]]:
         """
@@ -802,7 +868,6 @@ class Buffer:
             async_finish: return an event instead of joining the current stream.
             return_recv_hook: launch only the send (on the current stream); the returned hook
                 launches the receive. Holds no SM in between. Not with async_finish.
-            use_per_tensor_quantization, static_scale: not supported (must keep their defaults).
 
         Returns:
             recv_x: `[num_local_experts, num_ranks * T, hidden]` bf16, or with use_fp8 a tuple
@@ -815,9 +880,6 @@ class Buffer:
             hook: with return_recv_hook, a callable that launches the receive; else None.
         """
         rt = self._ll_rt()
-        if use_per_tensor_quantization or static_scale is not None:
-            raise _error("Unsupported", "use_per_tensor_quantization / static_scale: epx quantizes per 128 channels "
-                                        "only")
         if async_finish and return_recv_hook:
             raise _error("InvalidArgument", "async_finish and return_recv_hook: choose one (as in DeepEP)")
         if use_ue8m0 and not round_scale:
@@ -877,9 +939,7 @@ class Buffer:
                 rt.low_latency_receive(buffer_idx, compute)
             return None, hook
         if async_finish:
-            event = torch.cuda.Event()
-            event.record(self._comm_stream)
-            return event, None
+            return EventHandle._recorded_on(self._comm_stream), None
         self._stream_wait(compute, self._comm_raw)
         return None, None
 
@@ -945,6 +1005,33 @@ class Buffer:
             if async_finish or return_recv_hook else None
         event, hook = self._ll_finish(rt, compute, async_finish, return_recv_hook, used_buffer, tensors)
         return out, EventOverlap(event, tensors if async_finish else None), hook
+
+    # ---- Rank masking (DeepEP's shrink mode) ------------------------------------------------------
+
+    @staticmethod
+    def _mask_buffer_error(op: str) -> EpxError:
+        """Until rank masking lands, Buffer(..., enable_shrink=True) is refused, so no Buffer has a
+        mask buffer and every mask operation fails as DeepEP's do without shrink mode."""
+        return _error("State", f"{op}: needs a Buffer made with enable_shrink=True (masking failed ranks), which "
+                               "epx does not implement yet")
+
+    def low_latency_update_mask_buffer(self, rank_to_mask: int, mask: bool = False) -> None:
+        """
+        Masks (`mask=True`) or unmasks `rank_to_mask` for the low-latency operations: a masked
+        rank is neither sent to nor waited for. Needs `enable_shrink=True` (not implemented yet).
+        """
+        raise self._mask_buffer_error("low_latency_update_mask_buffer")
+
+    def low_latency_query_mask_buffer(self, mask_status: torch.Tensor) -> None:
+        """
+        Writes each rank's mask status into `mask_status` (`[num_ranks]` int32 on this device,
+        1 = masked). Needs `enable_shrink=True` (not implemented yet).
+        """
+        raise self._mask_buffer_error("low_latency_query_mask_buffer")
+
+    def low_latency_clean_mask_buffer(self) -> None:
+        """Unmasks every rank. Needs `enable_shrink=True` (not implemented yet)."""
+        raise self._mask_buffer_error("low_latency_clean_mask_buffer")
 
     def get_next_low_latency_combine_buffer(self, handle: Tuple) -> torch.Tensor:
         """

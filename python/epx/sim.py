@@ -455,7 +455,7 @@ def _threaded_group_communicator(group, device: int) -> "_C.Communicator":
                 _THREADED_PENDING[token] = [world, size]
         except Exception as e:  # the peers learn it from the token 0, then rank 0 raises
             failure = e
-    mine = torch.tensor([token, device], dtype=torch.int64)
+    mine = torch.tensor([token, device], dtype=torch.int64, device="cpu")
     parts = [torch.zeros_like(mine) for _ in range(size)]
     dist.all_gather(parts, mine, group=group)
     if failure is not None:

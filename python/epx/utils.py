@@ -1,4 +1,8 @@
-"""EventOverlap, Config and the small helpers the Buffer shares (DeepEP V1 compatible)."""
+"""EventHandle, EventOverlap, Config and the small helpers the Buffer shares (DeepEP V1's `deep_ep.utils`).
+
+Code written for DeepEP imports `EventOverlap` and `EventHandle` from here (`from deep_ep.utils
+import EventHandle, EventOverlap` once epx is aliased as `deep_ep`, see `epx.alias_as_deep_ep`).
+"""
 from typing import Any, Optional, Tuple
 
 import torch
@@ -6,7 +10,7 @@ import torch
 from . import _C
 from ._C import EpxError
 
-__all__ = ["EventOverlap", "Config", "EpxError"]
+__all__ = ["EventHandle", "EventOverlap", "Config", "EpxError", "check_nvlink_connections"]
 
 
 def _error(kind: str, message: str) -> EpxError:
@@ -17,20 +21,48 @@ def _error(kind: str, message: str) -> EpxError:
     return e
 
 
+class EventHandle(torch.cuda.Event):
+    """
+    A CUDA event recorded on `torch.cuda.current_stream()` when it is constructed (DeepEP's
+    `EventHandle()`), so `EventOverlap(EventHandle())` marks "everything issued so far".
+
+    It is a `torch.cuda.Event`, so `record`, `wait`, `query` and `synchronize` work too; the events
+    epx returns (`EventOverlap.event` after `async_finish=True`) are EventHandles as well.
+    """
+
+    def __new__(cls) -> "EventHandle":
+        return super().__new__(cls)
+
+    def __init__(self) -> None:
+        self.record(torch.cuda.current_stream())
+
+    @classmethod
+    def _recorded_on(cls, stream: torch.cuda.Stream) -> "EventHandle":
+        """An EventHandle recorded on `stream` instead of the current stream (the Buffer's comm stream)."""
+        event = cls.__new__(cls)
+        event.record(stream)
+        return event
+
+    def current_stream_wait(self) -> None:
+        """Makes `torch.cuda.current_stream()` wait for the event (no host synchronization)."""
+        torch.cuda.current_stream().wait_event(self)
+
+
 class EventOverlap:
     """
     A CUDA event with the tensors that must stay alive until it completes (as in DeepEP).
 
     Attributes:
-        event: the `torch.cuda.Event` recorded after the communication kernels, or None when the
-            operation already joined the current stream (`async_finish=False`).
+        event: the EventHandle recorded after the communication kernels, or None when the
+            operation already joined the current stream (`async_finish=False`). An EventOverlap
+            whose event is None passed as `previous_event` means "no event" (as in DeepEP).
         extra_tensors: tensors kept alive with the event instead of `record_stream` (the
             low-latency path uses this: it stays compatible with CUDA graphs).
     """
 
     __slots__ = ("event", "extra_tensors")
 
-    def __init__(self, event: Optional[torch.cuda.Event] = None,
+    def __init__(self, event: Optional[EventHandle] = None,
                  extra_tensors: Optional[Tuple[torch.Tensor, ...]] = None) -> None:
         self.event = event
         self.extra_tensors = extra_tensors
@@ -57,19 +89,37 @@ class EventOverlap:
         return f"EventOverlap(event={'set' if self.event is not None else None})"
 
 
+def check_nvlink_connections(group) -> None:
+    """
+    DeepEP's pre-check that the group's GPUs are NVLink-connected, kept for code that calls it.
+
+    epx makes the real check when a Buffer is created: every rank must be in the NVLink domain
+    NCCL reports (its LSA team), else EpxError(Unsupported). Here, as in DeepEP, a PCIe GPU
+    (pairwise NVLink bridges at most) refuses a group of more than 2 ranks.
+    """
+    if "PCIE" in torch.cuda.get_device_name().upper() and group.size() > 2:
+        raise _error("Unsupported", f"group: {group.size()} ranks on PCIe GPUs, which have pairwise NVLink "
+                                    "connections only (at most 2 ranks)")
+
+
+# DeepEP V1's tuned chunk sizes (nvl_send, nvl_recv, rdma_send, rdma_recv) of get_dispatch_config /
+# get_combine_config for the rank counts of one NVLink domain; larger counts are internode.
+_DEEPEP_DISPATCH_CHUNKS = {2: (24, 256, 6, 128), 4: (6, 256, 6, 128), 8: (6, 256, 6, 128)}
+_DEEPEP_COMBINE_CHUNKS = {2: (10, 256, 6, 128), 4: (9, 256, 6, 128), 8: (4, 256, 6, 128)}
+
+
 class Config:
     """
     Tuning of the high-throughput kernels, constructed like DeepEP's `Config`.
 
-    Arguments (positional order as in DeepEP):
+    Arguments (positional order and defaults as in DeepEP):
         num_sms: thread blocks (one per SM) of dispatch and combine; at most the device's SMs.
         num_max_nvl_chunked_send_tokens, num_max_nvl_chunked_recv_tokens,
-        num_max_rdma_chunked_send_tokens, num_max_rdma_chunked_recv_tokens: accepted for
-            compatibility with DeepEP (they must be positive) but **not used**: epx's dispatch is
-            one-sided (after the count exchange every sender writes each row straight into its
-            final slot in the receiver's buffer), so it has no rings or chunks to size; combine's
-            rings (from 3 ranks) use the C++ core's measured defaults (epx::Config ring_slots,
-            ring_chunk), which the Python Config does not set.
+        num_max_rdma_chunked_send_tokens, num_max_rdma_chunked_recv_tokens: DeepEP's chunk
+            sizes, checked as DeepEP checks them (send < recv, after the RDMA recv size is rounded
+            up to a multiple of the RDMA send size). epx's kernels do not chunk (a sender writes
+            each row straight into its final slot in the receiver's buffer), so they only set the
+            size `get_nvl_buffer_size_hint` returns.
         num_threads: (epx, keyword only) threads per block, a multiple of 32 in [64, 512].
         timeout_s: (epx, keyword only) bound of every device wait; 0 = `EPX_TIMEOUT_S` (100 s).
 
@@ -86,19 +136,34 @@ class Config:
                  num_max_rdma_chunked_send_tokens: int = 6, num_max_rdma_chunked_recv_tokens: int = 256,
                  *, num_threads: int = 512, timeout_s: float = 0.0) -> None:
         self.num_sms = num_sms
-        self.num_max_nvl_chunked_send_tokens = num_max_nvl_chunked_send_tokens
-        self.num_max_nvl_chunked_recv_tokens = num_max_nvl_chunked_recv_tokens
-        self.num_max_rdma_chunked_send_tokens = num_max_rdma_chunked_send_tokens
-        self.num_max_rdma_chunked_recv_tokens = num_max_rdma_chunked_recv_tokens
+        self.num_max_nvl_chunked_send_tokens = _check_int("Config.num_max_nvl_chunked_send_tokens",
+                                                          num_max_nvl_chunked_send_tokens, 1)
+        self.num_max_nvl_chunked_recv_tokens = _check_int("Config.num_max_nvl_chunked_recv_tokens",
+                                                          num_max_nvl_chunked_recv_tokens, 1)
+        rdma_send = _check_int("Config.num_max_rdma_chunked_send_tokens", num_max_rdma_chunked_send_tokens, 1)
+        rdma_recv = _check_int("Config.num_max_rdma_chunked_recv_tokens", num_max_rdma_chunked_recv_tokens, 1)
+        self.num_max_rdma_chunked_send_tokens = rdma_send
+        # As DeepEP's Config: the RDMA receive chunk is a whole number of send chunks.
+        self.num_max_rdma_chunked_recv_tokens = (rdma_recv + rdma_send - 1) // rdma_send * rdma_send
         self.num_threads = num_threads
         self.timeout_s = timeout_s
         self.validate()
 
     @classmethod
     def defaults(cls, num_ranks: int) -> "Config":
-        """epx's default config for `num_ranks` (the C++ core's measured table)."""
+        """(epx) epx's measured default for `num_ranks` (the C++ core's table), DeepEP's chunk sizes."""
         num_sms, num_threads, timeout_s = _C.default_config(_check_int("num_ranks", num_ranks, 1))
         return cls(num_sms, num_threads=num_threads, timeout_s=timeout_s)
+
+    @classmethod
+    def _deepep_table(cls, table, num_sms: int, num_ranks: int) -> "Config":
+        """DeepEP's entry for `num_ranks`; a count DeepEP does not list takes the next listed one."""
+        _check_int("num_ranks", num_ranks, 1)
+        if num_ranks > _C.MAX_RANKS:
+            raise _error("Unsupported", f"num_ranks: {num_ranks} ranks; epx supports one NVLink domain of at most "
+                                        f"{_C.MAX_RANKS} ranks (no internode mode)")
+        listed = min(r for r in table if r >= num_ranks)
+        return cls(num_sms, *table[listed])
 
     def validate(self, num_device_sms: int = 0) -> None:
         """Raises EpxError(InvalidArgument) naming the field that is out of range."""
@@ -107,6 +172,12 @@ class Config:
         for name in ("num_max_nvl_chunked_send_tokens", "num_max_nvl_chunked_recv_tokens",
                      "num_max_rdma_chunked_send_tokens", "num_max_rdma_chunked_recv_tokens"):
             _check_int(f"Config.{name}", getattr(self, name), 1)
+        for kind in ("nvl", "rdma"):
+            send = getattr(self, f"num_max_{kind}_chunked_send_tokens")
+            recv = getattr(self, f"num_max_{kind}_chunked_recv_tokens")
+            if send >= recv:
+                raise _error("InvalidArgument", f"Config.num_max_{kind}_chunked_send_tokens: must be < "
+                                                f"num_max_{kind}_chunked_recv_tokens ({recv}), got {send}")
         if isinstance(self.timeout_s, bool) or not isinstance(self.timeout_s, (int, float)):
             raise _error("InvalidArgument", f"Config.timeout_s: expected a number of seconds, got {self.timeout_s!r}")
         _C.validate_config(self.num_sms, self.num_threads, float(self.timeout_s), num_device_sms)
@@ -115,34 +186,49 @@ class Config:
         """The fields the C++ core uses."""
         return (self.num_sms, self.num_threads, float(self.timeout_s))
 
-    def get_nvl_buffer_size_hint(self, hidden_bytes: int, num_ranks: int,
-                                 num_max_recv_tokens: Optional[int] = None, num_topk: Optional[int] = None) -> int:
-        """
-        Bytes of `num_nvl_bytes` for rows of `hidden_bytes` (bf16 rows: 2 * hidden).
+    def _num_hint_rows(self, num_ranks: int) -> int:
+        """Rows `get_nvl_buffer_size_hint` makes room for (see there)."""
+        return max(self.num_sms // 2, 1) * _check_int("num_ranks", num_ranks, 1) * self.num_max_nvl_chunked_recv_tokens
 
-        DeepEP sizes its rings from the chunk sizes alone; epx stores every received row, so it
-        needs `num_max_recv_tokens`: the most rows any rank receives in a dispatch (at most
-        num_tokens * num_ranks) or sends in a combine. `num_topk` defaults to the largest top-k
-        epx supports. Without `num_max_recv_tokens` this raises EpxError(InvalidArgument).
+    def get_nvl_buffer_size_hint(self, hidden_bytes: int, num_ranks: int) -> int:
         """
-        _check_int("hidden_bytes", hidden_bytes, 2)
+        Bytes of `num_nvl_bytes` for rows of up to `hidden_bytes` bytes (DeepEP's signature): a
+        function of this config, `hidden_bytes` and `num_ranks` only.
+
+        epx's buffer holds every row a dispatch delivers (and a combine sends back), so the size is
+        that of (num_sms // 2) * num_ranks * num_max_nvl_chunked_recv_tokens rows, the rows DeepEP's
+        rings hold at once: any dispatch in which no rank sends more than (num_sms // 2) *
+        num_max_nvl_chunked_recv_tokens tokens fits, whatever the routing (2560 with
+        `get_dispatch_config(8)`). A row has room for hidden_bytes of payload plus the scales of an
+        fp8 row of hidden_bytes channels, and for the top-k ids and weights of epx's largest top-k.
+        Pass the bytes of the widest row moved: 2 * hidden when the combine moves bf16 rows
+        (Megatron-core's `get_hidden_bytes` does; fp8 dispatches then fit too). A larger dispatch raises
+        EpxError(BufferTooSmall); `Buffer.get_nvl_buffer_size_hint(num_max_recv_tokens, ...)` sizes
+        by rows instead.
+        """
+        _check_int("hidden_bytes", hidden_bytes, 1)
         _check_int("num_ranks", num_ranks, 1)
-        if num_max_recv_tokens is None:
-            raise _error("InvalidArgument",
-                         "Config.get_nvl_buffer_size_hint: num_max_recv_tokens is required: epx's one-sided "
-                         "dispatch holds every received row in the buffer, so its size depends on the row count, "
-                         "not on the chunk sizes (see also Buffer.get_nvl_buffer_size_hint)")
-        if hidden_bytes % 2:
-            raise _error("InvalidArgument", f"hidden_bytes: expected bf16 rows (an even byte count), got {hidden_bytes}")
-        num_topk = _C.MAX_TOPK if num_topk is None else num_topk
-        return _C.nvl_buffer_size_hint(_check_int("num_max_recv_tokens", num_max_recv_tokens, 0),
-                                       hidden_bytes // 2, _C.DTYPE_BF16, _check_int("num_topk", num_topk, 0),
-                                       num_ranks)
+        if num_ranks > _C.MAX_RANKS:
+            raise _error("Unsupported", f"num_ranks: {num_ranks} ranks; epx supports one NVLink domain of at most "
+                                        f"{_C.MAX_RANKS} ranks (no internode mode)")
+        # bf16 rows wide enough for hidden_bytes of payload plus the f32 scales of an fp8 row of
+        # hidden_bytes channels (one per 128): they hold either kind of dispatch and the combine.
+        row_bytes = hidden_bytes + 4 * ((hidden_bytes + 127) // 128)
+        return _C.nvl_buffer_size_hint(self._num_hint_rows(num_ranks), (row_bytes + 1) // 2, _C.DTYPE_BF16,
+                                       _C.MAX_TOPK, num_ranks)
 
     def get_rdma_buffer_size_hint(self, hidden_bytes: int, num_ranks: int) -> int:
-        """Internode (RDMA) buffers are not implemented by epx: raises EpxError(Unsupported)."""
-        raise _error("Unsupported", "Config.get_rdma_buffer_size_hint: epx has no internode (RDMA) buffer; "
-                                    "use Buffer.get_low_latency_rdma_size_hint for the low-latency region")
+        """
+        Bytes of `num_rdma_bytes` for the internode buffer (DeepEP's signature): 0 within one
+        NVLink domain, as in DeepEP; more ranks need the internode mode epx does not implement
+        (EpxError(Unsupported)).
+        """
+        _check_int("hidden_bytes", hidden_bytes, 1)
+        _check_int("num_ranks", num_ranks, 1)
+        if num_ranks > _C.MAX_RANKS:
+            raise _error("Unsupported", f"num_ranks: {num_ranks} ranks need DeepEP's internode (RDMA) buffer, which "
+                                        f"epx does not implement (one NVLink domain of at most {_C.MAX_RANKS} ranks)")
+        return 0
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, Config) and all(getattr(self, f) == getattr(other, f) for f in self.__slots__)

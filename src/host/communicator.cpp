@@ -6,6 +6,7 @@
 
 #include "epx/error.hpp"
 #include "epx/sim_world.hpp"
+#include "epx/version.hpp"
 #include "host/checks.hpp"
 #include "host/sim_world_state.hpp"
 
@@ -31,6 +32,7 @@ ncclUniqueId Communicator::make_unique_id() {
 }
 
 Communicator::Communicator(const ncclUniqueId& id, int rank, int world, int device) : owns_(true) {
+  check_nccl_version();
   EPX_ARG_CHECK(world >= 1, "world: expected >= 1, got ", world);
   EPX_ARG_CHECK(rank >= 0 && rank < world, "rank: expected [0, ", world, "), got ", rank);
   int num_devices = 0;
@@ -44,6 +46,7 @@ Communicator::Communicator(const ncclUniqueId& id, int rank, int world, int devi
 
 Communicator::Communicator(ncclComm_t comm, bool owns) : comm_(comm), owns_(owns) {
   EPX_ARG_CHECK(comm != nullptr, "comm: null ncclComm_t");
+  check_nccl_version();
   init_topology();
 }
 

@@ -130,6 +130,10 @@ std::string why_not_runnable(WorldMode mode, int world) {
 }
 
 int run_in_child(const std::function<int()>& fn, double timeout_s) {
+  // EPX_TEST_IN_PROCESS=1: no fork, for tools that follow only the process they started
+  // (compute-sanitizer); simulated worlds only (real ranks need this process free of CUDA).
+  const char* in_process = std::getenv("EPX_TEST_IN_PROCESS");
+  if (in_process != nullptr && std::string(in_process) == "1") return fn();
   std::fflush(stdout);
   std::fflush(stderr);
   const pid_t pid = fork();

@@ -38,14 +38,23 @@ _pools = {}
 
 
 def require_epx():
-    """For the test modules: skips them (with the reason) where torch or the built epx is missing;
-    a broken build (epx present but failing to import) still fails."""
-    torch = pytest.importorskip("torch", reason="the Python tests need torch (tools/python-deps.sh installs it)")
+    """For the test modules: skips them (with the reason) where torch or the built epx is missing,
+    or fails them instead when EPX_REQUIRE_PYTHON_TESTS=1 (the test command's ctest run); a broken
+    build (epx present but failing to import) always fails."""
+    def missing(reason):
+        if os.environ.get("EPX_REQUIRE_PYTHON_TESTS") == "1":
+            pytest.fail(f"{reason} (EPX_REQUIRE_PYTHON_TESTS=1)", pytrace=False)
+        pytest.skip(reason, allow_module_level=True)
+
+    try:
+        import torch
+    except ModuleNotFoundError:
+        missing("the Python tests need torch (tools/python-deps.sh installs it)")
     try:
         import epx
     except ModuleNotFoundError as e:
-        pytest.skip(f"epx is not built ({e}): cmake -S . -B build && cmake --build build (EPX_BUILD_PYTHON=ON), "
-                    "or set EPX_BUILD_DIR", allow_module_level=True)
+        missing(f"epx is not built ({e}): cmake -S . -B build && cmake --build build (EPX_BUILD_PYTHON=ON), "
+                "or set EPX_BUILD_DIR")
     return torch, epx
 
 

@@ -80,8 +80,9 @@ def test_dispatch_handle_storage():
 
 def test_config_fields_and_defaults():
     c = epx.Config()
+    # (DeepEP rounds the RDMA receive chunk up to a multiple of the send chunk: 256 -> 258.)
     assert (c.num_sms, c.num_max_nvl_chunked_send_tokens, c.num_max_nvl_chunked_recv_tokens,
-            c.num_max_rdma_chunked_send_tokens, c.num_max_rdma_chunked_recv_tokens) == (20, 6, 256, 6, 256)
+            c.num_max_rdma_chunked_send_tokens, c.num_max_rdma_chunked_recv_tokens) == (20, 6, 256, 6, 258)
     assert (c.num_threads, c.timeout_s) == (512, 0.0)
     c = epx.Config(24, 8, 288)  # DeepEP's positional form
     assert (c.num_sms, c.num_max_nvl_chunked_send_tokens, c.num_max_nvl_chunked_recv_tokens) == (24, 8, 288)
@@ -96,6 +97,8 @@ def test_config_fields_and_defaults():
     (dict(num_sms=0), "Config.num_sms"),
     (dict(num_sms=2000), "Config.num_sms"),
     (dict(num_sms=1.5), "Config.num_sms"),
+    (dict(num_max_nvl_chunked_send_tokens=256), "Config.num_max_nvl_chunked_send_tokens"),
+    (dict(num_max_rdma_chunked_send_tokens=256), "Config.num_max_rdma_chunked_send_tokens"),
     (dict(num_threads=100), "Config.num_threads"),
     (dict(num_threads=1024), "Config.num_threads"),
     (dict(timeout_s=-1.0), "Config.timeout_s"),
@@ -106,36 +109,6 @@ def test_config_fields_and_defaults():
 def test_config_rejects(kwargs, name):
     with expect_error("InvalidArgument", name):
         epx.Config(**kwargs)
-
-
-def test_config_size_hints():
-    c = epx.Config()
-    with expect_error("InvalidArgument", "num_max_recv_tokens"):
-        c.get_nvl_buffer_size_hint(7168 * 2, 8)
-    small = c.get_nvl_buffer_size_hint(7168 * 2, 8, num_max_recv_tokens=1024)
-    large = c.get_nvl_buffer_size_hint(7168 * 2, 8, num_max_recv_tokens=8192)
-    assert 0 < small < large and small % (1 << 21) == 0
-    assert large >= 8192 * 7168 * 2
-    with expect_error("Unsupported", "RDMA"):
-        c.get_rdma_buffer_size_hint(7168 * 2, 8)
-
-
-def test_dispatch_and_combine_config():
-    saved = (epx.Buffer.num_sms, epx.Buffer._num_sms_set)
-    try:
-        for r in (1, 2, 4, 8):
-            assert epx.Buffer.get_dispatch_config(r) == epx.Config.defaults(r)
-            assert epx.Buffer.get_combine_config(r) == epx.Config.defaults(r)
-        epx.Buffer.set_num_sms(24)
-        assert epx.Buffer.num_sms == 24
-        assert epx.Buffer.get_dispatch_config(4).num_sms == 24
-        assert epx.Buffer.get_combine_config(2).num_sms == 24
-        with expect_error("InvalidArgument", "new_num_sms"):
-            epx.Buffer.set_num_sms(0)
-        with expect_error("Unsupported", "num_ranks"):
-            epx.Buffer.get_dispatch_config(_C.MAX_RANKS + 1)
-    finally:
-        epx.Buffer.num_sms, epx.Buffer._num_sms_set = saved
 
 
 def test_buffer_size_hints():
@@ -180,7 +153,8 @@ class _UntouchableGroup:
 
 
 @pytest.mark.parametrize("kwargs,kind,name", [
-    (dict(num_nvl_bytes=1 << 20, allow_mnnvl=True), "Unsupported", "allow_mnnvl"),
+    (dict(num_nvl_bytes=1 << 20, use_fabric=True), "Unsupported", "use_fabric=True"),
+    (dict(num_rdma_bytes=1 << 20, low_latency_mode=True, enable_shrink=True), "Unsupported", "enable_shrink=True"),
     (dict(num_rdma_bytes=1 << 20, low_latency_mode=True, allow_nvlink_for_low_latency_mode=False), "Unsupported",
      "allow_nvlink_for_low_latency_mode"),
     (dict(num_nvl_bytes=1 << 20, num_rdma_bytes=1 << 20), "Unsupported", "num_rdma_bytes"),
@@ -218,7 +192,7 @@ def fake_buffer(monkeypatch):
         b = epx.Buffer.__new__(epx.Buffer)
         b.rank, b.group_size, b.group = 0, world, None
         b.num_nvl_bytes, b.num_rdma_bytes, b.num_qps_per_rank = 1 << 24, 1 << 24, 24
-        b.low_latency_mode, b.explicitly_destroy = low_latency_mode, explicitly_destroy
+        b.low_latency_mode, b.explicitly_destroy, b.enable_shrink = low_latency_mode, explicitly_destroy, False
         b.runtime, b._comm = _UntouchableRuntime(), None
         b._device_index, b._device = 0, torch.device("cuda", 0)
         b._config_key = epx.Config.defaults(world)._key()
@@ -259,8 +233,6 @@ def test_combine_rejects(fake_buffer):
 def test_low_latency_rejects(fake_buffer):
     b = fake_buffer()
     x, idx = cpu(8, 128), cpu(8, 2, dtype=torch.int64)
-    with expect_error("Unsupported", "use_per_tensor_quantization"):
-        b.low_latency_dispatch(x, idx, 8, 16, use_per_tensor_quantization=True)
     with expect_error("InvalidArgument", "async_finish", "return_recv_hook"):
         b.low_latency_dispatch(x, idx, 8, 16, async_finish=True, return_recv_hook=True)
     with expect_error("InvalidArgument", "use_ue8m0", "round_scale"):
@@ -290,8 +262,6 @@ def test_low_latency_needs_low_latency_mode(fake_buffer):
 
 def test_misc_rejects(fake_buffer):
     b = fake_buffer()
-    with expect_error("Unsupported", "use_rdma_buffer"):
-        b.get_local_buffer_tensor(torch.bfloat16, use_rdma_buffer=True)
     with expect_error("State", "explicitly_destroy"):
         b.destroy()
     b.runtime = None
@@ -574,17 +544,21 @@ def test_default_config_fits_a_simulated_share():
     assert epx.Buffer._default_config(8, 12).num_sms == min(full.num_sms, 12)
     assert epx.Buffer._default_config(8, 1000).num_sms == full.num_sms
     seen = {}
+    outside = (epx.Buffer.get_dispatch_config(8), epx.Buffer.get_combine_config(8))
 
     def rank_thread():  # what a SimWorld rank's thread sees
         sim._local.num_sms = 12
-        seen["dispatch"] = epx.Buffer.get_dispatch_config(8).num_sms
-        seen["combine"] = epx.Buffer.get_combine_config(8).num_sms
+        seen["dispatch"] = epx.Buffer.get_dispatch_config(8)
+        seen["combine"] = epx.Buffer.get_combine_config(8)
 
     t = threading.Thread(target=rank_thread)
     t.start()
     t.join()
-    assert seen == {"dispatch": min(full.num_sms, 12), "combine": min(full.num_sms, 12)}
-    assert epx.Buffer.get_dispatch_config(8) == full  # other threads: unchanged
+    for name, config in zip(("dispatch", "combine"), outside):
+        assert seen[name].num_sms == min(epx.Buffer.num_sms, 12) and config.num_sms == epx.Buffer.num_sms
+        seen[name].num_sms = config.num_sms
+        assert seen[name] == config, "only num_sms follows the share"
+    assert (epx.Buffer.get_dispatch_config(8), epx.Buffer.get_combine_config(8)) == outside  # other threads
 
 
 def test_simulated_buffer_default_config_follows_the_share(recording_buffer):
