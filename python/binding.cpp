@@ -4,8 +4,12 @@
 // `(data_ptr, dtype_code, shape, strides)` (strides in elements, 1 to 3 dims) or None for an
 // absent optional argument, streams as `cudaStream_t` integers. Every epx::Error becomes the Python
 // exception epx.EpxError (a RuntimeError) with the same message and `.kind`, `.message`, `.file`,
-// `.line`. Calls that may block the host (collectives, host-synced dispatch, synchronize) release
-// the GIL; plain launches keep it (cheaper than releasing).
+// `.line`. Calls that may block the host (collectives, host-synced dispatch, synchronize, reset,
+// cleaning, destruction) release the GIL. Plain launches keep it for a real rank (cheaper than
+// releasing, and nothing of this process waits for them) and release it for a simulated one: its
+// peers are threads of this process, and a launch that waits for the device (a full launch queue,
+// a grid waiting for room) waits for peer kernels that finish only once those threads, which need
+// the GIL, have launched their part.
 #include <cuda_runtime_api.h>
 #include <nccl.h>
 #include <pybind11/pybind11.h>
@@ -13,12 +17,14 @@
 #include <cstdint>
 #include <cstring>
 #include <memory>
+#include <optional>
 #include <string>
 
 #include "epx/buffer.hpp"
 #include "epx/communicator.hpp"
 #include "epx/config.hpp"
 #include "epx/error.hpp"
+#include "epx/sim_world.hpp"
 #include "epx/types.hpp"
 
 namespace py = pybind11;
@@ -137,8 +143,8 @@ void release_without_gil(std::unique_ptr<T>& p) {
   }
 }
 
-inline const char* owned_name(const epx::Communicator*) { return "Communicator"; }
 inline const char* owned_name(const epx::Buffer*) { return "Buffer"; }
+inline const char* owned_name(const epx::SimWorld*) { return "SimWorld"; }
 
 // A core object owned by a Python object: released without the GIL (its teardown may wait on the
 // peers), and refused with a clear error once destroy() released it.
@@ -151,18 +157,79 @@ struct Owned {
     return *ptr;
   }
 };
-using PyCommunicator = Owned<epx::Communicator>;
-using PyBuffer = Owned<epx::Buffer>;
+using PySimWorld = Owned<epx::SimWorld>;  // never released early: its Communicators are borrowed
+
+// A real Communicator is owned here; a simulated one belongs to its SimWorld (the Python
+// SimWorld.comm(rank) object keeps the world alive, and a Buffer keeps its communicator alive).
+struct PyCommunicator {
+  std::unique_ptr<epx::Communicator> owned;
+  epx::Communicator* borrowed = nullptr;
+  ~PyCommunicator() { release_without_gil(owned); }
+  epx::Communicator& get() {
+    epx::Communicator* c = owned ? owned.get() : borrowed;
+    EPX_CHECK(c != nullptr, ErrorKind::kState, "Communicator was destroyed");
+    return *c;
+  }
+  bool destroyed() const { return owned == nullptr && borrowed == nullptr; }
+  // Real: destroys the NCCL communicator (collective). Simulated: lets go of it (the world frees it).
+  void destroy() {
+    release_without_gil(owned);
+    borrowed = nullptr;
+  }
+};
+
+// A Buffer and whether its launches release the GIL (a simulated rank's do, see the top).
+struct PyBuffer : Owned<epx::Buffer> {
+  bool simulated = false;
+};
+
+// Releases the GIL for a scope when `release` (a simulated rank's launch). Construct it after the
+// last use of a Python object in the call.
+class GilReleaseIf {
+ public:
+  explicit GilReleaseIf(bool release) {
+    if (release) nogil_.emplace();
+  }
+
+ private:
+  std::optional<py::gil_scoped_release> nogil_;
+};
+
+// A CUDA stream of its own (not one of torch's pooled streams, which repeat after 32: two
+// simulated ranks on one stream would wait for each other's queued kernels). Destroyed with the
+// object; CUDA frees it once its queued work is done.
+struct OwnedStream {
+  cudaStream_t stream = nullptr;
+  int device = 0;
+  OwnedStream(int device_index, int priority) : device(device_index) {
+    int current = 0;
+    cudaError_t st = cudaGetDevice(&current);
+    if (st == cudaSuccess) st = cudaSetDevice(device);
+    if (st == cudaSuccess) {
+      st = cudaStreamCreateWithPriority(&stream, cudaStreamNonBlocking, priority);
+      (void)cudaSetDevice(current);
+    }
+    EPX_CHECK(st == cudaSuccess, ErrorKind::kCuda, "Stream: cudaStreamCreateWithPriority on device ", device,
+              " failed: ", cudaGetErrorString(st));
+  }
+  OwnedStream(const OwnedStream&) = delete;
+  OwnedStream& operator=(const OwnedStream&) = delete;
+  ~OwnedStream() {
+    if (stream != nullptr) (void)cudaStreamDestroy(stream);  // may fail once the CUDA runtime is unloading
+  }
+};
 
 // "Stream `dst` waits for the work queued on `src` so far" with one reusable event (torch's
 // Stream.wait_stream creates, records and destroys a torch.cuda.Event per call, through several
 // Python frames). Reusing the event is safe: cudaStreamWaitEvent waits for the record that precedes
-// it, and the record and the wait happen in one call under the GIL. Works under CUDA-graph capture
+// it, and the record and the wait happen in one call by the one thread that uses the join (a
+// Buffer's: under the GIL, or without it for a simulated rank). Works under CUDA-graph capture
 // the same way (a fork or join of the capture). The event belongs to the device that was current at
 // construction; both streams must be on it.
 struct StreamJoin {
   cudaEvent_t event = nullptr;
-  StreamJoin() {
+  bool simulated = false;  // release the GIL around the record and wait (see the top)
+  explicit StreamJoin(bool simulated_rank = false) : simulated(simulated_rank) {
     const cudaError_t st = cudaEventCreateWithFlags(&event, cudaEventDisableTiming);
     EPX_CHECK(st == cudaSuccess, ErrorKind::kCuda, "stream join: cudaEventCreateWithFlags failed: ",
               cudaGetErrorString(st));
@@ -173,6 +240,7 @@ struct StreamJoin {
     if (event != nullptr) (void)cudaEventDestroy(event);  // may fail once the CUDA runtime is unloading
   }
   void wait(uintptr_t dst, uintptr_t src) {
+    GilReleaseIf nogil(simulated);
     cudaError_t st = cudaEventRecord(event, to_stream(src));
     EPX_CHECK(st == cudaSuccess, ErrorKind::kCuda, "stream join: cudaEventRecord on stream ", src,
               " failed: ", cudaGetErrorString(st));
@@ -282,7 +350,7 @@ PYBIND11_MODULE(_C, m) {
     g_error_type = PyErr_NewExceptionWithDoc(
         "epx.EpxError",
         "Error raised by epx. `kind` names the category (InvalidArgument, BufferTooSmall, Cuda, Nccl, Timeout, "
-        "State, Unsupported); `message` is the text without the prefix and location.",
+        "State, Unsupported, Aborted); `message` is the text without the prefix and location.",
         PyExc_RuntimeError, attrs.ptr());
     if (g_error_type == nullptr) throw py::error_already_set();
     m.add_object("EpxError", py::reinterpret_steal<py::object>(g_error_type));
@@ -295,10 +363,12 @@ PYBIND11_MODULE(_C, m) {
     }
   });
   {
-    py::tuple kinds(7);
     const ErrorKind all[] = {ErrorKind::kInvalidArgument, ErrorKind::kBufferTooSmall, ErrorKind::kCuda,
-                             ErrorKind::kNccl, ErrorKind::kTimeout, ErrorKind::kState, ErrorKind::kUnsupported};
-    for (int i = 0; i < 7; ++i) kinds[i] = epx::error_kind_name(all[i]);
+                             ErrorKind::kNccl, ErrorKind::kTimeout, ErrorKind::kState, ErrorKind::kUnsupported,
+                             ErrorKind::kAborted};
+    constexpr int kNumKinds = sizeof(all) / sizeof(all[0]);
+    py::tuple kinds(kNumKinds);
+    for (int i = 0; i < kNumKinds; ++i) kinds[i] = epx::error_kind_name(all[i]);
     m.attr("ERROR_KINDS") = kinds;
   }
 
@@ -365,9 +435,17 @@ PYBIND11_MODULE(_C, m) {
 
   py::class_<StreamJoin>(m, "StreamJoin",
                          "A reusable CUDA event (made on the current device) for stream-to-stream waits.")
-      .def(py::init<>())
+      .def(py::init<bool>(), py::arg("simulated") = false,
+           "simulated: the join of a simulated rank's Buffer (its waits release the GIL).")
       .def("wait", &StreamJoin::wait, py::arg("dst"), py::arg("src"),
            "Stream `dst` (a cudaStream_t int) waits for the work queued on stream `src` so far (no host sync).");
+
+  py::class_<OwnedStream>(m, "Stream",
+                          "A non-blocking CUDA stream of its own on `device` (torch.cuda.ExternalStream wraps "
+                          "its handle); destroyed with this object.")
+      .def(py::init<int, int>(), py::arg("device"), py::arg("priority") = 0)
+      .def_property_readonly("handle", [](const OwnedStream& s) { return reinterpret_cast<uintptr_t>(s.stream); })
+      .def_property_readonly("device", [](const OwnedStream& s) { return s.device; });
 
   // ---- Communicator ---------------------------------------------------------------------------
   m.def("get_unique_id", [] {
@@ -384,7 +462,7 @@ PYBIND11_MODULE(_C, m) {
              std::memcpy(id.internal, id_bytes.data(), sizeof(id.internal));
              auto c = std::make_unique<PyCommunicator>();
              py::gil_scoped_release nogil;
-             c->ptr = std::make_unique<epx::Communicator>(id, rank, world, device);
+             c->owned = std::make_unique<epx::Communicator>(id, rank, world, device);
              return c;
            }),
            py::arg("unique_id"), py::arg("rank"), py::arg("world"), py::arg("device"),
@@ -395,14 +473,50 @@ PYBIND11_MODULE(_C, m) {
       .def_property_readonly("local_size", [](PyCommunicator& c) { return c.get().local_size(); })
       .def_property_readonly("device", [](PyCommunicator& c) { return c.get().device(); })
       .def_property_readonly("num_device_sms", [](PyCommunicator& c) { return c.get().num_device_sms(); })
+      .def_property_readonly("simulated", [](PyCommunicator& c) { return c.get().simulated(); })
       .def("barrier", [](PyCommunicator& c, double timeout_s) {
              epx::Communicator& comm = c.get();
              py::gil_scoped_release nogil;
              comm.barrier(timeout_s);
            }, py::arg("timeout_s") = 100.0)
-      .def("destroy", [](PyCommunicator& c) { release_without_gil(c.ptr); },
-           "Destroys the NCCL communicator now (collective); later calls raise EpxError(State).")
-      .def_property_readonly("destroyed", [](PyCommunicator& c) { return c.ptr == nullptr; });
+      .def("destroy", &PyCommunicator::destroy,
+           "Real: destroys the NCCL communicator now (collective). Simulated: lets go of it (its SimWorld frees "
+           "it). Later calls raise EpxError(State).")
+      .def_property_readonly("destroyed", &PyCommunicator::destroyed);
+
+  // ---- SimWorld (design.md 3) -----------------------------------------------------------------
+  py::class_<PySimWorld>(m, "SimWorld",
+                         "R simulated ranks on one GPU: their Communicators, host collectives and symmetric "
+                         "memory. The ranks run on threads of this process (epx.sim makes them).")
+      .def(py::init([](int world, int device, double timeout_s) {
+             auto w = std::make_unique<PySimWorld>();
+             w->ptr = std::make_unique<epx::SimWorld>(world, device, timeout_s);
+             return w;
+           }),
+           py::arg("world"), py::arg("device") = 0, py::arg("timeout_s") = 0.0,
+           "world in [2, max_world(device)]; timeout_s bounds every host collective (0 = EPX_TIMEOUT_S).")
+      .def_static("max_world", &epx::SimWorld::max_world, py::arg("device") = 0,
+                  "Largest number of simulated ranks on `device` (its SMs / SimWorld's minimum share).")
+      .def_static("sms_per_rank", &epx::SimWorld::sms_per_rank, py::arg("world"), py::arg("device") = 0,
+                  "SMs each of `world` ranks would own on `device`, without making a world.")
+      .def_property_readonly("world", [](PySimWorld& w) { return w.get().world(); })
+      .def_property_readonly("device", [](PySimWorld& w) { return w.get().device(); })
+      .def_property_readonly("num_sms_per_rank", [](PySimWorld& w) { return w.get().num_sms_per_rank(); })
+      .def("comm", [](PySimWorld& w, int rank) {
+             auto c = std::make_unique<PyCommunicator>();
+             c->borrowed = &w.get().comm(rank);
+             return c;
+           }, py::arg("rank"), py::keep_alive<0, 1>(),
+           "The Communicator of `rank` (owned by the world, which it keeps alive); use it from that rank's "
+           "thread only.")
+      .def("leave", [](PySimWorld& w, int rank, const std::string& reason) {
+             epx::SimWorld& world = w.get();
+             py::gil_scoped_release nogil;
+             world.leave(rank, reason);
+           }, py::arg("rank"), py::arg("reason"),
+           "`rank` failed and takes no further part: its peers' host collectives fail at once naming it.");
+  // NOTE: no destroy(): the world is freed (without the GIL) when the last reference goes, and every
+  // Communicator handle of it holds one, so no Buffer can outlive it.
 
   // ---- Dispatch handle ------------------------------------------------------------------------
   py::class_<PyDispatchHandle>(m, "DispatchHandle")
@@ -437,6 +551,7 @@ PYBIND11_MODULE(_C, m) {
              options.num_ll_bytes = num_ll_bytes;
              epx::Communicator& c = comm.get();
              auto b = std::make_unique<PyBuffer>();
+             b->simulated = c.simulated();
              py::gil_scoped_release nogil;
              b->ptr = std::make_unique<epx::Buffer>(c, num_nvl_bytes, options);
              return b;
@@ -464,10 +579,13 @@ PYBIND11_MODULE(_C, m) {
       .def("get_dispatch_layout",
            [](PyBuffer& b, py::handle topk_idx, int num_experts, py::handle num_tokens_per_rank,
               py::handle num_tokens_per_expert, py::handle is_token_in_rank, uintptr_t stream) {
-             b.get().get_dispatch_layout(to_view(topk_idx, "topk_idx"), num_experts,
-                                         to_view(num_tokens_per_rank, "num_tokens_per_rank"),
-                                         to_view(num_tokens_per_expert, "num_tokens_per_expert"),
-                                         to_view(is_token_in_rank, "is_token_in_rank"), to_stream(stream));
+             epx::Buffer& buf = b.get();
+             const View topk = to_view(topk_idx, "topk_idx");
+             const View per_rank = to_view(num_tokens_per_rank, "num_tokens_per_rank");
+             const View per_expert = to_view(num_tokens_per_expert, "num_tokens_per_expert");
+             const View in_rank = to_view(is_token_in_rank, "is_token_in_rank");
+             GilReleaseIf nogil(b.simulated);
+             buf.get_dispatch_layout(topk, num_experts, per_rank, per_expert, in_rank, to_stream(stream));
            },
            py::arg("topk_idx"), py::arg("num_experts"), py::arg("num_tokens_per_rank"),
            py::arg("num_tokens_per_expert"), py::arg("is_token_in_rank"), py::arg("stream"))
@@ -516,7 +634,9 @@ PYBIND11_MODULE(_C, m) {
              out.recv_topk_idx = to_view(recv_topk_idx, "recv_topk_idx");
              out.recv_topk_weights = to_view(recv_topk_weights, "recv_topk_weights");
              out.recv_src_idx = to_view(recv_src_idx, "recv_src_idx");
-             b.get().dispatch(in, h.handle, out, to_stream(stream));
+             epx::Buffer& buf = b.get();
+             GilReleaseIf nogil(b.simulated);
+             buf.dispatch(in, h.handle, out, to_stream(stream));
            },
            py::arg("handle"), py::arg("x"), py::arg("x_scales"), py::arg("topk_idx"), py::arg("topk_weights"),
            py::arg("expert_alignment"), py::arg("num_worst_tokens"), py::arg("recv_x"), py::arg("recv_x_scales"),
@@ -534,7 +654,9 @@ PYBIND11_MODULE(_C, m) {
              epx::CombineOutputs out;
              out.combined_x = to_view(combined_x, "combined_x");
              out.combined_topk_weights = to_view(combined_topk_weights, "combined_topk_weights");
-             b.get().combine(in, h.handle, out, to_stream(stream));
+             epx::Buffer& buf = b.get();
+             GilReleaseIf nogil(b.simulated);
+             buf.combine(in, h.handle, out, to_stream(stream));
            },
            py::arg("handle"), py::arg("x"), py::arg("topk_weights"), py::arg("bias_0"), py::arg("bias_1"),
            py::arg("combined_x"), py::arg("combined_topk_weights"), py::arg("stream"))
@@ -564,8 +686,9 @@ PYBIND11_MODULE(_C, m) {
              out.src_info = to_view(src_info, "src_info");
              out.layout_range = to_view(layout_range, "layout_range");
              out.src_topk_slot = to_view(src_topk_slot, "src_topk_slot");
-             const epx::LowLatencyHandle h = b.get().low_latency_dispatch(a, out, to_stream(stream));
-             return h.buffer_idx;
+             epx::Buffer& buf = b.get();
+             GilReleaseIf nogil(b.simulated);
+             return buf.low_latency_dispatch(a, out, to_stream(stream)).buffer_idx;
            },
            py::arg("x"), py::arg("topk_idx"), py::arg("num_max_dispatch_tokens_per_rank"), py::arg("num_experts"),
            py::arg("use_fp8"), py::arg("round_scale"), py::arg("use_ue8m0"),
@@ -584,14 +707,21 @@ PYBIND11_MODULE(_C, m) {
              a.topk_idx = to_view(topk_idx, "topk_idx");
              a.topk_weights = to_view(topk_weights, "topk_weights");
              a.return_recv_hook = return_recv_hook;
-             b.get().low_latency_combine(a, h, to_view(out, "out"), to_stream(stream));
+             const View out_view = to_view(out, "out");
+             epx::Buffer& buf = b.get();
+             GilReleaseIf nogil(b.simulated);
+             buf.low_latency_combine(a, h, out_view, to_stream(stream));
            },
            py::arg("num_max_dispatch_tokens_per_rank"), py::arg("hidden"), py::arg("num_experts"), py::arg("num_topk"),
            py::arg("buffer_idx"), py::arg("src_info"), py::arg("layout_range"), py::arg("src_topk_slot"), py::arg("x"),
            py::arg("topk_idx"), py::arg("topk_weights"), py::arg("return_recv_hook"), py::arg("out"),
            py::arg("stream"))
       .def("low_latency_receive",
-           [](PyBuffer& b, int buffer_idx, uintptr_t stream) { b.get().low_latency_receive(buffer_idx, to_stream(stream)); },
+           [](PyBuffer& b, int buffer_idx, uintptr_t stream) {
+             epx::Buffer& buf = b.get();
+             GilReleaseIf nogil(b.simulated);
+             buf.low_latency_receive(buffer_idx, to_stream(stream));
+           },
            py::arg("buffer_idx"), py::arg("stream"))
       .def("next_combine_buffer",
            [](PyBuffer& b, int T, int hidden, int num_experts, int num_topk) {

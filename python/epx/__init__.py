@@ -3,6 +3,7 @@
     import epx
     buffer = epx.Buffer(group, num_nvl_bytes=...)          # high-throughput
     buffer = epx.Buffer(group, num_rdma_bytes=..., low_latency_mode=True)   # low-latency
+    epx.launch_sim(4, fn, ...)      # fn(group, ...) on 4 simulated ranks on one GPU (epx.sim)
 
 Code written for DeepEP (`import deep_ep`, `from deep_ep.utils import EventOverlap`) runs on epx
 after `epx.alias_as_deep_ep()`.
@@ -21,6 +22,7 @@ from . import utils
 from .utils import Config, EventHandle, EventOverlap
 from . import buffer
 from .buffer import Buffer
+from .sim import SimGroup, SimRankError, SimWorld, launch_sim
 
 # Dtype of top-k expert ids (as DeepEP's `topk_idx_t`).
 topk_idx_t = torch.int64
@@ -49,4 +51,4 @@ def alias_as_deep_ep() -> None:
 
 
 __all__ = ["Buffer", "Config", "EventHandle", "EventOverlap", "EpxError", "topk_idx_t", "alias_as_deep_ep",
-           "__version__"]
+           "__version__", "SimWorld", "SimGroup", "SimRankError", "launch_sim"]

@@ -16,12 +16,14 @@ except with `return_recv_hook=True`, where the send and (later, through the hook
 on the current stream.
 """
 import contextlib
+import weakref
 from typing import Callable, List, Optional, Tuple, Union
 
 import torch
 import torch.distributed as dist
 
 from . import _C
+from . import sim as _sim
 from ._C import EpxError
 from .utils import Config, EventHandle, EventOverlap, _DEEPEP_COMBINE_CHUNKS, _DEEPEP_DISPATCH_CHUNKS, _check_int, \
     _error
@@ -49,7 +51,8 @@ _NO_CONTEXT = contextlib.nullcontext()
 _current_raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None) or \
     (lambda device_index: torch.cuda.current_stream(device_index).cuda_stream)  # device index -> cudaStream_t int
 _current_device = torch._C._cuda_getDevice  # torch.cuda.current_device() without its Python frames
-# (num_ranks, Buffer.num_sms if set_num_sms was called else None) -> the default config's key.
+# (num_ranks, Buffer.num_sms if set_num_sms was called else None, SM share of a simulated rank or 0)
+# -> the default config's key.
 _DEFAULT_CONFIG_KEYS = {}
 # Low-latency dispatch output layouts by geometry (see _ll_layout).
 _LL_LAYOUTS = {}
@@ -152,7 +155,11 @@ class Buffer:
 
         Arguments:
             group: the torch.distributed process group of the expert-parallel ranks (its backend
-                only carries the NCCL unique id; epx makes its own NCCL communicator).
+                only carries the NCCL unique id; epx makes its own NCCL communicator). Or a
+                simulated group, whose ranks are threads of this process on one GPU (epx.sim): the
+                `epx.SimGroup` a rank's function of `epx.launch_sim` / `epx.SimWorld.run` gets, or
+                torch's threaded process group; the buffer then uses the rank's simulated
+                communicator and its SM share bounds `num_sms` (the default fits it).
             num_nvl_bytes: bytes for high-throughput dispatch/combine (see
                 `get_nvl_buffer_size_hint`); 0 with `low_latency_mode` = low-latency only.
             num_rdma_bytes: in low-latency mode, the bytes of the low-latency region (see
@@ -209,6 +216,10 @@ class Buffer:
             all_gather_object = comm.allgather
         else:
             raise _error("InvalidArgument", "group: either `group` or `comm` must be given")
+        simulated = group is not None and _sim._is_simulated(group)
+        if simulated and comm is not None:
+            raise _error("InvalidArgument", f"group, comm: group {group!r} is simulated (its ranks are threads on one "
+                                            f"GPU) and comm is a {type(comm).__name__} (real ranks); pass one of them")
         if self.group_size > _C.MAX_RANKS:
             raise _error("Unsupported", f"group: {self.group_size} ranks; epx supports one NVLink domain of at most "
                                         f"{_C.MAX_RANKS} ranks (no internode mode)")
@@ -225,20 +236,32 @@ class Buffer:
 
         self._device_index = torch.cuda.current_device()
         self._device = torch.device("cuda", self._device_index)
-        unique_id = _C.get_unique_id() if self.rank == 0 else None
-        unique_id = all_gather_object(unique_id)[0]
-        self._comm = _C.Communicator(unique_id, self.rank, self.group_size, self._device_index)
+        # A simulated rank's communicator (no NCCL); None for real ranks and on other threads.
+        sim_comm = _sim._group_communicator(group, self, self._device_index) if group is not None else None
+        if sim_comm is not None:
+            self._comm = sim_comm
+            self._num_sms_share = sim_comm.num_device_sms
+        else:
+            unique_id = _C.get_unique_id() if self.rank == 0 else None
+            unique_id = all_gather_object(unique_id)[0]
+            self._comm = _C.Communicator(unique_id, self.rank, self.group_size, self._device_index)
+            self._num_sms_share = 0  # SMs a simulated rank owns, 0 = the whole device
         # The core needs a (small) high-throughput part even in low-latency-only mode.
         nvl_bytes = num_nvl_bytes if num_nvl_bytes > 0 else _C.nvl_buffer_size_hint(0, 8, _C.DTYPE_BF16, 0,
                                                                                      self.group_size)
-        config = Config.defaults(self.group_size)
+        config = Buffer._default_config(self.group_size, self._num_sms_share)
         self._config_key = config._key()
         self.runtime = _C.Buffer(self._comm, nvl_bytes, num_rdma_bytes if low_latency_mode else 0,
                                  *self._config_key)
-        self._comm_stream = torch.cuda.Stream(device=self._device, priority=-1)
+        if sim_comm is not None:
+            # A stream no other simulated rank uses (torch's pooled streams repeat after 32).
+            self._comm_stream, stream_handle = _sim._acquire_stream(self._device_index, priority=-1)
+            weakref.finalize(self, _sim._release_stream, stream_handle)
+        else:
+            self._comm_stream = torch.cuda.Stream(device=self._device, priority=-1)
         self._comm_raw = self._comm_stream.cuda_stream  # its cudaStream_t, for the binding
         # Stream-to-stream waits (comm <-> current) through one reusable event on this device.
-        self._stream_wait = _C.StreamJoin().wait
+        self._stream_wait = _C.StreamJoin(sim_comm is not None).wait
         self._counts_host = None  # pinned [MAX_LOCAL_EXPERTS] int32 the notify kernel writes
         self._counts_device_ptr = 0
 
@@ -332,9 +355,10 @@ class Buffer:
                                        _C.MAX_TOPK if num_topk is None else num_topk, num_ranks)
 
     @staticmethod
-    def _default_config(num_ranks: int) -> Config:
+    def _default_config(num_ranks: int, num_sms_share: Optional[int] = None) -> Config:
         """The config of an op given config=None: epx's measured default for `num_ranks`, with the
-        SMs of `set_num_sms` once it was called."""
+        SMs of `set_num_sms` once it was called, and at most the SM share of a simulated rank:
+        `num_sms_share`, or by default that of the simulated rank this thread runs (0: not one)."""
         _check_int("num_ranks", num_ranks, 1)
         if num_ranks > _C.MAX_RANKS:
             raise _error("Unsupported", f"num_ranks: {num_ranks} ranks; epx supports at most {_C.MAX_RANKS} "
@@ -342,6 +366,9 @@ class Buffer:
         config = Config.defaults(num_ranks)
         if Buffer._num_sms_set:
             config.num_sms = Buffer.num_sms
+        share = _sim._rank_share() if num_sms_share is None else num_sms_share
+        if share and config.num_sms > share:
+            config.num_sms = share
         return config
 
     @staticmethod
@@ -349,14 +376,23 @@ class Buffer:
         """
         DeepEP's recommended dispatch config for `num_ranks`: `Config(Buffer.num_sms, ...)` with
         DeepEP's chunk sizes (a rank count DeepEP does not list, such as 3, takes the next listed
-        one; more than one NVLink domain raises EpxError(Unsupported)).
+        one; more than one NVLink domain raises EpxError(Unsupported)). On a simulated rank's thread
+        num_sms is at most the rank's SM share.
         """
-        return Config._deepep_table(_DEEPEP_DISPATCH_CHUNKS, Buffer.num_sms, num_ranks)
+        return Buffer._fit_share(Config._deepep_table(_DEEPEP_DISPATCH_CHUNKS, Buffer.num_sms, num_ranks))
 
     @staticmethod
     def get_combine_config(num_ranks: int) -> Config:
         """DeepEP's recommended combine config for `num_ranks` (see `get_dispatch_config`)."""
-        return Config._deepep_table(_DEEPEP_COMBINE_CHUNKS, Buffer.num_sms, num_ranks)
+        return Buffer._fit_share(Config._deepep_table(_DEEPEP_COMBINE_CHUNKS, Buffer.num_sms, num_ranks))
+
+    @staticmethod
+    def _fit_share(config: Config) -> Config:
+        """`config` with num_sms at most the SM share of the simulated rank this thread runs (if any)."""
+        share = _sim._rank_share()
+        if share and config.num_sms > share:
+            config.num_sms = share
+        return config
 
     def get_comm_stream(self) -> torch.cuda.Stream:
         """The communication stream."""
@@ -431,10 +467,11 @@ class Buffer:
         are the same) on the core if it differs from the one it has."""
         if config is None:
             # The default depends only on the group size and on set_num_sms: computed once each.
-            marker = (self.group_size, Buffer.num_sms if Buffer._num_sms_set else None)
+            marker = (self.group_size, Buffer.num_sms if Buffer._num_sms_set else None, self._num_sms_share)
             key = _DEFAULT_CONFIG_KEYS.get(marker)
             if key is None:
-                key = _DEFAULT_CONFIG_KEYS[marker] = Buffer._default_config(self.group_size)._key()
+                key = _DEFAULT_CONFIG_KEYS[marker] = Buffer._default_config(self.group_size,
+                                                                            self._num_sms_share)._key()
         elif isinstance(config, Config):
             key = config._key()
         else:

@@ -1,9 +1,14 @@
 """pytest setup for the Python tests of epx.
 
 Finds the package: EPX_BUILD_DIR/python (if set), else <repo>/build/python (the in-tree build of
-`cmake --build build`), else an installed `epx`. GPU tests run each test function on every rank of
-a pool of processes (one per GPU, torch.distributed over NCCL on a free localhost port) and skip
-when fewer GPUs are visible. Seeds: fresh per test and printed; EPX_TEST_SEED=<n> replays one.
+`cmake --build build`), else an installed `epx`. Multi-rank GPU tests run each test function on
+every rank, two ways, each with its marker:
+  - `real`: a pool of processes, one per GPU (torch.distributed over NCCL on a free localhost
+    port), at 2, 4 and 8 ranks; skipped when fewer GPUs are visible;
+  - `sim`: R threads of this process on GPU 0 (an epx.SimWorld), at 2, 3, 4 and 8 ranks; skipped
+    without a GPU or when the GPU holds fewer ranks.
+`pytest -m sim` runs the simulated ones only (one GPU is enough), `-m real` the real ones.
+Seeds: fresh per test and printed; EPX_TEST_SEED=<n> replays one.
 """
 import os
 import sys
@@ -11,7 +16,13 @@ from pathlib import Path
 
 import pytest
 
+# Simulated ranks share one GPU's hardware queues: more of them (read when CUDA makes its context,
+# so before any CUDA call) keep one rank's queued work from holding back a peer's.
+os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "32")
+
 _REPO = Path(__file__).resolve().parents[2]
+REAL_WORLDS = (2, 4, 8)
+SIM_WORLDS = (2, 3, 4, 8)
 
 
 def _add_build_tree() -> None:
@@ -47,17 +58,28 @@ def require_epx():
     return torch, epx
 
 
-class PoolHandle:
-    """A rank pool of `world` processes that is (re)started on demand."""
+def pytest_configure(config):
+    config.addinivalue_line("markers", "real: multi-rank GPU test on real ranks (one process per GPU; needs R GPUs)")
+    config.addinivalue_line("markers", "sim: multi-rank GPU test on simulated ranks (R threads on one GPU, "
+                                       "epx.SimWorld; needs one GPU)")
 
-    def __init__(self, world: int) -> None:
-        self.world = world
+
+class PoolHandle:
+    """A rank pool of `world` ranks, real (processes) or simulated (threads), (re)started on demand.
+    One simulated pool lives at a time (a SimWorld's ranks share the GPU's SMs)."""
+
+    def __init__(self, mode: str, world: int) -> None:
+        self.mode, self.world = mode, world
 
     def run(self, fn, *args, timeout_s: float = 300.0):
-        from epx_test_utils import RankPool
-        pool = _pools.get(self.world)
+        from epx_test_utils import RankPool, SimRankPool
+        key = (self.mode, self.world)
+        pool = _pools.get(key)
         if pool is None or pool.broken:
-            pool = _pools[self.world] = RankPool(self.world)
+            if self.mode == "sim":
+                for other in [k for k in _pools if k[0] == "sim"]:
+                    _pools.pop(other).close()
+            pool = _pools[key] = (SimRankPool if self.mode == "sim" else RankPool)(self.world)
         return pool.run(fn, *args, timeout_s=timeout_s)
 
 
@@ -67,15 +89,26 @@ def pytest_sessionfinish(session, exitstatus):
     _pools.clear()
 
 
-@pytest.fixture(scope="module", params=[2, 4, 8], ids=lambda w: f"ep{w}")
+_WORLD_PARAMS = ([pytest.param(("real", w), marks=pytest.mark.real, id=f"real-ep{w}") for w in REAL_WORLDS] +
+                 [pytest.param(("sim", w), marks=pytest.mark.sim, id=f"sim-ep{w}") for w in SIM_WORLDS])
+
+
+@pytest.fixture(scope="module", params=_WORLD_PARAMS)
 def ranks(request):
-    """Runs `fn(ctx, *args)` on 2, 4 or 8 GPU ranks (skipped without enough GPUs): `ranks.run(fn, *args)` -> results by rank."""
-    from epx_test_utils import num_gpus
-    world = request.param
+    """Runs `fn(ctx, *args)` on every rank of a world (`ranks.run(fn, *args)` -> results by rank):
+    real (2, 4, 8 GPUs; skipped without enough) or simulated (2, 3, 4, 8 threads on GPU 0; skipped
+    without a GPU or where it holds fewer ranks)."""
+    from epx_test_utils import num_gpus, sim_max_world
+    mode, world = request.param
     have = num_gpus()
-    if have < world:
-        pytest.skip(f"needs {world} GPUs, {have} visible")
-    return PoolHandle(world)
+    if mode == "real" and have < world:
+        pytest.skip(f"real: needs {world} GPUs, {have} visible (the simulated run of this test needs one)")
+    if mode == "sim":
+        if have < 1:
+            pytest.skip("sim: needs a GPU")
+        if world > sim_max_world():
+            pytest.skip(f"sim: GPU 0 holds at most {sim_max_world()} simulated ranks, this test needs {world}")
+    return PoolHandle(mode, world)
 
 
 @pytest.fixture

@@ -1,5 +1,6 @@
-"""Shared by the Python tests: a pool of rank processes (one per GPU), seeded inputs that every
-rank can regenerate for every other rank, and pure-torch references of every epx operation.
+"""Shared by the Python tests: pools of ranks (real: one process per GPU; simulated: threads of
+this process on one GPU), seeded inputs that every rank can regenerate for every other rank, and
+pure-torch references of every epx operation.
 
 The references run on the CPU with elementwise IEEE operations only (no reductions whose order
 could differ), so high-throughput results and fp8 casts compare bit for bit.
@@ -17,8 +18,9 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 
 # Never create NVLink multicast objects on the shared GPU hosts; bound every device wait.
+# Simulated ranks: more hardware queues (see conftest.py).
 for _k, _v in (("NCCL_NVLS_ENABLE", "0"), ("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1"), ("NVSHMEM_DISABLE_NVLS", "1"),
-               ("EPX_TIMEOUT_S", "60")):
+               ("EPX_TIMEOUT_S", "60"), ("CUDA_DEVICE_MAX_CONNECTIONS", "32")):
     os.environ.setdefault(_k, _v)
 
 
@@ -35,6 +37,18 @@ def num_gpus() -> int:
         return 0
 
 
+_SIM_MAX_WORLD = None
+
+
+def sim_max_world() -> int:
+    """The most simulated ranks GPU 0 holds (0 without a GPU)."""
+    global _SIM_MAX_WORLD
+    if _SIM_MAX_WORLD is None:
+        import epx
+        _SIM_MAX_WORLD = epx.SimWorld.max_world(0) if num_gpus() > 0 else 0
+    return _SIM_MAX_WORLD
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
@@ -45,12 +59,37 @@ def free_port() -> int:
 
 @dataclass
 class RankContext:
-    """What a test function gets on each rank: `fn(ctx, *args)`."""
+    """What a test function gets on each rank: `fn(ctx, *args)`. `group` is a torch.distributed
+    group (real ranks) or an epx.SimGroup (simulated ranks, `simulated` True): test code that
+    waits for the GPU or captures a graph goes through `synchronize()`, `graph()` and `barrier()`,
+    which keep the rules of a SimWorld (epx/sim.py) in both modes."""
     rank: int
     world: int
     group: Any
     device: torch.device
     buffers: Dict[tuple, Any] = field(default_factory=dict)
+    simulated: bool = False
+
+    def synchronize(self) -> None:
+        """Waits for this rank's work: the device (real) or the rank's current stream (simulated: a
+        device-wide sync would wait for the peers' kernels, which may wait for this rank)."""
+        if self.simulated:
+            self.group.synchronize()
+        else:
+            torch.cuda.synchronize()
+
+    def graph(self, cuda_graph: "torch.cuda.CUDAGraph"):
+        """torch.cuda.graph(cuda_graph) for this rank; simulated: the SimGroup's capture (a stream of
+        the rank's own, thread-local mode, no device-wide sync)."""
+        return self.group.graph(cuda_graph) if self.simulated else torch.cuda.graph(cuda_graph)
+
+    def barrier(self) -> None:
+        """Host barrier over the ranks."""
+        if self.simulated:
+            self.group.barrier()
+        else:
+            import torch.distributed as dist
+            dist.barrier(group=self.group, device_ids=[self.device.index])
 
     def buffer(self, num_nvl_bytes: int = 0, num_rdma_bytes: int = 0, low_latency_mode: bool = False):
         """A cached epx.Buffer (creation is collective: every rank asks for the same ones in order)."""
@@ -169,6 +208,44 @@ class RankPool:
             if p.is_alive():
                 p.kill()
                 p.join(5)
+
+
+def _sim_make_context(group, pool: "SimRankPool") -> None:
+    pool.contexts[group.rank()] = RankContext(group.rank(), group.size(), group, torch.device("cuda", group.device),
+                                              simulated=True)
+
+
+def _sim_call(group, pool: "SimRankPool", fn: Callable, args: tuple) -> Any:
+    return fn(pool.contexts[group.rank()], *args)
+
+
+class SimRankPool:
+    """`world` simulated ranks (threads of this process on GPU 0, an epx.SimWorld) running test
+    functions on request, with the interface of RankPool. A failure marks the pool broken."""
+
+    def __init__(self, world: int) -> None:
+        import epx
+        self.world = world
+        self.broken = False
+        self.contexts: List[Optional[RankContext]] = [None] * world
+        self.sim = epx.SimWorld(world, device=0)
+        self.sim.run(_sim_make_context, self)
+
+    def run(self, fn: Callable, *args, timeout_s: float = 300.0) -> List[Any]:
+        """Runs `fn(ctx, *args)` on every rank; returns the results by rank, or raises with every
+        failing rank's traceback (the first failure first)."""
+        import epx
+        if self.broken:
+            raise AssertionError("simulated rank pool is broken by an earlier failure")
+        try:
+            return self.sim.run(_sim_call, self, fn, args, timeout_s=timeout_s)
+        except epx.SimRankError as e:
+            self.broken = True
+            self.close()
+            raise AssertionError(f"{fn.__module__}.{fn.__qualname__}{args}: {e}") from None
+
+    def close(self) -> None:
+        self.sim.close()  # frees the ranks' Buffers on their threads
 
 
 # ---- Seeded inputs ----------------------------------------------------------------------------------

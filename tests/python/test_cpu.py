@@ -33,13 +33,14 @@ def expect_error(kind, *names):
 # ---- Package and errors -------------------------------------------------------------------------------
 
 def test_exports():
-    for name in ("Buffer", "Config", "EventOverlap", "EpxError", "topk_idx_t"):
+    for name in ("Buffer", "Config", "EventOverlap", "EpxError", "topk_idx_t", "SimWorld", "SimGroup", "SimRankError",
+                 "launch_sim"):
         assert hasattr(epx, name), name
     assert epx.topk_idx_t is torch.int64
     assert epx.EpxError is _C.EpxError
     assert issubclass(epx.EpxError, RuntimeError)
     assert set(_C.ERROR_KINDS) == {"InvalidArgument", "BufferTooSmall", "Cuda", "Nccl", "Timeout", "State",
-                                   "Unsupported"}
+                                   "Unsupported", "Aborted"}
 
 
 def test_cpp_error_becomes_epx_error():
@@ -197,6 +198,7 @@ def fake_buffer(monkeypatch):
         b._config_key = epx.Config.defaults(world)._key()
         b._counts_host, b._counts_device_ptr = None, 0
         b._comm_stream, b._comm_raw, b._stream_wait = None, _COMM, None
+        b._num_sms_share = 0
         return b
     return make
 
@@ -449,3 +451,123 @@ def test_low_latency_outputs_and_streams(recording_buffer, use_fp8, use_ue8m0, h
         assert b.log[-1] == ("low_latency_receive", (1, _COMPUTE))  # the buffer before next_low_latency_buffer
     else:
         assert b.log[0] == ("wait", _COMM, _COMPUTE) and b.log[-1] == ("wait", _COMPUTE, _COMM)
+
+
+# ---- Simulated ranks (epx.sim): the checks that need no GPU ---------------------------------------------
+
+@pytest.mark.parametrize("args,kwargs,name", [
+    ((1,), {}, "num_ranks"),
+    ((_C.MAX_RANKS + 1,), {}, "num_ranks"),
+    ((2.0,), {}, "num_ranks"),
+    ((True,), {}, "num_ranks"),
+    ((2,), dict(device=-1), "device"),
+    ((2,), dict(timeout_s=-1.0), "timeout_s"),
+    ((2,), dict(timeout_s="10"), "timeout_s"),
+])
+def test_sim_world_rejects(args, kwargs, name):
+    with expect_error("InvalidArgument", name):
+        epx.SimWorld(*args, **kwargs)
+
+
+def test_launch_sim_rejects():
+    with expect_error("InvalidArgument", "num_ranks"):
+        epx.launch_sim(1, lambda group: None)
+    with expect_error("InvalidArgument", "fn"):
+        epx.launch_sim(2, "not a function")
+
+
+def _idle_sim_world(broken=None, closed=False):
+    """A SimWorld object with no world behind it (for the checks `run` makes before any rank)."""
+    w = epx.SimWorld.__new__(epx.SimWorld)
+    w.num_ranks, w.device, w.broken, w._closed = 2, 0, broken, closed
+    return w
+
+
+def test_sim_world_run_rejects():
+    with expect_error("InvalidArgument", "fn"):
+        _idle_sim_world().run(42)
+    with expect_error("InvalidArgument", "timeout_s"):
+        _idle_sim_world().run(print, timeout_s=0)
+    with expect_error("State", "broken", "rank 1 failed"):
+        _idle_sim_world(broken="rank 1 failed (ValueError)").run(print)
+    with expect_error("State", "closed"):
+        _idle_sim_world(closed=True).run(print)
+
+
+def test_sim_rank_error():
+    cause = ValueError("boom")
+    e = epx.SimRankError("rank 1 failed", {1: cause}, 1)
+    assert isinstance(e, RuntimeError) and e.errors == {1: cause} and e.first_rank == 1
+
+
+class _ThreadedGroup:
+    """Looks like torch's threaded process group (backend "threaded"); must not be used further."""
+
+    def getBackendName(self):
+        return "threaded"
+
+    def rank(self):
+        return 0
+
+    def size(self):
+        return 2
+
+
+def _fake_sim_group(rank=1, world=4):
+    g = epx.SimGroup.__new__(epx.SimGroup)
+    g._rank, g.device, g.world = rank, 0, _idle_sim_world()
+    g.world.num_ranks = world
+    return g
+
+
+def test_simulated_groups_are_recognized():
+    from epx import sim
+    assert sim._is_simulated(_fake_sim_group()) and sim._is_simulated(_ThreadedGroup())
+    assert not sim._is_simulated(object()) and not sim._is_simulated(_UntouchableGroup())
+
+
+@pytest.mark.parametrize("group", [_fake_sim_group(), _ThreadedGroup()], ids=["SimGroup", "threaded"])
+def test_buffer_rejects_simulated_group_with_comm(group):
+    class _MpiComm:
+        def Get_rank(self):
+            raise AssertionError("the Buffer used comm after rejecting it")
+
+    with expect_error("InvalidArgument", "group", "comm", "simulated", "_MpiComm"):
+        epx.Buffer(group, num_nvl_bytes=1 << 20, comm=_MpiComm())
+
+
+def test_default_config_fits_a_simulated_share():
+    import threading
+    from epx import sim
+    full = epx.Config.defaults(8)
+    assert epx.Buffer._default_config(8, 0) == full
+    assert epx.Buffer._default_config(8, 12).num_sms == min(full.num_sms, 12)
+    assert epx.Buffer._default_config(8, 1000).num_sms == full.num_sms
+    seen = {}
+    outside = (epx.Buffer.get_dispatch_config(8), epx.Buffer.get_combine_config(8))
+
+    def rank_thread():  # what a SimWorld rank's thread sees
+        sim._local.num_sms = 12
+        seen["dispatch"] = epx.Buffer.get_dispatch_config(8)
+        seen["combine"] = epx.Buffer.get_combine_config(8)
+
+    t = threading.Thread(target=rank_thread)
+    t.start()
+    t.join()
+    for name, config in zip(("dispatch", "combine"), outside):
+        assert seen[name].num_sms == min(epx.Buffer.num_sms, 12) and config.num_sms == epx.Buffer.num_sms
+        seen[name].num_sms = config.num_sms
+        assert seen[name] == config, "only num_sms follows the share"
+    assert (epx.Buffer.get_dispatch_config(8), epx.Buffer.get_combine_config(8)) == outside  # other threads
+
+
+def test_simulated_buffer_default_config_follows_the_share(recording_buffer):
+    b = recording_buffer()
+    b._num_sms_share = 12
+    storage = torch.zeros(_C.DispatchHandle.storage_layout(4, 10)[0], dtype=torch.int32)
+    handle = (None,) * 5 + (_C.DispatchHandle(storage.data_ptr(), storage.numel(), 4, 0, 10, storage),)
+    b._config_key = epx.Config.defaults(4)._key()  # as a Buffer made outside a SimWorld has
+    b.dispatch(_meta(10, 128), handle=handle)
+    expected = epx.Buffer._default_config(4, 12)._key()
+    assert expected[0] == 12 < epx.Config.defaults(4).num_sms
+    assert [c[1] for c in b.log if c[0] == "set_config"] == [expected] and b._config_key == expected

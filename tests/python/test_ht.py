@@ -1,4 +1,5 @@
-"""GPU tests of the high-throughput path (get_dispatch_layout, dispatch, combine) on 2 and 4 ranks.
+"""GPU tests of the high-throughput path (get_dispatch_layout, dispatch, combine), real and simulated
+(the `ranks` fixture of conftest.py).
 
 Each rank regenerates every rank's inputs from per-rank seeds and compares its outputs with the
 pure-torch references of epx_test_utils: bit-exact (dispatch moves bytes; combine sums in fp32 in
@@ -82,10 +83,10 @@ def _layout(ctx, seed):
     assert_equal(itir, ref[2], "is_token_in_rank")
 
 
-def _dispatch_combine(ctx, seed, fp8, strided, with_weights, expert_alignment, zero_token_rank):
+def _dispatch_combine(ctx, seed, fp8, strided, with_weights, expert_alignment, zero_token_rank, buf=None):
     world, me, dev = ctx.world, ctx.rank, ctx.device
     E = num_experts(world)
-    buf = ht_buffer(ctx)
+    buf = ht_buffer(ctx) if buf is None else buf
     lo = 0 if zero_token_rank else 1
     inputs = all_inputs(seed, world, lo=lo)
     if zero_token_rank:  # rank 1 has no tokens at all

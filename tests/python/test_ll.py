@@ -1,4 +1,4 @@
-"""GPU tests of the low-latency path (low_latency_dispatch / low_latency_combine) on 2 and 4 ranks:
+"""GPU tests of the low-latency path (low_latency_dispatch / low_latency_combine), real and simulated:
 bf16, fp8 with float scales, power-of-two scales and packed UE8M0 scales; receive hooks, async
 events, zero-copy combine, `out=`, two results in flight, CUDA-graph capture and replay.
 
@@ -150,7 +150,9 @@ def _roundtrip(ctx, seed, mode, hook, zero_copy, use_out):
         use_ue8m0=ue8m0, async_finish=not hook, return_recv_hook=hook)
     if hook:
         assert callable(recv_hook) and event.event is None
-        torch.randn((1024, 1024), device=dev) @ torch.randn((1024, 1024), device=dev)  # overlapped work
+        # Overlapped work (no random draw: the device's generator is shared by simulated ranks).
+        work = torch.full((1024, 1024), 0.5, device=dev)
+        work @ work
         recv_hook()
     else:
         assert recv_hook is None and event.event is not None and event.extra_tensors
@@ -240,14 +242,16 @@ def _cuda_graph(ctx, seed, hook):
 
     load(100)
     step()  # warm-up outside the graph
-    torch.cuda.synchronize()
+    ctx.synchronize()
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+    with ctx.graph(graph):
         count, combined = step()
+    # No rank replays before every rank has captured (a replay waits for the peers' replays).
+    ctx.barrier()
     for replay in range(3):
         inputs = load(replay)
         graph.replay()
-        torch.cuda.synchronize()
+        ctx.synchronize()
         ref = ref_ll_dispatch([i.topk_idx for i in inputs], me, E)
         assert_equal(count, ref.recv_count, f"recv_count (replay {replay})")
         check_combine(combined, reference_combine(inputs[me], "fp8"), f"combined_x (replay {replay})")
@@ -295,14 +299,8 @@ def _mixed_modes(ctx, seed):
 
 
 def _ht_on(ctx, buf, seed):
-    """The high-throughput checks of test_ht on `buf` (temporarily the cached HT buffer)."""
-    import test_ht
-    saved = test_ht.ht_buffer
-    test_ht.ht_buffer = lambda _ctx: buf
-    try:
-        _dispatch_combine(ctx, seed, False, False, True, 1, False)
-    finally:
-        test_ht.ht_buffer = saved
+    """The high-throughput checks of test_ht on `buf`."""
+    _dispatch_combine(ctx, seed, False, False, True, 1, False, buf)
 
 
 # ---- Tests --------------------------------------------------------------------------------------------
