@@ -93,6 +93,29 @@ struct Buffer::Impl {
     raise_recorded_error();
   }
 
+  // What this rank's window says about every peer, read when a timeout is raised (the state a
+  // hang is diagnosed from): this rank's op epoch and the last ready / done epoch of each peer.
+  std::string sync_snapshot() {
+    try {
+      SyncArea area{};
+      Workspace ws{};
+      const cudaStream_t s = arena->stream();
+      EPX_CUDA_CHECK(cudaMemcpyAsync(&area, symmetric + SymmetricLayout::kSyncOffset, sizeof(area),
+                                     cudaMemcpyDeviceToHost, s));
+      EPX_CUDA_CHECK(cudaMemcpyAsync(&ws, workspace, sizeof(ws), cudaMemcpyDeviceToHost, s));
+      host_wait_stream(s, 10, "reading the sync flags", comm->rank());
+      std::string ready, done;
+      for (int p = 0; p < comm->world(); ++p) {
+        ready += detail::concat(p ? " " : "", area.ready[p]);
+        done += detail::concat(p ? " " : "", area.done[p]);
+      }
+      return detail::concat("; this rank's op epoch ", ws.epoch, ", ready by rank [", ready, "], done by rank [",
+                            done, "]");
+    } catch (const Error&) {
+      return {};
+    }
+  }
+
   // Raises the recorded device error once; afterwards the buffer is failed (kState) until reset.
   void raise_recorded_error() {
     const volatile ErrorRecord* e = error;
@@ -110,7 +133,7 @@ struct Buffer::Impl {
         kind = ErrorKind::kTimeout;
         msg = detail::concat(kOps[op], " timed out in phase '", kPhases[phase], "' on rank ", e->rank,
                              " waiting for peer ", e->peer, " (block ", e->block, ", flag ", e->observed,
-                             ", expected >= ", e->expected, ", timeout ", timeout_s(), " s)");
+                             ", expected >= ", e->expected, ", timeout ", timeout_s(), " s)", sync_snapshot());
         break;
       case DeviceErrorKind::kInvalidArgument:
         kind = ErrorKind::kInvalidArgument;
