@@ -310,6 +310,73 @@ std::vector<Case> cases(int world) {
   return v;
 }
 
+// Rounds of cached dispatch -> combine queued back to back, no host sync between them (as
+// frameworks run them): every rank's host runs ahead of its kernels, and ops of consecutive
+// epochs meet. The last round's combine equals the reference bit for bit.
+void run_back_to_back(RankCtx& ctx) {
+  const int R = ctx.world, me = ctx.rank;
+  InputSpec s;
+  s.num_experts = 16 * R;
+  s.num_tokens = 512;
+  const int N = s.num_tokens, H = s.hidden, K = s.num_topk, E = s.num_experts;
+  const uint64_t seed = case_seed(ctx.seed, "back to back");
+  std::vector<RankInput> all(R);
+  for (int r = 0; r < R; ++r) all[r] = make_input(seed, r, s);
+  const ref::DispatchShape shape = shape_of(s, R, 1);
+  std::vector<ref::DispatchResult> want(R);
+  for (int r = 0; r < R; ++r) want[r] = ref::dispatch(all, r, shape);
+  const ref::Layout want_layout = ref::get_dispatch_layout(all[me].topk_idx, N, K, E, R);
+  DeviceInputs d = upload_inputs(all[me], s, 0);
+  LayoutOut layout = run_layout(ctx, d, s, N, want_layout);
+  DispatchInputs in = d.view(s, N, 0);
+  in.num_tokens_per_rank = View::of(layout.per_rank.get(), DType::kI32, {R});
+  in.num_tokens_per_expert = View::of(layout.per_expert.get(), DType::kI32, {E});
+  in.is_token_in_rank = View::of(layout.in_rank.get(), DType::kBool, {N, R});
+  DispatchHandle handle = ctx.buffer->make_handle(N);
+  const int nr = ctx.buffer->dispatch_notify(in, handle, View{}, ctx.stream);
+  REQUIRE(nr == want[me].num_recv, "num_recv ", nr, " want ", want[me].num_recv);
+  RecvOut out = alloc_recv(s, nr);
+  ctx.buffer->dispatch(in, handle, out.view(s, nr), ctx.stream);
+  ctx.buffer->synchronize(ctx.stream);
+  check_recv(out, s, want[me], nr, true, "back to back: fresh");
+
+  // Combine the received rows themselves: the reference sums each token's copies in rank order.
+  std::vector<ref::CombineRankInput> cin(R);
+  std::vector<std::vector<uint16_t>> ys(R);
+  for (int r = 0; r < R; ++r) {
+    ys[r].resize(want[r].recv_x.size() / 2);
+    std::memcpy(ys[r].data(), want[r].recv_x.data(), want[r].recv_x.size());
+    cin[r].dispatched = &want[r];
+    cin[r].x = ys[r];
+    cin[r].topk_weights = want[r].recv_topk_weights;
+  }
+  const ref::CombineResult want_c = ref::combine(cin, me, N, H, K, {}, {});
+  DeviceMem cx(static_cast<size_t>(N) * H * 2), cw(static_cast<size_t>(N) * K * 4);
+  cx.fill(0x7F);
+  cw.fill(0x7F);
+  DispatchInputs cached;
+  cached.x = in.x;
+  DispatchOutputs cached_out = out.view(s, nr);
+  cached_out.recv_topk_idx = cached_out.recv_topk_weights = cached_out.recv_src_idx = View{};
+  CombineInputs ci;
+  ci.x = View::of(out.x.get(), DType::kBF16, {nr, H});
+  ci.topk_weights = View::of(out.topk_weights.get(), DType::kF32, {nr, K});
+  CombineOutputs co;
+  co.combined_x = View::of(cx.get(), DType::kBF16, {N, H});
+  co.combined_topk_weights = View::of(cw.get(), DType::kF32, {N, K});
+  constexpr int kRounds = 64;
+  for (int round = 0; round < kRounds; ++round) {
+    ctx.buffer->dispatch(cached, handle, cached_out, ctx.stream);
+    ctx.buffer->combine(ci, handle, co, ctx.stream);
+  }
+  ctx.buffer->synchronize(ctx.stream);
+  expect_equal(cx.download<uint16_t>(static_cast<size_t>(N) * H), want_c.combined_x, static_cast<size_t>(N) * H,
+               "back to back: combined_x after the last round");
+  expect_equal(cw.download<float>(static_cast<size_t>(N) * K), want_c.combined_topk_weights,
+               static_cast<size_t>(N) * K, "back to back: combined_topk_weights after the last round");
+  if (me == 0) std::printf("[world %d] %d back-to-back rounds of cached dispatch + combine ok\n", R, kRounds);
+}
+
 // CUDA graph: layout -> notify (worst-case, no host sync) -> dispatch -> combine captured once,
 // replayed with fresh inputs (same shapes) written into the captured input buffers.
 void run_graph(RankCtx& ctx) {
@@ -396,6 +463,13 @@ TEST_P(HtWorld, CudaGraphReplay) {
   // And the other dispatch layout: split blocks if the default is not, and the other way round.
   c.dispatch_split_blocks = !c.dispatch_split_blocks;
   EXPECT_EQ(run_world(mode, world, size_t{256} << 20, c, run_graph), 0);
+}
+
+TEST_P(HtWorld, BackToBackRoundsWithoutHostSync) {
+  const WorldMode mode = GetParam().mode;
+  const int world = GetParam().world;
+  SKIP_UNLESS_RUNNABLE(mode, world);
+  EXPECT_EQ(run_world(mode, world, size_t{256} << 20, Config::defaults(world), run_back_to_back), 0);
 }
 
 TEST_P(HtWorld, MatchesReferenceInEveryMode) {
