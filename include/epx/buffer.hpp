@@ -1,12 +1,15 @@
 // Buffer: the symmetric NVLink buffer of one rank and the expert-parallel operations on it.
 //
-// Every operation is collective over the Communicator's ranks and enqueued on the given stream;
-// all ranks must issue the same sequence of operations. Inputs and outputs are device Views; all
-// outputs are fully written (padding rows included) unless stated. Arguments are validated on the
-// host and violations raise Error(kInvalidArgument) naming the argument. Device-side failures
-// (timeouts, expert ids out of range) are recorded and raised as Error at the next host check point
-// (a host-synced dispatch, `check()`, `synchronize()`); after one, the Buffer refuses work until
-// `reset()`.
+// Every operation except get_dispatch_layout is collective over the Communicator's ranks and
+// enqueued on the given stream; all ranks must issue the same sequence of operations. Inputs and
+// outputs are device Views; all outputs are fully written (padding rows included) unless stated.
+// Arguments are validated on the host and violations raise Error(kInvalidArgument) naming the
+// argument. Device-side failures (timeouts, expert ids out of range) are recorded and raised as
+// Error at the next host check point (a host-synced dispatch, `check()`, `synchronize()`).
+// Failures are collective: a collective op that raises on one rank (for any reason, bad arguments
+// included), or a device error its peers cannot see, raises that rank's abort word in every peer's
+// window, and the peers' waits end at once with Error(kAborted) naming it. After any failure the
+// Buffer refuses work (Error(kState)) until `reset()`, which every rank calls.
 //
 // Notation: R ranks, E experts (E % R == 0, E_loc = E / R; expert e lives on rank e / E_loc),
 // N tokens on this rank, H hidden, K top-k, S = ceil(H / 128) fp8 scale columns.

@@ -13,7 +13,8 @@
 //   Both only grow (epochs); they are reset to 0 only by the collective Buffer::reset().
 //   SyncArea::abort[p]  written by rank p (relaxed.sys, after a fence) when one of its ops failed
 //                       in a way its peers cannot see themselves (a timeout, bad input seen by a
-//                       kernel): an AbortWord. Every bounded wait of this rank polls its own
+//                       kernel; or, by a one-thread kernel, any error of the op on p's host):
+//                       an AbortWord. Every bounded wait of this rank polls its own
 //                       abort words and, seeing one, ends with an error naming rank p. Reset to
 //                       0 only by Buffer::reset().
 #pragma once
@@ -164,7 +165,8 @@ enum class Phase : int { kNone = 0, kEntryBarrier, kInputCheck, kCountExchange, 
                          kReduce, kCapacity };
 // Error kinds recorded by the device (mapped onto epx::ErrorKind by the host).
 // kAborted: a peer's abort word ended a wait (ErrorRecord::peer = that rank, observed = its word).
-enum class DeviceErrorKind : int { kNone = 0, kTimeout, kInvalidArgument, kBufferTooSmall, kAborted };
+// kHostError: only in abort words: the op failed on the host of the rank that wrote it.
+enum class DeviceErrorKind : int { kNone = 0, kTimeout, kInvalidArgument, kBufferTooSmall, kAborted, kHostError };
 
 // Host-mapped (pinned) record of the first device error. The device claims it with atomicCAS on
 // `state` 0 -> 1, writes the fields, fences (sys) and stores state = 2; the host reads fields only

@@ -258,132 +258,136 @@ XShape validate_x(const DispatchInputs& in) {
 int Buffer::dispatch_notify(const DispatchInputs& in, DispatchHandle& handle, const View& num_recv_tokens_per_expert,
                             cudaStream_t stream) {
   Impl& m = *impl_;
-  m.check_usable();
-  const int R = num_ranks();
-  const XShape xs = validate_x(in);
-  EPX_ARG_CHECK(in.topk_idx.defined(), "topk_idx: required for a fresh dispatch");
-  validate::tensor(in.num_tokens_per_rank, "num_tokens_per_rank", DType::kI32, {R});
-  validate::tensor(in.num_tokens_per_expert, "num_tokens_per_expert", DType::kI32, {kAny});
-  validate::tensor(in.is_token_in_rank, "is_token_in_rank", DType::kBool, {xs.num_tokens, R});
-  validate::contiguous(in.num_tokens_per_rank, "num_tokens_per_rank");
-  validate::contiguous(in.num_tokens_per_expert, "num_tokens_per_expert");
-  validate::contiguous(in.is_token_in_rank, "is_token_in_rank");
-  const int64_t E = in.num_tokens_per_expert.shape[0];
-  EPX_ARG_CHECK(E >= R && E % R == 0 && E / R <= kMaxLocalExperts, "num_tokens_per_expert: expected [E] with E a multiple of ",
-                R, " and E / ", R, " <= ", kMaxLocalExperts, ", got ", validate::describe(in.num_tokens_per_expert));
-  const int E_loc = static_cast<int>(E / R);
-  validate::optional(num_recv_tokens_per_expert, "num_recv_tokens_per_expert", DType::kI32, {E_loc});
-  if (num_recv_tokens_per_expert.defined()) validate::contiguous(num_recv_tokens_per_expert, "num_recv_tokens_per_expert");
-  EPX_ARG_CHECK(handle.storage != nullptr && handle.num_ranks == R, "handle: not made by this Buffer's make_handle");
-  EPX_ARG_CHECK(handle.num_tokens == xs.num_tokens, "handle: made for ", handle.num_tokens, " tokens, x has ",
-                xs.num_tokens);
-  const RowLayout rows = plan::dispatch_rows(m.num_nvl_bytes, xs.hidden, xs.dtype, xs.num_topk);
-  if (in.num_worst_tokens > 0)
-    EPX_CHECK(in.num_worst_tokens <= rows.capacity, ErrorKind::kBufferTooSmall, "num_worst_tokens = ",
-              in.num_worst_tokens, " rows do not fit: the buffer holds ", rows.capacity, " rows of this shape; need num_nvl_bytes >= ",
-              plan::nvl_bytes_for_rows(in.num_worst_tokens, xs.hidden, xs.dtype, xs.num_topk), ", have ", m.num_nvl_bytes);
+  return m.collective(OpCode::kNotify, [&]() -> int {
+    m.check_usable();
+    const int R = num_ranks();
+    const XShape xs = validate_x(in);
+    EPX_ARG_CHECK(in.topk_idx.defined(), "topk_idx: required for a fresh dispatch");
+    validate::tensor(in.num_tokens_per_rank, "num_tokens_per_rank", DType::kI32, {R});
+    validate::tensor(in.num_tokens_per_expert, "num_tokens_per_expert", DType::kI32, {kAny});
+    validate::tensor(in.is_token_in_rank, "is_token_in_rank", DType::kBool, {xs.num_tokens, R});
+    validate::contiguous(in.num_tokens_per_rank, "num_tokens_per_rank");
+    validate::contiguous(in.num_tokens_per_expert, "num_tokens_per_expert");
+    validate::contiguous(in.is_token_in_rank, "is_token_in_rank");
+    const int64_t E = in.num_tokens_per_expert.shape[0];
+    EPX_ARG_CHECK(E >= R && E % R == 0 && E / R <= kMaxLocalExperts, "num_tokens_per_expert: expected [E] with E a multiple of ",
+                  R, " and E / ", R, " <= ", kMaxLocalExperts, ", got ", validate::describe(in.num_tokens_per_expert));
+    const int E_loc = static_cast<int>(E / R);
+    validate::optional(num_recv_tokens_per_expert, "num_recv_tokens_per_expert", DType::kI32, {E_loc});
+    if (num_recv_tokens_per_expert.defined()) validate::contiguous(num_recv_tokens_per_expert, "num_recv_tokens_per_expert");
+    EPX_ARG_CHECK(handle.storage != nullptr && handle.num_ranks == R, "handle: not made by this Buffer's make_handle");
+    EPX_ARG_CHECK(handle.num_tokens == xs.num_tokens, "handle: made for ", handle.num_tokens, " tokens, x has ",
+                  xs.num_tokens);
+    const RowLayout rows = plan::dispatch_rows(m.num_nvl_bytes, xs.hidden, xs.dtype, xs.num_topk);
+    if (in.num_worst_tokens > 0)
+      EPX_CHECK(in.num_worst_tokens <= rows.capacity, ErrorKind::kBufferTooSmall, "num_worst_tokens = ",
+                in.num_worst_tokens, " rows do not fit: the buffer holds ", rows.capacity, " rows of this shape; need num_nvl_bytes >= ",
+                plan::nvl_bytes_for_rows(in.num_worst_tokens, xs.hidden, xs.dtype, xs.num_topk), ", have ", m.num_nvl_bytes);
 
-  kernels::NotifyParams p{};
-  p.ctx = m.context(OpCode::kNotify);
-  p.num_tokens = static_cast<int>(xs.num_tokens);
-  p.num_experts_per_rank = E_loc;
-  p.expert_alignment = in.expert_alignment;
-  p.num_tokens_per_rank = in.num_tokens_per_rank.ptr<int>();
-  p.num_tokens_per_expert = in.num_tokens_per_expert.ptr<int>();
-  p.is_token_in_rank = in.is_token_in_rank.ptr<bool>();
-  p.num_recv_tokens_per_expert = num_recv_tokens_per_expert.defined() ? num_recv_tokens_per_expert.ptr<int>() : nullptr;
-  p.count_matrix = handle.count_matrix;
-  p.rank_prefix_matrix = handle.rank_prefix_matrix;
-  p.send_pos = handle.send_pos;
-  p.num_recv = handle.num_recv_device;
-  p.dispatch_capacity = rows.capacity;
-  p.num_worst_tokens = in.num_worst_tokens;
-  const bool host_sync = in.num_worst_tokens == 0;
-  p.mailbox = host_sync ? m.mailbox_device : nullptr;
-  handle.num_experts = static_cast<int>(E);
-  handle.num_worst_tokens = in.num_worst_tokens;
-  handle.num_recv_tokens = -1;
-  handle.max_recv_tokens = -1;
-  kernels::launch_notify(p, stream);
-  m.after_launch("dispatch_notify", stream);
-  handle.filled = true;
-  if (!host_sync) return -1;
+    kernels::NotifyParams p{};
+    p.ctx = m.context(OpCode::kNotify);
+    p.num_tokens = static_cast<int>(xs.num_tokens);
+    p.num_experts_per_rank = E_loc;
+    p.expert_alignment = in.expert_alignment;
+    p.num_tokens_per_rank = in.num_tokens_per_rank.ptr<int>();
+    p.num_tokens_per_expert = in.num_tokens_per_expert.ptr<int>();
+    p.is_token_in_rank = in.is_token_in_rank.ptr<bool>();
+    p.num_recv_tokens_per_expert = num_recv_tokens_per_expert.defined() ? num_recv_tokens_per_expert.ptr<int>() : nullptr;
+    p.count_matrix = handle.count_matrix;
+    p.rank_prefix_matrix = handle.rank_prefix_matrix;
+    p.send_pos = handle.send_pos;
+    p.num_recv = handle.num_recv_device;
+    p.dispatch_capacity = rows.capacity;
+    p.num_worst_tokens = in.num_worst_tokens;
+    const bool host_sync = in.num_worst_tokens == 0;
+    p.mailbox = host_sync ? m.mailbox_device : nullptr;
+    handle.num_experts = static_cast<int>(E);
+    handle.num_worst_tokens = in.num_worst_tokens;
+    handle.num_recv_tokens = -1;
+    handle.max_recv_tokens = -1;
+    kernels::launch_notify(p, stream);
+    m.after_launch("dispatch_notify", stream);
+    handle.filled = true;
+    if (!host_sync) return -1;
 
-  host_wait_stream(stream, m.timeout_s() + 10, "dispatch (count exchange)", rank());
-  m.raise_recorded_error();
-  const volatile HostMailbox* mb = m.mailbox;
-  handle.num_recv_tokens = mb->num_recv;
-  handle.max_recv_tokens = mb->max_rows;
-  return handle.num_recv_tokens;
+    host_wait_stream(stream, m.timeout_s() + 10, "dispatch (count exchange)", rank());
+    m.raise_recorded_error();
+    const volatile HostMailbox* mb = m.mailbox;
+    handle.num_recv_tokens = mb->num_recv;
+    handle.max_recv_tokens = mb->max_rows;
+    return handle.num_recv_tokens;
+  });
 }
 
 void Buffer::dispatch(const DispatchInputs& in, const DispatchHandle& handle, const DispatchOutputs& out,
                       cudaStream_t stream) {
   Impl& m = *impl_;
-  m.check_usable();
-  const int R = num_ranks();
-  const XShape xs = validate_x(in);
-  EPX_ARG_CHECK(handle.filled && handle.storage != nullptr && handle.num_ranks == R,
-                "handle: not filled by dispatch_notify on this Buffer");
-  EPX_ARG_CHECK(handle.num_tokens == xs.num_tokens, "handle: made for ", handle.num_tokens, " tokens, x has ",
-                xs.num_tokens);
-  EPX_ARG_CHECK(handle.num_worst_tokens > 0 || handle.num_recv_tokens >= 0,
-                "handle: row count unknown on the host (not host-synced and no num_worst_tokens)");
-  const int64_t out_rows = handle.num_worst_tokens > 0 ? handle.num_worst_tokens : handle.num_recv_tokens;
-  const int S = xs.dtype == DType::kFP8E4M3 ? plan::num_scales(xs.hidden) : 0;
-  validate::tensor(out.recv_x, "recv_x", xs.dtype, {out_rows, xs.hidden});
-  validate::contiguous(out.recv_x, "recv_x");
-  validate::rows_16b_aligned(out.recv_x, "recv_x");
-  if (S > 0) {
-    validate::tensor(out.recv_x_scales, "recv_x_scales", DType::kF32, {out_rows, S});
-    validate::contiguous(out.recv_x_scales, "recv_x_scales");
-  } else {
-    EPX_ARG_CHECK(!out.recv_x_scales.defined(), "recv_x_scales: only with fp8 x");
-  }
-  if (out.recv_topk_idx.defined() || out.recv_topk_weights.defined())
-    EPX_ARG_CHECK(in.topk_idx.defined(), "recv_topk_idx / recv_topk_weights: need topk_idx as input");
-  validate::optional(out.recv_topk_idx, "recv_topk_idx", DType::kI64, {out_rows, xs.num_topk});
-  validate::optional(out.recv_topk_weights, "recv_topk_weights", DType::kF32, {out_rows, xs.num_topk});
-  validate::optional(out.recv_src_idx, "recv_src_idx", DType::kI32, {out_rows});
-  for (const View* v : {&out.recv_topk_idx, &out.recv_topk_weights, &out.recv_src_idx})
-    if (v->defined()) validate::contiguous(*v, "recv_topk_idx / recv_topk_weights / recv_src_idx");
-  if (out.recv_topk_weights.defined())
-    EPX_ARG_CHECK(in.topk_weights.defined(), "recv_topk_weights: needs topk_weights as input");
+  return m.collective(OpCode::kDispatch, [&]() {
+    m.check_usable();
+    const int R = num_ranks();
+    const XShape xs = validate_x(in);
+    EPX_ARG_CHECK(handle.filled && handle.storage != nullptr && handle.num_ranks == R,
+                  "handle: not filled by dispatch_notify on this Buffer");
+    EPX_ARG_CHECK(handle.num_tokens == xs.num_tokens, "handle: made for ", handle.num_tokens, " tokens, x has ",
+                  xs.num_tokens);
+    EPX_ARG_CHECK(handle.num_worst_tokens > 0 || handle.num_recv_tokens >= 0,
+                  "handle: row count unknown on the host (not host-synced and no num_worst_tokens)");
+    const int64_t out_rows = handle.num_worst_tokens > 0 ? handle.num_worst_tokens : handle.num_recv_tokens;
+    const int S = xs.dtype == DType::kFP8E4M3 ? plan::num_scales(xs.hidden) : 0;
+    validate::tensor(out.recv_x, "recv_x", xs.dtype, {out_rows, xs.hidden});
+    validate::contiguous(out.recv_x, "recv_x");
+    validate::rows_16b_aligned(out.recv_x, "recv_x");
+    if (S > 0) {
+      validate::tensor(out.recv_x_scales, "recv_x_scales", DType::kF32, {out_rows, S});
+      validate::contiguous(out.recv_x_scales, "recv_x_scales");
+    } else {
+      EPX_ARG_CHECK(!out.recv_x_scales.defined(), "recv_x_scales: only with fp8 x");
+    }
+    if (out.recv_topk_idx.defined() || out.recv_topk_weights.defined())
+      EPX_ARG_CHECK(in.topk_idx.defined(), "recv_topk_idx / recv_topk_weights: need topk_idx as input");
+    validate::optional(out.recv_topk_idx, "recv_topk_idx", DType::kI64, {out_rows, xs.num_topk});
+    validate::optional(out.recv_topk_weights, "recv_topk_weights", DType::kF32, {out_rows, xs.num_topk});
+    validate::optional(out.recv_src_idx, "recv_src_idx", DType::kI32, {out_rows});
+    for (const View* v : {&out.recv_topk_idx, &out.recv_topk_weights, &out.recv_src_idx})
+      if (v->defined()) validate::contiguous(*v, "recv_topk_idx / recv_topk_weights / recv_src_idx");
+    if (out.recv_topk_weights.defined())
+      EPX_ARG_CHECK(in.topk_weights.defined(), "recv_topk_weights: needs topk_weights as input");
 
-  const RowLayout rows = plan::dispatch_rows(m.num_nvl_bytes, xs.hidden, xs.dtype, xs.num_topk);
-  if (handle.max_recv_tokens >= 0)
-    EPX_CHECK(handle.max_recv_tokens <= rows.capacity, ErrorKind::kBufferTooSmall, "dispatch: a rank receives ",
-              handle.max_recv_tokens, " rows but the buffer holds ", rows.capacity,
-              " rows of this shape; need num_nvl_bytes >= ",
-              plan::nvl_bytes_for_rows(handle.max_recv_tokens, xs.hidden, xs.dtype, xs.num_topk), ", have ", m.num_nvl_bytes);
+    const RowLayout rows = plan::dispatch_rows(m.num_nvl_bytes, xs.hidden, xs.dtype, xs.num_topk);
+    if (handle.max_recv_tokens >= 0)
+      EPX_CHECK(handle.max_recv_tokens <= rows.capacity, ErrorKind::kBufferTooSmall, "dispatch: a rank receives ",
+                handle.max_recv_tokens, " rows but the buffer holds ", rows.capacity,
+                " rows of this shape; need num_nvl_bytes >= ",
+                plan::nvl_bytes_for_rows(handle.max_recv_tokens, xs.hidden, xs.dtype, xs.num_topk), ", have ", m.num_nvl_bytes);
 
-  kernels::DispatchParams p{};
-  p.ctx = m.context(OpCode::kDispatch);
-  p.rows = rows;
-  p.num_tokens = static_cast<int>(xs.num_tokens);
-  p.num_topk = xs.num_topk;
-  p.num_experts_per_rank = handle.num_experts / R;
-  p.x = static_cast<const char*>(in.x.data);
-  p.x_row_stride_bytes = in.x.stride[0] * static_cast<int64_t>(dtype_size(xs.dtype));
-  p.x_scales = S > 0 ? in.x_scales.ptr<float>() : nullptr;
-  p.scale_token_stride = S > 0 ? in.x_scales.stride[0] : 0;
-  p.scale_hidden_stride = S > 0 ? in.x_scales.stride[1] : 0;
-  p.topk_idx = in.topk_idx.defined() ? in.topk_idx.ptr<int64_t>() : nullptr;
-  p.topk_stride = in.topk_idx.defined() ? in.topk_idx.stride[0] : 0;
-  p.topk_weights = in.topk_weights.defined() ? in.topk_weights.ptr<float>() : nullptr;
-  p.weight_stride = in.topk_weights.defined() ? in.topk_weights.stride[0] : 0;
-  p.count_matrix = handle.count_matrix;
-  p.send_pos = handle.send_pos;
-  p.num_recv = handle.num_recv_device;
-  p.out_rows = out_rows;
-  p.recv_x = static_cast<char*>(out.recv_x.data);
-  p.recv_x_scales = S > 0 ? out.recv_x_scales.ptr<float>() : nullptr;
-  p.recv_topk_idx = out.recv_topk_idx.defined() ? out.recv_topk_idx.ptr<int64_t>() : nullptr;
-  p.recv_topk_weights = out.recv_topk_weights.defined() ? out.recv_topk_weights.ptr<float>() : nullptr;
-  p.recv_src_idx = out.recv_src_idx.defined() ? out.recv_src_idx.ptr<int>() : nullptr;
-  p.copy_warps = plan::dispatch_copy_warps(m.config, rows.row_bytes);
-  kernels::launch_dispatch(p, m.config.num_sms, m.config.num_threads, stream);
-  m.after_launch("dispatch", stream);
+    kernels::DispatchParams p{};
+    p.ctx = m.context(OpCode::kDispatch);
+    p.rows = rows;
+    p.num_tokens = static_cast<int>(xs.num_tokens);
+    p.num_topk = xs.num_topk;
+    p.num_experts_per_rank = handle.num_experts / R;
+    p.x = static_cast<const char*>(in.x.data);
+    p.x_row_stride_bytes = in.x.stride[0] * static_cast<int64_t>(dtype_size(xs.dtype));
+    p.x_scales = S > 0 ? in.x_scales.ptr<float>() : nullptr;
+    p.scale_token_stride = S > 0 ? in.x_scales.stride[0] : 0;
+    p.scale_hidden_stride = S > 0 ? in.x_scales.stride[1] : 0;
+    p.topk_idx = in.topk_idx.defined() ? in.topk_idx.ptr<int64_t>() : nullptr;
+    p.topk_stride = in.topk_idx.defined() ? in.topk_idx.stride[0] : 0;
+    p.topk_weights = in.topk_weights.defined() ? in.topk_weights.ptr<float>() : nullptr;
+    p.weight_stride = in.topk_weights.defined() ? in.topk_weights.stride[0] : 0;
+    p.count_matrix = handle.count_matrix;
+    p.send_pos = handle.send_pos;
+    p.num_recv = handle.num_recv_device;
+    p.out_rows = out_rows;
+    p.recv_x = static_cast<char*>(out.recv_x.data);
+    p.recv_x_scales = S > 0 ? out.recv_x_scales.ptr<float>() : nullptr;
+    p.recv_topk_idx = out.recv_topk_idx.defined() ? out.recv_topk_idx.ptr<int64_t>() : nullptr;
+    p.recv_topk_weights = out.recv_topk_weights.defined() ? out.recv_topk_weights.ptr<float>() : nullptr;
+    p.recv_src_idx = out.recv_src_idx.defined() ? out.recv_src_idx.ptr<int>() : nullptr;
+    p.copy_warps = plan::dispatch_copy_warps(m.config, rows.row_bytes);
+    kernels::launch_dispatch(p, m.config.num_sms, m.config.num_threads, stream);
+    m.after_launch("dispatch", stream);
+  });
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -392,72 +396,74 @@ void Buffer::dispatch(const DispatchInputs& in, const DispatchHandle& handle, co
 void Buffer::combine(const CombineInputs& in, const DispatchHandle& handle, const CombineOutputs& out,
                      cudaStream_t stream) {
   Impl& m = *impl_;
-  m.check_usable();
-  const int R = num_ranks();
-  EPX_ARG_CHECK(handle.filled && handle.storage != nullptr && handle.num_ranks == R,
-                "handle: not filled by a dispatch on this Buffer");
-  EPX_ARG_CHECK(handle.num_worst_tokens > 0 || handle.num_recv_tokens >= 0,
-                "handle: row count unknown on the host (not host-synced and no num_worst_tokens)");
-  const int64_t rows_in = handle.num_worst_tokens > 0 ? handle.num_worst_tokens : handle.num_recv_tokens;
-  const int64_t N = handle.num_tokens;
-  validate::tensor(in.x, "x", DType::kBF16, {rows_in, kAny});
-  validate::rows_16b_aligned(in.x, "x");
-  const int H = static_cast<int>(in.x.shape[1]);
-  validate::in_range(H, "x.shape[1] (hidden)", 8, 1 << 16);
-  int K = 0;
-  if (in.topk_weights.defined()) {
-    validate::tensor(in.topk_weights, "topk_weights", DType::kF32, {rows_in, kAny});
-    K = static_cast<int>(in.topk_weights.shape[1]);
-    validate::in_range(K, "topk_weights.shape[1] (num_topk)", 1, kMaxTopk);
-    EPX_ARG_CHECK(in.topk_weights.stride[1] == 1 || K == 1, "topk_weights: last dimension must be contiguous");
-    validate::tensor(out.combined_topk_weights, "combined_topk_weights", DType::kF32, {N, K});
-    EPX_ARG_CHECK(out.combined_topk_weights.stride[1] == 1 || K == 1,
-                  "combined_topk_weights: last dimension must be contiguous");
-  } else {
-    EPX_ARG_CHECK(!out.combined_topk_weights.defined(), "combined_topk_weights: given without topk_weights");
-  }
-  validate::optional(in.bias_0, "bias_0", DType::kBF16, {N, H});
-  validate::optional(in.bias_1, "bias_1", DType::kBF16, {N, H});
-  if (in.bias_0.defined()) validate::rows_16b_aligned(in.bias_0, "bias_0");
-  if (in.bias_1.defined()) validate::rows_16b_aligned(in.bias_1, "bias_1");
-  validate::tensor(out.combined_x, "combined_x", DType::kBF16, {N, H});
-  validate::rows_16b_aligned(out.combined_x, "combined_x");
+  return m.collective(OpCode::kCombine, [&]() {
+    m.check_usable();
+    const int R = num_ranks();
+    EPX_ARG_CHECK(handle.filled && handle.storage != nullptr && handle.num_ranks == R,
+                  "handle: not filled by a dispatch on this Buffer");
+    EPX_ARG_CHECK(handle.num_worst_tokens > 0 || handle.num_recv_tokens >= 0,
+                  "handle: row count unknown on the host (not host-synced and no num_worst_tokens)");
+    const int64_t rows_in = handle.num_worst_tokens > 0 ? handle.num_worst_tokens : handle.num_recv_tokens;
+    const int64_t N = handle.num_tokens;
+    validate::tensor(in.x, "x", DType::kBF16, {rows_in, kAny});
+    validate::rows_16b_aligned(in.x, "x");
+    const int H = static_cast<int>(in.x.shape[1]);
+    validate::in_range(H, "x.shape[1] (hidden)", 8, 1 << 16);
+    int K = 0;
+    if (in.topk_weights.defined()) {
+      validate::tensor(in.topk_weights, "topk_weights", DType::kF32, {rows_in, kAny});
+      K = static_cast<int>(in.topk_weights.shape[1]);
+      validate::in_range(K, "topk_weights.shape[1] (num_topk)", 1, kMaxTopk);
+      EPX_ARG_CHECK(in.topk_weights.stride[1] == 1 || K == 1, "topk_weights: last dimension must be contiguous");
+      validate::tensor(out.combined_topk_weights, "combined_topk_weights", DType::kF32, {N, K});
+      EPX_ARG_CHECK(out.combined_topk_weights.stride[1] == 1 || K == 1,
+                    "combined_topk_weights: last dimension must be contiguous");
+    } else {
+      EPX_ARG_CHECK(!out.combined_topk_weights.defined(), "combined_topk_weights: given without topk_weights");
+    }
+    validate::optional(in.bias_0, "bias_0", DType::kBF16, {N, H});
+    validate::optional(in.bias_1, "bias_1", DType::kBF16, {N, H});
+    if (in.bias_0.defined()) validate::rows_16b_aligned(in.bias_0, "bias_0");
+    if (in.bias_1.defined()) validate::rows_16b_aligned(in.bias_1, "bias_1");
+    validate::tensor(out.combined_x, "combined_x", DType::kBF16, {N, H});
+    validate::rows_16b_aligned(out.combined_x, "combined_x");
 
-  const RowLayout rows = plan::combine_rows(m.num_nvl_bytes, H, K);
-  // NOTE: whether every rank's returning rows fit is checked on the device from the count matrix.
-  kernels::CombineParams p{};
-  p.ctx = m.context(OpCode::kCombine);
-  p.rows = rows;
-  p.num_tokens = static_cast<int>(N);
-  p.hidden = H;
-  p.num_topk = K;
-  p.x = in.x.ptr<uint16_t>();
-  p.x_stride = in.x.stride[0];
-  p.topk_weights = K ? in.topk_weights.ptr<float>() : nullptr;
-  p.weight_stride = K ? in.topk_weights.stride[0] : 0;
-  p.bias_0 = in.bias_0.defined() ? in.bias_0.ptr<uint16_t>() : nullptr;
-  p.bias_0_stride = in.bias_0.defined() ? in.bias_0.stride[0] : 0;
-  p.bias_1 = in.bias_1.defined() ? in.bias_1.ptr<uint16_t>() : nullptr;
-  p.bias_1_stride = in.bias_1.defined() ? in.bias_1.stride[0] : 0;
-  p.count_matrix = handle.count_matrix;
-  p.send_pos = handle.send_pos;
-  p.num_recv = handle.num_recv_device;
-  p.combined_x = out.combined_x.ptr<uint16_t>();
-  p.out_stride = out.combined_x.stride[0];
-  p.combined_topk_weights = K ? out.combined_topk_weights.ptr<float>() : nullptr;
-  p.out_weight_stride = K ? out.combined_topk_weights.stride[0] : 0;
-  const plan::RingPlan ring = plan::ring_plan(m.config, R, rows.capacity);
-  if (ring.channels > 0) {
-    p.ring_channels = ring.channels;
-    p.ring_senders = ring.senders;
-    p.ring_slots = ring.slots;
-    p.ring_chunk = m.config.ring_chunk;
-    p.ring_send_warps = ring.send_warps;
-    kernels::launch_combine_rings(p, m.config.num_sms, m.config.num_threads, stream);
-  } else {
-    kernels::launch_combine(p, m.config.num_sms, m.config.num_threads, stream);
-  }
-  m.after_launch("combine", stream);
+    const RowLayout rows = plan::combine_rows(m.num_nvl_bytes, H, K);
+    // NOTE: whether every rank's returning rows fit is checked on the device from the count matrix.
+    kernels::CombineParams p{};
+    p.ctx = m.context(OpCode::kCombine);
+    p.rows = rows;
+    p.num_tokens = static_cast<int>(N);
+    p.hidden = H;
+    p.num_topk = K;
+    p.x = in.x.ptr<uint16_t>();
+    p.x_stride = in.x.stride[0];
+    p.topk_weights = K ? in.topk_weights.ptr<float>() : nullptr;
+    p.weight_stride = K ? in.topk_weights.stride[0] : 0;
+    p.bias_0 = in.bias_0.defined() ? in.bias_0.ptr<uint16_t>() : nullptr;
+    p.bias_0_stride = in.bias_0.defined() ? in.bias_0.stride[0] : 0;
+    p.bias_1 = in.bias_1.defined() ? in.bias_1.ptr<uint16_t>() : nullptr;
+    p.bias_1_stride = in.bias_1.defined() ? in.bias_1.stride[0] : 0;
+    p.count_matrix = handle.count_matrix;
+    p.send_pos = handle.send_pos;
+    p.num_recv = handle.num_recv_device;
+    p.combined_x = out.combined_x.ptr<uint16_t>();
+    p.out_stride = out.combined_x.stride[0];
+    p.combined_topk_weights = K ? out.combined_topk_weights.ptr<float>() : nullptr;
+    p.out_weight_stride = K ? out.combined_topk_weights.stride[0] : 0;
+    const plan::RingPlan ring = plan::ring_plan(m.config, R, rows.capacity);
+    if (ring.channels > 0) {
+      p.ring_channels = ring.channels;
+      p.ring_senders = ring.senders;
+      p.ring_slots = ring.slots;
+      p.ring_chunk = m.config.ring_chunk;
+      p.ring_send_warps = ring.send_warps;
+      kernels::launch_combine_rings(p, m.config.num_sms, m.config.num_threads, stream);
+    } else {
+      kernels::launch_combine(p, m.config.num_sms, m.config.num_threads, stream);
+    }
+    m.after_launch("combine", stream);
+  });
 }
 
 }  // namespace epx

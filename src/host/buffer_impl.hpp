@@ -86,6 +86,35 @@ struct Buffer::Impl {
   }
   void quiesce(const char* what) { arena->quiesce(what); }
 
+  // Runs the body of a collective op. An Error from it (bad arguments, a device error, a host
+  // wait) fails the op on every rank: this Buffer fails, and its abort word goes to every peer,
+  // whose waits in this op end at once with an error naming this rank. Every rank then resets.
+  template <typename Body>
+  auto collective(OpCode op, Body&& body) -> decltype(body()) {
+    try {
+      return body();
+    } catch (const Error& e) {
+      fail_collectively(op, e);
+      throw;
+    }
+  }
+  void fail_collectively(OpCode op, const Error& e) noexcept {
+    if (failed) return;  // an earlier failure (a recorded device error raised its own abort word)
+    failed = true;
+    failure = e.message();
+    if (comm->world() < 2) return;
+    try {
+      kernels::AbortParams p{};
+      p.ctx = context(op);
+      p.word = AbortWord::encode(static_cast<int>(DeviceErrorKind::kHostError), static_cast<int>(op),
+                                 static_cast<int>(Phase::kInputCheck), -1);
+      kernels::launch_raise_abort(p, arena->stream());
+      host_wait_stream(arena->stream(), 10, "raising the abort word", comm->rank());
+    } catch (...) {
+      // The peers then end by their own timeout, naming this rank.
+    }
+  }
+
   // Refuses work on a failed buffer; surfaces a device error recorded since the last check.
   void check_usable() {
     EPX_CHECK(!failed, ErrorKind::kState, "Buffer failed earlier (", failure,
@@ -162,6 +191,8 @@ struct Buffer::Impl {
         const char* what = AbortWord::kind(w) == static_cast<int>(DeviceErrorKind::kTimeout) ? "timed out"
                            : AbortWord::kind(w) == static_cast<int>(DeviceErrorKind::kInvalidArgument)
                                ? "saw invalid input"
+                           : AbortWord::kind(w) == static_cast<int>(DeviceErrorKind::kHostError)
+                               ? "raised an error on the host"
                                : "failed";
         msg = detail::concat(kOps[op], " aborted in phase '", kPhases[phase], "' on rank ", e->rank, ": rank ",
                              e->peer, " failed (its ", kOps[peer_op], " ", what, " in phase '", kPhases[peer_phase],

@@ -13,6 +13,13 @@ namespace epx::kernels {
 // Threads per block of dispatch/combine at most (Config.num_threads is validated against it).
 constexpr int kMaxHtThreads = 512;
 
+// Raises this rank's abort word in every peer's window (an op failed on this rank's host).
+struct AbortParams {
+  device::OpContext ctx;
+  uint64_t word;
+};
+void launch_raise_abort(const AbortParams& p, cudaStream_t stream);
+
 struct LayoutParams {
   device::OpContext ctx;  // only err/rank/op are used (no peer traffic)
   const int64_t* topk_idx;

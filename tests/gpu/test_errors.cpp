@@ -48,24 +48,34 @@ void run_errors(RankCtx& ctx) {
   di.is_token_in_rank = View::of(in_rank.get(), DType::kBool, {N, R});
   DispatchHandle h = b.make_handle(N);
 
-  // Host validation: named arguments, nothing launched.
-  require_error([&] { b.dispatch_notify(di, h, View{}, ctx.stream); }, ErrorKind::kInvalidArgument, "x: expected dtype");
+  // Host validation: named arguments, nothing launched. A collective op that fails on one rank
+  // fails on every rank (its peers may already wait in it): the Buffer refuses work until the
+  // collective reset(). Every rank meets the same errors here, so all reset together.
+  auto refused = [&](auto&& op, ErrorKind kind, const std::string& needle) {
+    require_error(op, kind, needle);
+    REQUIRE(b.failed(), "a collective op that raised must fail the buffer: ", needle);
+    require_error([&] { b.dispatch_notify(di, h, View{}, ctx.stream); }, ErrorKind::kState, "reset()");
+    b.reset();
+    REQUIRE(!b.failed(), "reset() must clear the failure");
+  };
+  refused([&] { b.dispatch_notify(di, h, View{}, ctx.stream); }, ErrorKind::kInvalidArgument, "x: expected dtype");
   di.x = View::of(x.get(), DType::kBF16, {N, 100});
-  require_error([&] { b.dispatch_notify(di, h, View{}, ctx.stream); }, ErrorKind::kInvalidArgument, "x: row bytes (200)");
+  refused([&] { b.dispatch_notify(di, h, View{}, ctx.stream); }, ErrorKind::kInvalidArgument, "x: row bytes (200)");
   di.x = View::of(x.get(), DType::kBF16, {N, H});
   di.topk_idx = View::of(topk.get(), DType::kI64, {N - 1, K});
-  require_error([&] { b.dispatch_notify(di, h, View{}, ctx.stream); }, ErrorKind::kInvalidArgument, "topk_idx: expected shape");
+  refused([&] { b.dispatch_notify(di, h, View{}, ctx.stream); }, ErrorKind::kInvalidArgument, "topk_idx: expected shape");
   di.topk_idx = View::of(topk.get(), DType::kI64, {N, K});
+  // get_dispatch_layout is local (no peer waits for it): its validation errors leave the buffer as it was.
   require_error([&] { b.get_dispatch_layout(di.topk_idx, E + 1, di.num_tokens_per_rank, di.num_tokens_per_expert,
                                             di.is_token_in_rank, ctx.stream); },
                 ErrorKind::kInvalidArgument, "num_experts");
+  REQUIRE(!b.failed(), "a local op's validation error must not fail the buffer");
   di.x = View::of(x.get(), DType::kFP8E4M3, {N, H});
-  require_error([&] { b.dispatch_notify(di, h, View{}, ctx.stream); }, ErrorKind::kInvalidArgument, "x_scales: required");
+  refused([&] { b.dispatch_notify(di, h, View{}, ctx.stream); }, ErrorKind::kInvalidArgument, "x_scales: required");
   di.x = View::of(x.get(), DType::kBF16, {N, H});
   di.num_worst_tokens = 1 << 29;
-  require_error([&] { b.dispatch_notify(di, h, View{}, ctx.stream); }, ErrorKind::kBufferTooSmall, "num_nvl_bytes >=");
+  refused([&] { b.dispatch_notify(di, h, View{}, ctx.stream); }, ErrorKind::kBufferTooSmall, "num_nvl_bytes >=");
   di.num_worst_tokens = 0;
-  REQUIRE(!b.failed(), "validation errors must not fail the buffer");
 
   // Device-recorded error: expert id E on rank 0 (layout is local, no peer involved).
   if (ctx.rank == 0) {

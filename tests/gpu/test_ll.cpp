@@ -389,11 +389,15 @@ TEST_P(LlErrors, BadInputIsRejected) {
     a.topk_idx = View::of(topk.get(), DType::kI64, {s.T + 1, s.K});
     a.num_max_dispatch_tokens_per_rank = s.T;
     a.num_experts = E;
+    // A collective op that raised fails the buffer on every rank; each rank meets the same error
+    // here, so all reset together.
     auto expect = [&](ErrorKind kind, const std::string& needle) {
       try {
         ctx.buffer->low_latency_dispatch(a, out.view(R), ctx.stream);
       } catch (const Error& e) {
         REQUIRE(e.kind() == kind && std::string(e.what()).find(needle) != std::string::npos, "got: ", e.what());
+        REQUIRE(ctx.buffer->failed(), "a collective op that raised must fail the buffer: ", needle);
+        ctx.buffer->reset();
         return;
       }
       throw Failure("accepted bad input, wanted '" + needle + "'");
