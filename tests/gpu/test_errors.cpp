@@ -161,6 +161,52 @@ void run_abort(RankCtx& ctx) {
   if (ctx.rank == 0) std::printf("[world %d] bad input on rank 0 -> peers aborted naming it, reset ok\n", R);
 }
 
+// Rank 0 refuses its dispatch on the host (a wrongly shaped output) while its peers launch theirs:
+// rank 0's abort word ends their waits with Error(kAborted) naming it, long before their 60 s
+// timeout (which would be kTimeout).
+void run_host_abort(RankCtx& ctx) {
+  Buffer& b = *ctx.buffer;
+  Config c = b.config();
+  c.timeout_s = 60;
+  b.set_config(c);
+  const int R = ctx.world, E = 8 * R, K = 4, N = 64, H = 1024;
+  InputSpec s;
+  s.num_tokens = N;
+  s.hidden = H;
+  s.num_topk = K;
+  s.num_experts = E;
+  ref::RankInput in = make_input(ctx.seed + 13, ctx.rank, s);
+  DeviceMem x = DeviceMem::from(in.x), topk = DeviceMem::from(in.topk_idx);
+  DeviceMem per_rank(4 * R), per_expert(4 * E), in_rank(static_cast<size_t>(N) * R);
+  DispatchInputs di;
+  di.x = View::of(x.get(), DType::kBF16, {N, H});
+  di.topk_idx = View::of(topk.get(), DType::kI64, {N, K});
+  di.num_tokens_per_rank = View::of(per_rank.get(), DType::kI32, {R});
+  di.num_tokens_per_expert = View::of(per_expert.get(), DType::kI32, {E});
+  di.is_token_in_rank = View::of(in_rank.get(), DType::kBool, {N, R});
+  b.get_dispatch_layout(di.topk_idx, E, di.num_tokens_per_rank, di.num_tokens_per_expert, di.is_token_in_rank,
+                        ctx.stream);
+  DispatchHandle h = b.make_handle(N);
+  const int nr = b.dispatch_notify(di, h, View{}, ctx.stream);
+  const int64_t rows = ctx.rank == 0 ? nr + 1 : nr;  // rank 0's recv_x has one row too many
+  DeviceMem rx(static_cast<size_t>(rows) * H * 2);
+  DispatchOutputs o;
+  o.recv_x = View::of(rx.get(), DType::kBF16, {rows, H});
+  auto dispatch = [&] {
+    b.dispatch(di, h, o, ctx.stream);
+    b.synchronize(ctx.stream);
+  };
+  if (ctx.rank == 0)
+    require_error(dispatch, ErrorKind::kInvalidArgument, "recv_x: expected shape");
+  else
+    require_error(dispatch, ErrorKind::kAborted, "rank 0 failed (its dispatch raised an error on the host");
+  b.reset();
+  c.timeout_s = 0;
+  b.set_config(c);
+  small_dispatch(ctx, b, 128, 2048);
+  if (ctx.rank == 0) std::printf("[world %d] host error on rank 0 -> peers aborted naming it, reset ok\n", R);
+}
+
 void run_too_small(RankCtx& ctx) {
   Buffer small(*ctx.comm, 4 << 20, ctx.options);
   require_error([&] { small_dispatch(ctx, small, 512, 7168); }, ErrorKind::kBufferTooSmall, "num_nvl_bytes");
@@ -235,6 +281,11 @@ TEST_P(GpuErrors, TimeoutBecomesErrorNotHang) {
 TEST_P(GpuErrors, PeerFailureAbortsWaitsNamingIt) {
   SKIP_UNLESS_RUNNABLE(GetParam(), 3);
   EXPECT_EQ(run_world(GetParam(), 3, 64 << 20, Config::defaults(3), run_abort), 0);
+}
+
+TEST_P(GpuErrors, PeerHostErrorAbortsWaitsNamingIt) {
+  SKIP_UNLESS_RUNNABLE(GetParam(), 3);
+  EXPECT_EQ(run_world(GetParam(), 3, 64 << 20, Config::defaults(3), run_host_abort), 0);
 }
 
 TEST_P(GpuErrors, UndersizedBufferNamesBytesNeeded) {
