@@ -545,10 +545,11 @@ PYBIND11_MODULE(_C, m) {
   // ---- Buffer ---------------------------------------------------------------------------------
   py::class_<PyBuffer>(m, "Buffer")
       .def(py::init([](PyCommunicator& comm, size_t num_nvl_bytes, size_t num_ll_bytes, int num_sms,
-                       int num_threads, double timeout_s) {
+                       int num_threads, double timeout_s, bool enable_shrink) {
              epx::BufferOptions options;
              options.config = make_config(num_sms, num_threads, timeout_s);
              options.num_ll_bytes = num_ll_bytes;
+             options.enable_shrink = enable_shrink;
              epx::Communicator& c = comm.get();
              auto b = std::make_unique<PyBuffer>();
              b->simulated = c.simulated();
@@ -557,7 +558,7 @@ PYBIND11_MODULE(_C, m) {
              return b;
            }),
            py::arg("comm"), py::arg("num_nvl_bytes"), py::arg("num_ll_bytes"), py::arg("num_sms"),
-           py::arg("num_threads"), py::arg("timeout_s"), py::keep_alive<1, 2>(),
+           py::arg("num_threads"), py::arg("timeout_s"), py::arg("enable_shrink") = false, py::keep_alive<1, 2>(),
            "Collective: allocates the symmetric buffer (num_nvl_bytes + num_ll_bytes) on every rank.")
       .def_property_readonly("rank", [](PyBuffer& b) { return b.get().rank(); })
       .def_property_readonly("num_ranks", [](PyBuffer& b) { return b.get().num_ranks(); })
@@ -739,6 +740,20 @@ PYBIND11_MODULE(_C, m) {
              epx::Buffer& buf = b.get();
              py::gil_scoped_release nogil;
              buf.clean_low_latency_buffer();
+           })
+      .def("low_latency_update_mask_buffer", [](PyBuffer& b, int rank_to_mask, bool mask) {
+             epx::Buffer& buf = b.get();
+             py::gil_scoped_release nogil;
+             buf.low_latency_update_mask_buffer(rank_to_mask, mask);
+           }, py::arg("rank_to_mask"), py::arg("mask"))
+      .def("low_latency_query_mask_buffer", [](PyBuffer& b, py::handle mask_status, uintptr_t stream) {
+             b.get().low_latency_query_mask_buffer(to_view(mask_status, "mask_status"),
+                                                   reinterpret_cast<cudaStream_t>(stream));
+           }, py::arg("mask_status"), py::arg("stream"))
+      .def("low_latency_clean_mask_buffer", [](PyBuffer& b) {
+             epx::Buffer& buf = b.get();
+             py::gil_scoped_release nogil;
+             buf.low_latency_clean_mask_buffer();
            })
 
       // Errors and lifecycle

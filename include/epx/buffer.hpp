@@ -144,6 +144,10 @@ struct BufferOptions {
   size_t num_ll_bytes = 0;
   // Allow R not equal to the NVLink domain size (scale-out); not yet supported.
   bool allow_scaleout = false;
+  // DeepEP's shrink mode (low-latency ops only): a masked rank is neither sent to nor waited for
+  // (its experts receive nothing and contribute nothing to a combine), and a wait that times out
+  // masks the rank it waited for instead of failing the op. See low_latency_*_mask_buffer.
+  bool enable_shrink = false;
 };
 
 class Buffer {
@@ -214,8 +218,19 @@ class Buffer {
   View next_combine_buffer(const LowLatencyHandle& handle) const;
   // Index of the LL buffer the next low-latency op will use (two alternate).
   int next_low_latency_buffer() const;
-  // Collective: zero the low-latency flags (not needed between ops; for recovery).
+  // Collective: zero the low-latency flags (not needed between ops; for recovery). Shrink-mode
+  // masks are kept.
   void clean_low_latency_buffer();
+
+  // Shrink mode (BufferOptions::enable_shrink; Error(kState) otherwise). This rank's view of which
+  // ranks are masked; each rank keeps its own. Masks (mask = true) or unmasks `rank_to_mask`
+  // (host-blocking, takes effect for ops launched afterwards).
+  void low_latency_update_mask_buffer(int rank_to_mask, bool mask);
+  // Copies the mask (1 = masked) into mask_status [R] int32 (device), ordered on `stream`.
+  void low_latency_query_mask_buffer(const View& mask_status, cudaStream_t stream);
+  // Unmasks every rank (host-blocking). A rank that comes back after being masked rejoins through
+  // the collective clean_low_latency_buffer() on every rank, then this.
+  void low_latency_clean_mask_buffer();
 
   // --- Errors -------------------------------------------------------------------------------
   // Throws the recorded device error, if any (non-blocking: reads host-mapped memory).

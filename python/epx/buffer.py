@@ -176,8 +176,9 @@ class Buffer:
             explicitly_destroy: if True, `destroy()` must be called to free the buffer; otherwise
                 it is freed when garbage-collected (a collective step: all ranks should drop it
                 at the same point of the program).
-            enable_shrink: must be False for now: masking failed ranks in low-latency mode
-                (DeepEP's shrink mode and its `low_latency_*_mask_buffer` calls) is not implemented.
+            enable_shrink: DeepEP's shrink mode (needs low_latency_mode): in the low-latency ops a
+                masked rank is neither sent to nor waited for, and a wait that times out masks the
+                rank it waited for instead of failing; see the `low_latency_*_mask_buffer` calls.
             comm: an mpi4py communicator used instead of `group` to share the unique id.
         """
         _check_int("num_nvl_bytes", num_nvl_bytes, 0)
@@ -189,9 +190,9 @@ class Buffer:
         if use_fabric:
             raise _error("Unsupported", "use_fabric=True: epx allocates its buffer through NCCL (ncclMemAlloc), which "
                                         "chooses the memory handle type itself; pass use_fabric=False")
-        if enable_shrink:
-            raise _error("Unsupported", "enable_shrink=True: masking failed ranks (DeepEP's shrink mode) is not "
-                                        "implemented by epx yet; pass enable_shrink=False")
+        if enable_shrink and not low_latency_mode:
+            raise _error("InvalidArgument", "enable_shrink=True: masks ranks in the low-latency operations, so it "
+                                            "needs low_latency_mode=True")
         if low_latency_mode:
             if num_rdma_bytes == 0:
                 raise _error("InvalidArgument", "num_rdma_bytes: low_latency_mode needs the low-latency region size "
@@ -252,7 +253,7 @@ class Buffer:
         config = Buffer._default_config(self.group_size, self._num_sms_share)
         self._config_key = config._key()
         self.runtime = _C.Buffer(self._comm, nvl_bytes, num_rdma_bytes if low_latency_mode else 0,
-                                 *self._config_key)
+                                 *self._config_key, enable_shrink=enable_shrink)
         if sim_comm is not None:
             # A stream no other simulated rank uses (torch's pooled streams repeat after 32).
             self._comm_stream, stream_handle = _sim._acquire_stream(self._device_index, priority=-1)
@@ -1008,30 +1009,33 @@ class Buffer:
 
     # ---- Rank masking (DeepEP's shrink mode) ------------------------------------------------------
 
-    @staticmethod
-    def _mask_buffer_error(op: str) -> EpxError:
-        """Until rank masking lands, Buffer(..., enable_shrink=True) is refused, so no Buffer has a
-        mask buffer and every mask operation fails as DeepEP's do without shrink mode."""
-        return _error("State", f"{op}: needs a Buffer made with enable_shrink=True (masking failed ranks), which "
-                               "epx does not implement yet")
+    def _mask_runtime(self, op: str) -> "_C.Buffer":
+        if not self.enable_shrink:
+            raise _error("State", f"{op}: needs a Buffer made with enable_shrink=True (masking failed ranks)")
+        return self._ll_rt()
 
     def low_latency_update_mask_buffer(self, rank_to_mask: int, mask: bool = False) -> None:
         """
-        Masks (`mask=True`) or unmasks `rank_to_mask` for the low-latency operations: a masked
-        rank is neither sent to nor waited for. Needs `enable_shrink=True` (not implemented yet).
+        Masks (`mask=True`) or unmasks `rank_to_mask` in this rank's view, for the low-latency
+        operations launched afterwards: a masked rank is neither sent to nor waited for, its
+        experts receive nothing and contribute nothing. Needs `enable_shrink=True`.
         """
-        raise self._mask_buffer_error("low_latency_update_mask_buffer")
+        self._mask_runtime("low_latency_update_mask_buffer").low_latency_update_mask_buffer(rank_to_mask, bool(mask))
 
     def low_latency_query_mask_buffer(self, mask_status: torch.Tensor) -> None:
         """
-        Writes each rank's mask status into `mask_status` (`[num_ranks]` int32 on this device,
-        1 = masked). Needs `enable_shrink=True` (not implemented yet).
+        Writes this rank's view of every rank into `mask_status` (`[num_ranks]` int32 on this
+        device, 1 = masked, by hand or by a timeout), ordered on the current stream. Needs
+        `enable_shrink=True`.
         """
-        raise self._mask_buffer_error("low_latency_query_mask_buffer")
+        rt = self._mask_runtime("low_latency_query_mask_buffer")
+        desc = self._desc(mask_status, "mask_status", (torch.int32,), ndim=1)
+        rt.low_latency_query_mask_buffer(desc, torch.cuda.current_stream(self._device).cuda_stream)
 
     def low_latency_clean_mask_buffer(self) -> None:
-        """Unmasks every rank. Needs `enable_shrink=True` (not implemented yet)."""
-        raise self._mask_buffer_error("low_latency_clean_mask_buffer")
+        """Unmasks every rank in this rank's view. Needs `enable_shrink=True`. A rank that comes
+        back rejoins after `clean_low_latency_buffer()` on every rank (collective), then this."""
+        self._mask_runtime("low_latency_clean_mask_buffer").low_latency_clean_mask_buffer()
 
     def get_next_low_latency_combine_buffer(self, handle: Tuple) -> torch.Tensor:
         """

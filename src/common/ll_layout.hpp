@@ -68,12 +68,17 @@ struct LlLayout {
 //   last_op[b]: n of the latest op on buffer b (the one whose consumption a new op waits for).
 //   pending[b]: n of the op whose receive has not run yet on buffer b (read by the receive).
 //   arrive_*: block arrival counters, reset by the last block.
+//   mask[r]: shrink mode only: 1 = rank r is masked (neither sent to nor waited for). Set by a
+//            wait that timed out on r (atomicExch) or by the host (update / clean mask buffer);
+//            read (volatile) by every low-latency kernel. Last, so that clean_low_latency_buffer
+//            can zero the rest and keep the masks; Buffer::reset() zeroes them too.
 struct LlWorkspace {
   uint64_t counter;
   uint64_t last_op[2];
   uint64_t pending[2];
   unsigned int arrive_send[2];
   unsigned int arrive_recv[2];
+  int mask[kMaxPeers];
 };
 
 }  // namespace epx

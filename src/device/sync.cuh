@@ -88,9 +88,12 @@ __device__ __forceinline__ bool still_ok(const OpContext& ctx, Phase phase) {
   return true;
 }
 
-// The one bounded wait: until *flag >= target (acquire, system scope).
+// The one bounded wait: until *flag >= target (acquire, system scope). With `mask` (low-latency
+// shrink mode: the waited-for peer's word in this rank's mask), a peer that is or becomes masked
+// ends the wait, and a timeout masks the peer instead of failing: true then too, the caller reads
+// the mask to tell the two apart.
 __device__ __forceinline__ bool wait_flag_geq(const OpContext& ctx, const uint64_t* flag, uint64_t target,
-                                              Phase phase, int peer) {
+                                              Phase phase, int peer, int* mask = nullptr) {
   const uint64_t start = globaltimer_ns();
   for (uint32_t iter = 0;; ++iter) {
     const uint64_t v = ld_acquire_sys(flag);
@@ -98,7 +101,14 @@ __device__ __forceinline__ bool wait_flag_geq(const OpContext& ctx, const uint64
     if ((iter & 255u) == 255u) {
       // Another block or rank already failed: stop waiting for work that will not come.
       if (!still_ok(ctx, phase)) return false;
+      if (mask != nullptr && ld_volatile(mask) != 0) return true;
       if (globaltimer_ns() - start > ctx.timeout_ns) {
+        if (mask != nullptr) {
+          if (atomicExch(mask, 1) == 0)
+            printf("epx: rank %d masks rank %d: no progress for the timeout (op %d, phase %d)\n", ctx.rank, peer,
+                   ctx.op, static_cast<int>(phase));
+          return true;
+        }
         record_error(ctx, DeviceErrorKind::kTimeout, phase, peer, -1, v, target);
         return false;
       }

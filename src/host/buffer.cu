@@ -65,6 +65,9 @@ Buffer::Buffer(Communicator& comm, size_t num_nvl_bytes, BufferOptions options) 
   m.arena->set_timeout(m.timeout_s() + 10);
   m.ll_offset = num_nvl_bytes;
   m.num_ll_bytes = num_ll_bytes;
+  EPX_ARG_CHECK(!options.enable_shrink || num_ll_bytes > 0,
+                "enable_shrink: masks ranks in the low-latency ops, so it needs num_ll_bytes > 0");
+  m.shrink = options.enable_shrink;
   m.memory = SymmetricMemory::create(comm, num_nvl_bytes + num_ll_bytes, m.timeout_s());
   m.symmetric = m.memory->local();
   for (int p = 0; p < comm.world(); ++p) m.peers[p] = m.memory->peers()[p];

@@ -4,6 +4,7 @@
 #include <nccl.h>
 #include <nccl_device.h>
 
+#include <cstddef>
 #include <cstdio>
 #include <cstring>
 #include <memory>
@@ -39,6 +40,7 @@ struct Buffer::Impl {
   std::string failure;
   // Low-latency region (design.md 4.4-4.5), at `ll_offset` in the symmetric allocation.
   size_t ll_offset = 0, num_ll_bytes = 0;
+  bool shrink = false;  // BufferOptions::enable_shrink
   LlWorkspace* ll_ws = nullptr;
   int ll_next = 0;  // buffer the next low-latency op uses
   struct PendingReceive {
@@ -79,10 +81,11 @@ struct Buffer::Impl {
     std::memset(mailbox, 0, sizeof(HostMailbox));
     host_wait_stream(s, timeout_s() + 10, "Buffer (zeroing its flags)", comm->rank());
   }
-  void zero_ll_state() {
+  // keep_masks: the shrink mode's masks survive (clean_low_latency_buffer); reset() clears them.
+  void zero_ll_state(bool keep_masks = false) {
     const cudaStream_t s = arena->stream();
     EPX_CUDA_CHECK(cudaMemsetAsync(symmetric + ll_offset, 0, LlLayout::kSyncBytes, s));
-    EPX_CUDA_CHECK(cudaMemsetAsync(ll_ws, 0, sizeof(LlWorkspace), s));
+    EPX_CUDA_CHECK(cudaMemsetAsync(ll_ws, 0, keep_masks ? offsetof(LlWorkspace, mask) : sizeof(LlWorkspace), s));
   }
   void quiesce(const char* what) { arena->quiesce(what); }
 

@@ -27,6 +27,7 @@ kernels::LlCommon ll_common(const Buffer::Impl& m, OpCode op, const LlLayout& la
   c.layout = layout;
   c.ws = m.ll_ws;
   c.buffer_idx = b;
+  c.shrink = m.shrink;
   return c;
 }
 
@@ -238,11 +239,48 @@ void Buffer::clean_low_latency_buffer() {
   EPX_CHECK(m.num_ll_bytes > 0, ErrorKind::kState, "clean_low_latency_buffer: no low-latency region");
   m.quiesce("clean_low_latency_buffer");
   m.comm->barrier(m.timeout_s());
-  m.zero_ll_state();
+  m.zero_ll_state(/*keep_masks=*/true);
   m.ll_next = 0;
   m.pending[0] = m.pending[1] = Impl::PendingReceive{};
   host_wait_stream(m.arena->stream(), m.timeout_s() + 10, "clean_low_latency_buffer", m.comm->rank());
   m.comm->barrier(m.timeout_s());
+}
+
+}  // namespace epx
+
+namespace epx {
+
+namespace {
+void check_shrink(const Buffer::Impl& m, const char* what) {
+  EPX_CHECK(m.shrink && m.ll_ws != nullptr, ErrorKind::kState, what,
+            ": needs a Buffer made with BufferOptions::enable_shrink (and a low-latency region)");
+}
+}  // namespace
+
+void Buffer::low_latency_update_mask_buffer(int rank_to_mask, bool mask) {
+  Impl& m = *impl_;
+  check_shrink(m, "low_latency_update_mask_buffer");
+  validate::in_range(rank_to_mask, "rank_to_mask", 0, num_ranks() - 1);
+  const int value = mask ? 1 : 0;
+  EPX_CUDA_CHECK(cudaMemcpyAsync(&m.ll_ws->mask[rank_to_mask], &value, sizeof(int), cudaMemcpyHostToDevice,
+                                 m.arena->stream()));
+  host_wait_stream(m.arena->stream(), m.timeout_s() + 10, "low_latency_update_mask_buffer", rank());
+}
+
+void Buffer::low_latency_query_mask_buffer(const View& mask_status, cudaStream_t stream) {
+  Impl& m = *impl_;
+  check_shrink(m, "low_latency_query_mask_buffer");
+  validate::tensor(mask_status, "mask_status", DType::kI32, {num_ranks()});
+  validate::contiguous(mask_status, "mask_status");
+  EPX_CUDA_CHECK(cudaMemcpyAsync(mask_status.data, m.ll_ws->mask, sizeof(int) * num_ranks(), cudaMemcpyDeviceToDevice,
+                                 stream));
+}
+
+void Buffer::low_latency_clean_mask_buffer() {
+  Impl& m = *impl_;
+  check_shrink(m, "low_latency_clean_mask_buffer");
+  EPX_CUDA_CHECK(cudaMemsetAsync(m.ll_ws->mask, 0, sizeof(m.ll_ws->mask), m.arena->stream()));
+  host_wait_stream(m.arena->stream(), m.timeout_s() + 10, "low_latency_clean_mask_buffer", rank());
 }
 
 }  // namespace epx

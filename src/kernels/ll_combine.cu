@@ -25,13 +25,14 @@ using BlockScan = cub::BlockScan<int, kThreads>;
 
 // One warp: packed row `row` of local expert j back to its source's staging slot. Not inlined:
 // inlined, ptxas spills in the grid loop of ll_combine_send.
-__device__ __noinline__ void send_row(const LlCombineParams& p, int j, int row, int lane) {
+__device__ __noinline__ void send_row(const LlCombineParams& p, int j, int row, int lane, unsigned skip_ranks) {
   const LlCommon& c = p.c;
   const LlLayout& L = c.layout;
   const int R = c.ctx.num_ranks;
   const int64_t* range = p.layout_range + static_cast<size_t>(j) * R;
   int s = 0;
   while (s + 1 < R && row >= static_cast<int>(range[s + 1] >> 32)) ++s;
+  if (skip_ranks & (1u << s)) return;  // shrink mode: the source is masked
   const size_t slot = static_cast<size_t>(j) * R * L.max_tokens + row;
   char* dst[1] = {reinterpret_cast<char*>(L.combine_row(c.region(s), c.buffer_idx, p.src_info[slot], p.src_topk_slot[slot]))};
   warp_copy_multicast<kUnroll>(p.x + slot * L.hidden, dst, L.hidden * 2, lane);
@@ -47,6 +48,9 @@ __device__ __forceinline__ bool combine_send(const LlCombineParams& p, uint64_t 
   const LlLayout& L = c.layout;
   const int R = c.ctx.num_ranks, E_loc = L.experts_per_rank;
   if (!ll::wait_consumed(c, c.ws->last_op[c.buffer_idx])) return false;
+  unsigned skip_ranks = 0;  // shrink mode: masked sources get nothing back
+  for (int r = 0; r < R; ++r)
+    if (c.masked(r)) skip_ranks |= 1u << r;
   int counts[kExpertsPerThread];
 #pragma unroll
   for (int i = 0; i < kExpertsPerThread; ++i) {
@@ -76,7 +80,7 @@ __device__ __forceinline__ bool combine_send(const LlCombineParams& p, uint64_t 
 #pragma unroll
     for (int step = kMaxLocalExperts / 2; step > 0; step /= 2)
       if (j + step < E_loc && first_row[j + step] <= g) j += step;
-    send_row(p, j, g - first_row[j], lane);
+    send_row(p, j, g - first_row[j], lane, skip_ranks);
   }
   ll::finish_send(c, n, 0);
   return true;
@@ -98,14 +102,21 @@ __device__ __forceinline__ void combine_recv(const LlCombineParams& p, uint64_t 
   const int R = c.ctx.num_ranks, K = L.num_topk, H = L.hidden;
   LlSync* sync = c.sync(c.ctx.rank);
   bool ok = true;
-  if (threadIdx.x < R) ok = wait_flag_geq(c.ctx, &sync->data[c.buffer_idx][threadIdx.x], n, Phase::kReceive, threadIdx.x);
+  if (threadIdx.x < R && !c.masked(threadIdx.x))
+    ok = wait_flag_geq(c.ctx, &sync->data[c.buffer_idx][threadIdx.x], n, Phase::kReceive, threadIdx.x,
+                       c.mask_of(threadIdx.x));
   if (!__syncthreads_and(ok)) return;
   __shared__ float weight[kMaxTopk];  // 0 where the slot is -1 (never read then)
   __shared__ int valid[kMaxTopk];
+  __shared__ int rank_masked[kMaxPeers];  // shrink mode: a masked rank's experts contribute nothing
+  if (threadIdx.x < R) rank_masked[threadIdx.x] = c.masked(threadIdx.x);
+  __syncthreads();
+  const int E_loc = L.experts_per_rank;
   char* region = c.region(c.ctx.rank);
   for (int t = blockIdx.x; t < p.num_tokens; t += gridDim.x) {
     if (threadIdx.x < K) {
-      valid[threadIdx.x] = p.topk_idx[t * p.topk_stride + threadIdx.x] >= 0;
+      const int64_t e = p.topk_idx[t * p.topk_stride + threadIdx.x];
+      valid[threadIdx.x] = e >= 0 && (e >= static_cast<int64_t>(R) * E_loc || !rank_masked[e / E_loc]);
       weight[threadIdx.x] = valid[threadIdx.x] ? p.topk_weights[t * p.weight_stride + threadIdx.x] : 0.f;
     }
     __syncthreads();

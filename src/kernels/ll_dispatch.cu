@@ -53,10 +53,13 @@ __device__ __noinline__ bool dispatch_send(const LlDispatchParams& p, uint64_t n
   __shared__ __align__(16) uint8_t row_smem[kMaxHidden + kMaxHidden / 128 * 4];
   __shared__ int local_ids[kMaxPeers][kMaxTopkLl];
   __shared__ int has_rank[kMaxPeers];
+  __shared__ int skip_rank[kMaxPeers];  // shrink mode: masked destinations get nothing
   const LlCommon& c = p.c;
   const int R = c.ctx.num_ranks, me = c.ctx.rank, K = c.layout.num_topk, E_loc = c.layout.experts_per_rank;
   const int H = c.layout.hidden;
   if (!ll::wait_consumed(c, c.ws->last_op[c.buffer_idx])) return false;
+  if (threadIdx.x < R) skip_rank[threadIdx.x] = c.masked(threadIdx.x);
+  __syncthreads();
 
   const size_t payload_bytes = p.use_fp8 ? H + H / 128 * 4 : static_cast<size_t>(H) * 2;
   for (int t = blockIdx.x; t < p.num_tokens; t += gridDim.x) {
@@ -80,6 +83,7 @@ __device__ __noinline__ bool dispatch_send(const LlDispatchParams& p, uint64_t n
     // over every rank's ingress (all blocks starting at rank 0 made it an incast), then this rank.
     for (int i = 0; i < R; ++i) {
       const int r = i + 1 < R ? (me + 1 + (blockIdx.x + i) % (R - 1)) % R : me;
+      if (skip_rank[r]) continue;
       char* region = c.region(r);
       int* meta = c.layout.dispatch_meta(region, c.buffer_idx, me, t);
       for (int k = threadIdx.x; k < K; k += blockDim.x) meta[k] = local_ids[r][k];
@@ -125,6 +129,19 @@ __device__ void copy_row(const LlDispatchParams& p, int j, int s, int t, int k, 
   }
 }
 
+// Thread s < R waits for source s's data flag of op n (all sources at once); true for the other
+// threads. Not inlined: inlined into ll_dispatch_fused, ptxas spills.
+__device__ __noinline__ bool wait_source(const LlDispatchParams& p, uint64_t n) {
+  const LlCommon& c = p.c;
+  const int s = threadIdx.x;
+  if (s >= c.ctx.num_ranks || c.masked(s)) return true;
+  const long long t0 = clock64();
+  const bool ok = wait_flag_geq(c.ctx, &c.sync(c.ctx.rank)->data[c.buffer_idx][s], n, Phase::kReceive, s, c.mask_of(s));
+  if (ok && p.wait_stats != nullptr && blockIdx.x == 0)
+    atomicAdd(reinterpret_cast<unsigned long long*>(&p.wait_stats[s]), clock64() - t0);
+  return ok;
+}
+
 // Blocks [j * bpe, (j + 1) * bpe) serve local expert j (bpe = blocks_per_expert; the grid loops
 // over experts when it has fewer blocks). After every source's data flag, each block scans all
 // received tokens in (source, token) order, a pass of blockDim.x tokens at a time, and copies its
@@ -134,6 +151,7 @@ __device__ __forceinline__ void dispatch_recv(const LlDispatchParams& p, uint64_
   __shared__ int match_t[kThreads], match_k[kThreads], match_s[kThreads];
   __shared__ int token_begin[kMaxPeers + 1];  // first flat index of each source's tokens
   __shared__ int row_begin[kMaxPeers + 1];    // first packed row of each source (of expert j)
+  __shared__ int source_masked[kMaxPeers];   // shrink mode: a masked source sent nothing
   const LlCommon& c = p.c;
   const int R = c.ctx.num_ranks, K = c.layout.num_topk, E_loc = c.layout.experts_per_rank;
   LlSync* sync = c.sync(c.ctx.rank);
@@ -141,17 +159,16 @@ __device__ __forceinline__ void dispatch_recv(const LlDispatchParams& p, uint64_
   const int bpe = p.blocks_per_expert, sub = blockIdx.x % bpe, num_groups = gridDim.x / bpe;
 
   // Thread s waits for source s (all sources at once).
-  bool ok = true;
-  if (threadIdx.x < R) {
-    const long long t0 = clock64();
-    ok = wait_flag_geq(c.ctx, &sync->data[c.buffer_idx][threadIdx.x], n, Phase::kReceive, threadIdx.x);
-    if (ok && p.wait_stats != nullptr && blockIdx.x == 0)
-      atomicAdd(reinterpret_cast<unsigned long long*>(&p.wait_stats[threadIdx.x]), clock64() - t0);
-  }
-  if (!__syncthreads_and(ok)) return;
+  if (!__syncthreads_and(wait_source(p, n))) return;
+  // NOTE: read after every wait of this block: a source masked by a timeout in any block is
+  // skipped here too (a block that saw its data just before another block masked it is the one
+  // window where two blocks could disagree).
+  if (threadIdx.x < R) source_masked[threadIdx.x] = c.masked(threadIdx.x);
+  __syncthreads();
   if (threadIdx.x == 0) {
     token_begin[0] = 0;
-    for (int s = 0; s < R; ++s) token_begin[s + 1] = token_begin[s] + sync->num_tokens[c.buffer_idx][s];
+    for (int s = 0; s < R; ++s)
+      token_begin[s + 1] = token_begin[s] + (source_masked[s] ? 0 : sync->num_tokens[c.buffer_idx][s]);
   }
   __syncthreads();
   const int num_flat = token_begin[R];

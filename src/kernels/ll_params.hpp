@@ -16,8 +16,12 @@ struct LlCommon {
   LlLayout layout;
   LlWorkspace* ws;
   int buffer_idx;
+  bool shrink;  // DeepEP's shrink mode: masked ranks are skipped, a timeout masks instead of failing
   __device__ char* region(int r) const { return ctx.peers[r] + region_offset; }
   __device__ LlSync* sync(int r) const { return reinterpret_cast<LlSync*>(region(r)); }
+  __device__ bool masked(int r) const { return shrink && device::ld_volatile(&ws->mask[r]) != 0; }
+  // The mask word a wait for rank r passes to wait_flag_geq (null outside shrink mode).
+  __device__ int* mask_of(int r) const { return shrink ? &ws->mask[r] : nullptr; }
 };
 
 struct LlDispatchParams {
@@ -67,9 +71,9 @@ void launch_ll_combine_fused(const LlCombineParams& p, int num_blocks, cudaStrea
 namespace ll {
 __device__ __forceinline__ bool wait_consumed(const LlCommon& c, uint64_t last) {
   bool ok = true;
-  if (threadIdx.x < c.ctx.num_ranks)
+  if (threadIdx.x < c.ctx.num_ranks && !c.masked(threadIdx.x))
     ok = device::wait_flag_geq(c.ctx, &c.sync(c.ctx.rank)->consumed[c.buffer_idx][threadIdx.x], last,
-                               Phase::kEntryBarrier, threadIdx.x);
+                               Phase::kEntryBarrier, threadIdx.x, c.mask_of(threadIdx.x));
   return __syncthreads_and(ok);
 }
 
@@ -79,9 +83,11 @@ __device__ __forceinline__ void finish_send(const LlCommon& c, uint64_t n, int n
   if (!device::last_block_to_arrive<device::ArriveFence::kSys>(&c.ws->arrive_send[b])) return;
   // One fence orders every block's rows and the headers before all R flags (a release pattern;
   // st.release per flag fenced R times).
-  for (int r = 0; r < c.ctx.num_ranks; ++r) c.sync(r)->num_tokens[b][c.ctx.rank] = num_tokens;
+  for (int r = 0; r < c.ctx.num_ranks; ++r)
+    if (!c.masked(r)) c.sync(r)->num_tokens[b][c.ctx.rank] = num_tokens;
   device::fence_acq_rel_sys();
-  for (int r = 0; r < c.ctx.num_ranks; ++r) device::st_relaxed_sys(&c.sync(r)->data[b][c.ctx.rank], n);
+  for (int r = 0; r < c.ctx.num_ranks; ++r)
+    if (!c.masked(r)) device::st_relaxed_sys(&c.sync(r)->data[b][c.ctx.rank], n);
   c.ws->counter = n;
   c.ws->last_op[b] = n;
   c.ws->pending[b] = n;
@@ -95,7 +101,8 @@ __device__ __forceinline__ void finish_recv(const LlCommon& c, uint64_t n) {
   const int b = c.buffer_idx;
   if (!device::last_block_to_arrive<device::ArriveFence::kGpu>(&c.ws->arrive_recv[b])) return;
   device::fence_acq_rel_sys();
-  for (int s = 0; s < c.ctx.num_ranks; ++s) device::st_relaxed_sys(&c.sync(s)->consumed[b][c.ctx.rank], n);
+  for (int s = 0; s < c.ctx.num_ranks; ++s)
+    if (!c.masked(s)) device::st_relaxed_sys(&c.sync(s)->consumed[b][c.ctx.rank], n);
 }
 }  // namespace ll
 

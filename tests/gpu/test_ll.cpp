@@ -197,6 +197,113 @@ int run_ll_world(WorldMode mode, int world, const std::function<void(RankCtx&)>&
   return run_world(mode, world, 64 << 20, options, body);
 }
 
+// Shrink mode with rank `dead` gone: the survivors' results equal the reference in which `dead`
+// has no tokens and every top-k slot naming one of its experts is -1 (its experts receive nothing
+// and contribute nothing). The GPU inputs keep those slots: the kernels drop them. `dead` itself
+// does nothing in this round.
+void ll_round_without(RankCtx& ctx, const LlSpec& s, uint64_t seed, LlOut& out, int dead) {
+  const int R = ctx.world, me = ctx.rank, E = s.experts_per_rank * R;
+  if (me == dead) return;
+  std::vector<ref::LlRankInput> gpu_inputs, ref_inputs;
+  for (int r = 0; r < R; ++r) gpu_inputs.push_back(ll_input(seed, r, s, R));
+  ref_inputs = gpu_inputs;
+  ref_inputs[dead].num_tokens = 0;
+  ref_inputs[dead].x.clear();
+  ref_inputs[dead].topk_idx.clear();
+  for (int r = 0; r < R; ++r)
+    for (int64_t& e : ref_inputs[r].topk_idx)
+      if (e >= 0 && e / s.experts_per_rank == dead) e = -1;
+  std::vector<ref::LlDispatchResult> want;
+  for (int r = 0; r < R; ++r)
+    want.push_back(ref::ll_dispatch(ref_inputs, r, s.T, s.H, s.K, E, s.fp8, s.round_scale, s.ue8m0));
+  std::vector<std::vector<uint16_t>> y;
+  for (int r = 0; r < R; ++r) y.push_back(ll_expert_outputs(seed, r, want[r]));
+  const std::vector<float> weights = ll_weights(seed, me, gpu_inputs[me].num_tokens, s.K);
+  const int N = gpu_inputs[me].num_tokens, RT = R * s.T;
+  DeviceMem x = DeviceMem::from(gpu_inputs[me].x), topk = DeviceMem::from(gpu_inputs[me].topk_idx);
+  DeviceMem w = DeviceMem::from(weights);
+  LowLatencyDispatchArgs a;
+  a.x = View::of(x.get(), DType::kBF16, {N, s.H});
+  a.topk_idx = View::of(topk.get(), DType::kI64, {N, s.K});
+  a.num_max_dispatch_tokens_per_rank = s.T;
+  a.num_experts = E;
+  a.use_fp8 = s.fp8;
+  a.return_recv_hook = s.hook;
+  const int b = ctx.buffer->next_low_latency_buffer();
+  LowLatencyHandle h = ctx.buffer->low_latency_dispatch(a, out.view(R), ctx.stream);
+  if (s.hook) ctx.buffer->low_latency_receive(b, ctx.stream);
+  ctx.buffer->synchronize(ctx.stream);
+  check_ll_recv(out, want[me], R, s.name + " without rank " + std::to_string(dead));
+  DeviceMem y_dev = DeviceMem::from(y[me]), combined(static_cast<size_t>(N) * s.H * 2);
+  combined.fill(0x7F);
+  LowLatencyCombineArgs ca;
+  ca.x = View::of(y_dev.get(), DType::kBF16, {out.E_loc, RT, s.H});
+  ca.topk_idx = a.topk_idx;
+  ca.topk_weights = View::of(w.get(), DType::kF32, {N, s.K});
+  ca.return_recv_hook = s.hook;
+  const int cb = ctx.buffer->next_low_latency_buffer();
+  ctx.buffer->low_latency_combine(ca, h, View::of(combined.get(), DType::kBF16, {N, s.H}), ctx.stream);
+  if (s.hook) ctx.buffer->low_latency_receive(cb, ctx.stream);
+  ctx.buffer->synchronize(ctx.stream);
+  const auto want_c = ref::ll_combine(want, y, me, ref_inputs[me].topk_idx, weights, N, s.K, s.H, s.T, E);
+  expect_equal(combined.download<uint16_t>(static_cast<size_t>(N) * s.H), want_c, static_cast<size_t>(N) * s.H,
+               s.name + " combined without rank " + std::to_string(dead));
+}
+
+std::vector<int> mask_status(RankCtx& ctx) {
+  DeviceMem status(4 * ctx.world);
+  status.fill(0x7F);
+  ctx.buffer->low_latency_query_mask_buffer(View::of(status.get(), DType::kI32, {ctx.world}), ctx.stream);
+  return status.download<int>(ctx.world);
+}
+
+void run_shrink(RankCtx& ctx) {
+  const int R = ctx.world, me = ctx.rank, dead = R - 1;
+  LlSpec s;
+  s.name = "shrink fp8 h2048";
+  LlSpec hook = s;
+  hook.name = "shrink fp8 h2048 hook";
+  hook.hook = true;
+  LlOut out(s.experts_per_rank, R * s.T, s.H, true, false);
+  const uint64_t seed = ctx.seed * 7 + 3;
+  ll_round(ctx, s, seed, out);  // everyone: exact
+  REQUIRE(mask_status(ctx) == std::vector<int>(R, 0), "no rank is masked at first");
+
+  // Masked by hand on the survivors: `dead` takes no part.
+  if (me != dead) ctx.buffer->low_latency_update_mask_buffer(dead, true);
+  ll_round_without(ctx, s, seed + 1, out, dead);
+  ll_round_without(ctx, hook, seed + 2, out, dead);
+  if (me != dead) {
+    std::vector<int> want(R, 0);
+    want[dead] = 1;
+    REQUIRE(mask_status(ctx) == want, "rank ", dead, " masked by hand");
+    ctx.buffer->low_latency_clean_mask_buffer();
+    REQUIRE(mask_status(ctx) == std::vector<int>(R, 0), "clean_mask_buffer unmasks every rank");
+  }
+
+  // Masked by a timeout: the survivors' first wait for `dead` (2 s) masks it and the op goes on.
+  Config saved = ctx.buffer->config();
+  if (me != dead) {
+    Config quick = saved;
+    quick.timeout_s = 2;
+    ctx.buffer->set_config(quick);
+  }
+  ll_round_without(ctx, s, seed + 3, out, dead);
+  if (me != dead) {
+    std::vector<int> want(R, 0);
+    want[dead] = 1;
+    REQUIRE(mask_status(ctx) == want, "rank ", dead, " masked by its timeout");
+    REQUIRE(!ctx.buffer->failed(), "a timeout in shrink mode masks instead of failing");
+    ctx.buffer->set_config(saved);
+  }
+
+  // `dead` comes back: every rank cleans the low-latency state (collective), unmasks, exact again.
+  ctx.buffer->clean_low_latency_buffer();
+  ctx.buffer->low_latency_clean_mask_buffer();
+  for (int round = 0; round < 3; ++round) ll_round(ctx, round == 1 ? hook : s, seed + 10 + round, out);
+  if (me == 0) std::printf("[world %d] shrink: rank %d masked by hand and by timeout, then back, all exact\n", R, dead);
+}
+
 class LlWorld : public ::testing::TestWithParam<WorldParam> {};
 
 TEST_P(LlWorld, MatchesReferenceInEveryMode) {
@@ -411,6 +518,18 @@ TEST_P(LlErrors, BadInputIsRejected) {
     expect(ErrorKind::kInvalidArgument, "recv_x: expected shape");
     if (ctx.rank == 0) std::printf("[world %d] low-latency bad input rejected\n", R);
   }, ll_bytes_for({s}, 2)), 0);
+}
+
+TEST_P(LlWorld, ShrinkMasksADeadRankAndKeepsServing) {
+  const WorldMode mode = GetParam().mode;
+  const int world = GetParam().world;
+  SKIP_UNLESS_RUNNABLE(mode, world);
+  if (world < 3) GTEST_SKIP() << "SKIPPED: needs 3 ranks (two survivors)";
+  LlSpec s;
+  BufferOptions options;
+  options.num_ll_bytes = ll_bytes_for({s}, world);
+  options.enable_shrink = true;
+  EXPECT_EQ(run_world(mode, world, 64 << 20, options, run_shrink), 0);
 }
 
 INSTANTIATE_TEST_SUITE_P(Gpu, LlErrors, ::testing::Values(WorldMode::kReal, WorldMode::kSim), mode_param_name);

@@ -154,7 +154,7 @@ class _UntouchableGroup:
 
 @pytest.mark.parametrize("kwargs,kind,name", [
     (dict(num_nvl_bytes=1 << 20, use_fabric=True), "Unsupported", "use_fabric=True"),
-    (dict(num_rdma_bytes=1 << 20, low_latency_mode=True, enable_shrink=True), "Unsupported", "enable_shrink=True"),
+    (dict(num_nvl_bytes=1 << 20, enable_shrink=True), "InvalidArgument", "enable_shrink=True"),
     (dict(num_rdma_bytes=1 << 20, low_latency_mode=True, allow_nvlink_for_low_latency_mode=False), "Unsupported",
      "allow_nvlink_for_low_latency_mode"),
     (dict(num_nvl_bytes=1 << 20, num_rdma_bytes=1 << 20), "Unsupported", "num_rdma_bytes"),

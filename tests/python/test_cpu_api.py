@@ -319,12 +319,17 @@ def test_buffer_accepts_deepep_options():
 
 @pytest.mark.parametrize("kwargs,names", [
     (dict(num_nvl_bytes=1 << 20, use_fabric=True), ("use_fabric=True", "ncclMemAlloc")),
-    (dict(num_rdma_bytes=1 << 24, low_latency_mode=True, enable_shrink=True), ("enable_shrink=True",)),
-    (dict(num_nvl_bytes=1 << 20, enable_shrink=True), ("enable_shrink=True",)),
 ])
 def test_buffer_refuses_what_epx_cannot_honour(kwargs, names):
     with expect_error("Unsupported", *names):
         epx.Buffer(_StopAtGroup(), **kwargs)
+
+
+def test_shrink_mode_needs_low_latency_mode():
+    with expect_error("InvalidArgument", "enable_shrink=True", "low_latency_mode"):
+        epx.Buffer(_StopAtGroup(), num_nvl_bytes=1 << 20, enable_shrink=True)
+    with pytest.raises(_GroupReached):  # accepted: the Buffer goes on to the group
+        epx.Buffer(_StopAtGroup(), num_rdma_bytes=1 << 24, low_latency_mode=True, enable_shrink=True)
 
 
 # ---- Events and streams -------------------------------------------------------------------------------
@@ -631,7 +636,7 @@ def test_vllm_replay(replay):
         epx.Buffer(group=_StopAtGroup(), num_nvl_bytes=1024 << 20, num_rdma_bytes=num_rdma_bytes, low_latency_mode=True,
                    num_qps_per_rank=num_experts // world, allow_nvlink_for_low_latency_mode=True, allow_mnnvl=False,
                    explicitly_destroy=True, enable_shrink=False)
-    with expect_error("Unsupported", "enable_shrink=True"):  # enable_fault_tolerance
+    with pytest.raises(_GroupReached):  # enable_fault_tolerance: shrink mode accepted
         epx.Buffer(group=_StopAtGroup(), num_nvl_bytes=1024 << 20, num_rdma_bytes=num_rdma_bytes, low_latency_mode=True,
                    num_qps_per_rank=num_experts // world, allow_nvlink_for_low_latency_mode=True, allow_mnnvl=False,
                    explicitly_destroy=True, enable_shrink=True)
@@ -659,7 +664,7 @@ def test_vllm_replay(replay):
     out, event, hook = b.low_latency_combine(expert_x, topk_ids, topk_weights, ll_handle, async_finish=False,
                                              zero_copy=False, return_recv_hook=False, out=output)
     assert out is output
-    # Fault-tolerance queries need enable_shrink=True, which epx refuses for now.
+    # Fault-tolerance queries need a Buffer made with enable_shrink=True.
     with expect_error("State", "enable_shrink=True"):
         b.low_latency_query_mask_buffer(torch.zeros(world, dtype=torch.int32))
 
