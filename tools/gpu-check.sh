@@ -39,7 +39,8 @@ if [[ $stages == *" sanitize "* ]]; then
   # Instrumented kernels run far slower: a longer device-wait bound keeps slow from reading as hung.
   filter=${EPX_SANITIZE_FILTER:-"*HtWorld.MatchesReferenceInEveryMode/sim_world2:*LlWorld.MatchesReferenceInEveryMode/sim_world2"}
   for tool in memcheck racecheck synccheck; do
-    EPX_TIMEOUT_S=${EPX_SANITIZE_WAIT_S:-120} timeout ${EPX_SANITIZE_TIMEOUT:-150} \
+    # In process: compute-sanitizer follows only the process it starts, not the harness's fork.
+    EPX_TEST_IN_PROCESS=1 EPX_TIMEOUT_S=${EPX_SANITIZE_WAIT_S:-120} timeout ${EPX_SANITIZE_TIMEOUT:-150} \
       compute-sanitizer --tool $tool --error-exitcode 9 ./build-gpu/tests/epx_gpu_tests --gtest_filter="$filter" \
       > "$OUT/sanitize-$tool.log" 2>&1
     rc=$?
