@@ -139,8 +139,6 @@ struct BufferOptions {
   Config config{};
   // Bytes of the low-latency region (0 = no low-latency mode); see low_latency_size_hint.
   size_t num_ll_bytes = 0;
-  // Allow R not equal to the NVLink domain size (scale-out); not yet supported.
-  bool allow_scaleout = false;
 };
 
 class Buffer {
