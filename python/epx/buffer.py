@@ -176,7 +176,7 @@ class Buffer:
             explicitly_destroy: if True, `destroy()` must be called to free the buffer; otherwise
                 it is freed when garbage-collected (a collective step: all ranks should drop it
                 at the same point of the program).
-            enable_shrink: must be False for now: masking failed ranks in low-latency mode
+            enable_shrink: must be False: masking failed ranks in low-latency mode
                 (DeepEP's shrink mode and its `low_latency_*_mask_buffer` calls) is not implemented.
             comm: an mpi4py communicator used instead of `group` to share the unique id.
         """
@@ -191,7 +191,7 @@ class Buffer:
                                         "chooses the memory handle type itself; pass use_fabric=False")
         if enable_shrink:
             raise _error("Unsupported", "enable_shrink=True: masking failed ranks (DeepEP's shrink mode) is not "
-                                        "implemented by epx yet; pass enable_shrink=False")
+                                        "implemented by epx; pass enable_shrink=False")
         if low_latency_mode:
             if num_rdma_bytes == 0:
                 raise _error("InvalidArgument", "num_rdma_bytes: low_latency_mode needs the low-latency region size "
@@ -1010,27 +1010,27 @@ class Buffer:
 
     @staticmethod
     def _mask_buffer_error(op: str) -> EpxError:
-        """Until rank masking lands, Buffer(..., enable_shrink=True) is refused, so no Buffer has a
-        mask buffer and every mask operation fails as DeepEP's do without shrink mode."""
+        """Buffer(..., enable_shrink=True) is refused (rank masking is not implemented), so no Buffer
+        has a mask buffer and every mask operation fails as DeepEP's do without shrink mode."""
         return _error("State", f"{op}: needs a Buffer made with enable_shrink=True (masking failed ranks), which "
-                               "epx does not implement yet")
+                               "epx does not implement")
 
     def low_latency_update_mask_buffer(self, rank_to_mask: int, mask: bool = False) -> None:
         """
         Masks (`mask=True`) or unmasks `rank_to_mask` for the low-latency operations: a masked
-        rank is neither sent to nor waited for. Needs `enable_shrink=True` (not implemented yet).
+        rank is neither sent to nor waited for. Needs `enable_shrink=True` (not implemented).
         """
         raise self._mask_buffer_error("low_latency_update_mask_buffer")
 
     def low_latency_query_mask_buffer(self, mask_status: torch.Tensor) -> None:
         """
         Writes each rank's mask status into `mask_status` (`[num_ranks]` int32 on this device,
-        1 = masked). Needs `enable_shrink=True` (not implemented yet).
+        1 = masked). Needs `enable_shrink=True` (not implemented).
         """
         raise self._mask_buffer_error("low_latency_query_mask_buffer")
 
     def low_latency_clean_mask_buffer(self) -> None:
-        """Unmasks every rank. Needs `enable_shrink=True` (not implemented yet)."""
+        """Unmasks every rank. Needs `enable_shrink=True` (not implemented)."""
         raise self._mask_buffer_error("low_latency_clean_mask_buffer")
 
     def get_next_low_latency_combine_buffer(self, handle: Tuple) -> torch.Tensor:

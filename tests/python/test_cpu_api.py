@@ -659,7 +659,7 @@ def test_vllm_replay(replay):
     out, event, hook = b.low_latency_combine(expert_x, topk_ids, topk_weights, ll_handle, async_finish=False,
                                              zero_copy=False, return_recv_hook=False, out=output)
     assert out is output
-    # Fault-tolerance queries need enable_shrink=True, which epx refuses for now.
+    # Fault-tolerance queries need enable_shrink=True, which epx refuses (Unsupported).
     with expect_error("State", "enable_shrink=True"):
         b.low_latency_query_mask_buffer(torch.zeros(world, dtype=torch.int32))
 
