@@ -72,10 +72,14 @@ struct Row {
   // Simulated run (SimWorld): the numbers are those of rank `rank`, the slowest for this row.
   bool simulated = false;
   int rank = 0;
+  std::string workload;  // "ht" or "ll": the workload of benchmarks.md the row belongs to
 };
 
 // What a run measured and under which conditions (rank 0 prints and writes it).
 struct Report {
+  std::string commit;  // the source commit of this build (`git describe --always --dirty`), or "unknown"
+  std::string date;    // when the run ended, UTC, ISO 8601
+  int num_gpus = 0;    // GPUs visible on the machine (the ranks may use fewer; simulated: all on GPU 0)
   int world = 0;
   std::string device;
   bool simulated = false;
@@ -92,7 +96,9 @@ std::vector<int64_t> make_topk(uint64_t seed, int rank, int num_tokens, int num_
 std::string simulated_banner(int world);
 
 void print_rows(const std::vector<Row>& rows);
-void write_json(const std::string& path, const Options& o, const Report& report);
+// Fills report.commit and report.date, then writes report_json (report_json.hpp) to `path`;
+// false (with a message on stderr) when the file cannot be written.
+bool write_json(const std::string& path, const Options& o, Report& report);
 
 // Runs the high-throughput workload on this rank; returns its rows (printed by rank 0). Simulated
 // (comm.simulated()): no NCCL all-to-all baseline (no NCCL communicator), every o.sms <= the

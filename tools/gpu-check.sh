@@ -8,7 +8,8 @@
 #             (e.g. "-L sim")
 #   sanitize  compute-sanitizer memcheck, racecheck and synccheck over a SimWorld subset
 #             (EPX_SANITIZE_FILTER, a gtest filter)
-#   bench     epx_bench (ht + ll), args passed on; on one GPU: --sim ${EPX_SIM_WORLD:-4} (simulated)
+#   bench     epx_bench (ht + ll), args passed on; on one GPU: --sim ${EPX_SIM_WORLD:-4} (simulated);
+#             bench.json, and bench.md: its tables by tools/perf_tables.py
 #   python    tests/python/run_gpu.sh: pytest (real on >= 2 GPUs, simulated on one), the MoE example,
 #             the overhead script (~4-5 min: a second call on the warm machine: EPX_STAGES=python)
 set -uo pipefail
@@ -56,6 +57,10 @@ if [[ $stages == *" bench "* ]]; then
   EPX_TIMEOUT_S=${EPX_TIMEOUT_S:-20} timeout ${EPX_BENCH_TIMEOUT:-240} ./build-gpu/bench/epx_bench --json "$OUT/bench.json" \
     "${bench_args[@]}" > "$OUT/bench.log" 2>&1 || status=1
   tail -36 "$OUT/bench.log"
+  # The run as docs/performance.md's tables (commit, machine, date per table).
+  if [ -f "$OUT/bench.json" ] && command -v python3 >/dev/null 2>&1; then
+    python3 tools/perf_tables.py "$OUT/bench.json" > "$OUT/bench.md" 2>&1 || true
+  fi
 fi
 if [[ $stages == *" python "* ]]; then
   PYTEST_TIMEOUT=${PYTEST_TIMEOUT:-360} EXAMPLE_TIMEOUT=${EXAMPLE_TIMEOUT:-150} OVERHEAD_TIMEOUT=${OVERHEAD_TIMEOUT:-60} \

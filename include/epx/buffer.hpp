@@ -142,8 +142,6 @@ struct BufferOptions {
   Config config{};
   // Bytes of the low-latency region (0 = no low-latency mode); see low_latency_size_hint.
   size_t num_ll_bytes = 0;
-  // Allow R not equal to the NVLink domain size (scale-out); not yet supported.
-  bool allow_scaleout = false;
   // DeepEP's shrink mode (low-latency ops only): a masked rank is neither sent to nor waited for
   // (its experts receive nothing and contribute nothing to a combine), and a wait that times out
   // masks the rank it waited for instead of failing the op. See low_latency_*_mask_buffer.

@@ -13,15 +13,14 @@ struct Config {
   // (default 100 s), read when the Buffer is made or given this config.
   double timeout_s = 0;
   // Combine through bounded per-channel rings (push and reduce overlap) from 3 ranks up, when the
-  // buffer and the block size allow it; false (and 2 ranks, where it measured faster) = push every
-  // row into the row region, then reduce. Same results bit for bit.
+  // buffer and the block size allow it; false (and 2 ranks, where the row region is faster:
+  // docs/performance.md) = push every row into the row region, then reduce. Same results bit for bit.
   bool ring_combine = true;
   // Ring combine tuning (DeepEP's chunked send/recv tokens play the same part). Channels are groups
   // of ring_senders sender blocks and one receiver block (num_sms / (ring_senders + 1) channels);
   // sender block j of a channel streams to every ring_senders-th peer, a peer's rows spread over
   // its warps. 0 = one sender block per peer. Must not exceed the peers (R - 1) when used.
-  // Measured at EP4 (4xH200, 20 and 24 SMs): 1 is fastest (half the blocks reduce); 2 and 3 are
-  // 25-60% slower.
+  // 1 is the fastest (half the blocks reduce; docs/performance.md).
   int ring_senders = 1;
   // Rows per (peer, channel) ring at most (fewer when the row region is smaller).
   int ring_slots = 128;
@@ -31,29 +30,29 @@ struct Config {
   int ring_chunk = 0;
   // Split blocks (the default): every block is a channel of its own whose first ring_send_warps
   // warps stream to every peer (ring_senders is ignored) while the others reduce, so every SM both
-  // sends and reduces. false = the sender and receiver blocks above. Measured at 24 SMs (4xH200):
-  // EP4 591 vs 648 us, EP3 465 vs 498 us (docs/performance.md).
+  // sends and reduces. false = the sender and receiver blocks above, slower at EP3 and EP4
+  // (docs/performance.md).
   bool ring_split_blocks = true;
   // Sending warps of a split block; 0 = a warp per peer, two when there are only two peers (the
-  // measured best: 3 at EP4, 4 at EP3). The ring combine is off (row region) when there are fewer
-  // than the peers (R - 1) or no warp is left to reduce.
+  // best counts at EP4 and EP3: docs/performance.md). The ring combine is off (row region) when
+  // there are fewer than the peers (R - 1) or no warp is left to reduce.
   int ring_send_warps = 0;
 
   // Dispatch on split blocks (needs num_sms <= 80): dispatch_copy_warps warps of every block copy
   // received rows out of the row region as they land while the other warps send. false = every
-  // warp sends, then copies out after each source's completion. Measured at EP4, 4xH200, cached:
-  // bf16 515 vs 641 us at 24 SMs, fp8 294 vs 349 (docs/performance.md). Off by default for now:
-  // the GPU tests passed at 4 and 5 copy warps, the auto counts (7-12) were only benchmarked.
+  // warp sends, then copies out after each source's completion; split blocks are faster at EP4
+  // (docs/performance.md). Off by default: on NVLink GPUs the GPU tests have passed with 4 and 5
+  // copy warps; the auto counts (7-12) were benchmarked there, not tested.
   bool dispatch_split_blocks = false;
   // Copy-out warps of a split block; 0 = auto: the rest after S = round(1.3 MB / (row bytes x
-  // num_sms)) sending warps, a fit of the measured best at EP4, hidden 7168 (S = 4 for bf16 and 7
-  // for fp8 at 24 SMs, 5 and 9 at 20; the fit gives 4, 8, 5, 9).
+  // num_sms)) sending warps, i.e. about 1.3 MB of rows in flight over the grid (a fit of the best
+  // counts at EP4, hidden 7168: docs/performance.md).
   int dispatch_copy_warps = 0;
 
   // Throws Error(kInvalidArgument) naming the field when out of range. `num_device_sms` <= 0 skips
   // the check against the device.
   void validate(int num_device_sms = 0) const;
-  // Default config for a given number of ranks (measured table, see src/host/config.cpp), with
+  // Default config for a given number of ranks (src/host/config.cpp, docs/performance.md), with
   // num_sms at most `num_device_sms` when that is > 0 (a SimWorld rank's share:
   // Communicator::num_device_sms()).
   static Config defaults(int num_ranks, int num_device_sms = 0);

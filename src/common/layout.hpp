@@ -160,6 +160,9 @@ EPX_HD RowLayout combine_row_layout(size_t region_bytes, int hidden, int num_wei
 }
 
 // Operations and phases named in error records.
+// NOTE: the host names them by these numbers (buffer_impl.hpp's kOps / kPhases tables, same order):
+// a value is never removed or reordered. No kernel records kSend; it keeps its number so the
+// phases after it keep theirs.
 enum class OpCode : int { kNone = 0, kLayout, kNotify, kDispatch, kCombine, kLlDispatch, kLlCombine };
 enum class Phase : int { kNone = 0, kEntryBarrier, kInputCheck, kCountExchange, kSend, kReceive,
                          kReduce, kCapacity };
@@ -184,12 +187,12 @@ struct ErrorRecord {
   unsigned long long expected;
 };
 
-// Host-mapped mailbox the notify kernel fills for host-synced dispatch.
+// Host-mapped mailbox the notify kernel fills for a host-synced dispatch. Written by notify's
+// thread 0 with plain stores; the host reads it only after the notify's stream has completed
+// (dispatch_notify waits for it), which makes the writes visible: no flag, no fence.
 struct HostMailbox {
-  int num_recv;           // rows this rank receives
-  int status;             // 0 ok, else a DeviceErrorKind
-  long long max_rows;     // max over ranks of rows received (dispatch) - for sizing messages
-  unsigned long long epoch;  // op number that wrote it (host waits for its own op)
+  int num_recv;        // rows this rank receives
+  long long max_rows;  // max over ranks of rows received (dispatch), for sizing messages
 };
 
 // Device-local state of a Buffer (plain device memory, not symmetric).

@@ -25,7 +25,8 @@ void Config::validate(int num_device_sms) const {
                 timeout_s);
 }
 
-// Measured on 4xH100 (NV18): dispatch and combine are within a few % of their plateau from 20 SMs.
+// 20 SMs from 3 ranks: where dispatch and combine come within a few % of their plateau, so more
+// SMs buy little (docs/performance.md, "SM defaults").
 Config Config::defaults(int num_ranks, int num_device_sms) {
   Config c;
   c.num_sms = num_ranks <= 2 ? 16 : 20;

@@ -6,7 +6,8 @@ namespace epx::env {
 // EPX_TIMEOUT_S (default 100): bound of every device and host wait, in seconds, when the Config
 // does not set one. A Buffer reads it when it is made and at each set_config, not per operation.
 double timeout_s();
-// EPX_DEBUG (default 0): 1 = print one line per operation on the host (op, sizes, epoch).
+// EPX_DEBUG (default 0): 1 = print one line to stderr per kernel launch, naming the rank and the
+// op ("epx[rank 0]: dispatch launched").
 bool debug();
 
 }  // namespace epx::env

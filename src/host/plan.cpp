@@ -36,7 +36,8 @@ int dispatch_copy_warps(const Config& config, int64_t row_bytes) {
   const int warps = config.num_threads / 32;
   if (warps < 2) return 0;
   if (config.dispatch_copy_warps > 0) return std::min(config.dispatch_copy_warps, warps - 1);
-  // Sending warps in the whole grid ~ 1.3 MB of rows in flight, one row per warp (measured at EP4).
+  // Sending warps in the whole grid ~ 1.3 MB of rows in flight, one row per warp (the best counts
+  // at EP4: docs/performance.md).
   const double send = 1.3e6 / (static_cast<double>(std::max<int64_t>(row_bytes, 1)) * config.num_sms);
   const int s = std::clamp(static_cast<int>(send + 0.5), 1, warps - 1);
   return warps - s;
@@ -47,7 +48,7 @@ RingPlan ring_plan(const Config& config, int num_ranks, int64_t capacity) {
   const int peers = num_ranks - 1;
   EPX_ARG_CHECK(config.ring_senders <= peers, "Config.ring_senders: at most one sender block per peer (",
                 peers, " at ", num_ranks, " ranks), got ", config.ring_senders);
-  // At 2 ranks the row-region combine measured faster (4xH200 EP2, 16 SMs: 384 vs 487 us).
+  // At 2 ranks the row-region combine is faster (docs/performance.md, EP2).
   if (!config.ring_combine || num_ranks < 3) return plan;
   const int warps = config.num_threads / 32;
   // Split blocks: each block is a channel, its first send_warps warps one sender for every peer

@@ -1,11 +1,10 @@
 // Ring combine: the push and the reduce overlap through bounded, reused rings (the row-region
-// combine writes every row once and reduces only after all of them arrived; EP4, 24 SMs, 4xH200:
-// 584 us on split blocks, 650 on sender and receiver blocks, 888 for the row region;
-// docs/performance.md). Blocks group into channels: k = p.ring_senders sender blocks and one
-// receiver block per channel (block (k + 1) c + j, j < k sends, j = k receives). Split blocks
-// (p.ring_send_warps = S > 0): block c is channel c, its warps [0, S) are the channel's one sender
-// (k = 1) and the others its receiver, each part with its own named barrier, so every SM sends and
-// reduces.
+// combine writes every row once and reduces only after all of them arrived, so it is slower from
+// 3 ranks; split blocks are the faster layout: docs/performance.md). Blocks group into channels:
+// k = p.ring_senders sender blocks and one receiver block per channel (block (k + 1) c + j, j < k
+// sends, j = k receives). Split blocks (p.ring_send_warps = S > 0): block c is channel c, its warps
+// [0, S) are the channel's one sender (k = 1) and the others its receiver, each part with its own
+// named barrier, so every SM sends and reduces.
 //   receiver (rank s, channel c): owns s's tokens [lo_c, hi_c) (lo_c = c * N / C). First it tells
 //     every peer r where its channel starts among s's rows to r: bound[s][c] on r (the last channel
 //     also writes bound[s][C], the end). Then, a batch of one token per warp at a time, in token
@@ -26,9 +25,9 @@
 namespace epx::kernels {
 namespace {
 
-// Row vectors per lane in flight in a ring sender: 12 (6 KB per warp) measured 647.8 vs 652.7 /
-// 656.0 us for 8 (EP4, 24 SMs, 4xH200, same run); the sender is not inlined so it gets its own
-// registers (inlined beside the receive, 12 spills).
+// Row vectors per lane in flight in a ring sender: 12 (6 KB per warp), faster than 8 and 14
+// (docs/performance.md); the sender is not inlined so it gets its own registers (inlined beside
+// the receive, 12 spills).
 constexpr int kRingSendUnroll = 12;
 
 // The warps [first, first + count) of a block that play one part (send or receive), with their own
@@ -59,9 +58,8 @@ __device__ __forceinline__ PeerWarps ring_peer_warps(int peers, int k, int g, in
 }
 
 // Rows a sender warp writes per release: Config.ring_chunk, or when 0 about 20 rows of the peer's
-// stream per round of its W warps (measured: 4 at W = 5, and large spans stall the in-order
-// receiver); split blocks: 8 rows per round (EP4, W = 1: 8 beat 4, 6 and 10; EP3, W = 2: 4 as good
-// as 3 and 6, 2 slower).
+// stream per round of its W warps, at most 4 per warp (larger spans stall the in-order receiver);
+// split blocks: 8 rows per round. Both are the best of the chunk sweeps in docs/performance.md.
 __device__ __forceinline__ int ring_chunk(const CombineParams& p, int W) {
   if (p.ring_chunk > 0) return p.ring_chunk;
   return p.ring_send_warps > 0 ? max(1, 8 / W) : max(1, min(4, 20 / W));

@@ -105,12 +105,10 @@ __global__ void __launch_bounds__(kThreads, 1) notify_kernel(const __grid_consta
     }
     // A negative count tells dispatch and combine to skip the op on every rank alike.
     *p.num_recv = status == 0 ? num_recv : -1;
+    // The host reads the mailbox after this kernel's stream completed (HostMailbox).
     if (p.mailbox != nullptr) {
       p.mailbox->num_recv = num_recv;
-      p.mailbox->status = status;
       p.mailbox->max_rows = max_rows;
-      __threadfence_system();
-      reinterpret_cast<volatile unsigned long long*>(&p.mailbox->epoch)[0] = e;
     }
   }
   device::op_end(ctx, e);

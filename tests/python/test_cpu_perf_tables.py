@@ -1,0 +1,132 @@
+"""CPU tests of tools/perf_tables.py: epx_bench JSON in, the markdown tables of docs/performance.md
+out (commit, machine and date per table; simulated runs labelled). Needs neither torch nor epx."""
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+_TOOL = Path(__file__).resolve().parents[2] / "tools" / "perf_tables.py"
+_spec = importlib.util.spec_from_file_location("perf_tables", _TOOL)
+perf_tables = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(perf_tables)
+
+# What `epx_bench --json` writes (bench/report_json.cpp), cut to a few rows of each workload.
+REAL_RUN = r"""{
+  "commit": "ee0b767", "date": "2026-11-28T07:00:21Z", "device": "NVIDIA H200", "num_gpus": 4, "world": 4,
+  "simulated": false, "sms_per_rank": 132,
+  "experts": 256, "topk": 8, "routing": "uniform", "warmup": 5, "iters": 30, "seed": 1,
+  "skipped": [],
+  "rows": [
+    {"workload": "ht", "op": "raw store ceiling", "sms": 24, "tokens": 4096, "hidden": 7168, "median_us": 0, "min_us": 0, "max_us": 0, "logical_gbps": 0, "nvlink_gbps": 304.9, "pct_ceiling": 100, "vs_nccl": -1, "host_us": -1, "note": "peer stores, same SMs", "sim": false},
+    {"workload": "ht", "op": "combine bf16", "sms": 24, "tokens": 4096, "hidden": 7168, "median_us": 584.1, "min_us": 580.25, "max_us": 590.5, "logical_gbps": 365.2, "nvlink_gbps": 273.7, "pct_ceiling": 89.8, "vs_nccl": 1.0397, "host_us": 7.7, "note": "", "sim": false},
+    {"workload": "ht", "op": "combine w3c8q256", "sms": 24, "tokens": 4096, "hidden": 7168, "median_us": 591.9, "min_us": 590, "max_us": 600, "logical_gbps": 360.4, "nvlink_gbps": 270.1, "pct_ceiling": 88.6, "vs_nccl": null, "host_us": 7.9, "note": "row region: \"these\" rings | do not fit\nhere \\ now", "sim": false},
+    {"workload": "ht", "op": "nccl a2a combine bf16", "sms": 0, "tokens": 4096, "hidden": 7168, "median_us": 607.3, "min_us": 600, "max_us": 610, "logical_gbps": 351.2, "nvlink_gbps": 263.2, "pct_ceiling": -1, "vs_nccl": -1, "host_us": -1, "note": "baseline (all SMs NCCL wants)", "sim": false},
+    {"workload": "ll", "op": "ll dispatch fp8", "sms": 0, "tokens": 128, "hidden": 7168, "median_us": 32.7, "min_us": 31.3, "max_us": 37.5, "logical_gbps": 226.4, "nvlink_gbps": -1, "pct_ceiling": -1, "vs_nccl": 2.23, "host_us": 4.3, "note": "all SMs while running", "sim": false},
+    {"workload": "ll", "op": "ll dispatch fp8 kernel", "sms": 0, "tokens": 128, "hidden": 7168, "median_us": 29.8, "min_us": 29.5, "max_us": 30.1, "logical_gbps": 248.4, "nvlink_gbps": -1, "pct_ceiling": -1, "vs_nccl": -1, "host_us": -1, "note": "kernels only: graph replay", "sim": false}
+  ]
+}
+"""
+
+SIM_RUN = {
+    "commit": "unknown", "date": "2026-12-01T10:00:00Z", "device": "NVIDIA H200", "num_gpus": 1, "world": 4,
+    "simulated": True, "sms_per_rank": 33, "experts": 256, "topk": 8, "routing": "uniform", "warmup": 5,
+    "iters": 30, "seed": 1,
+    "skipped": ["nccl a2a dispatch/combine bf16 (ht): a simulated rank has no NCCL communicator"],
+    "rows": [
+        {"op": "dispatch bf16 cached", "sms": 20, "tokens": 4096, "hidden": 7168, "median_us": 2000.04,
+         "min_us": 1990, "max_us": 2100, "logical_gbps": 100.0, "nvlink_gbps": 75.0, "pct_ceiling": 50.0,
+         "vs_nccl": -1, "host_us": 9.0, "note": "", "sim": True, "sim_rank": 2},
+        {"op": "dispatch bf16 cached", "sms": 20, "tokens": 512, "hidden": 7168, "median_us": 300.0,
+         "min_us": 290, "max_us": 310, "logical_gbps": 80.0, "nvlink_gbps": 60.0, "pct_ceiling": 40.0,
+         "vs_nccl": -1, "host_us": 8.0, "note": "", "sim": True, "sim_rank": 0},
+    ],
+}
+
+HT_TABLE = """\
+### `ht`, EP4, 4096 tokens/rank, hidden 7168: commit `ee0b767`, 4×NVIDIA H200, 2026-11-28
+
+Rank 0's view. 256 experts, top-8, uniform routing; median of 30 iterations.
+
+| op | SMs | µs | min–max µs | logical GB/s | NVLink GB/s | % ceiling | vs NCCL | host µs/call | note |
+| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |
+| raw store ceiling | 24 |  |  |  | 304.9 | 100.0 |  |  | peer stores, same SMs |
+| combine bf16 | 24 | 584.1 | 580.2–590.5 | 365.2 | 273.7 | 89.8 | 1.04 | 7.7 |  |
+| combine w3c8q256 | 24 | 591.9 | 590.0–600.0 | 360.4 | 270.1 | 88.6 |  | 7.9 | row region: "these" rings \\| do not fit here \\ now |
+| nccl a2a combine bf16 |  | 607.3 | 600.0–610.0 | 351.2 | 263.2 |  |  |  | baseline (all SMs NCCL wants) |
+"""
+
+LL_TABLE = """\
+### `ll`, EP4, 128 tokens/rank, hidden 7168: commit `ee0b767`, 4×NVIDIA H200, 2026-11-28
+
+Rank 0's view. 256 experts, top-8, uniform routing; median of 30 iterations.
+
+| op | µs | min–max µs | logical GB/s | vs NCCL | host µs/call | note |
+| --- | --- | --- | --- | --- | --- | --- |
+| ll dispatch fp8 | 32.7 | 31.3–37.5 | 226.4 | 2.23 | 4.3 | all SMs while running |
+| ll dispatch fp8 kernel | 29.8 | 29.5–30.1 | 248.4 |  |  | kernels only: graph replay |
+"""
+
+
+def test_real_run_gives_one_table_per_workload_with_commit_machine_and_date():
+    out = perf_tables.tables(json.loads(REAL_RUN))
+    assert out == HT_TABLE + "\n" + LL_TABLE
+
+
+def test_simulated_run_is_labelled_and_names_each_rows_rank():
+    out = perf_tables.tables(SIM_RUN)
+    headings = [line for line in out.splitlines() if line.startswith("###")]
+    # One table per shape (4096 and 512 tokens), both simulated, both with the run's commit and date.
+    assert headings == [
+        "### SIMULATED `ht`, 4 ranks on one GPU, 4096 tokens/rank, hidden 7168: commit `unknown`, 1×NVIDIA H200, 2026-12-01",
+        "### SIMULATED `ht`, 4 ranks on one GPU, 512 tokens/rank, hidden 7168: commit `unknown`, 1×NVIDIA H200, 2026-12-01",
+    ]
+    assert "4 ranks as threads on one NVIDIA H200, 33 SMs each: not NVLink numbers." in out
+    # No vs NCCL column (no baseline), no note column (no notes): columns no row fills are left out.
+    assert "| op | rank | SMs | µs | min–max µs | logical GB/s | NVLink GB/s | % ceiling | host µs/call |" in out
+    assert "| dispatch bf16 cached | 2 | 20 | 2000.0 | 1990.0–2100.0 | 100.0 | 75.0 | 50.0 | 9.0 |" in out
+    assert "| dispatch bf16 cached | 0 | 20 | 300.0 |" in out
+    assert out.count("Not measured in this run: nccl a2a dispatch/combine bf16 (ht): a simulated rank has no "
+                     "NCCL communicator.") == 2
+
+
+def test_arguments_replace_the_runs_commit_machine_and_date():
+    out = perf_tables.tables(SIM_RUN, commit="c90ee46", machine_name="1×H200 (NV18)", date="2026-12-02",
+                             level=4)
+    assert out.splitlines()[0] == ("#### SIMULATED `ht`, 4 ranks on one GPU, 4096 tokens/rank, hidden 7168: "
+                                   "commit `c90ee46`, 1×H200 (NV18), 2026-12-02")
+
+
+def test_a_file_without_commit_or_date_says_unknown():
+    report = json.loads(REAL_RUN)
+    for key in ("commit", "date", "num_gpus"):
+        del report[key]
+    info = perf_tables.run_info(report)
+    assert info == {"commit": "unknown", "machine": "4×NVIDIA H200", "date": "unknown date"}
+    # Rows without the workload field are told apart by their op names.
+    for row in report["rows"]:
+        del row["workload"]
+    assert [name for (name, _, _), _ in perf_tables.groups(report["rows"])] == ["ht", "ll"]
+
+
+def test_command_line_reads_files_and_prints_every_table(tmp_path, capsys):
+    real, sim = tmp_path / "real.json", tmp_path / "sim.json"
+    real.write_text(REAL_RUN, encoding="utf-8")
+    sim.write_text(json.dumps(SIM_RUN), encoding="utf-8")
+    assert perf_tables.main([str(real), str(sim)]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(HT_TABLE + "\n" + LL_TABLE)
+    assert out.count("### SIMULATED") == 2
+
+
+def test_command_line_names_a_broken_file(tmp_path, capsys):
+    broken = tmp_path / "broken.json"
+    broken.write_text('{"rows": [', encoding="utf-8")
+    assert perf_tables.main([str(broken)]) == 1
+    assert "broken.json" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("value, cell", [(None, ""), (-1, ""), (0, ""), (12.345, "12.3")])
+def test_missing_numbers_leave_the_cell_blank(value, cell):
+    row = {"op": "x", "median_us": value}
+    assert perf_tables._cell(row, "µs", "median_us") == cell

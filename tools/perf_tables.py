@@ -1,0 +1,162 @@
+#!/usr/bin/env python3
+"""The markdown tables of docs/performance.md, made from `epx_bench --json` files.
+
+    tools/perf_tables.py run.json [more.json ...] [--commit C] [--machine M] [--date D] [--level 3]
+
+Prints, for each file, one table per workload and shape (`ht`: the high-throughput rows of one
+tokens x hidden; `ll`: the low-latency rows), each under a heading with the run's commit, machine
+and date. They come from the JSON (`commit`, `date`, `device`, `num_gpus`, `world`); --commit,
+--machine and --date replace them (for a build made outside a git checkout, whose commit is
+"unknown", or a file written before the JSON carried them). A simulated run (`epx_bench --sim R`,
+`"simulated": true`) is labelled SIMULATED in its heading and gets a `rank` column (each row is its
+slowest rank's numbers): its timings are not NVLink numbers. Columns no row of a table fills (the
+NVLink GB/s of the low-latency rows, say) are left out. Needs only the standard library.
+"""
+import argparse
+import json
+import sys
+from typing import Dict, Iterable, List, Optional, Tuple
+
+# (heading, JSON field or None for a computed cell) of every column, in order.
+COLUMNS = [
+    ("op", "op"),
+    ("rank", "sim_rank"),
+    ("SMs", "sms"),
+    ("µs", "median_us"),
+    ("min–max µs", None),
+    ("logical GB/s", "logical_gbps"),
+    ("NVLink GB/s", "nvlink_gbps"),
+    ("% ceiling", "pct_ceiling"),
+    ("vs NCCL", "vs_nccl"),
+    ("host µs/call", "host_us"),
+    ("note", "note"),
+]
+
+
+def _number(value, fmt: str, minimum: float) -> str:
+    """`value` formatted, or blank where the row has none (null, or below `minimum`: the bench's -1
+    for 'not measured' and 0 for the ceiling row's time)."""
+    if value is None or isinstance(value, bool) or not isinstance(value, (int, float)) or value < minimum:
+        return ""
+    return fmt.format(value)
+
+
+def _text(value) -> str:
+    """Text for a markdown cell: pipes escaped, line breaks as spaces."""
+    return "" if value is None else str(value).replace("|", "\\|").replace("\r", " ").replace("\n", " ")
+
+
+def _cell(row: dict, heading: str, field: Optional[str]) -> str:
+    if heading == "min–max µs":
+        lo, hi = row.get("min_us"), row.get("max_us")
+        if _number(hi, "{}", 1e-12) == "" or _number(lo, "{}", 0) == "":
+            return ""
+        return f"{lo:.1f}–{hi:.1f}"
+    value = row.get(field)
+    if heading in ("op", "note"):
+        return _text(value)
+    if heading == "rank":
+        return "" if value is None or not row.get("sim") else str(value)
+    if heading == "SMs":
+        return _number(value, "{:d}", 1) if isinstance(value, int) else ""
+    if heading == "% ceiling":
+        return _number(value, "{:.1f}", 0)
+    if heading == "vs NCCL":
+        return _number(value, "{:.2f}", 0)
+    if heading == "host µs/call":
+        return _number(value, "{:.1f}", 0)
+    return _number(value, "{:.1f}", 1e-12)  # times and GB/s: 0 means the row has none
+
+
+def workload(row: dict) -> str:
+    """'ht' or 'll': the row's own field, else from the op's name (low-latency ops start 'll ')."""
+    return row.get("workload") or ("ll" if str(row.get("op", "")).startswith("ll ") else "ht")
+
+
+def groups(rows: Iterable[dict]) -> List[Tuple[Tuple[str, int, int], List[dict]]]:
+    """The rows by (workload, tokens, hidden), in the order they first appear."""
+    out: Dict[Tuple[str, int, int], List[dict]] = {}
+    for row in rows:
+        out.setdefault((workload(row), row.get("tokens", 0), row.get("hidden", 0)), []).append(row)
+    return list(out.items())
+
+
+def machine(report: dict) -> str:
+    """'4×NVIDIA H200': the GPUs of the machine (those the run used where the JSON does not say)."""
+    if report.get("machine"):
+        return str(report["machine"])
+    device = report.get("device") or "unknown GPU"
+    num_gpus = report.get("num_gpus") or (1 if report.get("simulated") else report.get("world"))
+    return f"{num_gpus}×{device}" if num_gpus else device
+
+
+def run_info(report: dict, commit: Optional[str] = None, machine_name: Optional[str] = None,
+             date: Optional[str] = None) -> Dict[str, str]:
+    """Commit, machine and date of a run: the arguments where given, else the JSON's."""
+    when = date or report.get("date") or "unknown date"
+    if len(when) >= 10 and when[4] == "-" and when[7] == "-":
+        when = when[:10]  # the day of an ISO 8601 time
+    return {"commit": commit or report.get("commit") or "unknown",
+            "machine": machine_name or machine(report),
+            "date": when}
+
+
+def table(rows: List[dict]) -> List[str]:
+    """A markdown table of `rows`, without the columns none of them fills."""
+    cells = [[_cell(r, heading, field) for heading, field in COLUMNS] for r in rows]
+    keep = [i for i, (heading, _) in enumerate(COLUMNS) if heading == "op" or any(c[i] for c in cells)]
+    lines = ["| " + " | ".join(COLUMNS[i][0] for i in keep) + " |",
+             "| " + " | ".join("---" for _ in keep) + " |"]
+    lines += ["| " + " | ".join(c[i] for i in keep) + " |" for c in cells]
+    return lines
+
+
+def tables(report: dict, commit: Optional[str] = None, machine_name: Optional[str] = None,
+           date: Optional[str] = None, level: int = 3) -> str:
+    """Every table of one report, each under its heading, as markdown."""
+    info = run_info(report, commit, machine_name, date)
+    simulated = bool(report.get("simulated"))
+    world = report.get("world")
+    where = f"commit `{info['commit']}`, {info['machine']}, {info['date']}"
+    conditions = (f"{report.get('experts')} experts, top-{report.get('topk')}, {report.get('routing')} routing; "
+                  f"median of {report.get('iters')} iterations")
+    out: List[str] = []
+    for (name, tokens, hidden), rows in groups(report.get("rows", [])):
+        shape = f"{tokens} tokens/rank, hidden {hidden}"
+        if simulated:
+            title = f"SIMULATED `{name}`, {world} ranks on one GPU, {shape}: {where}"
+            about = (f"{world} ranks as threads on one {report.get('device')}, {report.get('sms_per_rank')} SMs each: "
+                     f"not NVLink numbers. Each row is its slowest rank's (`rank`). {conditions}.")
+        else:
+            title = f"`{name}`, EP{world}, {shape}: {where}"
+            about = f"Rank 0's view. {conditions}."
+        out += ["#" * level + " " + title, "", about, ""] + table(rows) + [""]
+        skipped = report.get("skipped") or []
+        if skipped:
+            out += ["Not measured in this run: " + "; ".join(_text(s) for s in skipped) + ".", ""]
+    return "\n".join(out)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("json", nargs="+", help="epx_bench --json files")
+    ap.add_argument("--commit", help="the commit of the build that ran (replaces the JSON's)")
+    ap.add_argument("--machine", help='the machine, e.g. "4×H200 (NV18)" (replaces the JSON\'s GPUs)')
+    ap.add_argument("--date", help="the day of the run, YYYY-MM-DD (replaces the JSON's)")
+    ap.add_argument("--level", type=int, default=3, help="markdown heading level of each table (default 3)")
+    args = ap.parse_args(argv)
+    parts = []
+    for path in args.json:
+        try:
+            with open(path, encoding="utf-8") as f:
+                report = json.load(f)
+        except (OSError, ValueError) as e:
+            print(f"perf_tables: {path}: {e}", file=sys.stderr)
+            return 1
+        parts.append(tables(report, args.commit, args.machine, args.date, args.level))
+    sys.stdout.write("\n".join(parts))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
