@@ -39,7 +39,7 @@ Buffer::Buffer(Communicator& comm, size_t num_nvl_bytes, BufferOptions options) 
             " exceeds the NVLink domain limit of ", kMaxPeers, " ranks");
   EPX_CHECK(comm.local_size() == comm.world(), ErrorKind::kUnsupported, "the communicator spans ", comm.num_nodes(),
             " NVLink domains (local size ", comm.local_size(), " of ", comm.world(),
-            "); scale-out (RDMA) is not implemented yet");
+            "); scale-out (RDMA) is not implemented");
   EPX_ARG_CHECK(num_nvl_bytes >= SymmetricLayout::kMinBytes, "num_nvl_bytes: expected >= ",
                 SymmetricLayout::kMinBytes, ", got ", num_nvl_bytes);
   num_nvl_bytes = align_up(num_nvl_bytes, 1 << 21);
