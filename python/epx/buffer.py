@@ -609,7 +609,7 @@ class Buffer:
             num_tokens_per_rank, is_token_in_rank, num_tokens_per_expert: from
                 `get_dispatch_layout` (required for a fresh dispatch).
             num_tokens_per_rdma_rank: must be None (no internode mode).
-            topk_idx: `[num_tokens, num_topk]` int64 (required for a fresh dispatch).
+            topk_idx: `[num_tokens, num_topk]` int64, optional (without it only x moves; the layout tensors route).
             topk_weights: `[num_tokens, num_topk]` float32, optional.
             expert_alignment: each count of `num_recv_tokens_per_expert_list` is rounded up to it.
             num_worst_tokens: > 0: the received tensors get this many rows (padding rows: x 0,

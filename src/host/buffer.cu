@@ -265,7 +265,6 @@ int Buffer::dispatch_notify(const DispatchInputs& in, DispatchHandle& handle, co
     m.check_usable();
     const int R = num_ranks();
     const XShape xs = validate_x(in);
-    EPX_ARG_CHECK(in.topk_idx.defined(), "topk_idx: required for a fresh dispatch");
     validate::tensor(in.num_tokens_per_rank, "num_tokens_per_rank", DType::kI32, {R});
     validate::tensor(in.num_tokens_per_expert, "num_tokens_per_expert", DType::kI32, {kAny});
     validate::tensor(in.is_token_in_rank, "is_token_in_rank", DType::kBool, {xs.num_tokens, R});

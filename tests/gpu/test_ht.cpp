@@ -17,6 +17,7 @@ struct Case {
   int empty_rank = -1;       // this rank has N = 0
   bool biases = false;
   int x_row_pad = 0;         // extra elements per x row (non-contiguous x)
+  bool no_topk = false;      // fresh dispatch without topk_idx / topk_weights (x and layout only)
 };
 
 uint64_t case_seed(uint64_t seed, const std::string& name) {
@@ -98,12 +99,13 @@ LayoutOut run_layout(RankCtx& ctx, const DeviceInputs& d, const InputSpec& s, in
 
 struct RecvOut {
   DeviceMem x, scales, topk_idx, topk_weights, src_idx;
-  DispatchOutputs view(const InputSpec& s, int64_t rows) const {
+  DispatchOutputs view(const InputSpec& s, int64_t rows, bool with_topk = true) const {
     DispatchOutputs o;
     o.recv_x = View::of(x.get(), s.fp8 ? DType::kFP8E4M3 : DType::kBF16, {rows, s.hidden});
     if (s.fp8) o.recv_x_scales = View::of(scales.get(), DType::kF32, {rows, (s.hidden + 127) / 128});
-    o.recv_topk_idx = View::of(topk_idx.get(), DType::kI64, {rows, s.num_topk});
-    if (s.with_weights) o.recv_topk_weights = View::of(topk_weights.get(), DType::kF32, {rows, s.num_topk});
+    if (with_topk) o.recv_topk_idx = View::of(topk_idx.get(), DType::kI64, {rows, s.num_topk});
+    if (with_topk && s.with_weights)
+      o.recv_topk_weights = View::of(topk_weights.get(), DType::kF32, {rows, s.num_topk});
     o.recv_src_idx = View::of(src_idx.get(), DType::kI32, {rows});
     return o;
   }
@@ -117,24 +119,27 @@ RecvOut alloc_recv(const InputSpec& s, int64_t rows) {
   return o;
 }
 
+// meta: also recv_src_idx, and (with_topk) recv_topk_idx / recv_topk_weights.
 void check_recv(const RecvOut& o, const InputSpec& s, const ref::DispatchResult& want, int64_t rows, bool meta,
-                const std::string& tag) {
+                const std::string& tag, bool with_topk = true) {
   const int64_t n = want.num_recv;
   const size_t es = s.fp8 ? 1 : 2, S = s.fp8 ? (s.hidden + 127) / 128 : 0, K = s.num_topk;
   auto x = o.x.download<uint8_t>(rows * s.hidden * es);
   expect_equal(x, want.recv_x, n * s.hidden * es, tag + " recv_x");
   if (S) expect_equal(o.scales.download<float>(rows * S), want.recv_x_scales, n * S, tag + " recv_x_scales");
-  if (meta) {
+  if (meta && with_topk) {
     expect_equal(o.topk_idx.download<int64_t>(rows * K), want.recv_topk_idx, n * K, tag + " recv_topk_idx");
     if (s.with_weights)
       expect_equal(o.topk_weights.download<float>(rows * K), want.recv_topk_weights, n * K, tag + " recv_topk_weights");
-    expect_equal(o.src_idx.download<int>(rows), want.recv_src_idx, n, tag + " recv_src_idx");
   }
+  if (meta) expect_equal(o.src_idx.download<int>(rows), want.recv_src_idx, n, tag + " recv_src_idx");
   if (rows > n) {  // worst-case padding: fully written
     for (size_t i = n * s.hidden * es; i < x.size(); ++i) REQUIRE(x[i] == 0, tag, " padding recv_x byte ", i);
-    if (meta) {
+    if (meta && with_topk) {
       auto idx = o.topk_idx.download<int64_t>(rows * K);
       for (size_t i = n * K; i < idx.size(); ++i) REQUIRE(idx[i] == -1, tag, " padding recv_topk_idx ", i);
+    }
+    if (meta) {
       auto src = o.src_idx.download<int>(rows);
       for (int64_t i = n; i < rows; ++i) REQUIRE(src[i] == -1, tag, " padding recv_src_idx ", i);
     }
@@ -161,6 +166,8 @@ void run_case(RankCtx& ctx, const Case& c) {
   LayoutOut layout = run_layout(ctx, d, s, N, want_layout);
 
   DispatchInputs in = d.view(s, N, c.x_row_pad);
+  if (c.no_topk) in.topk_idx = in.topk_weights = View{};  // routing from the layout tensors alone
+  const bool topk = !c.no_topk;
   in.num_tokens_per_rank = View::of(layout.per_rank.get(), DType::kI32, {R});
   in.num_tokens_per_expert = View::of(layout.per_expert.get(), DType::kI32, {E});
   in.is_token_in_rank = View::of(layout.in_rank.get(), DType::kBool, {N, R});
@@ -176,9 +183,9 @@ void run_case(RankCtx& ctx, const Case& c) {
   if (!c.worst_case) REQUIRE(nr == want[me].num_recv, c.name, ": num_recv ", nr, " want ", want[me].num_recv);
   const int64_t rows = c.worst_case ? in.num_worst_tokens : nr;
   RecvOut out = alloc_recv(s, rows);
-  ctx.buffer->dispatch(in, handle, out.view(s, rows), ctx.stream);
+  ctx.buffer->dispatch(in, handle, out.view(s, rows, topk), ctx.stream);
   ctx.buffer->synchronize(ctx.stream);
-  check_recv(out, s, want[me], rows, true, c.name);
+  check_recv(out, s, want[me], rows, true, c.name, topk);
   expect_equal(per_expert.download<int>(E / R), want[me].num_recv_tokens_per_expert, E / R,
                c.name + " num_recv_tokens_per_expert");
   // The handle's prefix matrix is DeepEP's rank_prefix_matrix.
@@ -214,12 +221,12 @@ void run_case(RankCtx& ctx, const Case& c) {
     const int nr2 = ctx.buffer->dispatch_notify(in, h2, View::of(per_expert.get(), DType::kI32, {E / R}), ctx.stream);
     REQUIRE(nr2 == nr, c.name, ": split num_recv ", nr2, " want ", nr);
     RecvOut fresh = alloc_recv(s, rows);
-    ctx.buffer->dispatch(in, h2, fresh.view(s, rows), ctx.stream);
+    ctx.buffer->dispatch(in, h2, fresh.view(s, rows, topk), ctx.stream);
     RecvOut again = dispatch_cached(h2);
     ctx.buffer->synchronize(ctx.stream);
     ctx.buffer->set_config(saved);
     const std::string tag = c.name + " split k" + std::to_string(copy_warps);
-    check_recv(fresh, s, want[me], rows, true, tag);
+    check_recv(fresh, s, want[me], rows, true, tag, topk);
     check_recv(again, s, want[me], rows, false, tag + " cached");
   }
   // Combine: every rank's expert outputs are regenerable, so the reference is exact (bitwise).
@@ -306,6 +313,7 @@ std::vector<Case> cases(int world) {
   { Case c{"all to rank 0", base}; c.spec.routing = Routing::kOneRank; v.push_back(c); }
   { Case c{"skewed no weights k4", base}; c.spec.routing = Routing::kSkewed; c.spec.with_weights = false; c.spec.num_topk = 4; v.push_back(c); }
   { Case c{"many -1 slots", base}; c.spec.drop_prob = 0.6; c.spec.num_tokens = 1000; v.push_back(c); }
+  { Case c{"fresh without topk_idx", base}; c.no_topk = true; c.spec.with_weights = false; v.push_back(c); }
   { Case c{"bf16 n4096 h7168 k8 e64R", base}; c.spec.num_tokens = 4096; c.spec.hidden = 7168; c.spec.num_experts = 64 * world; c.spec.drop_prob = 0; v.push_back(c); }
   return v;
 }
