@@ -55,7 +55,9 @@ struct DispatchHandle {
 
 struct DispatchInputs {
   View x;                      // [N, H] bf16, or fp8 e4m3 (any row stride, 16-byte aligned rows)
-  View x_scales;               // [N, S] f32, any strides; required iff x is fp8
+  View x_scales;               // [N, C] or [N], f32 or int32 (UE8M0-packed), any strides; required iff
+                               //   x is fp8; moved as 32-bit words (C = ceil(H / 128) for DeepEP's
+                               //   per-128 f32 scales, ceil(H / 512) for packed UE8M0)
   View topk_idx;               // [N, K] int64, -1 = none; optional (required for fresh dispatch)
   View topk_weights;           // [N, K] f32; optional (needs topk_idx)
   View num_tokens_per_rank;    // [R] int32 (from get_dispatch_layout); fresh dispatch only
@@ -70,7 +72,7 @@ struct DispatchInputs {
 
 struct DispatchOutputs {
   View recv_x;                      // [Nr or num_worst_tokens, H], dtype of x, contiguous
-  View recv_x_scales;               // [rows, S] f32 contiguous, iff x is fp8
+  View recv_x_scales;               // [rows, C] or [rows], x_scales' dtype, contiguous, iff x is fp8
   View recv_topk_idx;               // [rows, K] int64, local expert ids (-1 elsewhere); optional
   View recv_topk_weights;           // [rows, K] f32, 0 where idx is -1; optional
   View recv_src_idx;                // [rows] int32: token index on the source rank; optional

@@ -642,7 +642,11 @@ class Buffer:
                                                 f"of {len(x)}")
             x, x_scales = x
             d_x = self._desc(x, "x[0]", _FP8, 2)
-            d_scales = self._desc(x_scales, "x[1] (scales)", _F32, 2)
+            # float32 or int32 (UE8M0-packed) scales, [N] or [N, C]: moved as 32-bit words.
+            d_scales = self._desc(x_scales, "x[1] (scales)", (torch.float32, torch.int32))
+            if x_scales.dim() not in (1, 2):
+                raise _error("InvalidArgument", f"x[1] (scales): expected [num_tokens] or [num_tokens, C], got shape "
+                                                f"{tuple(x_scales.shape)}")
         else:
             x_scales, d_scales = None, None
             d_x = self._desc(x, "x", _BF16_FP8, 2)
@@ -676,11 +680,11 @@ class Buffer:
                 with torch.cuda.stream(self._comm_stream):
                     recv_x = torch.empty((rows, hidden), dtype=x.dtype, device=dev)
                     recv_x_scales = None if x_scales is None else \
-                        torch.empty((rows, d_scales[2][1]), dtype=torch.float32, device=dev)
+                        torch.empty((rows,) + tuple(x_scales.shape[1:]), dtype=x_scales.dtype, device=dev)
             else:
                 recv_x = torch.empty((rows, hidden), dtype=x.dtype, device=dev)
                 recv_x_scales = None if x_scales is None else \
-                    torch.empty((rows, d_scales[2][1]), dtype=torch.float32, device=dev)
+                    torch.empty((rows,) + tuple(x_scales.shape[1:]), dtype=x_scales.dtype, device=dev)
             out_desc = self._out_desc
             rt.dispatch(h, d_x, d_scales, None, None, expert_alignment, worst, out_desc(recv_x),
                         None if recv_x_scales is None else out_desc(recv_x_scales), None, None, None, self._comm_raw)
@@ -716,7 +720,7 @@ class Buffer:
         with self._alloc(allocate_on_comm_stream):
             recv_x = torch.empty((rows, hidden), dtype=x.dtype, device=self._device)
             recv_x_scales = None if x_scales is None else \
-                torch.empty((rows, x_scales.size(1)), dtype=torch.float32, device=self._device)
+                torch.empty((rows,) + tuple(x_scales.shape[1:]), dtype=x_scales.dtype, device=self._device)
             recv_topk_idx = None if topk_idx is None else \
                 torch.empty((rows, num_topk), dtype=torch.int64, device=self._device)
             recv_topk_weights = None if topk_weights is None else \

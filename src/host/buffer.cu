@@ -225,6 +225,9 @@ struct XShape {
   int hidden;
   DType dtype;
   int num_topk;
+  int num_scale_columns = 0;        // 32-bit scale words per row (fp8), 1 for 1-D scales
+  int scale_ndim = 0;               // 1 or 2 (fp8)
+  DType scale_dtype = DType::kF32;  // f32, or int32 (UE8M0-packed)
 };
 
 XShape validate_x(const DispatchInputs& in) {
@@ -236,7 +239,18 @@ XShape validate_x(const DispatchInputs& in) {
   XShape s{in.x.shape[0], static_cast<int>(in.x.shape[1]), in.x.dtype, 0};
   validate::in_range(s.hidden, "x.shape[1] (hidden)", 1, 1 << 16);
   if (s.dtype == DType::kFP8E4M3) {
-    validate::tensor(in.x_scales, "x_scales", DType::kF32, {s.num_tokens, plan::num_scales(s.hidden)});
+    // Any number of f32 or int32 (UE8M0-packed) scales per row, [N] or [N, C]: moved as 32-bit words.
+    EPX_ARG_CHECK(in.x_scales.defined(), "x_scales: required with fp8 x");
+    EPX_ARG_CHECK(in.x_scales.dtype == DType::kF32 || in.x_scales.dtype == DType::kI32,
+                  "x_scales: expected dtype float32 or int32 (UE8M0-packed), got ", validate::describe(in.x_scales));
+    EPX_ARG_CHECK(in.x_scales.ndim == 1 || in.x_scales.ndim == 2, "x_scales: expected [N] or [N, C], got ",
+                  validate::describe(in.x_scales));
+    if (in.x_scales.ndim == 1) validate::tensor(in.x_scales, "x_scales", in.x_scales.dtype, {s.num_tokens});
+    else validate::tensor(in.x_scales, "x_scales", in.x_scales.dtype, {s.num_tokens, kAny});
+    s.scale_ndim = in.x_scales.ndim;
+    s.scale_dtype = in.x_scales.dtype;
+    s.num_scale_columns = in.x_scales.ndim == 1 ? 1 : static_cast<int>(in.x_scales.shape[1]);
+    validate::in_range(s.num_scale_columns, "x_scales.shape[1] (scales per row)", 1, s.hidden);
   } else {
     EPX_ARG_CHECK(!in.x_scales.defined(), "x_scales: only allowed with fp8 x, got ", validate::describe(in.x_scales));
   }
@@ -280,7 +294,7 @@ int Buffer::dispatch_notify(const DispatchInputs& in, DispatchHandle& handle, co
     EPX_ARG_CHECK(handle.storage != nullptr && handle.num_ranks == R, "handle: not made by this Buffer's make_handle");
     EPX_ARG_CHECK(handle.num_tokens == xs.num_tokens, "handle: made for ", handle.num_tokens, " tokens, x has ",
                   xs.num_tokens);
-    const RowLayout rows = plan::dispatch_rows(m.num_nvl_bytes, xs.hidden, xs.dtype, xs.num_topk);
+    const RowLayout rows = plan::dispatch_rows(m.num_nvl_bytes, xs.hidden, xs.dtype, xs.num_topk, xs.num_scale_columns);
     if (in.num_worst_tokens > 0)
       EPX_CHECK(in.num_worst_tokens <= rows.capacity, ErrorKind::kBufferTooSmall, "num_worst_tokens = ",
                 in.num_worst_tokens, " rows do not fit: the buffer holds ", rows.capacity, " rows of this shape; need num_nvl_bytes >= ",
@@ -335,12 +349,13 @@ void Buffer::dispatch(const DispatchInputs& in, const DispatchHandle& handle, co
     EPX_ARG_CHECK(handle.num_worst_tokens > 0 || handle.num_recv_tokens >= 0,
                   "handle: row count unknown on the host (not host-synced and no num_worst_tokens)");
     const int64_t out_rows = handle.num_worst_tokens > 0 ? handle.num_worst_tokens : handle.num_recv_tokens;
-    const int S = xs.dtype == DType::kFP8E4M3 ? plan::num_scales(xs.hidden) : 0;
+    const int S = xs.num_scale_columns;
     validate::tensor(out.recv_x, "recv_x", xs.dtype, {out_rows, xs.hidden});
     validate::contiguous(out.recv_x, "recv_x");
     validate::rows_16b_aligned(out.recv_x, "recv_x");
     if (S > 0) {
-      validate::tensor(out.recv_x_scales, "recv_x_scales", DType::kF32, {out_rows, S});
+      if (xs.scale_ndim == 1) validate::tensor(out.recv_x_scales, "recv_x_scales", xs.scale_dtype, {out_rows});
+      else validate::tensor(out.recv_x_scales, "recv_x_scales", xs.scale_dtype, {out_rows, S});
       validate::contiguous(out.recv_x_scales, "recv_x_scales");
     } else {
       EPX_ARG_CHECK(!out.recv_x_scales.defined(), "recv_x_scales: only with fp8 x");
@@ -355,7 +370,7 @@ void Buffer::dispatch(const DispatchInputs& in, const DispatchHandle& handle, co
     if (out.recv_topk_weights.defined())
       EPX_ARG_CHECK(in.topk_weights.defined(), "recv_topk_weights: needs topk_weights as input");
 
-    const RowLayout rows = plan::dispatch_rows(m.num_nvl_bytes, xs.hidden, xs.dtype, xs.num_topk);
+    const RowLayout rows = plan::dispatch_rows(m.num_nvl_bytes, xs.hidden, xs.dtype, xs.num_topk, xs.num_scale_columns);
     if (handle.max_recv_tokens >= 0)
       EPX_CHECK(handle.max_recv_tokens <= rows.capacity, ErrorKind::kBufferTooSmall, "dispatch: a rank receives ",
                 handle.max_recv_tokens, " rows but the buffer holds ", rows.capacity,
@@ -370,9 +385,9 @@ void Buffer::dispatch(const DispatchInputs& in, const DispatchHandle& handle, co
     p.num_experts_per_rank = handle.num_experts / R;
     p.x = static_cast<const char*>(in.x.data);
     p.x_row_stride_bytes = in.x.stride[0] * static_cast<int64_t>(dtype_size(xs.dtype));
-    p.x_scales = S > 0 ? in.x_scales.ptr<float>() : nullptr;
+    p.x_scales = S > 0 ? in.x_scales.ptr<uint32_t>() : nullptr;
     p.scale_token_stride = S > 0 ? in.x_scales.stride[0] : 0;
-    p.scale_hidden_stride = S > 0 ? in.x_scales.stride[1] : 0;
+    p.scale_hidden_stride = S > 0 && xs.scale_ndim == 2 ? in.x_scales.stride[1] : 0;
     p.topk_idx = in.topk_idx.defined() ? in.topk_idx.ptr<int64_t>() : nullptr;
     p.topk_stride = in.topk_idx.defined() ? in.topk_idx.stride[0] : 0;
     p.topk_weights = in.topk_weights.defined() ? in.topk_weights.ptr<float>() : nullptr;
@@ -382,7 +397,7 @@ void Buffer::dispatch(const DispatchInputs& in, const DispatchHandle& handle, co
     p.num_recv = handle.num_recv_device;
     p.out_rows = out_rows;
     p.recv_x = static_cast<char*>(out.recv_x.data);
-    p.recv_x_scales = S > 0 ? out.recv_x_scales.ptr<float>() : nullptr;
+    p.recv_x_scales = S > 0 ? out.recv_x_scales.ptr<uint32_t>() : nullptr;
     p.recv_topk_idx = out.recv_topk_idx.defined() ? out.recv_topk_idx.ptr<int64_t>() : nullptr;
     p.recv_topk_weights = out.recv_topk_weights.defined() ? out.recv_topk_weights.ptr<float>() : nullptr;
     p.recv_src_idx = out.recv_src_idx.defined() ? out.recv_src_idx.ptr<int>() : nullptr;

@@ -12,10 +12,11 @@ size_t row_region_bytes(size_t num_nvl_bytes) {
   return num_nvl_bytes > SymmetricLayout::kRowsOffset ? num_nvl_bytes - SymmetricLayout::kRowsOffset : 0;
 }
 
-RowLayout dispatch_rows(size_t num_nvl_bytes, int hidden, DType x_dtype, int num_topk) {
+RowLayout dispatch_rows(size_t num_nvl_bytes, int hidden, DType x_dtype, int num_topk, int num_scale_columns) {
   const bool fp8 = x_dtype == DType::kFP8E4M3;
-  return dispatch_row_layout(row_region_bytes(num_nvl_bytes), hidden * static_cast<int>(dtype_size(x_dtype)),
-                             fp8 ? num_scales(hidden) : 0, num_topk, /*with_weights=*/true);
+  const int scales = !fp8 ? 0 : num_scale_columns >= 0 ? num_scale_columns : num_scales(hidden);
+  return dispatch_row_layout(row_region_bytes(num_nvl_bytes), hidden * static_cast<int>(dtype_size(x_dtype)), scales,
+                             num_topk, /*with_weights=*/true);
 }
 
 RowLayout combine_rows(size_t num_nvl_bytes, int hidden, int num_topk) {

@@ -17,7 +17,8 @@ inline int num_scales(int hidden) { return (hidden + 127) / 128; }
 size_t row_region_bytes(size_t num_nvl_bytes);
 // Dispatch rows always reserve room for scales (fp8) and top-k ids + weights, so one capacity
 // serves every dispatch of that shape.
-RowLayout dispatch_rows(size_t num_nvl_bytes, int hidden, DType x_dtype, int num_topk);
+// num_scale_columns: 32-bit scale words per fp8 row; -1 = one per 128 channels.
+RowLayout dispatch_rows(size_t num_nvl_bytes, int hidden, DType x_dtype, int num_topk, int num_scale_columns = -1);
 RowLayout combine_rows(size_t num_nvl_bytes, int hidden, int num_topk);
 
 // Ring combine geometry: channels (ring_senders sender blocks + one receiver block each), sender

@@ -76,7 +76,7 @@ __device__ __forceinline__ void send_token(const DispatchParams& p, int t, const
     if (row < 0) continue;
     const bool local = r == me;
     char* base = local ? nullptr : ctx.rows(r);
-    float* scales = local ? p.recv_x_scales + row * L.num_scales : L.scales(base, row);
+    uint32_t* scales = local ? p.recv_x_scales + row * L.num_scales : reinterpret_cast<uint32_t*>(L.scales(base, row));
     for (int j = lane; j < L.num_scales; j += kWarpSize)
       scales[j] = p.x_scales[t * p.scale_token_stride + j * p.scale_hidden_stride];
     for (int k = lane; k < L.num_topk_idx; k += kWarpSize) {

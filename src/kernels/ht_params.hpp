@@ -57,7 +57,7 @@ struct DispatchParams {
   // Inputs.
   const char* x;
   int64_t x_row_stride_bytes;
-  const float* x_scales;
+  const uint32_t* x_scales;  // f32 or int32 (UE8M0-packed) scales: moved as 32-bit words
   int64_t scale_token_stride, scale_hidden_stride;
   const int64_t* topk_idx;
   int64_t topk_stride;
@@ -70,7 +70,7 @@ struct DispatchParams {
   // Outputs (contiguous), `out_rows` rows each.
   int64_t out_rows;
   char* recv_x;
-  float* recv_x_scales;
+  uint32_t* recv_x_scales;
   int64_t* recv_topk_idx;
   float* recv_topk_weights;
   int* recv_src_idx;

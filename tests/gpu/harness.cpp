@@ -245,9 +245,18 @@ ref::RankInput make_input(uint64_t seed, int rank, const InputSpec& spec) {
   in.x.resize(static_cast<size_t>(N) * row_bytes);
   if (spec.fp8) {
     for (auto& b : in.x) b = static_cast<uint8_t>(rng());
-    in.x_scales.resize(static_cast<size_t>(N) * ((H + 127) / 128));
+    in.x_scales.resize(static_cast<size_t>(N) * num_scale_columns(spec));
     std::uniform_real_distribution<float> u(0.01f, 10.f);
-    for (auto& s : in.x_scales) s = u(rng);
+    for (auto& s : in.x_scales) {
+      if (spec.scales != InputSpec::Scales::kUe8m0) {
+        s = u(rng);
+        continue;
+      }
+      // Four exponent bytes in [100, 150] (2^-27 .. 2^23): the int32 words travel as they are.
+      uint32_t word = 0;
+      for (int b = 0; b < 4; ++b) word |= static_cast<uint32_t>(100 + rng() % 51) << (8 * b);
+      std::memcpy(&s, &word, 4);
+    }
   } else {
     // Finite bf16 values in [-4, 4): random mantissas, so a misplaced row shows.
     std::uniform_real_distribution<float> u(-4.f, 4.f);
@@ -277,13 +286,22 @@ ref::RankInput make_input(uint64_t seed, int rank, const InputSpec& spec) {
   return in;
 }
 
+int num_scale_columns(const InputSpec& spec) {
+  if (!spec.fp8) return 0;
+  switch (spec.scales) {
+    case InputSpec::Scales::kUe8m0: return (spec.hidden + 511) / 512;
+    case InputSpec::Scales::kOnePerToken: return 1;
+    default: return (spec.hidden + 127) / 128;
+  }
+}
+
 ref::DispatchShape shape_of(const InputSpec& spec, int world, int alignment) {
   ref::DispatchShape s;
   s.num_ranks = world;
   s.num_experts = spec.num_experts;
   s.num_topk = spec.num_topk;
   s.row_bytes = spec.fp8 ? spec.hidden : 2 * spec.hidden;
-  s.num_scales = spec.fp8 ? (spec.hidden + 127) / 128 : 0;
+  s.num_scales = num_scale_columns(spec);
   s.expert_alignment = alignment;
   return s;
 }

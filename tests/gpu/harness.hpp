@@ -167,7 +167,13 @@ struct InputSpec {
   bool with_weights = true;
   double drop_prob = 0.1;  // chance of a -1 slot
   Routing routing = Routing::kUniform;
+  // fp8 scales: kF32 [N, ceil(H/128)] floats, kUe8m0 [N, ceil(H/512)] int32 (4 packed exponent
+  // bytes each, as DeepGEMM takes them), kOnePerToken [N] floats.
+  enum class Scales { kF32, kUe8m0, kOnePerToken } scales = Scales::kF32;
 };
+
+// 32-bit scale words per fp8 row of `spec` (0 for bf16).
+int num_scale_columns(const InputSpec& spec);
 
 // Rank `rank`'s inputs, a pure function of (seed, rank, spec): distinct experts per token.
 ref::RankInput make_input(uint64_t seed, int rank, const InputSpec& spec);

@@ -45,8 +45,10 @@ struct DeviceInputs {
     const DType dt = s.fp8 ? DType::kFP8E4M3 : DType::kBF16;
     in.x = View::strided(x.get(), dt, {N, s.hidden}, {s.hidden + pad, 1});
     if (s.fp8) {
-      const int S = (s.hidden + 127) / 128;
-      in.x_scales = View::strided(scales.get(), DType::kF32, {N, S}, {1, N});  // column-major
+      const int S = num_scale_columns(s);
+      const DType dt = s.scales == InputSpec::Scales::kUe8m0 ? DType::kI32 : DType::kF32;
+      if (s.scales == InputSpec::Scales::kOnePerToken) in.x_scales = View::of(scales.get(), dt, {N});
+      else in.x_scales = View::strided(scales.get(), dt, {N, S}, {1, N});  // column-major
     }
     in.topk_idx = View::of(topk_idx.get(), DType::kI64, {N, s.num_topk});
     if (s.with_weights) in.topk_weights = View::of(topk_weights.get(), DType::kF32, {N, s.num_topk});
@@ -63,7 +65,7 @@ DeviceInputs upload_inputs(const RankInput& in, const InputSpec& s, int pad) {
   for (int t = 0; t < N; ++t) std::memcpy(&x[t * padded], &in.x[t * row], row);
   d.x = DeviceMem::from(x);
   if (s.fp8) {
-    const int S = (s.hidden + 127) / 128;
+    const int S = num_scale_columns(s);
     std::vector<float> col(static_cast<size_t>(S) * N);
     for (int t = 0; t < N; ++t)
       for (int j = 0; j < S; ++j) col[static_cast<size_t>(j) * N + t] = in.x_scales[static_cast<size_t>(t) * S + j];
@@ -102,7 +104,12 @@ struct RecvOut {
   DispatchOutputs view(const InputSpec& s, int64_t rows, bool with_topk = true) const {
     DispatchOutputs o;
     o.recv_x = View::of(x.get(), s.fp8 ? DType::kFP8E4M3 : DType::kBF16, {rows, s.hidden});
-    if (s.fp8) o.recv_x_scales = View::of(scales.get(), DType::kF32, {rows, (s.hidden + 127) / 128});
+    if (s.fp8) {
+      const DType dt = s.scales == InputSpec::Scales::kUe8m0 ? DType::kI32 : DType::kF32;
+      o.recv_x_scales = s.scales == InputSpec::Scales::kOnePerToken
+                            ? View::of(scales.get(), dt, {rows})
+                            : View::of(scales.get(), dt, {rows, num_scale_columns(s)});
+    }
     if (with_topk) o.recv_topk_idx = View::of(topk_idx.get(), DType::kI64, {rows, s.num_topk});
     if (with_topk && s.with_weights)
       o.recv_topk_weights = View::of(topk_weights.get(), DType::kF32, {rows, s.num_topk});
@@ -112,7 +119,7 @@ struct RecvOut {
 };
 
 RecvOut alloc_recv(const InputSpec& s, int64_t rows) {
-  const size_t es = s.fp8 ? 1 : 2, S = (s.hidden + 127) / 128;
+  const size_t es = s.fp8 ? 1 : 2, S = num_scale_columns(s);
   RecvOut o{DeviceMem(rows * s.hidden * es), DeviceMem(s.fp8 ? rows * S * 4 : 0), DeviceMem(rows * s.num_topk * 8),
             DeviceMem(rows * s.num_topk * 4), DeviceMem(rows * 4)};
   for (DeviceMem* m : {&o.x, &o.scales, &o.topk_idx, &o.topk_weights, &o.src_idx}) m->fill(0x7F);
@@ -123,7 +130,7 @@ RecvOut alloc_recv(const InputSpec& s, int64_t rows) {
 void check_recv(const RecvOut& o, const InputSpec& s, const ref::DispatchResult& want, int64_t rows, bool meta,
                 const std::string& tag, bool with_topk = true) {
   const int64_t n = want.num_recv;
-  const size_t es = s.fp8 ? 1 : 2, S = s.fp8 ? (s.hidden + 127) / 128 : 0, K = s.num_topk;
+  const size_t es = s.fp8 ? 1 : 2, S = num_scale_columns(s), K = s.num_topk;
   auto x = o.x.download<uint8_t>(rows * s.hidden * es);
   expect_equal(x, want.recv_x, n * s.hidden * es, tag + " recv_x");
   if (S) expect_equal(o.scales.download<float>(rows * S), want.recv_x_scales, n * S, tag + " recv_x_scales");
@@ -314,6 +321,8 @@ std::vector<Case> cases(int world) {
   { Case c{"skewed no weights k4", base}; c.spec.routing = Routing::kSkewed; c.spec.with_weights = false; c.spec.num_topk = 4; v.push_back(c); }
   { Case c{"many -1 slots", base}; c.spec.drop_prob = 0.6; c.spec.num_tokens = 1000; v.push_back(c); }
   { Case c{"fresh without topk_idx", base}; c.no_topk = true; c.spec.with_weights = false; v.push_back(c); }
+  { Case c{"fp8 h7168 ue8m0 int32 scales", base}; c.spec.hidden = 7168; c.spec.fp8 = true; c.spec.scales = InputSpec::Scales::kUe8m0; v.push_back(c); }
+  { Case c{"fp8 h2048 per-token scales worst-case", base}; c.spec.fp8 = true; c.spec.scales = InputSpec::Scales::kOnePerToken; c.worst_case = true; v.push_back(c); }
   { Case c{"bf16 n4096 h7168 k8 e64R", base}; c.spec.num_tokens = 4096; c.spec.hidden = 7168; c.spec.num_experts = 64 * world; c.spec.drop_prob = 0; v.push_back(c); }
   return v;
 }
