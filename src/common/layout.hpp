@@ -30,10 +30,16 @@ constexpr int kMaxExpertsPerRank = 1024;
 
 EPX_HD constexpr size_t align_up(size_t x, size_t a) { return (x + a - 1) / a * a; }
 
+//   SyncArea::plan[p][e & 1] written by rank p (relaxed.sys) at the start of its op e, before
+//                       its ready store (whose release orders it): the two words of what p derived
+//                       its peer addressing from (host/plan.hpp, OpPlan). Read by this rank after
+//                       ready[p] >= e (acquire) and compared with its own: a mismatch is an error
+//                       naming the field. Two slots: p may already have begun op e + 1, never e + 2.
 struct SyncArea {
   uint64_t ready[kMaxPeers];
   uint64_t done[kMaxPeers];
   uint64_t abort[kMaxPeers];
+  uint64_t plan[kMaxPeers][2][2];
 };
 
 // An abort word: what failed on the rank that wrote it (op, phase, error kind, the peer it waited
@@ -165,7 +171,7 @@ EPX_HD RowLayout combine_row_layout(size_t region_bytes, int hidden, int num_wei
 // phases after it keep theirs.
 enum class OpCode : int { kNone = 0, kLayout, kNotify, kDispatch, kCombine, kLlDispatch, kLlCombine };
 enum class Phase : int { kNone = 0, kEntryBarrier, kInputCheck, kCountExchange, kSend, kReceive,
-                         kReduce, kCapacity };
+                         kReduce, kCapacity, kPlanCheck };
 // Error kinds recorded by the device (mapped onto epx::ErrorKind by the host).
 // kAborted: a peer's abort word ended a wait (ErrorRecord::peer = that rank, observed = its word).
 // kHostError: only in abort words: the op failed on the host of the rank that wrote it.

@@ -21,6 +21,7 @@ struct OpContext {
   ErrorRecord* err = nullptr;  // host-mapped
   uint64_t timeout_ns = 0;
   int op = 0;  // OpCode
+  uint64_t plan[2] = {0, 0};  // this op's OpPlan words (host/plan.hpp): every rank must agree
 
   __device__ SyncArea* sync(int r) const {
     return reinterpret_cast<SyncArea*>(peers[r] + SymmetricLayout::kSyncOffset);
@@ -37,7 +38,8 @@ struct OpContext {
 // Errors every rank detects alike (from data all ranks share, e.g. the count matrix) need no abort:
 // each peer reports its own.
 __device__ __forceinline__ bool every_rank_detects(DeviceErrorKind kind, Phase phase) {
-  return kind == DeviceErrorKind::kBufferTooSmall || kind == DeviceErrorKind::kAborted || phase == Phase::kCapacity;
+  return kind == DeviceErrorKind::kBufferTooSmall || kind == DeviceErrorKind::kAborted || phase == Phase::kCapacity ||
+         phase == Phase::kPlanCheck;
 }
 
 __device__ __forceinline__ void record_error(const OpContext& ctx, DeviceErrorKind kind, Phase phase,
@@ -139,17 +141,32 @@ __device__ __forceinline__ bool poll_still_ok(const OpContext& ctx, PollClock& c
 // this rank finished the previous op (so its buffer may be overwritten).
 __device__ __forceinline__ uint64_t op_begin(const OpContext& ctx) {
   const uint64_t e = ld_relaxed_gpu(&ctx.ws->epoch) + 1;
-  if (blockIdx.x == 0 && threadIdx.x < ctx.num_ranks)
-    st_release_sys(&ctx.sync(threadIdx.x)->ready[ctx.rank], e);
+  if (blockIdx.x == 0 && threadIdx.x < ctx.num_ranks) {
+    SyncArea* peer = ctx.sync(threadIdx.x);
+    st_relaxed_sys(&peer->plan[ctx.rank][e & 1][0], ctx.plan[0]);
+    st_relaxed_sys(&peer->plan[ctx.rank][e & 1][1], ctx.plan[1]);
+    st_release_sys(&peer->ready[ctx.rank], e);  // orders the plan words before it
+  }
   return e;
 }
 
 // Block-wide: wait until every peer has started op e (finished reading its buffer for op e-1).
 // Returns false (for all threads of the block) if any wait failed.
+// Then checks that every peer planned op e as this rank did (the plan words of its op_begin).
 __device__ __forceinline__ bool wait_peers_ready(const OpContext& ctx, uint64_t e) {
   bool ok = true;
-  if (threadIdx.x < ctx.num_ranks)
-    ok = wait_flag_geq(ctx, &ctx.sync(ctx.rank)->ready[threadIdx.x], e, Phase::kEntryBarrier, threadIdx.x);
+  if (threadIdx.x < ctx.num_ranks) {
+    const int peer = threadIdx.x;
+    const SyncArea* own = ctx.sync(ctx.rank);
+    ok = wait_flag_geq(ctx, &own->ready[peer], e, Phase::kEntryBarrier, peer);
+    for (int w = 0; ok && w < 2; ++w) {
+      const uint64_t theirs = ld_relaxed_sys(&own->plan[peer][e & 1][w]);
+      if (theirs != ctx.plan[w]) {
+        record_error(ctx, DeviceErrorKind::kInvalidArgument, Phase::kPlanCheck, peer, w, theirs, ctx.plan[w]);
+        ok = false;
+      }
+    }
+  }
   return __syncthreads_and(ok);
 }
 

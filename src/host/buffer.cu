@@ -302,6 +302,11 @@ int Buffer::dispatch_notify(const DispatchInputs& in, DispatchHandle& handle, co
 
     kernels::NotifyParams p{};
     p.ctx = m.context(OpCode::kNotify);
+    {
+      plan::OpPlan plan;
+      plan.experts_per_rank = E_loc;
+      plan::encode_plan(plan, p.ctx.plan);
+    }
     p.num_tokens = static_cast<int>(xs.num_tokens);
     p.num_experts_per_rank = E_loc;
     p.expert_alignment = in.expert_alignment;
@@ -402,6 +407,18 @@ void Buffer::dispatch(const DispatchInputs& in, const DispatchHandle& handle, co
     p.recv_topk_weights = out.recv_topk_weights.defined() ? out.recv_topk_weights.ptr<float>() : nullptr;
     p.recv_src_idx = out.recv_src_idx.defined() ? out.recv_src_idx.ptr<int>() : nullptr;
     p.copy_warps = plan::dispatch_copy_warps(m.config, rows.row_bytes);
+    {
+      plan::OpPlan plan;
+      plan.num_blocks = m.config.num_sms;
+      plan.num_warps = m.config.num_threads / 32;
+      plan.copy_warps = p.copy_warps;
+      plan.row_bytes = rows.row_bytes;
+      plan.num_scales = rows.num_scales;
+      plan.num_topk_idx = rows.num_topk_idx;
+      plan.num_topk_weights = rows.num_topk_weights;
+      plan.experts_per_rank = p.num_experts_per_rank;
+      plan::encode_plan(plan, p.ctx.plan);
+    }
     kernels::launch_dispatch(p, m.config.num_sms, m.config.num_threads, stream);
     m.after_launch("dispatch", stream);
   });
@@ -469,6 +486,19 @@ void Buffer::combine(const CombineInputs& in, const DispatchHandle& handle, cons
     p.combined_topk_weights = K ? out.combined_topk_weights.ptr<float>() : nullptr;
     p.out_weight_stride = K ? out.combined_topk_weights.stride[0] : 0;
     const plan::RingPlan ring = plan::ring_plan(m.config, R, rows.capacity);
+    {
+      plan::OpPlan plan;
+      plan.num_blocks = m.config.num_sms;
+      plan.num_warps = m.config.num_threads / 32;
+      plan.ring_channels = ring.channels;  // 0: the row-region combine
+      plan.ring_slots = ring.channels > 0 ? ring.slots : 0;
+      plan.ring_send_warps = ring.channels > 0 ? ring.send_warps : 0;
+      plan.ring_senders = ring.channels > 0 ? ring.senders : 0;
+      plan.ring_chunk = ring.channels > 0 ? m.config.ring_chunk : 0;
+      plan.row_bytes = rows.row_bytes;
+      plan.num_topk_weights = rows.num_topk_weights;
+      plan::encode_plan(plan, p.ctx.plan);
+    }
     if (ring.channels > 0) {
       p.ring_channels = ring.channels;
       p.ring_senders = ring.senders;

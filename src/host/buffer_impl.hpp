@@ -155,9 +155,9 @@ struct Buffer::Impl {
     static const char* kOps[] = {"none", "layout", "notify", "dispatch", "combine", "low_latency_dispatch",
                                  "low_latency_combine"};
     static const char* kPhases[] = {"none", "entry barrier", "input check", "count exchange", "send",
-                                    "receive", "reduce", "capacity check"};
+                                    "receive", "reduce", "capacity check", "plan check"};
     const int op = e->op >= 0 && e->op < 7 ? e->op : 0;
-    const int phase = e->phase >= 0 && e->phase < 8 ? e->phase : 0;
+    const int phase = e->phase >= 0 && e->phase < 9 ? e->phase : 0;
     std::string msg;
     ErrorKind kind = ErrorKind::kState;
     switch (static_cast<DeviceErrorKind>(e->kind)) {
@@ -169,7 +169,13 @@ struct Buffer::Impl {
         break;
       case DeviceErrorKind::kInvalidArgument:
         kind = ErrorKind::kInvalidArgument;
-        if (op == static_cast<int>(OpCode::kLayout) || op == static_cast<int>(OpCode::kLlDispatch))
+        if (phase == static_cast<int>(Phase::kPlanCheck)) {
+          std::string theirs, mine;
+          const std::string field = plan::plan_difference(e->index, e->observed, e->expected, &theirs, &mine);
+          msg = detail::concat(kOps[op], ": rank ", e->peer, " planned it with ", field, " = ", theirs, ", rank ",
+                               e->rank, " with ", mine, "; every rank must give a collective op the same Config, "
+                               "row shape and optional tensors");
+        } else if (op == static_cast<int>(OpCode::kLayout) || op == static_cast<int>(OpCode::kLlDispatch))
           msg = detail::concat("topk_idx: expert id ", static_cast<long long>(e->observed), " at token ", e->index,
                                " outside [-1, ", e->expected, ") (rank ", e->rank, ")");
         else if (phase == static_cast<int>(Phase::kCapacity))
@@ -190,7 +196,7 @@ struct Buffer::Impl {
         kind = ErrorKind::kAborted;
         const uint64_t w = e->observed;
         const int peer_op = AbortWord::op(w) >= 0 && AbortWord::op(w) < 7 ? AbortWord::op(w) : 0;
-        const int peer_phase = AbortWord::phase(w) >= 0 && AbortWord::phase(w) < 8 ? AbortWord::phase(w) : 0;
+        const int peer_phase = AbortWord::phase(w) >= 0 && AbortWord::phase(w) < 9 ? AbortWord::phase(w) : 0;
         const char* what = AbortWord::kind(w) == static_cast<int>(DeviceErrorKind::kTimeout) ? "timed out"
                            : AbortWord::kind(w) == static_cast<int>(DeviceErrorKind::kInvalidArgument)
                                ? "saw invalid input"

@@ -44,6 +44,49 @@ int dispatch_copy_warps(const Config& config, int64_t row_bytes) {
   return warps - s;
 }
 
+namespace {
+
+struct PlanField {
+  const char* name;
+  int word, shift, bits;
+  int OpPlan::*value;
+};
+constexpr PlanField kPlanFields[] = {
+    {"grid blocks (Config.num_sms)", 0, 0, 10, &OpPlan::num_blocks},
+    {"warps per block (Config.num_threads / 32)", 0, 10, 6, &OpPlan::num_warps},
+    {"ring channels", 0, 16, 7, &OpPlan::ring_channels},
+    {"ring slots (Config.ring_slots)", 0, 23, 13, &OpPlan::ring_slots},
+    {"ring sending warps (Config.ring_send_warps)", 0, 36, 5, &OpPlan::ring_send_warps},
+    {"ring sender blocks (Config.ring_senders)", 0, 41, 4, &OpPlan::ring_senders},
+    {"rows per ring release (Config.ring_chunk)", 0, 45, 5, &OpPlan::ring_chunk},
+    {"dispatch copy warps (Config.dispatch_copy_warps)", 0, 50, 5, &OpPlan::copy_warps},
+    {"row bytes (hidden x element size)", 1, 0, 18, &OpPlan::row_bytes},
+    {"scale words per row (x_scales)", 1, 18, 17, &OpPlan::num_scales},
+    {"top-k ids per row (topk_idx)", 1, 35, 6, &OpPlan::num_topk_idx},
+    {"top-k weights per row (topk_weights given or not)", 1, 41, 6, &OpPlan::num_topk_weights},
+    {"experts per rank", 1, 47, 11, &OpPlan::experts_per_rank},
+};
+
+uint64_t field_of(uint64_t word, const PlanField& f) { return (word >> f.shift) & ((uint64_t{1} << f.bits) - 1); }
+
+}  // namespace
+
+void encode_plan(const OpPlan& plan, uint64_t words[2]) {
+  words[0] = words[1] = 0;
+  for (const PlanField& f : kPlanFields)
+    words[f.word] |= (static_cast<uint64_t>(plan.*f.value) & ((uint64_t{1} << f.bits) - 1)) << f.shift;
+}
+
+std::string plan_difference(int word, uint64_t theirs, uint64_t mine, std::string* their_value, std::string* my_value) {
+  for (const PlanField& f : kPlanFields) {
+    if (f.word != word || field_of(theirs, f) == field_of(mine, f)) continue;
+    *their_value = std::to_string(field_of(theirs, f));
+    *my_value = std::to_string(field_of(mine, f));
+    return f.name;
+  }
+  return {};
+}
+
 RingPlan ring_plan(const Config& config, int num_ranks, int64_t capacity) {
   RingPlan plan;
   const int peers = num_ranks - 1;

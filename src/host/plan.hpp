@@ -3,6 +3,7 @@
 #pragma once
 #include <cstddef>
 #include <cstdint>
+#include <string>
 
 #include "common/layout.hpp"
 #include "common/ll_layout.hpp"
@@ -35,6 +36,21 @@ RingPlan ring_plan(const Config& config, int num_ranks, int64_t capacity);
 int dispatch_copy_warps(const Config& config, int64_t row_bytes);
 // Smallest num_nvl_bytes whose dispatch and combine layouts both hold `max_rows` rows.
 size_t nvl_bytes_for_rows(int64_t max_rows, int hidden, DType x_dtype, int num_topk);
+
+// What a high-throughput op addresses its peers' memory by, as two words every rank sends the
+// others in the op's entry handshake (SyncArea::plan): a rank that planned differently (another
+// Config, row shape, or optional tensor) is an error naming the field, never a wrong slot.
+struct OpPlan {
+  int num_blocks = 0, num_warps = 0;                        // grid (Config.num_sms), Config.num_threads / 32
+  int ring_channels = 0, ring_slots = 0, ring_send_warps = 0, ring_senders = 0, ring_chunk = 0;
+  int copy_warps = 0;                                       // split-block dispatch
+  int row_bytes = 0, num_scales = 0, num_topk_idx = 0, num_topk_weights = 0;  // row layout
+  int experts_per_rank = 0;
+};
+void encode_plan(const OpPlan& plan, uint64_t words[2]);
+// The first field that differs between two encodings, as "name = a" vs "b"; empty when equal.
+std::string plan_difference(int word, uint64_t theirs, uint64_t mine, std::string* their_value,
+                            std::string* my_value);
 
 // Low-latency limits and the region layout for (R, T, H, K, E_loc).
 constexpr int kMaxLlTopk = 16;

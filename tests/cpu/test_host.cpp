@@ -314,3 +314,54 @@ TEST(LlLayout, BuffersHoldEveryRegionAligned) {
 
 }  // namespace
 }  // namespace epx
+
+// The plan words of the entry handshake: equal plans give equal words, and a difference in any
+// field is named with both values.
+TEST(OpPlan, EncodesEveryFieldAndNamesTheOneThatDiffers) {
+  epx::plan::OpPlan a;
+  a.num_blocks = 20;
+  a.num_warps = 16;
+  a.ring_channels = 20;
+  a.ring_slots = 128;
+  a.ring_send_warps = 3;
+  a.ring_senders = 1;
+  a.ring_chunk = 4;
+  a.copy_warps = 9;
+  a.row_bytes = 14336;
+  a.num_scales = 56;
+  a.num_topk_idx = 8;
+  a.num_topk_weights = 8;
+  a.experts_per_rank = 64;
+  uint64_t wa[2], wb[2];
+  epx::plan::encode_plan(a, wa);
+  epx::plan::encode_plan(a, wb);
+  EXPECT_EQ(wa[0], wb[0]);
+  EXPECT_EQ(wa[1], wb[1]);
+  struct Change {
+    int epx::plan::OpPlan::*field;
+    int value;
+    int word;
+    const char* name;
+  };
+  const Change changes[] = {
+      {&epx::plan::OpPlan::num_blocks, 19, 0, "Config.num_sms"},
+      {&epx::plan::OpPlan::num_warps, 8, 0, "Config.num_threads"},
+      {&epx::plan::OpPlan::ring_slots, 4096, 0, "Config.ring_slots"},
+      {&epx::plan::OpPlan::copy_warps, 0, 0, "dispatch copy warps"},
+      {&epx::plan::OpPlan::num_topk_weights, 0, 1, "topk_weights"},
+      {&epx::plan::OpPlan::num_scales, 14, 1, "x_scales"},
+      {&epx::plan::OpPlan::experts_per_rank, 1024, 1, "experts per rank"},
+  };
+  for (const Change& c : changes) {
+    epx::plan::OpPlan b = a;
+    b.*c.field = c.value;
+    epx::plan::encode_plan(b, wb);
+    EXPECT_EQ(wa[1 - c.word], wb[1 - c.word]) << c.name << " changed the other word";
+    ASSERT_NE(wa[c.word], wb[c.word]) << c.name;
+    std::string theirs, mine;
+    const std::string field = epx::plan::plan_difference(c.word, wb[c.word], wa[c.word], &theirs, &mine);
+    EXPECT_NE(field.find(c.name), std::string::npos) << field;
+    EXPECT_EQ(theirs, std::to_string(c.value)) << c.name;
+    EXPECT_EQ(mine, std::to_string(a.*c.field)) << c.name;
+  }
+}

@@ -207,6 +207,49 @@ void run_host_abort(RankCtx& ctx) {
   if (ctx.rank == 0) std::printf("[world %d] host error on rank 0 -> peers aborted naming it, reset ok\n", R);
 }
 
+// Rank 0 launches a dispatch with fewer blocks than its peers (another Config.num_sms): the plan
+// words of the entry handshake differ, and every rank gets an error naming the field, instead of
+// ranks addressing each other's memory by different geometries.
+void run_plan_mismatch(RankCtx& ctx) {
+  Buffer& b = *ctx.buffer;
+  const int R = ctx.world, E = 8 * R, K = 4, N = 64, H = 1024;
+  InputSpec s;
+  s.num_tokens = N;
+  s.hidden = H;
+  s.num_topk = K;
+  s.num_experts = E;
+  ref::RankInput in = make_input(ctx.seed + 17, ctx.rank, s);
+  DeviceMem x = DeviceMem::from(in.x), topk = DeviceMem::from(in.topk_idx);
+  DeviceMem per_rank(4 * R), per_expert(4 * E), in_rank(static_cast<size_t>(N) * R);
+  DispatchInputs di;
+  di.x = View::of(x.get(), DType::kBF16, {N, H});
+  di.topk_idx = View::of(topk.get(), DType::kI64, {N, K});
+  di.num_tokens_per_rank = View::of(per_rank.get(), DType::kI32, {R});
+  di.num_tokens_per_expert = View::of(per_expert.get(), DType::kI32, {E});
+  di.is_token_in_rank = View::of(in_rank.get(), DType::kBool, {N, R});
+  b.get_dispatch_layout(di.topk_idx, E, di.num_tokens_per_rank, di.num_tokens_per_expert, di.is_token_in_rank,
+                        ctx.stream);
+  DispatchHandle h = b.make_handle(N);
+  const int nr = b.dispatch_notify(di, h, View{}, ctx.stream);
+  DeviceMem rx(static_cast<size_t>(nr) * H * 2);
+  DispatchOutputs o;
+  o.recv_x = View::of(rx.get(), DType::kBF16, {nr, H});
+  const Config saved = b.config();
+  if (ctx.rank == 0) {
+    Config fewer = saved;
+    fewer.num_sms = saved.num_sms > 1 ? saved.num_sms - 1 : 2;
+    b.set_config(fewer);
+  }
+  require_error([&] {
+    b.dispatch(di, h, o, ctx.stream);
+    b.synchronize(ctx.stream);
+  }, ErrorKind::kInvalidArgument, "grid blocks (Config.num_sms)");
+  b.set_config(saved);
+  b.reset();
+  small_dispatch(ctx, b, 128, 2048);
+  if (ctx.rank == 0) std::printf("[world %d] a dispatch planned differently -> every rank names the field\n", R);
+}
+
 void run_too_small(RankCtx& ctx) {
   Buffer small(*ctx.comm, 4 << 20, ctx.options);
   require_error([&] { small_dispatch(ctx, small, 512, 7168); }, ErrorKind::kBufferTooSmall, "num_nvl_bytes");
@@ -286,6 +329,11 @@ TEST_P(GpuErrors, PeerFailureAbortsWaitsNamingIt) {
 TEST_P(GpuErrors, PeerHostErrorAbortsWaitsNamingIt) {
   SKIP_UNLESS_RUNNABLE(GetParam(), 3);
   EXPECT_EQ(run_world(GetParam(), 3, 64 << 20, Config::defaults(3), run_host_abort), 0);
+}
+
+TEST_P(GpuErrors, RanksThatPlanAnOpDifferentlyGetAnErrorNamingTheField) {
+  SKIP_UNLESS_RUNNABLE(GetParam(), 2);
+  EXPECT_EQ(run_world(GetParam(), 2, 64 << 20, Config::defaults(2), run_plan_mismatch), 0);
 }
 
 TEST_P(GpuErrors, UndersizedBufferNamesBytesNeeded) {
