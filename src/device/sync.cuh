@@ -8,39 +8,10 @@
 #include <cstdio>
 
 #include "common/layout.hpp"
+#include "common/op_context.hpp"
 #include "device/ptx.cuh"
 
 namespace epx::device {
-
-// What every op kernel needs to talk to its peers. Part of each kernel's params struct.
-struct OpContext {
-  char* peers[kMaxPeers];  // base of each rank's symmetric buffer (own included), LSA pointers
-  int rank = 0;
-  int num_ranks = 0;
-  Workspace* ws = nullptr;
-  ErrorRecord* err = nullptr;  // host-mapped
-  uint64_t timeout_ns = 0;
-  int op = 0;  // OpCode
-  uint64_t plan[2] = {0, 0};  // this op's OpPlan words (host/plan.hpp): every rank must agree
-
-  __device__ SyncArea* sync(int r) const {
-    return reinterpret_cast<SyncArea*>(peers[r] + SymmetricLayout::kSyncOffset);
-  }
-  __device__ NotifyArea* notify(int r) const {
-    return reinterpret_cast<NotifyArea*>(peers[r] + SymmetricLayout::kNotifyOffset);
-  }
-  __device__ char* rows(int r) const { return peers[r] + SymmetricLayout::kRowsOffset; }
-  __device__ RingCtl* ring_ctl(int r) const {
-    return reinterpret_cast<RingCtl*>(peers[r] + SymmetricLayout::kRingCtlOffset);
-  }
-};
-
-// Errors every rank detects alike (from data all ranks share, e.g. the count matrix) need no abort:
-// each peer reports its own.
-__device__ __forceinline__ bool every_rank_detects(DeviceErrorKind kind, Phase phase) {
-  return kind == DeviceErrorKind::kBufferTooSmall || kind == DeviceErrorKind::kAborted || phase == Phase::kCapacity ||
-         phase == Phase::kPlanCheck;
-}
 
 __device__ __forceinline__ void record_error(const OpContext& ctx, DeviceErrorKind kind, Phase phase,
                                              int peer, int index, unsigned long long observed,

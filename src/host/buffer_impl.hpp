@@ -1,4 +1,4 @@
-// Buffer::Impl: state shared by the high-throughput (buffer.cu) and low-latency (buffer_ll.cu)
+// Buffer::Impl: state shared by the high-throughput (buffer.cpp) and low-latency (buffer_ll.cpp)
 // halves of the Buffer.
 #pragma once
 #include <nccl.h>

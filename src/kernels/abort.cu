@@ -1,4 +1,5 @@
 // Abort: a rank whose op failed on the host tells every peer (docs/protocol.md, the abort word).
+#include "device/sync.cuh"
 #include "kernels/ht_params.hpp"
 
 namespace epx::kernels {

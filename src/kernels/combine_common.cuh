@@ -4,6 +4,7 @@
 #include <cuda_bf16.h>
 
 #include "device/copy.cuh"
+#include "device/sync.cuh"
 #include "kernels/ht_params.hpp"
 
 namespace epx::kernels {

@@ -2,6 +2,7 @@
 // rows out of the row region, padding worst-case rows.
 #pragma once
 #include "device/copy.cuh"
+#include "device/sync.cuh"
 #include "kernels/ht_params.hpp"
 
 namespace epx::kernels {

@@ -1,12 +1,12 @@
 // Parameter structs and launchers of the high-throughput kernels (one struct per kernel, passed by
-// value as a __grid_constant__ argument). Built and validated by src/host/buffer.cu.
+// value as a __grid_constant__ argument). Built and validated by src/host/buffer.cpp.
 #pragma once
 #include <cuda_runtime_api.h>
 
 #include <cstdint>
 
 #include "common/layout.hpp"
-#include "device/sync.cuh"
+#include "common/op_context.hpp"
 
 namespace epx::kernels {
 

@@ -1,4 +1,5 @@
 // get_dispatch_layout: per-rank and per-expert token counts and the token -> rank mask.
+#include "device/sync.cuh"
 #include "kernels/ht_params.hpp"
 
 namespace epx::kernels {

@@ -10,7 +10,7 @@
 #include "device/copy.cuh"
 #include "epx/buffer.hpp"  // kMaxLocalExperts
 #include "kernels/launch.cuh"
-#include "kernels/ll_params.hpp"
+#include "kernels/ll_common.cuh"
 
 namespace epx::kernels {
 namespace {

@@ -9,7 +9,7 @@
 #include "device/copy.cuh"
 #include "device/fp8.cuh"
 #include "kernels/launch.cuh"
-#include "kernels/ll_params.hpp"
+#include "kernels/ll_common.cuh"
 
 namespace epx::kernels {
 namespace {

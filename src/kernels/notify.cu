@@ -7,6 +7,7 @@
 //      receives, the per-expert received counts, and the capacity checks every rank agrees on.
 #include <cub/block/block_scan.cuh>
 
+#include "device/sync.cuh"
 #include "kernels/ht_params.hpp"
 
 namespace epx::kernels {

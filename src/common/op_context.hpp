@@ -1,0 +1,41 @@
+// OpContext: what every op kernel needs to talk to its peers, part of each kernel's params struct.
+// Plain data, built on the host (Buffer::Impl::context) and read on the device.
+#pragma once
+#include <cstdint>
+
+#include "common/hd.hpp"
+#include "common/layout.hpp"
+
+namespace epx::device {
+
+
+struct OpContext {
+  char* peers[kMaxPeers];  // base of each rank's symmetric buffer (own included), LSA pointers
+  int rank = 0;
+  int num_ranks = 0;
+  Workspace* ws = nullptr;
+  ErrorRecord* err = nullptr;  // host-mapped
+  uint64_t timeout_ns = 0;
+  int op = 0;  // OpCode
+  uint64_t plan[2] = {0, 0};  // this op's OpPlan words (host/plan.hpp): every rank must agree
+
+  EPX_HD SyncArea* sync(int r) const {
+    return reinterpret_cast<SyncArea*>(peers[r] + SymmetricLayout::kSyncOffset);
+  }
+  EPX_HD NotifyArea* notify(int r) const {
+    return reinterpret_cast<NotifyArea*>(peers[r] + SymmetricLayout::kNotifyOffset);
+  }
+  EPX_HD char* rows(int r) const { return peers[r] + SymmetricLayout::kRowsOffset; }
+  EPX_HD RingCtl* ring_ctl(int r) const {
+    return reinterpret_cast<RingCtl*>(peers[r] + SymmetricLayout::kRingCtlOffset);
+  }
+};
+
+// Errors every rank detects alike (from data all ranks share, e.g. the count matrix) need no abort:
+// each peer reports its own.
+__device__ __forceinline__ bool every_rank_detects(DeviceErrorKind kind, Phase phase) {
+  return kind == DeviceErrorKind::kBufferTooSmall || kind == DeviceErrorKind::kAborted || phase == Phase::kCapacity ||
+         phase == Phase::kPlanCheck;
+}
+
+}  // namespace epx::device
