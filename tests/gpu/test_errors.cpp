@@ -7,31 +7,51 @@
 namespace epx::test {
 namespace {
 
-// A small fresh dispatch (host-synced) that must work: the buffer is usable.
-void small_dispatch(RankCtx& ctx, Buffer& buffer, int num_tokens, int hidden) {
+// One rank's inputs of a small bf16 dispatch (top-4 of 8 experts per rank) and its layout, computed
+// on `buffer`: x, topk_idx and the layout tensors, ready for dispatch_notify.
+struct SmallInputs {
+  DeviceMem x, topk, per_rank, per_expert, in_rank;
+  DispatchInputs di;
+  int num_tokens = 0, hidden = 0;
+  // rows: a recv_x of `rows` rows (its memory is kept here).
+  DispatchOutputs outputs(int64_t rows) {
+    recv = DeviceMem(static_cast<size_t>(rows) * hidden * 2);
+    DispatchOutputs o;
+    o.recv_x = View::of(recv.get(), DType::kBF16, {rows, hidden});
+    return o;
+  }
+  DeviceMem recv;
+};
+
+SmallInputs small_inputs(RankCtx& ctx, Buffer& buffer, int num_tokens, int hidden, uint64_t seed_offset) {
   const int R = ctx.world, E = 8 * R, K = 4, N = num_tokens;
   InputSpec s;
   s.num_tokens = N;
   s.hidden = hidden;
   s.num_topk = K;
   s.num_experts = E;
-  ref::RankInput in = make_input(ctx.seed + 5, ctx.rank, s);
-  DeviceMem x = DeviceMem::from(in.x), topk = DeviceMem::from(in.topk_idx);
-  DeviceMem per_rank(4 * R), per_expert(4 * E), in_rank(static_cast<size_t>(N) * R);
-  DispatchInputs di;
-  di.x = View::of(x.get(), DType::kBF16, {N, hidden});
-  di.topk_idx = View::of(topk.get(), DType::kI64, {N, K});
-  di.num_tokens_per_rank = View::of(per_rank.get(), DType::kI32, {R});
-  di.num_tokens_per_expert = View::of(per_expert.get(), DType::kI32, {E});
-  di.is_token_in_rank = View::of(in_rank.get(), DType::kBool, {N, R});
-  buffer.get_dispatch_layout(di.topk_idx, E, di.num_tokens_per_rank, di.num_tokens_per_expert, di.is_token_in_rank,
-                             ctx.stream);
-  DispatchHandle h = buffer.make_handle(N);
-  const int nr = buffer.dispatch_notify(di, h, View{}, ctx.stream);
-  DeviceMem rx(static_cast<size_t>(nr) * hidden * 2);
-  DispatchOutputs o;
-  o.recv_x = View::of(rx.get(), DType::kBF16, {nr, hidden});
-  buffer.dispatch(di, h, o, ctx.stream);
+  s.drop_prob = 0;
+  const ref::RankInput in = make_input(ctx.seed + seed_offset, ctx.rank, s);
+  SmallInputs d{DeviceMem::from(in.x), DeviceMem::from(in.topk_idx), DeviceMem(4 * R), DeviceMem(4 * E),
+                DeviceMem(static_cast<size_t>(N) * R)};
+  d.num_tokens = N;
+  d.hidden = hidden;
+  d.di.x = View::of(d.x.get(), DType::kBF16, {N, hidden});
+  d.di.topk_idx = View::of(d.topk.get(), DType::kI64, {N, K});
+  d.di.num_tokens_per_rank = View::of(d.per_rank.get(), DType::kI32, {R});
+  d.di.num_tokens_per_expert = View::of(d.per_expert.get(), DType::kI32, {E});
+  d.di.is_token_in_rank = View::of(d.in_rank.get(), DType::kBool, {N, R});
+  buffer.get_dispatch_layout(d.di.topk_idx, E, d.di.num_tokens_per_rank, d.di.num_tokens_per_expert,
+                             d.di.is_token_in_rank, ctx.stream);
+  return d;
+}
+
+// A small fresh dispatch (host-synced) that must work: the buffer is usable.
+void small_dispatch(RankCtx& ctx, Buffer& buffer, int num_tokens, int hidden) {
+  SmallInputs d = small_inputs(ctx, buffer, num_tokens, hidden, 5);
+  DispatchHandle h = buffer.make_handle(num_tokens);
+  const int nr = buffer.dispatch_notify(d.di, h, View{}, ctx.stream);
+  buffer.dispatch(d.di, h, d.outputs(nr), ctx.stream);
   buffer.synchronize(ctx.stream);
 }
 
@@ -117,24 +137,10 @@ void run_abort(RankCtx& ctx) {
   Config c = b.config();
   c.timeout_s = 60;
   b.set_config(c);
-  const int R = ctx.world, E = 8 * R, K = 4, N = 64, H = 1024;
-  InputSpec s;
-  s.num_tokens = N;
-  s.hidden = H;
-  s.num_topk = K;
-  s.num_experts = E;
-  s.drop_prob = 0;
-  ref::RankInput in = make_input(ctx.seed + 11, ctx.rank, s);
-  DeviceMem x = DeviceMem::from(in.x), topk = DeviceMem::from(in.topk_idx);
-  DeviceMem per_rank(4 * R), per_expert(4 * E), in_rank(static_cast<size_t>(N) * R);
-  DispatchInputs di;
-  di.x = View::of(x.get(), DType::kBF16, {N, H});
-  di.topk_idx = View::of(topk.get(), DType::kI64, {N, K});
-  di.num_tokens_per_rank = View::of(per_rank.get(), DType::kI32, {R});
-  di.num_tokens_per_expert = View::of(per_expert.get(), DType::kI32, {E});
-  di.is_token_in_rank = View::of(in_rank.get(), DType::kBool, {N, R});
-  b.get_dispatch_layout(di.topk_idx, E, di.num_tokens_per_rank, di.num_tokens_per_expert, di.is_token_in_rank,
-                        ctx.stream);
+  const int R = ctx.world, N = 64, H = 1024;
+  SmallInputs d = small_inputs(ctx, b, N, H, 11);
+  DeviceMem& per_rank = d.per_rank;
+  DispatchInputs& di = d.di;
   if (ctx.rank == 0) {
     // num_tokens_per_rank no longer matches is_token_in_rank for rank 1.
     std::vector<int> counts = per_rank.download<int>(R);
@@ -144,10 +150,7 @@ void run_abort(RankCtx& ctx) {
   DispatchHandle h = b.make_handle(N);
   auto dispatch = [&] {
     const int nr = b.dispatch_notify(di, h, View{}, ctx.stream);
-    DeviceMem rx(static_cast<size_t>(nr) * H * 2);
-    DispatchOutputs o;
-    o.recv_x = View::of(rx.get(), DType::kBF16, {nr, H});
-    b.dispatch(di, h, o, ctx.stream);
+    b.dispatch(di, h, d.outputs(nr), ctx.stream);
     b.synchronize(ctx.stream);
   };
   if (ctx.rank == 0)
@@ -169,29 +172,13 @@ void run_host_abort(RankCtx& ctx) {
   Config c = b.config();
   c.timeout_s = 60;
   b.set_config(c);
-  const int R = ctx.world, E = 8 * R, K = 4, N = 64, H = 1024;
-  InputSpec s;
-  s.num_tokens = N;
-  s.hidden = H;
-  s.num_topk = K;
-  s.num_experts = E;
-  ref::RankInput in = make_input(ctx.seed + 13, ctx.rank, s);
-  DeviceMem x = DeviceMem::from(in.x), topk = DeviceMem::from(in.topk_idx);
-  DeviceMem per_rank(4 * R), per_expert(4 * E), in_rank(static_cast<size_t>(N) * R);
-  DispatchInputs di;
-  di.x = View::of(x.get(), DType::kBF16, {N, H});
-  di.topk_idx = View::of(topk.get(), DType::kI64, {N, K});
-  di.num_tokens_per_rank = View::of(per_rank.get(), DType::kI32, {R});
-  di.num_tokens_per_expert = View::of(per_expert.get(), DType::kI32, {E});
-  di.is_token_in_rank = View::of(in_rank.get(), DType::kBool, {N, R});
-  b.get_dispatch_layout(di.topk_idx, E, di.num_tokens_per_rank, di.num_tokens_per_expert, di.is_token_in_rank,
-                        ctx.stream);
+  const int R = ctx.world, N = 64, H = 1024;
+  SmallInputs d = small_inputs(ctx, b, N, H, 13);
+  DispatchInputs& di = d.di;
   DispatchHandle h = b.make_handle(N);
   const int nr = b.dispatch_notify(di, h, View{}, ctx.stream);
   const int64_t rows = ctx.rank == 0 ? nr + 1 : nr;  // rank 0's recv_x has one row too many
-  DeviceMem rx(static_cast<size_t>(rows) * H * 2);
-  DispatchOutputs o;
-  o.recv_x = View::of(rx.get(), DType::kBF16, {rows, H});
+  const DispatchOutputs o = d.outputs(rows);
   auto dispatch = [&] {
     b.dispatch(di, h, o, ctx.stream);
     b.synchronize(ctx.stream);
@@ -212,28 +199,12 @@ void run_host_abort(RankCtx& ctx) {
 // ranks addressing each other's memory by different geometries.
 void run_plan_mismatch(RankCtx& ctx) {
   Buffer& b = *ctx.buffer;
-  const int R = ctx.world, E = 8 * R, K = 4, N = 64, H = 1024;
-  InputSpec s;
-  s.num_tokens = N;
-  s.hidden = H;
-  s.num_topk = K;
-  s.num_experts = E;
-  ref::RankInput in = make_input(ctx.seed + 17, ctx.rank, s);
-  DeviceMem x = DeviceMem::from(in.x), topk = DeviceMem::from(in.topk_idx);
-  DeviceMem per_rank(4 * R), per_expert(4 * E), in_rank(static_cast<size_t>(N) * R);
-  DispatchInputs di;
-  di.x = View::of(x.get(), DType::kBF16, {N, H});
-  di.topk_idx = View::of(topk.get(), DType::kI64, {N, K});
-  di.num_tokens_per_rank = View::of(per_rank.get(), DType::kI32, {R});
-  di.num_tokens_per_expert = View::of(per_expert.get(), DType::kI32, {E});
-  di.is_token_in_rank = View::of(in_rank.get(), DType::kBool, {N, R});
-  b.get_dispatch_layout(di.topk_idx, E, di.num_tokens_per_rank, di.num_tokens_per_expert, di.is_token_in_rank,
-                        ctx.stream);
+  const int R = ctx.world, N = 64, H = 1024;
+  SmallInputs d = small_inputs(ctx, b, N, H, 17);
+  DispatchInputs& di = d.di;
   DispatchHandle h = b.make_handle(N);
   const int nr = b.dispatch_notify(di, h, View{}, ctx.stream);
-  DeviceMem rx(static_cast<size_t>(nr) * H * 2);
-  DispatchOutputs o;
-  o.recv_x = View::of(rx.get(), DType::kBF16, {nr, H});
+  const DispatchOutputs o = d.outputs(nr);
   const Config saved = b.config();
   if (ctx.rank == 0) {
     Config fewer = saved;
