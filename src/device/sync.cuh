@@ -182,6 +182,14 @@ __device__ __forceinline__ bool wait_all_done(const OpContext& ctx, uint64_t e, 
   return __syncthreads_and(ok);
 }
 
+// The handle's row count is negative only when this rank's count exchange recorded an error (every
+// rank then skips the op alike). A negative count without one is a handle that does not hold this
+// op's routing: an error on this rank, and its abort word stops the peers that wait for it.
+__device__ __forceinline__ void check_skip_is_recorded(const OpContext& ctx, int num_recv) {
+  if (num_recv < 0 && threadIdx.x == 0 && blockIdx.x == 0 && !has_error(ctx))
+    record_error(ctx, DeviceErrorKind::kInvalidArgument, Phase::kInputCheck, -1, -2, static_cast<unsigned long long>(num_recv), 0);
+}
+
 // Every rank computes this from the same count matrix, so all ranks skip an oversized op alike.
 // rows_at(r) = rows rank r holds in its row region: received (dispatch, by_receiver) or sent back
 // to it (combine). Records kBufferTooSmall (block 0) and returns false when one exceeds capacity.

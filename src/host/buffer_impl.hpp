@@ -175,6 +175,10 @@ struct Buffer::Impl {
           msg = detail::concat(kOps[op], ": rank ", e->peer, " planned it with ", field, " = ", theirs, ", rank ",
                                e->rank, " with ", mine, "; every rank must give a collective op the same Config, "
                                "row shape and optional tensors");
+        } else if (e->index == -2) {
+          msg = detail::concat(kOps[op], ": the handle's row count is ", static_cast<long long>(static_cast<int>(e->observed)),
+                               " without a failed count exchange on rank ", e->rank,
+                               ": the handle does not hold this op's routing (freed, overwritten, or from another Buffer)");
         } else if (op == static_cast<int>(OpCode::kLayout) || op == static_cast<int>(OpCode::kLlDispatch))
           msg = detail::concat("topk_idx: expert id ", static_cast<long long>(e->observed), " at token ", e->index,
                                " outside [-1, ", e->expected, ") (rank ", e->rank, ")");

@@ -56,6 +56,7 @@ __device__ __forceinline__ void compute_recv_and_dst_base(const CombineParams& p
 // and every peer is ready (false also when that wait failed).
 __device__ __forceinline__ bool combine_begin(const CombineParams& p, uint64_t& e, int* recv_base, int* dst_base) {
   e = op_begin(p.ctx);
+  check_skip_is_recorded(p.ctx, *p.num_recv);
   if (*p.num_recv < 0 || !rows_fit(p.ctx, p.count_matrix, p.rows.capacity, /*by_receiver=*/false)) {
     op_end(p.ctx, e);
     return false;

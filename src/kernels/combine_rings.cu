@@ -219,6 +219,7 @@ __global__ void __launch_bounds__(kMaxHtThreads, 1) combine_rings_kernel(const _
   __shared__ int dst_base[kMaxPeers];
   const OpContext& ctx = p.ctx;
   const uint64_t e = op_begin(ctx);
+  check_skip_is_recorded(ctx, *p.num_recv);
   if (*p.num_recv < 0) {  // the count exchange failed a check on every rank alike: skip the op
     op_end(ctx, e);
     return;

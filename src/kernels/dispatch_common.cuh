@@ -33,6 +33,7 @@ __device__ __forceinline__ bool dispatch_begin(const DispatchParams& p, uint64_t
                                                int* recv_base) {
   e = op_begin(p.ctx);
   num_recv = *p.num_recv;
+  check_skip_is_recorded(p.ctx, num_recv);
   if (num_recv < 0 || !rows_fit(p.ctx, p.count_matrix, p.rows.capacity, /*by_receiver=*/true)) {
     op_end(p.ctx, e);
     return false;
