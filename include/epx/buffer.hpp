@@ -58,7 +58,8 @@ struct DispatchInputs {
   View x_scales;               // [N, C] or [N], f32 or int32 (UE8M0-packed), any strides; required iff
                                //   x is fp8; moved as 32-bit words (C = ceil(H / 128) for DeepEP's
                                //   per-128 f32 scales, ceil(H / 512) for packed UE8M0)
-  View topk_idx;               // [N, K] int64, -1 = none; optional (required for fresh dispatch)
+  View topk_idx;               // [N, K] int64, -1 = none; optional (without it only x and its scales
+                               //   move, routed by the layout tensors)
   View topk_weights;           // [N, K] f32; optional (needs topk_idx)
   View num_tokens_per_rank;    // [R] int32 (from get_dispatch_layout); fresh dispatch only
   View is_token_in_rank;       // [N, R] bool; fresh dispatch only

@@ -107,27 +107,42 @@ void check_ll_recv(const LlOut& o, const ref::LlDispatchResult& want, int R, con
 }
 
 struct LlRun {
-  std::vector<ref::LlRankInput> inputs;
+  std::vector<ref::LlRankInput> inputs;      // what the ranks pass to the GPU
+  std::vector<ref::LlRankInput> ref_inputs;  // what the reference sees (inputs, or without rank `dead`)
   std::vector<ref::LlDispatchResult> want;
   std::vector<std::vector<uint16_t>> y;
   std::vector<float> weights;
 };
 
-LlRun make_run(RankCtx& ctx, const LlSpec& s, uint64_t seed) {
+// dead >= 0 (shrink mode): the reference as if rank `dead` had no tokens and every top-k slot
+// naming one of its experts were -1 (its experts receive nothing and contribute nothing); the GPU
+// inputs keep those slots, the kernels drop them.
+LlRun make_run(RankCtx& ctx, const LlSpec& s, uint64_t seed, int dead = -1) {
   const int R = ctx.world;
   LlRun run;
   for (int r = 0; r < R; ++r) run.inputs.push_back(ll_input(seed, r, s, R));
+  run.ref_inputs = run.inputs;
+  if (dead >= 0) {
+    run.ref_inputs[dead] = ref::LlRankInput{};
+    for (ref::LlRankInput& in : run.ref_inputs)
+      for (int64_t& e : in.topk_idx)
+        if (e >= 0 && e / s.experts_per_rank == dead) e = -1;
+  }
   for (int r = 0; r < R; ++r)
-    run.want.push_back(ref::ll_dispatch(run.inputs, r, s.T, s.H, s.K, s.experts_per_rank * R, s.fp8, s.round_scale, s.ue8m0));
+    run.want.push_back(
+        ref::ll_dispatch(run.ref_inputs, r, s.T, s.H, s.K, s.experts_per_rank * R, s.fp8, s.round_scale, s.ue8m0));
   for (int r = 0; r < R; ++r) run.y.push_back(ll_expert_outputs(seed, r, run.want[r]));
   run.weights = ll_weights(seed, ctx.rank, run.inputs[ctx.rank].num_tokens, s.K);
   return run;
 }
 
-// One dispatch + combine of `s` (fresh inputs from `seed`), checked against the reference.
-void ll_round(RankCtx& ctx, const LlSpec& s, uint64_t seed, LlOut& out) {
+// One dispatch + combine of `s` (fresh inputs from `seed`), checked against the reference. With
+// `dead` >= 0 (shrink mode) that rank takes no part, and the reference is make_run's without it.
+void ll_round(RankCtx& ctx, const LlSpec& s, uint64_t seed, LlOut& out, int dead = -1) {
   const int R = ctx.world, me = ctx.rank, E = s.experts_per_rank * R, RT = R * s.T;
-  LlRun run = make_run(ctx, s, seed);
+  if (me == dead) return;
+  LlRun run = make_run(ctx, s, seed, dead);
+  const std::string tag = dead >= 0 ? s.name + " without rank " + std::to_string(dead) : s.name;
   const int N = run.inputs[me].num_tokens;
   DeviceMem x = DeviceMem::from(run.inputs[me].x), topk = DeviceMem::from(run.inputs[me].topk_idx);
   DeviceMem w = DeviceMem::from(run.weights);
@@ -144,7 +159,7 @@ void ll_round(RankCtx& ctx, const LlSpec& s, uint64_t seed, LlOut& out) {
   LowLatencyHandle h = ctx.buffer->low_latency_dispatch(a, out.view(R), ctx.stream);
   if (s.hook) ctx.buffer->low_latency_receive(b, ctx.stream);
   ctx.buffer->synchronize(ctx.stream);
-  check_ll_recv(out, run.want[me], R, s.name);
+  check_ll_recv(out, run.want[me], R, tag);
 
   // Combine: expert outputs into a user tensor, or straight into the zero-copy buffer.
   DeviceMem y_user;
@@ -167,9 +182,9 @@ void ll_round(RankCtx& ctx, const LlSpec& s, uint64_t seed, LlOut& out) {
   ctx.buffer->low_latency_combine(ca, h, View::of(combined.get(), DType::kBF16, {N, s.H}), ctx.stream);
   if (s.hook) ctx.buffer->low_latency_receive(cb, ctx.stream);
   ctx.buffer->synchronize(ctx.stream);
-  const auto want = ref::ll_combine(run.want, run.y, me, run.inputs[me].topk_idx, run.weights, N, s.K, s.H, s.T, E);
+  const auto want = ref::ll_combine(run.want, run.y, me, run.ref_inputs[me].topk_idx, run.weights, N, s.K, s.H, s.T, E);
   expect_equal(combined.download<uint16_t>(static_cast<size_t>(N) * s.H), want, static_cast<size_t>(N) * s.H,
-               s.name + " combined");
+               tag + " combined");
 }
 
 std::vector<LlSpec> ll_cases() {
@@ -197,59 +212,6 @@ int run_ll_world(WorldMode mode, int world, const std::function<void(RankCtx&)>&
   return run_world(mode, world, 64 << 20, options, body);
 }
 
-// Shrink mode with rank `dead` gone: the survivors' results equal the reference in which `dead`
-// has no tokens and every top-k slot naming one of its experts is -1 (its experts receive nothing
-// and contribute nothing). The GPU inputs keep those slots: the kernels drop them. `dead` itself
-// does nothing in this round.
-void ll_round_without(RankCtx& ctx, const LlSpec& s, uint64_t seed, LlOut& out, int dead) {
-  const int R = ctx.world, me = ctx.rank, E = s.experts_per_rank * R;
-  if (me == dead) return;
-  std::vector<ref::LlRankInput> gpu_inputs, ref_inputs;
-  for (int r = 0; r < R; ++r) gpu_inputs.push_back(ll_input(seed, r, s, R));
-  ref_inputs = gpu_inputs;
-  ref_inputs[dead].num_tokens = 0;
-  ref_inputs[dead].x.clear();
-  ref_inputs[dead].topk_idx.clear();
-  for (int r = 0; r < R; ++r)
-    for (int64_t& e : ref_inputs[r].topk_idx)
-      if (e >= 0 && e / s.experts_per_rank == dead) e = -1;
-  std::vector<ref::LlDispatchResult> want;
-  for (int r = 0; r < R; ++r)
-    want.push_back(ref::ll_dispatch(ref_inputs, r, s.T, s.H, s.K, E, s.fp8, s.round_scale, s.ue8m0));
-  std::vector<std::vector<uint16_t>> y;
-  for (int r = 0; r < R; ++r) y.push_back(ll_expert_outputs(seed, r, want[r]));
-  const std::vector<float> weights = ll_weights(seed, me, gpu_inputs[me].num_tokens, s.K);
-  const int N = gpu_inputs[me].num_tokens, RT = R * s.T;
-  DeviceMem x = DeviceMem::from(gpu_inputs[me].x), topk = DeviceMem::from(gpu_inputs[me].topk_idx);
-  DeviceMem w = DeviceMem::from(weights);
-  LowLatencyDispatchArgs a;
-  a.x = View::of(x.get(), DType::kBF16, {N, s.H});
-  a.topk_idx = View::of(topk.get(), DType::kI64, {N, s.K});
-  a.num_max_dispatch_tokens_per_rank = s.T;
-  a.num_experts = E;
-  a.use_fp8 = s.fp8;
-  a.return_recv_hook = s.hook;
-  const int b = ctx.buffer->next_low_latency_buffer();
-  LowLatencyHandle h = ctx.buffer->low_latency_dispatch(a, out.view(R), ctx.stream);
-  if (s.hook) ctx.buffer->low_latency_receive(b, ctx.stream);
-  ctx.buffer->synchronize(ctx.stream);
-  check_ll_recv(out, want[me], R, s.name + " without rank " + std::to_string(dead));
-  DeviceMem y_dev = DeviceMem::from(y[me]), combined(static_cast<size_t>(N) * s.H * 2);
-  combined.fill(0x7F);
-  LowLatencyCombineArgs ca;
-  ca.x = View::of(y_dev.get(), DType::kBF16, {out.E_loc, RT, s.H});
-  ca.topk_idx = a.topk_idx;
-  ca.topk_weights = View::of(w.get(), DType::kF32, {N, s.K});
-  ca.return_recv_hook = s.hook;
-  const int cb = ctx.buffer->next_low_latency_buffer();
-  ctx.buffer->low_latency_combine(ca, h, View::of(combined.get(), DType::kBF16, {N, s.H}), ctx.stream);
-  if (s.hook) ctx.buffer->low_latency_receive(cb, ctx.stream);
-  ctx.buffer->synchronize(ctx.stream);
-  const auto want_c = ref::ll_combine(want, y, me, ref_inputs[me].topk_idx, weights, N, s.K, s.H, s.T, E);
-  expect_equal(combined.download<uint16_t>(static_cast<size_t>(N) * s.H), want_c, static_cast<size_t>(N) * s.H,
-               s.name + " combined without rank " + std::to_string(dead));
-}
-
 std::vector<int> mask_status(RankCtx& ctx) {
   DeviceMem status(4 * ctx.world);
   status.fill(0x7F);
@@ -271,8 +233,8 @@ void run_shrink(RankCtx& ctx) {
 
   // Masked by hand on the survivors: `dead` takes no part.
   if (me != dead) ctx.buffer->low_latency_update_mask_buffer(dead, true);
-  ll_round_without(ctx, s, seed + 1, out, dead);
-  ll_round_without(ctx, hook, seed + 2, out, dead);
+  ll_round(ctx, s, seed + 1, out, dead);
+  ll_round(ctx, hook, seed + 2, out, dead);
   if (me != dead) {
     std::vector<int> want(R, 0);
     want[dead] = 1;
@@ -288,7 +250,7 @@ void run_shrink(RankCtx& ctx) {
     quick.timeout_s = 2;
     ctx.buffer->set_config(quick);
   }
-  ll_round_without(ctx, s, seed + 3, out, dead);
+  ll_round(ctx, s, seed + 3, out, dead);
   if (me != dead) {
     std::vector<int> want(R, 0);
     want[dead] = 1;
