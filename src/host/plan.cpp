@@ -71,6 +71,13 @@ uint64_t field_of(uint64_t word, const PlanField& f) { return (word >> f.shift) 
 
 }  // namespace
 
+OpPlan launch_plan(const Config& config) {
+  OpPlan plan;
+  plan.num_blocks = config.num_sms;
+  plan.num_warps = config.num_threads / 32;
+  return plan;
+}
+
 void encode_plan(const OpPlan& plan, uint64_t words[2]) {
   words[0] = words[1] = 0;
   for (const PlanField& f : kPlanFields)

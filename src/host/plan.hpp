@@ -47,6 +47,8 @@ struct OpPlan {
   int row_bytes = 0, num_scales = 0, num_topk_idx = 0, num_topk_weights = 0;  // row layout
   int experts_per_rank = 0;
 };
+// The grid part every HT kernel launch shares: Config.num_sms blocks of Config.num_threads.
+OpPlan launch_plan(const Config& config);
 void encode_plan(const OpPlan& plan, uint64_t words[2]);
 // The first field that differs between two encodings, as "name = a" vs "b"; empty when equal.
 std::string plan_difference(int word, uint64_t theirs, uint64_t mine, std::string* their_value,
