@@ -15,4 +15,5 @@ epx_build() {
   local dir=${1:-build}
   cmake -S . -B "$dir" $EPX_GENERATOR -DCMAKE_BUILD_TYPE=Release && cmake --build "$dir" -j "$EPX_JOBS"
 }
+export CUDA_MODULE_LOADING=${CUDA_MODULE_LOADING:-EAGER}  # SimWorld: a lazily loaded kernel's first launch may wait for a peer's running kernel (docs/protocol.md)
 export CUDA_DEVICE_MAX_CONNECTIONS=${CUDA_DEVICE_MAX_CONNECTIONS:-32}  # SimWorld: ranks share one GPU's hardware queues (docs/protocol.md)

@@ -11,7 +11,12 @@
 //  - use the rank's own non-blocking stream; no cudaDeviceSynchronize, no cudaMemset/cudaMemcpy on
 //    the legacy default stream, no cudaFree while peers run (each of these waits for, or serializes
 //    behind, every rank's kernels, which may be waiting for this rank: a deadlock until timeout);
-//  - capture CUDA graphs with cudaStreamCaptureModeThreadLocal (or Relaxed).
+//  - capture CUDA graphs with cudaStreamCaptureModeThreadLocal (or Relaxed);
+//  - load every kernel before the ranks' first op: with CUDA_MODULE_LOADING=LAZY a kernel's first
+//    launch may wait for every running kernel of the process, a peer's waiting one included.
+//    Export CUDA_MODULE_LOADING=EAGER (tools/env.sh does; a SimWorld sets it when CUDA has not
+//    started yet), or call cudaFuncGetAttributes on your kernels first. epx loads its own kernels
+//    when a Buffer is created.
 //
 // Example:
 //   epx::launch_sim(4, [&](int rank, int world, epx::Communicator& comm) {

@@ -213,11 +213,20 @@ class SimWorld:
         self.broken: Optional[str] = None  # why the world refuses runs (a rank failed, a run timed out)
         self._closed = False
         self._threads: List[threading.Thread] = []
-        if torch.cuda.is_initialized() and "CUDA_DEVICE_MAX_CONNECTIONS" not in os.environ:
-            warnings.warn("epx.SimWorld: CUDA was initialized before the first SimWorld without "
-                          "CUDA_DEVICE_MAX_CONNECTIONS: the ranks share the default 8 hardware queues, where one "
-                          "rank's queued work can hold back a peer's (a stall until the timeout); export "
-                          "CUDA_DEVICE_MAX_CONNECTIONS=32 before starting Python", stacklevel=2)
+        if torch.cuda.is_initialized():
+            if "CUDA_DEVICE_MAX_CONNECTIONS" not in os.environ:
+                warnings.warn("epx.SimWorld: CUDA was initialized before the first SimWorld without "
+                              "CUDA_DEVICE_MAX_CONNECTIONS: the ranks share the default 8 hardware queues, where one "
+                              "rank's queued work can hold back a peer's (a stall until the timeout); export "
+                              "CUDA_DEVICE_MAX_CONNECTIONS=32 before starting Python", stacklevel=2)
+            if os.environ.get("CUDA_MODULE_LOADING", "LAZY") != "EAGER":
+                warnings.warn("epx.SimWorld: CUDA was initialized with lazy kernel loading: a kernel's first "
+                              "launch may wait for every running kernel, a peer rank's waiting one included (a "
+                              "stall until the timeout); export CUDA_MODULE_LOADING=EAGER before starting Python, "
+                              "or run each kernel once before the ranks' first op", stacklevel=2)
+        else:
+            # Read when CUDA creates its context (PyTorch sets LAZY then, unless set).
+            os.environ.setdefault("CUDA_MODULE_LOADING", "EAGER")
         # Sets CUDA_DEVICE_MAX_CONNECTIONS=32 unless set (effective when no CUDA context exists yet).
         self._world = _C.SimWorld(num_ranks, device, self.timeout_s)
         self.num_sms_per_rank = self._world.num_sms_per_rank

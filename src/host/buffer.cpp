@@ -45,6 +45,8 @@ Buffer::Buffer(Communicator& comm, size_t num_nvl_bytes, BufferOptions options) 
   num_nvl_bytes = align_up(num_nvl_bytes, 1 << 21);
   m.num_nvl_bytes = num_nvl_bytes;
   EPX_CUDA_CHECK(cudaSetDevice(comm.device()));
+  // Before any op: a kernel's first launch must not wait for the peers' running kernels.
+  kernels::load_kernels();
 
   const size_t num_ll_bytes = options.num_ll_bytes > 0 ? align_up(options.num_ll_bytes, 1 << 21) : 0;
   // Every rank must use the same sizes (offsets are symmetric).

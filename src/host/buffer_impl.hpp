@@ -4,6 +4,7 @@
 #include <nccl.h>
 #include <nccl_device.h>
 
+#include <chrono>
 #include <cstddef>
 #include <cstdio>
 #include <cstring>
@@ -229,7 +230,10 @@ struct Buffer::Impl {
       EPX_FAIL(ErrorKind::kCuda, what, ": launch failed: ", cudaGetErrorString(st));
     }
     arena->join(stream);
-    if (env::debug()) std::fprintf(stderr, "epx[rank %d]: %s launched\n", comm->rank(), what);
+    if (env::debug()) {
+      const double ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now().time_since_epoch()).count();
+      std::fprintf(stderr, "epx[rank %d] %.3f ms: %s launched\n", comm->rank(), ms, what);
+    }
   }
 };
 

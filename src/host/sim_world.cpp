@@ -44,6 +44,12 @@ SimWorld::SimWorld(int world, int device, double timeout_s) {
   // More queues make sharing rare. Read when the CUDA context is created: this only helps when
   // the SimWorld comes first (tools/test.sh and the Python tests export it).
   setenv("CUDA_DEVICE_MAX_CONNECTIONS", "32", /*overwrite=*/0);
+  // Under lazy loading a kernel's first launch may wait for every running kernel of the context
+  // (seen on an H200: a first launch on one stream waited for a spinning kernel on another), so a
+  // rank's first use of any kernel while a peer's kernel waits for that rank stalls both until
+  // the peer times out. epx loads its own kernels at Buffer creation; eager loading covers the
+  // program's kernels too. Also read at context creation only.
+  setenv("CUDA_MODULE_LOADING", "EAGER", /*overwrite=*/0);
   const int sms = device_sms(device);
   const int by_sms = sms / kMinSmsPerRank;
   EPX_ARG_CHECK(world >= 2, "SimWorld world: expected >= 2 ranks (a simulated world exists to exercise peers), got ",

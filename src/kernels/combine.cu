@@ -7,6 +7,7 @@
 //   reduce:  after every peer's done, a warp per token sums its contributions in rank order in
 //            fp32 (own rows read straight from x), adds the biases, rounds to bf16.
 #include "kernels/combine_common.cuh"
+#include "kernels/launch.cuh"
 
 namespace epx::kernels {
 namespace {
@@ -68,6 +69,10 @@ void launch_combine(const CombineParams& p, int num_blocks, int num_threads, cud
   by_rank_bucket(p.ctx.num_ranks, [&](auto b) {
     combine_kernel<decltype(b)::kR, decltype(b)::kU><<<num_blocks, num_threads, 0, stream>>>(p);
   });
+}
+
+void load_combine_kernels() {
+  for_each_rank_bucket([](auto b) { load_kernel(combine_kernel<decltype(b)::kR, decltype(b)::kU>, "combine_kernel"); });
 }
 
 }  // namespace epx::kernels

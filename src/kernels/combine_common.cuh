@@ -89,6 +89,14 @@ void by_rank_bucket(int num_ranks, Launch&& launch) {
   else launch(RankBucket<kMaxPeers, 1>{});
 }
 
+// Calls f(RankBucket) for every bucket by_rank_bucket can pick (loading every instantiation).
+template <typename F>
+void for_each_rank_bucket(F&& f) {
+  f(RankBucket<2, 8>{});
+  f(RankBucket<4, 3>{});
+  f(RankBucket<kMaxPeers, 1>{});
+}
+
 // One warp: combined_x[t] = bf16(sum over ranks r ascending of row(r, t) + bias_0 + bias_1), and
 // the top-k weight sums. contribution(r, weights) gives rank r's row of token t (or its top-k
 // weights when `weights`), null where r has none; own rows (r == me) are read with .nc loads (the

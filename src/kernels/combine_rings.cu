@@ -20,6 +20,7 @@
 #include <algorithm>
 
 #include "kernels/combine_common.cuh"
+#include "kernels/launch.cuh"
 #include "kernels/positions.cuh"
 
 namespace epx::kernels {
@@ -247,6 +248,13 @@ void launch_combine_rings(const CombineParams& p, int num_blocks, int num_thread
   by_rank_bucket(std::max(p.ctx.num_ranks, 3), [&](auto b) {
     if constexpr (decltype(b)::kR >= 3)
       combine_rings_kernel<decltype(b)::kR, decltype(b)::kU><<<num_blocks, num_threads, 0, stream>>>(p);
+  });
+}
+
+void load_combine_rings_kernels() {
+  for_each_rank_bucket([](auto b) {
+    if constexpr (decltype(b)::kR >= 3)
+      load_kernel(combine_rings_kernel<decltype(b)::kR, decltype(b)::kU>, "combine_rings_kernel");
   });
 }
 

@@ -14,6 +14,7 @@
 //   bound[s][b] on r: first row of r's row region holding s's block-b tokens (bound[s][B]: the end);
 //   tail[s][b][0] on r: end of the rows s's block b has written to r so far.
 #include "kernels/dispatch_common.cuh"
+#include "kernels/launch.cuh"
 #include "kernels/positions.cuh"
 
 namespace epx::kernels {
@@ -155,6 +156,11 @@ __global__ void __launch_bounds__(kMaxHtThreads) dispatch_split_kernel(const __g
 void launch_dispatch(const DispatchParams& p, int num_blocks, int num_threads, cudaStream_t stream) {
   if (p.copy_warps > 0) dispatch_split_kernel<<<num_blocks, num_threads, 0, stream>>>(p);
   else dispatch_kernel<<<num_blocks, num_threads, 0, stream>>>(p);
+}
+
+void load_dispatch_kernels() {
+  load_kernel(dispatch_kernel, "dispatch_kernel");
+  load_kernel(dispatch_split_kernel, "dispatch_split_kernel");
 }
 
 }  // namespace epx::kernels

@@ -20,6 +20,23 @@ struct AbortParams {
 };
 void launch_raise_abort(const AbortParams& p, cudaStream_t stream);
 
+// Loads every epx kernel into the current device's context, once per process (load.cu). Under
+// CUDA's lazy loading (the default, and what PyTorch sets) a kernel's first launch loads it, and a
+// load may wait for every running kernel of the context: with a peer rank's kernel of the same
+// process spinning for this rank's next op (SimWorld), that first launch would wait until the peer
+// timed out. Buffer creation calls this before its first collective step; an error names the kernel.
+void load_kernels();
+// Each kernel file's part of load_kernels: cudaFuncGetAttributes on each of its kernels.
+void load_abort_kernels();
+void load_layout_kernels();
+void load_notify_kernels();
+void load_dispatch_kernels();
+void load_combine_kernels();
+void load_combine_rings_kernels();
+void load_ll_dispatch_kernels();
+void load_ll_combine_kernels();
+void load_transport_kernels();
+
 struct LayoutParams {
   device::OpContext ctx;  // only err/rank/op are used (no peer traffic)
   const int64_t* topk_idx;

@@ -2,7 +2,21 @@
 #pragma once
 #include <cuda_runtime.h>
 
+#include "epx/error.hpp"
+
 namespace epx::kernels {
+
+// Loads `kernel` into the current context now (load_kernels in ht_params.hpp says why); a device
+// without an image for it is an error naming it.
+template <typename Kernel>
+void load_kernel(Kernel* kernel, const char* name) {
+  cudaFuncAttributes attr{};
+  const cudaError_t st = cudaFuncGetAttributes(&attr, kernel);
+  if (st != cudaSuccess) {
+    cudaGetLastError();
+    EPX_FAIL(::epx::ErrorKind::kCuda, "loading kernel ", name, ": ", cudaGetErrorString(st));
+  }
+}
 
 // Launches `kernel` with every block resident at once (cooperative launch attribute): for kernels
 // whose blocks wait for each other. A grid the device cannot hold fails the launch (the thread's

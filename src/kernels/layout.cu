@@ -1,6 +1,7 @@
 // get_dispatch_layout: per-rank and per-expert token counts and the token -> rank mask.
 #include "device/sync.cuh"
 #include "kernels/ht_params.hpp"
+#include "kernels/launch.cuh"
 
 namespace epx::kernels {
 namespace {
@@ -50,5 +51,7 @@ void launch_layout(const LayoutParams& p, cudaStream_t stream) {
   const size_t smem = sizeof(int) * (p.num_experts + p.num_ranks);
   layout_kernel<<<blocks < 128 ? blocks : 128, kThreads, smem, stream>>>(p);
 }
+
+void load_layout_kernels() { load_kernel(layout_kernel, "layout_kernel"); }
 
 }  // namespace epx::kernels

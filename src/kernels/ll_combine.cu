@@ -173,4 +173,10 @@ void launch_ll_combine_fused(const LlCombineParams& p, int num_blocks, cudaStrea
   launch_cooperative(ll_combine_fused, num_blocks, kThreads, stream, p);
 }
 
+void load_ll_combine_kernels() {
+  load_kernel(ll_combine_send, "ll_combine_send");
+  load_kernel(ll_combine_recv, "ll_combine_recv");
+  load_kernel(ll_combine_fused, "ll_combine_fused");
+}
+
 }  // namespace epx::kernels

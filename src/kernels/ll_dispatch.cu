@@ -244,4 +244,10 @@ void launch_ll_dispatch_fused(const LlDispatchParams& p, int num_blocks, cudaStr
   launch_cooperative(ll_dispatch_fused, num_blocks, kThreads, stream, p);
 }
 
+void load_ll_dispatch_kernels() {
+  load_kernel(ll_dispatch_send, "ll_dispatch_send");
+  load_kernel(ll_dispatch_recv, "ll_dispatch_recv");
+  load_kernel(ll_dispatch_fused, "ll_dispatch_fused");
+}
+
 }  // namespace epx::kernels

@@ -9,6 +9,7 @@
 
 #include "device/sync.cuh"
 #include "kernels/ht_params.hpp"
+#include "kernels/launch.cuh"
 
 namespace epx::kernels {
 namespace {
@@ -120,5 +121,7 @@ __global__ void __launch_bounds__(kThreads, 1) notify_kernel(const __grid_consta
 void launch_notify(const NotifyParams& p, cudaStream_t stream) {
   notify_kernel<<<1, kThreads, 0, stream>>>(p);
 }
+
+void load_notify_kernels() { load_kernel(notify_kernel, "notify_kernel"); }
 
 }  // namespace epx::kernels

@@ -3,6 +3,8 @@
 #include <nccl.h>
 #include <nccl_device.h>
 
+#include "kernels/launch.cuh"
+#include "kernels/ht_params.hpp"
 #include "kernels/transport.hpp"
 
 namespace epx::kernels {
@@ -18,5 +20,7 @@ __global__ void query_peers_kernel(ncclDevComm dev_comm, ncclWindow_t window, vo
 void launch_query_peers(const ncclDevComm& dev_comm, ncclWindow_t window, void** out, cudaStream_t stream) {
   query_peers_kernel<<<1, 32, 0, stream>>>(dev_comm, window, out);
 }
+
+void load_transport_kernels() { load_kernel(query_peers_kernel, "query_peers_kernel"); }
 
 }  // namespace epx::kernels

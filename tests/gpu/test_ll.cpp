@@ -300,12 +300,8 @@ TEST_P(LlWorld, DoubleBufferedMicroBatchesAndStats) {
     DeviceMem stats(4 * E_loc), waits(8 * R);
     stats.fill(0);
     waits.fill(0);
-    for (int m = 0; m < 2; ++m) {
+    auto dispatch_args = [&](int m) {
       const int N = run[m].inputs[me].num_tokens;
-      out.emplace_back(new LlOut(E_loc, R * s.T, s.H, true, false));
-      x[m] = DeviceMem::from(run[m].inputs[me].x);
-      topk[m] = DeviceMem::from(run[m].inputs[me].topk_idx);
-      w[m] = DeviceMem::from(run[m].weights);
       LowLatencyDispatchArgs a;
       a.x = View::of(x[m].get(), DType::kBF16, {N, s.H});
       a.topk_idx = View::of(topk[m].get(), DType::kI64, {N, s.K});
@@ -314,15 +310,15 @@ TEST_P(LlWorld, DoubleBufferedMicroBatchesAndStats) {
       a.return_recv_hook = true;
       a.cumulative_local_expert_recv_stats = View::of(stats.get(), DType::kI32, {E_loc});
       a.dispatch_wait_recv_cost_stats = View::of(waits.get(), DType::kI64, {R});
+      return a;
+    };
+    for (int m = 0; m < 2; ++m) {
+      out.emplace_back(new LlOut(E_loc, R * s.T, s.H, true, false));
+      x[m] = DeviceMem::from(run[m].inputs[me].x);
+      topk[m] = DeviceMem::from(run[m].inputs[me].topk_idx);
+      w[m] = DeviceMem::from(run[m].weights);
       bufs[m] = ctx.buffer->next_low_latency_buffer();
-      h[m] = ctx.buffer->low_latency_dispatch(a, out[m]->view(R), ctx.stream);
-    }
-    // A third op while both buffers hold unreceived sends is refused.
-    try {
-      ctx.buffer->low_latency_combine({}, h[0], View{}, ctx.stream);
-      throw Failure("third in-flight low-latency op was accepted");
-    } catch (const Error& e) {
-      REQUIRE(e.kind() == ErrorKind::kState && std::string(e.what()).find("in flight") != std::string::npos, e.what());
+      h[m] = ctx.buffer->low_latency_dispatch(dispatch_args(m), out[m]->view(R), ctx.stream);
     }
     // Other GPU work between send and receive: nothing is held, results stay right.
     DeviceMem scratch(64 << 20);
@@ -356,6 +352,20 @@ TEST_P(LlWorld, DoubleBufferedMicroBatchesAndStats) {
       expect_equal(comb[m].download<uint16_t>(static_cast<size_t>(N) * s.H), want, static_cast<size_t>(N) * s.H,
                    "micro-batch combine " + std::to_string(m));
     }
+    // A third op while both buffers hold unreceived sends is refused on every rank; like every
+    // failed collective op it fails the Buffer, and a collective reset() makes it usable again.
+    for (int m = 0; m < 2; ++m) {
+      bufs[m] = ctx.buffer->next_low_latency_buffer();
+      h[m] = ctx.buffer->low_latency_dispatch(dispatch_args(m), out[m]->view(R), ctx.stream);
+    }
+    try {
+      ctx.buffer->low_latency_combine({}, h[0], View{}, ctx.stream);
+      throw Failure("third in-flight low-latency op was accepted");
+    } catch (const Error& e) {
+      REQUIRE(e.kind() == ErrorKind::kState && std::string(e.what()).find("in flight") != std::string::npos, e.what());
+    }
+    ctx.buffer->reset();
+    REQUIRE(ctx.buffer->next_low_latency_buffer() == 0, "reset: the next low-latency buffer is 0");
     if (me == 0) std::printf("[world %d] two micro-batches in flight, hooks, stats ok\n", R);
   }, ll_bytes_for({s}, world)), 0);
 }

@@ -19,6 +19,9 @@ import pytest
 # Simulated ranks share one GPU's hardware queues: more of them (read when CUDA makes its context,
 # so before any CUDA call) keep one rank's queued work from holding back a peer's.
 os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "32")
+# And every kernel loaded when the context is made: a lazily loaded kernel's first launch may wait
+# for a peer rank's running kernel (docs/protocol.md, SimWorld).
+os.environ.setdefault("CUDA_MODULE_LOADING", "EAGER")
 
 _REPO = Path(__file__).resolve().parents[2]
 REAL_WORLDS = (2, 4, 8)

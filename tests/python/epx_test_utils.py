@@ -20,7 +20,8 @@ import torch
 # Never create NVLink multicast objects on the shared GPU hosts; bound every device wait.
 # Simulated ranks: more hardware queues (see conftest.py).
 for _k, _v in (("NCCL_NVLS_ENABLE", "0"), ("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1"), ("NVSHMEM_DISABLE_NVLS", "1"),
-               ("EPX_TIMEOUT_S", "60"), ("CUDA_DEVICE_MAX_CONNECTIONS", "32")):
+               ("EPX_TIMEOUT_S", "60"), ("CUDA_DEVICE_MAX_CONNECTIONS", "32"),
+               ("CUDA_MODULE_LOADING", "EAGER")):
     os.environ.setdefault(_k, _v)
 
 
