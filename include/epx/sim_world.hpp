@@ -11,6 +11,9 @@
 //  - use the rank's own non-blocking stream; no cudaDeviceSynchronize, no cudaMemset/cudaMemcpy on
 //    the legacy default stream, no cudaFree while peers run (each of these waits for, or serializes
 //    behind, every rank's kernels, which may be waiting for this rank: a deadlock until timeout);
+//  - copy device -> pageable host memory only once the rank's stream is done (or into pinned
+//    memory): CUDA serializes such copies across streams, so one queued behind a rank's kernel
+//    that waits for a peer holds up every other rank's copy;
 //  - capture CUDA graphs with cudaStreamCaptureModeThreadLocal (or Relaxed);
 //  - load every kernel before the ranks' first op: with CUDA_MODULE_LOADING=LAZY a kernel's first
 //    launch may wait for every running kernel of the process, a peer's waiting one included.

@@ -454,10 +454,21 @@ def expert_scale(e: int) -> float:
 
 # ---- Comparison -----------------------------------------------------------------------------------
 
+def host(t: torch.Tensor) -> torch.Tensor:
+    """A CPU copy of `t`, taken after the current stream is done (torch releases the GIL while it
+    waits). CUDA serializes device-to-host copies into pageable memory across streams: a simulated
+    rank's copy queued behind its kernel that waits for a peer would hold up every other rank's copy,
+    the peer's included (a stall until the timeout; seen on an H200). Every test reads device
+    tensors through this."""
+    if t.is_cuda:
+        torch.cuda.current_stream(t.device).synchronize()
+    return t.detach().cpu()
+
+
 def assert_equal(actual: torch.Tensor, expected: torch.Tensor, what: str) -> None:
     """Bitwise equality (dtype and shape too); on failure names the first differing rows."""
-    actual = actual.detach().cpu()
-    expected = expected.detach().cpu()
+    actual = host(actual)
+    expected = host(expected)
     assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != expected {tuple(expected.shape)}"
     assert actual.dtype == expected.dtype, f"{what}: dtype {actual.dtype} != expected {expected.dtype}"
     if actual.dtype.is_floating_point and actual.element_size() in (1, 2, 4, 8):

@@ -10,7 +10,7 @@ import pytest
 from conftest import require_epx
 
 torch, epx = require_epx()
-from epx_test_utils import (assert_equal, make_input, per_token_cast_to_fp8, fp8_dequant, ref_combine,
+from epx_test_utils import (assert_equal, host, make_input, per_token_cast_to_fp8, fp8_dequant, ref_combine,
                             ref_dispatch, ref_layout, token_counts)
 
 HIDDEN = 512
@@ -183,10 +183,10 @@ def _worst_tokens(ctx, seed):
     assert_equal(recv_w[:n], ref.topk_weights, "recv_topk_weights")
     assert_equal(handle[3][:n], ref.src_idx, "recv_src_idx")
     assert_equal(handle[0], ref.rank_prefix_matrix, "rank_prefix_matrix")
-    assert bool((recv_x[n:] == 0).all()), "padding rows of recv_x must be zero"
-    assert bool((recv_idx[n:] == -1).all()), "padding rows of recv_topk_idx must be -1"
-    assert bool((recv_w[n:] == 0).all()), "padding rows of recv_topk_weights must be 0"
-    assert bool((handle[3][n:] == -1).all()), "padding rows of recv_src_idx must be -1"
+    assert bool(host(recv_x[n:] == 0).all()), "padding rows of recv_x must be zero"
+    assert bool(host(recv_idx[n:] == -1).all()), "padding rows of recv_topk_idx must be -1"
+    assert bool(host(recv_w[n:] == 0).all()), "padding rows of recv_topk_weights must be 0"
+    assert bool(host(handle[3][n:] == -1).all()), "padding rows of recv_src_idx must be -1"
 
     # Cached dispatch keeps the worst-case row count.
     recv_x2, *_ = buf.dispatch(mine.x.to(dev), handle=handle)
@@ -249,7 +249,7 @@ def _async_and_previous_event(ctx, seed):
         assert_equal(recv_x, refs[me].x, f"recv_x ({mode})")
         assert_equal(recv_w, refs[me].topk_weights, f"recv_topk_weights ({mode})")
         assert counts == refs[me].num_recv_tokens_per_expert
-        y = late(combine_input(me, recv_x.cpu()))
+        y = late(combine_input(me, host(recv_x)))
         combined_x, combined_w, ev = buf.combine(y, handle, topk_weights=recv_w, **kwargs())
         if asyn:
             assert ev.event is not None

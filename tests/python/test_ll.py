@@ -10,7 +10,7 @@ import pytest
 from conftest import require_epx
 
 torch, epx = require_epx()
-from epx_test_utils import (assert_equal, expert_scale, fp8_dequant, ll_quantize, make_input, pack_ue8m0, pow2,
+from epx_test_utils import (assert_equal, host, expert_scale, fp8_dequant, ll_quantize, make_input, pack_ue8m0, pow2,
                             ref_ll_dispatch, token_counts)
 from test_ht import HIDDEN as HT_HIDDEN, _dispatch_combine
 
@@ -81,7 +81,7 @@ def check_dispatch(inputs, me, recv, recv_count, handle, mode, what=""):
     assert handle[2:5] == (T, HIDDEN, E)
     assert_equal(layout_range, ref.layout_range, f"layout_range{what}")
     quant = [ll_quantize(i.x, round_scale) for i in inputs] if use_fp8 else None
-    src_info_cpu, slot_cpu = src_info.cpu(), handle[5].cpu()
+    src_info_cpu, slot_cpu = host(src_info), host(handle[5])
     for j, rows in enumerate(ref.rows):
         n = len(rows)
         if n == 0:
@@ -124,7 +124,7 @@ def reference_combine(inp, mode: str) -> torch.Tensor:
 
 def check_combine(combined: torch.Tensor, expected: torch.Tensor, what: str) -> None:
     """bf16 output of an fp32 weighted sum: within 2^-7 relative (rounding) of the fp64 sum."""
-    got = combined.double().cpu()
+    got = host(combined).double()
     assert got.shape == expected.shape, f"{what}: shape {tuple(got.shape)} != {tuple(expected.shape)}"
     assert torch.isfinite(got).all(), f"{what}: non-finite values"
     err = (got - expected).abs()
@@ -278,7 +278,7 @@ def _clean_and_stats(ctx, seed):
         check_dispatch(inputs, me, recv, count, handle, "bf16", f" (salt {salt})")
         total += count
     assert_equal(stats, total, "cumulative_local_expert_recv_stats over two dispatches")
-    assert bool((wait >= 0).all()), "dispatch_wait_recv_cost_stats must not go negative"
+    assert bool(host(wait >= 0).all()), "dispatch_wait_recv_cost_stats must not go negative"
 
 
 def _mixed_modes(ctx, seed):
