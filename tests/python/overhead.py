@@ -65,7 +65,7 @@ def worker(rank: int, world: int, port: int, args) -> None:
     N, H, K, T = args.tokens, args.hidden, args.topk, args.ll_tokens
     buffer = epx.Buffer(dist.group.WORLD,
                         num_nvl_bytes=epx.Buffer.get_nvl_buffer_size_hint(world * N, H, world, K),
-                        num_rdma_bytes=epx.Buffer.get_low_latency_rdma_size_hint(T, H, world, E, K),
+                        num_rdma_bytes=epx.Buffer.get_low_latency_rdma_size_hint(T, H, world, E, num_topk=K),
                         low_latency_mode=True, explicitly_destroy=True)
     rt = buffer.runtime
     stream = buffer.get_comm_stream().cuda_stream

@@ -30,7 +30,7 @@ def num_experts(world: int) -> int:
 
 
 def ll_buffer(ctx, with_nvl: bool = False) -> epx.Buffer:
-    rdma = epx.Buffer.get_low_latency_rdma_size_hint(T, HIDDEN, ctx.world, num_experts(ctx.world), TOPK)
+    rdma = epx.Buffer.get_low_latency_rdma_size_hint(T, HIDDEN, ctx.world, num_experts(ctx.world), num_topk=TOPK)
     nvl = epx.Buffer.get_nvl_buffer_size_hint(ctx.world * 320, HT_HIDDEN, ctx.world) if with_nvl else 0
     return ctx.buffer(num_nvl_bytes=nvl, num_rdma_bytes=rdma, low_latency_mode=True)
 
