@@ -54,16 +54,19 @@ void print_rows(const std::vector<Row>& rows) {
   std::printf("%-24s %4s %6s %10s %10s %10s %9s %9s %8s %8s %8s\n", "", "", "", "", "", "", "GB/s", "GB/s", "", "x", "");
   for (const Row& r : rows) {
     auto opt = [](double v, const char* fmt) {
-      static char buf[4][32];
+      static char buf[12][32];  // one per column of a row
       static int i = 0;
-      char* b = buf[i++ % 4];
+      char* b = buf[i++ % 12];
       if (v < 0) std::snprintf(b, 32, "-"); else std::snprintf(b, 32, fmt, v);
       return b;
     };
+    // A time or rate of 0 is one the row does not have (the ceiling row has a bandwidth only).
+    auto some = [&](double v, const char* fmt) { return opt(v > 0 ? v : -1, fmt); };
     if (simulated) std::printf("%-6s ", r.simulated ? ("sim r" + std::to_string(r.rank)).c_str() : "");
-    std::printf("%-24s %4d %6d %10.1f %10.1f %10.1f %9.1f %9.1f %8s %8s %8s  %s\n", r.op.c_str(), r.num_sms, r.tokens,
-                r.median_us, r.min_us, r.max_us, r.logical_gbps, r.nvlink_gbps, opt(r.pct_ceiling, "%.1f"),
-                opt(r.vs_nccl, "%.2f"), opt(r.host_us, "%.1f"), r.note.c_str());
+    std::printf("%-24s %4d %6d %10s %10s %10s %9s %9s %8s %8s %8s  %s\n", r.op.c_str(), r.num_sms, r.tokens,
+                some(r.median_us, "%.1f"), some(r.min_us, "%.1f"), some(r.max_us, "%.1f"), some(r.logical_gbps, "%.1f"),
+                some(r.nvlink_gbps, "%.1f"), opt(r.pct_ceiling, "%.1f"), opt(r.vs_nccl, "%.2f"), opt(r.host_us, "%.1f"),
+                r.note.c_str());
   }
   std::fflush(stdout);
 }
