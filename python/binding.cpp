@@ -313,18 +313,6 @@ epx::LowLatencyHandle make_ll_handle(int T, int hidden, int num_experts, int num
   return h;
 }
 
-// Largest top-k the low-latency mode accepts (asked of the size hint, so it follows the core).
-int probe_ll_max_topk() {
-  for (int k = epx::kMaxTopk; k >= 1; --k) {
-    try {
-      epx::Buffer::low_latency_size_hint(1, 128, 1, 1, k);
-      return k;
-    } catch (const epx::Error&) {
-    }
-  }
-  return 0;
-}
-
 void translate_error(const epx::Error& e) {
   py::object type = py::reinterpret_borrow<py::object>(g_error_type);
   py::object exc = type(e.what());
@@ -382,7 +370,7 @@ PYBIND11_MODULE(_C, m) {
   m.attr("MAX_RANKS") = epx::kMaxRanks;
   m.attr("MAX_LOCAL_EXPERTS") = epx::kMaxLocalExperts;
   m.attr("MAX_TOPK") = epx::kMaxTopk;
-  m.attr("LL_MAX_TOPK") = probe_ll_max_topk();
+  m.attr("LL_MAX_TOPK") = epx::kMaxLlTopk;
   m.attr("UNIQUE_ID_BYTES") = static_cast<int>(sizeof(ncclUniqueId));
 
   m.def("nccl_version", [] {

@@ -23,13 +23,11 @@
 #include "epx/communicator.hpp"
 #include "epx/config.hpp"
 #include "epx/error.hpp"
+#include "epx/limits.hpp"
 #include "epx/types.hpp"
 
 namespace epx {
 
-constexpr int kMaxRanks = 8;            // ranks of one NVLink domain
-constexpr int kMaxLocalExperts = 1024;  // experts per rank
-constexpr int kMaxTopk = 32;
 
 // Routing state of one dispatch: what combine and a cached re-dispatch need. Device arrays are
 // owned by the handle (allocate it once with Buffer::make_handle, before any CUDA-graph capture;

@@ -22,11 +22,11 @@
 #include <cstdint>
 
 #include "common/hd.hpp"
+#include "epx/limits.hpp"
 
 namespace epx {
 
-constexpr int kMaxPeers = 8;
-constexpr int kMaxExpertsPerRank = 1024;
+constexpr int kMaxPeers = kMaxRanks;  // entries of every per-peer table
 
 EPX_HD constexpr size_t align_up(size_t x, size_t a) { return (x + a - 1) / a * a; }
 
@@ -61,7 +61,7 @@ struct AbortWord {
 //   tokens_per_expert[j]: rows s sends to this rank's local expert j
 struct NotifySlot {
   int tokens_per_rank[kMaxPeers];
-  int tokens_per_expert[kMaxExpertsPerRank];
+  int tokens_per_expert[kMaxLocalExperts];
 };
 
 struct NotifyArea {

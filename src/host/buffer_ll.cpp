@@ -9,9 +9,6 @@ using validate::kAny;
 namespace {
 
 
-using plan::kMaxLlHidden;
-using plan::kMaxLlTokens;
-using plan::kMaxLlTopk;
 using plan::ll_layout;
 
 }  // namespace

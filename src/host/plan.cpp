@@ -134,11 +134,11 @@ size_t Buffer::get_nvl_buffer_size_hint(int64_t max_rows, int hidden, DType x_dt
 }
 
 size_t Buffer::low_latency_size_hint(int T, int hidden, int num_ranks, int num_experts, int num_topk) {
-  validate::in_range(T, "num_max_dispatch_tokens_per_rank", 1, plan::kMaxLlTokens);
-  validate::in_range(hidden, "hidden", 128, plan::kMaxLlHidden);
+  validate::in_range(T, "num_max_dispatch_tokens_per_rank", 1, kMaxLlTokens);
+  validate::in_range(hidden, "hidden", 128, kMaxLlHidden);
   EPX_ARG_CHECK(hidden % 128 == 0, "hidden: must be a multiple of 128, got ", hidden);
   validate::in_range(num_ranks, "num_ranks", 1, kMaxPeers);
-  validate::in_range(num_topk, "num_topk", 1, plan::kMaxLlTopk);
+  validate::in_range(num_topk, "num_topk", 1, kMaxLlTopk);
   EPX_ARG_CHECK(num_experts >= num_ranks && num_experts % num_ranks == 0, "num_experts: must be a multiple of ",
                 num_ranks, ", got ", num_experts);
   return align_up(plan::ll_layout(num_ranks, T, hidden, num_topk, num_experts / num_ranks).num_bytes(), 1 << 21);

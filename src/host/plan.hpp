@@ -55,9 +55,6 @@ std::string plan_difference(int word, uint64_t theirs, uint64_t mine, std::strin
                             std::string* my_value);
 
 // Low-latency limits and the region layout for (R, T, H, K, E_loc).
-constexpr int kMaxLlTopk = 16;
-constexpr int kMaxLlHidden = 16384;
-constexpr int kMaxLlTokens = 1 << 16;
 inline LlLayout ll_layout(int R, int T, int H, int K, int E_loc) {
   LlLayout l;
   l.place(R, T, H, K, E_loc);

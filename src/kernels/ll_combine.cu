@@ -18,7 +18,6 @@ namespace {
 using namespace epx::device;
 constexpr int kThreads = 512;
 constexpr int kUnroll = 8;
-constexpr int kMaxTopk = 16;  // low-latency top-k bound (plan::kMaxLlTopk)
 constexpr int kBatch = 8;
 constexpr int kExpertsPerThread = (kMaxLocalExperts + kThreads - 1) / kThreads;
 using BlockScan = cub::BlockScan<int, kThreads>;
@@ -106,8 +105,8 @@ __device__ __forceinline__ void combine_recv(const LlCombineParams& p, uint64_t 
     ok = wait_flag_geq(c.ctx, &sync->data[c.buffer_idx][threadIdx.x], n, Phase::kReceive, threadIdx.x,
                        c.mask_of(threadIdx.x));
   if (!__syncthreads_and(ok)) return;
-  __shared__ float weight[kMaxTopk];  // 0 where the slot is -1 (never read then)
-  __shared__ int valid[kMaxTopk];
+  __shared__ float weight[kMaxLlTopk];  // 0 where the slot is -1 (never read then)
+  __shared__ int valid[kMaxLlTopk];
   __shared__ int rank_masked[kMaxPeers];  // shrink mode: a masked rank's experts contribute nothing
   if (threadIdx.x < R) rank_masked[threadIdx.x] = c.masked(threadIdx.x);
   __syncthreads();

@@ -16,12 +16,10 @@ namespace {
 
 using namespace epx::device;
 constexpr int kThreads = 512;
-constexpr int kMaxHidden = 16384;  // smem row for the fp8 cast (H + 4 * H / 128 bytes)
-constexpr int kMaxTopkLl = 16;
 
 // A warp casts 128-channel blocks c = warp, warp + warps, ...: 4 channels per lane. All of a
 // lane's loads are issued before the first cast (the row is read once, latency-bound otherwise).
-constexpr int kCastIters = kMaxHidden / 128 / (kThreads / kWarpSize);
+constexpr int kCastIters = kMaxLlHidden / 128 / (kThreads / kWarpSize);
 __device__ void cast_row_fp8(const LlDispatchParams& p, const uint16_t* row, uint8_t* q, float* scales) {
   const int H = p.c.layout.hidden, num_blocks = H / 128;
   const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
@@ -50,8 +48,8 @@ __device__ void cast_row_fp8(const LlDispatchParams& p, const uint16_t* row, uin
 // Send half of op n; false (nothing sent) when the wait for the peers' consumption failed. Not
 // inlined: inlined into ll_dispatch_fused beside the receive half, ptxas spills.
 __device__ __noinline__ bool dispatch_send(const LlDispatchParams& p, uint64_t n) {
-  __shared__ __align__(16) uint8_t row_smem[kMaxHidden + kMaxHidden / 128 * 4];
-  __shared__ int local_ids[kMaxPeers][kMaxTopkLl];
+  __shared__ __align__(16) uint8_t row_smem[kMaxLlHidden + kMaxLlHidden / 128 * 4];
+  __shared__ int local_ids[kMaxPeers][kMaxLlTopk];
   __shared__ int has_rank[kMaxPeers];
   __shared__ int skip_rank[kMaxPeers];  // shrink mode: masked destinations get nothing
   const LlCommon& c = p.c;
