@@ -82,19 +82,23 @@ template <int R_, int U_>
 struct RankBucket {
   static constexpr int kR = R_, kU = U_;
 };
-template <typename Launch>
-void by_rank_bucket(int num_ranks, Launch&& launch) {
-  if (num_ranks <= 2) launch(RankBucket<2, 8>{});
-  else if (num_ranks <= 4) launch(RankBucket<4, 3>{});
-  else launch(RankBucket<kMaxPeers, 1>{});
-}
-
-// Calls f(RankBucket) for every bucket by_rank_bucket can pick (loading every instantiation).
+// The buckets, smallest first: f(RankBucket) for each (loading every instantiation).
 template <typename F>
 void for_each_rank_bucket(F&& f) {
   f(RankBucket<2, 8>{});
   f(RankBucket<4, 3>{});
   f(RankBucket<kMaxPeers, 1>{});
+}
+// Launches with the smallest bucket whose kR holds num_ranks.
+template <typename Launch>
+void by_rank_bucket(int num_ranks, Launch&& launch) {
+  bool launched = false;
+  for_each_rank_bucket([&](auto b) {
+    if (!launched && num_ranks <= decltype(b)::kR) {
+      launched = true;
+      launch(b);
+    }
+  });
 }
 
 // One warp: combined_x[t] = bf16(sum over ranks r ascending of row(r, t) + bias_0 + bias_1), and
