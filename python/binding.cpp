@@ -533,8 +533,9 @@ PYBIND11_MODULE(_C, m) {
   // ---- Buffer ---------------------------------------------------------------------------------
   py::class_<PyBuffer>(m, "Buffer")
       .def(py::init([](PyCommunicator& comm, size_t num_nvl_bytes, size_t num_ll_bytes, int num_sms,
-                       int num_threads, double timeout_s, bool enable_shrink) {
+                       int num_threads, double timeout_s, bool enable_shrink, int node_size) {
              epx::BufferOptions options;
+             options.node_size = node_size;
              options.config = make_config(num_sms, num_threads, timeout_s);
              options.num_ll_bytes = num_ll_bytes;
              options.enable_shrink = enable_shrink;
@@ -546,10 +547,13 @@ PYBIND11_MODULE(_C, m) {
              return b;
            }),
            py::arg("comm"), py::arg("num_nvl_bytes"), py::arg("num_ll_bytes"), py::arg("num_sms"),
-           py::arg("num_threads"), py::arg("timeout_s"), py::arg("enable_shrink") = false, py::keep_alive<1, 2>(),
+           py::arg("num_threads"), py::arg("timeout_s"), py::arg("enable_shrink") = false,
+           py::arg("node_size") = 0, py::keep_alive<1, 2>(),
            "Collective: allocates the symmetric buffer (num_nvl_bytes + num_ll_bytes) on every rank.")
       .def_property_readonly("rank", [](PyBuffer& b) { return b.get().rank(); })
       .def_property_readonly("num_ranks", [](PyBuffer& b) { return b.get().num_ranks(); })
+      .def_property_readonly("node_size", [](PyBuffer& b) { return b.get().node_size(); })
+      .def_property_readonly("num_nodes", [](PyBuffer& b) { return b.get().num_nodes(); })
       .def_property_readonly("num_nvl_bytes", [](PyBuffer& b) { return b.get().num_nvl_bytes(); })
       .def_property_readonly("failed", [](PyBuffer& b) { return b.get().failed(); })
       .def_property_readonly("destroyed", [](PyBuffer& b) { return b.ptr == nullptr; })

@@ -147,6 +147,13 @@ struct BufferOptions {
   // (its experts receive nothing and contribute nothing to a combine), and a wait that times out
   // masks the rank it waited for instead of failing the op. See low_latency_*_mask_buffer.
   bool enable_shrink = false;
+  // Ranks per node (docs/scaleout.md §2). 0 = EPX_NODE_SIZE if set, else the NVLink domain (the
+  // NCCL LSA team; a SimWorld's whole world). A smaller size splits the domain into virtual nodes
+  // (it must divide the domain: Error(kInvalidArgument) naming node_size otherwise), so the
+  // scale-out path runs inside one NVLink domain. Nodes hold at most kMaxRanks ranks.
+  // NOTE: dispatch and combine across nodes are not implemented yet: a Buffer whose world spans
+  // more than one node is refused with Error(kUnsupported).
+  int node_size = 0;
 };
 
 class Buffer {
@@ -163,6 +170,9 @@ class Buffer {
   void set_config(const Config& config);  // validated
   int rank() const;
   int num_ranks() const;
+  // Ranks per (virtual) node and nodes of the world (BufferOptions::node_size).
+  int node_size() const;
+  int num_nodes() const;
 
   // Bytes of `num_nvl_bytes` needed to dispatch/combine up to `max_rows` rows per rank (max over
   // ranks of rows received in dispatch or sent in combine) with the given row shape.
@@ -177,6 +187,11 @@ class Buffer {
   void get_dispatch_layout(const View& topk_idx, int num_experts, const View& num_tokens_per_rank,
                            const View& num_tokens_per_expert, const View& is_token_in_rank,
                            cudaStream_t stream);
+  // With DeepEP's num_tokens_per_rdma_rank [num_nodes()] int32 (optional: a null view skips it):
+  // tokens with at least one expert on a rank of each node, a token counted once per node.
+  void get_dispatch_layout(const View& topk_idx, int num_experts, const View& num_tokens_per_rank,
+                           const View& num_tokens_per_rdma_rank, const View& num_tokens_per_expert,
+                           const View& is_token_in_rank, cudaStream_t stream);
 
   // --- High-throughput dispatch (design.md 4.2) ---------------------------------------------
   // A handle with device storage for `num_tokens` tokens on this rank.

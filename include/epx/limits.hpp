@@ -4,12 +4,19 @@
 
 namespace epx {
 
-constexpr int kMaxRanks = 8;            // ranks of one NVLink domain
+// kMaxRanks bounds one (virtual) node: the ranks a rank reaches over NVLink, and every per-peer
+// table of the intranode protocols (sync words, count slots, shared-memory arrays). The world spans
+// up to kMaxNodes such nodes (docs/design.md §6, scale-out): a warp lane per node in the
+// high-throughput path across nodes, so kMaxNodes <= 32.
+constexpr int kMaxRanks = 8;            // ranks of one node (NVLink domain or virtual node)
+constexpr int kMaxNodes = 32;           // nodes of one world
+constexpr int kMaxWorldRanks = kMaxNodes * kMaxRanks;  // ranks of one world (256)
 constexpr int kMaxLocalExperts = 1024;  // experts per rank
 constexpr int kMaxTopk = 32;            // top-k of a high-throughput dispatch
 constexpr int kMaxLlTopk = 16;          // top-k of a low-latency dispatch
 constexpr int kMaxLlHidden = 16384;     // hidden of a low-latency op (a multiple of 128)
 constexpr int kMaxLlTokens = 1 << 16;   // num_max_dispatch_tokens_per_rank of a low-latency op
+static_assert(kMaxNodes <= 32, "the high-throughput path across nodes gives each node a warp lane");
 static_assert(kMaxLlTopk <= kMaxTopk, "the low-latency top-k is a high-throughput top-k too");
 static_assert(kMaxLlHidden % 128 == 0, "low-latency rows are cast to fp8 in blocks of 128 channels");
 

@@ -40,7 +40,9 @@ class SimWorld {
  public:
   // Fewest SMs a simulated rank must own (the low-latency receive needs one block per SM).
   static constexpr int kMinSmsPerRank = 4;
-  // Largest R on `device`: min(kMaxRanks, device SMs / kMinSmsPerRank).
+  // Largest R on `device`: min(kMaxWorldRanks, device SMs / kMinSmsPerRank). The whole world is
+  // one NVLink domain; a Buffer's nodes hold at most kMaxRanks ranks, so a world beyond kMaxRanks
+  // is split into virtual nodes (BufferOptions::node_size).
   static int max_world(int device = 0);
   // SMs each of `world` ranks would own on `device` (device SMs / world), without making a world.
   static int sms_per_rank(int world, int device = 0);

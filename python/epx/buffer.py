@@ -149,7 +149,8 @@ class Buffer:
                  use_fabric: bool = False,
                  explicitly_destroy: bool = False,
                  enable_shrink: bool = False,
-                 comm: Optional[object] = None) -> None:
+                 comm: Optional[object] = None, *,
+                 node_size: int = 0) -> None:
         """
         Creates the buffer (collective over the group: every rank calls it with the same sizes).
 
@@ -180,10 +181,16 @@ class Buffer:
                 masked rank is neither sent to nor waited for, and a wait that times out masks the
                 rank it waited for instead of failing; see the `low_latency_*_mask_buffer` calls.
             comm: an mpi4py communicator used instead of `group` to share the unique id.
+            node_size: ranks per node (epx's extension, keyword-only). 0 = the environment's
+                EPX_NODE_SIZE if set, else the NVLink domain. A smaller size splits the domain into
+                virtual nodes (it must divide the domain: EpxError(InvalidArgument) otherwise).
+                Dispatch and combine across nodes are not implemented: a group of more than one
+                node is refused with EpxError(Unsupported).
         """
         _check_int("num_nvl_bytes", num_nvl_bytes, 0)
         _check_int("num_rdma_bytes", num_rdma_bytes, 0)
         _check_int("num_qps_per_rank", num_qps_per_rank, 1)
+        _check_int("node_size", node_size, 0)
         if not allow_nvlink_for_low_latency_mode:
             raise _error("Unsupported", "allow_nvlink_for_low_latency_mode=False: epx moves low-latency traffic "
                                         "over NVLink only (no RDMA path)")
@@ -253,7 +260,7 @@ class Buffer:
         config = Buffer._default_config(self.group_size, self._num_sms_share)
         self._config_key = config._key()
         self.runtime = _C.Buffer(self._comm, nvl_bytes, num_rdma_bytes if low_latency_mode else 0,
-                                 *self._config_key, enable_shrink=enable_shrink)
+                                 *self._config_key, enable_shrink=enable_shrink, node_size=node_size)
         if sim_comm is not None:
             # A stream no other simulated rank uses (torch's pooled streams repeat after 32).
             self._comm_stream, stream_handle = _sim._acquire_stream(self._device_index, priority=-1)

@@ -49,6 +49,12 @@ __device__ __forceinline__ int ld_volatile(const volatile int* p) {
   return v;
 }
 
+// Atomic add whose release orders this thread's earlier accesses (and, cumulatively, what it has
+// observed) before the add, at system scope: the emulated scale-out signal (device/net_emu.cuh).
+__device__ __forceinline__ void red_add_release_sys(uint64_t* p, uint64_t v) {
+  asm volatile("red.release.sys.global.add.u64 [%0], %1;" ::"l"(p), "l"(v) : "memory");
+}
+
 __device__ __forceinline__ void fence_acq_rel_sys() { asm volatile("fence.acq_rel.sys;" ::: "memory"); }
 __device__ __forceinline__ void fence_acq_rel_gpu() { asm volatile("fence.acq_rel.gpu;" ::: "memory"); }
 

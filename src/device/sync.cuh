@@ -61,15 +61,17 @@ __device__ __forceinline__ bool still_ok(const OpContext& ctx, Phase phase) {
   return true;
 }
 
-// The one bounded wait: until *flag >= target (acquire, system scope). With `mask` (low-latency
-// shrink mode: the waited-for peer's word in this rank's mask), a peer that is or becomes masked
-// ends the wait, and a timeout masks the peer instead of failing: true then too, the caller reads
-// the mask to tell the two apart.
-__device__ __forceinline__ bool wait_flag_geq(const OpContext& ctx, const uint64_t* flag, uint64_t target,
-                                              Phase phase, int peer, int* mask = nullptr) {
+// The one bounded wait: until load() >= target, where load() is an acquire load (of a flag word,
+// or of a scale-out signal: device/net.cuh). With `mask` (low-latency shrink mode: the
+// waited-for peer's word in this rank's mask), a peer that is or becomes masked ends the wait, and
+// a timeout masks the peer instead of failing: true then too, the caller reads the mask to tell
+// the two apart.
+template <typename Load>
+__device__ __forceinline__ bool wait_geq(const OpContext& ctx, const Load& load, uint64_t target, Phase phase,
+                                         int peer, int* mask = nullptr) {
   const uint64_t start = globaltimer_ns();
   for (uint32_t iter = 0;; ++iter) {
-    const uint64_t v = ld_acquire_sys(flag);
+    const uint64_t v = load();
     if (v >= target) return true;
     if ((iter & 255u) == 255u) {
       // Another block or rank already failed: stop waiting for work that will not come.
@@ -87,6 +89,12 @@ __device__ __forceinline__ bool wait_flag_geq(const OpContext& ctx, const uint64
       }
     }
   }
+}
+
+// wait_geq on a flag word: until *flag >= target (acquire, system scope).
+__device__ __forceinline__ bool wait_flag_geq(const OpContext& ctx, const uint64_t* flag, uint64_t target,
+                                              Phase phase, int peer, int* mask = nullptr) {
+  return wait_geq(ctx, [flag] { return ld_acquire_sys(flag); }, target, phase, peer, mask);
 }
 
 // The bound of a loop that polls several flags in turn (none of them may stall the others): call

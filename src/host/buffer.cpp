@@ -12,6 +12,7 @@
 #include "host/buffer_impl.hpp"
 #include "host/sim_world_state.hpp"
 #include "host/validate.hpp"
+#include "kernels/scaleout_params.hpp"
 
 namespace epx {
 
@@ -35,11 +36,16 @@ Buffer::Buffer(Communicator& comm, size_t num_nvl_bytes, BufferOptions options) 
   m.comm = &comm;
   validate_config(comm, options.config);
   m.set_config(options.config);
+  {
+    const char* source = "node_size";
+    const int node_size = requested_node_size(options.node_size, &source);
+    m.topology = Topology::make(comm.world(), comm.rank(), comm.local_size(), node_size, source);
+  }
+  EPX_CHECK(m.topology.num_nodes() == 1, ErrorKind::kUnsupported, "the ", comm.world(), " ranks form ",
+            m.topology.num_nodes(), m.topology.virtual_nodes ? " virtual" : "", " nodes of ", m.topology.node_size,
+            " (NVLink domain of ", comm.local_size(), "); dispatch and combine across nodes are not implemented");
   EPX_CHECK(comm.world() <= kMaxPeers, ErrorKind::kUnsupported, "world size ", comm.world(),
             " exceeds the NVLink domain limit of ", kMaxPeers, " ranks");
-  EPX_CHECK(comm.local_size() == comm.world(), ErrorKind::kUnsupported, "the communicator spans ", comm.num_nodes(),
-            " NVLink domains (local size ", comm.local_size(), " of ", comm.world(),
-            "); scale-out (RDMA) is not implemented");
   EPX_ARG_CHECK(num_nvl_bytes >= SymmetricLayout::kMinBytes, "num_nvl_bytes: expected >= ",
                 SymmetricLayout::kMinBytes, ", got ", num_nvl_bytes);
   num_nvl_bytes = align_up(num_nvl_bytes, 1 << 21);
@@ -117,6 +123,8 @@ void Buffer::set_config(const Config& config) {
 }
 int Buffer::rank() const { return impl_->comm->rank(); }
 int Buffer::num_ranks() const { return impl_->comm->world(); }
+int Buffer::node_size() const { return impl_->topology.node_size; }
+int Buffer::num_nodes() const { return impl_->topology.num_nodes(); }
 bool Buffer::failed() const { return impl_->failed; }
 void* Buffer::peer_pointer(int peer) const {
   validate::in_range(peer, "peer", 0, num_ranks() - 1);
@@ -165,6 +173,13 @@ void Buffer::reset() {
 void Buffer::get_dispatch_layout(const View& topk_idx, int num_experts, const View& num_tokens_per_rank,
                                  const View& num_tokens_per_expert, const View& is_token_in_rank,
                                  cudaStream_t stream) {
+  get_dispatch_layout(topk_idx, num_experts, num_tokens_per_rank, View{}, num_tokens_per_expert, is_token_in_rank,
+                      stream);
+}
+
+void Buffer::get_dispatch_layout(const View& topk_idx, int num_experts, const View& num_tokens_per_rank,
+                                 const View& num_tokens_per_rdma_rank, const View& num_tokens_per_expert,
+                                 const View& is_token_in_rank, cudaStream_t stream) {
   Impl& m = *impl_;
   m.check_usable();
   const int R = num_ranks();
@@ -183,6 +198,11 @@ void Buffer::get_dispatch_layout(const View& topk_idx, int num_experts, const Vi
   validate::contiguous(num_tokens_per_rank, "num_tokens_per_rank");
   validate::contiguous(num_tokens_per_expert, "num_tokens_per_expert");
   validate::contiguous(is_token_in_rank, "is_token_in_rank");
+  const bool with_rdma = num_tokens_per_rdma_rank.data != nullptr;
+  if (with_rdma) {
+    validate::tensor(num_tokens_per_rdma_rank, "num_tokens_per_rdma_rank", DType::kI32, {m.topology.num_nodes()});
+    validate::contiguous(num_tokens_per_rdma_rank, "num_tokens_per_rdma_rank");
+  }
 
   kernels::LayoutParams p{};
   p.ctx = m.context(OpCode::kLayout);
@@ -196,6 +216,15 @@ void Buffer::get_dispatch_layout(const View& topk_idx, int num_experts, const Vi
   p.num_tokens_per_expert = num_tokens_per_expert.ptr<int>();
   p.is_token_in_rank = is_token_in_rank.ptr<bool>();
   kernels::launch_layout(p, stream);
+  if (with_rdma) {
+    kernels::RdmaRankCountParams q{};
+    q.is_token_in_rank = is_token_in_rank.ptr<bool>();
+    q.num_tokens = static_cast<int>(N);
+    q.num_ranks = R;
+    q.node_size = m.topology.node_size;
+    q.num_tokens_per_rdma_rank = num_tokens_per_rdma_rank.ptr<int>();
+    kernels::launch_rdma_rank_counts(q, stream);
+  }
   m.after_launch("get_dispatch_layout", stream);
 }
 

@@ -18,6 +18,7 @@
 #include "host/env.hpp"
 #include "host/plan.hpp"
 #include "host/symmetric.hpp"
+#include "host/topology.hpp"
 #include "kernels/ht_params.hpp"
 #include "kernels/ll_params.hpp"
 
@@ -25,6 +26,7 @@ namespace epx {
 
 struct Buffer::Impl {
   Communicator* comm = nullptr;
+  Topology topology;  // nodes of the world (BufferOptions::node_size)
   Config config;
   double timeout_seconds = 0;  // effective_timeout_s(config), read once per config (not per op)
   size_t num_nvl_bytes = 0;

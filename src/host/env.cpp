@@ -4,6 +4,7 @@
 #include <string>
 
 #include "epx/error.hpp"
+#include "epx/limits.hpp"
 
 namespace epx::env {
 
@@ -18,6 +19,12 @@ static double read_double(const char* name, double fallback, double lo, double h
 }
 
 double timeout_s() { return read_double("EPX_TIMEOUT_S", 100.0, 0.001, 86400.0); }
+int node_size() {
+  const double v = read_double("EPX_NODE_SIZE", 0, 1, kMaxRanks);
+  EPX_ARG_CHECK(v == static_cast<int>(v), "EPX_NODE_SIZE: expected an integer in [1, ", kMaxRanks, "], got '",
+                std::getenv("EPX_NODE_SIZE"), "'");
+  return static_cast<int>(v);
+}
 bool debug() { return read_double("EPX_DEBUG", 0, 0, 1) != 0; }
 
 }  // namespace epx::env

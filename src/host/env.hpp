@@ -6,6 +6,10 @@ namespace epx::env {
 // EPX_TIMEOUT_S (default 100): bound of every device and host wait, in seconds, when the Config
 // does not set one. A Buffer reads it when it is made and at each set_config, not per operation.
 double timeout_s();
+// EPX_NODE_SIZE (default unset = the NVLink domain): ranks per (virtual) node, an integer in
+// [1, kMaxRanks] that divides the NVLink domain; a Buffer made without BufferOptions::node_size
+// splits its domain into nodes of this size, so the scale-out path runs inside one domain.
+int node_size();
 // EPX_DEBUG (default 0): 1 = print one line to stderr per kernel launch, naming the rank and the
 // op ("epx[rank 0]: dispatch launched").
 bool debug();

@@ -30,7 +30,7 @@ int device_sms(int device) {
 
 int SimWorld::max_world(int device) {
   const int by_sms = device_sms(device) / kMinSmsPerRank;
-  return by_sms < kMaxRanks ? by_sms : kMaxRanks;
+  return by_sms < kMaxWorldRanks ? by_sms : kMaxWorldRanks;
 }
 
 int SimWorld::sms_per_rank(int world, int device) {
@@ -54,8 +54,8 @@ SimWorld::SimWorld(int world, int device, double timeout_s) {
   const int by_sms = sms / kMinSmsPerRank;
   EPX_ARG_CHECK(world >= 2, "SimWorld world: expected >= 2 ranks (a simulated world exists to exercise peers), got ",
                 world);
-  EPX_CHECK(world <= kMaxRanks, ErrorKind::kUnsupported, "SimWorld world: ", world, " ranks exceed the limit of ",
-            kMaxRanks, " ranks of one NVLink domain");
+  EPX_CHECK(world <= kMaxWorldRanks, ErrorKind::kUnsupported, "SimWorld world: ", world,
+            " ranks exceed the limit of ", kMaxWorldRanks, " ranks of one world");
   EPX_CHECK(world <= by_sms, ErrorKind::kUnsupported, "SimWorld world: ", world, " ranks need ", kMinSmsPerRank,
             " SMs each, device ", device, " has ", sms, " SMs (at most ", by_sms, " ranks)");
   EPX_ARG_CHECK(timeout_s >= 0 && timeout_s <= 86400, "SimWorld timeout_s: expected [0, 86400] seconds, got ",

@@ -15,7 +15,7 @@ namespace {
 
 class NcclSymmetric final : public SymmetricMemory {
  public:
-  NcclSymmetric(Communicator& comm, size_t num_bytes) : SymmetricMemory(comm.rank(), num_bytes), comm_(comm) {
+  NcclSymmetric(Communicator& comm, size_t num_bytes) : SymmetricMemory(comm.rank(), comm.world(), num_bytes), comm_(comm) {
     try {
       setup(num_bytes);
     } catch (...) {
@@ -42,11 +42,11 @@ class NcclSymmetric final : public SymmetricMemory {
               " ranks, world has ", comm.world());
     // The peers' LSA pointers are read on the device, once.
     void** peers_device = nullptr;
-    EPX_CUDA_CHECK(cudaMalloc(&peers_device, sizeof(void*) * kMaxPeers));
+    EPX_CUDA_CHECK(cudaMalloc(&peers_device, sizeof(void*) * comm.world()));
     kernels::launch_query_peers(dev_comm_, window_, peers_device, nullptr);
     const cudaError_t launched = cudaGetLastError();
     const cudaError_t copied =
-        cudaMemcpy(peers_, peers_device, sizeof(void*) * comm.world(), cudaMemcpyDeviceToHost);
+        cudaMemcpy(peers_.data(), peers_device, sizeof(void*) * comm.world(), cudaMemcpyDeviceToHost);
     cudaFree(peers_device);
     EPX_CUDA_CHECK(launched);
     EPX_CUDA_CHECK(copied);
@@ -70,8 +70,8 @@ class NcclSymmetric final : public SymmetricMemory {
 class SimSymmetric final : public SymmetricMemory {
  public:
   SimSymmetric(Communicator& comm, size_t num_bytes, double timeout_s)
-      : SymmetricMemory(comm.rank(), num_bytes), state_(comm.sim_world()->state()) {
-    state_.alloc_symmetric(comm.rank(), num_bytes, timeout_s, peers_);
+      : SymmetricMemory(comm.rank(), comm.world(), num_bytes), state_(comm.sim_world()->state()) {
+    state_.alloc_symmetric(comm.rank(), num_bytes, timeout_s, peers_.data());
   }
   ~SimSymmetric() override { state_.release_symmetric(local()); }
   std::string check_bounds(cudaStream_t stream) override { return state_.check_guards(local(), num_bytes(), stream); }
@@ -83,8 +83,8 @@ class SimSymmetric final : public SymmetricMemory {
 }  // namespace
 
 std::unique_ptr<SymmetricMemory> SymmetricMemory::create(Communicator& comm, size_t num_bytes, double timeout_s) {
-  EPX_CHECK(comm.world() <= kMaxPeers, ErrorKind::kUnsupported, "world size ", comm.world(),
-            " exceeds the NVLink domain limit of ", kMaxPeers, " ranks");
+  EPX_CHECK(comm.world() <= kMaxWorldRanks, ErrorKind::kUnsupported, "world size ", comm.world(),
+            " exceeds the limit of ", kMaxWorldRanks, " ranks");
   if (comm.simulated()) return std::unique_ptr<SymmetricMemory>(new SimSymmetric(comm, num_bytes, timeout_s));
   EPX_CHECK(comm.nccl() != nullptr, ErrorKind::kState, "Communicator has no NCCL communicator");
   return std::unique_ptr<SymmetricMemory>(new NcclSymmetric(comm, num_bytes));

@@ -6,6 +6,7 @@
 #include <cstddef>
 #include <memory>
 #include <string>
+#include <vector>
 
 #include <cuda_runtime_api.h>
 
@@ -28,12 +29,12 @@ class SymmetricMemory {
 
   char* local() const { return peers_[rank_]; }
   // peers()[p] = rank p's window as mapped in this process, p < world.
-  char* const* peers() const { return peers_; }
+  char* const* peers() const { return peers_.data(); }
   size_t num_bytes() const { return num_bytes_; }
 
  protected:
-  SymmetricMemory(int rank, size_t num_bytes) : rank_(rank), num_bytes_(num_bytes) {}
-  char* peers_[kMaxPeers] = {};
+  SymmetricMemory(int rank, int world, size_t num_bytes) : peers_(world, nullptr), rank_(rank), num_bytes_(num_bytes) {}
+  std::vector<char*> peers_;  // world entries
   int rank_ = 0;
   size_t num_bytes_ = 0;
 };

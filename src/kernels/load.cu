@@ -3,6 +3,7 @@
 
 #include "host/checks.hpp"
 #include "kernels/ht_params.hpp"
+#include "kernels/scaleout_params.hpp"
 
 namespace epx::kernels {
 
@@ -16,6 +17,7 @@ void load_kernels() {
   if (device >= 0 && device < 64 && loaded[device]) return;
   load_abort_kernels();
   load_layout_kernels();
+  load_layout_scaleout_kernels();
   load_notify_kernels();
   load_dispatch_kernels();
   load_combine_kernels();

@@ -37,8 +37,8 @@ TEST(SimWorld, WorldSizeOutOfRangeNamesValueAndLimit) {
       require_error([&] { SimWorld w(world); }, ErrorKind::kInvalidArgument,
                     {"SimWorld world", ">= 2", "got " + std::to_string(world)});
     const int max_world = SimWorld::max_world();
-    const int expected = std::min(kMaxRanks, device_sms() / SimWorld::kMinSmsPerRank);
-    REQUIRE(max_world == expected, "max_world() ", max_world, ", want min(kMaxRanks, SMs / ", SimWorld::kMinSmsPerRank,
+    const int expected = std::min(kMaxWorldRanks, device_sms() / SimWorld::kMinSmsPerRank);
+    REQUIRE(max_world == expected, "max_world() ", max_world, ", want min(kMaxWorldRanks, SMs / ", SimWorld::kMinSmsPerRank,
             ") = ", expected);
     // Above the largest world: the message names the asked size and the limit.
     require_error([&] { SimWorld w(max_world + 1); }, ErrorKind::kUnsupported,
