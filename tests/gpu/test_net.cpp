@@ -383,6 +383,49 @@ TEST(NetLayout, TokensPerRdmaRankMatchReference) {
   }, 120), 0);
 }
 
+// The Buffer's side: node_size is validated (a size that does not divide the NVLink domain names
+// node_size; a split into several nodes is refused until dispatch and combine cross nodes), and
+// get_dispatch_layout fills num_tokens_per_rdma_rank for its one node as the reference does.
+class NetBuffer : public ::testing::TestWithParam<int> {};
+
+TEST_P(NetBuffer, NodeSizeAndRdmaRankCounts) {
+  SKIP_WITHOUT_SIM_WORLD(GetParam());
+  const uint64_t seed = run_seed();
+  EXPECT_EQ(run_world(WorldMode::kSim, GetParam(), 64 << 20, Config{}, [&](RankCtx& ctx) {
+    const int R = ctx.world;
+    REQUIRE(ctx.buffer->node_size() == R && ctx.buffer->num_nodes() == 1, "rank ", ctx.rank, ": node_size ",
+            ctx.buffer->node_size(), ", num_nodes ", ctx.buffer->num_nodes());
+    BufferOptions bad = ctx.options;
+    bad.node_size = 3;
+    require_error([&] { Buffer b(*ctx.comm, 64 << 20, bad); }, ErrorKind::kInvalidArgument,
+                  {"node_size", "3", "does not divide the NVLink domain of " + std::to_string(R)});
+    bad.node_size = 2;
+    require_error([&] { Buffer b(*ctx.comm, 64 << 20, bad); }, ErrorKind::kUnsupported,
+                  std::vector<std::string>{"2 virtual nodes of 2", "across nodes are not implemented"});
+    InputSpec spec;
+    spec.num_tokens = 300;
+    spec.num_experts = 32;
+    const ref::RankInput in = make_input(seed, ctx.rank, spec);
+    const ref::Layout want = ref::get_dispatch_layout(in.topk_idx, spec.num_tokens, spec.num_topk, spec.num_experts, R);
+    const std::vector<int> want_rdma = ref::num_tokens_per_rdma_rank(want, spec.num_tokens, R, R);
+    DeviceMem topk = DeviceMem::from(in.topk_idx);
+    DeviceMem per_rank(sizeof(int) * R), per_rdma(sizeof(int)), per_expert(sizeof(int) * spec.num_experts),
+        in_rank(static_cast<size_t>(spec.num_tokens) * R);
+    per_rdma.fill(0x7F);
+    ctx.buffer->get_dispatch_layout(View::of(topk.get(), DType::kI64, {spec.num_tokens, spec.num_topk}),
+                                    spec.num_experts, View::of(per_rank.get(), DType::kI32, {R}),
+                                    View::of(per_rdma.get(), DType::kI32, {1}),
+                                    View::of(per_expert.get(), DType::kI32, {spec.num_experts}),
+                                    View::of(in_rank.get(), DType::kBool, {spec.num_tokens, R}), ctx.stream);
+    ctx.buffer->synchronize(ctx.stream);
+    expect_equal(per_rdma.download<int>(1), want_rdma, 1, "num_tokens_per_rdma_rank");
+    expect_equal(per_rank.download<int>(R), want.num_tokens_per_rank, R, "num_tokens_per_rank");
+  }), 0);
+}
+
+INSTANTIATE_TEST_SUITE_P(Sim, NetBuffer, ::testing::Values(4),
+                         [](const ::testing::TestParamInfo<int>& info) { return "sim_world" + std::to_string(info.param); });
+
 // GinNet is part of the build exactly when the NCCL headers have GIN; where it is, the version
 // check passes only with the NCCL it was compiled against (checked on the CPU: no GPU needed).
 TEST(NetGin, BuiltWhereTheHeadersHaveGin) {
