@@ -189,7 +189,7 @@ void load_net_test_kernels() {
 }
 
 void launch_net_test(const NetTestArgs& args, cudaStream_t stream) {
-  if (args.mode == NetEmuMode::kAdversarial)
+  if (args.mode == EmuMode::kAdversarial)
     launch<device::EmuNetAdversarial>(args, stream);
   else
     launch<device::EmuNetDirect>(args, stream);

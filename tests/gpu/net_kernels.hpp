@@ -13,6 +13,7 @@
 #include <cstdint>
 
 #include "common/hd.hpp"
+#include "common/net_view.hpp"
 #include "common/op_context.hpp"
 #include "common/topology.hpp"
 
@@ -27,8 +28,6 @@ enum class NetScenario {
                        //   the receiver's ack before it flushes
 };
 const char* scenario_name(NetScenario s);
-
-enum class NetEmuMode { kDirect, kAdversarial };
 
 // Offsets in every rank's window (the same on all ranks).
 struct NetTestLayout {
@@ -76,12 +75,11 @@ EPX_HD int num_chunks(uint32_t seed, int src, int dst, int max_chunks) {
   return 2 + static_cast<int>(net_mix(seed ^ 0x51ed270bu ^ (static_cast<uint32_t>(src) * 977u + dst)) %
                               static_cast<uint32_t>(max_chunks - 1));
 }
-// Data chunk slots c of one destination that travel on context ctx: c = ctx, ctx + 4, ...; the
-// k-th of them belongs to signal group k / chunks_per_signal.
-
+// Data chunk c of a destination travels on context c % 4, as the k = c / 4-th chunk of that context,
+// in signal group k / chunks_per_signal (each group ends with one put_signal).
 struct NetTestArgs {
   NetScenario scenario = NetScenario::kDelivery;
-  NetEmuMode mode = NetEmuMode::kDirect;
+  EmuMode mode = EmuMode::kDirect;
   uint32_t seed = 0;
   int chunks_per_signal = 2;
   NetTestLayout layout;

@@ -37,11 +37,11 @@ constexpr uint8_t kSnapshotSentinel = 0xEE;
 
 struct NetCase {
   int world, node_size;
-  NetEmuMode mode;
+  EmuMode mode;
 };
 void PrintTo(const NetCase& c, std::ostream* os) {
   *os << "sim_world" << c.world << "_node" << c.node_size
-      << (c.mode == NetEmuMode::kAdversarial ? "_adversarial" : "_direct");
+      << (c.mode == EmuMode::kAdversarial ? "_adversarial" : "_direct");
 }
 std::string case_name(const ::testing::TestParamInfo<NetCase>& info) {
   std::ostringstream os;
@@ -51,15 +51,15 @@ std::string case_name(const ::testing::TestParamInfo<NetCase>& info) {
 std::vector<NetCase> cases(const std::vector<std::pair<int, int>>& splits) {
   std::vector<NetCase> out;
   for (const auto& [world, node_size] : splits)
-    for (NetEmuMode mode : {NetEmuMode::kDirect, NetEmuMode::kAdversarial}) out.push_back({world, node_size, mode});
+    for (EmuMode mode : {EmuMode::kDirect, EmuMode::kAdversarial}) out.push_back({world, node_size, mode});
   return out;
 }
 
 // What a receiver's snapshot of chunk c from `src` must hold, given the scenario and mode:
 // 0 = the chunk's payload, 1 = the payload of chunk `n - 1` (a source rewritten before its put
 // ran), 2 = the sentinel (the put had not landed).
-int predicted(NetScenario s, NetEmuMode mode, int c, int n) {
-  if (mode != NetEmuMode::kAdversarial) return 0;
+int predicted(NetScenario s, EmuMode mode, int c, int n) {
+  if (mode != EmuMode::kAdversarial) return 0;
   if (s == NetScenario::kReuseWithoutFlush) return c < n - 1 ? 1 : 0;
   if (s == NetScenario::kCrossContext) return 2;
   return 0;
@@ -149,7 +149,7 @@ void run_rank(int rank, int world, Communicator& comm, const NetCase& c, NetScen
         expect_chunk(at(snap, s), [&](int i) { return p == 2 ? kNetSentinel : payload(seed, src, rank, shown, i); },
                      what + (p == 0 ? " (snapshot)" : " (snapshot: the adversarial mode must show the violation)"));
         // In the end every put landed; a put whose source was rewritten first carried the rewrite.
-        const int landed = scenario == NetScenario::kReuseWithoutFlush && c.mode == NetEmuMode::kAdversarial ? n - 1 : slot;
+        const int landed = scenario == NetScenario::kReuseWithoutFlush && c.mode == EmuMode::kAdversarial ? n - 1 : slot;
         expect_chunk(at(recv, s), [&](int i) { return payload(seed, src, rank, landed, i); }, what + " (window)");
         ++tally.num_chunks;
         tally.num_wrong += p != 0;
@@ -178,7 +178,7 @@ void run_rank(int rank, int world, Communicator& comm, const NetCase& c, NetScen
 void run_case(const NetCase& c, NetScenario scenario) {
   const uint64_t seed = run_seed();
   const bool negative = scenario == NetScenario::kReuseWithoutFlush || scenario == NetScenario::kCrossContext;
-  const bool must_show = negative && c.mode == NetEmuMode::kAdversarial;
+  const bool must_show = negative && c.mode == EmuMode::kAdversarial;
   const int rc = run_in_child([&] {
     std::vector<Tally> tallies(c.world);
     const int failed = launch_sim(c.world, [&](int rank, int world, Communicator& comm) {
@@ -192,7 +192,7 @@ void run_case(const NetCase& c, NetScenario scenario) {
       total.num_wrong += t.num_wrong;
     }
     std::printf("net %s %s world %d node %d: %d chunks checked, %d read wrong (as predicted)\n",
-                scenario_name(scenario), c.mode == NetEmuMode::kAdversarial ? "adversarial" : "direct", c.world,
+                scenario_name(scenario), c.mode == EmuMode::kAdversarial ? "adversarial" : "direct", c.world,
                 c.node_size, total.num_chunks, total.num_wrong);
     if (must_show && total.num_wrong == 0) {
       std::printf("net: the adversarial mode did not expose the violation\n");
@@ -294,7 +294,7 @@ void run_count_exchange(const NetCase& c) {
         kernels::load_count_exchange_kernels();
         CUDA_OK(cudaStreamSynchronize(stream));
         comm.barrier(60);
-        const EmuMode mode = c.mode == NetEmuMode::kAdversarial ? EmuMode::kAdversarial : EmuMode::kDirect;
+        const EmuMode mode = c.mode;
         for (int round = 0; round < kRounds; ++round) {
           p.num_tokens_per_rank = static_cast<const int*>(rows[round].get());
           p.count_matrix = static_cast<int*>(matrices[round].get());
@@ -322,7 +322,7 @@ void run_count_exchange(const NetCase& c) {
     }, 0, 120);
     if (failed == 0)
       std::printf("count exchange world %d node %d (%s): %d exchanges, every rank holds the whole matrix\n", c.world,
-                  c.node_size, c.mode == NetEmuMode::kAdversarial ? "adversarial" : "direct", kRounds);
+                  c.node_size, c.mode == EmuMode::kAdversarial ? "adversarial" : "direct", kRounds);
     return failed == 0 ? 0 : 1;
   }, 200);
   EXPECT_EQ(rc, 0);
