@@ -6,12 +6,15 @@
 
 #include <cstdlib>
 #include <random>
+#include <algorithm>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "epx/error.hpp"
 #include "epx/limits.hpp"
 #include "host/env.hpp"
+#include "common/scaleout_layout.hpp"
 #include "host/topology.hpp"
 #include "reference/reference_scaleout.hpp"
 
@@ -165,6 +168,40 @@ TEST(ReferenceScaleout, TokensPerRdmaRankMatchesExpertIds) {
       }
     }
     EXPECT_EQ(got, want) << "world " << world << " node " << node_size << " seed " << seed;
+  }
+}
+
+// The count exchange's layout: every region 16-byte aligned, inside [base, end), disjoint from the
+// others; signal ids unique and below the node count (GinNet's ids) and kMaxNodes (EmuNet's words).
+TEST(ScaleoutCountLayout, RegionsDisjointAlignedAndInBounds) {
+  for (const auto& [world, node_size] :
+       std::vector<std::pair<int, int>>{{2, 1}, {4, 2}, {8, 4}, {16, 8}, {160, 8}, {256, 8}, {32, 1}}) {
+    ScaleoutCountLayout l;
+    l.num_ranks = world;
+    l.node_size = node_size;
+    l.base = 4096;
+    std::vector<std::pair<size_t, size_t>> regions = {{l.signals(), 8 * kMaxNodes}, {l.flags(), 8 * kMaxRanks}};
+    for (int parity = 0; parity < 2; ++parity) {
+      for (int local = 0; local < node_size; ++local) regions.push_back({l.node_row(parity, local), l.row_bytes()});
+      for (int node = 0; node < l.num_nodes(); ++node) regions.push_back({l.block(parity, node), l.block_bytes()});
+    }
+    std::sort(regions.begin(), regions.end());
+    for (size_t i = 0; i < regions.size(); ++i) {
+      const auto [begin, size] = regions[i];
+      EXPECT_EQ(begin % 16, 0u) << "world " << world << " node " << node_size << " region at " << begin;
+      EXPECT_GE(begin, l.base);
+      EXPECT_LE(begin + size, l.end());
+      if (i + 1 < regions.size()) {
+        EXPECT_LE(begin + size, regions[i + 1].first) << "world " << world << " overlap at " << begin;
+      }
+    }
+    EXPECT_GE(l.row_bytes(), static_cast<size_t>(world) * 4);
+    EXPECT_EQ(l.block_bytes() % 16, 0u);
+    for (int node = 0; node < l.num_nodes(); ++node) {
+      EXPECT_EQ(l.signal(node), node);
+      EXPECT_LT(l.signal(node), kMaxNodes);
+    }
+    EXPECT_EQ(l.num_bytes(), l.end() - l.base);
   }
 }
 
