@@ -41,6 +41,10 @@ Buffer::Buffer(Communicator& comm, size_t num_nvl_bytes, BufferOptions options) 
     const int node_size = requested_node_size(options.node_size, &source);
     m.topology = Topology::make(comm.world(), comm.rank(), comm.local_size(), node_size, source);
   }
+  // rank = node * node_size + local holds only when each NVLink domain is a block of consecutive ranks.
+  EPX_CHECK(comm.local_rank() == comm.rank() % comm.local_size(), ErrorKind::kUnsupported, "rank ", comm.rank(),
+            " is rank ", comm.local_rank(), " of its NVLink domain of ", comm.local_size(),
+            "; epx needs each domain to hold consecutive ranks (rank = node * node_size + local)");
   EPX_CHECK(m.topology.num_nodes() == 1, ErrorKind::kUnsupported, "the ", comm.world(), " ranks form ",
             m.topology.num_nodes(), m.topology.virtual_nodes ? " virtual" : "", " nodes of ", m.topology.node_size,
             " (NVLink domain of ", comm.local_size(), "); dispatch and combine across nodes are not implemented");
