@@ -65,6 +65,25 @@ __device__ void send(const NetTestParams<typename Net::View>& p, typename Net::W
       for (int node = 0; node < t.num_nodes(); ++node)
         if (node != t.node_idx()) net.signal(0, t.rail_peer(node), l.sig_handoff(me), 1);
   }
+  if (a.scenario == NetScenario::kHandOffWithoutCommit) {
+    // As the hand-off above, but without commit: only warp 0's own puts precede its signal.
+    for (int node = 0; node < t.num_nodes(); ++node) {
+      if (node == t.node_idx()) continue;
+      const int dst = t.rail_peer(node);
+      write_chunk(window + l.handoff_src(warp, dst), a, me, dst, l.max_chunks + warp, lane);
+      net.put(0, dst, l.recv(l.handoff_slot(me, warp)), l.handoff_src(warp, dst), l.chunk_bytes);
+    }
+    __syncthreads();
+    if (warp == 0)
+      for (int node = 0; node < t.num_nodes(); ++node)
+        if (node != t.node_idx()) net.signal(0, t.rail_peer(node), l.sig_handoff(me), 1);
+    // The receivers have read what the signal let them read; only now may the held puts go.
+    for (int node = 0; node < t.num_nodes(); ++node)
+      if (node != t.node_idx())
+        device::net_wait_geq(a.op, net, l.sig_ack(t.rail_peer(node)), 1, Phase::kSend, t.rail_peer(node));
+    net.flush();
+    return;
+  }
   const int dst = warp;
   if (dst >= t.num_ranks || t.same_node(dst)) return;
   const int n = num_chunks(a.seed, me, dst, l.max_chunks);
@@ -100,6 +119,8 @@ __device__ void send(const NetTestParams<typename Net::View>& p, typename Net::W
       device::net_wait_geq(a.op, net, l.sig_ack(dst), 1, Phase::kSend, dst);
       net.flush();
       break;
+    case NetScenario::kHandOffWithoutCommit:
+      break;
   }
 }
 
@@ -113,6 +134,14 @@ __device__ void receive(const NetTestParams<typename Net::View>& p, typename Net
   if (src >= t.num_ranks || t.same_node(src)) return;
   const int n = num_chunks(a.seed, src, me, l.max_chunks);
   switch (a.scenario) {
+    case NetScenario::kHandOffWithoutCommit:
+      if (t.local_of(src) == t.local_idx()) {
+        if (!device::net_wait_geq(a.op, net, l.sig_handoff(src), 1, Phase::kReceive, src)) return;
+        for (int w = 0; w < l.num_warps; ++w) snapshot(a, l.handoff_slot(src, w), lane);
+        __syncwarp();  // every lane's snapshot reads before the ack
+        net.signal(0, src, l.sig_ack(me), 1);
+      }
+      break;
     case NetScenario::kDelivery:
       if (t.local_of(src) == t.local_idx()) {  // a rail peer: its hand-off chunks
         if (!device::net_wait_geq(a.op, net, l.sig_handoff(src), 1, Phase::kReceive, src)) return;
@@ -178,6 +207,7 @@ const char* scenario_name(NetScenario s) {
     case NetScenario::kFlushReuse: return "flush_reuse";
     case NetScenario::kReuseWithoutFlush: return "reuse_without_flush";
     case NetScenario::kCrossContext: return "cross_context";
+    case NetScenario::kHandOffWithoutCommit: return "hand_off_without_commit";
   }
   return "?";
 }

@@ -26,6 +26,8 @@ enum class NetScenario {
   kReuseWithoutFlush,  // NEGATIVE: the staging slot rewritten before flush
   kCrossContext,       // NEGATIVE: puts on context 0, signal on context 1; the sender waits for
                        //   the receiver's ack before it flushes
+  kHandOffWithoutCommit,  // NEGATIVE: every warp puts, barrier without commit, one warp signals;
+                          //   every warp waits for the receiver's ack before it flushes
 };
 const char* scenario_name(NetScenario s);
 

@@ -4,8 +4,9 @@
 //    each observed signal covers reads exactly the payload (source, destination, chunk, word);
 //    hand-off: puts of every warp, committed, covered by one warp's signal.
 //  - FlushBeforeReuse: one staging slot per destination, flushed before each rewrite.
-//  - NEGATIVE, ReuseBeforeFlushIsCaught / CrossContextReadIsCaught: code that breaks the contract
-//    (rewrites a source before flush; reads data signalled on another context). The direct mode
+//  - NEGATIVE, ReuseBeforeFlushIsCaught / CrossContextReadIsCaught / HandOffWithoutCommitIsCaught:
+//    code that breaks the contract (rewrites a source before flush; reads data signalled on
+//    another context; signals other warps' puts without their commit). The direct mode
 //    happens to order it, so it reads right data there; the adversarial mode must make it read
 //    wrong data, exactly the wrong data the contract allows. The test asserts both outcomes.
 // Every case also checks each window at the end: every put landed once, nothing else was written.
@@ -139,7 +140,7 @@ void run_rank(int rank, int world, Communicator& comm, const NetCase& c, NetScen
         const std::string what = detail::concat("rank ", rank, ": chunk ", slot, " from rank ", src, " (",
                                                 scenario_name(scenario), ", seed ", seed, ")");
         const int s = l.recv_slot(src, slot);
-        if (!sends || slot >= n) {  // nothing may arrive here
+        if (!sends || slot >= n || scenario == NetScenario::kHandOffWithoutCommit) {  // nothing may arrive here
           expect_chunk(at(recv, s), [](int) { return kNetSentinel; }, what + " (window, unused slot)");
           expect_chunk(at(snap, s), [&](int) { return snapshot_word; }, what + " (snapshot, unused slot)");
           continue;
@@ -154,13 +155,19 @@ void run_rank(int rank, int world, Communicator& comm, const NetCase& c, NetScen
         ++tally.num_chunks;
         tally.num_wrong += p != 0;
       }
-      for (int w = 0; w < l.num_warps; ++w) {  // hand-off chunks: delivery, from rail peers only
+      const bool hand_off = scenario == NetScenario::kDelivery || scenario == NetScenario::kHandOffWithoutCommit;
+      for (int w = 0; w < l.num_warps; ++w) {  // hand-off chunks, from rail peers only
         const int s = l.handoff_slot(src, w);
         const std::string what = detail::concat("rank ", rank, ": hand-off chunk of warp ", w, " from rank ", src);
-        if (scenario == NetScenario::kDelivery && sends && v.local_of(src) == v.local_idx()) {
-          expect_chunk(at(snap, s), [&](int i) { return payload(seed, src, rank, kMaxChunks + w, i); }, what + " (snapshot)");
+        if (hand_off && sends && v.local_of(src) == v.local_idx()) {
+          // Without commit only the signalling warp's (0) puts are covered: the adversarial mode
+          // still holds the others'.
+          const bool held = scenario == NetScenario::kHandOffWithoutCommit && c.mode == EmuMode::kAdversarial && w != 0;
+          expect_chunk(at(snap, s), [&](int i) { return held ? kNetSentinel : payload(seed, src, rank, kMaxChunks + w, i); },
+                       what + (held ? " (snapshot: the adversarial mode must show the violation)" : " (snapshot)"));
           expect_chunk(at(recv, s), [&](int i) { return payload(seed, src, rank, kMaxChunks + w, i); }, what + " (window)");
           ++tally.num_chunks;
+          tally.num_wrong += held;
         } else {
           expect_chunk(at(recv, s), [](int) { return kNetSentinel; }, what + " (window, unused slot)");
         }
@@ -177,7 +184,8 @@ void run_rank(int rank, int world, Communicator& comm, const NetCase& c, NetScen
 // violation in at least one chunk.
 void run_case(const NetCase& c, NetScenario scenario) {
   const uint64_t seed = run_seed();
-  const bool negative = scenario == NetScenario::kReuseWithoutFlush || scenario == NetScenario::kCrossContext;
+  const bool negative = scenario == NetScenario::kReuseWithoutFlush || scenario == NetScenario::kCrossContext ||
+                        scenario == NetScenario::kHandOffWithoutCommit;
   const bool must_show = negative && c.mode == EmuMode::kAdversarial;
   const int rc = run_in_child([&] {
     std::vector<Tally> tallies(c.world);
@@ -232,6 +240,14 @@ TEST_P(NetContractNegative, ReuseBeforeFlushIsCaught) {
 TEST_P(NetContractNegative, CrossContextReadIsCaught) {
   SKIP_WITHOUT_SIM_WORLD(GetParam().world);
   run_case(GetParam(), NetScenario::kCrossContext);
+}
+
+// Putting from several warps and signalling from one without commit: the adversarial mode holds
+// the other warps' puts until their flush (after the receiver's ack), so the receiver reads the
+// sentinel in their chunks (warp 0's own, which its signal covers, are right).
+TEST_P(NetContractNegative, HandOffWithoutCommitIsCaught) {
+  SKIP_WITHOUT_SIM_WORLD(GetParam().world);
+  run_case(GetParam(), NetScenario::kHandOffWithoutCommit);
 }
 
 INSTANTIATE_TEST_SUITE_P(Splits, NetContractNegative, ::testing::ValuesIn(cases({{2, 1}, {8, 2}, {16, 8}})),
