@@ -1,5 +1,6 @@
-// The scale-out interface's contract (device/net.cuh), on one GPU through SimWorld, over the NVLink
-// emulation in both modes, at several (world, node size) splits:
+// The scale-out interface's contract (device/net.cuh), over the NVLink emulation in both modes, at
+// several (world, node size) splits: on one GPU through SimWorld (sim_*), and on the GPUs of one
+// host with NCCL windows, split into virtual nodes (real_*):
 //  - Delivery: chunks over 4 contexts, a put_signal per group; a receiver that copies out what
 //    each observed signal covers reads exactly the payload (source, destination, chunk, word);
 //    hand-off: puts of every warp, committed, covered by one warp's signal.
@@ -36,12 +37,14 @@ constexpr int kMaxChunks = 10;
 constexpr int kChunkBytes = 256;
 constexpr uint8_t kSnapshotSentinel = 0xEE;
 
+// sim: a SimWorld on one GPU; real: one process per GPU, the windows NCCL's (LSA pointers).
 struct NetCase {
   int world, node_size;
   EmuMode mode;
+  WorldMode world_mode = WorldMode::kSim;
 };
 void PrintTo(const NetCase& c, std::ostream* os) {
-  *os << "sim_world" << c.world << "_node" << c.node_size
+  *os << mode_name(c.world_mode) << "_world" << c.world << "_node" << c.node_size
       << (c.mode == EmuMode::kAdversarial ? "_adversarial" : "_direct");
 }
 std::string case_name(const ::testing::TestParamInfo<NetCase>& info) {
@@ -49,12 +52,18 @@ std::string case_name(const ::testing::TestParamInfo<NetCase>& info) {
   PrintTo(info.param, &os);
   return os.str();
 }
-std::vector<NetCase> cases(const std::vector<std::pair<int, int>>& splits) {
+// Both emulator modes of every split, simulated; and real on the GPUs of one host (each a
+// virtual-node split of the one NVLink domain) for the splits in `real`.
+std::vector<NetCase> cases(const std::vector<std::pair<int, int>>& sim,
+                           const std::vector<std::pair<int, int>>& real = {}) {
   std::vector<NetCase> out;
-  for (const auto& [world, node_size] : splits)
-    for (EmuMode mode : {EmuMode::kDirect, EmuMode::kAdversarial}) out.push_back({world, node_size, mode});
+  for (WorldMode world_mode : {WorldMode::kSim, WorldMode::kReal})
+    for (const auto& [world, node_size] : world_mode == WorldMode::kSim ? sim : real)
+      for (EmuMode mode : {EmuMode::kDirect, EmuMode::kAdversarial})
+        out.push_back({world, node_size, mode, world_mode});
   return out;
 }
+const std::vector<std::pair<int, int>> kRealSplits = {{2, 1}, {4, 1}, {4, 2}, {8, 2}, {8, 4}};
 
 // What a receiver's snapshot of chunk c from `src` must hold, given the scenario and mode:
 // 0 = the chunk's payload, 1 = the payload of chunk `n - 1` (a source rewritten before its put
@@ -89,7 +98,8 @@ void run_rank(int rank, int world, Communicator& comm, const NetCase& c, NetScen
     l.num_warps = world;
     l.max_chunks = kMaxChunks;
     l.chunk_bytes = kChunkBytes;
-    std::unique_ptr<SymmetricMemory> mem = SymmetricMemory::create(comm, l.num_bytes(), 60);
+    // Whole 2 MiB granules, as a Buffer asks for (an NCCL window's registration granularity).
+    std::unique_ptr<SymmetricMemory> mem = SymmetricMemory::create(comm, align_up(l.num_bytes(), 1 << 21), 60);
     char* window = mem->local();
     CUDA_OK(cudaMemsetAsync(window, 0, l.recv_offset(), stream));  // sync area and signals
     CUDA_OK(cudaMemsetAsync(window + l.recv_offset(), kNetSentinel & 0xff, l.num_bytes() - l.recv_offset(), stream));
@@ -187,6 +197,20 @@ void run_case(const NetCase& c, NetScenario scenario) {
   const bool negative = scenario == NetScenario::kReuseWithoutFlush || scenario == NetScenario::kCrossContext ||
                         scenario == NetScenario::kHandOffWithoutCommit;
   const bool must_show = negative && c.mode == EmuMode::kAdversarial;
+  if (c.world_mode == WorldMode::kReal) {
+    // Each rank checks its own chunks; in a negative case every rank has sources on another node
+    // whose chunks the adversarial mode must show wrong.
+    EXPECT_EQ(run_world(WorldMode::kReal, c.world, 64 << 20, Config{}, [&](RankCtx& ctx) {
+      Tally tally;
+      run_rank(ctx.rank, ctx.world, *ctx.comm, c, scenario, seed, tally);
+      REQUIRE(must_show ? tally.num_wrong > 0 : tally.num_wrong == 0, "rank ", ctx.rank, ": ", tally.num_wrong,
+              " of ", tally.num_chunks, " chunks read wrong");
+      std::printf("net %s %s real world %d node %d rank %d: %d chunks checked, %d read wrong (as predicted)\n",
+                  scenario_name(scenario), c.mode == EmuMode::kAdversarial ? "adversarial" : "direct", c.world,
+                  c.node_size, ctx.rank, tally.num_chunks, tally.num_wrong);
+    }), 0);
+    return;
+  }
   const int rc = run_in_child([&] {
     std::vector<Tally> tallies(c.world);
     const int failed = launch_sim(c.world, [&](int rank, int world, Communicator& comm) {
@@ -214,31 +238,32 @@ void run_case(const NetCase& c, NetScenario scenario) {
 class NetContract : public ::testing::TestWithParam<NetCase> {};
 
 TEST_P(NetContract, Delivery) {
-  SKIP_WITHOUT_SIM_WORLD(GetParam().world);
+  SKIP_UNLESS_RUNNABLE(GetParam().world_mode, GetParam().world);
   run_case(GetParam(), NetScenario::kDelivery);
 }
 
 TEST_P(NetContract, FlushBeforeReuse) {
-  SKIP_WITHOUT_SIM_WORLD(GetParam().world);
+  SKIP_UNLESS_RUNNABLE(GetParam().world_mode, GetParam().world);
   run_case(GetParam(), NetScenario::kFlushReuse);
 }
 
 INSTANTIATE_TEST_SUITE_P(Splits, NetContract,
-                         ::testing::ValuesIn(cases({{2, 1}, {4, 1}, {4, 2}, {8, 2}, {8, 4}, {16, 8}})), case_name);
+                         ::testing::ValuesIn(cases({{2, 1}, {4, 1}, {4, 2}, {8, 2}, {8, 4}, {16, 8}}, kRealSplits)),
+                         case_name);
 
 class NetContractNegative : public ::testing::TestWithParam<NetCase> {};
 
 // Rewriting a put's source before flush: the adversarial mode runs the put at the signal, so
 // every chunk but the last carries the last chunk's payload.
 TEST_P(NetContractNegative, ReuseBeforeFlushIsCaught) {
-  SKIP_WITHOUT_SIM_WORLD(GetParam().world);
+  SKIP_UNLESS_RUNNABLE(GetParam().world_mode, GetParam().world);
   run_case(GetParam(), NetScenario::kReuseWithoutFlush);
 }
 
 // Reading data put on context 0 after a signal on context 1: the adversarial mode holds the puts
 // until the sender's flush (after the receiver's ack), so the receiver reads the sentinel.
 TEST_P(NetContractNegative, CrossContextReadIsCaught) {
-  SKIP_WITHOUT_SIM_WORLD(GetParam().world);
+  SKIP_UNLESS_RUNNABLE(GetParam().world_mode, GetParam().world);
   run_case(GetParam(), NetScenario::kCrossContext);
 }
 
@@ -246,12 +271,12 @@ TEST_P(NetContractNegative, CrossContextReadIsCaught) {
 // the other warps' puts until their flush (after the receiver's ack), so the receiver reads the
 // sentinel in their chunks (warp 0's own, which its signal covers, are right).
 TEST_P(NetContractNegative, HandOffWithoutCommitIsCaught) {
-  SKIP_WITHOUT_SIM_WORLD(GetParam().world);
+  SKIP_UNLESS_RUNNABLE(GetParam().world_mode, GetParam().world);
   run_case(GetParam(), NetScenario::kHandOffWithoutCommit);
 }
 
-INSTANTIATE_TEST_SUITE_P(Splits, NetContractNegative, ::testing::ValuesIn(cases({{2, 1}, {8, 2}, {16, 8}})),
-                         case_name);
+INSTANTIATE_TEST_SUITE_P(Splits, NetContractNegative,
+                         ::testing::ValuesIn(cases({{2, 1}, {8, 2}, {16, 8}}, {{2, 1}, {4, 2}, {8, 4}})), case_name);
 
 // ---- The two-level count exchange (kernels/count_exchange.cu) ---------------------------------
 
@@ -263,82 +288,94 @@ int exchange_count(uint64_t seed, int round, int src, int dst) {
 // Two exchanges back to back on each rank's stream (no host step between: the two-slot layout
 // and the cumulative signals must carry them), over EmuNet; every rank must end each with the
 // whole matrix, row s = rank s's counts.
+constexpr int kExchangeRounds = 2;
+
+void count_exchange_rank(int rank, int world, Communicator& comm, const NetCase& c, uint64_t seed) {
+  constexpr int kRounds = kExchangeRounds;
+  cudaStream_t stream = nullptr;
+  CUDA_OK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+  {
+    RankStream rank_stream_scope(stream);
+    const Topology topo = Topology::make(world, rank, world, c.node_size);
+    ScaleoutCountLayout layout;
+    layout.num_ranks = world;
+    layout.node_size = c.node_size;
+    layout.base = 4096;  // after the SyncArea (the waits' abort words)
+    std::unique_ptr<SymmetricMemory> mem = SymmetricMemory::create(comm, align_up(layout.end(), 1 << 21), 60);
+    CUDA_OK(cudaMemsetAsync(mem->local(), 0, layout.end(), stream));
+    DeviceMem windows = DeviceMem::from(std::vector<char*>(mem->peers(), mem->peers() + world));
+    DeviceMem error(sizeof(ErrorRecord));
+    error.fill(0);
+    DeviceMem epoch(sizeof(uint64_t));
+    epoch.fill(0);
+    std::vector<DeviceMem> rows, matrices;
+    for (int round = 0; round < kRounds; ++round) {
+      std::vector<int> row(world);
+      for (int r = 0; r < world; ++r) row[r] = exchange_count(seed, round, rank, r);
+      rows.push_back(DeviceMem::from(row));
+      matrices.emplace_back(sizeof(int) * world * world);
+      matrices.back().fill(0xEE);
+    }
+    kernels::CountExchangeParams<EmuNetView> p{};
+    const std::vector<int> node = topo.node_ranks();
+    for (int i = 0; i < topo.node_size; ++i) p.ctx.peers[i] = mem->peers()[node[i]];
+    p.ctx.rank = topo.local_idx();
+    p.ctx.num_ranks = topo.node_size;
+    p.ctx.err = static_cast<ErrorRecord*>(error.get());
+    p.ctx.timeout_ns = 30ull * 1000 * 1000 * 1000;
+    p.topology = topo.view();
+    p.net.windows = static_cast<char* const*>(windows.get());
+    p.net.rank = rank;
+    p.net.num_ranks = world;
+    p.net.signal_offset = layout.signals();
+    p.net.num_signals = layout.num_nodes();
+    p.layout = layout;
+    p.epoch = static_cast<uint64_t*>(epoch.get());
+    kernels::load_count_exchange_kernels();
+    CUDA_OK(cudaStreamSynchronize(stream));
+    comm.barrier(60);
+    const EmuMode mode = c.mode;
+    for (int round = 0; round < kRounds; ++round) {
+      p.num_tokens_per_rank = static_cast<const int*>(rows[round].get());
+      p.count_matrix = static_cast<int*>(matrices[round].get());
+      kernels::launch_count_exchange(p, mode, stream);
+      CUDA_OK(cudaGetLastError());
+    }
+    CUDA_OK(cudaStreamSynchronize(stream));
+    comm.barrier(60);
+    const std::vector<ErrorRecord> err = error.download<ErrorRecord>(1);
+    REQUIRE(err[0].state == 0, "rank ", rank, ": device error kind ", err[0].kind, " phase ", err[0].phase,
+            " peer ", err[0].peer, " observed ", err[0].observed, " expected ", err[0].expected);
+    REQUIRE(epoch.download<uint64_t>(1)[0] == kRounds, "rank ", rank, ": epoch ", epoch.download<uint64_t>(1)[0]);
+    for (int round = 0; round < kRounds; ++round) {
+      const std::vector<int> got = matrices[round].download<int>(static_cast<size_t>(world) * world);
+      for (int s = 0; s < world; ++s)
+        for (int r = 0; r < world; ++r)
+          REQUIRE(got[s * world + r] == exchange_count(seed, round, s, r), "rank ", rank, " exchange ", round,
+                  ": count_matrix[", s, "][", r, "] = ", got[s * world + r], ", want ",
+                  exchange_count(seed, round, s, r), " (rank ", s, " is on node ", s / c.node_size, ")");
+    }
+    comm.barrier(60);
+  }
+  CUDA_OK(cudaStreamDestroy(stream));
+}
+
 void run_count_exchange(const NetCase& c) {
   const uint64_t seed = run_seed();
-  constexpr int kRounds = 2;
+  if (c.world_mode == WorldMode::kReal) {
+    EXPECT_EQ(run_world(WorldMode::kReal, c.world, 64 << 20, Config{}, [&](RankCtx& ctx) {
+      count_exchange_rank(ctx.rank, ctx.world, *ctx.comm, c, seed);
+    }), 0);
+    return;
+  }
   const int rc = run_in_child([&] {
     const int failed = launch_sim(c.world, [&](int rank, int world, Communicator& comm) {
-      cudaStream_t stream = nullptr;
-      CUDA_OK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
-      {
-        RankStream rank_stream_scope(stream);
-        const Topology topo = Topology::make(world, rank, world, c.node_size);
-        ScaleoutCountLayout layout;
-        layout.num_ranks = world;
-        layout.node_size = c.node_size;
-        layout.base = 4096;  // after the SyncArea (the waits' abort words)
-        std::unique_ptr<SymmetricMemory> mem = SymmetricMemory::create(comm, layout.end(), 60);
-        CUDA_OK(cudaMemsetAsync(mem->local(), 0, layout.end(), stream));
-        DeviceMem windows = DeviceMem::from(std::vector<char*>(mem->peers(), mem->peers() + world));
-        DeviceMem error(sizeof(ErrorRecord));
-        error.fill(0);
-        DeviceMem epoch(sizeof(uint64_t));
-        epoch.fill(0);
-        std::vector<DeviceMem> rows, matrices;
-        for (int round = 0; round < kRounds; ++round) {
-          std::vector<int> row(world);
-          for (int r = 0; r < world; ++r) row[r] = exchange_count(seed, round, rank, r);
-          rows.push_back(DeviceMem::from(row));
-          matrices.emplace_back(sizeof(int) * world * world);
-          matrices.back().fill(0xEE);
-        }
-        kernels::CountExchangeParams<EmuNetView> p{};
-        const std::vector<int> node = topo.node_ranks();
-        for (int i = 0; i < topo.node_size; ++i) p.ctx.peers[i] = mem->peers()[node[i]];
-        p.ctx.rank = topo.local_idx();
-        p.ctx.num_ranks = topo.node_size;
-        p.ctx.err = static_cast<ErrorRecord*>(error.get());
-        p.ctx.timeout_ns = 30ull * 1000 * 1000 * 1000;
-        p.topology = topo.view();
-        p.net.windows = static_cast<char* const*>(windows.get());
-        p.net.rank = rank;
-        p.net.num_ranks = world;
-        p.net.signal_offset = layout.signals();
-        p.net.num_signals = layout.num_nodes();
-        p.layout = layout;
-        p.epoch = static_cast<uint64_t*>(epoch.get());
-        kernels::load_count_exchange_kernels();
-        CUDA_OK(cudaStreamSynchronize(stream));
-        comm.barrier(60);
-        const EmuMode mode = c.mode;
-        for (int round = 0; round < kRounds; ++round) {
-          p.num_tokens_per_rank = static_cast<const int*>(rows[round].get());
-          p.count_matrix = static_cast<int*>(matrices[round].get());
-          kernels::launch_count_exchange(p, mode, stream);
-          CUDA_OK(cudaGetLastError());
-        }
-        CUDA_OK(cudaStreamSynchronize(stream));
-        comm.barrier(60);
-        const std::vector<ErrorRecord> err = error.download<ErrorRecord>(1);
-        REQUIRE(err[0].state == 0, "rank ", rank, ": device error kind ", err[0].kind, " phase ", err[0].phase,
-                " peer ", err[0].peer, " observed ", err[0].observed, " expected ", err[0].expected);
-        REQUIRE(epoch.download<uint64_t>(1)[0] == kRounds, "rank ", rank, ": epoch ", epoch.download<uint64_t>(1)[0]);
-        for (int round = 0; round < kRounds; ++round) {
-          const std::vector<int> got = matrices[round].download<int>(static_cast<size_t>(world) * world);
-          for (int s = 0; s < world; ++s)
-            for (int r = 0; r < world; ++r)
-              REQUIRE(got[s * world + r] == exchange_count(seed, round, s, r), "rank ", rank, " exchange ", round,
-                      ": count_matrix[", s, "][", r, "] = ", got[s * world + r], ", want ",
-                      exchange_count(seed, round, s, r), " (rank ", s, " is on node ", s / c.node_size, ")");
-        }
-        comm.barrier(60);
-      }
-      CUDA_OK(cudaStreamDestroy(stream));
+      count_exchange_rank(rank, world, comm, c, seed);
       return 0;
     }, 0, 120);
     if (failed == 0)
       std::printf("count exchange world %d node %d (%s): %d exchanges, every rank holds the whole matrix\n", c.world,
-                  c.node_size, c.mode == EmuMode::kAdversarial ? "adversarial" : "direct", kRounds);
+                  c.node_size, c.mode == EmuMode::kAdversarial ? "adversarial" : "direct", kExchangeRounds);
     return failed == 0 ? 0 : 1;
   }, 200);
   EXPECT_EQ(rc, 0);
@@ -352,7 +389,7 @@ TEST_P(NetCountExchange, EveryRankHoldsTheWholeMatrix) {
 }
 
 INSTANTIATE_TEST_SUITE_P(Splits, NetCountExchange,
-                         ::testing::ValuesIn(cases({{2, 1}, {4, 1}, {4, 2}, {8, 2}, {8, 4}, {16, 8}, {32, 8}})),
+                         ::testing::ValuesIn(cases({{2, 1}, {4, 1}, {4, 2}, {8, 2}, {8, 4}, {16, 8}, {32, 8}}, kRealSplits)),
                          case_name);
 
 // ---- get_dispatch_layout's num_tokens_per_rdma_rank (kernels/layout_scaleout.cu) ---------------
