@@ -19,6 +19,7 @@
 #include <memory>
 #include <random>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "gpu/harness.hpp"
@@ -474,6 +475,32 @@ TEST_P(NetBuffer, NodeSizeAndRdmaRankCounts) {
     expect_equal(per_rdma.download<int>(1), want_rdma, 1, "num_tokens_per_rdma_rank");
     expect_equal(per_rank.download<int>(R), want.num_tokens_per_rank, R, "num_tokens_per_rank");
   }), 0);
+}
+
+// EPX_NODE_SIZE is the node size of a Buffer made without BufferOptions::node_size (set before the
+// ranks' threads start: the environment is the process's).
+TEST_P(NetBuffer, EnvNodeSizeIsTheDefault) {
+  SKIP_WITHOUT_SIM_WORLD(GetParam());
+  const int world = GetParam();
+  EXPECT_EQ(run_in_child([&] {
+    for (const auto& [value, kind, needle] : std::vector<std::tuple<std::string, ErrorKind, std::string>>{
+             {"3", ErrorKind::kInvalidArgument, "EPX_NODE_SIZE: 3 does not divide the NVLink domain of 4"},
+             {"2", ErrorKind::kUnsupported, "2 virtual nodes of 2"}}) {
+      setenv("EPX_NODE_SIZE", value.c_str(), 1);
+      const int failed = launch_sim(world, [&](int, int, Communicator& comm) {
+        Config config;
+        config.num_sms = std::min(config.num_sms, comm.num_device_sms());
+        BufferOptions options;
+        options.config = config;
+        require_error([&] { Buffer b(comm, 64 << 20, options); }, kind, needle);
+        return 0;
+      }, 0, 60);
+      if (failed != 0) return 1;
+    }
+    unsetenv("EPX_NODE_SIZE");
+    std::printf("EPX_NODE_SIZE=3 and =2 refused on every rank as named\n");
+    return 0;
+  }, 120), 0);
 }
 
 INSTANTIATE_TEST_SUITE_P(Sim, NetBuffer, ::testing::Values(4),
