@@ -370,6 +370,9 @@ PYBIND11_MODULE(_C, m) {
   m.attr("MAX_RANKS") = epx::kMaxRanks;
   m.attr("MAX_LOCAL_EXPERTS") = epx::kMaxLocalExperts;
   m.attr("MAX_TOPK") = epx::kMaxTopk;
+  // Protocol bytes at the start of the high-throughput part / the low-latency region (Buffer::flag_bytes).
+  m.attr("NVL_FLAG_BYTES") = epx::Buffer::flag_bytes(false);
+  m.attr("LL_FLAG_BYTES") = epx::Buffer::flag_bytes(true);
   m.attr("LL_MAX_TOPK") = epx::kMaxLlTopk;
   m.attr("UNIQUE_ID_BYTES") = static_cast<int>(sizeof(ncclUniqueId));
 

@@ -240,6 +240,13 @@ class Buffer {
   // The symmetric buffer as `peer` sees it mapped here (for tools such as the store-ceiling bench).
   void* peer_pointer(int peer) const;
   size_t num_nvl_bytes() const;
+  // Bytes at the start of this rank's high-throughput part (`low_latency` false) or of its
+  // low-latency region (true, which begins `num_nvl_bytes()` past the high-throughput part) that
+  // hold the protocol's state: flags, epochs, counts, control words. The rest of each region stages
+  // rows, which every op writes before it reads them: with no op in flight it may be overwritten.
+  // Overwritten flags leave the next op waiting for a peer until reset() (high-throughput) or
+  // clean_low_latency_buffer() (low-latency) on every rank. Neither region holds flags at its end.
+  static size_t flag_bytes(bool low_latency);
   // Collective: clears the error state and the buffer's flags so work can start again.
   void reset();
 

@@ -404,9 +404,13 @@ class Buffer:
         """
         This rank's raw buffer as a 1-D tensor of `dtype` starting `offset` bytes in (or the
         first `size.numel()` elements of it, viewed as `size`): the high-throughput part, or with
-        `use_rdma_buffer=True` the low-latency region (`num_rdma_bytes` bytes; empty without
-        low-latency mode). Both begin with the flags of their protocol: write there only with no
-        operation in flight, then `reset()` (high-throughput) or `clean_low_latency_buffer()`.
+        `use_rdma_buffer=True` the low-latency region (empty without low-latency mode).
+
+        Unlike DeepEP's, the tensor leaves out the bytes at the start of each region that hold
+        epx's protocol flags (`epx._C.NVL_FLAG_BYTES` / `LL_FLAG_BYTES`): `offset` 0 is the first
+        byte after them, and the tensor ends where the region ends. What it covers only stages
+        rows, so with no operation in flight it may be overwritten (vLLM zeroes it to clean the
+        low-latency buffer) and the next operation works as usual.
         """
         rt = self._rt()
         if not isinstance(dtype, torch.dtype):
@@ -414,11 +418,14 @@ class Buffer:
         element_size = dtype.itemsize
         if use_rdma_buffer:
             # The low-latency region follows the high-throughput part in the symmetric allocation.
-            num_bytes = self.num_rdma_bytes if self.low_latency_mode else 0
-            base = rt.peer_pointer(self.rank) + rt.num_nvl_bytes
+            region = self.num_rdma_bytes if self.low_latency_mode else 0
+            flags = _C.LL_FLAG_BYTES if region else 0
+            base = rt.peer_pointer(self.rank) + rt.num_nvl_bytes + flags
         else:
-            num_bytes = rt.num_nvl_bytes
-            base = rt.peer_pointer(self.rank)
+            region = rt.num_nvl_bytes
+            flags = _C.NVL_FLAG_BYTES
+            base = rt.peer_pointer(self.rank) + flags
+        num_bytes = max(region - flags, 0)
         _check_int("offset", offset, 0, num_bytes)
         if offset % element_size:
             raise _error("InvalidArgument", f"offset: must be a multiple of the element size {element_size}, got {offset}")

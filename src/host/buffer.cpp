@@ -123,6 +123,9 @@ void* Buffer::peer_pointer(int peer) const {
   return impl_->peers[peer];
 }
 size_t Buffer::num_nvl_bytes() const { return impl_->num_nvl_bytes; }
+size_t Buffer::flag_bytes(bool low_latency) {
+  return low_latency ? LlLayout::kSyncBytes : SymmetricLayout::kRowsOffset;
+}
 
 int64_t Buffer::row_capacity(int hidden, DType x_dtype, int num_topk) const {
   const RowLayout d = plan::dispatch_rows(impl_->num_nvl_bytes, hidden, x_dtype, num_topk);

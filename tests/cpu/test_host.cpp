@@ -124,6 +124,21 @@ TEST(Plan, LayoutsFitAndHintsSuffice) {
   EXPECT_EQ(plan::dispatch_rows(1024, 7168, DType::kBF16, 8).capacity, 0);
 }
 
+TEST(Plan, FlagAreasHoldEveryFlag) {
+  // What Buffer::flag_bytes reports (kRowsOffset, LlLayout::kSyncBytes) covers every flag and control
+  // word of its part: the rest only stages rows (get_local_buffer_tensor exposes that rest).
+  const size_t nvl = SymmetricLayout::kRowsOffset;
+  EXPECT_GE(nvl, SymmetricLayout::kRingCtlOffset + sizeof(RingCtl));
+  EXPECT_GE(SymmetricLayout::kRingCtlOffset, SymmetricLayout::kNotifyOffset + sizeof(NotifyArea));
+  EXPECT_GE(SymmetricLayout::kNotifyOffset, sizeof(SyncArea));
+  EXPECT_EQ(nvl % 4096, 0u);
+  const size_t ll = LlLayout::kSyncBytes;
+  EXPECT_GE(ll, sizeof(LlSync));
+  LlLayout layout;
+  layout.place(8, 128, 7168, 8, 32);
+  EXPECT_EQ(layout.num_bytes(), ll + 2 * layout.buffer_bytes);  // [ LlSync | buffer 0 | buffer 1 ]
+}
+
 TEST(Plan, SizeHintValidatesArguments) {
   expect_error([] { Buffer::get_nvl_buffer_size_hint(100, 7168, DType::kBF16, 33, 4); }, ErrorKind::kInvalidArgument, "num_topk");
   expect_error([] { Buffer::get_nvl_buffer_size_hint(100, 7168, DType::kBF16, 8, 9); }, ErrorKind::kInvalidArgument, "num_ranks");

@@ -510,14 +510,20 @@ def test_local_buffer_tensors(replay, monkeypatch):
     monkeypatch.setattr(b, "_wrap", lambda ptr, num_bytes, dtype, shape, strides:
                         wrapped.append((ptr, num_bytes, dtype, shape)) or torch.zeros(shape, dtype=dtype))
     base, nvl = b.runtime.peer_pointer(0), b.runtime.num_nvl_bytes
-    # vLLM's cleanup: the low-latency region as int8 (it follows the high-throughput part).
+    nvl_flags, ll_flags = _C.NVL_FLAG_BYTES, _C.LL_FLAG_BYTES
+    assert nvl_flags > 0 and ll_flags > 0 and nvl_flags % 4096 == 0 and ll_flags % 4096 == 0
+    # vLLM's cleanup zeroes the low-latency region as int8 (it follows the high-throughput part): the
+    # tensor leaves out the protocol flags at its start.
     t = b.get_local_buffer_tensor(dtype=torch.int8, use_rdma_buffer=True)
-    assert wrapped[-1] == (base + nvl, b.num_rdma_bytes, torch.int8, (b.num_rdma_bytes,))
-    assert t.numel() == b.num_rdma_bytes
-    b.get_local_buffer_tensor(torch.bfloat16, offset=64)  # offset in bytes, as in DeepEP
-    assert wrapped[-1] == (base + 64, nvl - 64, torch.bfloat16, ((nvl - 64) // 2,))
+    rdma = b.num_rdma_bytes - ll_flags
+    assert wrapped[-1] == (base + nvl + ll_flags, rdma, torch.int8, (rdma,))
+    assert t.numel() == rdma
+    b.get_local_buffer_tensor(torch.bfloat16, offset=64)  # offset in bytes (as in DeepEP), past the flags
+    assert wrapped[-1] == (base + nvl_flags + 64, nvl - nvl_flags - 64, torch.bfloat16, ((nvl - nvl_flags - 64) // 2,))
     t = b.get_local_buffer_tensor(torch.float32, torch.Size((4, 8)), 16, True)
-    assert wrapped[-1][0] == base + nvl + 16 and t.shape == (4, 8)
+    assert wrapped[-1][0] == base + nvl + ll_flags + 16 and t.shape == (4, 8)
+    with expect_error("InvalidArgument", "offset"):
+        b.get_local_buffer_tensor(torch.int8, offset=nvl - nvl_flags + 1)
     with expect_error("InvalidArgument", "offset", "element size"):
         b.get_local_buffer_tensor(torch.float32, offset=2)
     with expect_error("InvalidArgument", "dtype"):

@@ -291,7 +291,10 @@ def _bad_expert_id(ctx, seed):
 def _local_buffer_tensor(ctx, seed):
     buf = ht_buffer(ctx)
     t = buf.get_local_buffer_tensor(torch.bfloat16)
-    assert t.device == ctx.device and t.dtype == torch.bfloat16 and t.numel() == buf.runtime.num_nvl_bytes // 2
+    # The protocol flags at the start of the buffer are left out.
+    assert t.device == ctx.device and t.dtype == torch.bfloat16
+    assert t.numel() == (buf.runtime.num_nvl_bytes - epx._C.NVL_FLAG_BYTES) // 2
+    assert t.data_ptr() == buf.runtime.peer_pointer(ctx.rank) + epx._C.NVL_FLAG_BYTES
     part = buf.get_local_buffer_tensor(torch.float32, torch.Size((4, 8)), offset=1 << 20)
     assert part.shape == (4, 8) and part.data_ptr() == t.data_ptr() + (1 << 20)
 
