@@ -571,3 +571,48 @@ def test_simulated_buffer_default_config_follows_the_share(recording_buffer):
     expected = epx.Buffer._default_config(4, 12)._key()
     assert expected[0] == 12 < epx.Config.defaults(4).num_sms
     assert [c[1] for c in b.log if c[0] == "set_config"] == [expected] and b._config_key == expected
+
+
+# ---- Test references ----------------------------------------------------------------------------------
+
+def _round_to_f32(x) -> float:
+    """The exact rational `x` (a Fraction, normal float32 range) rounded to nearest-even float32."""
+    import math
+    from fractions import Fraction
+    if x == 0:
+        return 0.0
+    e = math.frexp(float(abs(x)))[1]  # 2^(e-1) <= |x| < 2^e, up to one step
+    while abs(x) >= Fraction(2) ** e:
+        e += 1
+    while abs(x) < Fraction(2) ** (e - 1):
+        e -= 1
+    quantum = Fraction(2) ** (e - 24)
+    return float(round(x / quantum) * quantum)  # Fraction.__round__: exact, ties to even
+
+
+def test_fma_f32_rounds_once():
+    """epx_test_utils.fma_f32 (the low-latency combine's reference) equals a * b + c computed exactly and
+    rounded once, where a float64 a * b + c rounded to float32 (two roundings) differs."""
+    from fractions import Fraction
+    from epx_test_utils import fma_f32
+    g = torch.Generator().manual_seed(11)
+    a = (torch.rand(4000, generator=g) * 4 - 2).float()
+    b = (torch.randn(4000, generator=g) * 3).to(torch.bfloat16).float()
+    c = (torch.randn(4000, generator=g) * torch.pow(2.0, torch.randint(-30, 30, (4000,), generator=g).float())).float()
+    # Cases where the exact sum lies just above a float32 halfway point by less than half a float64 ulp:
+    # a float64 sum lands on the halfway point and then rounds to even, the wrong way. a * b =
+    # (2^30 + 1) * 2^(e - 54) = half a float32 ulp of c (1 <= |c| / 2^e < 2) times (1 + 2^-30), from
+    # 2^30 + 1 = 5237765 * 205 (a: 23 bits, float32; b: 8 bits, bfloat16).
+    hard_c = torch.tensor([1.0, -1.0, 3.0, 1.5 * 2.0 ** -10], dtype=torch.float32)
+    e = torch.floor(torch.log2(hard_c.abs()))
+    hard_a = (5237765.0 * torch.pow(2.0, e.double() - 47)).float()
+    hard_b = (torch.sign(hard_c) * 205.0 / 128.0).to(torch.bfloat16).float()
+    a, b, c = torch.cat([a, hard_a]), torch.cat([b, hard_b]), torch.cat([c, hard_c])
+    got = fma_f32(a, b, c)
+    expected = torch.tensor([_round_to_f32(Fraction(float(x)) * Fraction(float(y)) + Fraction(float(z)))
+                             for x, y, z in zip(a.tolist(), b.tolist(), c.tolist())], dtype=torch.float32)
+    diff = (got.view(torch.int32) != expected.view(torch.int32)).nonzero().flatten().tolist()
+    assert not diff, f"fma_f32 differs from the once-rounded value at {diff[:5]}"
+    twice = (a.double() * b.double() + c.double()).float()
+    assert bool((twice.view(torch.int32) != expected.view(torch.int32)).any()), \
+        "the hard cases must separate one rounding from two (else this test shows nothing)"
