@@ -668,7 +668,10 @@ def _vllm_clean_buffers(ctx, seed):
     _sync_device(ctx)
     ctx.barrier()  # the retry regroups the ranks (collectively) before the next forward
     _vllm_ll_round(ctx, seed, pf, "fp8", E, H, T, True, None, salt=50)
-    _vllm_ll_round(ctx, seed, pf, "bf16", E, H, T, False, None, salt=60)  # both LL buffers, after the zeroing
+    _vllm_ll_round(ctx, seed, pf, "fp8", E, H, T, False, None, salt=60)  # and without overlap
+    mask = torch.zeros(world, device="cuda", dtype=torch.int32).fill_(7)
+    buffer.low_latency_query_mask_buffer(mask)  # query_fault: nobody was masked by the zeroing
+    assert_equal(mask, torch.zeros(world, dtype=torch.int32), "low_latency_query_mask_buffer after clean_buffers")
 
     # The high-throughput part, zeroed the same way, then a dispatch and combine on it.
     nvl = buffer.get_local_buffer_tensor(torch.int8)
