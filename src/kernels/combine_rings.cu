@@ -112,8 +112,9 @@ __device__ bool receive(const CombineParams& p, uint64_t e, int c, const int* re
         if (need > seen[warp][r][w]) {  // every lane reads it before lane 0 may update it below
           const uint64_t* tail = &ctl->tail[r][c][w];
           if (lane == 0) {
-            ok = wait_flag_geq(ctx, tail, tagged_count(e, need), Phase::kReduce, r);
-            if (ok) seen[warp][r][w] = count_of(ld_acquire_sys(tail));
+            const Seen got = wait_geq(ctx, tail, tagged_count(e, need), Phase::kReduce, r);
+            ok = got.ok;
+            if (ok) seen[warp][r][w] = count_of(got.value);
           }
           __syncwarp();
           ok = __shfl_sync(0xffffffffu, ok, 0);
@@ -186,7 +187,7 @@ __device__ __noinline__ bool send(const CombineParams& p, uint64_t e, int c, int
       const int last = min(n - 1, i0 + step - W);  // stream index of the chunk's last row
       // Room for rows up to `last`: the receiver consumed at least last + 1 - Q rows.
       if (last + 1 > Q) {
-        if (lane == 0) ok = wait_flag_geq(ctx, head, tagged_count(e, last + 1 - Q), Phase::kReduce, s);
+        if (lane == 0) ok = wait_geq(ctx, head, tagged_count(e, last + 1 - Q), Phase::kReduce, s).ok;
         if (!__shfl_sync(0xffffffffu, ok, 0)) break;
         (void)ld_acquire_sys(head);  // the receiver's loads of the old rows came first
       }

@@ -107,7 +107,7 @@ __device__ bool copy_out_as_published(const DispatchParams& p, uint64_t e, int S
   }
   if (tid == 0) status = 0;
   if (!bar_red_and(2, threads, ok)) return false;
-  PollClock clock;
+  WaitClock clock;
   while (true) {
     // Thread s looks at source s's progress (acquire); the barrier orders the copies after it.
     if (tid < R && tid != me) {
@@ -127,8 +127,8 @@ __device__ bool copy_out_as_published(const DispatchParams& p, uint64_t e, int S
     }
     if (tid == 0) {
       if (pending < 0) status = 1;
-      else if (progressed) clock.idle_since = 0;
-      else if (!poll_still_ok(ctx, clock, Phase::kReceive, pending, avail[pending], hi[pending])) status = 2;
+      else if (progressed) clock.progressed();
+      else if (idle_poll(ctx, clock, Phase::kReceive, pending, avail[pending], hi[pending]) != Idle::kWait) status = 2;
     }
     bar_sync(2, threads);  // every thread read avail/next before they move on
     if (tid < R && tid != me) next[tid] = avail[tid];
