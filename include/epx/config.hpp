@@ -10,7 +10,8 @@ struct Config {
   // Threads per block of the high-throughput kernels (multiple of 32, 64..512).
   int num_threads = 512;
   // Bound of every device wait; a wait that expires raises Error(kTimeout). 0 = take EPX_TIMEOUT_S
-  // (default 100 s), read when the Buffer is made or given this config.
+  // (default 100 s), read when the Buffer is made or given this config. An op captured into a CUDA
+  // graph keeps the timeout it was captured with.
   double timeout_s = 0;
   // Combine through bounded per-channel rings (push and reduce overlap) from 3 ranks up, when the
   // buffer and the block size allow it; false (and 2 ranks, where the row region is faster:

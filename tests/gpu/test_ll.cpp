@@ -259,11 +259,14 @@ void run_shrink(RankCtx& ctx) {
     ctx.buffer->set_config(saved);
   }
 
-  // `dead` comes back: every rank cleans the low-latency state (collective), unmasks, exact again.
+  // `dead` comes back: every rank cleans the low-latency state (collective), unmasks, and 100
+  // rounds (hook and not, alternating) are exact again: nothing of the masked rounds is left.
   ctx.buffer->clean_low_latency_buffer();
   ctx.buffer->low_latency_clean_mask_buffer();
-  for (int round = 0; round < 3; ++round) ll_round(ctx, round == 1 ? hook : s, seed + 10 + round, out);
-  if (me == 0) std::printf("[world %d] shrink: rank %d masked by hand and by timeout, then back, all exact\n", R, dead);
+  REQUIRE(mask_status(ctx) == std::vector<int>(R, 0), "no rank is masked after the rejoin");
+  for (int round = 0; round < 100; ++round) ll_round(ctx, round % 2 ? hook : s, seed + 10 + round, out);
+  if (me == 0)
+    std::printf("[world %d] shrink: rank %d masked by hand and by timeout, then back, 100 exact rounds\n", R, dead);
 }
 
 class LlWorld : public ::testing::TestWithParam<WorldParam> {};
@@ -370,12 +373,8 @@ TEST_P(LlWorld, DoubleBufferedMicroBatchesAndStats) {
   }, ll_bytes_for({s}, world)), 0);
 }
 
-// CUDA graph: dispatch -> (user copy of expert outputs) -> combine captured once, replayed with
-// fresh inputs; then 1000 alternating dispatch/combine rounds with fresh data, all checked.
-TEST_P(LlWorld, GraphReplayAndThousandRounds) {
-  const WorldMode mode = GetParam().mode;
-  const int world = GetParam().world;
-  SKIP_UNLESS_RUNNABLE(mode, world);
+// The spec of the graph tests: small and bf16, so that rounds are cheap.
+LlSpec graph_spec() {
   LlSpec s;
   s.name = "graph";
   s.fp8 = false;
@@ -383,71 +382,175 @@ TEST_P(LlWorld, GraphReplayAndThousandRounds) {
   s.H = 512;
   s.K = 4;
   s.experts_per_rank = 4;
-  EXPECT_EQ(run_ll_world(mode, world, [&](RankCtx& ctx) {
-    const int R = ctx.world, me = ctx.rank, E = s.experts_per_rank * R, E_loc = s.experts_per_rank, RT = R * s.T;
-    const int N = s.T - me;
-    LlOut out(E_loc, RT, s.H, false, false);
-    DeviceMem x(static_cast<size_t>(N) * s.H * 2), topk(static_cast<size_t>(N) * s.K * 8), w(static_cast<size_t>(N) * s.K * 4);
-    DeviceMem y_host_side(static_cast<size_t>(E_loc) * RT * s.H * 2), y(static_cast<size_t>(E_loc) * RT * s.H * 2);
-    DeviceMem comb(static_cast<size_t>(N) * s.H * 2);
-    LowLatencyDispatchArgs a;
+  return s;
+}
+
+// One rank's dispatch -> (user copy of the expert outputs) -> combine with fixed tensors and
+// shapes (N = T - rank tokens), so it can be captured once into a CUDA graph and replayed: fresh
+// inputs go into the same tensors (outputs sentinel-filled) before each run.
+struct LlFixedRound {
+  RankCtx& ctx;
+  LlSpec s;
+  int N;
+  LlOut out;
+  DeviceMem x, topk, w, y_host_side, y, comb;
+  LowLatencyDispatchArgs a;
+  LowLatencyCombineArgs ca;
+  View comb_v;
+
+  LlFixedRound(RankCtx& c, const LlSpec& spec)
+      : ctx(c), s(spec), N(spec.T - c.rank), out(spec.experts_per_rank, c.world * spec.T, spec.H, false, false),
+        x(static_cast<size_t>(N) * s.H * 2), topk(static_cast<size_t>(N) * s.K * 8), w(static_cast<size_t>(N) * s.K * 4),
+        y_host_side(out.x.bytes()), y(out.x.bytes()), comb(static_cast<size_t>(N) * s.H * 2) {
+    REQUIRE(!s.fp8 && s.empty_rank < 0, "LlFixedRound: bf16 and N = T - rank on every rank");
     a.x = View::of(x.get(), DType::kBF16, {N, s.H});
     a.topk_idx = View::of(topk.get(), DType::kI64, {N, s.K});
     a.num_max_dispatch_tokens_per_rank = s.T;
-    a.num_experts = E;
+    a.num_experts = s.experts_per_rank * ctx.world;
     a.use_fp8 = false;
-    LowLatencyCombineArgs ca;
-    ca.x = View::of(y.get(), DType::kBF16, {E_loc, RT, s.H});
+    ca.x = View::of(y.get(), DType::kBF16, {out.E_loc, out.RT, s.H});
     ca.topk_idx = a.topk_idx;
     ca.topk_weights = View::of(w.get(), DType::kF32, {N, s.K});
-    const View comb_v = View::of(comb.get(), DType::kBF16, {N, s.H});
-    auto upload = [&](const LlRun& run) {
-      x.upload(run.inputs[me].x.data(), run.inputs[me].x.size() * 2);
-      topk.upload(run.inputs[me].topk_idx.data(), run.inputs[me].topk_idx.size() * 8);
-      w.upload(run.weights.data(), run.weights.size() * 4);
-      y_host_side.upload(run.y[me].data(), run.y[me].size() * 2);
-    };
-    auto check = [&](const LlRun& run, const std::string& tag) {
-      check_ll_recv(out, run.want[me], R, tag);
-      const auto want = ref::ll_combine(run.want, run.y, me, run.inputs[me].topk_idx, run.weights, N, s.K, s.H, s.T, E);
-      expect_equal(comb.download<uint16_t>(static_cast<size_t>(N) * s.H), want, static_cast<size_t>(N) * s.H, tag + " combined");
-    };
-    // Each rank's token count is fixed (N = T - rank) so the captured shapes hold.
-    auto fixed_run = [&](uint64_t seed) {
-      LlSpec fixed = s;
-      LlRun run = make_run(ctx, fixed, seed);
-      return run;
-    };
-    cudaGraph_t graph;
-    cudaGraphExec_t exec;
-    CUDA_OK(cudaStreamBeginCapture(ctx.stream, cudaStreamCaptureModeThreadLocal));
-    LowLatencyHandle h = ctx.buffer->low_latency_dispatch(a, out.view(R), ctx.stream);
+    comb_v = View::of(comb.get(), DType::kBF16, {N, s.H});
+  }
+  // The round's inputs and expert outputs into the fixed tensors; every output to sentinels.
+  void upload(const LlRun& run) {
+    const int me = ctx.rank;
+    x.upload(run.inputs[me].x.data(), run.inputs[me].x.size() * 2);
+    topk.upload(run.inputs[me].topk_idx.data(), run.inputs[me].topk_idx.size() * 8);
+    w.upload(run.weights.data(), run.weights.size() * 4);
+    y_host_side.upload(run.y[me].data(), run.y[me].size() * 2);
+    for (DeviceMem* m : {&out.x, &out.count, &out.src_info, &out.range, &out.slot, &comb}) m->fill(0x7F);
+  }
+  // The ops, on ctx.stream (captured or not).
+  void enqueue() {
+    const LowLatencyHandle h = ctx.buffer->low_latency_dispatch(a, out.view(ctx.world), ctx.stream);
     CUDA_OK(cudaMemcpyAsync(y.get(), y_host_side.get(), y.bytes(), cudaMemcpyDeviceToDevice, ctx.stream));
     ctx.buffer->low_latency_combine(ca, h, comb_v, ctx.stream);
-    CUDA_OK(cudaStreamEndCapture(ctx.stream, &graph));
+  }
+  // After the stream is done: the received rows and the combine against the reference of `run`
+  // (without its dead rank, if make_run had one).
+  void check(const LlRun& run, const std::string& tag) {
+    const int me = ctx.rank;
+    check_ll_recv(out, run.want[me], ctx.world, tag);
+    const auto want = ref::ll_combine(run.want, run.y, me, run.ref_inputs[me].topk_idx, run.weights, N, s.K, s.H,
+                                      s.T, a.num_experts);
+    expect_equal(comb.download<uint16_t>(static_cast<size_t>(N) * s.H), want, static_cast<size_t>(N) * s.H,
+                 tag + " combined");
+  }
+};
+
+// The round of `f` captured once into a CUDA graph (thread-local capture, as SimWorld needs).
+struct LlGraph {
+  cudaGraph_t graph = nullptr;
+  cudaGraphExec_t exec = nullptr;
+  explicit LlGraph(LlFixedRound& f) {
+    CUDA_OK(cudaStreamBeginCapture(f.ctx.stream, cudaStreamCaptureModeThreadLocal));
+    f.enqueue();
+    CUDA_OK(cudaStreamEndCapture(f.ctx.stream, &graph));
     CUDA_OK(cudaGraphInstantiate(&exec, graph, 0));
-    for (int i = 0; i < 5; ++i) {
-      LlRun run = fixed_run(ctx.seed + 500 + i);
-      upload(run);
-      ctx.comm->barrier();
-      CUDA_OK(cudaGraphLaunch(exec, ctx.stream));
-      ctx.buffer->synchronize(ctx.stream);
-      check(run, "graph replay " + std::to_string(i));
-    }
+  }
+  ~LlGraph() {
     cudaGraphExecDestroy(exec);
     cudaGraphDestroy(graph);
+  }
+  LlGraph(const LlGraph&) = delete;
+  LlGraph& operator=(const LlGraph&) = delete;
+  void replay(LlFixedRound& f) {
+    CUDA_OK(cudaGraphLaunch(exec, f.ctx.stream));
+    f.ctx.buffer->synchronize(f.ctx.stream);
+  }
+};
+
+// CUDA graph: dispatch -> (user copy of expert outputs) -> combine captured once, replayed with
+// fresh inputs; then 1000 alternating dispatch/combine rounds with fresh data, all checked.
+TEST_P(LlWorld, GraphReplayAndThousandRounds) {
+  const WorldMode mode = GetParam().mode;
+  const int world = GetParam().world;
+  SKIP_UNLESS_RUNNABLE(mode, world);
+  const LlSpec s = graph_spec();
+  EXPECT_EQ(run_ll_world(mode, world, [&](RankCtx& ctx) {
+    const int R = ctx.world, me = ctx.rank;
+    LlFixedRound f(ctx, s);
+    {
+      LlGraph graph(f);
+      for (int i = 0; i < 5; ++i) {
+        const LlRun run = make_run(ctx, s, ctx.seed + 500 + i);
+        f.upload(run);
+        ctx.comm->barrier();
+        graph.replay(f);
+        f.check(run, "graph replay " + std::to_string(i));
+      }
+    }
     if (me == 0) std::printf("[world %d] ll graph capture + 5 replays ok\n", R);
     for (int i = 0; i < 1000; ++i) {
-      LlRun run = fixed_run(ctx.seed + 10000 + i);
-      upload(run);
-      LowLatencyHandle hh = ctx.buffer->low_latency_dispatch(a, out.view(R), ctx.stream);
-      CUDA_OK(cudaMemcpyAsync(y.get(), y_host_side.get(), y.bytes(), cudaMemcpyDeviceToDevice, ctx.stream));
-      ctx.buffer->low_latency_combine(ca, hh, comb_v, ctx.stream);
+      const LlRun run = make_run(ctx, s, ctx.seed + 10000 + i);
+      f.upload(run);
+      f.enqueue();
       ctx.buffer->synchronize(ctx.stream);
-      check(run, "round " + std::to_string(i));
+      f.check(run, "round " + std::to_string(i));
     }
     if (me == 0) std::printf("[world %d] 1000 alternating ll dispatch/combine rounds ok\n", R);
   }, ll_bytes_for({s}, world)), 0);
+}
+
+// Shrink mode under CUDA-graph replay. Every rank captures dispatch -> combine once, with a 2 s
+// timeout (a captured op keeps the timeout of its capture), and replays it: exact. Then rank
+// `dead` stops replaying (as if its process hung). The survivors' first replay waits 2 s for it,
+// masks it and completes; that replay and the next ones equal the reference without `dead` (its
+// experts receive nothing and contribute nothing), and none waits again. Then `dead` comes back:
+// every rank cleans the low-latency state (collective) and the masks, and 100 replays by every
+// rank are exact again.
+void run_shrink_graph(RankCtx& ctx) {
+  const int R = ctx.world, me = ctx.rank, dead = R - 1;
+  constexpr int kMaskedReplays = 20, kRejoinedReplays = 100;
+  const LlSpec s = graph_spec();
+  const Config saved = ctx.buffer->config();
+  Config quick = saved;
+  quick.timeout_s = 2;
+  ctx.buffer->set_config(quick);
+  LlFixedRound f(ctx, s);
+  LlGraph graph(f);
+  const uint64_t seed = ctx.seed * 13 + 5;
+  for (int i = 0; i < 3; ++i) {
+    const LlRun run = make_run(ctx, s, seed + i);
+    f.upload(run);
+    ctx.comm->barrier();
+    graph.replay(f);
+    f.check(run, "shrink graph: replay " + std::to_string(i) + " by every rank");
+  }
+  REQUIRE(mask_status(ctx) == std::vector<int>(R, 0), "no rank is masked while every rank replays");
+
+  if (me != dead) {
+    for (int i = 0; i < kMaskedReplays; ++i) {
+      const LlRun run = make_run(ctx, s, seed + 100 + i, dead);
+      f.upload(run);
+      graph.replay(f);
+      f.check(run, "shrink graph: replay " + std::to_string(i) + " without rank " + std::to_string(dead));
+      std::vector<int> want(R, 0);
+      want[dead] = 1;
+      REQUIRE(mask_status(ctx) == want, "rank ", dead, " masked by the timeout of a replay (after replay ", i, ")");
+      REQUIRE(!ctx.buffer->failed(), "a timeout in shrink mode masks instead of failing");
+    }
+  }
+
+  // `dead` comes back. The host collectives wait with the saved timeout (the survivors' replays
+  // take a while); the graph keeps its 2 s.
+  ctx.buffer->set_config(saved);
+  ctx.buffer->clean_low_latency_buffer();
+  ctx.buffer->low_latency_clean_mask_buffer();
+  REQUIRE(mask_status(ctx) == std::vector<int>(R, 0), "no rank is masked after the rejoin");
+  for (int i = 0; i < kRejoinedReplays; ++i) {
+    const LlRun run = make_run(ctx, s, seed + 1000 + i);
+    f.upload(run);
+    ctx.comm->barrier();
+    graph.replay(f);
+    f.check(run, "shrink graph: replay " + std::to_string(i) + " after rank " + std::to_string(dead) + " rejoined");
+  }
+  REQUIRE(mask_status(ctx) == std::vector<int>(R, 0), "no rank was masked in the rejoined replays");
+  if (me == 0)
+    std::printf("[world %d] shrink under graph replay: rank %d masked by a replay's timeout, %d exact replays "
+                "without it, %d exact after it rejoined\n", R, dead, kMaskedReplays, kRejoinedReplays);
 }
 
 INSTANTIATE_TEST_SUITE_P(Gpu, LlWorld, ::testing::ValuesIn(world_params()), world_param_name);
@@ -488,7 +591,13 @@ TEST_P(LlErrors, BadInputIsRejected) {
     a.x = View::of(x.get(), DType::kBF16, {s.T, s.H});
     a.num_max_dispatch_tokens_per_rank = 4 * s.T;  // T changed: the region no longer fits
     expect(ErrorKind::kInvalidArgument, "recv_x: expected shape");
-    if (ctx.rank == 0) std::printf("[world %d] low-latency bad input rejected\n", R);
+    // After the resets: 100 exact rounds (hook and not, alternating), nothing of the failures left.
+    LlSpec hook = s;
+    hook.name = "after bad input, hook";
+    LlSpec plain = s;
+    plain.name = "after bad input";
+    for (int round = 0; round < 100; ++round) ll_round(ctx, round % 2 ? hook : plain, ctx.seed * 17 + round, out);
+    if (ctx.rank == 0) std::printf("[world %d] low-latency bad input rejected; reset, 100 exact rounds\n", R);
   }, ll_bytes_for({s}, 2)), 0);
 }
 
@@ -502,6 +611,17 @@ TEST_P(LlWorld, ShrinkMasksADeadRankAndKeepsServing) {
   options.num_ll_bytes = ll_bytes_for({s}, world);
   options.enable_shrink = true;
   EXPECT_EQ(run_world(mode, world, 64 << 20, options, run_shrink), 0);
+}
+
+TEST_P(LlWorld, ShrinkMasksADeadRankUnderGraphReplay) {
+  const WorldMode mode = GetParam().mode;
+  const int world = GetParam().world;
+  SKIP_UNLESS_RUNNABLE(mode, world);
+  if (world < 3) GTEST_SKIP() << "SKIPPED: needs 3 ranks (two survivors)";
+  BufferOptions options;
+  options.num_ll_bytes = ll_bytes_for({graph_spec()}, world);
+  options.enable_shrink = true;
+  EXPECT_EQ(run_world(mode, world, 64 << 20, options, run_shrink_graph), 0);
 }
 
 INSTANTIATE_TEST_SUITE_P(Gpu, LlErrors, ::testing::Values(WorldMode::kReal, WorldMode::kSim), mode_param_name);

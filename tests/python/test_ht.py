@@ -286,6 +286,36 @@ def _bad_expert_id(ctx, seed):
     topk[3, 1] = -1
     ntpr, _, ntpe, itir, _ = buf.get_dispatch_layout(topk.to(ctx.device), E)
     assert_equal(ntpe, ref_layout(topk, E, ctx.world)[1], "num_tokens_per_expert after reset")
+    _checked_rounds(ctx, buf, seed, 100, "after a device error and reset()")
+
+
+def _checked_rounds(ctx, buf, seed, rounds, what, max_tokens=32):
+    """`rounds` fresh dispatch -> combine rounds (up to max_tokens tokens per rank), every output
+    compared bit for bit with the reference: nothing an earlier failure left behind shows."""
+    world, me, dev = ctx.world, ctx.rank, ctx.device
+    E = num_experts(world)
+    for k in range(rounds):
+        tag = f"{what}, round {k}"
+        inputs = all_inputs(seed, world, lo=1, hi=max_tokens, salt=1000 + k)
+        mine = inputs[me]
+        topk, weights = mine.topk_idx.to(dev), mine.topk_weights.to(dev)
+        ntpr, _, ntpe, itir, _ = buf.get_dispatch_layout(topk, E)
+        recv_x, recv_idx, recv_w, counts, handle, _ = buf.dispatch(
+            mine.x.to(dev), num_tokens_per_rank=ntpr, is_token_in_rank=itir, num_tokens_per_expert=ntpe,
+            topk_idx=topk, topk_weights=weights)
+        refs = [ref_dispatch([i.x for i in inputs], None, [i.topk_idx for i in inputs],
+                             [i.topk_weights for i in inputs], r, E) for r in range(world)]
+        ref = refs[me]
+        assert_equal(recv_x, ref.x, f"{tag}: recv_x")
+        assert_equal(recv_idx, ref.topk_idx, f"{tag}: recv_topk_idx")
+        assert_equal(recv_w, ref.topk_weights, f"{tag}: recv_topk_weights")
+        assert_equal(handle[3], ref.src_idx, f"{tag}: recv_src_idx")
+        assert counts == ref.num_recv_tokens_per_expert, f"{tag}: {counts} != {ref.num_recv_tokens_per_expert}"
+        combined_x, combined_w, _ = buf.combine(combine_input(me, recv_x), handle, topk_weights=recv_w)
+        ys = [combine_input(r, refs[r].x) for r in range(world)]
+        ref_x, ref_w = ref_combine(refs, ys, me, mine.x.size(0), [r.topk_weights for r in refs])
+        assert_equal(combined_x, ref_x, f"{tag}: combined_x")
+        assert_equal(combined_w, ref_w, f"{tag}: combined_topk_weights")
 
 
 def _local_buffer_tensor(ctx, seed):
