@@ -408,7 +408,12 @@ PYBIND11_MODULE(_C, m) {
         },
         py::arg("max_rows"), py::arg("hidden"), py::arg("dtype"), py::arg("num_topk"), py::arg("num_ranks"));
   m.def("low_latency_size_hint", &epx::Buffer::low_latency_size_hint, py::arg("num_max_dispatch_tokens_per_rank"),
-        py::arg("hidden"), py::arg("num_ranks"), py::arg("num_experts"), py::arg("num_topk"));
+        py::arg("hidden"), py::arg("num_ranks"), py::arg("num_experts"), py::arg("num_topk"),
+        py::arg("zero_copy") = false);
+  py::enum_<epx::LlZeroCopy>(m, "LlZeroCopy", "BufferOptions::ll_zero_copy: the zero-copy combine buffers")
+      .value("kOff", epx::LlZeroCopy::kOff)
+      .value("kOn", epx::LlZeroCopy::kOn)
+      .value("kIfRoom", epx::LlZeroCopy::kIfRoom);
 
   // ---- CUDA helpers ---------------------------------------------------------------------------
   m.def("host_device_pointer", [](uintptr_t host_ptr) {
@@ -536,11 +541,12 @@ PYBIND11_MODULE(_C, m) {
   // ---- Buffer ---------------------------------------------------------------------------------
   py::class_<PyBuffer>(m, "Buffer")
       .def(py::init([](PyCommunicator& comm, size_t num_nvl_bytes, size_t num_ll_bytes, int num_sms,
-                       int num_threads, double timeout_s, bool enable_shrink) {
+                       int num_threads, double timeout_s, bool enable_shrink, epx::LlZeroCopy ll_zero_copy) {
              epx::BufferOptions options;
              options.config = make_config(num_sms, num_threads, timeout_s);
              options.num_ll_bytes = num_ll_bytes;
              options.enable_shrink = enable_shrink;
+             options.ll_zero_copy = ll_zero_copy;
              epx::Communicator& c = comm.get();
              auto b = std::make_unique<PyBuffer>();
              b->simulated = c.simulated();
@@ -549,7 +555,8 @@ PYBIND11_MODULE(_C, m) {
              return b;
            }),
            py::arg("comm"), py::arg("num_nvl_bytes"), py::arg("num_ll_bytes"), py::arg("num_sms"),
-           py::arg("num_threads"), py::arg("timeout_s"), py::arg("enable_shrink") = false, py::keep_alive<1, 2>(),
+           py::arg("num_threads"), py::arg("timeout_s"), py::arg("enable_shrink") = false,
+           py::arg("ll_zero_copy") = epx::LlZeroCopy::kOff, py::keep_alive<1, 2>(),
            "Collective: allocates the symmetric buffer (num_nvl_bytes + num_ll_bytes) on every rank.")
       .def_property_readonly("rank", [](PyBuffer& b) { return b.get().rank(); })
       .def_property_readonly("num_ranks", [](PyBuffer& b) { return b.get().num_ranks(); })
@@ -691,13 +698,14 @@ PYBIND11_MODULE(_C, m) {
       .def("low_latency_combine",
            [](PyBuffer& b, int T, int hidden, int num_experts, int num_topk, int buffer_idx, py::handle src_info,
               py::handle layout_range, py::handle src_topk_slot, py::handle x, py::handle topk_idx,
-              py::handle topk_weights, bool return_recv_hook, py::handle out, uintptr_t stream) {
+              py::handle topk_weights, bool return_recv_hook, py::handle out, bool zero_copy, uintptr_t stream) {
              const epx::LowLatencyHandle h =
                  make_ll_handle(T, hidden, num_experts, num_topk, buffer_idx, src_info, layout_range, src_topk_slot);
              epx::LowLatencyCombineArgs a;
              a.x = to_view(x, "x");
              a.topk_idx = to_view(topk_idx, "topk_idx");
              a.topk_weights = to_view(topk_weights, "topk_weights");
+             a.zero_copy = zero_copy;
              a.return_recv_hook = return_recv_hook;
              const View out_view = to_view(out, "out");
              epx::Buffer& buf = b.get();
@@ -707,7 +715,7 @@ PYBIND11_MODULE(_C, m) {
            py::arg("num_max_dispatch_tokens_per_rank"), py::arg("hidden"), py::arg("num_experts"), py::arg("num_topk"),
            py::arg("buffer_idx"), py::arg("src_info"), py::arg("layout_range"), py::arg("src_topk_slot"), py::arg("x"),
            py::arg("topk_idx"), py::arg("topk_weights"), py::arg("return_recv_hook"), py::arg("out"),
-           py::arg("stream"))
+           py::arg("zero_copy"), py::arg("stream"))
       .def("low_latency_receive",
            [](PyBuffer& b, int buffer_idx, uintptr_t stream) {
              epx::Buffer& buf = b.get();

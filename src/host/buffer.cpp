@@ -28,6 +28,15 @@ void validate_config(const Communicator& comm, const Config& config) {
   config.validate(comm.num_device_sms());
 }
 
+const char* ll_zero_copy_name(LlZeroCopy mode) {
+  switch (mode) {
+    case LlZeroCopy::kOff: return "kOff";
+    case LlZeroCopy::kOn: return "kOn";
+    case LlZeroCopy::kIfRoom: return "kIfRoom";
+  }
+  return "unknown";
+}
+
 }  // namespace
 
 Buffer::Buffer(Communicator& comm, size_t num_nvl_bytes, BufferOptions options) : impl_(new Impl) {
@@ -49,24 +58,33 @@ Buffer::Buffer(Communicator& comm, size_t num_nvl_bytes, BufferOptions options) 
   kernels::load_kernels();
 
   const size_t num_ll_bytes = options.num_ll_bytes > 0 ? align_up(options.num_ll_bytes, 1 << 21) : 0;
-  // Every rank must use the same sizes (offsets are symmetric).
+  const int zero_copy_mode = static_cast<int>(options.ll_zero_copy);
+  EPX_ARG_CHECK(zero_copy_mode >= 0 && zero_copy_mode <= static_cast<int>(LlZeroCopy::kIfRoom),
+                "ll_zero_copy: unknown mode ", zero_copy_mode);
+  // Every rank must use the same sizes (offsets are symmetric) and the same zero-copy mode (it
+  // places the low-latency buffers). Every rank checks every other, so all of them raise alike.
   {
     struct Sizes {
-      unsigned long long num_nvl_bytes, num_ll_bytes;
-    } mine{num_nvl_bytes, num_ll_bytes};
+      unsigned long long num_nvl_bytes, num_ll_bytes, ll_zero_copy;
+    } mine{num_nvl_bytes, num_ll_bytes, static_cast<unsigned long long>(zero_copy_mode)};
     std::vector<Sizes> all(comm.world());
     comm.all_gather(&mine, all.data(), sizeof(Sizes), m.timeout_s());
-    for (int r = 0; r < comm.world(); ++r)
+    for (int r = 0; r < comm.world(); ++r) {
       EPX_ARG_CHECK(all[r].num_nvl_bytes == mine.num_nvl_bytes && all[r].num_ll_bytes == mine.num_ll_bytes,
                     "num_nvl_bytes / num_ll_bytes: must be equal on all ranks; rank ", comm.rank(), " has ",
                     num_nvl_bytes, " / ", num_ll_bytes, ", rank ", r, " has ", all[r].num_nvl_bytes, " / ",
                     all[r].num_ll_bytes, " (after rounding up to 2 MiB)");
+      EPX_ARG_CHECK(all[r].ll_zero_copy == mine.ll_zero_copy, "ll_zero_copy: must be equal on all ranks; rank ",
+                    comm.rank(), " has ", ll_zero_copy_name(options.ll_zero_copy), ", rank ", r, " has ",
+                    ll_zero_copy_name(static_cast<LlZeroCopy>(all[r].ll_zero_copy)));
+    }
   }
 
   m.arena = std::make_shared<DeviceArena>(comm.device(), comm.simulated(), comm.rank());
   m.arena->set_timeout(m.timeout_s() + 10);
   m.ll_offset = num_nvl_bytes;
   m.num_ll_bytes = num_ll_bytes;
+  m.ll_zero_copy = options.ll_zero_copy;
   EPX_ARG_CHECK(!options.enable_shrink || num_ll_bytes > 0,
                 "enable_shrink: masks ranks in the low-latency ops, so it needs num_ll_bytes > 0");
   m.shrink = options.enable_shrink;

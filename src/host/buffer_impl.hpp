@@ -41,6 +41,7 @@ struct Buffer::Impl {
   std::string failure;
   // Low-latency region (design.md 4.4-4.5), at `ll_offset` in the symmetric allocation.
   size_t ll_offset = 0, num_ll_bytes = 0;
+  LlZeroCopy ll_zero_copy = LlZeroCopy::kOff;  // BufferOptions::ll_zero_copy (equal on all ranks)
   bool shrink = false;  // BufferOptions::enable_shrink
   LlWorkspace* ll_ws = nullptr;
   int ll_next = 0;  // buffer the next low-latency op uses

@@ -133,7 +133,8 @@ size_t Buffer::get_nvl_buffer_size_hint(int64_t max_rows, int hidden, DType x_dt
   return plan::nvl_bytes_for_rows(max_rows, hidden, x_dtype, num_topk);
 }
 
-size_t Buffer::low_latency_size_hint(int T, int hidden, int num_ranks, int num_experts, int num_topk) {
+size_t Buffer::low_latency_size_hint(int T, int hidden, int num_ranks, int num_experts, int num_topk,
+                                     bool zero_copy) {
   validate::in_range(T, "num_max_dispatch_tokens_per_rank", 1, kMaxLlTokens);
   validate::in_range(hidden, "hidden", 128, kMaxLlHidden);
   EPX_ARG_CHECK(hidden % 128 == 0, "hidden: must be a multiple of 128, got ", hidden);
@@ -141,7 +142,7 @@ size_t Buffer::low_latency_size_hint(int T, int hidden, int num_ranks, int num_e
   validate::in_range(num_topk, "num_topk", 1, kMaxLlTopk);
   EPX_ARG_CHECK(num_experts >= num_ranks && num_experts % num_ranks == 0, "num_experts: must be a multiple of ",
                 num_ranks, ", got ", num_experts);
-  return align_up(plan::ll_layout(num_ranks, T, hidden, num_topk, num_experts / num_ranks).num_bytes(), 1 << 21);
+  return plan::ll_bytes_for(plan::ll_layout(num_ranks, T, hidden, num_topk, num_experts / num_ranks, zero_copy));
 }
 
 }  // namespace epx

@@ -7,6 +7,7 @@
 
 #include "common/layout.hpp"
 #include "common/ll_layout.hpp"
+#include "epx/buffer.hpp"
 #include "epx/config.hpp"
 #include "epx/types.hpp"
 
@@ -54,11 +55,20 @@ void encode_plan(const OpPlan& plan, uint64_t words[2]);
 std::string plan_difference(int word, uint64_t theirs, uint64_t mine, std::string* their_value,
                             std::string* my_value);
 
-// Low-latency limits and the region layout for (R, T, H, K, E_loc).
-inline LlLayout ll_layout(int R, int T, int H, int K, int E_loc) {
+// The low-latency region layout for (R, T, H, K, E_loc), with or without the zero-copy buffers.
+inline LlLayout ll_layout(int R, int T, int H, int K, int E_loc, bool with_zero_copy) {
   LlLayout l;
-  l.place(R, T, H, K, E_loc);
+  l.place(R, T, H, K, E_loc, with_zero_copy);
   return l;
+}
+// Smallest num_ll_bytes that holds `layout` (what Buffer::low_latency_size_hint returns).
+inline size_t ll_bytes_for(const LlLayout& layout) { return align_up(layout.num_bytes(), size_t{1} << 21); }
+// The layout a Buffer with `mode` and `num_ll_bytes` uses for this op shape: a function of inputs
+// every rank has (the options and sizes agreed at construction, the op's shape), so ranks agree.
+inline LlLayout ll_layout(LlZeroCopy mode, size_t num_ll_bytes, int R, int T, int H, int K, int E_loc) {
+  const LlLayout with = ll_layout(R, T, H, K, E_loc, true);
+  const bool on = mode == LlZeroCopy::kOn || (mode == LlZeroCopy::kIfRoom && with.num_bytes() <= num_ll_bytes);
+  return on ? with : ll_layout(R, T, H, K, E_loc, false);
 }
 
 }  // namespace epx::plan

@@ -307,24 +307,94 @@ TEST(Layout, SymmetricRegionsDoNotOverlap) {
 }
 
 TEST(LlLayout, BuffersHoldEveryRegionAligned) {
-  for (int R : {2, 3, 8}) {
-    for (int H : {128, 1152, 7168}) {
-      LlLayout l;
-      l.place(R, 128, H, 8, 32);
-      EXPECT_GE(LlLayout::kSyncBytes, sizeof(LlSync));
-      EXPECT_GE(l.row_bytes, static_cast<size_t>(H) + H / 128 * 4) << "fp8 row + scales must fit";
-      EXPECT_EQ(l.row_bytes % 16, 0u);
-      EXPECT_GE(l.off_dispatch_meta, l.off_dispatch + static_cast<size_t>(R) * 128 * l.row_bytes);
-      EXPECT_GE(l.off_combine, l.off_dispatch_meta + static_cast<size_t>(R) * 128 * l.meta_bytes);
-      EXPECT_GE(l.off_zero_copy, l.off_combine + static_cast<size_t>(128) * 8 * H * 2);
-      EXPECT_GE(l.buffer_bytes, l.off_zero_copy + static_cast<size_t>(32) * R * 128 * H * 2);
-      EXPECT_EQ(l.num_bytes(), LlLayout::kSyncBytes + 2 * l.buffer_bytes);
-      EXPECT_LE(l.num_bytes(), Buffer::low_latency_size_hint(128, H, R, 32 * R, 8));
+  for (bool zero_copy : {false, true}) {
+    for (int R : {2, 3, 8}) {
+      for (int H : {128, 1152, 7168}) {
+        SCOPED_TRACE(testing::Message() << "R " << R << " H " << H << " zero_copy " << zero_copy);
+        LlLayout l;
+        l.place(R, 128, H, 8, 32, zero_copy);
+        EXPECT_GE(LlLayout::kSyncBytes, sizeof(LlSync));
+        EXPECT_GE(l.row_bytes, static_cast<size_t>(H) + H / 128 * 4) << "fp8 row + scales must fit";
+        EXPECT_EQ(l.row_bytes % 16, 0u);
+        EXPECT_GE(l.off_dispatch_meta, l.off_dispatch + static_cast<size_t>(R) * 128 * l.row_bytes);
+        EXPECT_GE(l.off_combine, l.off_dispatch_meta + static_cast<size_t>(R) * 128 * l.meta_bytes);
+        const size_t staging_end = l.off_combine + static_cast<size_t>(128) * 8 * H * 2;
+        EXPECT_EQ(l.has_zero_copy, zero_copy);
+        EXPECT_EQ(l.zero_copy_bytes(), static_cast<size_t>(32) * R * 128 * H * 2);
+        if (zero_copy) {
+          EXPECT_GE(l.off_zero_copy, staging_end);
+          EXPECT_EQ(l.off_zero_copy % 128, 0u);
+          EXPECT_GE(l.buffer_bytes, l.off_zero_copy + l.zero_copy_bytes());
+        } else {
+          EXPECT_GE(l.buffer_bytes, staging_end);
+          EXPECT_LT(l.buffer_bytes, staging_end + 4096) << "no room kept for a zero-copy buffer";
+          char* region = reinterpret_cast<char*>(uintptr_t{1} << 20);
+          EXPECT_EQ(l.zero_copy(region, 0), nullptr);
+        }
+        EXPECT_EQ(l.buffer_bytes % 4096, 0u);
+        EXPECT_EQ(l.num_bytes(), LlLayout::kSyncBytes + 2 * l.buffer_bytes);
+        const size_t hint = Buffer::low_latency_size_hint(128, H, R, 32 * R, 8, zero_copy);
+        EXPECT_LE(l.num_bytes(), hint);
+        EXPECT_EQ(hint % (size_t{1} << 21), 0u);
+        EXPECT_LT(hint - l.num_bytes(), size_t{1} << 21) << "the hint is the layout rounded up to 2 MiB";
+      }
     }
   }
+  EXPECT_EQ(Buffer::low_latency_size_hint(128, 1024, 2, 64, 8),
+            Buffer::low_latency_size_hint(128, 1024, 2, 64, 8, /*zero_copy=*/false)) << "default: no zero-copy";
   EXPECT_THROW(Buffer::low_latency_size_hint(128, 100, 2, 64, 8), Error);   // hidden % 128
   EXPECT_THROW(Buffer::low_latency_size_hint(128, 1024, 2, 63, 8), Error);  // E % R
   EXPECT_THROW(Buffer::low_latency_size_hint(0, 1024, 2, 64, 8), Error);    // T
+}
+
+// EP8 DeepSeek-V3 decode: T = 128 tokens per rank, H = 7168, E = 256 experts (E_loc = 32), K = 8.
+// Per buffer: dispatch staging R*T rows of 2H bytes (14 MiB) + top-k ids (32 KiB), combine staging
+// T*K rows of 2H bytes (14 MiB); the zero-copy buffer adds E_loc*R*T rows of 2H bytes (448 MiB).
+// Two buffers and the 4 KiB sync block, rounded up to 2 MiB: 58 MiB, or 954 MiB with zero-copy.
+TEST(LlLayout, SizeHintAtEp8DeepSeekV3Decode) {
+  constexpr int T = 128, H = 7168, R = 8, E = 256, K = 8, E_loc = E / R;
+  constexpr size_t kMiB = size_t{1} << 20;
+  const size_t staging = align_up(align_up(size_t{R} * T * H * 2, 128) + size_t{R} * T * align_up(K * 4, 16), 128) +
+                         size_t{T} * K * H * 2;
+  const size_t zero_copy = size_t{E_loc} * R * T * H * 2;
+  EXPECT_EQ(zero_copy, 448 * kMiB);
+  const size_t without = Buffer::low_latency_size_hint(T, H, R, E, K, /*zero_copy=*/false);
+  const size_t with = Buffer::low_latency_size_hint(T, H, R, E, K, /*zero_copy=*/true);
+  EXPECT_EQ(without, align_up(LlLayout::kSyncBytes + 2 * align_up(staging, 4096), 2 * kMiB));
+  EXPECT_EQ(with, align_up(LlLayout::kSyncBytes + 2 * align_up(align_up(staging, 128) + zero_copy, 4096), 2 * kMiB));
+  EXPECT_EQ(without, 58 * kMiB);
+  EXPECT_EQ(with, 954 * kMiB);
+  EXPECT_EQ(with - without, 2 * zero_copy);
+}
+
+// The layout an op uses: kOff never places the zero-copy buffers, kOn always does, kIfRoom does
+// exactly when num_ll_bytes holds them (so the zero-copy size hint turns them on, anything less off).
+TEST(LlLayout, ZeroCopyModeResolvesFromTheRegionSize) {
+  // Shapes whose zero-copy buffers exceed the hint's 2 MiB rounding (at tiny T both hints are 2 MiB,
+  // and kIfRoom places them in either).
+  for (int R : {2, 8}) {
+    for (int T : {64, 128}) {
+      SCOPED_TRACE(testing::Message() << "R " << R << " T " << T);
+      const int H = 4096, K = 4, E_loc = 3, E = E_loc * R;
+      const size_t with = Buffer::low_latency_size_hint(T, H, R, E, K, true);
+      const size_t without = Buffer::low_latency_size_hint(T, H, R, E, K, false);
+      ASSERT_GT(with, without);
+      auto has = [&](LlZeroCopy mode, size_t bytes) {
+        return plan::ll_layout(mode, bytes, R, T, H, K, E_loc).has_zero_copy;
+      };
+      EXPECT_FALSE(has(LlZeroCopy::kOff, with));
+      EXPECT_FALSE(has(LlZeroCopy::kOff, 4 * with));
+      EXPECT_TRUE(has(LlZeroCopy::kOn, without));
+      EXPECT_TRUE(has(LlZeroCopy::kOn, with));
+      EXPECT_TRUE(has(LlZeroCopy::kIfRoom, with));
+      EXPECT_TRUE(has(LlZeroCopy::kIfRoom, 4 * with));
+      EXPECT_FALSE(has(LlZeroCopy::kIfRoom, with - (size_t{1} << 21)));
+      EXPECT_FALSE(has(LlZeroCopy::kIfRoom, without));
+      // Off, the layout is the one low_latency_size_hint(..., false) sizes.
+      EXPECT_EQ(plan::ll_bytes_for(plan::ll_layout(LlZeroCopy::kIfRoom, without, R, T, H, K, E_loc)), without);
+      EXPECT_EQ(plan::ll_bytes_for(plan::ll_layout(LlZeroCopy::kOn, without, R, T, H, K, E_loc)), with);
+    }
+  }
 }
 
 }  // namespace

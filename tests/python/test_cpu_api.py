@@ -80,7 +80,7 @@ DEEPEP_V1["Buffer.internode_combine"] = DEEPEP_V1["Buffer.combine"]
 DEEPEP_V1_STATIC = {"Buffer.is_sm90_compiled", "Buffer.set_num_sms", "Buffer.capture",
                     "Buffer.get_low_latency_rdma_size_hint", "Buffer.get_dispatch_config", "Buffer.get_combine_config"}
 # epx's additions: keyword-only, with a default, so no DeepEP call changes meaning.
-EPX_EXTENSIONS = {"Buffer.get_low_latency_rdma_size_hint": {"num_topk"},
+EPX_EXTENSIONS = {"Buffer.get_low_latency_rdma_size_hint": {"num_topk", "zero_copy"},
                   "Config.__init__": {"num_threads", "timeout_s"}}
 # DeepEP's Config tables for one NVLink domain: num_ranks -> the four chunk sizes after Config's rounding
 # of the RDMA receive chunk (128 -> 132 for a send chunk of 6).
@@ -283,6 +283,8 @@ def test_size_hint_errors_and_rdma_hint():
         epx.Buffer.get_low_latency_rdma_size_hint(128, 7168, 8, 256)
     with pytest.raises(TypeError):
         epx.Buffer.get_low_latency_rdma_size_hint(128, 7168, 8, 256, 8)  # num_topk is keyword-only
+    with pytest.raises(TypeError):
+        epx.Buffer.get_low_latency_rdma_size_hint(128, 7168, 8, 256, None, True)  # zero_copy too
 
 
 # ---- Buffer(...) options ------------------------------------------------------------------------------
