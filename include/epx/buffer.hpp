@@ -36,8 +36,12 @@ struct DispatchHandle {
   int num_ranks = 0, rank = 0, num_tokens = 0, num_experts = 0;
   // Rows this rank receives: known on the host after a host-synced dispatch, else -1.
   int num_recv_tokens = -1;
-  // Max over ranks of rows received (host-synced dispatch only, else -1).
+  // Max over ranks of rows received (host-synced dispatch only, else -1): more than the row region
+  // holds = the bounded dispatch (rings).
   long long max_recv_tokens = -1;
+  // Max over ranks of rows sent, i.e. the rows a combine returns to its busiest rank (host-synced
+  // dispatch only, else -1): more than the row region holds = the ring combine.
+  long long max_sent_tokens = -1;
   // Row capacity of the recv tensors in worst-case mode (0 = host-synced sizing).
   int num_worst_tokens = 0;
   bool filled = false;

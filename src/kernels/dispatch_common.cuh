@@ -34,7 +34,8 @@ __device__ __forceinline__ bool dispatch_begin(const DispatchParams& p, uint64_t
   e = op_begin(p.ctx);
   num_recv = *p.num_recv;
   check_skip_is_recorded(p.ctx, num_recv);
-  if (num_recv < 0 || !rows_fit(p.ctx, p.count_matrix, p.rows.capacity, /*by_receiver=*/true)) {
+  // The bounded dispatch (p.ring_slots > 0) streams through rings: any row count fits.
+  if (num_recv < 0 || (p.ring_slots == 0 && !rows_fit(p.ctx, p.count_matrix, p.rows.capacity, /*by_receiver=*/true))) {
     op_end(p.ctx, e);
     return false;
   }
@@ -101,21 +102,21 @@ __device__ __forceinline__ void send_token(const DispatchParams& p, int t, const
   }
 }
 
-// Threads [tid, nthreads) copy rows [first, first + num) of the local row region (written by one
-// source) to the outputs.
-__device__ __forceinline__ void copy_out(const DispatchParams& p, int64_t first, int64_t num, size_t tid,
+// Threads [tid, nthreads) copy rows [slot, slot + num) of the local row region (written by one
+// source) to the output rows [first, first + num): the same rows, or a ring's slots (bounded).
+__device__ __forceinline__ void copy_out(const DispatchParams& p, int64_t first, int64_t slot, int64_t num, size_t tid,
                                          size_t nthreads) {
   const RowLayout& L = p.rows;
   char* base = p.ctx.rows(p.ctx.rank);
-  coop_copy<8>(p.recv_x + first * L.row_bytes, L.row(base, first), num * L.row_bytes, tid, nthreads);
+  coop_copy<8>(p.recv_x + first * L.row_bytes, L.row(base, slot), num * L.row_bytes, tid, nthreads);
   if (L.num_scales)
-    coop_copy(p.recv_x_scales + first * L.num_scales, L.scales(base, first), num * L.num_scales * 4, tid, nthreads);
+    coop_copy(p.recv_x_scales + first * L.num_scales, L.scales(base, slot), num * L.num_scales * 4, tid, nthreads);
   const int K = L.num_topk_idx;
   for (size_t i = tid; i < static_cast<size_t>(num) * K; i += nthreads) {
-    if (p.recv_topk_idx) p.recv_topk_idx[first * K + i] = L.topk_idx(base, first)[i];
-    if (p.recv_topk_weights) p.recv_topk_weights[first * K + i] = L.num_topk_weights ? L.topk_weights(base, first)[i] : 0.f;
+    if (p.recv_topk_idx) p.recv_topk_idx[first * K + i] = L.topk_idx(base, slot)[i];
+    if (p.recv_topk_weights) p.recv_topk_weights[first * K + i] = L.num_topk_weights ? L.topk_weights(base, slot)[i] : 0.f;
   }
-  if (p.recv_src_idx) coop_copy(p.recv_src_idx + first, L.src_idx(base, first), num * 4, tid, nthreads);
+  if (p.recv_src_idx) coop_copy(p.recv_src_idx + first, L.src_idx(base, slot), num * 4, tid, nthreads);
 }
 
 __device__ __forceinline__ void pad_rows(const DispatchParams& p, int64_t first, size_t tid, size_t nthreads) {
