@@ -113,7 +113,7 @@ __device__ bool send_and_publish(const DispatchParams& p, uint64_t e, const int*
       }
       if (!bar_red_and(1, S * kWarpSize, ok)) return false;  // and the slots are free before any warp writes
     }
-    for (int t = t0 + warp; t < t1; t += S) send_token(p, t, slot_base, lane);
+    for (int t = t0 + warp; t < t1; t += S) send_token(p, t, slot_base, lane, Q > 0 ? ring_start : nullptr);
     bar_sync(1, S * kWarpSize);  // every sender warp's rows of [t0, t1) before warp 0's fence
     if (warp == 0) {
       if (Q == 0) round_ends(t1);

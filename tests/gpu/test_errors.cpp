@@ -225,7 +225,7 @@ void run_plan_mismatch(RankCtx& ctx) {
 void run_too_small(RankCtx& ctx) {
   Buffer small(*ctx.comm, 4 << 20, ctx.options);
   require_error([&] { small_dispatch(ctx, small, 512, 7168); }, ErrorKind::kBufferTooSmall,
-                {"rings", "need num_nvl_bytes >="});
+                std::vector<std::string>{"rings", "need num_nvl_bytes >="});
   small.reset();
   small_dispatch(ctx, small, 16, 1024);
   if (ctx.rank == 0) std::printf("[world %d] undersized buffer -> Error(kBufferTooSmall) on every rank\n", ctx.world);

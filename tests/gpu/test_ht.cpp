@@ -580,7 +580,7 @@ void run_batch_larger_than_the_buffer(RankCtx& ctx) {
     ctx.buffer = &tiny;
     try {
       require_error([&] { run_case(ctx, c); }, ErrorKind::kBufferTooSmall,
-                    {"dispatch", "need num_nvl_bytes >= " + std::to_string(dispatch_min)});
+                    std::vector<std::string>{"dispatch", "need num_nvl_bytes >= " + std::to_string(dispatch_min)});
     } catch (...) {
       ctx.buffer = saved;
       throw;
