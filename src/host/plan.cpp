@@ -65,7 +65,7 @@ constexpr PlanField kPlanFields[] = {
     {"grid blocks (Config.num_sms)", 0, 0, 10, &OpPlan::num_blocks},
     {"warps per block (Config.num_threads / 32)", 0, 10, 6, &OpPlan::num_warps},
     {"ring channels", 0, 16, 7, &OpPlan::ring_channels},
-    {"ring slots (Config.ring_slots)", 0, 23, 13, &OpPlan::ring_slots},
+    {"ring slots (Config.ring_slots; a bounded dispatch: rows per ring)", 0, 23, 13, &OpPlan::ring_slots},
     {"ring sending warps (Config.ring_send_warps)", 0, 36, 5, &OpPlan::ring_send_warps},
     {"ring sender blocks (Config.ring_senders)", 0, 41, 4, &OpPlan::ring_senders},
     {"rows per ring release (Config.ring_chunk)", 0, 45, 5, &OpPlan::ring_chunk},
