@@ -168,11 +168,13 @@ class Buffer {
   int rank() const;
   int num_ranks() const;
 
-  // Bytes of `num_nvl_bytes` needed to dispatch/combine up to `max_rows` rows per rank (max over
-  // ranks of rows received in dispatch or sent in combine) with the given row shape.
+  // Bytes of `num_nvl_bytes` whose row region holds `max_rows` rows per rank (max over ranks of rows
+  // received in dispatch or sent in combine) of the given row shape: calls within it take the
+  // all-rows path. Larger calls stream through bounded rings (docs/protocol.md, "dispatch,
+  // bounded"); Config::get_nvl_buffer_size_hint sizes a buffer that serves any batch.
   static size_t get_nvl_buffer_size_hint(int64_t max_rows, int hidden, DType x_dtype, int num_topk,
                                          int num_ranks);
-  // Rows the buffer can hold for this row shape.
+  // Rows the buffer's row region holds for this dispatch row shape (more stream through rings).
   int64_t row_capacity(int hidden, DType x_dtype, int num_topk) const;
 
   // --- Layout (design.md 4.1) ---------------------------------------------------------------

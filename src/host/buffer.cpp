@@ -467,12 +467,16 @@ void Buffer::combine(const CombineInputs& in, const DispatchHandle& handle, cons
 
     const RowLayout rows = plan::combine_rows(m.num_nvl_bytes, H, K);
     // The ring combine, whatever the config, when the rows returned to the busiest rank (host-synced)
-    // do not fit the row region; without a host sync, when the rows a rank may get back (every
-    // receiver returns at most num_worst_tokens rows to it) may not. Values every rank has.
+    // do not fit the row region; without a host sync, when num_worst_tokens rows do not, or when
+    // the rows a rank may get back (at most num_worst_tokens from each receiver) may not and rings
+    // fit. Values every rank has, so every rank plans alike.
     // NOTE: the row-region combine checks on the device, from the count matrix, that the rows fit.
-    const int64_t returned = handle.max_sent_tokens >= 0 ? handle.max_sent_tokens
-                                                         : static_cast<int64_t>(handle.num_worst_tokens) * R;
-    const bool bounded = returned > rows.capacity;
+    const int64_t worst = handle.num_worst_tokens;
+    const bool bounded = handle.max_sent_tokens >= 0
+                             ? handle.max_sent_tokens > rows.capacity
+                             : worst > rows.capacity ||
+                                   (worst * R > rows.capacity &&
+                                    plan::ring_plan(m.config, R, rows.capacity, /*bounded=*/true).channels > 0);
     kernels::CombineParams p{};
     p.ctx = m.context(OpCode::kCombine);
     p.rows = rows;
