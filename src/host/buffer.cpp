@@ -470,13 +470,16 @@ void Buffer::combine(const CombineInputs& in, const DispatchHandle& handle, cons
     // do not fit the row region; without a host sync, when num_worst_tokens rows do not, or when
     // the rows a rank may get back (at most num_worst_tokens from each receiver) may not and rings
     // fit. Values every rank has, so every rank plans alike.
-    // NOTE: the row-region combine checks on the device, from the count matrix, that the rows fit.
+    // NOTE: the row-region combine checks on the device, from the count matrix, that the rows fit
+    // (at 1 rank no row travels: no rings).
     const int64_t worst = handle.num_worst_tokens;
-    const bool bounded = handle.max_sent_tokens >= 0
-                             ? handle.max_sent_tokens > rows.capacity
-                             : worst > rows.capacity ||
-                                   (worst * R > rows.capacity &&
-                                    plan::ring_plan(m.config, R, rows.capacity, /*bounded=*/true).channels > 0);
+    bool bounded = false;
+    if (R > 1 && handle.max_sent_tokens >= 0) {
+      bounded = handle.max_sent_tokens > rows.capacity;
+    } else if (R > 1) {
+      bounded = worst > rows.capacity || (worst * R > rows.capacity &&
+                                          plan::ring_plan(m.config, R, rows.capacity, /*bounded=*/true).channels > 0);
+    }
     kernels::CombineParams p{};
     p.ctx = m.context(OpCode::kCombine);
     p.rows = rows;
