@@ -14,6 +14,7 @@
 #include <nccl.h>
 #include <pybind11/pybind11.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
 #include <memory>
@@ -26,6 +27,7 @@
 #include "epx/error.hpp"
 #include "epx/sim_world.hpp"
 #include "epx/types.hpp"
+#include "host/plan.hpp"
 
 namespace py = pybind11;
 
@@ -263,7 +265,7 @@ struct PyDispatchHandle {
 };
 
 // Tripwire: a new field in epx::DispatchHandle must be filled in make_dispatch_handle below.
-static_assert(sizeof(void*) != 8 || sizeof(epx::DispatchHandle) == 88,
+static_assert(sizeof(void*) != 8 || sizeof(epx::DispatchHandle) == 96,
               "epx::DispatchHandle changed: update make_dispatch_handle in python/binding.cpp");
 
 struct HandleLayout {
@@ -407,6 +409,36 @@ PYBIND11_MODULE(_C, m) {
                                                        num_ranks);
         },
         py::arg("max_rows"), py::arg("hidden"), py::arg("dtype"), py::arg("num_topk"), py::arg("num_ranks"));
+  m.def("nvl_ring_buffer_size_hint",
+        [](int num_sms, int num_threads, int64_t hidden_bytes, int num_ranks, int64_t rows_per_ring) {
+          EPX_ARG_CHECK(hidden_bytes >= 1, "hidden_bytes: expected >= 1, got ", hidden_bytes);
+          epx::Config c;
+          c.num_sms = num_sms;
+          c.num_threads = num_threads;
+          // Config.ring_slots' range; below it every ring's minimum applies anyway.
+          c.ring_slots = static_cast<int>(std::min<int64_t>(std::max<int64_t>(rows_per_ring, 64), 4096));
+          return c.get_nvl_buffer_size_hint(static_cast<size_t>(hidden_bytes), num_ranks);
+        },
+        py::arg("num_sms"), py::arg("num_threads"), py::arg("hidden_bytes"), py::arg("num_ranks"),
+        py::arg("rows_per_ring"),
+        "num_nvl_bytes serving any batch: num_ranks x num_sms rings of rows_per_ring rows (within [64, 4096]), at "
+        "least every ring's minimum.");
+  m.def("bounded_ring_rows",
+        [](int num_sms, int num_threads, size_t num_nvl_bytes, int hidden, int dtype, int num_topk, int num_ranks) {
+          EPX_ARG_CHECK(dtype >= 0 && dtype <= static_cast<int>(DType::kBool), "x_dtype: unknown code ", dtype);
+          epx::Config c;
+          c.num_sms = num_sms;
+          c.num_threads = num_threads;
+          c.validate();
+          const epx::plan::DispatchRing d = epx::plan::dispatch_ring(c, num_ranks, num_nvl_bytes, hidden,
+                                                                     static_cast<DType>(dtype), num_topk);
+          const epx::plan::RingPlan r = epx::plan::bounded_ring_plan(c, num_ranks, num_nvl_bytes, hidden, num_topk);
+          return py::make_tuple(d.slots, r.slots);
+        },
+        py::arg("num_sms"), py::arg("num_threads"), py::arg("num_nvl_bytes"), py::arg("hidden"), py::arg("dtype"),
+        py::arg("num_topk"), py::arg("num_ranks"),
+        "(dispatch, combine) rows per ring of a call whose rows do not fit the row region; EpxError(BufferTooSmall) "
+        "naming the minimum num_nvl_bytes when the rings would be too small.");
   m.def("low_latency_size_hint", &epx::Buffer::low_latency_size_hint, py::arg("num_max_dispatch_tokens_per_rank"),
         py::arg("hidden"), py::arg("num_ranks"), py::arg("num_experts"), py::arg("num_topk"),
         py::arg("zero_copy") = false);
@@ -529,6 +561,7 @@ PYBIND11_MODULE(_C, m) {
       .def_property_readonly("num_experts", [](const PyDispatchHandle& h) { return h.handle.num_experts; })
       .def_property_readonly("num_recv_tokens", [](const PyDispatchHandle& h) { return h.handle.num_recv_tokens; })
       .def_property_readonly("max_recv_tokens", [](const PyDispatchHandle& h) { return h.handle.max_recv_tokens; })
+      .def_property_readonly("max_sent_tokens", [](const PyDispatchHandle& h) { return h.handle.max_sent_tokens; })
       .def_property_readonly("num_worst_tokens", [](const PyDispatchHandle& h) { return h.handle.num_worst_tokens; })
       .def_property_readonly("filled", [](const PyDispatchHandle& h) { return h.handle.filled; })
       .def_property_readonly("storage", [](const PyDispatchHandle& h) { return h.storage; })

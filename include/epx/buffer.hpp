@@ -36,8 +36,12 @@ struct DispatchHandle {
   int num_ranks = 0, rank = 0, num_tokens = 0, num_experts = 0;
   // Rows this rank receives: known on the host after a host-synced dispatch, else -1.
   int num_recv_tokens = -1;
-  // Max over ranks of rows received (host-synced dispatch only, else -1).
+  // Max over ranks of rows received (host-synced dispatch only, else -1): more than the row region
+  // holds = the bounded dispatch (rings).
   long long max_recv_tokens = -1;
+  // Max over ranks of rows sent, i.e. the rows a combine returns to its busiest rank (host-synced
+  // dispatch only, else -1): more than the row region holds = the ring combine.
+  long long max_sent_tokens = -1;
   // Row capacity of the recv tensors in worst-case mode (0 = host-synced sizing).
   int num_worst_tokens = 0;
   bool filled = false;
@@ -180,11 +184,13 @@ class Buffer {
   int rank() const;
   int num_ranks() const;
 
-  // Bytes of `num_nvl_bytes` needed to dispatch/combine up to `max_rows` rows per rank (max over
-  // ranks of rows received in dispatch or sent in combine) with the given row shape.
+  // Bytes of `num_nvl_bytes` whose row region holds `max_rows` rows per rank (max over ranks of rows
+  // received in dispatch or sent in combine) of the given row shape: calls within it take the
+  // all-rows path. Larger calls stream through bounded rings (docs/protocol.md, "dispatch,
+  // bounded"); Config::get_nvl_buffer_size_hint sizes a buffer that serves any batch.
   static size_t get_nvl_buffer_size_hint(int64_t max_rows, int hidden, DType x_dtype, int num_topk,
                                          int num_ranks);
-  // Rows the buffer can hold for this row shape.
+  // Rows the buffer's row region holds for this dispatch row shape (more stream through rings).
   int64_t row_capacity(int hidden, DType x_dtype, int num_topk) const;
 
   // --- Layout (design.md 4.1) ---------------------------------------------------------------

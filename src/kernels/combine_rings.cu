@@ -1,6 +1,7 @@
 // Ring combine: the push and the reduce overlap through bounded, reused rings (the row-region
 // combine writes every row once and reduces only after all of them arrived, so it is slower from
-// 3 ranks; split blocks are the faster layout: docs/performance.md). Blocks group into channels:
+// 3 ranks; split blocks are the faster layout: docs/performance.md). It is also the bounded
+// combine: a combine whose returned rows do not fit the row region takes it at any rank count. Blocks group into channels:
 // k = p.ring_senders sender blocks and one receiver block per channel (block (k + 1) c + j, j < k
 // sends, j = k receives). Split blocks (p.ring_send_warps = S > 0): block c is channel c, its warps
 // [0, S) are the channel's one sender (k = 1) and the others its receiver, each part with its own
@@ -245,7 +246,8 @@ __global__ void __launch_bounds__(kMaxHtThreads, 1) combine_rings_kernel(const _
 }  // namespace
 
 void launch_combine_rings(const CombineParams& p, int num_blocks, int num_threads, cudaStream_t stream) {
-  // Rings start at 3 ranks (plan::ring_plan), so the 2-rank bucket is not instantiated.
+  // Rings serve 2 ranks only when the returned rows do not fit the row region (plan::ring_plan,
+  // bounded): those run on the 4-rank bucket, so the 2-rank bucket is not instantiated.
   by_rank_bucket(std::max(p.ctx.num_ranks, 3), [&](auto b) {
     if constexpr (decltype(b)::kR >= 3)
       combine_rings_kernel<decltype(b)::kR, decltype(b)::kU><<<num_blocks, num_threads, 0, stream>>>(p);

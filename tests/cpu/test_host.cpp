@@ -1,6 +1,7 @@
 // CPU tests of the host-side pieces that need no GPU: views, validation, config, planning, errors.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cstdlib>
 #include <string>
 
@@ -297,6 +298,139 @@ TEST(Plan, RingCombineSplitBlocks) {
   expect_error([&] { c.validate(132); }, ErrorKind::kInvalidArgument, "Config.ring_send_warps");
   c.ring_send_warps = 15;
   c.validate(132);
+}
+
+TEST(Plan, BoundedDispatchRings) {
+  Config c;  // 20 blocks of 16 warps; split blocks off, which the bounded dispatch ignores
+  const int H = 7168, K = 8;
+  for (int R : {2, 3, 4, 8}) {
+    for (DType dt : {DType::kBF16, DType::kFP8E4M3}) {
+      const size_t bytes = size_t{256} << 20;
+      const RowLayout rows = plan::dispatch_rows(bytes, H, dt, K);
+      const plan::DispatchRing ring = plan::dispatch_ring(c, R, bytes, H, dt, K);
+      // slots = capacity / (R x blocks); the split-block warps of dispatch_copy_warps.
+      EXPECT_EQ(ring.slots, rows.capacity / (R * c.num_sms)) << R;
+      Config split = c;
+      split.dispatch_split_blocks = true;
+      EXPECT_EQ(ring.copy_warps, plan::dispatch_copy_warps(split, rows.row_bytes));
+      EXPECT_EQ(ring.send_warps + ring.copy_warps, c.num_threads / 32);
+      EXPECT_EQ(plan::dispatch_ring_min_slots(c, rows.row_bytes), 2 * kDispatchPublishRounds * ring.send_warps);
+    }
+  }
+  // bf16 hidden 7168 at 20 blocks: 5 sending warps, so rings of 2 x 2 x 5 = 20 rows at least.
+  EXPECT_EQ(plan::dispatch_ring_min_slots(c, 7168 * 2), 20);
+  // Capped at kMaxDispatchRingSlots.
+  {
+    Config one = c;
+    one.num_sms = 1;
+    EXPECT_EQ(plan::dispatch_ring(one, 2, size_t{1} << 31, 1024, DType::kBF16, 4).slots, kMaxDispatchRingSlots);
+  }
+  // The minimum legal size holds the rings; 2 MiB less (the rounding of num_nvl_bytes) does not,
+  // and the error names the minimum.
+  for (int R : {2, 4, 8}) {
+    const size_t min = plan::dispatch_ring_min_bytes(c, R, H, DType::kBF16, K);
+    EXPECT_EQ(min % (1 << 21), 0u);
+    EXPECT_GE(plan::dispatch_ring(c, R, min, H, DType::kBF16, K).slots, 20);
+    expect_error([&] { plan::dispatch_ring(c, R, min - (1 << 21), H, DType::kBF16, K); }, ErrorKind::kBufferTooSmall,
+                 "need num_nvl_bytes >= " + std::to_string(min) + ", have " + std::to_string(min - (1 << 21)));
+  }
+  expect_error([&] { plan::dispatch_ring(c, 4, 4 << 20, H, DType::kBF16, K); }, ErrorKind::kBufferTooSmall,
+               "fewer than two rounds of 5 sending warps (20)");
+  // One progress word per block: more than kMaxRingChannels blocks cannot stream.
+  Config wide = c;
+  wide.num_sms = kMaxRingChannels + 1;
+  expect_error([&] { plan::dispatch_ring(wide, 4, size_t{1} << 30, H, DType::kBF16, K); }, ErrorKind::kUnsupported,
+               "Config.num_sms = 81");
+  wide.num_sms = kMaxRingChannels;
+  EXPECT_GT(plan::dispatch_ring(wide, 4, size_t{1} << 30, H, DType::kBF16, K).slots, 0);
+}
+
+// docs/protocol.md, "dispatch, bounded": the resolved values the deadlock-freedom argument needs. A
+// publication round's rows fit in half a ring, so a sender waits only for slots of rows it
+// published in earlier rounds (the receiver's copy warps always drain those); the rings of all
+// sources and blocks lie apart inside the row region; both parts of a block have warps.
+TEST(Plan, BoundedDispatchIsDeadlockFree) {
+  for (int num_sms : {1, 7, 20, 24, 80}) {
+    for (int threads : {64, 256, 512}) {
+      for (int R : {2, 3, 4, 8}) {
+        for (int hidden : {128, 2048, 7168}) {
+          for (DType dt : {DType::kBF16, DType::kFP8E4M3}) {
+            Config c;
+            c.num_sms = num_sms;
+            c.num_threads = threads;
+            const size_t bytes = plan::dispatch_ring_min_bytes(c, R, hidden, dt, 8);
+            const plan::DispatchRing ring = plan::dispatch_ring(c, R, bytes, hidden, dt, 8);
+            const RowLayout rows = plan::dispatch_rows(bytes, hidden, dt, 8);
+            EXPECT_GE(ring.send_warps, 1);
+            EXPECT_GE(ring.copy_warps, 1);
+            const int round_rows = ring.send_warps * kDispatchPublishRounds;  // one row per token and destination
+            EXPECT_GE(ring.slots, 2 * round_rows) << num_sms << " " << threads << " " << R << " " << hidden;
+            EXPECT_LE(ring.slots, kMaxDispatchRingSlots);
+            EXPECT_LE(int64_t{R} * num_sms * ring.slots, rows.capacity);
+            // The combine's rings (where the block geometry makes any): a receiver batch of chunks fits each.
+            if (plan::ring_plan(c, R, int64_t{1} << 40, /*bounded=*/true).channels == 0) continue;
+            const size_t cbytes = std::max(bytes, plan::combine_ring_min_bytes(c, R, hidden, 8));
+            const plan::RingPlan cr = plan::bounded_ring_plan(c, R, cbytes, hidden, 8);
+            EXPECT_GT(cr.channels, 0);
+            EXPECT_GE(cr.slots, plan::combine_ring_min_slots(c));
+            EXPECT_LE(int64_t{R} * cr.channels * cr.slots, plan::combine_rows(cbytes, hidden, 8).capacity);
+          }
+        }
+      }
+    }
+  }
+}
+
+TEST(Plan, BoundedCombineTakesRingsAtEveryRankCount) {
+  Config c;
+  const int64_t big = int64_t{1} << 24;
+  for (int R : {2, 3, 4, 8}) {
+    // Unbounded: 2 ranks (or the rings switched off) take the row region.
+    EXPECT_EQ(plan::ring_plan(c, R, big).channels > 0, R >= 3) << R;
+    // Bounded: the rings at every rank count, whatever Config.ring_combine says.
+    for (bool on : {true, false}) {
+      Config cc = c;
+      cc.ring_combine = on;
+      const plan::RingPlan p = plan::ring_plan(cc, R, big, /*bounded=*/true);
+      EXPECT_EQ(p.channels, c.num_sms) << R;  // split blocks: a channel per block
+      EXPECT_EQ(p.slots, c.ring_slots);
+      EXPECT_GT(p.send_warps, 0);
+      const size_t min = plan::combine_ring_min_bytes(cc, R, 7168, 8);
+      const plan::RingPlan q = plan::bounded_ring_plan(cc, R, min, 7168, 8);
+      EXPECT_EQ(q.channels, c.num_sms);
+      EXPECT_GE(q.slots, kMinRingSlots);
+      expect_error([&] { plan::bounded_ring_plan(cc, R, min - (1 << 21), 7168, 8); }, ErrorKind::kBufferTooSmall,
+                   "need num_nvl_bytes >= " + std::to_string(min));
+    }
+    // The sender and receiver blocks too.
+    Config blocks = c;
+    blocks.ring_split_blocks = false;
+    EXPECT_GT(plan::ring_plan(blocks, R, big, /*bounded=*/true).channels, 0) << R;
+  }
+  // No rings possible from the block geometry: Unsupported, not a size.
+  Config narrow = c;
+  narrow.num_threads = 64;  // 2 warps: a split block's senders cannot serve 7 peers
+  narrow.ring_split_blocks = false;
+  narrow.num_sms = 1;
+  expect_error([&] { plan::bounded_ring_plan(narrow, 8, size_t{1} << 30, 7168, 8); }, ErrorKind::kUnsupported,
+               "cannot make combine rings");
+}
+
+TEST(Plan, RingSizeHintServesAnyBatch) {
+  for (int R : {1, 2, 4, 8}) {
+    for (int hidden : {1024, 4096, 7168}) {
+      Config c;
+      const size_t hint = c.get_nvl_buffer_size_hint(size_t(hidden) * 2, R);
+      EXPECT_EQ(hint % (1 << 21), 0u);
+      if (R == 1) continue;  // nothing travels
+      for (DType dt : {DType::kBF16, DType::kFP8E4M3}) {
+        EXPECT_GE(plan::dispatch_ring(c, R, hint, hidden, dt, kMaxTopk).slots, c.ring_slots);
+        EXPECT_EQ(plan::bounded_ring_plan(c, R, hint, hidden, kMaxTopk).slots, c.ring_slots);
+      }
+    }
+  }
+  expect_error([] { Config().get_nvl_buffer_size_hint(0, 4); }, ErrorKind::kInvalidArgument, "hidden_bytes");
+  expect_error([] { Config().get_nvl_buffer_size_hint(1024, 9); }, ErrorKind::kInvalidArgument, "num_ranks");
 }
 
 TEST(Layout, SymmetricRegionsDoNotOverlap) {

@@ -265,6 +265,29 @@ def test_nvl_size_hint_holds_the_rows_it_promises(num_ranks, hidden):
                                                                                                 num_ranks))
 
 
+@pytest.mark.parametrize("num_ranks", [2, 3, 4, 8])
+@pytest.mark.parametrize("hidden", [1024, 4096, 7168])
+def test_nvl_size_hint_holds_the_rings(num_ranks, hidden):
+    """The hint serves any batch: a dispatch or combine whose rows do not fit streams through
+    num_ranks x num_sms rings, and the hinted buffer gives each at least the rows it promises (and
+    every ring's minimum), for bf16 and fp8 rows with epx's largest top-k."""
+    for config in (epx.Buffer.get_dispatch_config(num_ranks), epx.Buffer.get_combine_config(num_ranks),
+                   epx.Config(24, 6, 512), epx.Config(8, 6, 64, num_threads=256)):
+        hint = config.get_nvl_buffer_size_hint(hidden * 2, num_ranks)
+        per_ring = -(-max(config.num_sms // 2, 1) * config.num_max_nvl_chunked_recv_tokens // config.num_sms)
+        for dtype in (_C.DTYPE_BF16, _C.DTYPE_FP8E4M3):
+            dispatch_slots, combine_slots = _C.bounded_ring_rows(config.num_sms, config.num_threads, hint, hidden, dtype,
+                                                                 _C.MAX_TOPK, num_ranks)
+            assert dispatch_slots >= min(per_ring, 4096), (config, dispatch_slots, per_ring)
+            assert combine_slots >= 64, (config, combine_slots)
+    # DeepEP's default configs: 128 rows per ring (10 x 256 rows spread over 20 blocks).
+    config = epx.Buffer.get_dispatch_config(8)
+    assert config._rows_per_ring() == 128
+    # A buffer too small for the rings: the error names the minimum size.
+    with expect_error("BufferTooSmall", "need num_nvl_bytes >="):
+        _C.bounded_ring_rows(20, 512, 4 << 20, 7168, _C.DTYPE_BF16, 8, 8)
+
+
 def test_size_hint_errors_and_rdma_hint():
     config = epx.Config()
     for num_ranks in range(1, _C.MAX_RANKS + 1):
