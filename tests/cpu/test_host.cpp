@@ -136,7 +136,7 @@ TEST(Plan, FlagAreasHoldEveryFlag) {
   const size_t ll = LlLayout::kSyncBytes;
   EXPECT_GE(ll, sizeof(LlSync));
   LlLayout layout;
-  layout.place(8, 128, 7168, 8, 32);
+  layout.place(8, 128, 7168, 8, 32, /*with_zero_copy=*/true);
   EXPECT_EQ(layout.num_bytes(), ll + 2 * layout.buffer_bytes);  // [ LlSync | buffer 0 | buffer 1 ]
 }
 
