@@ -403,7 +403,10 @@ void Buffer::dispatch(const DispatchInputs& in, const DispatchHandle& handle, co
     const int64_t max_rows = handle.max_recv_tokens >= 0 ? handle.max_recv_tokens : handle.num_worst_tokens;
     const plan::DispatchRing ring =
         max_rows > rows.capacity
-            ? plan::dispatch_ring(m.config, R, m.num_nvl_bytes, xs.hidden, xs.dtype, xs.num_topk, xs.num_scale_columns)
+            ? m.agreed([&] {
+                return plan::dispatch_ring(m.config, R, m.num_nvl_bytes, xs.hidden, xs.dtype, xs.num_topk,
+                                           xs.num_scale_columns);
+              })
             : plan::DispatchRing{};
 
     kernels::DispatchParams p{};
@@ -522,8 +525,9 @@ void Buffer::combine(const CombineInputs& in, const DispatchHandle& handle, cons
     p.out_stride = out.combined_x.stride[0];
     p.combined_topk_weights = K ? out.combined_topk_weights.ptr<float>() : nullptr;
     p.out_weight_stride = K ? out.combined_topk_weights.stride[0] : 0;
-    const plan::RingPlan ring = bounded ? plan::bounded_ring_plan(m.config, R, m.num_nvl_bytes, H, K)
-                                        : plan::ring_plan(m.config, R, rows.capacity);
+    const plan::RingPlan ring =
+        bounded ? m.agreed([&] { return plan::bounded_ring_plan(m.config, R, m.num_nvl_bytes, H, K); })
+                : plan::ring_plan(m.config, R, rows.capacity);
     {
       plan::OpPlan plan = plan::launch_plan(m.config);
       plan.ring_channels = ring.channels;  // all ring fields 0: the row-region combine

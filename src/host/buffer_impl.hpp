@@ -103,6 +103,22 @@ struct Buffer::Impl {
       throw;
     }
   }
+  // A plan made only from values every rank has (sizes, Config, the shared counts or
+  // num_worst_tokens) fails alike on every rank: such an Error fails this Buffer without abort
+  // words, so each peer raises the same error itself. An abort word could instead reach a peer in
+  // its previous op, still running without a host sync, and end it as kAborted.
+  template <typename Plan>
+  auto agreed(Plan&& plan) -> decltype(plan()) {
+    try {
+      return plan();
+    } catch (const Error& e) {
+      if (!failed) {
+        failed = true;
+        failure = e.message();
+      }
+      throw;
+    }
+  }
   void fail_collectively(OpCode op, const Error& e) noexcept {
     if (failed) return;  // an earlier failure (a recorded device error raised its own abort word)
     failed = true;

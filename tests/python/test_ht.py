@@ -334,8 +334,9 @@ BOUNDED_TOKENS = 8192
 
 
 def _batch_larger_than_the_buffer(ctx, seed, fp8):
-    """About 4x the rows the buffer holds (its size rounds up to 2 MiB): fresh and cached dispatch and
-    the combine stream through the bounded rings, bit-exact against the references."""
+    """2-4x the rows the buffer holds (the size hint rounds up to 2 MiB and holds the bf16 combine rows
+    too): fresh and cached dispatch and the combine stream through the bounded rings, bit-exact
+    against the references."""
     from epx import _C
     world, me, dev = ctx.world, ctx.rank, ctx.device
     E = num_experts(world)
@@ -344,11 +345,11 @@ def _batch_larger_than_the_buffer(ctx, seed, fp8):
     per_rank = [ref_layout(i.topk_idx, E, world)[0] for i in inputs]
     max_recv = max(sum(int(p[r]) for p in per_rank) for r in range(world))
     # fp8 rows are about half the bytes of the bf16 combine rows the size also holds.
-    rows = max(max_recv // (8 if fp8 else 4), world * BOUNDED_SMS * 64)  # at least the rings' minimum
+    rows = max(max_recv // (8 if fp8 else 6), world * BOUNDED_SMS * 64)  # at least the rings' minimum
     buf = ctx.buffer(num_nvl_bytes=epx.Buffer.get_nvl_buffer_size_hint(rows, HIDDEN, world))
     code = _C.DTYPE_FP8E4M3 if fp8 else _C.DTYPE_BF16
     capacity = buf.runtime.row_capacity(HIDDEN, code, TOPK)
-    assert 3 * capacity <= max_recv, f"the buffer holds {capacity} rows of a batch of {max_recv}: not bounded"
+    assert 2 * capacity <= max_recv, f"the buffer holds {capacity} rows of a batch of {max_recv}: not bounded"
     _C.bounded_ring_rows(BOUNDED_SMS, config.num_threads, buf.runtime.num_nvl_bytes, HIDDEN, code, TOPK, world)
 
     mine = inputs[me]
