@@ -56,6 +56,9 @@ struct Options {
   std::vector<std::string> combine_configs;
   // Also time dispatch on split blocks with these Config.dispatch_copy_warps (0 = the auto count).
   std::vector<int> dispatch_copy_warps;
+  // The high-throughput buffer holds 1/F of the N x R rows a rank may receive (at least the rings'
+  // minimum): F > 1 times the bounded dispatch and combine on a batch larger than the buffer.
+  int buffer_fraction = 1;
 };
 
 // One measured line of the report.

@@ -84,8 +84,31 @@ std::vector<Row> run_ht(const Options& o, Communicator& comm) {
   for (int N : o.tokens) {
     for (int H : o.hidden) {
       const int K = o.topk, E = o.experts, S = (H + 127) / 128;
-      const size_t nvl_bytes = Buffer::get_nvl_buffer_size_hint(static_cast<int64_t>(N) * R, H, DType::kBF16, K, R);
+      // --buffer-fraction F: room for 1/F of the rows (and at least the bounded paths' rings at
+      // every --sms), so that larger batches stream through the rings.
+      const int64_t all_rows = static_cast<int64_t>(N) * R;
+      size_t nvl_bytes = Buffer::get_nvl_buffer_size_hint(all_rows / o.buffer_fraction, H, DType::kBF16, K, R);
+      if (o.buffer_fraction > 1) {
+        for (int sms : o.sms) {
+          Config c;
+          c.num_sms = sms;
+          for (DType dt : {DType::kBF16, DType::kFP8E4M3})
+            nvl_bytes = std::max(nvl_bytes, plan::dispatch_ring_min_bytes(c, R, H, dt, K));
+          nvl_bytes = std::max(nvl_bytes, plan::combine_ring_min_bytes(c, R, H, K));
+        }
+      }
       Buffer buffer(comm, nvl_bytes);
+      const int64_t buffer_rows = plan::dispatch_rows(nvl_bytes, H, DType::kBF16, K).capacity;
+      std::string buffer_note;
+      if (o.buffer_fraction > 1) {
+        buffer_note = "buffer 1/" + std::to_string(o.buffer_fraction) + ": " + std::to_string(buffer_rows) + " of " +
+                      std::to_string(all_rows) + " bf16 rows";
+        if (me == 0)
+          std::printf("epx_bench: N %d H %d: the buffer (%zu bytes) holds %lld bf16 dispatch rows of the %lld (N x R) a "
+                      "rank may receive (1/%d)\n",
+                      N, H, nvl_bytes, static_cast<long long>(buffer_rows), static_cast<long long>(all_rows),
+                      o.buffer_fraction);
+      }
 
       // Inputs.
       std::mt19937_64 rng(o.seed * 977 + me);
@@ -218,6 +241,7 @@ std::vector<Row> run_ht(const Options& o, Communicator& comm) {
           if (base) r.vs_nccl = base->median_us / t.median_us;
           r.host_us = host_time_op(op, stream, 2, std::min(o.iters, 20), barrier).median_us;
           buffer.synchronize(stream);
+          r.note = buffer_note;
           rows.push_back(r);
         };
         measure("dispatch bf16 fresh", fresh(false), row_bf16, nr, remote_rows, nccl_dispatch);

@@ -159,6 +159,8 @@ void usage() {
       "                  s ring_senders (sender and receiver blocks), w ring_send_warps (split blocks),\n"
       "                  c ring_chunk, q ring_slots)\n"
       "                 [--dispatch-copy-warps 4,6,..]   (also: dispatch on split blocks with that many copy-out warps; 0 = the auto count)\n"
+      "                 [--buffer-fraction F]   (the buffer holds 1/F of the N x R rows a rank may receive:\n"
+      "                  F > 1 times the bounded dispatch and combine, a batch larger than the buffer)\n"
       "                 [--ring-sweep]   (also: sender and receiver blocks, ring_senders 1 and R-1 x ring_chunk 0, 2, 4;\n"
       "                  split blocks, R-1 and 2(R-1) sending warps x ring_chunk 0, 4, 8)\n"
       "                 [--sim R]   (SIMULATED: R ranks as threads on GPU 0, each on its share of the SMs\n"
@@ -270,12 +272,17 @@ int main(int argc, char** argv) {
     else if (a == "--json") o.json = next();
     else if (a == "--ring-sweep") o.ring_sweep = true;
     else if (a == "--dispatch-copy-warps") o.dispatch_copy_warps = parse_list(next());
+    else if (a == "--buffer-fraction") o.buffer_fraction = std::atoi(next());
     else if (a == "--combine-configs") {
       std::stringstream ss(next());
       for (std::string item; std::getline(ss, item, ',');) o.combine_configs.push_back(item);
     }
     else if (a == "-h" || a == "--help") { usage(); return 0; }
     else { std::fprintf(stderr, "epx_bench: unknown option %s\n", a.c_str()); usage(); return 2; }
+  }
+  if (o.buffer_fraction < 1) {
+    std::fprintf(stderr, "epx_bench: --buffer-fraction: expected an integer >= 1, got %d\n", o.buffer_fraction);
+    return 2;
   }
   if (o.sim != 0) {
     if (o.world != 0) {

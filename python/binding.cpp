@@ -14,6 +14,7 @@
 #include <nccl.h>
 #include <pybind11/pybind11.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
 #include <memory>
@@ -26,6 +27,7 @@
 #include "epx/error.hpp"
 #include "epx/sim_world.hpp"
 #include "epx/types.hpp"
+#include "host/plan.hpp"
 
 namespace py = pybind11;
 
@@ -263,7 +265,7 @@ struct PyDispatchHandle {
 };
 
 // Tripwire: a new field in epx::DispatchHandle must be filled in make_dispatch_handle below.
-static_assert(sizeof(void*) != 8 || sizeof(epx::DispatchHandle) == 88,
+static_assert(sizeof(void*) != 8 || sizeof(epx::DispatchHandle) == 96,
               "epx::DispatchHandle changed: update make_dispatch_handle in python/binding.cpp");
 
 struct HandleLayout {
@@ -370,6 +372,9 @@ PYBIND11_MODULE(_C, m) {
   m.attr("MAX_RANKS") = epx::kMaxRanks;
   m.attr("MAX_LOCAL_EXPERTS") = epx::kMaxLocalExperts;
   m.attr("MAX_TOPK") = epx::kMaxTopk;
+  // Protocol bytes at the start of the high-throughput part / the low-latency region (Buffer::flag_bytes).
+  m.attr("NVL_FLAG_BYTES") = epx::Buffer::flag_bytes(false);
+  m.attr("LL_FLAG_BYTES") = epx::Buffer::flag_bytes(true);
   m.attr("LL_MAX_TOPK") = epx::kMaxLlTopk;
   m.attr("UNIQUE_ID_BYTES") = static_cast<int>(sizeof(ncclUniqueId));
 
@@ -404,8 +409,43 @@ PYBIND11_MODULE(_C, m) {
                                                        num_ranks);
         },
         py::arg("max_rows"), py::arg("hidden"), py::arg("dtype"), py::arg("num_topk"), py::arg("num_ranks"));
+  m.def("nvl_ring_buffer_size_hint",
+        [](int num_sms, int num_threads, int64_t hidden_bytes, int num_ranks, int64_t rows_per_ring) {
+          EPX_ARG_CHECK(hidden_bytes >= 1, "hidden_bytes: expected >= 1, got ", hidden_bytes);
+          epx::Config c;
+          c.num_sms = num_sms;
+          c.num_threads = num_threads;
+          // Config.ring_slots' range; below it every ring's minimum applies anyway.
+          c.ring_slots = static_cast<int>(std::min<int64_t>(std::max<int64_t>(rows_per_ring, 64), 4096));
+          return c.get_nvl_buffer_size_hint(static_cast<size_t>(hidden_bytes), num_ranks);
+        },
+        py::arg("num_sms"), py::arg("num_threads"), py::arg("hidden_bytes"), py::arg("num_ranks"),
+        py::arg("rows_per_ring"),
+        "num_nvl_bytes serving any batch: num_ranks x num_sms rings of rows_per_ring rows (within [64, 4096]), at "
+        "least every ring's minimum.");
+  m.def("bounded_ring_rows",
+        [](int num_sms, int num_threads, size_t num_nvl_bytes, int hidden, int dtype, int num_topk, int num_ranks) {
+          EPX_ARG_CHECK(dtype >= 0 && dtype <= static_cast<int>(DType::kBool), "x_dtype: unknown code ", dtype);
+          epx::Config c;
+          c.num_sms = num_sms;
+          c.num_threads = num_threads;
+          c.validate();
+          const epx::plan::DispatchRing d = epx::plan::dispatch_ring(c, num_ranks, num_nvl_bytes, hidden,
+                                                                     static_cast<DType>(dtype), num_topk);
+          const epx::plan::RingPlan r = epx::plan::bounded_ring_plan(c, num_ranks, num_nvl_bytes, hidden, num_topk);
+          return py::make_tuple(d.slots, r.slots);
+        },
+        py::arg("num_sms"), py::arg("num_threads"), py::arg("num_nvl_bytes"), py::arg("hidden"), py::arg("dtype"),
+        py::arg("num_topk"), py::arg("num_ranks"),
+        "(dispatch, combine) rows per ring of a call whose rows do not fit the row region; EpxError(BufferTooSmall) "
+        "naming the minimum num_nvl_bytes when the rings would be too small.");
   m.def("low_latency_size_hint", &epx::Buffer::low_latency_size_hint, py::arg("num_max_dispatch_tokens_per_rank"),
-        py::arg("hidden"), py::arg("num_ranks"), py::arg("num_experts"), py::arg("num_topk"));
+        py::arg("hidden"), py::arg("num_ranks"), py::arg("num_experts"), py::arg("num_topk"),
+        py::arg("zero_copy") = false);
+  py::enum_<epx::LlZeroCopy>(m, "LlZeroCopy", "BufferOptions::ll_zero_copy: the zero-copy combine buffers")
+      .value("kOff", epx::LlZeroCopy::kOff)
+      .value("kOn", epx::LlZeroCopy::kOn)
+      .value("kIfRoom", epx::LlZeroCopy::kIfRoom);
 
   // ---- CUDA helpers ---------------------------------------------------------------------------
   m.def("host_device_pointer", [](uintptr_t host_ptr) {
@@ -521,6 +561,7 @@ PYBIND11_MODULE(_C, m) {
       .def_property_readonly("num_experts", [](const PyDispatchHandle& h) { return h.handle.num_experts; })
       .def_property_readonly("num_recv_tokens", [](const PyDispatchHandle& h) { return h.handle.num_recv_tokens; })
       .def_property_readonly("max_recv_tokens", [](const PyDispatchHandle& h) { return h.handle.max_recv_tokens; })
+      .def_property_readonly("max_sent_tokens", [](const PyDispatchHandle& h) { return h.handle.max_sent_tokens; })
       .def_property_readonly("num_worst_tokens", [](const PyDispatchHandle& h) { return h.handle.num_worst_tokens; })
       .def_property_readonly("filled", [](const PyDispatchHandle& h) { return h.handle.filled; })
       .def_property_readonly("storage", [](const PyDispatchHandle& h) { return h.storage; })
@@ -533,12 +574,14 @@ PYBIND11_MODULE(_C, m) {
   // ---- Buffer ---------------------------------------------------------------------------------
   py::class_<PyBuffer>(m, "Buffer")
       .def(py::init([](PyCommunicator& comm, size_t num_nvl_bytes, size_t num_ll_bytes, int num_sms,
-                       int num_threads, double timeout_s, bool enable_shrink, int node_size) {
+                       int num_threads, double timeout_s, bool enable_shrink, epx::LlZeroCopy ll_zero_copy,
+                       int node_size) {
              epx::BufferOptions options;
              options.node_size = node_size;
              options.config = make_config(num_sms, num_threads, timeout_s);
              options.num_ll_bytes = num_ll_bytes;
              options.enable_shrink = enable_shrink;
+             options.ll_zero_copy = ll_zero_copy;
              epx::Communicator& c = comm.get();
              auto b = std::make_unique<PyBuffer>();
              b->simulated = c.simulated();
@@ -548,7 +591,7 @@ PYBIND11_MODULE(_C, m) {
            }),
            py::arg("comm"), py::arg("num_nvl_bytes"), py::arg("num_ll_bytes"), py::arg("num_sms"),
            py::arg("num_threads"), py::arg("timeout_s"), py::arg("enable_shrink") = false,
-           py::arg("node_size") = 0, py::keep_alive<1, 2>(),
+           py::arg("ll_zero_copy") = epx::LlZeroCopy::kOff, py::arg("node_size") = 0, py::keep_alive<1, 2>(),
            "Collective: allocates the symmetric buffer (num_nvl_bytes + num_ll_bytes) on every rank.")
       .def_property_readonly("rank", [](PyBuffer& b) { return b.get().rank(); })
       .def_property_readonly("num_ranks", [](PyBuffer& b) { return b.get().num_ranks(); })
@@ -692,13 +735,14 @@ PYBIND11_MODULE(_C, m) {
       .def("low_latency_combine",
            [](PyBuffer& b, int T, int hidden, int num_experts, int num_topk, int buffer_idx, py::handle src_info,
               py::handle layout_range, py::handle src_topk_slot, py::handle x, py::handle topk_idx,
-              py::handle topk_weights, bool return_recv_hook, py::handle out, uintptr_t stream) {
+              py::handle topk_weights, bool return_recv_hook, py::handle out, bool zero_copy, uintptr_t stream) {
              const epx::LowLatencyHandle h =
                  make_ll_handle(T, hidden, num_experts, num_topk, buffer_idx, src_info, layout_range, src_topk_slot);
              epx::LowLatencyCombineArgs a;
              a.x = to_view(x, "x");
              a.topk_idx = to_view(topk_idx, "topk_idx");
              a.topk_weights = to_view(topk_weights, "topk_weights");
+             a.zero_copy = zero_copy;
              a.return_recv_hook = return_recv_hook;
              const View out_view = to_view(out, "out");
              epx::Buffer& buf = b.get();
@@ -708,7 +752,7 @@ PYBIND11_MODULE(_C, m) {
            py::arg("num_max_dispatch_tokens_per_rank"), py::arg("hidden"), py::arg("num_experts"), py::arg("num_topk"),
            py::arg("buffer_idx"), py::arg("src_info"), py::arg("layout_range"), py::arg("src_topk_slot"), py::arg("x"),
            py::arg("topk_idx"), py::arg("topk_weights"), py::arg("return_recv_hook"), py::arg("out"),
-           py::arg("stream"))
+           py::arg("zero_copy"), py::arg("stream"))
       .def("low_latency_receive",
            [](PyBuffer& b, int buffer_idx, uintptr_t stream) {
              epx::Buffer& buf = b.get();

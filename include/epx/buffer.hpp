@@ -36,8 +36,12 @@ struct DispatchHandle {
   int num_ranks = 0, rank = 0, num_tokens = 0, num_experts = 0;
   // Rows this rank receives: known on the host after a host-synced dispatch, else -1.
   int num_recv_tokens = -1;
-  // Max over ranks of rows received (host-synced dispatch only, else -1).
+  // Max over ranks of rows received (host-synced dispatch only, else -1): more than the row region
+  // holds = the bounded dispatch (rings).
   long long max_recv_tokens = -1;
+  // Max over ranks of rows sent, i.e. the rows a combine returns to its busiest rank (host-synced
+  // dispatch only, else -1): more than the row region holds = the ring combine.
+  long long max_sent_tokens = -1;
   // Row capacity of the recv tensors in worst-case mode (0 = host-synced sizing).
   int num_worst_tokens = 0;
   bool filled = false;
@@ -132,17 +136,33 @@ struct LowLatencyDispatchOutputs {
 };
 
 struct LowLatencyCombineArgs {
-  View x;             // [E_loc, R*T, H] bf16 expert outputs in the dispatch layout (or the view
-                      //   from next_combine_buffer, zero-copy)
+  View x;             // [E_loc, R*T, H] bf16 expert outputs in the dispatch layout, contiguous;
+                      //   with zero_copy: optional, only its shape and dtype are checked
   View topk_idx;      // [N, K] int64 as given to the dispatch
   View topk_weights;  // [N, K] f32
+  // The expert outputs were written into next_combine_buffer(handle), and the combine sends from
+  // there. Needs the zero-copy buffers (BufferOptions::ll_zero_copy): without them the op raises
+  // Error(kBufferTooSmall) on this rank and, like every collective failure, aborts it on its peers.
+  bool zero_copy = false;
   bool return_recv_hook = false;
+};
+
+// Whether the low-latency region lays out the two zero-copy combine buffers (next_combine_buffer,
+// E_loc * R * T * H bf16 each: most of the region at decode sizes). The combine stores from `x`
+// wherever it lives, so they only serve callers that write expert outputs into the buffer itself.
+// Resolved per op shape (T, H, K, E) identically on every rank, so peers address buffer 1 alike.
+enum class LlZeroCopy {
+  kOff,     // no zero-copy buffers; next_combine_buffer and zero_copy combines raise kBufferTooSmall
+  kOn,      // always: a region that cannot hold them fails every low-latency op (kBufferTooSmall)
+  kIfRoom,  // when num_ll_bytes holds the layout with them (low_latency_size_hint(..., true)), else off
 };
 
 struct BufferOptions {
   Config config{};
   // Bytes of the low-latency region (0 = no low-latency mode); see low_latency_size_hint.
   size_t num_ll_bytes = 0;
+  // Zero-copy combine buffers in the low-latency region; must be equal on all ranks.
+  LlZeroCopy ll_zero_copy = LlZeroCopy::kOff;
   // DeepEP's shrink mode (low-latency ops only): a masked rank is neither sent to nor waited for
   // (its experts receive nothing and contribute nothing to a combine), and a wait that times out
   // masks the rank it waited for instead of failing the op. See low_latency_*_mask_buffer.
@@ -174,11 +194,13 @@ class Buffer {
   int node_size() const;
   int num_nodes() const;
 
-  // Bytes of `num_nvl_bytes` needed to dispatch/combine up to `max_rows` rows per rank (max over
-  // ranks of rows received in dispatch or sent in combine) with the given row shape.
+  // Bytes of `num_nvl_bytes` whose row region holds `max_rows` rows per rank (max over ranks of rows
+  // received in dispatch or sent in combine) of the given row shape: calls within it take the
+  // all-rows path. Larger calls stream through bounded rings (docs/protocol.md, "dispatch,
+  // bounded"); Config::get_nvl_buffer_size_hint sizes a buffer that serves any batch.
   static size_t get_nvl_buffer_size_hint(int64_t max_rows, int hidden, DType x_dtype, int num_topk,
                                          int num_ranks);
-  // Rows the buffer can hold for this row shape.
+  // Rows the buffer's row region holds for this dispatch row shape (more stream through rings).
   int64_t row_capacity(int hidden, DType x_dtype, int num_topk) const;
 
   // --- Layout (design.md 4.1) ---------------------------------------------------------------
@@ -213,9 +235,11 @@ class Buffer {
                cudaStream_t stream);
 
   // --- Low-latency dispatch / combine (design.md 4.4-4.5) ------------------------------------
-  // Bytes of BufferOptions::num_ll_bytes needed for (T, H, R, E) with top-k K.
+  // Bytes of BufferOptions::num_ll_bytes needed for (T, H, R, E) with top-k K; zero_copy: with the
+  // zero-copy combine buffers (BufferOptions::ll_zero_copy kOn / kIfRoom), 2 * E_loc * R * T * H * 2
+  // bytes more.
   static size_t low_latency_size_hint(int num_max_dispatch_tokens_per_rank, int hidden, int num_ranks,
-                                      int num_experts, int num_topk);
+                                      int num_experts, int num_topk, bool zero_copy = false);
 
   // Sends (and, unless return_recv_hook, receives). Fills `out`, whose views become the handle's.
   // With return_recv_hook the receive runs at low_latency_receive(handle): no SM is held between.
@@ -228,7 +252,9 @@ class Buffer {
   // low_latency_pending_combine_buffer).
   void low_latency_receive(int buffer_idx, cudaStream_t stream);
   // [E_loc, R*T, H] bf16 view inside the symmetric buffer: write expert outputs here, then call
-  // low_latency_combine with it as x (zero-copy: no copy into a send buffer).
+  // low_latency_combine with zero_copy (the combine sends from it). Needs the zero-copy buffers
+  // (BufferOptions::ll_zero_copy); without them Error(kBufferTooSmall) names the bytes they need.
+  // Local (not collective): every rank with the same options and shape gets the same answer.
   View next_combine_buffer(const LowLatencyHandle& handle) const;
   // Index of the LL buffer the next low-latency op will use (two alternate).
   int next_low_latency_buffer() const;
@@ -255,6 +281,13 @@ class Buffer {
   // The symmetric buffer as `peer` sees it mapped here (for tools such as the store-ceiling bench).
   void* peer_pointer(int peer) const;
   size_t num_nvl_bytes() const;
+  // Bytes at the start of this rank's high-throughput part (`low_latency` false) or of its
+  // low-latency region (true, which begins `num_nvl_bytes()` past the high-throughput part) that
+  // hold the protocol's state: flags, epochs, counts, control words. The rest of each region stages
+  // rows, which every op writes before it reads them: with no op in flight it may be overwritten.
+  // Overwritten flags leave the next op waiting for a peer until reset() (high-throughput) or
+  // clean_low_latency_buffer() (low-latency) on every rank. Neither region holds flags at its end.
+  static size_t flag_bytes(bool low_latency);
   // Collective: clears the error state and the buffer's flags so work can start again.
   void reset();
 

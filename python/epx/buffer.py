@@ -164,7 +164,9 @@ class Buffer:
             num_nvl_bytes: bytes for high-throughput dispatch/combine (see
                 `get_nvl_buffer_size_hint`); 0 with `low_latency_mode` = low-latency only.
             num_rdma_bytes: in low-latency mode, the bytes of the low-latency region (see
-                `get_low_latency_rdma_size_hint`); must be 0 otherwise (no internode RDMA).
+                `get_low_latency_rdma_size_hint`); must be 0 otherwise (no internode RDMA). The
+                zero-copy combine buffers (`get_next_low_latency_combine_buffer`) are laid out
+                when the region holds them, i.e. when it was sized with `zero_copy=True`.
             low_latency_mode: enables the low-latency operations.
             num_qps_per_rank: accepted for DeepEP compatibility (must be positive); NVLink has no
                 queue pairs, so it does not change anything.
@@ -260,7 +262,8 @@ class Buffer:
         config = Buffer._default_config(self.group_size, self._num_sms_share)
         self._config_key = config._key()
         self.runtime = _C.Buffer(self._comm, nvl_bytes, num_rdma_bytes if low_latency_mode else 0,
-                                 *self._config_key, enable_shrink=enable_shrink, node_size=node_size)
+                                 *self._config_key, enable_shrink=enable_shrink,
+                                 ll_zero_copy=_C.LlZeroCopy.kIfRoom, node_size=node_size)
         if sim_comm is not None:
             # A stream no other simulated rank uses (torch's pooled streams repeat after 32).
             self._comm_stream, stream_handle = _sim._acquire_stream(self._device_index, priority=-1)
@@ -340,14 +343,22 @@ class Buffer:
 
     @staticmethod
     def get_low_latency_rdma_size_hint(num_max_dispatch_tokens_per_rank: int, hidden: int, num_ranks: int,
-                                       num_experts: int, *, num_topk: Optional[int] = None) -> int:
+                                       num_experts: int, *, num_topk: Optional[int] = None,
+                                       zero_copy: bool = False) -> int:
         """
         Bytes of `num_rdma_bytes` (the low-latency region) for up to
-        `num_max_dispatch_tokens_per_rank` tokens per rank of `hidden` channels. `num_topk` (an epx
-        extension) gives a tighter size; by default the largest top-k epx supports is assumed.
+        `num_max_dispatch_tokens_per_rank` tokens per rank of `hidden` channels. Two epx
+        extensions: `num_topk` gives a tighter size (by default the largest top-k epx supports is
+        assumed); `zero_copy=True` adds the zero-copy combine buffers that
+        `get_next_low_latency_combine_buffer` and `low_latency_combine(..., zero_copy=True)` need
+        (two `[num_experts / num_ranks, num_ranks * T, hidden]` bfloat16 buffers: 896 MiB of the
+        954 MiB at EP8 DeepSeek-V3 decode, T = 128, hidden 7168, 256 experts, num_topk=8; without
+        them those calls raise EpxError(BufferTooSmall)).
         """
+        if not isinstance(zero_copy, bool):
+            raise _error("InvalidArgument", f"zero_copy: expected a bool, got {type(zero_copy).__name__}")
         return _C.low_latency_size_hint(num_max_dispatch_tokens_per_rank, hidden, num_ranks, num_experts,
-                                        _C.LL_MAX_TOPK if num_topk is None else num_topk)
+                                        _C.LL_MAX_TOPK if num_topk is None else num_topk, zero_copy)
 
     @staticmethod
     def get_nvl_buffer_size_hint(num_max_recv_tokens: int, hidden: int, num_ranks: int,
@@ -411,9 +422,13 @@ class Buffer:
         """
         This rank's raw buffer as a 1-D tensor of `dtype` starting `offset` bytes in (or the
         first `size.numel()` elements of it, viewed as `size`): the high-throughput part, or with
-        `use_rdma_buffer=True` the low-latency region (`num_rdma_bytes` bytes; empty without
-        low-latency mode). Both begin with the flags of their protocol: write there only with no
-        operation in flight, then `reset()` (high-throughput) or `clean_low_latency_buffer()`.
+        `use_rdma_buffer=True` the low-latency region (empty without low-latency mode).
+
+        Unlike DeepEP's, the tensor leaves out the bytes at the start of each region that hold
+        epx's protocol flags (`epx._C.NVL_FLAG_BYTES` / `LL_FLAG_BYTES`): `offset` 0 is the first
+        byte after them, and the tensor ends where the region ends. What it covers only stages
+        rows, so with no operation in flight it may be overwritten (vLLM zeroes it to clean the
+        low-latency buffer) and the next operation works as usual.
         """
         rt = self._rt()
         if not isinstance(dtype, torch.dtype):
@@ -421,11 +436,14 @@ class Buffer:
         element_size = dtype.itemsize
         if use_rdma_buffer:
             # The low-latency region follows the high-throughput part in the symmetric allocation.
-            num_bytes = self.num_rdma_bytes if self.low_latency_mode else 0
-            base = rt.peer_pointer(self.rank) + rt.num_nvl_bytes
+            region = self.num_rdma_bytes if self.low_latency_mode else 0
+            flags = _C.LL_FLAG_BYTES if region else 0
+            base = rt.peer_pointer(self.rank) + rt.num_nvl_bytes + flags
         else:
-            num_bytes = rt.num_nvl_bytes
-            base = rt.peer_pointer(self.rank)
+            region = rt.num_nvl_bytes
+            flags = _C.NVL_FLAG_BYTES
+            base = rt.peer_pointer(self.rank) + flags
+        num_bytes = max(region - flags, 0)
         _check_int("offset", offset, 0, num_bytes)
         if offset % element_size:
             raise _error("InvalidArgument", f"offset: must be a multiple of the element size {element_size}, got {offset}")
@@ -972,7 +990,10 @@ class Buffer:
             handle: the handle of that dispatch.
             use_logfmt: not supported (must be False).
             zero_copy: the expert outputs are already in `get_next_low_latency_combine_buffer`
-                (x then only has to match its shape and dtype and is not read).
+                (x then only has to match its shape and dtype and is not read). Needs the zero-copy
+                buffers (`num_rdma_bytes` from `get_low_latency_rdma_size_hint(..., zero_copy=True)`);
+                without them EpxError(BufferTooSmall), raised inside the collective operation, so
+                the peers' combines end too (EpxError(Aborted)).
             async_finish, return_recv_hook: as in `low_latency_dispatch`.
             out: optional `[num_tokens, hidden]` bfloat16 output, returned.
             combine_wait_recv_cost_stats: not supported (must be None).
@@ -992,12 +1013,12 @@ class Buffer:
         src_info, layout_range, T, hidden, num_experts, src_topk_slot, num_topk, buffer_idx = \
             self._check_ll_handle(handle)
         if zero_copy:
-            d_buf = rt.next_combine_buffer(T, hidden, num_experts, num_topk)
-            if not isinstance(x, torch.Tensor) or x.dtype != torch.bfloat16 or tuple(x.shape) != tuple(d_buf[2]):
-                raise _error("InvalidArgument", f"x: with zero_copy, expected a bfloat16 tensor of shape "
-                                                f"{tuple(d_buf[2])} (the combine buffer's), got "
-                                                f"{getattr(x, 'dtype', type(x).__name__)} {tuple(getattr(x, 'shape', ()))}")
-            d_x = d_buf
+            # Not read: the core checks its shape and sends from the zero-copy buffer.
+            if not isinstance(x, torch.Tensor) or x.dtype != torch.bfloat16:
+                raise _error("InvalidArgument", f"x: with zero_copy, expected a bfloat16 tensor shaped like "
+                                                f"get_next_low_latency_combine_buffer, got "
+                                                f"{getattr(x, 'dtype', type(x).__name__)}")
+            d_x = self._out_desc(x)
         else:
             d_x = self._desc(x, "x", _BF16, 3)
         d_topk = self._desc(topk_idx, "topk_idx", _I64, 2)
@@ -1010,7 +1031,7 @@ class Buffer:
             d_out = out_desc(out)
         rt.low_latency_combine(T, hidden, num_experts, num_topk, buffer_idx, out_desc(src_info),
                                out_desc(layout_range), out_desc(src_topk_slot), d_x, d_topk, d_weights,
-                               return_recv_hook, d_out, launch)
+                               return_recv_hook, d_out, bool(zero_copy), launch)
         # The combine used the buffer that was next before it (the two alternate); only the hook needs it.
         used_buffer = rt.next_low_latency_buffer() ^ 1 if return_recv_hook else -1
         tensors = (x, topk_idx, topk_weights, src_info, layout_range, src_topk_slot, out) \
@@ -1052,7 +1073,9 @@ class Buffer:
         """
         The `[num_local_experts, num_ranks * T, hidden]` bfloat16 buffer (inside the symmetric
         memory) the next low-latency combine sends from: write the expert outputs here and call
-        `low_latency_combine(..., zero_copy=True)` to skip one copy.
+        `low_latency_combine(..., zero_copy=True)` to skip one copy. Needs `num_rdma_bytes` from
+        `get_low_latency_rdma_size_hint(..., zero_copy=True)`, else EpxError(BufferTooSmall) naming
+        the bytes (the same on every rank: the region and the shape are).
         """
         rt = self._ll_rt()
         _, _, T, hidden, num_experts, _, num_topk, _ = self._check_ll_handle(handle)

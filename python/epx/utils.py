@@ -118,8 +118,9 @@ class Config:
         num_max_rdma_chunked_send_tokens, num_max_rdma_chunked_recv_tokens: DeepEP's chunk
             sizes, checked as DeepEP checks them (send < recv, after the RDMA recv size is rounded
             up to a multiple of the RDMA send size). epx's kernels do not chunk (a sender writes
-            each row straight into its final slot in the receiver's buffer), so they only set the
-            size `get_nvl_buffer_size_hint` returns.
+            each row straight into its final slot in the receiver's buffer, or into a bounded ring
+            when a call's rows do not all fit it), so they only set the size
+            `get_nvl_buffer_size_hint` returns.
         num_threads: (epx, keyword only) threads per block, a multiple of 32 in [64, 512].
         timeout_s: (epx, keyword only) bound of every device wait; 0 = `EPX_TIMEOUT_S` (100 s).
 
@@ -187,35 +188,39 @@ class Config:
         return (self.num_sms, self.num_threads, float(self.timeout_s))
 
     def _num_hint_rows(self, num_ranks: int) -> int:
-        """Rows `get_nvl_buffer_size_hint` makes room for (see there)."""
+        """Rows DeepEP's rings hold at once for this config: (num_sms // 2) * num_ranks * nvl_recv."""
         return max(self.num_sms // 2, 1) * _check_int("num_ranks", num_ranks, 1) * self.num_max_nvl_chunked_recv_tokens
+
+    def _rows_per_ring(self) -> int:
+        """Rows of each of epx's num_ranks x num_sms rings in `get_nvl_buffer_size_hint`: DeepEP's rows
+        (`_num_hint_rows`) spread over them."""
+        return -(-max(self.num_sms // 2, 1) * self.num_max_nvl_chunked_recv_tokens // self.num_sms)
 
     def get_nvl_buffer_size_hint(self, hidden_bytes: int, num_ranks: int) -> int:
         """
-        Bytes of `num_nvl_bytes` for rows of up to `hidden_bytes` bytes (DeepEP's signature): a
-        function of this config, `hidden_bytes` and `num_ranks` only.
+        Bytes of `num_nvl_bytes` that serve any batch of rows of up to `hidden_bytes` bytes (DeepEP's
+        signature): a function of this config, `hidden_bytes` and `num_ranks` only.
 
-        epx's buffer holds every row a dispatch delivers (and a combine sends back), so the size is
-        that of (num_sms // 2) * num_ranks * num_max_nvl_chunked_recv_tokens rows, the rows DeepEP's
-        rings hold at once: any dispatch in which no rank sends more than (num_sms // 2) *
-        num_max_nvl_chunked_recv_tokens tokens fits, whatever the routing (2560 with
-        `get_dispatch_config(8)`). A row has room for hidden_bytes of payload plus the scales of an
-        fp8 row of hidden_bytes channels, and for the top-k ids and weights of epx's largest top-k.
-        Pass the bytes of the widest row moved: 2 * hidden when the combine moves bf16 rows
-        (Megatron-core's `get_hidden_bytes` does; fp8 dispatches then fit too). A larger dispatch raises
-        EpxError(BufferTooSmall); `Buffer.get_nvl_buffer_size_hint(num_max_recv_tokens, ...)` sizes
-        by rows instead.
+        A dispatch or combine whose rows do not all fit the row region streams through bounded
+        rings, num_ranks x num_sms of them (one per source rank and block of this config's grid), so
+        any batch runs in this size, whatever the routing. Each ring holds the rows DeepEP's rings
+        hold at once spread over them, ceil((num_sms // 2) * num_max_nvl_chunked_recv_tokens /
+        num_sms) rows (128 with DeepEP's default configs; within [64, 4096]), and at least every
+        ring's minimum (two publication rounds of a dispatch block's sending warps, and a combine
+        ring's). A row has room for hidden_bytes of payload plus the scales of an fp8 row of
+        hidden_bytes channels, and for the top-k ids and weights of epx's largest top-k. Pass the
+        bytes of the widest row moved: 2 * hidden when the combine moves bf16 rows (Megatron-core's
+        `get_hidden_bytes` does; fp8 dispatches then fit too). Calls whose rows fit the row region
+        take the all-rows path; `Buffer.get_nvl_buffer_size_hint(num_max_recv_tokens, ...)` sizes
+        for that path by rows.
         """
         _check_int("hidden_bytes", hidden_bytes, 1)
         _check_int("num_ranks", num_ranks, 1)
         if num_ranks > _C.MAX_RANKS:
             raise _error("Unsupported", f"num_ranks: {num_ranks} ranks; epx supports one NVLink domain of at most "
                                         f"{_C.MAX_RANKS} ranks (no internode mode)")
-        # bf16 rows wide enough for hidden_bytes of payload plus the f32 scales of an fp8 row of
-        # hidden_bytes channels (one per 128): they hold either kind of dispatch and the combine.
-        row_bytes = hidden_bytes + 4 * ((hidden_bytes + 127) // 128)
-        return _C.nvl_buffer_size_hint(self._num_hint_rows(num_ranks), (row_bytes + 1) // 2, _C.DTYPE_BF16,
-                                       _C.MAX_TOPK, num_ranks)
+        return _C.nvl_ring_buffer_size_hint(self.num_sms, self.num_threads, hidden_bytes, num_ranks,
+                                            self._rows_per_ring())
 
     def get_rdma_buffer_size_hint(self, hidden_bytes: int, num_ranks: int) -> int:
         """

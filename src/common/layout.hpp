@@ -68,8 +68,9 @@ struct NotifyArea {
   NotifySlot slot[kMaxPeers];
 };
 
-// Control words of the ring combine (combine_rings.cu), all (op epoch << 32) | count, grow only,
-// zeroed by reset(). On rank X:
+// Control words of the ring combine (combine_rings.cu) and of the split-block dispatch
+// (dispatch.cu: tail[s][b][0], bound[s][b], and bounded head[r][b]), all (op epoch << 32) | count,
+// grow only, zeroed by reset(). On rank X (for the combine):
 //   tail[r][c][w]: rows sender warp w of rank r has written into its ring (r, c) in X's row region
 //                  (a peer's stream is dealt round-robin over the W warps serving it: row i is warp
 //                  i % W's (i / W)-th);
@@ -167,8 +168,7 @@ EPX_HD RowLayout combine_row_layout(size_t region_bytes, int hidden, int num_wei
 
 // Operations and phases named in error records.
 // NOTE: the host names them by these numbers (buffer_impl.hpp's kOps / kPhases tables, same order):
-// a value is never removed or reordered. No kernel records kSend; it keeps its number so the
-// phases after it keep theirs.
+// a value is never removed or reordered. kSend: a bounded dispatch's sender waiting for ring room.
 enum class OpCode : int { kNone = 0, kLayout, kNotify, kDispatch, kCombine, kLlDispatch, kLlCombine };
 enum class Phase : int { kNone = 0, kEntryBarrier, kInputCheck, kCountExchange, kSend, kReceive,
                          kReduce, kCapacity, kPlanCheck };
@@ -197,8 +197,9 @@ struct ErrorRecord {
 // thread 0 with plain stores; the host reads it only after the notify's stream has completed
 // (dispatch_notify waits for it), which makes the writes visible: no flag, no fence.
 struct HostMailbox {
-  int num_recv;        // rows this rank receives
-  long long max_rows;  // max over ranks of rows received (dispatch), for sizing messages
+  int num_recv;             // rows this rank receives
+  long long max_rows;       // max over ranks of rows received (dispatch: whether they fit the row region)
+  long long max_sent_rows;  // max over ranks of rows sent (the rows combine returns to that rank)
 };
 
 // Device-local state of a Buffer (plain device memory, not symmetric).

@@ -1,6 +1,10 @@
 // Layout of the low-latency region (inside the symmetric buffer, after the high-throughput part).
 //
-//   [ LlSync | buffer 0 | buffer 1 ]     each buffer: dispatch staging, combine staging, zero-copy
+//   [ LlSync | buffer 0 | buffer 1 ]     each buffer: dispatch staging, combine staging[, zero-copy]
+//
+// The zero-copy combine buffer (E_loc * R * T rows of H bf16, Buffer::next_combine_buffer) is
+// placed only when asked for (BufferOptions::ll_zero_copy): it is local to the rank (the combine
+// reads it like any other `x`), but it moves buffer 1, so every rank must place it alike.
 //
 // Ordering contract:
 //   LlSync::data[b][s]      written by rank s (release.sys) with op number n once all of s's writes
@@ -31,19 +35,28 @@ struct LlLayout {
   int num_ranks = 0, max_tokens = 0, hidden = 0, num_topk = 0, experts_per_rank = 0;
   size_t row_bytes = 0;      // dispatch staging payload: bf16 row, or fp8 row + scales
   size_t meta_bytes = 0;     // K int32 local ids
-  size_t off_dispatch = 0, off_dispatch_meta = 0, off_combine = 0, off_zero_copy = 0, buffer_bytes = 0;
+  bool has_zero_copy = false;
+  size_t off_dispatch = 0, off_dispatch_meta = 0, off_combine = 0, buffer_bytes = 0;
+  size_t off_zero_copy = 0;  // meaningful only with has_zero_copy
   static constexpr size_t kSyncBytes = 4096;
 
-  EPX_HD void place(int R, int T, int H, int K, int E_loc) {
+  EPX_HD void place(int R, int T, int H, int K, int E_loc, bool with_zero_copy) {
     num_ranks = R; max_tokens = T; hidden = H; num_topk = K; experts_per_rank = E_loc;
+    has_zero_copy = with_zero_copy;
     row_bytes = align_up(static_cast<size_t>(H) * 2, 16);  // >= fp8 row + H/128 f32 scales
     meta_bytes = align_up(static_cast<size_t>(K) * 4, 16);
     const size_t slots = static_cast<size_t>(R) * T;
     off_dispatch = 0;
     off_dispatch_meta = align_up(off_dispatch + slots * row_bytes, 128);
     off_combine = align_up(off_dispatch_meta + slots * meta_bytes, 128);
-    off_zero_copy = align_up(off_combine + static_cast<size_t>(T) * K * H * 2, 128);
-    buffer_bytes = align_up(off_zero_copy + static_cast<size_t>(E_loc) * slots * H * 2, 4096);
+    const size_t staging_end = off_combine + static_cast<size_t>(T) * K * H * 2;
+    off_zero_copy = with_zero_copy ? align_up(staging_end, 128) : 0;
+    const size_t end = with_zero_copy ? off_zero_copy + zero_copy_bytes() : staging_end;
+    buffer_bytes = align_up(end, 4096);
+  }
+  // Bytes of one buffer's zero-copy combine buffer ([E_loc, R*T, H] bf16), placed or not.
+  EPX_HD size_t zero_copy_bytes() const {
+    return static_cast<size_t>(experts_per_rank) * num_ranks * max_tokens * hidden * 2;
   }
   EPX_HD size_t num_bytes() const { return kSyncBytes + 2 * buffer_bytes; }
   EPX_HD char* buffer(char* region, int b) const { return region + kSyncBytes + b * buffer_bytes; }
@@ -58,8 +71,9 @@ struct LlLayout {
     return reinterpret_cast<uint16_t*>(buffer(region, b) + off_combine +
                                        (static_cast<size_t>(t) * num_topk + k) * hidden * 2);
   }
+  // nullptr without has_zero_copy.
   EPX_HD uint16_t* zero_copy(char* region, int b) const {
-    return reinterpret_cast<uint16_t*>(buffer(region, b) + off_zero_copy);
+    return has_zero_copy ? reinterpret_cast<uint16_t*>(buffer(region, b) + off_zero_copy) : nullptr;
   }
 };
 

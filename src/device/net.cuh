@@ -58,7 +58,7 @@ template <typename NetWarp>
 __device__ __forceinline__ bool net_wait_geq(const OpContext& ctx, const NetWarp& net, int sig, uint64_t target,
                                              Phase phase, int peer) {
   bool ok = true;
-  if (threadIdx.x % 32 == 0) ok = wait_geq(ctx, [&] { return net.read(sig); }, target, phase, peer);
+  if (threadIdx.x % 32 == 0) ok = wait_load_geq(ctx, [&] { return net.read(sig); }, target, phase, peer).ok;
   ok = __shfl_sync(0xffffffffu, ok, 0);
   __syncwarp();  // orders lane 0's acquire before every lane's reads of the payload
   return ok;

@@ -1,7 +1,7 @@
 // Device-side synchronization of epx ops: op epochs, the entry barrier, completion signals, and
-// the bounded waits (one flag, or several polled in turn). Every wait has a deadline; on expiry
-// it records an ErrorRecord (op, phase, rank, peer, observed vs expected), prints one line and
-// returns false: the kernel then returns. A rank that records an error its peers cannot see
+// the one bounded wait (wait_geq on one flag; loops over several flags end through its idle_poll).
+// Every wait has a deadline; on expiry it records an ErrorRecord (op, phase, rank, peer, observed
+// vs expected), prints one line and returns false: the kernel then returns. A rank that records an error its peers cannot see
 // raises its abort word in their windows; their waits end at their next check, naming it.
 #pragma once
 #include <cstdint>
@@ -61,59 +61,77 @@ __device__ __forceinline__ bool still_ok(const OpContext& ctx, Phase phase) {
   return true;
 }
 
-// The one bounded wait: until load() >= target, where load() is an acquire load (of a flag word,
-// or of a scale-out signal: device/net.cuh). With `mask` (low-latency shrink mode: the
-// waited-for peer's word in this rank's mask), a peer that is or becomes masked ends the wait, and
-// a timeout masks the peer instead of failing: true then too, the caller reads the mask to tell
-// the two apart.
+// Memory order of a bounded wait's load (system scope): kAcquire when the flag publishes data the
+// waiter reads next, kRelaxed when only the value matters (the caller orders what follows).
+enum class Order { kAcquire, kRelaxed };
+
+template <Order kOrder>
+__device__ __forceinline__ uint64_t load_flag(const uint64_t* p) {
+  if constexpr (kOrder == Order::kAcquire) return ld_acquire_sys(p);
+  return ld_relaxed_sys(p);
+}
+
+// The deadline of a bounded wait runs from its last progress: a wait that polls several flags in
+// turn (none of which may stall the others) calls progressed() after a pass that moved, so only a
+// wait that stopped moving for the whole timeout fails.
+struct WaitClock {
+  uint64_t idle_since = 0;  // globaltimer at the first check after the last progress (0: none yet)
+  uint32_t polls = 0;
+  __device__ __forceinline__ void progressed() { idle_since = 0; }
+};
+
+// What an idle poll tells the wait: keep polling, the peer is masked (low-latency shrink mode), or
+// the wait failed (the error is recorded: this rank's, a peer's abort, or the timeout).
+enum class Idle { kWait, kMasked, kFailed };
+
+// Every bounded wait of epx ends here: called after each poll that found nothing new, it checks on
+// every 256th call that neither this rank nor a peer failed, the shrink mask (`mask`: the awaited
+// peer's word in this rank's mask, null outside shrink mode) and the deadline. On timeout a masked
+// wait masks the peer instead of failing; any other records kTimeout with the value it observed.
+__device__ __forceinline__ Idle idle_poll(const OpContext& ctx, WaitClock& clock, Phase phase, int peer,
+                                          uint64_t observed, uint64_t target, int* mask = nullptr) {
+  if ((++clock.polls & 255u) != 0) return Idle::kWait;
+  if (!still_ok(ctx, phase)) return Idle::kFailed;
+  if (mask != nullptr && ld_volatile(mask) != 0) return Idle::kMasked;
+  const uint64_t now = globaltimer_ns();
+  if (clock.idle_since == 0) clock.idle_since = now;
+  if (now - clock.idle_since <= ctx.timeout_ns) return Idle::kWait;
+  if (mask != nullptr) {
+    if (atomicExch(mask, 1) == 0)
+      printf("epx: rank %d masks rank %d: no progress for the timeout (op %d, phase %d)\n", ctx.rank, peer, ctx.op,
+             static_cast<int>(phase));
+    return Idle::kMasked;
+  }
+  record_error(ctx, DeviceErrorKind::kTimeout, phase, peer, -1, observed, target);
+  return Idle::kFailed;
+}
+
+// A bounded wait's result: `ok` when the flag reached the target, or (shrink mode) the peer is
+// masked — the caller reads the mask to tell the two apart; `value`, the flag's last value seen.
+struct Seen {
+  bool ok;
+  uint64_t value;
+};
+
+// The bounded wait on one value: until load() >= target, where load() reads a flag word (wait_geq
+// below) or a scale-out signal (device/net.cuh) with the order its caller needs.
 template <typename Load>
-__device__ __forceinline__ bool wait_geq(const OpContext& ctx, const Load& load, uint64_t target, Phase phase,
-                                         int peer, int* mask = nullptr) {
-  const uint64_t start = globaltimer_ns();
-  for (uint32_t iter = 0;; ++iter) {
+__device__ __forceinline__ Seen wait_load_geq(const OpContext& ctx, const Load& load, uint64_t target, Phase phase,
+                                              int peer, int* mask = nullptr) {
+  WaitClock clock;
+  while (true) {
     const uint64_t v = load();
-    if (v >= target) return true;
-    if ((iter & 255u) == 255u) {
-      // Another block or rank already failed: stop waiting for work that will not come.
-      if (!still_ok(ctx, phase)) return false;
-      if (mask != nullptr && ld_volatile(mask) != 0) return true;
-      if (globaltimer_ns() - start > ctx.timeout_ns) {
-        if (mask != nullptr) {
-          if (atomicExch(mask, 1) == 0)
-            printf("epx: rank %d masks rank %d: no progress for the timeout (op %d, phase %d)\n", ctx.rank, peer,
-                   ctx.op, static_cast<int>(phase));
-          return true;
-        }
-        record_error(ctx, DeviceErrorKind::kTimeout, phase, peer, -1, v, target);
-        return false;
-      }
-    }
+    if (v >= target) return {true, v};
+    const Idle idle = idle_poll(ctx, clock, phase, peer, v, target, mask);
+    if (idle != Idle::kWait) return {idle == Idle::kMasked, v};
   }
 }
 
-// wait_geq on a flag word: until *flag >= target (acquire, system scope).
-__device__ __forceinline__ bool wait_flag_geq(const OpContext& ctx, const uint64_t* flag, uint64_t target,
-                                              Phase phase, int peer, int* mask = nullptr) {
-  return wait_geq(ctx, [flag] { return ld_acquire_sys(flag); }, target, phase, peer, mask);
-}
-
-// The bound of a loop that polls several flags in turn (none of them may stall the others): call
-// it after every pass that made no progress, and set idle_since = 0 after one that did. Every
-// 256th call checks: false when another block or rank failed, or, once `timeout_ns` has passed
-// since the last progress, with the error recorded.
-struct PollClock {
-  uint64_t idle_since = 0;
-  uint32_t passes = 0;
-};
-__device__ __forceinline__ bool poll_still_ok(const OpContext& ctx, PollClock& clock, Phase phase, int peer,
-                                              uint64_t observed, uint64_t target) {
-  if ((++clock.passes & 255u) != 0) return true;
-  if (!still_ok(ctx, phase)) return false;
-  const uint64_t now = globaltimer_ns();
-  if (clock.idle_since == 0) clock.idle_since = now;
-  if (now - clock.idle_since <= ctx.timeout_ns) return true;
-  record_error(ctx, DeviceErrorKind::kTimeout, phase, peer, -1, observed, target);
-  return false;
+// The bounded wait on one flag: until *flag >= target, loads of order kOrder.
+template <Order kOrder = Order::kAcquire>
+__device__ __forceinline__ Seen wait_geq(const OpContext& ctx, const uint64_t* flag, uint64_t target, Phase phase,
+                                         int peer, int* mask = nullptr) {
+  return wait_load_geq(ctx, [flag] { return load_flag<kOrder>(flag); }, target, phase, peer, mask);
 }
 
 // Start of an op, called by every block: returns this op's epoch. Block 0 tells every peer that
@@ -137,7 +155,7 @@ __device__ __forceinline__ bool wait_peers_ready(const OpContext& ctx, uint64_t 
   if (threadIdx.x < ctx.num_ranks) {
     const int peer = threadIdx.x;
     const SyncArea* own = ctx.sync(ctx.rank);
-    ok = wait_flag_geq(ctx, &own->ready[peer], e, Phase::kEntryBarrier, peer);
+    ok = wait_geq(ctx, &own->ready[peer], e, Phase::kEntryBarrier, peer).ok;
     for (int w = 0; ok && w < 2; ++w) {
       const uint64_t theirs = ld_relaxed_sys(&own->plan[peer][e & 1][w]);
       if (theirs != ctx.plan[w]) {
@@ -178,7 +196,7 @@ __device__ __forceinline__ void signal_sends_done(const OpContext& ctx, uint64_t
 // Block-wide: wait until `peer` has published done >= e.
 __device__ __forceinline__ bool wait_peer_done(const OpContext& ctx, uint64_t e, int peer, Phase phase) {
   bool ok = true;
-  if (threadIdx.x == 0) ok = wait_flag_geq(ctx, &ctx.sync(ctx.rank)->done[peer], e, phase, peer);
+  if (threadIdx.x == 0) ok = wait_geq(ctx, &ctx.sync(ctx.rank)->done[peer], e, phase, peer).ok;
   return __syncthreads_and(ok);
 }
 
@@ -186,7 +204,7 @@ __device__ __forceinline__ bool wait_peer_done(const OpContext& ctx, uint64_t e,
 __device__ __forceinline__ bool wait_all_done(const OpContext& ctx, uint64_t e, Phase phase) {
   bool ok = true;
   if (threadIdx.x < ctx.num_ranks)
-    ok = wait_flag_geq(ctx, &ctx.sync(ctx.rank)->done[threadIdx.x], e, phase, threadIdx.x);
+    ok = wait_geq(ctx, &ctx.sync(ctx.rank)->done[threadIdx.x], e, phase, threadIdx.x).ok;
   return __syncthreads_and(ok);
 }
 

@@ -29,6 +29,15 @@ void validate_config(const Communicator& comm, const Config& config) {
   config.validate(comm.num_device_sms());
 }
 
+const char* ll_zero_copy_name(LlZeroCopy mode) {
+  switch (mode) {
+    case LlZeroCopy::kOff: return "kOff";
+    case LlZeroCopy::kOn: return "kOn";
+    case LlZeroCopy::kIfRoom: return "kIfRoom";
+  }
+  return "unknown";
+}
+
 }  // namespace
 
 Buffer::Buffer(Communicator& comm, size_t num_nvl_bytes, BufferOptions options) : impl_(new Impl) {
@@ -59,24 +68,33 @@ Buffer::Buffer(Communicator& comm, size_t num_nvl_bytes, BufferOptions options) 
   kernels::load_kernels();
 
   const size_t num_ll_bytes = options.num_ll_bytes > 0 ? align_up(options.num_ll_bytes, 1 << 21) : 0;
-  // Every rank must use the same sizes (offsets are symmetric).
+  const int zero_copy_mode = static_cast<int>(options.ll_zero_copy);
+  EPX_ARG_CHECK(zero_copy_mode >= 0 && zero_copy_mode <= static_cast<int>(LlZeroCopy::kIfRoom),
+                "ll_zero_copy: unknown mode ", zero_copy_mode);
+  // Every rank must use the same sizes (offsets are symmetric) and the same zero-copy mode (it
+  // places the low-latency buffers). Every rank checks every other, so all of them raise alike.
   {
     struct Sizes {
-      unsigned long long num_nvl_bytes, num_ll_bytes;
-    } mine{num_nvl_bytes, num_ll_bytes};
+      unsigned long long num_nvl_bytes, num_ll_bytes, ll_zero_copy;
+    } mine{num_nvl_bytes, num_ll_bytes, static_cast<unsigned long long>(zero_copy_mode)};
     std::vector<Sizes> all(comm.world());
     comm.all_gather(&mine, all.data(), sizeof(Sizes), m.timeout_s());
-    for (int r = 0; r < comm.world(); ++r)
+    for (int r = 0; r < comm.world(); ++r) {
       EPX_ARG_CHECK(all[r].num_nvl_bytes == mine.num_nvl_bytes && all[r].num_ll_bytes == mine.num_ll_bytes,
                     "num_nvl_bytes / num_ll_bytes: must be equal on all ranks; rank ", comm.rank(), " has ",
                     num_nvl_bytes, " / ", num_ll_bytes, ", rank ", r, " has ", all[r].num_nvl_bytes, " / ",
                     all[r].num_ll_bytes, " (after rounding up to 2 MiB)");
+      EPX_ARG_CHECK(all[r].ll_zero_copy == mine.ll_zero_copy, "ll_zero_copy: must be equal on all ranks; rank ",
+                    comm.rank(), " has ", ll_zero_copy_name(options.ll_zero_copy), ", rank ", r, " has ",
+                    ll_zero_copy_name(static_cast<LlZeroCopy>(all[r].ll_zero_copy)));
+    }
   }
 
   m.arena = std::make_shared<DeviceArena>(comm.device(), comm.simulated(), comm.rank());
   m.arena->set_timeout(m.timeout_s() + 10);
   m.ll_offset = num_nvl_bytes;
   m.num_ll_bytes = num_ll_bytes;
+  m.ll_zero_copy = options.ll_zero_copy;
   EPX_ARG_CHECK(!options.enable_shrink || num_ll_bytes > 0,
                 "enable_shrink: masks ranks in the low-latency ops, so it needs num_ll_bytes > 0");
   m.shrink = options.enable_shrink;
@@ -135,6 +153,9 @@ void* Buffer::peer_pointer(int peer) const {
   return impl_->peers[peer];
 }
 size_t Buffer::num_nvl_bytes() const { return impl_->num_nvl_bytes; }
+size_t Buffer::flag_bytes(bool low_latency) {
+  return low_latency ? LlLayout::kSyncBytes : SymmetricLayout::kRowsOffset;
+}
 
 int64_t Buffer::row_capacity(int hidden, DType x_dtype, int num_topk) const {
   const RowLayout d = plan::dispatch_rows(impl_->num_nvl_bytes, hidden, x_dtype, num_topk);
@@ -331,11 +352,7 @@ int Buffer::dispatch_notify(const DispatchInputs& in, DispatchHandle& handle, co
     EPX_ARG_CHECK(handle.storage != nullptr && handle.num_ranks == R, "handle: not made by this Buffer's make_handle");
     EPX_ARG_CHECK(handle.num_tokens == xs.num_tokens, "handle: made for ", handle.num_tokens, " tokens, x has ",
                   xs.num_tokens);
-    const RowLayout rows = plan::dispatch_rows(m.num_nvl_bytes, xs.hidden, xs.dtype, xs.num_topk, xs.num_scale_columns);
-    if (in.num_worst_tokens > 0)
-      EPX_CHECK(in.num_worst_tokens <= rows.capacity, ErrorKind::kBufferTooSmall, "num_worst_tokens = ",
-                in.num_worst_tokens, " rows do not fit: the buffer holds ", rows.capacity, " rows of this shape; need num_nvl_bytes >= ",
-                plan::nvl_bytes_for_rows(in.num_worst_tokens, xs.hidden, xs.dtype, xs.num_topk), ", have ", m.num_nvl_bytes);
+    // NOTE: no capacity check: rows that do not fit the row region take the bounded dispatch.
 
     kernels::NotifyParams p{};
     p.ctx = m.context(OpCode::kNotify);
@@ -355,7 +372,6 @@ int Buffer::dispatch_notify(const DispatchInputs& in, DispatchHandle& handle, co
     p.rank_prefix_matrix = handle.rank_prefix_matrix;
     p.send_pos = handle.send_pos;
     p.num_recv = handle.num_recv_device;
-    p.dispatch_capacity = rows.capacity;
     p.num_worst_tokens = in.num_worst_tokens;
     const bool host_sync = in.num_worst_tokens == 0;
     p.mailbox = host_sync ? m.mailbox_device : nullptr;
@@ -363,6 +379,7 @@ int Buffer::dispatch_notify(const DispatchInputs& in, DispatchHandle& handle, co
     handle.num_worst_tokens = in.num_worst_tokens;
     handle.num_recv_tokens = -1;
     handle.max_recv_tokens = -1;
+    handle.max_sent_tokens = -1;
     kernels::launch_notify(p, stream);
     m.after_launch("dispatch_notify", stream);
     handle.filled = true;
@@ -373,6 +390,7 @@ int Buffer::dispatch_notify(const DispatchInputs& in, DispatchHandle& handle, co
     const volatile HostMailbox* mb = m.mailbox;
     handle.num_recv_tokens = mb->num_recv;
     handle.max_recv_tokens = mb->max_rows;
+    handle.max_sent_tokens = mb->max_sent_rows;
     return handle.num_recv_tokens;
   });
 }
@@ -413,11 +431,16 @@ void Buffer::dispatch(const DispatchInputs& in, const DispatchHandle& handle, co
       EPX_ARG_CHECK(in.topk_weights.defined(), "recv_topk_weights: needs topk_weights as input");
 
     const RowLayout rows = plan::dispatch_rows(m.num_nvl_bytes, xs.hidden, xs.dtype, xs.num_topk, xs.num_scale_columns);
-    if (handle.max_recv_tokens >= 0)
-      EPX_CHECK(handle.max_recv_tokens <= rows.capacity, ErrorKind::kBufferTooSmall, "dispatch: a rank receives ",
-                handle.max_recv_tokens, " rows but the buffer holds ", rows.capacity,
-                " rows of this shape; need num_nvl_bytes >= ",
-                plan::nvl_bytes_for_rows(handle.max_recv_tokens, xs.hidden, xs.dtype, xs.num_topk), ", have ", m.num_nvl_bytes);
+    // Bounded when the busiest receiver's rows (host-synced), else the worst-case rows, do not fit
+    // the row region: values every rank has, so every rank plans alike.
+    const int64_t max_rows = handle.max_recv_tokens >= 0 ? handle.max_recv_tokens : handle.num_worst_tokens;
+    const plan::DispatchRing ring =
+        max_rows > rows.capacity
+            ? m.agreed([&] {
+                return plan::dispatch_ring(m.config, R, m.num_nvl_bytes, xs.hidden, xs.dtype, xs.num_topk,
+                                           xs.num_scale_columns);
+              })
+            : plan::DispatchRing{};
 
     kernels::DispatchParams p{};
     p.ctx = m.context(OpCode::kDispatch);
@@ -443,10 +466,12 @@ void Buffer::dispatch(const DispatchInputs& in, const DispatchHandle& handle, co
     p.recv_topk_idx = out.recv_topk_idx.defined() ? out.recv_topk_idx.ptr<int64_t>() : nullptr;
     p.recv_topk_weights = out.recv_topk_weights.defined() ? out.recv_topk_weights.ptr<float>() : nullptr;
     p.recv_src_idx = out.recv_src_idx.defined() ? out.recv_src_idx.ptr<int>() : nullptr;
-    p.copy_warps = plan::dispatch_copy_warps(m.config, rows.row_bytes);
+    p.copy_warps = ring.slots > 0 ? ring.copy_warps : plan::dispatch_copy_warps(m.config, rows.row_bytes);
+    p.ring_slots = ring.slots;
     {
       plan::OpPlan plan = plan::launch_plan(m.config);
       plan.copy_warps = p.copy_warps;
+      plan.ring_slots = p.ring_slots;
       plan.row_bytes = rows.row_bytes;
       plan.num_scales = rows.num_scales;
       plan.num_topk_idx = rows.num_topk_idx;
@@ -498,7 +523,20 @@ void Buffer::combine(const CombineInputs& in, const DispatchHandle& handle, cons
     validate::rows_16b_aligned(out.combined_x, "combined_x");
 
     const RowLayout rows = plan::combine_rows(m.num_nvl_bytes, H, K);
-    // NOTE: whether every rank's returning rows fit is checked on the device from the count matrix.
+    // The ring combine, whatever the config, when the rows returned to the busiest rank (host-synced)
+    // do not fit the row region; without a host sync, when num_worst_tokens rows do not, or when
+    // the rows a rank may get back (at most num_worst_tokens from each receiver) may not and rings
+    // fit. Values every rank has, so every rank plans alike.
+    // NOTE: the row-region combine checks on the device, from the count matrix, that the rows fit
+    // (at 1 rank no row travels: no rings).
+    const int64_t worst = handle.num_worst_tokens;
+    bool bounded = false;
+    if (R > 1 && handle.max_sent_tokens >= 0) {
+      bounded = handle.max_sent_tokens > rows.capacity;
+    } else if (R > 1) {
+      bounded = worst > rows.capacity || (worst * R > rows.capacity &&
+                                          plan::ring_plan(m.config, R, rows.capacity, /*bounded=*/true).channels > 0);
+    }
     kernels::CombineParams p{};
     p.ctx = m.context(OpCode::kCombine);
     p.rows = rows;
@@ -520,7 +558,9 @@ void Buffer::combine(const CombineInputs& in, const DispatchHandle& handle, cons
     p.out_stride = out.combined_x.stride[0];
     p.combined_topk_weights = K ? out.combined_topk_weights.ptr<float>() : nullptr;
     p.out_weight_stride = K ? out.combined_topk_weights.stride[0] : 0;
-    const plan::RingPlan ring = plan::ring_plan(m.config, R, rows.capacity);
+    const plan::RingPlan ring =
+        bounded ? m.agreed([&] { return plan::bounded_ring_plan(m.config, R, m.num_nvl_bytes, H, K); })
+                : plan::ring_plan(m.config, R, rows.capacity);
     {
       plan::OpPlan plan = plan::launch_plan(m.config);
       plan.ring_channels = ring.channels;  // all ring fields 0: the row-region combine

@@ -43,6 +43,7 @@ struct Buffer::Impl {
   std::string failure;
   // Low-latency region (design.md 4.4-4.5), at `ll_offset` in the symmetric allocation.
   size_t ll_offset = 0, num_ll_bytes = 0;
+  LlZeroCopy ll_zero_copy = LlZeroCopy::kOff;  // BufferOptions::ll_zero_copy (equal on all ranks)
   bool shrink = false;  // BufferOptions::enable_shrink
   LlWorkspace* ll_ws = nullptr;
   int ll_next = 0;  // buffer the next low-latency op uses
@@ -101,6 +102,22 @@ struct Buffer::Impl {
       return body();
     } catch (const Error& e) {
       fail_collectively(op, e);
+      throw;
+    }
+  }
+  // A plan made only from values every rank has (sizes, Config, the shared counts or
+  // num_worst_tokens) fails alike on every rank: such an Error fails this Buffer without abort
+  // words, so each peer raises the same error itself. An abort word could instead reach a peer in
+  // its previous op, still running without a host sync, and end it as kAborted.
+  template <typename Plan>
+  auto agreed(Plan&& plan) -> decltype(plan()) {
+    try {
+      return plan();
+    } catch (const Error& e) {
+      if (!failed) {
+        failed = true;
+        failure = e.message();
+      }
       throw;
     }
   }

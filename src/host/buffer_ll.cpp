@@ -6,13 +6,6 @@ namespace epx {
 
 using validate::kAny;
 
-namespace {
-
-
-using plan::ll_layout;
-
-}  // namespace
-
 int Buffer::next_low_latency_buffer() const { return impl_->ll_next; }
 
 namespace {
@@ -35,11 +28,42 @@ void check_buffer_free(const Buffer::Impl& m, int b) {
             "low-latency results may be in flight; call the earlier hook first");
 }
 
+// The layout of this op's shape: with the zero-copy buffers as BufferOptions::ll_zero_copy says.
+LlLayout op_layout(const Buffer::Impl& m, int T, int H, int K, int num_experts) {
+  const int R = m.comm->world();
+  return plan::ll_layout(m.ll_zero_copy, m.num_ll_bytes, R, T, H, K, num_experts / R);
+}
+
+// "N bytes = Buffer::low_latency_size_hint(T, H, R, E, K, zero_copy) (Python: ...)": what sizes `layout`.
+std::string size_hint_call(const LlLayout& layout) {
+  const int R = layout.num_ranks, T = layout.max_tokens, H = layout.hidden, K = layout.num_topk;
+  const int E = layout.experts_per_rank * R;
+  const char* zc = layout.has_zero_copy ? "true" : "false";
+  const char* py_zc = layout.has_zero_copy ? "True" : "False";
+  return detail::concat(plan::ll_bytes_for(layout), " bytes = Buffer::low_latency_size_hint(", T, ", ", H, ", ", R,
+                        ", ", E, ", ", K, ", /*zero_copy=*/", zc, ") (Python: Buffer.get_low_latency_rdma_size_hint(",
+                        T, ", ", H, ", ", R, ", ", E, ", num_topk=", K, ", zero_copy=", py_zc, "))");
+}
+
 void check_ll_fits(const Buffer::Impl& m, const LlLayout& layout) {
   EPX_CHECK(m.num_ll_bytes > 0, ErrorKind::kState, "low-latency op on a Buffer made without a low-latency region "
             "(BufferOptions::num_ll_bytes = 0)");
-  EPX_CHECK(layout.num_bytes() <= m.num_ll_bytes, ErrorKind::kBufferTooSmall, "low-latency region too small: need ",
-            layout.num_bytes(), " bytes (Buffer::low_latency_size_hint), have num_ll_bytes = ", m.num_ll_bytes);
+  EPX_CHECK(layout.num_bytes() <= m.num_ll_bytes, ErrorKind::kBufferTooSmall, "low-latency region too small",
+            layout.has_zero_copy ? " for the zero-copy combine buffers (BufferOptions::ll_zero_copy = kOn)" : "",
+            ": need num_ll_bytes >= ", size_hint_call(layout), ", have ", m.num_ll_bytes);
+}
+
+// The zero-copy combine buffer exists only when asked for (BufferOptions::ll_zero_copy).
+void check_zero_copy(const Buffer::Impl& m, const LlLayout& layout, const char* what) {
+  if (layout.has_zero_copy) return;
+  const LlLayout with = plan::ll_layout(layout.num_ranks, layout.max_tokens, layout.hidden, layout.num_topk,
+                                        layout.experts_per_rank, /*with_zero_copy=*/true);
+  const bool off = m.ll_zero_copy == LlZeroCopy::kOff;
+  EPX_FAIL(ErrorKind::kBufferTooSmall, what, ": the low-latency region has no zero-copy combine buffer (",
+           off ? "BufferOptions::ll_zero_copy = kOff"
+               : detail::concat("num_ll_bytes = ", m.num_ll_bytes, " does not hold it; ll_zero_copy = kIfRoom"),
+           "): it needs num_ll_bytes (Python: num_rdma_bytes) >= ", size_hint_call(with),
+           off ? ", and ll_zero_copy = kOn or kIfRoom" : "");
 }
 
 }  // namespace
@@ -91,7 +115,7 @@ LowLatencyHandle Buffer::low_latency_dispatch(const LowLatencyDispatchArgs& a, c
       validate::contiguous(*v, "recv_count / src_info / layout_range / src_topk_slot");
     validate::optional(a.cumulative_local_expert_recv_stats, "cumulative_local_expert_recv_stats", DType::kI32, {E_loc});
     validate::optional(a.dispatch_wait_recv_cost_stats, "dispatch_wait_recv_cost_stats", DType::kI64, {R});
-    const LlLayout layout = ll_layout(R, T, H, K, E_loc);
+    const LlLayout layout = op_layout(m, T, H, K, E);
     check_ll_fits(m, layout);
 
     const int b = m.ll_next;
@@ -175,8 +199,8 @@ void Buffer::low_latency_combine(const LowLatencyCombineArgs& a, const LowLatenc
     EPX_ARG_CHECK(T > 0 && h.src_info.defined(), "handle: not from low_latency_dispatch");
     const int E_loc = h.num_experts / R;
     const int64_t RT = static_cast<int64_t>(R) * T;
-    validate::tensor(a.x, "x", DType::kBF16, {E_loc, RT, H});
-    validate::contiguous(a.x, "x");
+    if (!a.zero_copy || a.x.defined()) validate::tensor(a.x, "x", DType::kBF16, {E_loc, RT, H});
+    if (!a.zero_copy) validate::contiguous(a.x, "x");
     validate::tensor(a.topk_idx, "topk_idx", DType::kI64, {kAny, K});
     const int64_t N = a.topk_idx.shape[0];
     EPX_ARG_CHECK(N <= T, "topk_idx: ", N, " tokens exceed num_max_dispatch_tokens_per_rank = ", T);
@@ -185,13 +209,15 @@ void Buffer::low_latency_combine(const LowLatencyCombineArgs& a, const LowLatenc
                   "topk_idx / topk_weights: last dimension must be contiguous");
     validate::tensor(out, "out", DType::kBF16, {N, H});
     validate::rows_16b_aligned(out, "out");
-    const LlLayout layout = ll_layout(R, T, H, K, E_loc);
+    const LlLayout layout = op_layout(m, T, H, K, h.num_experts);
     check_ll_fits(m, layout);
+    // Checked here, inside the collective op, so that peers see the failure (abort word).
+    if (a.zero_copy) check_zero_copy(m, layout, "low_latency_combine (zero_copy)");
 
     const int b = m.ll_next;
     kernels::LlCombineParams p{};
     p.c = ll_common(m, OpCode::kLlCombine, layout, b);
-    p.x = a.x.ptr<uint16_t>();
+    p.x = a.zero_copy ? layout.zero_copy(m.symmetric + m.ll_offset, b) : a.x.ptr<uint16_t>();
     p.src_info = h.src_info.ptr<int>();
     p.src_topk_slot = h.src_topk_slot.ptr<int>();
     p.layout_range = h.layout_range.ptr<int64_t>();
@@ -224,8 +250,9 @@ View Buffer::next_combine_buffer(const LowLatencyHandle& h) const {
   const Impl& m = *impl_;
   const int R = num_ranks();
   EPX_ARG_CHECK(h.num_max_dispatch_tokens_per_rank > 0, "handle: not from low_latency_dispatch");
-  const LlLayout layout = ll_layout(R, h.num_max_dispatch_tokens_per_rank, h.hidden, h.num_topk, h.num_experts / R);
+  const LlLayout layout = op_layout(m, h.num_max_dispatch_tokens_per_rank, h.hidden, h.num_topk, h.num_experts);
   check_ll_fits(m, layout);
+  check_zero_copy(m, layout, "next_combine_buffer (Python: get_next_low_latency_combine_buffer)");
   char* region = m.symmetric + m.ll_offset;
   return View::of(layout.zero_copy(region, m.ll_next), DType::kBF16,
                   {h.num_experts / R, static_cast<int64_t>(R) * h.num_max_dispatch_tokens_per_rank, h.hidden});

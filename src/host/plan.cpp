@@ -23,6 +23,16 @@ RowLayout combine_rows(size_t num_nvl_bytes, int hidden, int num_topk) {
   return combine_row_layout(row_region_bytes(num_nvl_bytes), hidden, num_topk);
 }
 
+namespace {
+
+// num_nvl_bytes whose row region holds `layout` (placed for its rows): fit() leaves 5 x 16 bytes of
+// alignment slack.
+size_t bytes_for_layout(const RowLayout& layout) {
+  return align_up(SymmetricLayout::kRowsOffset + layout.num_bytes + 5 * 16, 1 << 21);
+}
+
+}  // namespace
+
 size_t nvl_bytes_for_rows(int64_t max_rows, int hidden, DType x_dtype, int num_topk) {
   RowLayout d = dispatch_rows(0, hidden, x_dtype, num_topk);
   d.place(max_rows);
@@ -55,7 +65,7 @@ constexpr PlanField kPlanFields[] = {
     {"grid blocks (Config.num_sms)", 0, 0, 10, &OpPlan::num_blocks},
     {"warps per block (Config.num_threads / 32)", 0, 10, 6, &OpPlan::num_warps},
     {"ring channels", 0, 16, 7, &OpPlan::ring_channels},
-    {"ring slots (Config.ring_slots)", 0, 23, 13, &OpPlan::ring_slots},
+    {"ring slots (Config.ring_slots; a bounded dispatch: rows per ring)", 0, 23, 13, &OpPlan::ring_slots},
     {"ring sending warps (Config.ring_send_warps)", 0, 36, 5, &OpPlan::ring_send_warps},
     {"ring sender blocks (Config.ring_senders)", 0, 41, 4, &OpPlan::ring_senders},
     {"rows per ring release (Config.ring_chunk)", 0, 45, 5, &OpPlan::ring_chunk},
@@ -94,13 +104,14 @@ std::string plan_difference(int word, uint64_t theirs, uint64_t mine, std::strin
   return {};
 }
 
-RingPlan ring_plan(const Config& config, int num_ranks, int64_t capacity) {
+RingPlan ring_plan(const Config& config, int num_ranks, int64_t capacity, bool bounded) {
   RingPlan plan;
   const int peers = num_ranks - 1;
   EPX_ARG_CHECK(config.ring_senders <= peers, "Config.ring_senders: at most one sender block per peer (",
                 peers, " at ", num_ranks, " ranks), got ", config.ring_senders);
-  // At 2 ranks the row-region combine is faster (docs/performance.md, EP2).
-  if (!config.ring_combine || num_ranks < 3) return plan;
+  // At 2 ranks the row-region combine is faster (docs/performance.md, EP2), when the rows fit.
+  if (!bounded && (!config.ring_combine || num_ranks < 3)) return plan;
+  if (peers < 1) return plan;
   const int warps = config.num_threads / 32;
   // Split blocks: each block is a channel, its first send_warps warps one sender for every peer
   // (auto: a warp per peer, two each for two peers).
@@ -113,7 +124,7 @@ RingPlan ring_plan(const Config& config, int num_ranks, int64_t capacity) {
   const int peers_per_block = (peers + senders - 1) / senders;
   if (channels < 1 || sender_warps < peers_per_block || (send_warps > 0 && send_warps >= warps)) return plan;
   const int64_t slots = std::min<int64_t>(config.ring_slots, capacity / (static_cast<int64_t>(num_ranks) * channels));
-  if (slots < kMinRingSlots || slots < int64_t{config.ring_chunk} * warps) return plan;
+  if (slots < combine_ring_min_slots(config)) return plan;
   plan.channels = channels;
   plan.senders = senders;
   plan.slots = static_cast<int>(slots);
@@ -121,9 +132,89 @@ RingPlan ring_plan(const Config& config, int num_ranks, int64_t capacity) {
   return plan;
 }
 
+int combine_ring_min_slots(const Config& config) {
+  return std::max(kMinRingSlots, config.ring_chunk * (config.num_threads / 32));
+}
+
+size_t combine_ring_min_bytes(const Config& config, int num_ranks, int hidden, int num_topk) {
+  const RingPlan geometry = ring_plan(config, num_ranks, int64_t{1} << 40, /*bounded=*/true);
+  RowLayout c = combine_rows(0, hidden, num_topk);
+  c.place(static_cast<int64_t>(num_ranks) * std::max(geometry.channels, 1) * combine_ring_min_slots(config));
+  return bytes_for_layout(c);
+}
+
+RingPlan bounded_ring_plan(const Config& config, int num_ranks, size_t num_nvl_bytes, int hidden, int num_topk) {
+  const RowLayout rows = combine_rows(num_nvl_bytes, hidden, num_topk);
+  const RingPlan plan = ring_plan(config, num_ranks, rows.capacity, /*bounded=*/true);
+  if (plan.channels > 0) return plan;
+  EPX_CHECK(ring_plan(config, num_ranks, int64_t{1} << 40, /*bounded=*/true).channels > 0, ErrorKind::kUnsupported,
+            "combine: the returned rows do not fit the row region and Config (num_sms ", config.num_sms,
+            ", num_threads ", config.num_threads, ", ring_send_warps ", config.ring_send_warps,
+            ") cannot make combine rings at ", num_ranks, " ranks (too few blocks or warps per peer)");
+  EPX_CHECK(false, ErrorKind::kBufferTooSmall, "combine: the returned rows do not fit the row region (",
+            rows.capacity, " rows of this shape) and its rings would hold fewer than ", combine_ring_min_slots(config),
+            " rows each; need num_nvl_bytes >= ", combine_ring_min_bytes(config, num_ranks, hidden, num_topk),
+            ", have ", num_nvl_bytes);
+  return plan;
+}
+
+int dispatch_ring_min_slots(const Config& config, int64_t row_bytes) {
+  Config split = config;
+  split.dispatch_split_blocks = true;
+  const int send_warps = config.num_threads / 32 - dispatch_copy_warps(split, row_bytes);
+  return 2 * kDispatchPublishRounds * send_warps;
+}
+
+size_t dispatch_ring_min_bytes(const Config& config, int num_ranks, int hidden, DType x_dtype, int num_topk,
+                               int num_scale_columns) {
+  RowLayout d = dispatch_rows(0, hidden, x_dtype, num_topk, num_scale_columns);
+  d.place(static_cast<int64_t>(num_ranks) * config.num_sms * dispatch_ring_min_slots(config, d.row_bytes));
+  return bytes_for_layout(d);
+}
+
+DispatchRing dispatch_ring(const Config& config, int num_ranks, size_t num_nvl_bytes, int hidden, DType x_dtype,
+                           int num_topk, int num_scale_columns) {
+  EPX_CHECK(config.num_sms <= kMaxRingChannels, ErrorKind::kUnsupported, "dispatch: the rows do not fit the row region ",
+            "and the bounded dispatch has one progress word per block for at most ", kMaxRingChannels,
+            " blocks; Config.num_sms = ", config.num_sms, " (use fewer, or a buffer that holds every row)");
+  const RowLayout rows = dispatch_rows(num_nvl_bytes, hidden, x_dtype, num_topk, num_scale_columns);
+  Config split = config;
+  split.dispatch_split_blocks = true;
+  DispatchRing ring;
+  ring.copy_warps = dispatch_copy_warps(split, rows.row_bytes);
+  ring.send_warps = config.num_threads / 32 - ring.copy_warps;
+  const int64_t rings = static_cast<int64_t>(num_ranks) * config.num_sms;
+  const int64_t per_ring = rows.capacity / rings;
+  const int min_slots = dispatch_ring_min_slots(config, rows.row_bytes);
+  EPX_CHECK(per_ring >= min_slots, ErrorKind::kBufferTooSmall, "dispatch: the rows do not fit the row region (",
+            rows.capacity, " rows of this shape) and its ", num_ranks, " x ", config.num_sms, " rings would hold ",
+            per_ring, " rows each, fewer than two rounds of ", ring.send_warps, " sending warps (", min_slots,
+            "); need num_nvl_bytes >= ", dispatch_ring_min_bytes(config, num_ranks, hidden, x_dtype, num_topk, num_scale_columns),
+            ", have ", num_nvl_bytes);
+  ring.slots = static_cast<int>(std::min<int64_t>(per_ring, kMaxDispatchRingSlots));
+  return ring;
+}
+
+size_t nvl_bytes_for_rings(const Config& config, int num_ranks, int64_t hidden_bytes, int64_t rows_per_ring) {
+  const int warps = config.num_threads / 32;
+  // Any row shape: at most warps - 1 sending warps in a dispatch block.
+  const int64_t per_ring = std::max<int64_t>({rows_per_ring, int64_t{2} * kDispatchPublishRounds * (warps - 1),
+                                              combine_ring_min_slots(config)});
+  const int64_t row_bytes = hidden_bytes + 4 * ((hidden_bytes + 127) / 128);
+  return nvl_bytes_for_rows(static_cast<int64_t>(num_ranks) * config.num_sms * per_ring,
+                            static_cast<int>((row_bytes + 1) / 2), DType::kBF16, kMaxTopk);
+}
+
 }  // namespace epx::plan
 
 namespace epx {
+
+size_t Config::get_nvl_buffer_size_hint(size_t hidden_bytes, int num_ranks) const {
+  validate::in_range(static_cast<int64_t>(hidden_bytes), "hidden_bytes", 1, int64_t{1} << 22);
+  validate::in_range(num_ranks, "num_ranks", 1, kMaxPeers);
+  validate();
+  return plan::nvl_bytes_for_rings(*this, num_ranks, static_cast<int64_t>(hidden_bytes), ring_slots);
+}
 
 size_t Buffer::get_nvl_buffer_size_hint(int64_t max_rows, int hidden, DType x_dtype, int num_topk, int num_ranks) {
   validate::in_range(max_rows, "max_rows", 0, int64_t{1} << 31);
@@ -133,7 +224,8 @@ size_t Buffer::get_nvl_buffer_size_hint(int64_t max_rows, int hidden, DType x_dt
   return plan::nvl_bytes_for_rows(max_rows, hidden, x_dtype, num_topk);
 }
 
-size_t Buffer::low_latency_size_hint(int T, int hidden, int num_ranks, int num_experts, int num_topk) {
+size_t Buffer::low_latency_size_hint(int T, int hidden, int num_ranks, int num_experts, int num_topk,
+                                     bool zero_copy) {
   validate::in_range(T, "num_max_dispatch_tokens_per_rank", 1, kMaxLlTokens);
   validate::in_range(hidden, "hidden", 128, kMaxLlHidden);
   EPX_ARG_CHECK(hidden % 128 == 0, "hidden: must be a multiple of 128, got ", hidden);
@@ -141,7 +233,7 @@ size_t Buffer::low_latency_size_hint(int T, int hidden, int num_ranks, int num_e
   validate::in_range(num_topk, "num_topk", 1, kMaxLlTopk);
   EPX_ARG_CHECK(num_experts >= num_ranks && num_experts % num_ranks == 0, "num_experts: must be a multiple of ",
                 num_ranks, ", got ", num_experts);
-  return align_up(plan::ll_layout(num_ranks, T, hidden, num_topk, num_experts / num_ranks).num_bytes(), 1 << 21);
+  return plan::ll_bytes_for(plan::ll_layout(num_ranks, T, hidden, num_topk, num_experts / num_ranks, zero_copy));
 }
 
 }  // namespace epx

@@ -7,6 +7,7 @@
 
 #include "common/layout.hpp"
 #include "common/ll_layout.hpp"
+#include "epx/buffer.hpp"
 #include "epx/config.hpp"
 #include "epx/types.hpp"
 
@@ -30,7 +31,42 @@ RowLayout combine_rows(size_t num_nvl_bytes, int hidden, int num_topk);
 struct RingPlan {
   int channels = 0, senders = 0, slots = 0, send_warps = 0;
 };
-RingPlan ring_plan(const Config& config, int num_ranks, int64_t capacity);
+// bounded: a combine whose returned rows do not all fit the row region takes the rings at every
+// rank count (2 included) whatever Config.ring_combine says; channels = 0 still when the block
+// geometry or the row region cannot hold them (bounded_ring_plan turns that into an error).
+RingPlan ring_plan(const Config& config, int num_ranks, int64_t capacity, bool bounded = false);
+// The bounded combine's rings for a buffer of num_nvl_bytes: throws Error(kBufferTooSmall) naming
+// combine_ring_min_bytes when a ring holds fewer than its minimum rows, Error(kUnsupported) when the
+// config's blocks cannot make rings at all.
+RingPlan bounded_ring_plan(const Config& config, int num_ranks, size_t num_nvl_bytes, int hidden, int num_topk);
+// Rows a bounded combine ring needs at least: kMinRingSlots, and a receiver batch of chunks.
+int combine_ring_min_slots(const Config& config);
+// Smallest num_nvl_bytes whose combine rows hold the bounded combine's rings.
+size_t combine_ring_min_bytes(const Config& config, int num_ranks, int hidden, int num_topk);
+
+// Bounded dispatch: a call whose rows do not all fit the receiver's row region runs the split-block
+// dispatch with each receiver's row region cut into R x B rings (B = Config.num_sms blocks), ring
+// (s, b) holding the rows of source s's block b: slots = capacity / (R * B), at most
+// kMaxDispatchRingSlots. A ring holds at least two publication rounds of the block's sending warps
+// (2 * kDispatchPublishRounds * send_warps rows: docs/protocol.md, "dispatch, bounded"), else
+// Error(kBufferTooSmall) naming dispatch_ring_min_bytes; more than kMaxRingChannels blocks (one
+// progress word per block) is Error(kUnsupported). Split blocks are used whatever
+// Config.dispatch_split_blocks says (copy warps as dispatch_copy_warps counts them).
+struct DispatchRing {
+  int slots = 0, copy_warps = 0, send_warps = 0;
+};
+DispatchRing dispatch_ring(const Config& config, int num_ranks, size_t num_nvl_bytes, int hidden, DType x_dtype,
+                           int num_topk, int num_scale_columns = -1);
+// Rows a bounded dispatch ring needs at least for rows of `row_bytes` (two rounds).
+int dispatch_ring_min_slots(const Config& config, int64_t row_bytes);
+// Smallest num_nvl_bytes whose dispatch rows hold the bounded dispatch's rings.
+size_t dispatch_ring_min_bytes(const Config& config, int num_ranks, int hidden, DType x_dtype, int num_topk,
+                               int num_scale_columns = -1);
+// A num_nvl_bytes that serves any batch through the rings of `config`'s grid: R x Config.num_sms
+// rings of max(rows_per_ring, every ring minimum of any row shape) rows of hidden_bytes of payload
+// plus the scales of an fp8 row of hidden_bytes channels and epx's largest top-k (dispatch and
+// combine, bf16 or fp8).
+size_t nvl_bytes_for_rings(const Config& config, int num_ranks, int64_t hidden_bytes, int64_t rows_per_ring);
 // Copy-out warps of a split-block dispatch (Config.dispatch_split_blocks), 0 when it does not apply
 // (switched off, or more blocks than the per-block progress words: kMaxRingChannels).
 int dispatch_copy_warps(const Config& config, int64_t row_bytes);
@@ -54,11 +90,20 @@ void encode_plan(const OpPlan& plan, uint64_t words[2]);
 std::string plan_difference(int word, uint64_t theirs, uint64_t mine, std::string* their_value,
                             std::string* my_value);
 
-// Low-latency limits and the region layout for (R, T, H, K, E_loc).
-inline LlLayout ll_layout(int R, int T, int H, int K, int E_loc) {
+// The low-latency region layout for (R, T, H, K, E_loc), with or without the zero-copy buffers.
+inline LlLayout ll_layout(int R, int T, int H, int K, int E_loc, bool with_zero_copy) {
   LlLayout l;
-  l.place(R, T, H, K, E_loc);
+  l.place(R, T, H, K, E_loc, with_zero_copy);
   return l;
+}
+// Smallest num_ll_bytes that holds `layout` (what Buffer::low_latency_size_hint returns).
+inline size_t ll_bytes_for(const LlLayout& layout) { return align_up(layout.num_bytes(), size_t{1} << 21); }
+// The layout a Buffer with `mode` and `num_ll_bytes` uses for this op shape: a function of inputs
+// every rank has (the options and sizes agreed at construction, the op's shape), so ranks agree.
+inline LlLayout ll_layout(LlZeroCopy mode, size_t num_ll_bytes, int R, int T, int H, int K, int E_loc) {
+  const LlLayout with = ll_layout(R, T, H, K, E_loc, true);
+  const bool on = mode == LlZeroCopy::kOn || (mode == LlZeroCopy::kIfRoom && with.num_bytes() <= num_ll_bytes);
+  return on ? with : ll_layout(R, T, H, K, E_loc, false);
 }
 
 }  // namespace epx::plan

@@ -1,6 +1,7 @@
 // Ring combine: the push and the reduce overlap through bounded, reused rings (the row-region
 // combine writes every row once and reduces only after all of them arrived, so it is slower from
-// 3 ranks; split blocks are the faster layout: docs/performance.md). Blocks group into channels:
+// 3 ranks; split blocks are the faster layout: docs/performance.md). It is also the bounded
+// combine: a combine whose returned rows do not fit the row region takes it at any rank count. Blocks group into channels:
 // k = p.ring_senders sender blocks and one receiver block per channel (block (k + 1) c + j, j < k
 // sends, j = k receives). Split blocks (p.ring_send_warps = S > 0): block c is channel c, its warps
 // [0, S) are the channel's one sender (k = 1) and the others its receiver, each part with its own
@@ -112,8 +113,9 @@ __device__ bool receive(const CombineParams& p, uint64_t e, int c, const int* re
         if (need > seen[warp][r][w]) {  // every lane reads it before lane 0 may update it below
           const uint64_t* tail = &ctl->tail[r][c][w];
           if (lane == 0) {
-            ok = wait_flag_geq(ctx, tail, tagged_count(e, need), Phase::kReduce, r);
-            if (ok) seen[warp][r][w] = count_of(ld_acquire_sys(tail));
+            const Seen got = wait_geq(ctx, tail, tagged_count(e, need), Phase::kReduce, r);
+            ok = got.ok;
+            if (ok) seen[warp][r][w] = count_of(got.value);
           }
           __syncwarp();
           ok = __shfl_sync(0xffffffffu, ok, 0);
@@ -186,7 +188,7 @@ __device__ __noinline__ bool send(const CombineParams& p, uint64_t e, int c, int
       const int last = min(n - 1, i0 + step - W);  // stream index of the chunk's last row
       // Room for rows up to `last`: the receiver consumed at least last + 1 - Q rows.
       if (last + 1 > Q) {
-        if (lane == 0) ok = wait_flag_geq(ctx, head, tagged_count(e, last + 1 - Q), Phase::kReduce, s);
+        if (lane == 0) ok = wait_geq(ctx, head, tagged_count(e, last + 1 - Q), Phase::kReduce, s).ok;
         if (!__shfl_sync(0xffffffffu, ok, 0)) break;
         (void)ld_acquire_sys(head);  // the receiver's loads of the old rows came first
       }
@@ -244,7 +246,8 @@ __global__ void __launch_bounds__(kMaxHtThreads, 1) combine_rings_kernel(const _
 }  // namespace
 
 void launch_combine_rings(const CombineParams& p, int num_blocks, int num_threads, cudaStream_t stream) {
-  // Rings start at 3 ranks (plan::ring_plan), so the 2-rank bucket is not instantiated.
+  // Rings serve 2 ranks only when the returned rows do not fit the row region (plan::ring_plan,
+  // bounded): those run on the 4-rank bucket, so the 2-rank bucket is not instantiated.
   by_rank_bucket(std::max(p.ctx.num_ranks, 3), [&](auto b) {
     if constexpr (decltype(b)::kR >= 3)
       combine_rings_kernel<decltype(b)::kR, decltype(b)::kU><<<num_blocks, num_threads, 0, stream>>>(p);

@@ -46,8 +46,8 @@ __device__ bool gather_node_block(const CountExchangeParams<View>& p, uint64_t e
   char* own = p.ctx.peers[t.local_idx()];
   bool ok = true;
   if (threadIdx.x < t.node_size)
-    ok = device::wait_flag_geq(p.ctx, at<uint64_t>(own, l.flags()) + threadIdx.x, e, Phase::kCountExchange,
-                               t.rank_of(t.node_idx(), threadIdx.x));
+    ok = device::wait_geq(p.ctx, at<uint64_t>(own, l.flags()) + threadIdx.x, e, Phase::kCountExchange,
+                          t.rank_of(t.node_idx(), threadIdx.x)).ok;
   if (!__syncthreads_and(ok)) return false;
   const int row_ints = static_cast<int>(l.row_bytes() / 4);
   const int* rows = at<int>(own, l.node_row(parity, 0));  // [U][row_ints], contiguous

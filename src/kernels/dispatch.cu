@@ -7,12 +7,21 @@
 //   receive:  after source s's done, copy s's rows from the row region into the outputs;
 //   pad:      worst-case mode: rows past the received count get idx -1, weights 0, src -1, x 0.
 // Split blocks (p.copy_warps = K > 0, dispatch_split_kernel): the copy-out overlaps the sends. In
-// block b, warps [0, S = warps - K) send b's tokens and, every kPublishRounds rounds of S tokens,
+// block b, warps [0, S = warps - K) send b's tokens and, every kDispatchPublishRounds rounds of S tokens,
 // tell each destination how far b's rows to it are written; warps [S, warps) copy out the rows
 // that block b of every source has published so far. Words (in RingCtl, tagged with the op epoch
 // like the ring combine's; docs/protocol.md):
 //   bound[s][b] on r: first row of r's row region holding s's block-b tokens (bound[s][B]: the end);
 //   tail[s][b][0] on r: end of the rows s's block b has written to r so far.
+// Bounded (p.ring_slots = Q > 0: the rows do not all fit the row region): the same kernel, but r's
+// row region is cut into R x B rings of Q slots, ring (s, b) holding s's block-b rows to r: row j
+// (in r's output order, bound[s][b] <= j < bound[s][b + 1]) lands in slot (s B + b) Q +
+// (j - bound[s][b]) % Q. The copy warps return slots through a consumer head
+//   head[r][b] on s: end of the rows of ring (s, b) on r that r's block b has copied out,
+// and before each round a block's senders wait until every destination's head leaves room for the
+// round's rows. A sender only waits for slots of rows it already published, and the copy warps
+// always drain what is published, so no wait closes a cycle (docs/protocol.md, "dispatch, bounded").
+// The output rows, and so the output order, are the unbounded dispatch's.
 #include "kernels/dispatch_common.cuh"
 #include "kernels/launch.cuh"
 #include "kernels/positions.cuh"
@@ -44,19 +53,20 @@ __global__ void __launch_bounds__(kMaxHtThreads) dispatch_kernel(const __grid_co
   for (int i = 1; i < R; ++i) {
     const int s = (me + i) % R;
     if (!wait_peer_done(ctx, e, s, Phase::kReceive)) return;
-    copy_out(p, recv_base[s], recv_base[s + 1] - recv_base[s], grid_tid, grid_threads);
+    copy_out(p, recv_base[s], recv_base[s], recv_base[s + 1] - recv_base[s], grid_tid, grid_threads);
   }
   pad_rows(p, num_recv, grid_tid, grid_threads);
   op_end(ctx, e);
 }
 
-// Rounds of S tokens a split block's senders write between two publications of their progress.
-constexpr int kPublishRounds = 2;
-
-// Split blocks' senders (warps [0, S), named barrier 1): block b's tokens, progress published.
-__device__ void send_and_publish(const DispatchParams& p, uint64_t e, const int* slot_base, int S) {
+// Split blocks' senders (warps [0, S), named barrier 1): block b's tokens, progress published
+// every kDispatchPublishRounds rounds of S tokens. Bounded (Q > 0): before each publication round,
+// room for its rows in every destination's ring. False when a wait failed (the error is recorded).
+__device__ bool send_and_publish(const DispatchParams& p, uint64_t e, const int* slot_base, int S) {
+  __shared__ int ring_start[kMaxPeers];  // first row of block b's rows on each destination
+  __shared__ int round_end[kMaxPeers];   // end of the current round's rows on each destination
   const OpContext& ctx = p.ctx;
-  const int R = ctx.num_ranks, me = ctx.rank, b = blockIdx.x, B = gridDim.x;
+  const int R = ctx.num_ranks, me = ctx.rank, b = blockIdx.x, B = gridDim.x, Q = p.ring_slots;
   const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
   const TokenRange tokens = block_tokens(p.num_tokens);
   const int t_begin = tokens.begin, t_end = tokens.end;
@@ -66,48 +76,77 @@ __device__ void send_and_publish(const DispatchParams& p, uint64_t e, const int*
       if (r == me) continue;
       const int start = slot_base[r] + rows_before(p.send_pos, R, r, t_begin, lane);
       if (lane == 0) {
+        ring_start[r] = start;
         st_release_sys(&ctx.ring_ctl(r)->bound[me][b], tagged_count(e, start));
         if (b == B - 1) st_release_sys(&ctx.ring_ctl(r)->bound[me][B], tagged_count(e, slot_base[r] + p.count_matrix[me * R + r]));
       }
     }
   }
-  for (int t0 = t_begin; t0 < t_end; t0 += S * kPublishRounds) {
-    const int t1 = min(t_end, t0 + S * kPublishRounds);
-    for (int t = t0 + warp; t < t1; t += S) send_token(p, t, slot_base, lane);
-    bar_sync(1, S * kWarpSize);  // every sender warp's rows of [t0, t1) before warp 0's fence
-    if (warp == 0) {
-      int end[kMaxPeers];
+  // Warp 0: the end of the round's rows to every destination, into round_end.
+  auto round_ends = [&](int t1) {
+    int end[kMaxPeers];
+#pragma unroll
+    for (int r = 0; r < kMaxPeers; ++r)
+      end[r] = r < R && r != me ? slot_base[r] + rows_before(p.send_pos, R, r, t1, lane) : 0;
+    if (lane < kMaxPeers) {
+      int mine = 0;
 #pragma unroll
       for (int r = 0; r < kMaxPeers; ++r)
-        end[r] = r < R && r != me ? slot_base[r] + rows_before(p.send_pos, R, r, t1, lane) : 0;
+        if (lane == r) mine = end[r];
+      round_end[lane] = mine;
+    }
+    __syncwarp();
+  };
+  const RingCtl* own = ctx.ring_ctl(me);
+  for (int t0 = t_begin; t0 < t_end; t0 += S * kDispatchPublishRounds) {
+    const int t1 = min(t_end, t0 + S * kDispatchPublishRounds);
+    if (Q > 0) {
+      // Room in every ring: receiver r copied out all of block b's rows to it but the last Q
+      // before the round's end. Those rows were published in earlier rounds (a round holds at most
+      // Q / 2 rows: plan::dispatch_ring), so this waits only for copies r's block b can always make.
+      bool ok = true;
+      if (warp == 0) {
+        round_ends(t1);
+        const int need = lane < R && lane != me ? round_end[lane] - Q : 0;
+        if (lane < R && lane != me && need > ring_start[lane])
+          ok = wait_geq(ctx, &own->head[lane][b], tagged_count(e, need), Phase::kSend, lane).ok;
+      }
+      if (!bar_red_and(1, S * kWarpSize, ok)) return false;  // and the slots are free before any warp writes
+    }
+    for (int t = t0 + warp; t < t1; t += S) send_token(p, t, slot_base, lane, Q > 0 ? ring_start : nullptr);
+    bar_sync(1, S * kWarpSize);  // every sender warp's rows of [t0, t1) before warp 0's fence
+    if (warp == 0) {
+      if (Q == 0) round_ends(t1);
       if (lane == 0) {
         fence_acq_rel_sys();  // cumulative over the barrier: a release of the whole round's rows
-#pragma unroll
-        for (int r = 0; r < kMaxPeers; ++r)
-          if (r < R && r != me) st_relaxed_sys(&ctx.ring_ctl(r)->tail[me][b][0], tagged_count(e, end[r]));
+        for (int r = 0; r < R; ++r)
+          if (r != me) st_relaxed_sys(&ctx.ring_ctl(r)->tail[me][b][0], tagged_count(e, round_end[r]));
       }
     }
   }
+  return true;
 }
 
 // Split blocks' copy-out (warps [S, warps), named barrier 2): the rows of block b of every source,
-// as far as each has published, in turns. Senders never wait on this, so no turn can block another.
+// as far as each has published, in turns. No turn waits for anything but a source's progress, so
+// none can block another; bounded, each turn then returns the copied slots to the source (head).
 __device__ bool copy_out_as_published(const DispatchParams& p, uint64_t e, int S, int num_recv) {
-  __shared__ int next[kMaxPeers], hi[kMaxPeers], avail[kMaxPeers];
+  __shared__ int lo[kMaxPeers], next[kMaxPeers], hi[kMaxPeers], avail[kMaxPeers];
   __shared__ int status;  // 0 running, 1 all copied, 2 failed
   const OpContext& ctx = p.ctx;
-  const int R = ctx.num_ranks, me = ctx.rank, b = blockIdx.x;
+  const int R = ctx.num_ranks, me = ctx.rank, b = blockIdx.x, B = gridDim.x, Q = p.ring_slots;
   const int threads = static_cast<int>(blockDim.x) - S * kWarpSize, tid = static_cast<int>(threadIdx.x) - S * kWarpSize;
   RingCtl* ctl = ctx.ring_ctl(me);
   bool ok = true;
   if (tid < R && tid != me) {
     ok = wait_range(ctx, &ctl->bound[tid][b], &ctl->bound[tid][b + 1], e, Phase::kReceive, tid, next[tid], hi[tid]);
+    lo[tid] = next[tid];
   } else if (tid < kMaxPeers) {
-    next[tid] = hi[tid] = 0;
+    lo[tid] = next[tid] = hi[tid] = 0;
   }
   if (tid == 0) status = 0;
   if (!bar_red_and(2, threads, ok)) return false;
-  PollClock clock;
+  WaitClock clock;
   while (true) {
     // Thread s looks at source s's progress (acquire); the barrier orders the copies after it.
     if (tid < R && tid != me) {
@@ -120,18 +159,32 @@ __device__ bool copy_out_as_published(const DispatchParams& p, uint64_t e, int S
     for (int i = 1; i < R; ++i) {
       const int s = (me + i) % R;
       if (avail[s] > next[s]) {
-        copy_out(p, next[s], avail[s] - next[s], tid, threads);
+        if (Q == 0) {
+          copy_out(p, next[s], next[s], avail[s] - next[s], tid, threads);
+        } else {
+          // Ring (s, b): at most Q rows are published and not yet returned, in at most two runs.
+          const int64_t ring = (static_cast<int64_t>(s) * B + b) * Q;
+          for (int j = next[s]; j < avail[s];) {
+            const int i_ring = (j - lo[s]) % Q, n = min(avail[s] - j, Q - i_ring);
+            copy_out(p, j, ring + i_ring, n, tid, threads);
+            j += n;
+          }
+        }
         progressed = true;
       }
       if (avail[s] < hi[s] && pending < 0) pending = s;
     }
     if (tid == 0) {
       if (pending < 0) status = 1;
-      else if (progressed) clock.idle_since = 0;
-      else if (!poll_still_ok(ctx, clock, Phase::kReceive, pending, avail[pending], hi[pending])) status = 2;
+      else if (progressed) clock.progressed();
+      else if (idle_poll(ctx, clock, Phase::kReceive, pending, avail[pending], hi[pending]) != Idle::kWait) status = 2;
     }
-    bar_sync(2, threads);  // every thread read avail/next before they move on
-    if (tid < R && tid != me) next[tid] = avail[tid];
+    bar_sync(2, threads);  // every thread read avail/next, and (bounded) copied its part of the rows
+    if (tid < R && tid != me) {
+      // Release: this block's loads of the returned slots come before the source's next writes.
+      if (Q > 0 && avail[tid] > next[tid]) st_release_sys(&ctx.ring_ctl(tid)->head[me][b], tagged_count(e, avail[tid]));
+      next[tid] = avail[tid];
+    }
     if (status != 0) break;
   }
   if (status == 2) return false;

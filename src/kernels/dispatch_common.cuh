@@ -34,7 +34,8 @@ __device__ __forceinline__ bool dispatch_begin(const DispatchParams& p, uint64_t
   e = op_begin(p.ctx);
   num_recv = *p.num_recv;
   check_skip_is_recorded(p.ctx, num_recv);
-  if (num_recv < 0 || !rows_fit(p.ctx, p.count_matrix, p.rows.capacity, /*by_receiver=*/true)) {
+  // The bounded dispatch (p.ring_slots > 0) streams through rings: any row count fits.
+  if (num_recv < 0 || (p.ring_slots == 0 && !rows_fit(p.ctx, p.count_matrix, p.rows.capacity, /*by_receiver=*/true))) {
     op_end(p.ctx, e);
     return false;
   }
@@ -52,20 +53,30 @@ __device__ __forceinline__ TokenRange block_tokens(int num_tokens) {
   return {begin, min(num_tokens, begin + per_block)};
 }
 
-__device__ __forceinline__ void send_token(const DispatchParams& p, int t, const int* slot_base, int lane) {
+// Where the row `row` (in destination r's output order) lands in r's row region: that row, or
+// (bounded: ring_start = the first row of this block's rows on each destination) its slot in ring
+// (this rank, this block) of p.ring_slots rows.
+__device__ __forceinline__ int64_t region_row(const DispatchParams& p, const int* ring_start, int r, int64_t row) {
+  if (ring_start == nullptr) return row;
+  const int64_t Q = p.ring_slots;
+  return (static_cast<int64_t>(p.ctx.rank) * gridDim.x + blockIdx.x) * Q + (row - ring_start[r]) % Q;
+}
+
+// ring_start: null (every row has its final slot in the row region), or the bounded dispatch's.
+__device__ __forceinline__ void send_token(const DispatchParams& p, int t, const int* slot_base, int lane,
+                                           const int* ring_start = nullptr) {
   const OpContext& ctx = p.ctx;
   const int R = ctx.num_ranks, me = ctx.rank;
   // Destination row of this token on every rank (null where it is not sent). Indexed by
   // compile-time constants only, so everything stays in registers.
   char* dst_x[kMaxPeers];
-  int64_t dst_row[kMaxPeers];
 #pragma unroll
   for (int r = 0; r < kMaxPeers; ++r) {
     const int pos = r < R ? p.send_pos[static_cast<int64_t>(t) * R + r] : -1;
-    dst_row[r] = pos >= 0 ? slot_base[r] + pos : -1;
+    const int64_t row = slot_base[r] + pos;
     dst_x[r] = pos < 0 ? nullptr
-               : r == me ? p.recv_x + dst_row[r] * p.rows.row_bytes
-                         : p.rows.row(ctx.rows(r), dst_row[r]);
+               : r == me ? p.recv_x + row * p.rows.row_bytes
+                         : p.rows.row(ctx.rows(r), region_row(p, ring_start, r, row));
   }
   warp_copy_multicast<kDispatchUnroll>(p.x + t * p.x_row_stride_bytes, dst_x, p.rows.row_bytes, lane);
 
@@ -74,9 +85,10 @@ __device__ __forceinline__ void send_token(const DispatchParams& p, int t, const
   const RowLayout& L = p.rows;
 #pragma unroll 1
   for (int r = 0; r < R; ++r) {
-    const int64_t row = p.send_pos[static_cast<int64_t>(t) * R + r] >= 0 ? slot_base[r] + p.send_pos[static_cast<int64_t>(t) * R + r] : -1;
-    if (row < 0) continue;
+    const int pos = p.send_pos[static_cast<int64_t>(t) * R + r];
+    if (pos < 0) continue;
     const bool local = r == me;
+    const int64_t row = local ? slot_base[r] + pos : region_row(p, ring_start, r, slot_base[r] + pos);
     char* base = local ? nullptr : ctx.rows(r);
     uint32_t* scales = local ? p.recv_x_scales + row * L.num_scales : reinterpret_cast<uint32_t*>(L.scales(base, row));
     for (int j = lane; j < L.num_scales; j += kWarpSize)
@@ -101,21 +113,21 @@ __device__ __forceinline__ void send_token(const DispatchParams& p, int t, const
   }
 }
 
-// Threads [tid, nthreads) copy rows [first, first + num) of the local row region (written by one
-// source) to the outputs.
-__device__ __forceinline__ void copy_out(const DispatchParams& p, int64_t first, int64_t num, size_t tid,
+// Threads [tid, nthreads) copy rows [slot, slot + num) of the local row region (written by one
+// source) to the output rows [first, first + num): the same rows, or a ring's slots (bounded).
+__device__ __forceinline__ void copy_out(const DispatchParams& p, int64_t first, int64_t slot, int64_t num, size_t tid,
                                          size_t nthreads) {
   const RowLayout& L = p.rows;
   char* base = p.ctx.rows(p.ctx.rank);
-  coop_copy<8>(p.recv_x + first * L.row_bytes, L.row(base, first), num * L.row_bytes, tid, nthreads);
+  coop_copy<8>(p.recv_x + first * L.row_bytes, L.row(base, slot), num * L.row_bytes, tid, nthreads);
   if (L.num_scales)
-    coop_copy(p.recv_x_scales + first * L.num_scales, L.scales(base, first), num * L.num_scales * 4, tid, nthreads);
+    coop_copy(p.recv_x_scales + first * L.num_scales, L.scales(base, slot), num * L.num_scales * 4, tid, nthreads);
   const int K = L.num_topk_idx;
   for (size_t i = tid; i < static_cast<size_t>(num) * K; i += nthreads) {
-    if (p.recv_topk_idx) p.recv_topk_idx[first * K + i] = L.topk_idx(base, first)[i];
-    if (p.recv_topk_weights) p.recv_topk_weights[first * K + i] = L.num_topk_weights ? L.topk_weights(base, first)[i] : 0.f;
+    if (p.recv_topk_idx) p.recv_topk_idx[first * K + i] = L.topk_idx(base, slot)[i];
+    if (p.recv_topk_weights) p.recv_topk_weights[first * K + i] = L.num_topk_weights ? L.topk_weights(base, slot)[i] : 0.f;
   }
-  if (p.recv_src_idx) coop_copy(p.recv_src_idx + first, L.src_idx(base, first), num * 4, tid, nthreads);
+  if (p.recv_src_idx) coop_copy(p.recv_src_idx + first, L.src_idx(base, slot), num * 4, tid, nthreads);
 }
 
 __device__ __forceinline__ void pad_rows(const DispatchParams& p, int64_t first, size_t tid, size_t nthreads) {

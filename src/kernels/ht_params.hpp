@@ -61,8 +61,7 @@ struct NotifyParams {
   int* rank_prefix_matrix;  // [R, R]
   int* send_pos;            // [N, R]
   int* num_recv;            // [1]
-  // Capacity checks: rows every rank can receive in dispatch, and the worst-case row count.
-  int64_t dispatch_capacity;
+  // The worst-case row count (0: host-synced), checked against the rows every rank receives.
   int num_worst_tokens;
   HostMailbox* mailbox;  // host-mapped, or null
 };
@@ -95,6 +94,9 @@ struct DispatchParams {
   // > 0: split blocks (dispatch.cu): this many warps of each block copy rows out as they land
   // while the others send; 0: every warp sends, then copies out after each source's done.
   int copy_warps;
+  // > 0 (with copy_warps > 0): the bounded dispatch: rows per (source rank, block) ring of every
+  // receiver's row region (plan::dispatch_ring); 0: every row has its final slot there.
+  int ring_slots;
 };
 void launch_dispatch(const DispatchParams& p, int num_blocks, int num_threads, cudaStream_t stream);
 

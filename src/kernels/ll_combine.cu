@@ -102,8 +102,8 @@ __device__ __forceinline__ void combine_recv(const LlCombineParams& p, uint64_t 
   LlSync* sync = c.sync(c.ctx.rank);
   bool ok = true;
   if (threadIdx.x < R && !c.masked(threadIdx.x))
-    ok = wait_flag_geq(c.ctx, &sync->data[c.buffer_idx][threadIdx.x], n, Phase::kReceive, threadIdx.x,
-                       c.mask_of(threadIdx.x));
+    ok = wait_geq(c.ctx, &sync->data[c.buffer_idx][threadIdx.x], n, Phase::kReceive, threadIdx.x,
+                  c.mask_of(threadIdx.x)).ok;
   if (!__syncthreads_and(ok)) return;
   __shared__ float weight[kMaxLlTopk];  // 0 where the slot is -1 (never read then)
   __shared__ int valid[kMaxLlTopk];

@@ -11,8 +11,8 @@ namespace ll {
 __device__ __forceinline__ bool wait_consumed(const LlCommon& c, uint64_t last) {
   bool ok = true;
   if (threadIdx.x < c.ctx.num_ranks && !c.masked(threadIdx.x))
-    ok = device::wait_flag_geq(c.ctx, &c.sync(c.ctx.rank)->consumed[c.buffer_idx][threadIdx.x], last,
-                               Phase::kEntryBarrier, threadIdx.x, c.mask_of(threadIdx.x));
+    ok = device::wait_geq(c.ctx, &c.sync(c.ctx.rank)->consumed[c.buffer_idx][threadIdx.x], last,
+                          Phase::kEntryBarrier, threadIdx.x, c.mask_of(threadIdx.x)).ok;
   return __syncthreads_and(ok);
 }
 

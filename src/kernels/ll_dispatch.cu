@@ -134,7 +134,7 @@ __device__ __noinline__ bool wait_source(const LlDispatchParams& p, uint64_t n) 
   const int s = threadIdx.x;
   if (s >= c.ctx.num_ranks || c.masked(s)) return true;
   const long long t0 = clock64();
-  const bool ok = wait_flag_geq(c.ctx, &c.sync(c.ctx.rank)->data[c.buffer_idx][s], n, Phase::kReceive, s, c.mask_of(s));
+  const bool ok = wait_geq(c.ctx, &c.sync(c.ctx.rank)->data[c.buffer_idx][s], n, Phase::kReceive, s, c.mask_of(s)).ok;
   if (ok && p.wait_stats != nullptr && blockIdx.x == 0)
     atomicAdd(reinterpret_cast<unsigned long long*>(&p.wait_stats[s]), clock64() - t0);
   return ok;

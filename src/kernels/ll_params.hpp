@@ -21,7 +21,7 @@ struct LlCommon {
   EPX_HD LlSync* sync(int r) const { return reinterpret_cast<LlSync*>(region(r)); }
   // Device only (a volatile load of the mask another block or the host may write).
   EPX_HD bool masked(int r) const { return shrink && *static_cast<volatile const int*>(&ws->mask[r]) != 0; }
-  // The mask word a wait for rank r passes to wait_flag_geq (null outside shrink mode).
+  // The mask word a wait for rank r passes to the bounded wait (null outside shrink mode).
   EPX_HD int* mask_of(int r) const { return shrink ? &ws->mask[r] : nullptr; }
 };
 

@@ -4,7 +4,8 @@
 //      every rank's NotifyArea, then publishes done = e,
 //   3. while that is in flight, each token's slot among this rank's rows to every rank (send_pos),
 //   4. after every peer's done: the full count matrix, the rank prefix matrix, the rows this rank
-//      receives, the per-expert received counts, and the capacity checks every rank agrees on.
+//      receives, the per-expert received counts, the busiest receiver's and sender's row counts,
+//      and the worst-case check every rank agrees on.
 #include <cub/block/block_scan.cuh>
 
 #include "device/sync.cuh"
@@ -85,22 +86,23 @@ __global__ void __launch_bounds__(kThreads, 1) notify_kernel(const __grid_consta
     }
   }
   if (threadIdx.x == 0) {
-    // Every rank sees the same matrix, so every rank takes the same decision on capacity.
-    long long max_rows = 0;
+    // Every rank sees the same matrix, so every rank takes the same decisions. Rows that do not fit
+    // the row region are no error: dispatch and combine then stream through rings (bounded).
+    long long max_rows = 0, max_sent = 0;
     int worst_rank = 0;
     for (int r = 0; r < R; ++r) {
-      long long rows = 0;
-      for (int s = 0; s < R; ++s) rows += counts[s][r];
+      long long rows = 0, sent = 0;
+      for (int s = 0; s < R; ++s) {
+        rows += counts[s][r];
+        sent += counts[r][s];
+      }
       if (rows > max_rows) { max_rows = rows; worst_rank = r; }
+      if (sent > max_sent) max_sent = sent;
     }
     int num_recv = 0;
     for (int s = 0; s < R; ++s) num_recv += counts[s][me];
     int status = 0;
-    if (max_rows > p.dispatch_capacity) {
-      status = static_cast<int>(DeviceErrorKind::kBufferTooSmall);
-      device::record_error(ctx, DeviceErrorKind::kBufferTooSmall, Phase::kCapacity, worst_rank, -1, max_rows,
-                           p.dispatch_capacity);
-    } else if (p.num_worst_tokens > 0 && max_rows > p.num_worst_tokens) {
+    if (p.num_worst_tokens > 0 && max_rows > p.num_worst_tokens) {
       status = static_cast<int>(DeviceErrorKind::kInvalidArgument);
       device::record_error(ctx, DeviceErrorKind::kInvalidArgument, Phase::kCapacity, worst_rank, -1, max_rows,
                            p.num_worst_tokens);
@@ -111,6 +113,7 @@ __global__ void __launch_bounds__(kThreads, 1) notify_kernel(const __grid_consta
     if (p.mailbox != nullptr) {
       p.mailbox->num_recv = num_recv;
       p.mailbox->max_rows = max_rows;
+      p.mailbox->max_sent_rows = max_sent;
     }
   }
   device::op_end(ctx, e);

@@ -23,11 +23,12 @@ __device__ __forceinline__ int count_of(uint64_t word) { return static_cast<int>
 __device__ __forceinline__ bool wait_range(const device::OpContext& ctx, const uint64_t* lo_word,
                                            const uint64_t* hi_word, uint64_t e, Phase phase, int peer,
                                            int& lo, int& hi) {
-  if (!device::wait_flag_geq(ctx, lo_word, tagged_count(e, 0), phase, peer) ||
-      !device::wait_flag_geq(ctx, hi_word, tagged_count(e, 0), phase, peer))
-    return false;
-  lo = count_of(device::ld_acquire_sys(lo_word));
-  hi = count_of(device::ld_acquire_sys(hi_word));
+  const device::Seen l = device::wait_geq(ctx, lo_word, tagged_count(e, 0), phase, peer);
+  if (!l.ok) return false;
+  const device::Seen h = device::wait_geq(ctx, hi_word, tagged_count(e, 0), phase, peer);
+  if (!h.ok) return false;
+  lo = count_of(l.value);
+  hi = count_of(h.value);
   return true;
 }
 

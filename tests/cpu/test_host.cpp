@@ -1,6 +1,7 @@
 // CPU tests of the host-side pieces that need no GPU: views, validation, config, planning, errors.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cstdlib>
 #include <string>
 
@@ -122,6 +123,21 @@ TEST(Plan, LayoutsFitAndHintsSuffice) {
   EXPECT_EQ(plan::num_scales(7168), 56);
   EXPECT_EQ(plan::num_scales(100), 1);
   EXPECT_EQ(plan::dispatch_rows(1024, 7168, DType::kBF16, 8).capacity, 0);
+}
+
+TEST(Plan, FlagAreasHoldEveryFlag) {
+  // What Buffer::flag_bytes reports (kRowsOffset, LlLayout::kSyncBytes) covers every flag and control
+  // word of its part: the rest only stages rows (get_local_buffer_tensor exposes that rest).
+  const size_t nvl = SymmetricLayout::kRowsOffset;
+  EXPECT_GE(nvl, SymmetricLayout::kRingCtlOffset + sizeof(RingCtl));
+  EXPECT_GE(SymmetricLayout::kRingCtlOffset, SymmetricLayout::kNotifyOffset + sizeof(NotifyArea));
+  EXPECT_GE(SymmetricLayout::kNotifyOffset, sizeof(SyncArea));
+  EXPECT_EQ(nvl % 4096, 0u);
+  const size_t ll = LlLayout::kSyncBytes;
+  EXPECT_GE(ll, sizeof(LlSync));
+  LlLayout layout;
+  layout.place(8, 128, 7168, 8, 32, /*with_zero_copy=*/true);
+  EXPECT_EQ(layout.num_bytes(), ll + 2 * layout.buffer_bytes);  // [ LlSync | buffer 0 | buffer 1 ]
 }
 
 TEST(Plan, SizeHintValidatesArguments) {
@@ -284,6 +300,139 @@ TEST(Plan, RingCombineSplitBlocks) {
   c.validate(132);
 }
 
+TEST(Plan, BoundedDispatchRings) {
+  Config c;  // 20 blocks of 16 warps; split blocks off, which the bounded dispatch ignores
+  const int H = 7168, K = 8;
+  for (int R : {2, 3, 4, 8}) {
+    for (DType dt : {DType::kBF16, DType::kFP8E4M3}) {
+      const size_t bytes = size_t{256} << 20;
+      const RowLayout rows = plan::dispatch_rows(bytes, H, dt, K);
+      const plan::DispatchRing ring = plan::dispatch_ring(c, R, bytes, H, dt, K);
+      // slots = capacity / (R x blocks); the split-block warps of dispatch_copy_warps.
+      EXPECT_EQ(ring.slots, rows.capacity / (R * c.num_sms)) << R;
+      Config split = c;
+      split.dispatch_split_blocks = true;
+      EXPECT_EQ(ring.copy_warps, plan::dispatch_copy_warps(split, rows.row_bytes));
+      EXPECT_EQ(ring.send_warps + ring.copy_warps, c.num_threads / 32);
+      EXPECT_EQ(plan::dispatch_ring_min_slots(c, rows.row_bytes), 2 * kDispatchPublishRounds * ring.send_warps);
+    }
+  }
+  // bf16 hidden 7168 at 20 blocks: 5 sending warps, so rings of 2 x 2 x 5 = 20 rows at least.
+  EXPECT_EQ(plan::dispatch_ring_min_slots(c, 7168 * 2), 20);
+  // Capped at kMaxDispatchRingSlots.
+  {
+    Config one = c;
+    one.num_sms = 1;
+    EXPECT_EQ(plan::dispatch_ring(one, 2, size_t{1} << 31, 1024, DType::kBF16, 4).slots, kMaxDispatchRingSlots);
+  }
+  // The minimum legal size holds the rings; 2 MiB less (the rounding of num_nvl_bytes) does not,
+  // and the error names the minimum.
+  for (int R : {2, 4, 8}) {
+    const size_t min = plan::dispatch_ring_min_bytes(c, R, H, DType::kBF16, K);
+    EXPECT_EQ(min % (1 << 21), 0u);
+    EXPECT_GE(plan::dispatch_ring(c, R, min, H, DType::kBF16, K).slots, 20);
+    expect_error([&] { plan::dispatch_ring(c, R, min - (1 << 21), H, DType::kBF16, K); }, ErrorKind::kBufferTooSmall,
+                 "need num_nvl_bytes >= " + std::to_string(min) + ", have " + std::to_string(min - (1 << 21)));
+  }
+  expect_error([&] { plan::dispatch_ring(c, 4, 4 << 20, H, DType::kBF16, K); }, ErrorKind::kBufferTooSmall,
+               "fewer than two rounds of 5 sending warps (20)");
+  // One progress word per block: more than kMaxRingChannels blocks cannot stream.
+  Config wide = c;
+  wide.num_sms = kMaxRingChannels + 1;
+  expect_error([&] { plan::dispatch_ring(wide, 4, size_t{1} << 30, H, DType::kBF16, K); }, ErrorKind::kUnsupported,
+               "Config.num_sms = 81");
+  wide.num_sms = kMaxRingChannels;
+  EXPECT_GT(plan::dispatch_ring(wide, 4, size_t{1} << 30, H, DType::kBF16, K).slots, 0);
+}
+
+// docs/protocol.md, "dispatch, bounded": the resolved values the deadlock-freedom argument needs. A
+// publication round's rows fit in half a ring, so a sender waits only for slots of rows it
+// published in earlier rounds (the receiver's copy warps always drain those); the rings of all
+// sources and blocks lie apart inside the row region; both parts of a block have warps.
+TEST(Plan, BoundedDispatchIsDeadlockFree) {
+  for (int num_sms : {1, 7, 20, 24, 80}) {
+    for (int threads : {64, 256, 512}) {
+      for (int R : {2, 3, 4, 8}) {
+        for (int hidden : {128, 2048, 7168}) {
+          for (DType dt : {DType::kBF16, DType::kFP8E4M3}) {
+            Config c;
+            c.num_sms = num_sms;
+            c.num_threads = threads;
+            const size_t bytes = plan::dispatch_ring_min_bytes(c, R, hidden, dt, 8);
+            const plan::DispatchRing ring = plan::dispatch_ring(c, R, bytes, hidden, dt, 8);
+            const RowLayout rows = plan::dispatch_rows(bytes, hidden, dt, 8);
+            EXPECT_GE(ring.send_warps, 1);
+            EXPECT_GE(ring.copy_warps, 1);
+            const int round_rows = ring.send_warps * kDispatchPublishRounds;  // one row per token and destination
+            EXPECT_GE(ring.slots, 2 * round_rows) << num_sms << " " << threads << " " << R << " " << hidden;
+            EXPECT_LE(ring.slots, kMaxDispatchRingSlots);
+            EXPECT_LE(int64_t{R} * num_sms * ring.slots, rows.capacity);
+            // The combine's rings (where the block geometry makes any): a receiver batch of chunks fits each.
+            if (plan::ring_plan(c, R, int64_t{1} << 40, /*bounded=*/true).channels == 0) continue;
+            const size_t cbytes = std::max(bytes, plan::combine_ring_min_bytes(c, R, hidden, 8));
+            const plan::RingPlan cr = plan::bounded_ring_plan(c, R, cbytes, hidden, 8);
+            EXPECT_GT(cr.channels, 0);
+            EXPECT_GE(cr.slots, plan::combine_ring_min_slots(c));
+            EXPECT_LE(int64_t{R} * cr.channels * cr.slots, plan::combine_rows(cbytes, hidden, 8).capacity);
+          }
+        }
+      }
+    }
+  }
+}
+
+TEST(Plan, BoundedCombineTakesRingsAtEveryRankCount) {
+  Config c;
+  const int64_t big = int64_t{1} << 24;
+  for (int R : {2, 3, 4, 8}) {
+    // Unbounded: 2 ranks (or the rings switched off) take the row region.
+    EXPECT_EQ(plan::ring_plan(c, R, big).channels > 0, R >= 3) << R;
+    // Bounded: the rings at every rank count, whatever Config.ring_combine says.
+    for (bool on : {true, false}) {
+      Config cc = c;
+      cc.ring_combine = on;
+      const plan::RingPlan p = plan::ring_plan(cc, R, big, /*bounded=*/true);
+      EXPECT_EQ(p.channels, c.num_sms) << R;  // split blocks: a channel per block
+      EXPECT_EQ(p.slots, c.ring_slots);
+      EXPECT_GT(p.send_warps, 0);
+      const size_t min = plan::combine_ring_min_bytes(cc, R, 7168, 8);
+      const plan::RingPlan q = plan::bounded_ring_plan(cc, R, min, 7168, 8);
+      EXPECT_EQ(q.channels, c.num_sms);
+      EXPECT_GE(q.slots, kMinRingSlots);
+      expect_error([&] { plan::bounded_ring_plan(cc, R, min - (1 << 21), 7168, 8); }, ErrorKind::kBufferTooSmall,
+                   "need num_nvl_bytes >= " + std::to_string(min));
+    }
+    // The sender and receiver blocks too.
+    Config blocks = c;
+    blocks.ring_split_blocks = false;
+    EXPECT_GT(plan::ring_plan(blocks, R, big, /*bounded=*/true).channels, 0) << R;
+  }
+  // No rings possible from the block geometry: Unsupported, not a size.
+  Config narrow = c;
+  narrow.num_threads = 64;  // 2 warps: a split block's senders cannot serve 7 peers
+  narrow.ring_split_blocks = false;
+  narrow.num_sms = 1;
+  expect_error([&] { plan::bounded_ring_plan(narrow, 8, size_t{1} << 30, 7168, 8); }, ErrorKind::kUnsupported,
+               "cannot make combine rings");
+}
+
+TEST(Plan, RingSizeHintServesAnyBatch) {
+  for (int R : {1, 2, 4, 8}) {
+    for (int hidden : {1024, 4096, 7168}) {
+      Config c;
+      const size_t hint = c.get_nvl_buffer_size_hint(size_t(hidden) * 2, R);
+      EXPECT_EQ(hint % (1 << 21), 0u);
+      if (R == 1) continue;  // nothing travels
+      for (DType dt : {DType::kBF16, DType::kFP8E4M3}) {
+        EXPECT_GE(plan::dispatch_ring(c, R, hint, hidden, dt, kMaxTopk).slots, c.ring_slots);
+        EXPECT_EQ(plan::bounded_ring_plan(c, R, hint, hidden, kMaxTopk).slots, c.ring_slots);
+      }
+    }
+  }
+  expect_error([] { Config().get_nvl_buffer_size_hint(0, 4); }, ErrorKind::kInvalidArgument, "hidden_bytes");
+  expect_error([] { Config().get_nvl_buffer_size_hint(1024, 9); }, ErrorKind::kInvalidArgument, "num_ranks");
+}
+
 TEST(Layout, SymmetricRegionsDoNotOverlap) {
   EXPECT_GE(SymmetricLayout::kNotifyOffset, sizeof(SyncArea));
   EXPECT_GE(SymmetricLayout::kRingCtlOffset, SymmetricLayout::kNotifyOffset + sizeof(NotifyArea));
@@ -292,24 +441,94 @@ TEST(Layout, SymmetricRegionsDoNotOverlap) {
 }
 
 TEST(LlLayout, BuffersHoldEveryRegionAligned) {
-  for (int R : {2, 3, 8}) {
-    for (int H : {128, 1152, 7168}) {
-      LlLayout l;
-      l.place(R, 128, H, 8, 32);
-      EXPECT_GE(LlLayout::kSyncBytes, sizeof(LlSync));
-      EXPECT_GE(l.row_bytes, static_cast<size_t>(H) + H / 128 * 4) << "fp8 row + scales must fit";
-      EXPECT_EQ(l.row_bytes % 16, 0u);
-      EXPECT_GE(l.off_dispatch_meta, l.off_dispatch + static_cast<size_t>(R) * 128 * l.row_bytes);
-      EXPECT_GE(l.off_combine, l.off_dispatch_meta + static_cast<size_t>(R) * 128 * l.meta_bytes);
-      EXPECT_GE(l.off_zero_copy, l.off_combine + static_cast<size_t>(128) * 8 * H * 2);
-      EXPECT_GE(l.buffer_bytes, l.off_zero_copy + static_cast<size_t>(32) * R * 128 * H * 2);
-      EXPECT_EQ(l.num_bytes(), LlLayout::kSyncBytes + 2 * l.buffer_bytes);
-      EXPECT_LE(l.num_bytes(), Buffer::low_latency_size_hint(128, H, R, 32 * R, 8));
+  for (bool zero_copy : {false, true}) {
+    for (int R : {2, 3, 8}) {
+      for (int H : {128, 1152, 7168}) {
+        SCOPED_TRACE(testing::Message() << "R " << R << " H " << H << " zero_copy " << zero_copy);
+        LlLayout l;
+        l.place(R, 128, H, 8, 32, zero_copy);
+        EXPECT_GE(LlLayout::kSyncBytes, sizeof(LlSync));
+        EXPECT_GE(l.row_bytes, static_cast<size_t>(H) + H / 128 * 4) << "fp8 row + scales must fit";
+        EXPECT_EQ(l.row_bytes % 16, 0u);
+        EXPECT_GE(l.off_dispatch_meta, l.off_dispatch + static_cast<size_t>(R) * 128 * l.row_bytes);
+        EXPECT_GE(l.off_combine, l.off_dispatch_meta + static_cast<size_t>(R) * 128 * l.meta_bytes);
+        const size_t staging_end = l.off_combine + static_cast<size_t>(128) * 8 * H * 2;
+        EXPECT_EQ(l.has_zero_copy, zero_copy);
+        EXPECT_EQ(l.zero_copy_bytes(), static_cast<size_t>(32) * R * 128 * H * 2);
+        if (zero_copy) {
+          EXPECT_GE(l.off_zero_copy, staging_end);
+          EXPECT_EQ(l.off_zero_copy % 128, 0u);
+          EXPECT_GE(l.buffer_bytes, l.off_zero_copy + l.zero_copy_bytes());
+        } else {
+          EXPECT_GE(l.buffer_bytes, staging_end);
+          EXPECT_LT(l.buffer_bytes, staging_end + 4096) << "no room kept for a zero-copy buffer";
+          char* region = reinterpret_cast<char*>(uintptr_t{1} << 20);
+          EXPECT_EQ(l.zero_copy(region, 0), nullptr);
+        }
+        EXPECT_EQ(l.buffer_bytes % 4096, 0u);
+        EXPECT_EQ(l.num_bytes(), LlLayout::kSyncBytes + 2 * l.buffer_bytes);
+        const size_t hint = Buffer::low_latency_size_hint(128, H, R, 32 * R, 8, zero_copy);
+        EXPECT_LE(l.num_bytes(), hint);
+        EXPECT_EQ(hint % (size_t{1} << 21), 0u);
+        EXPECT_LT(hint - l.num_bytes(), size_t{1} << 21) << "the hint is the layout rounded up to 2 MiB";
+      }
     }
   }
+  EXPECT_EQ(Buffer::low_latency_size_hint(128, 1024, 2, 64, 8),
+            Buffer::low_latency_size_hint(128, 1024, 2, 64, 8, /*zero_copy=*/false)) << "default: no zero-copy";
   EXPECT_THROW(Buffer::low_latency_size_hint(128, 100, 2, 64, 8), Error);   // hidden % 128
   EXPECT_THROW(Buffer::low_latency_size_hint(128, 1024, 2, 63, 8), Error);  // E % R
   EXPECT_THROW(Buffer::low_latency_size_hint(0, 1024, 2, 64, 8), Error);    // T
+}
+
+// EP8 DeepSeek-V3 decode: T = 128 tokens per rank, H = 7168, E = 256 experts (E_loc = 32), K = 8.
+// Per buffer: dispatch staging R*T rows of 2H bytes (14 MiB) + top-k ids (32 KiB), combine staging
+// T*K rows of 2H bytes (14 MiB); the zero-copy buffer adds E_loc*R*T rows of 2H bytes (448 MiB).
+// Two buffers and the 4 KiB sync block, rounded up to 2 MiB: 58 MiB, or 954 MiB with zero-copy.
+TEST(LlLayout, SizeHintAtEp8DeepSeekV3Decode) {
+  constexpr int T = 128, H = 7168, R = 8, E = 256, K = 8, E_loc = E / R;
+  constexpr size_t kMiB = size_t{1} << 20;
+  const size_t staging = align_up(align_up(size_t{R} * T * H * 2, 128) + size_t{R} * T * align_up(K * 4, 16), 128) +
+                         size_t{T} * K * H * 2;
+  const size_t zero_copy = size_t{E_loc} * R * T * H * 2;
+  EXPECT_EQ(zero_copy, 448 * kMiB);
+  const size_t without = Buffer::low_latency_size_hint(T, H, R, E, K, /*zero_copy=*/false);
+  const size_t with = Buffer::low_latency_size_hint(T, H, R, E, K, /*zero_copy=*/true);
+  EXPECT_EQ(without, align_up(LlLayout::kSyncBytes + 2 * align_up(staging, 4096), 2 * kMiB));
+  EXPECT_EQ(with, align_up(LlLayout::kSyncBytes + 2 * align_up(align_up(staging, 128) + zero_copy, 4096), 2 * kMiB));
+  EXPECT_EQ(without, 58 * kMiB);
+  EXPECT_EQ(with, 954 * kMiB);
+  EXPECT_EQ(with - without, 2 * zero_copy);
+}
+
+// The layout an op uses: kOff never places the zero-copy buffers, kOn always does, kIfRoom does
+// exactly when num_ll_bytes holds them (so the zero-copy size hint turns them on, anything less off).
+TEST(LlLayout, ZeroCopyModeResolvesFromTheRegionSize) {
+  // Shapes whose zero-copy buffers exceed the hint's 2 MiB rounding (at tiny T both hints are 2 MiB,
+  // and kIfRoom places them in either).
+  for (int R : {2, 8}) {
+    for (int T : {64, 128}) {
+      SCOPED_TRACE(testing::Message() << "R " << R << " T " << T);
+      const int H = 4096, K = 4, E_loc = 3, E = E_loc * R;
+      const size_t with = Buffer::low_latency_size_hint(T, H, R, E, K, true);
+      const size_t without = Buffer::low_latency_size_hint(T, H, R, E, K, false);
+      ASSERT_GT(with, without);
+      auto has = [&](LlZeroCopy mode, size_t bytes) {
+        return plan::ll_layout(mode, bytes, R, T, H, K, E_loc).has_zero_copy;
+      };
+      EXPECT_FALSE(has(LlZeroCopy::kOff, with));
+      EXPECT_FALSE(has(LlZeroCopy::kOff, 4 * with));
+      EXPECT_TRUE(has(LlZeroCopy::kOn, without));
+      EXPECT_TRUE(has(LlZeroCopy::kOn, with));
+      EXPECT_TRUE(has(LlZeroCopy::kIfRoom, with));
+      EXPECT_TRUE(has(LlZeroCopy::kIfRoom, 4 * with));
+      EXPECT_FALSE(has(LlZeroCopy::kIfRoom, with - (size_t{1} << 21)));
+      EXPECT_FALSE(has(LlZeroCopy::kIfRoom, without));
+      // Off, the layout is the one low_latency_size_hint(..., false) sizes.
+      EXPECT_EQ(plan::ll_bytes_for(plan::ll_layout(LlZeroCopy::kIfRoom, without, R, T, H, K, E_loc)), without);
+      EXPECT_EQ(plan::ll_bytes_for(plan::ll_layout(LlZeroCopy::kOn, without, R, T, H, K, E_loc)), with);
+    }
+  }
 }
 
 }  // namespace

@@ -2,6 +2,8 @@
 // reset after failure, and create/destroy cycles without leaks.
 #include <cuda_runtime_api.h>
 
+#include <chrono>
+
 #include "gpu/harness.hpp"
 
 namespace epx::test {
@@ -46,13 +48,125 @@ SmallInputs small_inputs(RankCtx& ctx, Buffer& buffer, int num_tokens, int hidde
   return d;
 }
 
-// A small fresh dispatch (host-synced) that must work: the buffer is usable.
-void small_dispatch(RankCtx& ctx, Buffer& buffer, int num_tokens, int hidden) {
-  SmallInputs d = small_inputs(ctx, buffer, num_tokens, hidden, 5);
-  DispatchHandle h = buffer.make_handle(num_tokens);
-  const int nr = buffer.dispatch_notify(d.di, h, View{}, ctx.stream);
-  buffer.dispatch(d.di, h, d.outputs(nr), ctx.stream);
-  buffer.synchronize(ctx.stream);
+// One fresh round of dispatch -> combine on `buffer`, checked bit for bit against the reference:
+// every rank's inputs come from (seed, rank) (bf16 x, top-4 of 8 experts per rank, some -1 slots,
+// weights); recv_x, recv_topk_idx, recv_topk_weights and recv_src_idx land in sentinel-filled
+// tensors and every row is compared; the combine sums the received rows themselves (every rank
+// regenerates them), and combined_x / combined_topk_weights (sentinel-filled) are compared too.
+class CheckedRound {
+ public:
+  CheckedRound(RankCtx& ctx, Buffer& buffer, int num_tokens, int hidden, uint64_t seed, std::string tag)
+      : ctx_(ctx), buffer_(buffer), tag_(std::move(tag)) {
+    const int R = ctx.world;
+    s_.num_tokens = num_tokens;
+    s_.hidden = hidden;
+    s_.num_topk = 4;
+    s_.num_experts = 8 * R;
+    s_.drop_prob = 0.1;
+    std::vector<ref::RankInput> all(R);
+    for (int r = 0; r < R; ++r) all[r] = make_input(seed, r, s_);
+    want_.resize(R);
+    for (int r = 0; r < R; ++r) want_[r] = ref::dispatch(all, r, shape_of(s_, R, 1));
+    mine_ = all[ctx.rank];
+  }
+
+  // Layout, notify (host-synced), dispatch; synchronizes and checks every received row.
+  void dispatch() {
+    const int R = ctx_.world, N = s_.num_tokens, H = s_.hidden, K = s_.num_topk, E = s_.num_experts;
+    const ref::DispatchResult& want = want_[ctx_.rank];
+    x_ = DeviceMem::from(mine_.x);
+    topk_ = DeviceMem::from(mine_.topk_idx);
+    weights_ = DeviceMem::from(mine_.topk_weights);
+    per_rank_ = DeviceMem(4 * R);
+    per_expert_ = DeviceMem(4 * E);
+    in_rank_ = DeviceMem(static_cast<size_t>(N) * R);
+    DispatchInputs in;
+    in.x = View::of(x_.get(), DType::kBF16, {N, H});
+    in.topk_idx = View::of(topk_.get(), DType::kI64, {N, K});
+    in.topk_weights = View::of(weights_.get(), DType::kF32, {N, K});
+    in.num_tokens_per_rank = View::of(per_rank_.get(), DType::kI32, {R});
+    in.num_tokens_per_expert = View::of(per_expert_.get(), DType::kI32, {E});
+    in.is_token_in_rank = View::of(in_rank_.get(), DType::kBool, {N, R});
+    buffer_.get_dispatch_layout(in.topk_idx, E, in.num_tokens_per_rank, in.num_tokens_per_expert,
+                                in.is_token_in_rank, ctx_.stream);
+    handle_ = buffer_.make_handle(N);
+    rows_ = buffer_.dispatch_notify(in, handle_, View{}, ctx_.stream);
+    REQUIRE(rows_ == want.num_recv, tag_, ": num_recv ", rows_, ", want ", want.num_recv);
+    const int64_t n = rows_;
+    recv_x_ = DeviceMem(static_cast<size_t>(n) * H * 2);
+    recv_idx_ = DeviceMem(static_cast<size_t>(n) * K * 8);
+    recv_w_ = DeviceMem(static_cast<size_t>(n) * K * 4);
+    recv_src_ = DeviceMem(static_cast<size_t>(n) * 4);
+    for (DeviceMem* m : {&recv_x_, &recv_idx_, &recv_w_, &recv_src_}) m->fill(0x7F);
+    DispatchOutputs out;
+    out.recv_x = View::of(recv_x_.get(), DType::kBF16, {n, H});
+    out.recv_topk_idx = View::of(recv_idx_.get(), DType::kI64, {n, K});
+    out.recv_topk_weights = View::of(recv_w_.get(), DType::kF32, {n, K});
+    out.recv_src_idx = View::of(recv_src_.get(), DType::kI32, {n});
+    buffer_.dispatch(in, handle_, out, ctx_.stream);
+    buffer_.synchronize(ctx_.stream);
+    expect_equal(recv_x_.download<uint8_t>(n * H * 2), want.recv_x, n * H * 2, tag_ + " recv_x");
+    expect_equal(recv_idx_.download<int64_t>(n * K), want.recv_topk_idx, n * K, tag_ + " recv_topk_idx");
+    expect_equal(recv_w_.download<float>(n * K), want.recv_topk_weights, n * K, tag_ + " recv_topk_weights");
+    expect_equal(recv_src_.download<int>(n), want.recv_src_idx, n, tag_ + " recv_src_idx");
+  }
+
+  // The combine of the received rows (after dispatch()); synchronizes and checks every token.
+  void combine() {
+    const int R = ctx_.world, N = s_.num_tokens, H = s_.hidden, K = s_.num_topk;
+    std::vector<ref::CombineRankInput> cin(R);
+    std::vector<std::vector<uint16_t>> ys(R);
+    for (int r = 0; r < R; ++r) {
+      ys[r].resize(want_[r].recv_x.size() / 2);
+      std::memcpy(ys[r].data(), want_[r].recv_x.data(), want_[r].recv_x.size());
+      cin[r] = {&want_[r], ys[r], want_[r].recv_topk_weights};
+    }
+    const ref::CombineResult want = ref::combine(cin, ctx_.rank, N, H, K, {}, {});
+    DeviceMem cx(static_cast<size_t>(N) * H * 2), cw(static_cast<size_t>(N) * K * 4);
+    cx.fill(0x7F);
+    cw.fill(0x7F);
+    CombineInputs in;
+    in.x = View::of(recv_x_.get(), DType::kBF16, {rows_, H});
+    in.topk_weights = View::of(recv_w_.get(), DType::kF32, {rows_, K});
+    CombineOutputs out;
+    out.combined_x = View::of(cx.get(), DType::kBF16, {N, H});
+    out.combined_topk_weights = View::of(cw.get(), DType::kF32, {N, K});
+    buffer_.combine(in, handle_, out, ctx_.stream);
+    buffer_.synchronize(ctx_.stream);
+    expect_equal(cx.download<uint16_t>(static_cast<size_t>(N) * H), want.combined_x, static_cast<size_t>(N) * H,
+                 tag_ + " combined_x");
+    expect_equal(cw.download<float>(static_cast<size_t>(N) * K), want.combined_topk_weights,
+                 static_cast<size_t>(N) * K, tag_ + " combined_topk_weights");
+  }
+
+ private:
+  RankCtx& ctx_;
+  Buffer& buffer_;
+  std::string tag_;
+  InputSpec s_;
+  ref::RankInput mine_;
+  std::vector<ref::DispatchResult> want_;
+  DeviceMem x_, topk_, weights_, per_rank_, per_expert_, in_rank_, recv_x_, recv_idx_, recv_w_, recv_src_;
+  DispatchHandle handle_;
+  int rows_ = 0;
+};
+
+// A fresh dispatch -> combine that must work and give the reference's results: the buffer is usable.
+void small_dispatch(RankCtx& ctx, Buffer& buffer, int num_tokens, int hidden, uint64_t seed = 5,
+                    const std::string& tag = "dispatch") {
+  CheckedRound round(ctx, buffer, num_tokens, hidden, ctx.seed * 1000003 + seed, tag);
+  round.dispatch();
+  round.combine();
+}
+
+// 100 checked rounds with fresh inputs each, after a failure and reset(): nothing the failure
+// left behind (flags, epochs, abort words, error records, half-written rows) shows in any result.
+void hundred_rounds(RankCtx& ctx, Buffer& buffer, const std::string& after, int num_tokens = 128, int hidden = 1024) {
+  REQUIRE(!buffer.failed(), "the buffer is still failed after reset() (", after, ")");
+  const uint64_t base = std::hash<std::string>{}(after) * 1000;
+  for (int round = 0; round < 100; ++round)
+    small_dispatch(ctx, buffer, num_tokens, hidden, base + round, after + ", round " + std::to_string(round));
+  if (ctx.rank == 0) std::printf("[world %d] after %s: reset, 100 checked rounds ok\n", ctx.world, after.c_str());
 }
 
 void run_errors(RankCtx& ctx) {
@@ -77,6 +191,7 @@ void run_errors(RankCtx& ctx) {
     require_error([&] { b.dispatch_notify(di, h, View{}, ctx.stream); }, ErrorKind::kState, "reset()");
     b.reset();
     REQUIRE(!b.failed(), "reset() must clear the failure");
+    hundred_rounds(ctx, b, "the validation error '" + needle + "'");
   };
   refused([&] { b.dispatch_notify(di, h, View{}, ctx.stream); }, ErrorKind::kInvalidArgument, "x: expected dtype");
   di.x = View::of(x.get(), DType::kBF16, {N, 100});
@@ -93,9 +208,8 @@ void run_errors(RankCtx& ctx) {
   di.x = View::of(x.get(), DType::kFP8E4M3, {N, H});
   refused([&] { b.dispatch_notify(di, h, View{}, ctx.stream); }, ErrorKind::kInvalidArgument, "x_scales: required");
   di.x = View::of(x.get(), DType::kBF16, {N, H});
-  di.num_worst_tokens = 1 << 29;
-  refused([&] { b.dispatch_notify(di, h, View{}, ctx.stream); }, ErrorKind::kBufferTooSmall, "num_nvl_bytes >=");
-  di.num_worst_tokens = 0;
+  // NOTE: a num_worst_tokens larger than the buffer's rows is no error: dispatch and combine then
+  // stream through rings (HtWorld.BatchLargerThanTheBuffer).
 
   // Device-recorded error: expert id E on rank 0 (layout is local, no peer involved).
   if (ctx.rank == 0) {
@@ -109,7 +223,7 @@ void run_errors(RankCtx& ctx) {
     require_error([&] { b.dispatch_notify(di, h, View{}, ctx.stream); }, ErrorKind::kState, "reset()");
   }
   b.reset();  // collective
-  small_dispatch(ctx, b, 128, 2048);
+  hundred_rounds(ctx, b, "a device error on rank 0");
 
   if (ctx.rank == 0) std::printf("[world %d] validation, device error, reset ok\n", R);
 }
@@ -125,7 +239,7 @@ void run_timeout(RankCtx& ctx) {
   b.reset();
   c.timeout_s = 0;
   b.set_config(c);
-  small_dispatch(ctx, b, 128, 2048);
+  hundred_rounds(ctx, b, "a timeout on rank 0");
   if (ctx.rank == 0) std::printf("[world %d] timeout -> Error(kTimeout), reset, dispatch ok\n", ctx.world);
 }
 
@@ -160,7 +274,7 @@ void run_abort(RankCtx& ctx) {
   b.reset();  // collective: clears every abort word
   c.timeout_s = 0;
   b.set_config(c);
-  small_dispatch(ctx, b, 128, 2048);
+  hundred_rounds(ctx, b, "bad input on rank 0 (its peers aborted)");
   if (ctx.rank == 0) std::printf("[world %d] bad input on rank 0 -> peers aborted naming it, reset ok\n", R);
 }
 
@@ -190,7 +304,7 @@ void run_host_abort(RankCtx& ctx) {
   b.reset();
   c.timeout_s = 0;
   b.set_config(c);
-  small_dispatch(ctx, b, 128, 2048);
+  hundred_rounds(ctx, b, "a host error on rank 0 (its peers aborted)");
   if (ctx.rank == 0) std::printf("[world %d] host error on rank 0 -> peers aborted naming it, reset ok\n", R);
 }
 
@@ -217,15 +331,77 @@ void run_plan_mismatch(RankCtx& ctx) {
   }, ErrorKind::kInvalidArgument, "grid blocks (Config.num_sms)");
   b.set_config(saved);
   b.reset();
-  small_dispatch(ctx, b, 128, 2048);
+  hundred_rounds(ctx, b, "a plan mismatch");
   if (ctx.rank == 0) std::printf("[world %d] a dispatch planned differently -> every rank names the field\n", R);
 }
 
+// A rank that stops launching mid-sequence (its process hangs, or stops calling epx): after
+// kRounds checked rounds, rank R-1 dispatches one more round and never launches its combine. Its
+// peers' combines wait for it in their entry barrier until the 2 s timeout; none hangs. The first
+// peer to give up raises Error(kTimeout) naming itself, the op, the phase and rank R-1; its abort
+// word may end another peer's wait first, which then raises Error(kAborted) naming that peer and
+// the same op, phase and rank R-1. Then every rank, the stopped one included, calls reset(), and
+// 100 checked rounds pass.
+void run_stopped_rank(RankCtx& ctx) {
+  Buffer& b = *ctx.buffer;
+  const int R = ctx.world, me = ctx.rank, stopped = R - 1;
+  constexpr int kRounds = 5;
+  const Config saved = b.config();
+  Config quick = saved;
+  quick.timeout_s = 2;
+  b.set_config(quick);
+  for (int round = 0; round < kRounds; ++round)
+    small_dispatch(ctx, b, 128, 1024, 700 + round, "round " + std::to_string(round) + " before the stop");
+  CheckedRound last(ctx, b, 128, 1024, ctx.seed * 1000003 + 700 + kRounds, "the round rank " + std::to_string(stopped) + " stops in");
+  last.dispatch();
+  const std::string stalled = detail::concat("waiting for peer ", stopped);
+  char seen = 0;  // 1: this rank timed out itself, 2: a peer's abort word ended its wait
+  if (me != stopped) {
+    const auto start = std::chrono::steady_clock::now();
+    try {
+      last.combine();
+      throw Failure(detail::concat("rank ", me, "'s combine completed without rank ", stopped));
+    } catch (const Error& e) {
+      const double ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start).count();
+      const std::string what = e.what();
+      std::vector<std::string> needles;
+      if (e.kind() == ErrorKind::kTimeout) {
+        seen = 1;
+        needles = {"combine timed out in phase 'entry barrier' on rank " + std::to_string(me), stalled, "timeout 2 s"};
+      } else {
+        REQUIRE(e.kind() == ErrorKind::kAborted, "wrong error kind ", error_kind_name(e.kind()), ": ", what);
+        seen = 2;
+        needles = {"combine aborted in phase 'entry barrier' on rank " + std::to_string(me),
+                   "failed (its combine timed out in phase 'entry barrier' " + stalled};
+      }
+      for (const std::string& needle : needles)
+        REQUIRE(what.find(needle) != std::string::npos, "message lacks '", needle, "': ", what);
+      REQUIRE(b.failed(), "a timed-out combine must fail the buffer");
+      std::printf("[world %d] rank %d: %s %.0f ms after its combine was enqueued (timeout 2 s): %s\n", R, me,
+                  seen == 1 ? "Error(kTimeout)" : "Error(kAborted)", ms, what.c_str());
+    }
+  }
+  std::vector<char> all(R);
+  ctx.comm->all_gather(&seen, all.data(), 1, 120);
+  bool timed_out = false;
+  for (int r = 0; r < R; ++r) {
+    REQUIRE(r == stopped || all[r] != 0, "rank ", r, " saw no error");
+    timed_out = timed_out || all[r] == 1;
+  }
+  REQUIRE(timed_out, "no peer of rank ", stopped, " timed out waiting for it");
+  b.set_config(saved);
+  b.reset();  // every rank: the stopped one rejoins here
+  hundred_rounds(ctx, b, detail::concat("rank ", stopped, " stopped launching"));
+}
+
+// 512 rows of 7168 channels do not fit 4 MiB, nor do the bounded dispatch's rings (at least two
+// publication rounds of a block's sending warps per source and block).
 void run_too_small(RankCtx& ctx) {
   Buffer small(*ctx.comm, 4 << 20, ctx.options);
-  require_error([&] { small_dispatch(ctx, small, 512, 7168); }, ErrorKind::kBufferTooSmall, "num_nvl_bytes");
+  require_error([&] { small_dispatch(ctx, small, 512, 7168); }, ErrorKind::kBufferTooSmall,
+                std::vector<std::string>{"rings", "need num_nvl_bytes >="});
   small.reset();
-  small_dispatch(ctx, small, 16, 1024);
+  hundred_rounds(ctx, small, "an undersized buffer", 16, 1024);
   if (ctx.rank == 0) std::printf("[world %d] undersized buffer -> Error(kBufferTooSmall) on every rank\n", ctx.world);
 }
 
@@ -300,6 +476,11 @@ TEST_P(GpuErrors, PeerFailureAbortsWaitsNamingIt) {
 TEST_P(GpuErrors, PeerHostErrorAbortsWaitsNamingIt) {
   SKIP_UNLESS_RUNNABLE(GetParam(), 3);
   EXPECT_EQ(run_world(GetParam(), 3, 64 << 20, Config::defaults(3), run_host_abort), 0);
+}
+
+TEST_P(GpuErrors, RankThatStopsLaunchingTimesOutItsPeers) {
+  SKIP_UNLESS_RUNNABLE(GetParam(), 3);
+  EXPECT_EQ(run_world(GetParam(), 3, 64 << 20, Config::defaults(3), run_stopped_rank), 0);
 }
 
 TEST_P(GpuErrors, RanksThatPlanAnOpDifferentlyGetAnErrorNamingTheField) {

@@ -2,7 +2,11 @@
 // CPU reference.
 #include <cuda_runtime_api.h>
 
+#include <algorithm>
+#include <numeric>
+
 #include "gpu/harness.hpp"
+#include "host/plan.hpp"
 
 namespace epx::test {
 namespace {
@@ -18,6 +22,7 @@ struct Case {
   bool biases = false;
   int x_row_pad = 0;         // extra elements per x row (non-contiguous x)
   bool no_topk = false;      // fresh dispatch without topk_idx / topk_weights (x and layout only)
+  bool bounded = false;      // the rows do not fit the buffer: combine variants without rings are skipped
 };
 
 uint64_t case_seed(uint64_t seed, const std::string& name) {
@@ -187,7 +192,18 @@ void run_case(RankCtx& ctx, const Case& c) {
   DeviceMem per_expert(4 * (E / R));
   per_expert.fill(0x7F);
   const int nr = ctx.buffer->dispatch_notify(in, handle, View::of(per_expert.get(), DType::kI32, {E / R}), ctx.stream);
-  if (!c.worst_case) REQUIRE(nr == want[me].num_recv, c.name, ": num_recv ", nr, " want ", want[me].num_recv);
+  if (!c.worst_case) {
+    REQUIRE(nr == want[me].num_recv, c.name, ": num_recv ", nr, " want ", want[me].num_recv);
+    // The busiest receiver's and sender's rows (what decides the bounded dispatch and combine).
+    long long max_recv = 0, max_sent = 0;
+    for (int r = 0; r < R; ++r) {
+      max_recv = std::max<long long>(max_recv, want[r].num_recv);
+      const ref::Layout l = ref::get_dispatch_layout(all[r].topk_idx, specs[r].num_tokens, K, E, R);
+      max_sent = std::max<long long>(max_sent, std::accumulate(l.num_tokens_per_rank.begin(), l.num_tokens_per_rank.end(), 0LL));
+    }
+    REQUIRE(handle.max_recv_tokens == max_recv, c.name, ": max_recv_tokens ", handle.max_recv_tokens, " want ", max_recv);
+    REQUIRE(handle.max_sent_tokens == max_sent, c.name, ": max_sent_tokens ", handle.max_sent_tokens, " want ", max_sent);
+  }
   const int64_t rows = c.worst_case ? in.num_worst_tokens : nr;
   RecvOut out = alloc_recv(s, rows);
   ctx.buffer->dispatch(in, handle, out.view(s, rows, topk), ctx.stream);
@@ -291,6 +307,9 @@ void run_case(RankCtx& ctx, const Case& c) {
       cfg.ring_send_warps = 5;
       cfg.ring_slots = 64;
     }
+    // A bounded combine takes the rings whatever ring_combine says; a geometry without rings
+    // (too few blocks or sending warps for the peers) is Unsupported there.
+    if (c.bounded && plan::ring_plan(cfg, R, int64_t{1} << 40, /*bounded=*/true).channels == 0) continue;
     ctx.buffer->set_config(cfg);
     ctx.buffer->combine(ci, handle, co, ctx.stream);
     ctx.buffer->synchronize(ctx.stream);
@@ -469,6 +488,110 @@ void run_graph(RankCtx& ctx) {
   if (me == 0) std::printf("[world %d] graph capture + 3 replays ok\n", R);
 }
 
+// Rows every rank receives and sends for a case's inputs (every rank computes all of them alike).
+struct CaseRows {
+  int64_t max_recv = 0, max_sent = 0;
+};
+CaseRows case_rows(RankCtx& ctx, const Case& c) {
+  const int R = ctx.world;
+  const uint64_t seed = case_seed(ctx.seed, c.name);
+  CaseRows out;
+  std::vector<int64_t> recv(R, 0);
+  for (int r = 0; r < R; ++r) {
+    const RankInput in = make_input(seed, r, c.spec);
+    const ref::Layout l = ref::get_dispatch_layout(in.topk_idx, c.spec.num_tokens, c.spec.num_topk, c.spec.num_experts, R);
+    int64_t sent = 0;
+    for (int d = 0; d < R; ++d) {
+      recv[d] += l.num_tokens_per_rank[d];
+      sent += l.num_tokens_per_rank[d];
+    }
+    out.max_sent = std::max(out.max_sent, sent);
+  }
+  out.max_recv = *std::max_element(recv.begin(), recv.end());
+  return out;
+}
+
+// Dispatch and combine of a batch larger than the buffer: Buffers whose row region holds 1/4 and
+// 1/16 of the busiest rank's rows, and one of the minimum legal size (the bounded dispatch's and
+// combine's rings at their smallest); host-synced and worst-case, bf16 and fp8; every case runs
+// fresh, cached and split-block dispatches and the combine variants, every row bitwise against the
+// reference into sentinel-filled outputs (run_case). A buffer 2 MiB below the minimum gives
+// kBufferTooSmall naming the minimum bytes.
+void run_batch_larger_than_the_buffer(RankCtx& ctx) {
+  const int R = ctx.world;
+  const Config cfg = ctx.buffer->config();
+  InputSpec base;
+  base.num_experts = 16 * R;
+  // Rows of 1 KB; the batch is a few times the buffer's smallest legal size at every rank count
+  // (the reference's cost grows as R x R x rows, so fewer tokens per rank from 3 ranks).
+  base.num_tokens = R <= 2 ? 8192 : 4096;
+  base.hidden = 512;
+  std::vector<Case> v;
+  v.push_back({"bounded bf16", base});
+  { Case c{"bounded bf16 worst-case", base}; c.worst_case = true; v.push_back(c); }
+  { Case c{"bounded fp8", base}; c.spec.fp8 = true; v.push_back(c); }
+  { Case c{"bounded fp8 worst-case skewed", base}; c.spec.fp8 = true; c.worst_case = true; c.spec.routing = Routing::kSkewed; v.push_back(c); }
+  Buffer* const saved = ctx.buffer;
+  for (Case c : v) {
+    c.bounded = true;
+    const InputSpec& s = c.spec;
+    const DType dt = s.fp8 ? DType::kFP8E4M3 : DType::kBF16;
+    const int S = num_scale_columns(s);
+    const CaseRows rows = case_rows(ctx, c);
+    const size_t dispatch_min = plan::dispatch_ring_min_bytes(cfg, R, s.hidden, dt, s.num_topk, S);
+    const size_t combine_min = plan::combine_ring_min_bytes(cfg, R, s.hidden, s.num_topk);
+    const size_t min_bytes = std::max(dispatch_min, combine_min);
+    for (int fraction : {4, 16, 0}) {
+      const size_t bytes = fraction == 0 ? min_bytes
+                                         : std::max(min_bytes, Buffer::get_nvl_buffer_size_hint(rows.max_recv / fraction, s.hidden, dt,
+                                                                                                s.num_topk, R));
+      // The test means nothing unless neither the dispatch's nor the combine's rows fit.
+      const int64_t dcap = plan::dispatch_rows(bytes, s.hidden, dt, s.num_topk, S).capacity;
+      const int64_t ccap = plan::combine_rows(bytes, s.hidden, s.num_topk).capacity;
+      REQUIRE(dcap < rows.max_recv && ccap < rows.max_sent, c.name, ": a buffer of ", bytes, " bytes holds ", dcap,
+              " dispatch / ", ccap, " combine rows, the batch ", rows.max_recv, " / ", rows.max_sent, ": not bounded");
+      if (fraction > 0)
+        REQUIRE(bytes == min_bytes || dcap <= 2 * (rows.max_recv / fraction) + 4096, c.name, ": buffer not sized to 1/", fraction);
+      Buffer small(*ctx.comm, bytes, ctx.options);
+      ctx.buffer = &small;
+      Case sized = c;
+      sized.name = c.name + (fraction ? " 1/" + std::to_string(fraction) : " min") + " (" + std::to_string(dcap) + " rows)";
+      try {
+        run_case(ctx, sized);
+      } catch (...) {
+        ctx.buffer = saved;
+        throw;
+      }
+      ctx.buffer = saved;
+    }
+  }
+  // Too small: 2 MiB under the dispatch's minimum (sizes are whole 2 MiB), rows of 7168 channels so
+  // that this is a legal Buffer at every rank count; host-synced and worst-case alike.
+  for (bool worst : {false, true}) {
+    Case c{worst ? "too small worst-case" : "too small", base};
+    c.spec.hidden = 7168;
+    c.spec.num_tokens = 1024;
+    c.worst_case = worst;
+    c.bounded = true;
+    const size_t dispatch_min = plan::dispatch_ring_min_bytes(cfg, R, c.spec.hidden, DType::kBF16, c.spec.num_topk);
+    const size_t bytes = dispatch_min - (size_t{2} << 20);
+    REQUIRE(bytes >= SymmetricLayout::kMinBytes && plan::dispatch_rows(bytes, c.spec.hidden, DType::kBF16, c.spec.num_topk).capacity <
+                                                      case_rows(ctx, c).max_recv,
+            c.name, ": ", bytes, " bytes is no test of the minimum");
+    Buffer tiny(*ctx.comm, bytes, ctx.options);
+    ctx.buffer = &tiny;
+    try {
+      require_error([&] { run_case(ctx, c); }, ErrorKind::kBufferTooSmall,
+                    std::vector<std::string>{"dispatch", "need num_nvl_bytes >= " + std::to_string(dispatch_min)});
+    } catch (...) {
+      ctx.buffer = saved;
+      throw;
+    }
+    ctx.buffer = saved;
+  }
+  if (ctx.rank == 0) std::printf("[world %d] batches larger than the buffer ok\n", R);
+}
+
 class HtWorld : public ::testing::TestWithParam<WorldParam> {};
 
 TEST_P(HtWorld, CudaGraphReplay) {
@@ -497,6 +620,16 @@ TEST_P(HtWorld, MatchesReferenceInEveryMode) {
     for (const Case& c : cases(ctx.world)) run_case(ctx, c);
   });
   EXPECT_EQ(failed, 0) << "see the ranks' messages above";
+}
+
+TEST_P(HtWorld, BatchLargerThanTheBuffer) {
+  const WorldMode mode = GetParam().mode;
+  const int world = GetParam().world;
+  SKIP_UNLESS_RUNNABLE(mode, world);
+  // 4 blocks: small rings, so a batch 16 x the row region stays small for a SimWorld.
+  Config c = Config::defaults(world);
+  c.num_sms = 4;
+  EXPECT_EQ(run_world(mode, world, size_t{64} << 20, c, run_batch_larger_than_the_buffer), 0);
 }
 
 INSTANTIATE_TEST_SUITE_P(Gpu, HtWorld, ::testing::ValuesIn(world_params()), world_param_name);

@@ -129,8 +129,12 @@ def _worker_main(rank: int, world: int, port: int, sys_path: List[str], inbox, o
         except BaseException:
             outbox.put((rank, "error", traceback.format_exc()))
     try:
-        for b in ctx.buffers.values():
-            b.destroy()
+        # In creation order, on every rank alike (freeing is collective); a Buffer made without
+        # explicitly_destroy (as some clients make theirs) is freed when the last reference goes.
+        for b in list(ctx.buffers.values()):
+            if b.explicitly_destroy and b.runtime is not None:
+                b.destroy()
+        ctx.buffers.clear()
         dist.destroy_process_group()
     except BaseException:
         pass
@@ -445,6 +449,37 @@ def ref_ll_dispatch(topk: Sequence[torch.Tensor], me: int, num_experts: int) -> 
         rows.append(expert_rows)
     count = torch.tensor([len(r) for r in rows], dtype=torch.int32)
     return RefLowLatency(count, rows, layout)
+
+
+def fma_f32(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """float32 fma(a, b, c) = a * b + c rounded once to float32 (the GPU's __fmaf_rn), elementwise on
+    the CPU, for a product a * b that is exact in float64 (a float32 times a bfloat16: 24 + 8
+    significant bits). The sum is rounded to odd in float64 (TwoSum gives its exact error; an
+    inexact sum with an even last bit steps one ulp toward the exact value); rounding that to
+    float32 is then the correctly rounded sum (53 >= 24 + 2 bits), which a plain float64 sum
+    would not always be (two roundings)."""
+    p = a.double() * b.double()
+    cd = c.double()
+    s = p + cd
+    bv = s - p
+    err = (p - (s - bv)) + (cd - bv)
+    even = (s.view(torch.int64) & 1) == 0
+    toward = torch.where(err > 0, torch.full_like(s, float("inf")), torch.full_like(s, float("-inf")))
+    s = torch.where((err != 0) & even, torch.nextafter(s, toward), s)
+    return s.to(torch.float32)
+
+
+def ref_ll_combine(y: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
+    """The low-latency combine of one rank, bit for bit: out[t] = bf16(acc), acc = 0 then, for k
+    ascending over the slots with topk_idx[t, k] >= 0, acc = fma_f32(topk_weights[t, k], y[t, k], acc).
+    y: [N, K, H] bf16, the expert output for token t's slot k (any value where the id is -1)."""
+    n, k_num, hidden = y.shape
+    acc = torch.zeros((n, hidden), dtype=torch.float32)
+    for k in range(k_num):
+        w = topk_weights[:, k].float().view(n, 1).expand(n, hidden)
+        summed = fma_f32(w, y[:, k].float(), acc)
+        acc = torch.where((topk_idx[:, k] >= 0).view(n, 1), summed, acc)
+    return acc.to(torch.bfloat16)
 
 
 def expert_scale(e: int) -> float:

@@ -122,6 +122,28 @@ def test_buffer_size_hints():
         epx.Buffer.get_low_latency_rdma_size_hint(128, 7168, 8, 250)
     with expect_error("InvalidArgument", "num_topk"):
         epx.Buffer.get_low_latency_rdma_size_hint(128, 7168, 8, 256, num_topk=_C.LL_MAX_TOPK + 1)
+
+
+def test_low_latency_size_hint_zero_copy_keyword():
+    # EP8 DeepSeek-V3 decode (T = 128, hidden 7168, 256 experts, top-8): the zero-copy buffers are
+    # two [32, 8 * 128, 7168] bfloat16 tensors (896 MiB); the region without them is 58 MiB.
+    mib = 1 << 20
+    hint = epx.Buffer.get_low_latency_rdma_size_hint
+    assert hint(128, 7168, 8, 256, num_topk=8) == 58 * mib
+    assert hint(128, 7168, 8, 256, num_topk=8, zero_copy=False) == 58 * mib
+    assert hint(128, 7168, 8, 256, num_topk=8, zero_copy=True) == 954 * mib
+    # DeepEP's four positional arguments: no zero-copy buffers, the largest top-k.
+    assert hint(128, 7168, 8, 256) == hint(128, 7168, 8, 256, zero_copy=False) == \
+        hint(128, 7168, 8, 256, num_topk=_C.LL_MAX_TOPK)
+    # Each hint is its layout rounded up to 2 MiB, so they differ by the zero-copy bytes +- 2 MiB.
+    for T, hidden, R, E in [(1, 128, 2, 2), (64, 2048, 4, 64), (512, 4096, 8, 64)]:
+        with_zc = hint(T, hidden, R, E, num_topk=4, zero_copy=True)
+        without = hint(T, hidden, R, E, num_topk=4)
+        assert with_zc % (1 << 21) == 0 and without % (1 << 21) == 0
+        zero_copy_bytes = 2 * (E // R) * R * T * hidden * 2
+        assert zero_copy_bytes - (1 << 21) < with_zc - without < zero_copy_bytes + (1 << 21), (T, hidden, R, E)
+    with expect_error("InvalidArgument", "zero_copy"):
+        hint(128, 7168, 8, 256, zero_copy="yes")
     bf16 = epx.Buffer.get_nvl_buffer_size_hint(4096, 7168, 8)
     fp8 = epx.Buffer.get_nvl_buffer_size_hint(4096, 7168, 8, dtype=torch.float8_e4m3fn)
     assert bf16 >= fp8 > 0
@@ -446,11 +468,22 @@ def test_low_latency_outputs_and_streams(recording_buffer, use_fp8, use_ue8m0, h
     (name, args), = [c for c in b.log if c[0] != "wait"]
     assert name == "low_latency_combine" and args[:5] == (T, H, E, K, 1) and args[-1] == (_COMPUTE if hook else _COMM)
     assert _norm(args[12]) == _desc_of(out)
+    assert args[13] is False, "zero_copy"
     if hook:
         recv_hook()
         assert b.log[-1] == ("low_latency_receive", (1, _COMPUTE))  # the buffer before next_low_latency_buffer
     else:
         assert b.log[0] == ("wait", _COMM, _COMPUTE) and b.log[-1] == ("wait", _COMPUTE, _COMM)
+
+    # zero_copy goes to the core, which checks for the zero-copy buffers inside the collective op
+    # (so a rank without them fails its peers too); x, not read, only describes the shape.
+    b.log.clear()
+    b.low_latency_combine(y, topk, _meta(5, K, dtype=torch.float32), handle, zero_copy=True)
+    (name, args), = [c for c in b.log if c[0] != "wait"]
+    assert name == "low_latency_combine" and args[13] is True and _norm(args[8]) == _desc_of(y)
+    with expect_error("InvalidArgument", "x", "zero_copy"):
+        b.low_latency_combine(_meta(E_loc, RT, H, dtype=torch.float32), topk, _meta(5, K, dtype=torch.float32), handle,
+                              zero_copy=True)
 
 
 # ---- Simulated ranks (epx.sim): the checks that need no GPU ---------------------------------------------
@@ -571,3 +604,48 @@ def test_simulated_buffer_default_config_follows_the_share(recording_buffer):
     expected = epx.Buffer._default_config(4, 12)._key()
     assert expected[0] == 12 < epx.Config.defaults(4).num_sms
     assert [c[1] for c in b.log if c[0] == "set_config"] == [expected] and b._config_key == expected
+
+
+# ---- Test references ----------------------------------------------------------------------------------
+
+def _round_to_f32(x) -> float:
+    """The exact rational `x` (a Fraction, normal float32 range) rounded to nearest-even float32."""
+    import math
+    from fractions import Fraction
+    if x == 0:
+        return 0.0
+    e = math.frexp(float(abs(x)))[1]  # 2^(e-1) <= |x| < 2^e, up to one step
+    while abs(x) >= Fraction(2) ** e:
+        e += 1
+    while abs(x) < Fraction(2) ** (e - 1):
+        e -= 1
+    quantum = Fraction(2) ** (e - 24)
+    return float(round(x / quantum) * quantum)  # Fraction.__round__: exact, ties to even
+
+
+def test_fma_f32_rounds_once():
+    """epx_test_utils.fma_f32 (the low-latency combine's reference) equals a * b + c computed exactly and
+    rounded once, where a float64 a * b + c rounded to float32 (two roundings) differs."""
+    from fractions import Fraction
+    from epx_test_utils import fma_f32
+    g = torch.Generator().manual_seed(11)
+    a = (torch.rand(4000, generator=g) * 4 - 2).float()
+    b = (torch.randn(4000, generator=g) * 3).to(torch.bfloat16).float()
+    c = (torch.randn(4000, generator=g) * torch.pow(2.0, torch.randint(-30, 30, (4000,), generator=g).float())).float()
+    # Cases where the exact sum lies just above a float32 halfway point by less than half a float64 ulp:
+    # a float64 sum lands on the halfway point and then rounds to even, the wrong way. a * b =
+    # (2^30 + 1) * 2^(e - 54) = half a float32 ulp of c (1 <= |c| / 2^e < 2) times (1 + 2^-30), from
+    # 2^30 + 1 = 5237765 * 205 (a: 23 bits, float32; b: 8 bits, bfloat16).
+    hard_c = torch.tensor([1.0, -1.0, 3.0, 1.5 * 2.0 ** -10], dtype=torch.float32)
+    e = torch.floor(torch.log2(hard_c.abs()))
+    hard_a = (5237765.0 * torch.pow(2.0, e.double() - 47)).float()
+    hard_b = (torch.sign(hard_c) * 205.0 / 128.0).to(torch.bfloat16).float()
+    a, b, c = torch.cat([a, hard_a]), torch.cat([b, hard_b]), torch.cat([c, hard_c])
+    got = fma_f32(a, b, c)
+    expected = torch.tensor([_round_to_f32(Fraction(float(x)) * Fraction(float(y)) + Fraction(float(z)))
+                             for x, y, z in zip(a.tolist(), b.tolist(), c.tolist())], dtype=torch.float32)
+    diff = (got.view(torch.int32) != expected.view(torch.int32)).nonzero().flatten().tolist()
+    assert not diff, f"fma_f32 differs from the once-rounded value at {diff[:5]}"
+    twice = (a.double() * b.double() + c.double()).float()
+    assert bool((twice.view(torch.int32) != expected.view(torch.int32)).any()), \
+        "the hard cases must separate one rounding from two (else this test shows nothing)"

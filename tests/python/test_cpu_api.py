@@ -81,7 +81,7 @@ DEEPEP_V1_STATIC = {"Buffer.is_sm90_compiled", "Buffer.set_num_sms", "Buffer.cap
                     "Buffer.get_low_latency_rdma_size_hint", "Buffer.get_dispatch_config", "Buffer.get_combine_config"}
 # epx's additions: keyword-only, with a default, so no DeepEP call changes meaning.
 EPX_EXTENSIONS = {"Buffer.__init__": {"node_size"},
-                  "Buffer.get_low_latency_rdma_size_hint": {"num_topk"},
+                  "Buffer.get_low_latency_rdma_size_hint": {"num_topk", "zero_copy"},
                   "Config.__init__": {"num_threads", "timeout_s"}}
 # DeepEP's Config tables for one NVLink domain: num_ranks -> the four chunk sizes after Config's rounding
 # of the RDMA receive chunk (128 -> 132 for a send chunk of 6).
@@ -266,6 +266,29 @@ def test_nvl_size_hint_holds_the_rows_it_promises(num_ranks, hidden):
                                                                                                 num_ranks))
 
 
+@pytest.mark.parametrize("num_ranks", [2, 3, 4, 8])
+@pytest.mark.parametrize("hidden", [1024, 4096, 7168])
+def test_nvl_size_hint_holds_the_rings(num_ranks, hidden):
+    """The hint serves any batch: a dispatch or combine whose rows do not fit streams through
+    num_ranks x num_sms rings, and the hinted buffer gives each at least the rows it promises (and
+    every ring's minimum), for bf16 and fp8 rows with epx's largest top-k."""
+    for config in (epx.Buffer.get_dispatch_config(num_ranks), epx.Buffer.get_combine_config(num_ranks),
+                   epx.Config(24, 6, 512), epx.Config(8, 6, 64, num_threads=256)):
+        hint = config.get_nvl_buffer_size_hint(hidden * 2, num_ranks)
+        per_ring = -(-max(config.num_sms // 2, 1) * config.num_max_nvl_chunked_recv_tokens // config.num_sms)
+        for dtype in (_C.DTYPE_BF16, _C.DTYPE_FP8E4M3):
+            dispatch_slots, combine_slots = _C.bounded_ring_rows(config.num_sms, config.num_threads, hint, hidden, dtype,
+                                                                 _C.MAX_TOPK, num_ranks)
+            assert dispatch_slots >= min(per_ring, 4096), (config, dispatch_slots, per_ring)
+            assert combine_slots >= 64, (config, combine_slots)
+    # DeepEP's default configs: 128 rows per ring (10 x 256 rows spread over 20 blocks).
+    config = epx.Buffer.get_dispatch_config(8)
+    assert config._rows_per_ring() == 128
+    # A buffer too small for the rings: the error names the minimum size.
+    with expect_error("BufferTooSmall", "need num_nvl_bytes >="):
+        _C.bounded_ring_rows(20, 512, 4 << 20, 7168, _C.DTYPE_BF16, 8, 8)
+
+
 def test_size_hint_errors_and_rdma_hint():
     config = epx.Config()
     for num_ranks in range(1, _C.MAX_RANKS + 1):
@@ -284,6 +307,8 @@ def test_size_hint_errors_and_rdma_hint():
         epx.Buffer.get_low_latency_rdma_size_hint(128, 7168, 8, 256)
     with pytest.raises(TypeError):
         epx.Buffer.get_low_latency_rdma_size_hint(128, 7168, 8, 256, 8)  # num_topk is keyword-only
+    with pytest.raises(TypeError):
+        epx.Buffer.get_low_latency_rdma_size_hint(128, 7168, 8, 256, None, True)  # zero_copy too
 
 
 # ---- Buffer(...) options ------------------------------------------------------------------------------
@@ -511,14 +536,20 @@ def test_local_buffer_tensors(replay, monkeypatch):
     monkeypatch.setattr(b, "_wrap", lambda ptr, num_bytes, dtype, shape, strides:
                         wrapped.append((ptr, num_bytes, dtype, shape)) or torch.zeros(shape, dtype=dtype))
     base, nvl = b.runtime.peer_pointer(0), b.runtime.num_nvl_bytes
-    # vLLM's cleanup: the low-latency region as int8 (it follows the high-throughput part).
+    nvl_flags, ll_flags = _C.NVL_FLAG_BYTES, _C.LL_FLAG_BYTES
+    assert nvl_flags > 0 and ll_flags > 0 and nvl_flags % 4096 == 0 and ll_flags % 4096 == 0
+    # vLLM's cleanup zeroes the low-latency region as int8 (it follows the high-throughput part): the
+    # tensor leaves out the protocol flags at its start.
     t = b.get_local_buffer_tensor(dtype=torch.int8, use_rdma_buffer=True)
-    assert wrapped[-1] == (base + nvl, b.num_rdma_bytes, torch.int8, (b.num_rdma_bytes,))
-    assert t.numel() == b.num_rdma_bytes
-    b.get_local_buffer_tensor(torch.bfloat16, offset=64)  # offset in bytes, as in DeepEP
-    assert wrapped[-1] == (base + 64, nvl - 64, torch.bfloat16, ((nvl - 64) // 2,))
+    rdma = b.num_rdma_bytes - ll_flags
+    assert wrapped[-1] == (base + nvl + ll_flags, rdma, torch.int8, (rdma,))
+    assert t.numel() == rdma
+    b.get_local_buffer_tensor(torch.bfloat16, offset=64)  # offset in bytes (as in DeepEP), past the flags
+    assert wrapped[-1] == (base + nvl_flags + 64, nvl - nvl_flags - 64, torch.bfloat16, ((nvl - nvl_flags - 64) // 2,))
     t = b.get_local_buffer_tensor(torch.float32, torch.Size((4, 8)), 16, True)
-    assert wrapped[-1][0] == base + nvl + 16 and t.shape == (4, 8)
+    assert wrapped[-1][0] == base + nvl + ll_flags + 16 and t.shape == (4, 8)
+    with expect_error("InvalidArgument", "offset"):
+        b.get_local_buffer_tensor(torch.int8, offset=nvl - nvl_flags + 1)
     with expect_error("InvalidArgument", "offset", "element size"):
         b.get_local_buffer_tensor(torch.float32, offset=2)
     with expect_error("InvalidArgument", "dtype"):

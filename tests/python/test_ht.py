@@ -286,14 +286,111 @@ def _bad_expert_id(ctx, seed):
     topk[3, 1] = -1
     ntpr, _, ntpe, itir, _ = buf.get_dispatch_layout(topk.to(ctx.device), E)
     assert_equal(ntpe, ref_layout(topk, E, ctx.world)[1], "num_tokens_per_expert after reset")
+    _checked_rounds(ctx, buf, seed, 100, "after a device error and reset()")
+
+
+def _checked_rounds(ctx, buf, seed, rounds, what, max_tokens=32):
+    """`rounds` fresh dispatch -> combine rounds (up to max_tokens tokens per rank), every output
+    compared bit for bit with the reference: nothing an earlier failure left behind shows."""
+    world, me, dev = ctx.world, ctx.rank, ctx.device
+    E = num_experts(world)
+    for k in range(rounds):
+        tag = f"{what}, round {k}"
+        inputs = all_inputs(seed, world, lo=1, hi=max_tokens, salt=1000 + k)
+        mine = inputs[me]
+        topk, weights = mine.topk_idx.to(dev), mine.topk_weights.to(dev)
+        ntpr, _, ntpe, itir, _ = buf.get_dispatch_layout(topk, E)
+        recv_x, recv_idx, recv_w, counts, handle, _ = buf.dispatch(
+            mine.x.to(dev), num_tokens_per_rank=ntpr, is_token_in_rank=itir, num_tokens_per_expert=ntpe,
+            topk_idx=topk, topk_weights=weights)
+        refs = [ref_dispatch([i.x for i in inputs], None, [i.topk_idx for i in inputs],
+                             [i.topk_weights for i in inputs], r, E) for r in range(world)]
+        ref = refs[me]
+        assert_equal(recv_x, ref.x, f"{tag}: recv_x")
+        assert_equal(recv_idx, ref.topk_idx, f"{tag}: recv_topk_idx")
+        assert_equal(recv_w, ref.topk_weights, f"{tag}: recv_topk_weights")
+        assert_equal(handle[3], ref.src_idx, f"{tag}: recv_src_idx")
+        assert counts == ref.num_recv_tokens_per_expert, f"{tag}: {counts} != {ref.num_recv_tokens_per_expert}"
+        combined_x, combined_w, _ = buf.combine(combine_input(me, recv_x), handle, topk_weights=recv_w)
+        ys = [combine_input(r, refs[r].x) for r in range(world)]
+        ref_x, ref_w = ref_combine(refs, ys, me, mine.x.size(0), [r.topk_weights for r in refs])
+        assert_equal(combined_x, ref_x, f"{tag}: combined_x")
+        assert_equal(combined_w, ref_w, f"{tag}: combined_topk_weights")
 
 
 def _local_buffer_tensor(ctx, seed):
     buf = ht_buffer(ctx)
     t = buf.get_local_buffer_tensor(torch.bfloat16)
-    assert t.device == ctx.device and t.dtype == torch.bfloat16 and t.numel() == buf.runtime.num_nvl_bytes // 2
+    # The protocol flags at the start of the buffer are left out.
+    assert t.device == ctx.device and t.dtype == torch.bfloat16
+    assert t.numel() == (buf.runtime.num_nvl_bytes - epx._C.NVL_FLAG_BYTES) // 2
+    assert t.data_ptr() == buf.runtime.peer_pointer(ctx.rank) + epx._C.NVL_FLAG_BYTES
     part = buf.get_local_buffer_tensor(torch.float32, torch.Size((4, 8)), offset=1 << 20)
     assert part.shape == (4, 8) and part.data_ptr() == t.data_ptr() + (1 << 20)
+
+
+BOUNDED_SMS = 4        # small rings, so a batch 4x the buffer's rows stays small
+BOUNDED_TOKENS = 8192
+
+
+def _batch_larger_than_the_buffer(ctx, seed, fp8):
+    """2-4x the rows the buffer holds (the size hint rounds up to 2 MiB and holds the bf16 combine rows
+    too): fresh and cached dispatch and the combine stream through the bounded rings, bit-exact
+    against the references."""
+    from epx import _C
+    world, me, dev = ctx.world, ctx.rank, ctx.device
+    E = num_experts(world)
+    config = epx.Config(BOUNDED_SMS)
+    inputs = [make_input(seed, r, BOUNDED_TOKENS, HIDDEN, E, TOPK, salt=7) for r in range(world)]
+    per_rank = [ref_layout(i.topk_idx, E, world)[0] for i in inputs]
+    max_recv = max(sum(int(p[r]) for p in per_rank) for r in range(world))
+    # fp8 rows are about half the bytes of the bf16 combine rows the size also holds.
+    rows = max(max_recv // (8 if fp8 else 6), world * BOUNDED_SMS * 64)  # at least the rings' minimum
+    buf = ctx.buffer(num_nvl_bytes=epx.Buffer.get_nvl_buffer_size_hint(rows, HIDDEN, world))
+    code = _C.DTYPE_FP8E4M3 if fp8 else _C.DTYPE_BF16
+    capacity = buf.runtime.row_capacity(HIDDEN, code, TOPK)
+    assert 2 * capacity <= max_recv, f"the buffer holds {capacity} rows of a batch of {max_recv}: not bounded"
+    _C.bounded_ring_rows(BOUNDED_SMS, config.num_threads, buf.runtime.num_nvl_bytes, HIDDEN, code, TOPK, world)
+
+    mine = inputs[me]
+    topk, weights = mine.topk_idx.to(dev), mine.topk_weights.to(dev)
+    x = make_x(mine, fp8, False, dev)
+    ntpr, _, ntpe, itir, _ = buf.get_dispatch_layout(topk, E)
+    recv_x, recv_idx, recv_w, counts, handle, _ = buf.dispatch(
+        x, num_tokens_per_rank=ntpr, is_token_in_rank=itir, num_tokens_per_expert=ntpe, topk_idx=topk,
+        topk_weights=weights, config=config)
+    xs, scales = expected_x(inputs, fp8)
+    refs = [ref_dispatch(xs, scales, [i.topk_idx for i in inputs], [i.topk_weights for i in inputs], r, E)
+            for r in range(world)]
+    ref = refs[me]
+    if fp8:
+        assert_equal(recv_x[0], ref.x, "recv_x (fp8)")
+        assert_equal(recv_x[1], ref.scales, "recv_x scales")
+    else:
+        assert_equal(recv_x, ref.x, "recv_x")
+    assert_equal(recv_idx, ref.topk_idx, "recv_topk_idx")
+    assert_equal(recv_w, ref.topk_weights, "recv_topk_weights")
+    assert_equal(handle[3], ref.src_idx, "recv_src_idx")
+    assert counts == ref.num_recv_tokens_per_expert
+
+    # Cached: other payload, same routing.
+    other = [make_input(seed, r, BOUNDED_TOKENS, HIDDEN, E, TOPK, salt=8) for r in range(world)]
+    recv_x2, *_ = buf.dispatch(make_x(other[me], fp8, False, dev), handle=handle, config=config)
+    xs2, scales2 = expected_x(other, fp8)
+    ref2 = ref_dispatch(xs2, scales2, [i.topk_idx for i in inputs], [i.topk_weights for i in inputs], me, E)
+    if fp8:
+        assert_equal(recv_x2[0], ref2.x, "cached recv_x (fp8)")
+        assert_equal(recv_x2[1], ref2.scales, "cached recv_x scales")
+    else:
+        assert_equal(recv_x2, ref2.x, "cached recv_x")
+
+    # Combine of the first dispatch's rows (through the rings at every rank count, 2 included).
+    y = combine_input(me, recv_x)
+    combined_x, combined_w, _ = buf.combine(y, handle, topk_weights=recv_w, config=config)
+    ys = [combine_input(r, (refs[r].x, refs[r].scales) if fp8 else refs[r].x) for r in range(world)]
+    ref_x, ref_w = ref_combine(refs, ys, me, BOUNDED_TOKENS, [r.topk_weights for r in refs])
+    assert_equal(combined_x, ref_x, "combined_x")
+    assert_equal(combined_w, ref_w, "combined_topk_weights")
 
 
 # ---- Tests --------------------------------------------------------------------------------------------
@@ -330,3 +427,8 @@ def test_bad_expert_id_raises_and_reset(ranks, seed):
 
 def test_get_local_buffer_tensor(ranks, seed):
     ranks.run(_local_buffer_tensor, seed)
+
+
+@pytest.mark.parametrize("fp8", [False, True], ids=["bf16", "fp8"])
+def test_batch_larger_than_the_buffer(ranks, seed, fp8):
+    ranks.run(_batch_larger_than_the_buffer, seed, fp8)

@@ -29,8 +29,10 @@ def num_experts(world: int) -> int:
     return 8 * world
 
 
-def ll_buffer(ctx, with_nvl: bool = False) -> epx.Buffer:
-    rdma = epx.Buffer.get_low_latency_rdma_size_hint(T, HIDDEN, ctx.world, num_experts(ctx.world), num_topk=TOPK)
+def ll_buffer(ctx, with_nvl: bool = False, zero_copy: bool = False) -> epx.Buffer:
+    """A low-latency buffer; with `zero_copy` sized for the zero-copy combine buffers."""
+    rdma = epx.Buffer.get_low_latency_rdma_size_hint(T, HIDDEN, ctx.world, num_experts(ctx.world), num_topk=TOPK,
+                                                     zero_copy=zero_copy)
     nvl = epx.Buffer.get_nvl_buffer_size_hint(ctx.world * 320, HT_HIDDEN, ctx.world) if with_nvl else 0
     return ctx.buffer(num_nvl_bytes=nvl, num_rdma_bytes=rdma, low_latency_mode=True)
 
@@ -140,7 +142,7 @@ def _roundtrip(ctx, seed, mode, hook, zero_copy, use_out):
     world, me, dev = ctx.world, ctx.rank, ctx.device
     E = num_experts(world)
     use_fp8, round_scale, ue8m0 = MODES[mode]
-    buf = ll_buffer(ctx)
+    buf = ll_buffer(ctx, zero_copy=zero_copy)
     inputs = all_inputs(seed, world)
     mine = inputs[me]
     x, topk, weights = mine.x.to(dev), mine.topk_idx.to(dev), mine.topk_weights.to(dev)
@@ -298,6 +300,76 @@ def _mixed_modes(ctx, seed):
     _ht_on(ctx, buf, seed + 3)
 
 
+def _expect_error(kind, *needles):
+    """Context manager: an epx.EpxError of `kind` whose message contains every one of `needles`."""
+    class _Ctx:
+        def __enter__(self):
+            return self
+
+        def __exit__(self, exc_type, exc, tb):
+            assert exc_type is not None, f"no EpxError({kind}) raised"
+            assert issubclass(exc_type, epx.EpxError), f"{exc_type.__name__}: {exc}"
+            assert exc.kind == kind, f"kind {exc.kind} != {kind}: {exc}"
+            for n in needles:
+                assert n in str(exc), f"message does not name {n!r}: {exc}"
+            return True
+    return _Ctx()
+
+
+def _zero_copy_needs_the_region(ctx, seed):
+    """A region sized without zero_copy has no zero-copy combine buffer: asking for it raises
+    BufferTooSmall naming the size-hint call with zero_copy=True and its bytes, inside the combine's
+    collective step (a rank alone in asking aborts its peers' combine instead of leaving them
+    waiting); plain combines stay right, and a region sized with zero_copy=True serves zero-copy."""
+    world, me, dev = ctx.world, ctx.rank, ctx.device
+    E = num_experts(world)
+    buf = ll_buffer(ctx)
+    need = epx.Buffer.get_low_latency_rdma_size_hint(T, HIDDEN, world, E, num_topk=TOPK, zero_copy=True)
+    assert need > buf.num_rdma_bytes
+    names_the_hint = (f"{need} bytes", f"get_low_latency_rdma_size_hint({T}, {HIDDEN}, {world}, {E}, "
+                                       f"num_topk={TOPK}, zero_copy=True)")
+
+    def dispatch(salt):
+        inputs = all_inputs(seed, world, salt=salt)
+        mine = inputs[me]
+        topk, weights = mine.topk_idx.to(dev), mine.topk_weights.to(dev)
+        recv, count, handle, _, _ = buf.low_latency_dispatch(mine.x.to(dev), topk, T, E, use_fp8=False)
+        check_dispatch(inputs, me, recv, count, handle, "bf16", f" (salt {salt})")
+        return mine, topk, weights, handle, expert_outputs(me, recv, count, "bf16")
+
+    mine, topk, weights, handle, y = dispatch(0)
+    with _expect_error("BufferTooSmall", *names_the_hint):
+        buf.get_next_low_latency_combine_buffer(handle)
+    assert not buf.failed, "get_next_low_latency_combine_buffer is local: it must not fail the buffer"
+    combined, _, _ = buf.low_latency_combine(y, topk, weights, handle)
+    check_combine(combined, reference_combine(mine, "bf16"), "combined_x (no zero-copy region, plain)")
+
+    # Every rank asks for a zero-copy combine: every rank raises.
+    mine, topk, weights, handle, y = dispatch(1)
+    with _expect_error("BufferTooSmall", *names_the_hint):
+        buf.low_latency_combine(y, topk, weights, handle, zero_copy=True)
+    assert buf.failed, "a collective operation that raised must fail the buffer"
+    buf.reset()
+
+    # Only rank 0 asks: it raises, and its abort word ends the others' combines naming it.
+    mine, topk, weights, handle, y = dispatch(2)
+    if me == 0:
+        with _expect_error("BufferTooSmall", *names_the_hint):
+            buf.low_latency_combine(y, topk, weights, handle, zero_copy=True)
+    else:
+        with _expect_error("Aborted", "rank 0 failed (its low_latency_combine raised an error on the host"):
+            buf.low_latency_combine(y, topk, weights, handle)
+            buf.synchronize()
+    buf.reset()
+    mine, topk, weights, handle, y = dispatch(3)
+    combined, _, _ = buf.low_latency_combine(y, topk, weights, handle)
+    check_combine(combined, reference_combine(mine, "bf16"), "combined_x (after reset)")
+
+    # Sized with zero_copy=True: the zero-copy combine (hook and not).
+    _roundtrip(ctx, seed + 4, "bf16", False, True, False)
+    _roundtrip(ctx, seed + 5, "fp8", True, True, True)
+
+
 def _ht_on(ctx, buf, seed):
     """The high-throughput checks of test_ht on `buf`."""
     _dispatch_combine(ctx, seed, False, False, True, 1, False, buf)
@@ -316,6 +388,10 @@ def _ht_on(ctx, buf, seed):
 ])
 def test_low_latency_roundtrip(ranks, seed, mode, hook, zero_copy, use_out):
     ranks.run(_roundtrip, seed, mode, hook, zero_copy, use_out)
+
+
+def test_low_latency_zero_copy_needs_the_region(ranks, seed):
+    ranks.run(_zero_copy_needs_the_region, seed)
 
 
 def test_low_latency_two_in_flight(ranks, seed):
