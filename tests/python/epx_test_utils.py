@@ -489,6 +489,26 @@ def expert_scale(e: int) -> float:
 
 # ---- Comparison -----------------------------------------------------------------------------------
 
+def expect_error(kind: str, *names: str):
+    """Context manager: an epx.EpxError of `kind` whose message names each of `names`; the error is
+    kept as `.error`."""
+    import epx
+
+    class _Ctx:
+        def __enter__(self):
+            return self
+
+        def __exit__(self, exc_type, exc, tb):
+            assert exc_type is not None, f"no EpxError({kind}) raised"
+            assert issubclass(exc_type, epx.EpxError), f"{exc_type.__name__}: {exc}"
+            assert exc.kind == kind, f"kind {exc.kind} != {kind}: {exc}"
+            for n in names:
+                assert n in str(exc), f"message does not name {n!r}: {exc}"
+            self.error = exc
+            return True
+    return _Ctx()
+
+
 def host(t: torch.Tensor) -> torch.Tensor:
     """A CPU copy of `t`, taken after the current stream is done (torch releases the GIL while it
     waits). CUDA serializes device-to-host copies into pageable memory across streams: a simulated

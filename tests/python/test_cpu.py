@@ -11,23 +11,7 @@ from conftest import require_epx
 
 torch, epx = require_epx()
 from epx import _C  # noqa: E402
-
-
-def expect_error(kind, *names):
-    """Context manager: an EpxError of `kind` whose message names each of `names`."""
-    class _Ctx:
-        def __enter__(self):
-            return self
-
-        def __exit__(self, exc_type, exc, tb):
-            assert exc_type is not None, f"no EpxError({kind}) raised"
-            assert issubclass(exc_type, epx.EpxError), f"{exc_type.__name__}: {exc}"
-            assert exc.kind == kind, f"kind {exc.kind} != {kind}: {exc}"
-            for n in names:
-                assert n in str(exc), f"message does not name {n!r}: {exc}"
-            self.error = exc
-            return True
-    return _Ctx()
+from epx_test_utils import expect_error  # noqa: E402
 
 
 # ---- Package and errors -------------------------------------------------------------------------------

@@ -7,21 +7,8 @@ import pytest
 from conftest import require_epx
 
 torch, epx = require_epx()
-from test_cpu import expect_error  # noqa: E402
-
-
-class _GroupReached(Exception):
-    pass
-
-
-class _StopAtGroup:
-    """A process group: the Buffer accepted every option once it asks for the rank."""
-
-    def rank(self):
-        raise _GroupReached
-
-    def size(self):
-        raise _GroupReached
+from epx_test_utils import expect_error  # noqa: E402
+from test_cpu_api import _GroupReached, _StopAtGroup  # noqa: E402
 
 
 def test_node_size_is_keyword_only_with_default_zero():

@@ -10,8 +10,8 @@ import pytest
 from conftest import require_epx
 
 torch, epx = require_epx()
-from epx_test_utils import (assert_equal, host, expert_scale, fp8_dequant, ll_quantize, make_input, pack_ue8m0, pow2,
-                            ref_ll_dispatch, token_counts)
+from epx_test_utils import (assert_equal, expect_error, host, expert_scale, fp8_dequant, ll_quantize, make_input,
+                            pack_ue8m0, pow2, ref_ll_dispatch, token_counts)
 from test_ht import HIDDEN as HT_HIDDEN, _dispatch_combine
 
 T = 64          # num_max_dispatch_tokens_per_rank
@@ -300,22 +300,6 @@ def _mixed_modes(ctx, seed):
     _ht_on(ctx, buf, seed + 3)
 
 
-def _expect_error(kind, *needles):
-    """Context manager: an epx.EpxError of `kind` whose message contains every one of `needles`."""
-    class _Ctx:
-        def __enter__(self):
-            return self
-
-        def __exit__(self, exc_type, exc, tb):
-            assert exc_type is not None, f"no EpxError({kind}) raised"
-            assert issubclass(exc_type, epx.EpxError), f"{exc_type.__name__}: {exc}"
-            assert exc.kind == kind, f"kind {exc.kind} != {kind}: {exc}"
-            for n in needles:
-                assert n in str(exc), f"message does not name {n!r}: {exc}"
-            return True
-    return _Ctx()
-
-
 def _zero_copy_needs_the_region(ctx, seed):
     """A region sized without zero_copy has no zero-copy combine buffer: asking for it raises
     BufferTooSmall naming the size-hint call with zero_copy=True and its bytes, inside the combine's
@@ -338,7 +322,7 @@ def _zero_copy_needs_the_region(ctx, seed):
         return mine, topk, weights, handle, expert_outputs(me, recv, count, "bf16")
 
     mine, topk, weights, handle, y = dispatch(0)
-    with _expect_error("BufferTooSmall", *names_the_hint):
+    with expect_error("BufferTooSmall", *names_the_hint):
         buf.get_next_low_latency_combine_buffer(handle)
     assert not buf.failed, "get_next_low_latency_combine_buffer is local: it must not fail the buffer"
     combined, _, _ = buf.low_latency_combine(y, topk, weights, handle)
@@ -346,7 +330,7 @@ def _zero_copy_needs_the_region(ctx, seed):
 
     # Every rank asks for a zero-copy combine: every rank raises.
     mine, topk, weights, handle, y = dispatch(1)
-    with _expect_error("BufferTooSmall", *names_the_hint):
+    with expect_error("BufferTooSmall", *names_the_hint):
         buf.low_latency_combine(y, topk, weights, handle, zero_copy=True)
     assert buf.failed, "a collective operation that raised must fail the buffer"
     buf.reset()
@@ -354,10 +338,10 @@ def _zero_copy_needs_the_region(ctx, seed):
     # Only rank 0 asks: it raises, and its abort word ends the others' combines naming it.
     mine, topk, weights, handle, y = dispatch(2)
     if me == 0:
-        with _expect_error("BufferTooSmall", *names_the_hint):
+        with expect_error("BufferTooSmall", *names_the_hint):
             buf.low_latency_combine(y, topk, weights, handle, zero_copy=True)
     else:
-        with _expect_error("Aborted", "rank 0 failed (its low_latency_combine raised an error on the host"):
+        with expect_error("Aborted", "rank 0 failed (its low_latency_combine raised an error on the host"):
             buf.low_latency_combine(y, topk, weights, handle)
             buf.synchronize()
     buf.reset()
