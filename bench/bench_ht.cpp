@@ -13,6 +13,7 @@
 #include "common/layout.hpp"
 #include "host/checks.hpp"
 #include "host/plan.hpp"
+#include "host/tuning.hpp"
 
 namespace epx::bench {
 
@@ -42,8 +43,21 @@ void upload(DeviceArray& d, const std::vector<T>& v) {
   EPX_CUDA_CHECK(cudaStreamSynchronize(d.stream));
 }
 
-// `c` with the ring settings of `spec` ("w6c2q256": letter, number, ...; see Options).
-Config with_ring_settings(Config c, const std::string& spec) {
+// A Config and a Tuning set together (each is validated against the other).
+struct Settings {
+  Config config;
+  Tuning tuning;
+};
+void apply(Buffer& buffer, const Settings& s) {
+  set_tuning(buffer, Tuning{});  // holds for any Config
+  buffer.set_config(s.config);
+  set_tuning(buffer, s.tuning);
+}
+
+// `s` with the ring settings of `spec` ("w6c2q256": letter, number, ...; see Options).
+Settings with_ring_settings(Settings s, const std::string& spec) {
+  Config& c = s.config;
+  Tuning& t = s.tuning;
   size_t i = 0;
   while (i < spec.size()) {
     const char key = spec[i++];
@@ -57,15 +71,15 @@ Config with_ring_settings(Config c, const std::string& spec) {
     EPX_ARG_CHECK(used > 0, "--combine-configs: expected a number after '", key, "' in '", spec, "'");
     i += used;
     switch (key) {
-      case 's': c.ring_senders = value, c.ring_split_blocks = false; break;
-      case 'w': c.ring_send_warps = value, c.ring_split_blocks = true; break;
-      case 'c': c.ring_chunk = value; break;
+      case 's': t.ring_senders = value, t.ring_split_blocks = false; break;
+      case 'w': t.ring_send_warps = value, t.ring_split_blocks = true; break;
+      case 'c': t.ring_chunk = value; break;
       case 'q': c.ring_slots = value; break;
       default: EPX_ARG_CHECK(false, "--combine-configs: unknown setting '", key, "' in '", spec, "' (s, w, c, q)");
     }
   }
-  c.ring_combine = true;
-  return c;
+  t.ring_combine = true;
+  return s;
 }
 
 }  // namespace
@@ -92,9 +106,10 @@ std::vector<Row> run_ht(const Options& o, Communicator& comm) {
         for (int sms : o.sms) {
           Config c;
           c.num_sms = sms;
+          const Tuning t;  // the Buffer's own
           for (DType dt : {DType::kBF16, DType::kFP8E4M3})
-            nvl_bytes = std::max(nvl_bytes, plan::dispatch_ring_min_bytes(c, R, H, dt, K));
-          nvl_bytes = std::max(nvl_bytes, plan::combine_ring_min_bytes(c, R, H, K));
+            nvl_bytes = std::max(nvl_bytes, plan::dispatch_ring_min_bytes(c, t, R, H, dt, K));
+          nvl_bytes = std::max(nvl_bytes, plan::combine_ring_min_bytes(c, t, R, H, K));
         }
       }
       Buffer buffer(comm, nvl_bytes);
@@ -248,30 +263,34 @@ std::vector<Row> run_ht(const Options& o, Communicator& comm) {
         measure("dispatch bf16 cached", cached(false), row_bf16, nr, remote_rows, nccl_dispatch);
         measure("dispatch fp8 fresh", fresh(true), row_fp8, nr, remote_rows, nullptr);
         measure("dispatch fp8 cached", cached(true), row_fp8, nr, remote_rows, nullptr);
+        const Tuning base_tuning = tuning(buffer);  // the Buffer's own: the measured winners
         for (int k : o.dispatch_copy_warps) {  // split-block dispatch variants
-          Config split = cfg;
+          Tuning split = base_tuning;
           split.dispatch_split_blocks = true;
           split.dispatch_copy_warps = k;  // 0: the auto count
-          buffer.set_config(split);
+          set_tuning(buffer, split);
           const std::string tag = k > 0 ? " split k" + std::to_string(k) : " split auto";
           measure("dispatch bf16 fresh" + tag, fresh(false), row_bf16, nr, remote_rows, nccl_dispatch);
           measure("dispatch bf16 cached" + tag, cached(false), row_bf16, nr, remote_rows, nccl_dispatch);
           measure("dispatch fp8 cached" + tag, cached(true), row_fp8, nr, remote_rows, nullptr);
-          buffer.set_config(cfg);
+          set_tuning(buffer, base_tuning);
         }
         fresh(false)(stream);  // recv buffer holds bf16 rows again for combine
         measure("combine bf16", combine_op, row_bf16, nr, remote_rows, nccl_combine);
-        cfg.ring_combine = false;
-        buffer.set_config(cfg);
-        measure("combine bf16 row region", combine_op, row_bf16, nr, remote_rows, nccl_combine);
-        cfg.ring_combine = true;
-        if (R >= 3 && cfg.ring_split_blocks) {  // the rings' other layout: sender and receiver blocks
-          Config blocks = cfg;
+        {
+          Tuning row_region = base_tuning;
+          row_region.ring_combine = false;
+          set_tuning(buffer, row_region);
+          measure("combine bf16 row region", combine_op, row_bf16, nr, remote_rows, nccl_combine);
+        }
+        if (R >= 3 && base_tuning.ring_split_blocks) {  // the rings' other layout: sender and receiver blocks
+          Tuning blocks = base_tuning;
+          blocks.ring_combine = true;
           blocks.ring_split_blocks = false;
-          buffer.set_config(blocks);
+          set_tuning(buffer, blocks);
           measure("combine bf16 ring blocks", combine_op, row_bf16, nr, remote_rows, nccl_combine);
         }
-        buffer.set_config(cfg);
+        set_tuning(buffer, base_tuning);
         // Ring settings to time: the ones asked for, and with --ring-sweep (3 ranks up; 2 ranks always
         // take the row region) sender and receiver blocks (1 or R-1 sender blocks x chunk 0, 2, 4)
         // and split blocks (a warp or two per peer sending x chunk 0, 4, 8).
@@ -284,14 +303,14 @@ std::vector<Row> run_ht(const Options& o, Communicator& comm) {
               if (send_warps < cfg.num_threads / 32) specs.push_back("w" + std::to_string(send_warps) + "c" + std::to_string(chunk));
         }
         for (const std::string& spec : specs) {
-          const Config c = with_ring_settings(cfg, spec);
-          buffer.set_config(c);
+          const Settings v = with_ring_settings(Settings{cfg, base_tuning}, spec);
+          apply(buffer, v);
           measure("combine " + spec, combine_op, row_bf16, nr, remote_rows, nccl_combine);
           // Settings whose rings do not fit this buffer (or this rank count) run the row region.
-          if (plan::ring_plan(c, R, plan::combine_rows(nvl_bytes, H, K).capacity).channels == 0)
+          if (plan::ring_plan(v.config, v.tuning, R, plan::combine_rows(nvl_bytes, H, K).capacity).channels == 0)
             rows.back().note = "row region: these rings do not fit";
         }
-        buffer.set_config(cfg);
+        apply(buffer, Settings{cfg, base_tuning});
       }
       if (with_nccl) {
         rows.push_back(nd);

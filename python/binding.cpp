@@ -430,9 +430,10 @@ PYBIND11_MODULE(_C, m) {
           c.num_sms = num_sms;
           c.num_threads = num_threads;
           c.validate();
-          const epx::plan::DispatchRing d = epx::plan::dispatch_ring(c, num_ranks, num_nvl_bytes, hidden,
+          const epx::Tuning t;  // a Buffer's own (Python never changes it)
+          const epx::plan::DispatchRing d = epx::plan::dispatch_ring(c, t, num_ranks, num_nvl_bytes, hidden,
                                                                      static_cast<DType>(dtype), num_topk);
-          const epx::plan::RingPlan r = epx::plan::bounded_ring_plan(c, num_ranks, num_nvl_bytes, hidden, num_topk);
+          const epx::plan::RingPlan r = epx::plan::bounded_ring_plan(c, t, num_ranks, num_nvl_bytes, hidden, num_topk);
           return py::make_tuple(d.slots, r.slots);
         },
         py::arg("num_sms"), py::arg("num_threads"), py::arg("num_nvl_bytes"), py::arg("hidden"), py::arg("dtype"),

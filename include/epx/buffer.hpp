@@ -176,6 +176,10 @@ struct BufferOptions {
   int node_size = 0;
 };
 
+namespace detail {
+struct BufferAccess;  // the library's own reach into a Buffer's state (src/host/buffer.cpp)
+}
+
 class Buffer {
  public:
   // Collective: allocates `num_nvl_bytes` of symmetric memory on every rank (ncclMemAlloc +
@@ -294,6 +298,7 @@ class Buffer {
   struct Impl;
 
  private:
+  friend struct detail::BufferAccess;
   std::unique_ptr<Impl> impl_;
 };
 

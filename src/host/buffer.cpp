@@ -11,6 +11,7 @@
 #include "epx/sim_world.hpp"
 #include "host/buffer_impl.hpp"
 #include "host/sim_world_state.hpp"
+#include "host/tuning.hpp"
 #include "host/validate.hpp"
 #include "kernels/scaleout_params.hpp"
 
@@ -21,12 +22,14 @@ using validate::kAny;
 namespace {
 
 // Config.num_sms is bounded by the SMs this rank owns; a simulated rank owns a share of the device.
-void validate_config(const Communicator& comm, const Config& config) {
+// The Buffer's tuning must hold for the config too (its warp counts and chunk are bounded by it).
+void validate_config(const Communicator& comm, const Config& config, const Tuning& tuning) {
   if (comm.simulated())
     EPX_ARG_CHECK(config.num_sms <= comm.num_device_sms(), "Config.num_sms: ", config.num_sms,
                   " exceeds this simulated rank's SM share of ", comm.num_device_sms(), " (the device's SMs / ",
                   comm.world(), " ranks)");
   config.validate(comm.num_device_sms());
+  tuning.validate(config);
 }
 
 const char* ll_zero_copy_name(LlZeroCopy mode) {
@@ -43,7 +46,7 @@ const char* ll_zero_copy_name(LlZeroCopy mode) {
 Buffer::Buffer(Communicator& comm, size_t num_nvl_bytes, BufferOptions options) : impl_(new Impl) {
   Impl& m = *impl_;
   m.comm = &comm;
-  validate_config(comm, options.config);
+  validate_config(comm, options.config, m.tuning);
   m.set_config(options.config);
   {
     const char* source = "node_size";
@@ -140,9 +143,20 @@ Buffer::~Buffer() {
 Communicator& Buffer::comm() const { return *impl_->comm; }
 const Config& Buffer::config() const { return impl_->config; }
 void Buffer::set_config(const Config& config) {
-  validate_config(*impl_->comm, config);
+  validate_config(*impl_->comm, config, impl_->tuning);
   impl_->set_config(config);
 }
+
+struct detail::BufferAccess {
+  static Buffer::Impl& impl(const Buffer& buffer) { return *buffer.impl_; }
+};
+void set_tuning(Buffer& buffer, const Tuning& tuning) {
+  Buffer::Impl& m = detail::BufferAccess::impl(buffer);
+  tuning.validate(m.config);
+  m.tuning = tuning;
+}
+const Tuning& tuning(const Buffer& buffer) { return detail::BufferAccess::impl(buffer).tuning; }
+
 int Buffer::rank() const { return impl_->comm->rank(); }
 int Buffer::num_ranks() const { return impl_->comm->world(); }
 int Buffer::node_size() const { return impl_->topology.node_size; }
@@ -437,7 +451,7 @@ void Buffer::dispatch(const DispatchInputs& in, const DispatchHandle& handle, co
     const plan::DispatchRing ring =
         max_rows > rows.capacity
             ? m.agreed([&] {
-                return plan::dispatch_ring(m.config, R, m.num_nvl_bytes, xs.hidden, xs.dtype, xs.num_topk,
+                return plan::dispatch_ring(m.config, m.tuning, R, m.num_nvl_bytes, xs.hidden, xs.dtype, xs.num_topk,
                                            xs.num_scale_columns);
               })
             : plan::DispatchRing{};
@@ -466,7 +480,7 @@ void Buffer::dispatch(const DispatchInputs& in, const DispatchHandle& handle, co
     p.recv_topk_idx = out.recv_topk_idx.defined() ? out.recv_topk_idx.ptr<int64_t>() : nullptr;
     p.recv_topk_weights = out.recv_topk_weights.defined() ? out.recv_topk_weights.ptr<float>() : nullptr;
     p.recv_src_idx = out.recv_src_idx.defined() ? out.recv_src_idx.ptr<int>() : nullptr;
-    p.copy_warps = ring.slots > 0 ? ring.copy_warps : plan::dispatch_copy_warps(m.config, rows.row_bytes);
+    p.copy_warps = ring.slots > 0 ? ring.copy_warps : plan::dispatch_copy_warps(m.config, m.tuning, rows.row_bytes);
     p.ring_slots = ring.slots;
     {
       plan::OpPlan plan = plan::launch_plan(m.config);
@@ -523,7 +537,7 @@ void Buffer::combine(const CombineInputs& in, const DispatchHandle& handle, cons
     validate::rows_16b_aligned(out.combined_x, "combined_x");
 
     const RowLayout rows = plan::combine_rows(m.num_nvl_bytes, H, K);
-    // The ring combine, whatever the config, when the rows returned to the busiest rank (host-synced)
+    // The ring combine, whatever the tuning, when the rows returned to the busiest rank (host-synced)
     // do not fit the row region; without a host sync, when num_worst_tokens rows do not, or when
     // the rows a rank may get back (at most num_worst_tokens from each receiver) may not and rings
     // fit. Values every rank has, so every rank plans alike.
@@ -535,7 +549,7 @@ void Buffer::combine(const CombineInputs& in, const DispatchHandle& handle, cons
       bounded = handle.max_sent_tokens > rows.capacity;
     } else if (R > 1) {
       bounded = worst > rows.capacity || (worst * R > rows.capacity &&
-                                          plan::ring_plan(m.config, R, rows.capacity, /*bounded=*/true).channels > 0);
+                                          plan::ring_plan(m.config, m.tuning, R, rows.capacity, /*bounded=*/true).channels > 0);
     }
     kernels::CombineParams p{};
     p.ctx = m.context(OpCode::kCombine);
@@ -559,15 +573,15 @@ void Buffer::combine(const CombineInputs& in, const DispatchHandle& handle, cons
     p.combined_topk_weights = K ? out.combined_topk_weights.ptr<float>() : nullptr;
     p.out_weight_stride = K ? out.combined_topk_weights.stride[0] : 0;
     const plan::RingPlan ring =
-        bounded ? m.agreed([&] { return plan::bounded_ring_plan(m.config, R, m.num_nvl_bytes, H, K); })
-                : plan::ring_plan(m.config, R, rows.capacity);
+        bounded ? m.agreed([&] { return plan::bounded_ring_plan(m.config, m.tuning, R, m.num_nvl_bytes, H, K); })
+                : plan::ring_plan(m.config, m.tuning, R, rows.capacity);
     {
       plan::OpPlan plan = plan::launch_plan(m.config);
       plan.ring_channels = ring.channels;  // all ring fields 0: the row-region combine
       plan.ring_slots = ring.slots;
       plan.ring_send_warps = ring.send_warps;
       plan.ring_senders = ring.senders;
-      plan.ring_chunk = ring.channels > 0 ? m.config.ring_chunk : 0;
+      plan.ring_chunk = ring.channels > 0 ? m.tuning.ring_chunk : 0;
       plan.row_bytes = rows.row_bytes;
       plan.num_topk_weights = rows.num_topk_weights;
       plan::encode_plan(plan, p.ctx.plan);
@@ -576,7 +590,7 @@ void Buffer::combine(const CombineInputs& in, const DispatchHandle& handle, cons
       p.ring_channels = ring.channels;
       p.ring_senders = ring.senders;
       p.ring_slots = ring.slots;
-      p.ring_chunk = m.config.ring_chunk;
+      p.ring_chunk = m.tuning.ring_chunk;
       p.ring_send_warps = ring.send_warps;
       kernels::launch_combine_rings(p, m.config.num_sms, m.config.num_threads, stream);
     } else {

@@ -28,6 +28,7 @@ struct Buffer::Impl {
   Communicator* comm = nullptr;
   Topology topology;  // nodes of the world (BufferOptions::node_size)
   Config config;
+  Tuning tuning;  // set_tuning (bench and tests); default-constructed: the measured winners
   double timeout_seconds = 0;  // effective_timeout_s(config), read once per config (not per op)
   size_t num_nvl_bytes = 0;
   std::shared_ptr<DeviceArena> arena;
@@ -194,7 +195,7 @@ struct Buffer::Impl {
           const std::string field = plan::plan_difference(e->index, e->observed, e->expected, &theirs, &mine);
           msg = detail::concat(kOps[op], ": rank ", e->peer, " planned it with ", field, " = ", theirs, ", rank ",
                                e->rank, " with ", mine, "; every rank must give a collective op the same Config, "
-                               "row shape and optional tensors");
+                               "Tuning, row shape and optional tensors");
         } else if (e->index == -2) {
           msg = detail::concat(kOps[op], ": the handle's row count is ", static_cast<long long>(static_cast<int>(e->observed)),
                                " without a failed count exchange on rank ", e->rank,

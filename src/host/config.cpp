@@ -12,15 +12,7 @@ void Config::validate(int num_device_sms) const {
   validate::in_range(num_sms, "Config.num_sms", 1, num_device_sms > 0 ? num_device_sms : 1024);
   validate::in_range(num_threads, "Config.num_threads", 64, 512);
   EPX_ARG_CHECK(num_threads % 32 == 0, "Config.num_threads: must be a multiple of 32, got ", num_threads);
-  validate::in_range(ring_senders, "Config.ring_senders", 0, 7);
-  validate::in_range(ring_chunk, "Config.ring_chunk", 0, 16);
   validate::in_range(ring_slots, "Config.ring_slots", 64, 4096);
-  validate::in_range(ring_send_warps, "Config.ring_send_warps", 0, num_threads / 32 - 1);
-  validate::in_range(dispatch_copy_warps, "Config.dispatch_copy_warps", 0, num_threads / 32 - 1);
-  // A ring must hold a receiver batch (one token per warp) and, beyond it, a chunk of every sender
-  // warp of a peer but one row, or the two sides could wait for each other (docs/protocol.md).
-  EPX_ARG_CHECK(ring_slots >= ring_chunk * (num_threads / 32), "Config.ring_slots: must be >= ring_chunk * num_threads / 32 = ",
-                ring_chunk * (num_threads / 32), ", got ", ring_slots);
   EPX_ARG_CHECK(timeout_s >= 0 && timeout_s <= 86400, "Config.timeout_s: expected [0, 86400] seconds, got ",
                 timeout_s);
 }

@@ -42,11 +42,11 @@ size_t nvl_bytes_for_rows(int64_t max_rows, int hidden, DType x_dtype, int num_t
   return align_up(SymmetricLayout::kRowsOffset + region, 1 << 21);
 }
 
-int dispatch_copy_warps(const Config& config, int64_t row_bytes) {
-  if (!config.dispatch_split_blocks || config.num_sms > kMaxRingChannels) return 0;
+int dispatch_copy_warps(const Config& config, const Tuning& tuning, int64_t row_bytes) {
+  if (!tuning.dispatch_split_blocks || config.num_sms > kMaxRingChannels) return 0;
   const int warps = config.num_threads / 32;
   if (warps < 2) return 0;
-  if (config.dispatch_copy_warps > 0) return std::min(config.dispatch_copy_warps, warps - 1);
+  if (tuning.dispatch_copy_warps > 0) return std::min(tuning.dispatch_copy_warps, warps - 1);
   // Sending warps in the whole grid ~ 1.3 MB of rows in flight, one row per warp (the best counts
   // at EP4: docs/performance.md).
   const double send = 1.3e6 / (static_cast<double>(std::max<int64_t>(row_bytes, 1)) * config.num_sms);
@@ -66,10 +66,10 @@ constexpr PlanField kPlanFields[] = {
     {"warps per block (Config.num_threads / 32)", 0, 10, 6, &OpPlan::num_warps},
     {"ring channels", 0, 16, 7, &OpPlan::ring_channels},
     {"ring slots (Config.ring_slots; a bounded dispatch: rows per ring)", 0, 23, 13, &OpPlan::ring_slots},
-    {"ring sending warps (Config.ring_send_warps)", 0, 36, 5, &OpPlan::ring_send_warps},
-    {"ring sender blocks (Config.ring_senders)", 0, 41, 4, &OpPlan::ring_senders},
-    {"rows per ring release (Config.ring_chunk)", 0, 45, 5, &OpPlan::ring_chunk},
-    {"dispatch copy warps (Config.dispatch_copy_warps)", 0, 50, 5, &OpPlan::copy_warps},
+    {"ring sending warps (Tuning.ring_send_warps)", 0, 36, 5, &OpPlan::ring_send_warps},
+    {"ring sender blocks (Tuning.ring_senders)", 0, 41, 4, &OpPlan::ring_senders},
+    {"rows per ring release (Tuning.ring_chunk)", 0, 45, 5, &OpPlan::ring_chunk},
+    {"dispatch copy warps (Tuning.dispatch_copy_warps)", 0, 50, 5, &OpPlan::copy_warps},
     {"row bytes (hidden x element size)", 1, 0, 18, &OpPlan::row_bytes},
     {"scale words per row (x_scales)", 1, 18, 17, &OpPlan::num_scales},
     {"top-k ids per row (topk_idx)", 1, 35, 6, &OpPlan::num_topk_idx},
@@ -104,27 +104,27 @@ std::string plan_difference(int word, uint64_t theirs, uint64_t mine, std::strin
   return {};
 }
 
-RingPlan ring_plan(const Config& config, int num_ranks, int64_t capacity, bool bounded) {
+RingPlan ring_plan(const Config& config, const Tuning& tuning, int num_ranks, int64_t capacity, bool bounded) {
   RingPlan plan;
   const int peers = num_ranks - 1;
-  EPX_ARG_CHECK(config.ring_senders <= peers, "Config.ring_senders: at most one sender block per peer (",
-                peers, " at ", num_ranks, " ranks), got ", config.ring_senders);
+  EPX_ARG_CHECK(tuning.ring_senders <= peers, "Tuning.ring_senders: at most one sender block per peer (",
+                peers, " at ", num_ranks, " ranks), got ", tuning.ring_senders);
   // At 2 ranks the row-region combine is faster (docs/performance.md, EP2), when the rows fit.
-  if (!bounded && (!config.ring_combine || num_ranks < 3)) return plan;
+  if (!bounded && (!tuning.ring_combine || num_ranks < 3)) return plan;
   if (peers < 1) return plan;
   const int warps = config.num_threads / 32;
   // Split blocks: each block is a channel, its first send_warps warps one sender for every peer
   // (auto: a warp per peer, two each for two peers).
-  const int send_warps = !config.ring_split_blocks     ? 0
-                         : config.ring_send_warps > 0 ? config.ring_send_warps
+  const int send_warps = !tuning.ring_split_blocks     ? 0
+                         : tuning.ring_send_warps > 0 ? tuning.ring_send_warps
                                                       : peers * std::max(1, 4 / peers);
-  const int senders = send_warps > 0 ? 1 : config.ring_senders > 0 ? config.ring_senders : peers;
+  const int senders = send_warps > 0 ? 1 : tuning.ring_senders > 0 ? tuning.ring_senders : peers;
   const int channels = std::min(send_warps > 0 ? config.num_sms : config.num_sms / (senders + 1), kMaxRingChannels);
   const int sender_warps = send_warps > 0 ? send_warps : warps;
   const int peers_per_block = (peers + senders - 1) / senders;
   if (channels < 1 || sender_warps < peers_per_block || (send_warps > 0 && send_warps >= warps)) return plan;
   const int64_t slots = std::min<int64_t>(config.ring_slots, capacity / (static_cast<int64_t>(num_ranks) * channels));
-  if (slots < combine_ring_min_slots(config)) return plan;
+  if (slots < combine_ring_min_slots(config, tuning)) return plan;
   plan.channels = channels;
   plan.senders = senders;
   plan.slots = static_cast<int>(slots);
@@ -132,74 +132,78 @@ RingPlan ring_plan(const Config& config, int num_ranks, int64_t capacity, bool b
   return plan;
 }
 
-int combine_ring_min_slots(const Config& config) {
-  return std::max(kMinRingSlots, config.ring_chunk * (config.num_threads / 32));
+int combine_ring_min_slots(const Config& config, const Tuning& tuning) {
+  return std::max(kMinRingSlots, tuning.ring_chunk * (config.num_threads / 32));
 }
 
-size_t combine_ring_min_bytes(const Config& config, int num_ranks, int hidden, int num_topk) {
-  const RingPlan geometry = ring_plan(config, num_ranks, int64_t{1} << 40, /*bounded=*/true);
+size_t combine_ring_min_bytes(const Config& config, const Tuning& tuning, int num_ranks, int hidden, int num_topk) {
+  const RingPlan geometry = ring_plan(config, tuning, num_ranks, int64_t{1} << 40, /*bounded=*/true);
   RowLayout c = combine_rows(0, hidden, num_topk);
-  c.place(static_cast<int64_t>(num_ranks) * std::max(geometry.channels, 1) * combine_ring_min_slots(config));
+  c.place(static_cast<int64_t>(num_ranks) * std::max(geometry.channels, 1) * combine_ring_min_slots(config, tuning));
   return bytes_for_layout(c);
 }
 
-RingPlan bounded_ring_plan(const Config& config, int num_ranks, size_t num_nvl_bytes, int hidden, int num_topk) {
+RingPlan bounded_ring_plan(const Config& config, const Tuning& tuning, int num_ranks, size_t num_nvl_bytes, int hidden,
+                           int num_topk) {
   const RowLayout rows = combine_rows(num_nvl_bytes, hidden, num_topk);
-  const RingPlan plan = ring_plan(config, num_ranks, rows.capacity, /*bounded=*/true);
+  const RingPlan plan = ring_plan(config, tuning, num_ranks, rows.capacity, /*bounded=*/true);
   if (plan.channels > 0) return plan;
-  EPX_CHECK(ring_plan(config, num_ranks, int64_t{1} << 40, /*bounded=*/true).channels > 0, ErrorKind::kUnsupported,
-            "combine: the returned rows do not fit the row region and Config (num_sms ", config.num_sms,
-            ", num_threads ", config.num_threads, ", ring_send_warps ", config.ring_send_warps,
+  EPX_CHECK(ring_plan(config, tuning, num_ranks, int64_t{1} << 40, /*bounded=*/true).channels > 0,
+            ErrorKind::kUnsupported, "combine: the returned rows do not fit the row region and Config (num_sms ",
+            config.num_sms, ", num_threads ", config.num_threads, ") with Tuning.ring_send_warps ", tuning.ring_send_warps,
             ") cannot make combine rings at ", num_ranks, " ranks (too few blocks or warps per peer)");
   EPX_CHECK(false, ErrorKind::kBufferTooSmall, "combine: the returned rows do not fit the row region (",
-            rows.capacity, " rows of this shape) and its rings would hold fewer than ", combine_ring_min_slots(config),
-            " rows each; need num_nvl_bytes >= ", combine_ring_min_bytes(config, num_ranks, hidden, num_topk),
+            rows.capacity, " rows of this shape) and its rings would hold fewer than ",
+            combine_ring_min_slots(config, tuning), " rows each; need num_nvl_bytes >= ",
+            combine_ring_min_bytes(config, tuning, num_ranks, hidden, num_topk),
             ", have ", num_nvl_bytes);
   return plan;
 }
 
-int dispatch_ring_min_slots(const Config& config, int64_t row_bytes) {
-  Config split = config;
+int dispatch_ring_min_slots(const Config& config, const Tuning& tuning, int64_t row_bytes) {
+  Tuning split = tuning;
   split.dispatch_split_blocks = true;
-  const int send_warps = config.num_threads / 32 - dispatch_copy_warps(split, row_bytes);
+  const int send_warps = config.num_threads / 32 - dispatch_copy_warps(config, split, row_bytes);
   return 2 * kDispatchPublishRounds * send_warps;
 }
 
-size_t dispatch_ring_min_bytes(const Config& config, int num_ranks, int hidden, DType x_dtype, int num_topk,
-                               int num_scale_columns) {
+size_t dispatch_ring_min_bytes(const Config& config, const Tuning& tuning, int num_ranks, int hidden, DType x_dtype,
+                               int num_topk, int num_scale_columns) {
   RowLayout d = dispatch_rows(0, hidden, x_dtype, num_topk, num_scale_columns);
-  d.place(static_cast<int64_t>(num_ranks) * config.num_sms * dispatch_ring_min_slots(config, d.row_bytes));
+  d.place(static_cast<int64_t>(num_ranks) * config.num_sms * dispatch_ring_min_slots(config, tuning, d.row_bytes));
   return bytes_for_layout(d);
 }
 
-DispatchRing dispatch_ring(const Config& config, int num_ranks, size_t num_nvl_bytes, int hidden, DType x_dtype,
-                           int num_topk, int num_scale_columns) {
+DispatchRing dispatch_ring(const Config& config, const Tuning& tuning, int num_ranks, size_t num_nvl_bytes,
+                           int hidden, DType x_dtype, int num_topk, int num_scale_columns) {
   EPX_CHECK(config.num_sms <= kMaxRingChannels, ErrorKind::kUnsupported, "dispatch: the rows do not fit the row region ",
             "and the bounded dispatch has one progress word per block for at most ", kMaxRingChannels,
             " blocks; Config.num_sms = ", config.num_sms, " (use fewer, or a buffer that holds every row)");
   const RowLayout rows = dispatch_rows(num_nvl_bytes, hidden, x_dtype, num_topk, num_scale_columns);
-  Config split = config;
+  Tuning split = tuning;
   split.dispatch_split_blocks = true;
   DispatchRing ring;
-  ring.copy_warps = dispatch_copy_warps(split, rows.row_bytes);
+  ring.copy_warps = dispatch_copy_warps(config, split, rows.row_bytes);
   ring.send_warps = config.num_threads / 32 - ring.copy_warps;
   const int64_t rings = static_cast<int64_t>(num_ranks) * config.num_sms;
   const int64_t per_ring = rows.capacity / rings;
-  const int min_slots = dispatch_ring_min_slots(config, rows.row_bytes);
+  const int min_slots = dispatch_ring_min_slots(config, tuning, rows.row_bytes);
   EPX_CHECK(per_ring >= min_slots, ErrorKind::kBufferTooSmall, "dispatch: the rows do not fit the row region (",
             rows.capacity, " rows of this shape) and its ", num_ranks, " x ", config.num_sms, " rings would hold ",
             per_ring, " rows each, fewer than two rounds of ", ring.send_warps, " sending warps (", min_slots,
-            "); need num_nvl_bytes >= ", dispatch_ring_min_bytes(config, num_ranks, hidden, x_dtype, num_topk, num_scale_columns),
+            "); need num_nvl_bytes >= ",
+            dispatch_ring_min_bytes(config, tuning, num_ranks, hidden, x_dtype, num_topk, num_scale_columns),
             ", have ", num_nvl_bytes);
   ring.slots = static_cast<int>(std::min<int64_t>(per_ring, kMaxDispatchRingSlots));
   return ring;
 }
 
-size_t nvl_bytes_for_rings(const Config& config, int num_ranks, int64_t hidden_bytes, int64_t rows_per_ring) {
+size_t nvl_bytes_for_rings(const Config& config, const Tuning& tuning, int num_ranks, int64_t hidden_bytes,
+                           int64_t rows_per_ring) {
   const int warps = config.num_threads / 32;
   // Any row shape: at most warps - 1 sending warps in a dispatch block.
   const int64_t per_ring = std::max<int64_t>({rows_per_ring, int64_t{2} * kDispatchPublishRounds * (warps - 1),
-                                              combine_ring_min_slots(config)});
+                                              combine_ring_min_slots(config, tuning)});
   const int64_t row_bytes = hidden_bytes + 4 * ((hidden_bytes + 127) / 128);
   return nvl_bytes_for_rows(static_cast<int64_t>(num_ranks) * config.num_sms * per_ring,
                             static_cast<int>((row_bytes + 1) / 2), DType::kBF16, kMaxTopk);
@@ -213,7 +217,8 @@ size_t Config::get_nvl_buffer_size_hint(size_t hidden_bytes, int num_ranks) cons
   validate::in_range(static_cast<int64_t>(hidden_bytes), "hidden_bytes", 1, int64_t{1} << 22);
   validate::in_range(num_ranks, "num_ranks", 1, kMaxPeers);
   validate();
-  return plan::nvl_bytes_for_rings(*this, num_ranks, static_cast<int64_t>(hidden_bytes), ring_slots);
+  // The Tuning every Buffer starts with: the rows a user's Buffer needs.
+  return plan::nvl_bytes_for_rings(*this, Tuning{}, num_ranks, static_cast<int64_t>(hidden_bytes), ring_slots);
 }
 
 size_t Buffer::get_nvl_buffer_size_hint(int64_t max_rows, int hidden, DType x_dtype, int num_topk, int num_ranks) {

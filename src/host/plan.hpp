@@ -10,6 +10,7 @@
 #include "epx/buffer.hpp"
 #include "epx/config.hpp"
 #include "epx/types.hpp"
+#include "host/tuning.hpp"
 
 namespace epx::plan {
 
@@ -23,26 +24,27 @@ size_t row_region_bytes(size_t num_nvl_bytes);
 RowLayout dispatch_rows(size_t num_nvl_bytes, int hidden, DType x_dtype, int num_topk, int num_scale_columns = -1);
 RowLayout combine_rows(size_t num_nvl_bytes, int hidden, int num_topk);
 
-// Ring combine geometry: channels (ring_senders sender blocks + one receiver block each), sender
-// blocks per channel and rows per ring, or channels = 0 when the ring combine does not apply (off
-// in the config, fewer than 3 ranks, too few blocks, fewer warps per sender block than its peers, or rings smaller
-// than kMinRingSlots or Config's ring_chunk * warps in `capacity` rows of the row region).
-// Throws when Config.ring_senders exceeds the peers.
+// Ring combine geometry: channels (Tuning.ring_senders sender blocks + one receiver block each, or
+// split blocks), sender blocks per channel and rows per ring (at most Config.ring_slots), or
+// channels = 0 when the ring combine does not apply (off in the tuning, fewer than 3 ranks, too few
+// blocks, fewer warps per sender block than its peers, or rings smaller than kMinRingSlots or
+// Tuning.ring_chunk * warps in `capacity` rows of the row region).
+// Throws when Tuning.ring_senders exceeds the peers.
 struct RingPlan {
   int channels = 0, senders = 0, slots = 0, send_warps = 0;
 };
 // bounded: a combine whose returned rows do not all fit the row region takes the rings at every
-// rank count (2 included) whatever Config.ring_combine says; channels = 0 still when the block
+// rank count (2 included) whatever Tuning.ring_combine says; channels = 0 still when the block
 // geometry or the row region cannot hold them (bounded_ring_plan turns that into an error).
-RingPlan ring_plan(const Config& config, int num_ranks, int64_t capacity, bool bounded = false);
+RingPlan ring_plan(const Config& config, const Tuning& tuning, int num_ranks, int64_t capacity, bool bounded = false);
 // The bounded combine's rings for a buffer of num_nvl_bytes: throws Error(kBufferTooSmall) naming
 // combine_ring_min_bytes when a ring holds fewer than its minimum rows, Error(kUnsupported) when the
 // config's blocks cannot make rings at all.
-RingPlan bounded_ring_plan(const Config& config, int num_ranks, size_t num_nvl_bytes, int hidden, int num_topk);
+RingPlan bounded_ring_plan(const Config& config, const Tuning& tuning, int num_ranks, size_t num_nvl_bytes, int hidden, int num_topk);
 // Rows a bounded combine ring needs at least: kMinRingSlots, and a receiver batch of chunks.
-int combine_ring_min_slots(const Config& config);
+int combine_ring_min_slots(const Config& config, const Tuning& tuning);
 // Smallest num_nvl_bytes whose combine rows hold the bounded combine's rings.
-size_t combine_ring_min_bytes(const Config& config, int num_ranks, int hidden, int num_topk);
+size_t combine_ring_min_bytes(const Config& config, const Tuning& tuning, int num_ranks, int hidden, int num_topk);
 
 // Bounded dispatch: a call whose rows do not all fit the receiver's row region runs the split-block
 // dispatch with each receiver's row region cut into R x B rings (B = Config.num_sms blocks), ring
@@ -51,31 +53,33 @@ size_t combine_ring_min_bytes(const Config& config, int num_ranks, int hidden, i
 // (2 * kDispatchPublishRounds * send_warps rows: docs/protocol.md, "dispatch, bounded"), else
 // Error(kBufferTooSmall) naming dispatch_ring_min_bytes; more than kMaxRingChannels blocks (one
 // progress word per block) is Error(kUnsupported). Split blocks are used whatever
-// Config.dispatch_split_blocks says (copy warps as dispatch_copy_warps counts them).
+// Tuning.dispatch_split_blocks says (copy warps as dispatch_copy_warps counts them).
 struct DispatchRing {
   int slots = 0, copy_warps = 0, send_warps = 0;
 };
-DispatchRing dispatch_ring(const Config& config, int num_ranks, size_t num_nvl_bytes, int hidden, DType x_dtype,
-                           int num_topk, int num_scale_columns = -1);
+DispatchRing dispatch_ring(const Config& config, const Tuning& tuning, int num_ranks, size_t num_nvl_bytes,
+                           int hidden, DType x_dtype, int num_topk, int num_scale_columns = -1);
 // Rows a bounded dispatch ring needs at least for rows of `row_bytes` (two rounds).
-int dispatch_ring_min_slots(const Config& config, int64_t row_bytes);
+int dispatch_ring_min_slots(const Config& config, const Tuning& tuning, int64_t row_bytes);
 // Smallest num_nvl_bytes whose dispatch rows hold the bounded dispatch's rings.
-size_t dispatch_ring_min_bytes(const Config& config, int num_ranks, int hidden, DType x_dtype, int num_topk,
-                               int num_scale_columns = -1);
+size_t dispatch_ring_min_bytes(const Config& config, const Tuning& tuning, int num_ranks, int hidden, DType x_dtype,
+                               int num_topk, int num_scale_columns = -1);
 // A num_nvl_bytes that serves any batch through the rings of `config`'s grid: R x Config.num_sms
-// rings of max(rows_per_ring, every ring minimum of any row shape) rows of hidden_bytes of payload
-// plus the scales of an fp8 row of hidden_bytes channels and epx's largest top-k (dispatch and
-// combine, bf16 or fp8).
-size_t nvl_bytes_for_rings(const Config& config, int num_ranks, int64_t hidden_bytes, int64_t rows_per_ring);
-// Copy-out warps of a split-block dispatch (Config.dispatch_split_blocks), 0 when it does not apply
+// rings of max(rows_per_ring, every ring minimum of any row shape, `tuning`'s ring_chunk
+// included) rows of hidden_bytes of payload plus the scales of an fp8 row of hidden_bytes channels
+// and epx's largest top-k (dispatch and combine, bf16 or fp8).
+size_t nvl_bytes_for_rings(const Config& config, const Tuning& tuning, int num_ranks, int64_t hidden_bytes,
+                           int64_t rows_per_ring);
+// Copy-out warps of a split-block dispatch (Tuning.dispatch_split_blocks), 0 when it does not apply
 // (switched off, or more blocks than the per-block progress words: kMaxRingChannels).
-int dispatch_copy_warps(const Config& config, int64_t row_bytes);
+int dispatch_copy_warps(const Config& config, const Tuning& tuning, int64_t row_bytes);
 // Smallest num_nvl_bytes whose dispatch and combine layouts both hold `max_rows` rows.
 size_t nvl_bytes_for_rows(int64_t max_rows, int hidden, DType x_dtype, int num_topk);
 
 // What a high-throughput op addresses its peers' memory by, as two words every rank sends the
 // others in the op's entry handshake (SyncArea::plan): a rank that planned differently (another
-// Config, row shape, or optional tensor) is an error naming the field, never a wrong slot.
+// Config or Tuning, row shape, or optional tensor) is an error naming the field, never a wrong
+// slot. Every Tuning field reaches the kernels only through the ring and copy-warp fields here.
 struct OpPlan {
   int num_blocks = 0, num_warps = 0;                        // grid (Config.num_sms), Config.num_threads / 32
   int ring_channels = 0, ring_slots = 0, ring_send_warps = 0, ring_senders = 0, ring_chunk = 0;

@@ -59,9 +59,10 @@ __device__ __forceinline__ PeerWarps ring_peer_warps(int peers, int k, int g, in
   return {i * q + min(i, extra), q + (i < extra ? 1 : 0)};
 }
 
-// Rows a sender warp writes per release: Config.ring_chunk, or when 0 about 20 rows of the peer's
-// stream per round of its W warps, at most 4 per warp (larger spans stall the in-order receiver);
-// split blocks: 8 rows per round. Both are the best of the chunk sweeps in docs/performance.md.
+// Rows a sender warp writes per release: Tuning.ring_chunk (src/host/tuning.hpp), or when 0 about
+// 20 rows of the peer's stream per round of its W warps, at most 4 per warp (larger spans stall the
+// in-order receiver); split blocks: 8 rows per round. Both are the best of the chunk sweeps in
+// docs/performance.md.
 __device__ __forceinline__ int ring_chunk(const CombineParams& p, int W) {
   if (p.ring_chunk > 0) return p.ring_chunk;
   return p.ring_send_warps > 0 ? max(1, 8 / W) : max(1, min(4, 20 / W));

@@ -10,6 +10,7 @@
 #include "epx/error.hpp"
 #include "host/env.hpp"
 #include "host/plan.hpp"
+#include "host/tuning.hpp"
 #include "host/validate.hpp"
 #include "common/ll_layout.hpp"
 
@@ -80,25 +81,93 @@ TEST(Config, ValidatesEveryField) {
   c.timeout_s = -1;
   expect_error([&] { c.validate(132); }, ErrorKind::kInvalidArgument, "Config.timeout_s");
   c = Config{};
-  c.ring_senders = 8;
-  expect_error([&] { c.validate(132); }, ErrorKind::kInvalidArgument, "Config.ring_senders");
-  c = Config{};
-  c.ring_chunk = -1;
-  expect_error([&] { c.validate(132); }, ErrorKind::kInvalidArgument, "Config.ring_chunk");
-  c = Config{};
-  c.ring_chunk = 8;  // 8 rows x 16 warps > 100 slots
-  c.ring_slots = 100;
+  c.ring_slots = 63;
   expect_error([&] { c.validate(132); }, ErrorKind::kInvalidArgument, "Config.ring_slots");
-  c.num_threads = 384;  // 8 x 12 = 96 fits
+  c.ring_slots = 4097;
+  expect_error([&] { c.validate(132); }, ErrorKind::kInvalidArgument, "Config.ring_slots");
+  c.ring_slots = 64;
   EXPECT_NO_THROW(c.validate(132));
-  c = Config{};
-  c.dispatch_copy_warps = 16;  // no warp left to send
-  expect_error([&] { c.validate(132); }, ErrorKind::kInvalidArgument, "Config.dispatch_copy_warps");
-  c.dispatch_copy_warps = -1;
-  expect_error([&] { c.validate(132); }, ErrorKind::kInvalidArgument, "Config.dispatch_copy_warps");
-  c.dispatch_copy_warps = 15;
+  c.ring_slots = 4096;
   EXPECT_NO_THROW(c.validate(132));
   EXPECT_GE(Config::defaults(4).num_sms, 1);
+}
+
+// The public Config is what a user tunes, with today's defaults: exactly four fields (the
+// structured binding stops compiling when one is added or removed).
+TEST(Config, HoldsOnlyWhatAUserTunes) {
+  const auto [num_sms, num_threads, timeout_s, ring_slots] = Config{};
+  EXPECT_EQ(num_sms, 20);
+  EXPECT_EQ(num_threads, 512);
+  EXPECT_EQ(timeout_s, 0.0);
+  EXPECT_EQ(ring_slots, 128);
+  for (int R = 1; R <= kMaxPeers; ++R) {
+    const Config d = Config::defaults(R);
+    EXPECT_EQ(d.num_sms, R <= 2 ? 16 : 20) << R;
+    EXPECT_EQ(d.num_threads, 512) << R;
+    EXPECT_EQ(d.timeout_s, 0.0) << R;
+    EXPECT_EQ(d.ring_slots, 128) << R;
+    EXPECT_NO_THROW(d.validate()) << R;
+    EXPECT_NO_THROW(Tuning{}.validate(d)) << R;  // a Buffer's own tuning holds for every default
+  }
+  EXPECT_EQ(Config::defaults(8, 6).num_sms, 6);  // a SimWorld rank's share
+}
+
+// The internal Tuning starts at the measured winners (the ring combine on split blocks, the
+// dispatch without them, every count automatic), and its validation names each knob.
+TEST(Tuning, DefaultsAreTheMeasuredWinnersAndValidateNamesEveryKnob) {
+  const auto [ring_combine, ring_senders, ring_chunk, ring_split_blocks, ring_send_warps, dispatch_split_blocks,
+              dispatch_copy_warps] = Tuning{};
+  EXPECT_TRUE(ring_combine);
+  EXPECT_EQ(ring_senders, 1);
+  EXPECT_EQ(ring_chunk, 0);
+  EXPECT_TRUE(ring_split_blocks);
+  EXPECT_EQ(ring_send_warps, 0);
+  EXPECT_FALSE(dispatch_split_blocks);
+  EXPECT_EQ(dispatch_copy_warps, 0);
+
+  const Config c;  // 16 warps
+  Tuning t;
+  EXPECT_NO_THROW(t.validate(c));
+  t.ring_senders = 8;
+  expect_error([&] { t.validate(c); }, ErrorKind::kInvalidArgument, "Tuning.ring_senders");
+  t.ring_senders = -1;
+  expect_error([&] { t.validate(c); }, ErrorKind::kInvalidArgument, "Tuning.ring_senders");
+  t.ring_senders = 7;
+  EXPECT_NO_THROW(t.validate(c));
+  t = Tuning{};
+  t.ring_chunk = -1;
+  expect_error([&] { t.validate(c); }, ErrorKind::kInvalidArgument, "Tuning.ring_chunk");
+  t.ring_chunk = 17;
+  expect_error([&] { t.validate(c); }, ErrorKind::kInvalidArgument, "Tuning.ring_chunk");
+  t.ring_chunk = 8;  // 8 rows x 16 warps = 128 = the default ring_slots
+  EXPECT_NO_THROW(t.validate(c));
+  {
+    Config small = c;
+    small.ring_slots = 100;  // 8 rows x 16 warps > 100 slots
+    expect_error([&] { t.validate(small); }, ErrorKind::kInvalidArgument, "Tuning.ring_chunk");
+    expect_error([&] { t.validate(small); }, ErrorKind::kInvalidArgument, "Config.ring_slots = 100");
+    small.num_threads = 384;  // 8 x 12 = 96 fits
+    EXPECT_NO_THROW(t.validate(small));
+  }
+  t = Tuning{};
+  t.ring_send_warps = 16;  // no warp left to reduce
+  expect_error([&] { t.validate(c); }, ErrorKind::kInvalidArgument, "Tuning.ring_send_warps");
+  t.ring_send_warps = -1;
+  expect_error([&] { t.validate(c); }, ErrorKind::kInvalidArgument, "Tuning.ring_send_warps");
+  t.ring_send_warps = 15;
+  EXPECT_NO_THROW(t.validate(c));
+  t = Tuning{};
+  t.dispatch_copy_warps = 16;  // no warp left to send
+  expect_error([&] { t.validate(c); }, ErrorKind::kInvalidArgument, "Tuning.dispatch_copy_warps");
+  t.dispatch_copy_warps = -1;
+  expect_error([&] { t.validate(c); }, ErrorKind::kInvalidArgument, "Tuning.dispatch_copy_warps");
+  t.dispatch_copy_warps = 15;
+  EXPECT_NO_THROW(t.validate(c));
+  {
+    Config narrow = c;
+    narrow.num_threads = 128;  // 4 warps: at most 3 of them copy out
+    expect_error([&] { t.validate(narrow); }, ErrorKind::kInvalidArgument, "Tuning.dispatch_copy_warps");
+  }
 }
 
 TEST(Plan, LayoutsFitAndHintsSuffice) {
@@ -180,169 +249,173 @@ namespace {
 
 TEST(Plan, RingCombineGeometry) {
   Config c;
-  c.ring_split_blocks = false;  // sender and receiver blocks (split blocks: the next test)
+  Tuning t;
+  t.ring_split_blocks = false;  // sender and receiver blocks (split blocks: the next test)
   c.num_sms = 20;
   c.num_threads = 512;
-  c.ring_senders = 1;
-  const plan::RingPlan p = plan::ring_plan(c, 4, 100000);
+  t.ring_senders = 1;
+  const plan::RingPlan p = plan::ring_plan(c, t, 4, 100000);
   EXPECT_EQ(p.channels, 10);
   EXPECT_EQ(p.senders, 1);
   EXPECT_EQ(p.slots, c.ring_slots);
   EXPECT_LE(int64_t{4} * p.channels * p.slots, 100000);
   // 0: one sender block per peer, so channels of R blocks.
-  c.ring_senders = 0;
-  EXPECT_EQ(plan::ring_plan(c, 4, 100000).senders, 3);
-  EXPECT_EQ(plan::ring_plan(c, 4, 100000).channels, 5);
-  EXPECT_EQ(plan::ring_plan(c, 8, 1 << 20).channels, 2);
-  c.ring_senders = 2;  // 3 peers over 2 blocks: 6 channels of 3 blocks
-  EXPECT_EQ(plan::ring_plan(c, 4, 100000).channels, 6);
-  c.ring_senders = 1;
+  t.ring_senders = 0;
+  EXPECT_EQ(plan::ring_plan(c, t, 4, 100000).senders, 3);
+  EXPECT_EQ(plan::ring_plan(c, t, 4, 100000).channels, 5);
+  EXPECT_EQ(plan::ring_plan(c, t, 8, 1 << 20).channels, 2);
+  t.ring_senders = 2;  // 3 peers over 2 blocks: 6 channels of 3 blocks
+  EXPECT_EQ(plan::ring_plan(c, t, 4, 100000).channels, 6);
+  t.ring_senders = 1;
   // Small region: rings shrink, then the row-region combine takes over.
-  EXPECT_EQ(plan::ring_plan(c, 4, 4 * 10 * 100).slots, 100);
-  EXPECT_EQ(plan::ring_plan(c, 4, 4 * 10 * (kMinRingSlots - 1)).channels, 0);
+  EXPECT_EQ(plan::ring_plan(c, t, 4, 4 * 10 * 100).slots, 100);
+  EXPECT_EQ(plan::ring_plan(c, t, 4, 4 * 10 * (kMinRingSlots - 1)).channels, 0);
   // Rings must hold ring_chunk rows of every warp: 4 * 16 = 64 fits, 5 * 16 = 80 > 70 does not.
-  c.ring_chunk = 4;
-  EXPECT_EQ(plan::ring_plan(c, 4, 4 * 10 * 70).slots, 70);
-  c.ring_chunk = 5;
-  EXPECT_EQ(plan::ring_plan(c, 4, 4 * 10 * 70).channels, 0);
-  c.ring_chunk = 2;
+  t.ring_chunk = 4;
+  EXPECT_EQ(plan::ring_plan(c, t, 4, 4 * 10 * 70).slots, 70);
+  t.ring_chunk = 5;
+  EXPECT_EQ(plan::ring_plan(c, t, 4, 4 * 10 * 70).channels, 0);
+  t.ring_chunk = 2;
   // Too few warps for a warp per peer of a sender block, too few blocks, or switched off.
   c.num_threads = 192;  // 6 warps < 7 peers
-  EXPECT_EQ(plan::ring_plan(c, 8, 1 << 20).channels, 0);
-  EXPECT_GT(plan::ring_plan(c, 7, 1 << 20).channels, 0);
-  c.ring_senders = 2;  // 4 peers per block now
-  EXPECT_GT(plan::ring_plan(c, 8, 1 << 20).channels, 0);
-  c.ring_senders = 1;
+  EXPECT_EQ(plan::ring_plan(c, t, 8, 1 << 20).channels, 0);
+  EXPECT_GT(plan::ring_plan(c, t, 7, 1 << 20).channels, 0);
+  t.ring_senders = 2;  // 4 peers per block now
+  EXPECT_GT(plan::ring_plan(c, t, 8, 1 << 20).channels, 0);
+  t.ring_senders = 1;
   c.num_threads = 512;
   c.num_sms = 1;
-  EXPECT_EQ(plan::ring_plan(c, 3, 1 << 20).channels, 0);
+  EXPECT_EQ(plan::ring_plan(c, t, 3, 1 << 20).channels, 0);
   c.num_sms = 200;  // channels capped by the control words
-  EXPECT_EQ(plan::ring_plan(c, 3, 1 << 24).channels, kMaxRingChannels);
-  EXPECT_EQ(plan::ring_plan(c, 2, 1 << 24).channels, 0);  // 2 ranks: the row region is faster
-  c.ring_combine = false;
-  EXPECT_EQ(plan::ring_plan(c, 3, 1 << 24).channels, 0);
+  EXPECT_EQ(plan::ring_plan(c, t, 3, 1 << 24).channels, kMaxRingChannels);
+  EXPECT_EQ(plan::ring_plan(c, t, 2, 1 << 24).channels, 0);  // 2 ranks: the row region is faster
+  t.ring_combine = false;
+  EXPECT_EQ(plan::ring_plan(c, t, 3, 1 << 24).channels, 0);
   // More sender blocks than peers is an error naming the field, even with the rings off.
-  c.ring_senders = 3;
-  expect_error([&] { plan::ring_plan(c, 3, 1 << 20); }, ErrorKind::kInvalidArgument, "Config.ring_senders");
+  t.ring_senders = 3;
+  expect_error([&] { plan::ring_plan(c, t, 3, 1 << 20); }, ErrorKind::kInvalidArgument, "Tuning.ring_senders");
 }
 
 TEST(Plan, DispatchSplitBlocks) {
   Config c;
+  Tuning t;
   c.num_threads = 512;
-  EXPECT_FALSE(c.dispatch_split_blocks);  // off by default (include/epx/config.hpp)
-  EXPECT_EQ(plan::dispatch_copy_warps(c, 7168 * 2), 0);
-  c.dispatch_split_blocks = true;
+  EXPECT_FALSE(t.dispatch_split_blocks);  // off by default (src/host/tuning.hpp)
+  EXPECT_EQ(plan::dispatch_copy_warps(c, t, 7168 * 2), 0);
+  t.dispatch_split_blocks = true;
   // Auto: sending warps = round(1.3 MB / (row bytes x blocks)), the rest copy out.
   c.num_sms = 24;
-  EXPECT_EQ(plan::dispatch_copy_warps(c, 7168 * 2), 16 - 4);        // bf16, hidden 7168
-  EXPECT_EQ(plan::dispatch_copy_warps(c, 7168), 16 - 8);           // fp8 (scales are apart)
+  EXPECT_EQ(plan::dispatch_copy_warps(c, t, 7168 * 2), 16 - 4);        // bf16, hidden 7168
+  EXPECT_EQ(plan::dispatch_copy_warps(c, t, 7168), 16 - 8);           // fp8 (scales are apart)
   c.num_sms = 20;
-  EXPECT_EQ(plan::dispatch_copy_warps(c, 7168 * 2), 16 - 5);
-  EXPECT_EQ(plan::dispatch_copy_warps(c, 7168), 16 - 9);
-  EXPECT_EQ(plan::dispatch_copy_warps(c, 64), 1);  // tiny rows: all but one warp send
+  EXPECT_EQ(plan::dispatch_copy_warps(c, t, 7168 * 2), 16 - 5);
+  EXPECT_EQ(plan::dispatch_copy_warps(c, t, 7168), 16 - 9);
+  EXPECT_EQ(plan::dispatch_copy_warps(c, t, 64), 1);  // tiny rows: all but one warp send
   c.num_sms = 1;
-  EXPECT_EQ(plan::dispatch_copy_warps(c, 1 << 20), 15);  // huge rows: one warp sends
+  EXPECT_EQ(plan::dispatch_copy_warps(c, t, 1 << 20), 15);  // huge rows: one warp sends
   // Explicit, capped at all warps but one; off; too many blocks for the progress words.
   c.num_sms = 24;
-  c.dispatch_copy_warps = 6;
-  EXPECT_EQ(plan::dispatch_copy_warps(c, 7168 * 2), 6);
+  t.dispatch_copy_warps = 6;
+  EXPECT_EQ(plan::dispatch_copy_warps(c, t, 7168 * 2), 6);
   c.num_threads = 128;
-  EXPECT_EQ(plan::dispatch_copy_warps(c, 7168 * 2), 3);
-  c.dispatch_split_blocks = false;
-  EXPECT_EQ(plan::dispatch_copy_warps(c, 7168 * 2), 0);
-  c.dispatch_split_blocks = true;
+  EXPECT_EQ(plan::dispatch_copy_warps(c, t, 7168 * 2), 3);
+  t.dispatch_split_blocks = false;
+  EXPECT_EQ(plan::dispatch_copy_warps(c, t, 7168 * 2), 0);
+  t.dispatch_split_blocks = true;
   c.num_sms = kMaxRingChannels + 1;
-  EXPECT_EQ(plan::dispatch_copy_warps(c, 7168 * 2), 0);
+  EXPECT_EQ(plan::dispatch_copy_warps(c, t, 7168 * 2), 0);
 }
 
 TEST(Plan, RingCombineSplitBlocks) {
   Config c;
+  Tuning t;
   c.num_sms = 24;
   c.num_threads = 512;
-  EXPECT_TRUE(c.ring_split_blocks);  // the default
+  EXPECT_TRUE(t.ring_split_blocks);  // the default
   // Auto: a warp per peer, two each when there are two peers.
-  EXPECT_EQ(plan::ring_plan(c, 4, 1 << 20).send_warps, 3);
-  EXPECT_EQ(plan::ring_plan(c, 3, 1 << 20).send_warps, 4);
-  EXPECT_EQ(plan::ring_plan(c, 8, 1 << 24).send_warps, 7);
-  EXPECT_EQ(plan::ring_plan(c, 2, 1 << 20).channels, 0);  // 2 ranks: the row region
-  c.ring_send_warps = 8;
-  c.ring_senders = 2;  // ignored by split blocks: one sender part per channel
-  const plan::RingPlan p = plan::ring_plan(c, 4, 1 << 20);
+  EXPECT_EQ(plan::ring_plan(c, t, 4, 1 << 20).send_warps, 3);
+  EXPECT_EQ(plan::ring_plan(c, t, 3, 1 << 20).send_warps, 4);
+  EXPECT_EQ(plan::ring_plan(c, t, 8, 1 << 24).send_warps, 7);
+  EXPECT_EQ(plan::ring_plan(c, t, 2, 1 << 20).channels, 0);  // 2 ranks: the row region
+  t.ring_send_warps = 8;
+  t.ring_senders = 2;  // ignored by split blocks: one sender part per channel
+  const plan::RingPlan p = plan::ring_plan(c, t, 4, 1 << 20);
   EXPECT_EQ(p.channels, 24);  // every block is a channel
   EXPECT_EQ(p.senders, 1);
   EXPECT_EQ(p.send_warps, 8);
   EXPECT_EQ(p.slots, c.ring_slots);
-  c.ring_split_blocks = false;  // sender and receiver blocks: ring_send_warps is ignored
-  EXPECT_EQ(plan::ring_plan(c, 4, 1 << 20).send_warps, 0);
-  EXPECT_EQ(plan::ring_plan(c, 4, 1 << 20).channels, 8);
-  c.ring_split_blocks = true;
+  t.ring_split_blocks = false;  // sender and receiver blocks: ring_send_warps is ignored
+  EXPECT_EQ(plan::ring_plan(c, t, 4, 1 << 20).send_warps, 0);
+  EXPECT_EQ(plan::ring_plan(c, t, 4, 1 << 20).channels, 8);
+  t.ring_split_blocks = true;
   // Rings shrink with the region: 4 ranks x 24 channels x 100 rows.
-  EXPECT_EQ(plan::ring_plan(c, 4, 4 * 24 * 100).slots, 100);
-  EXPECT_EQ(plan::ring_plan(c, 4, 4 * 24 * (kMinRingSlots - 1)).channels, 0);
+  EXPECT_EQ(plan::ring_plan(c, t, 4, 4 * 24 * 100).slots, 100);
+  EXPECT_EQ(plan::ring_plan(c, t, 4, 4 * 24 * (kMinRingSlots - 1)).channels, 0);
   // Fewer sending warps than peers, or no receiving warp left: the row region.
-  c.ring_senders = 1;
-  c.ring_send_warps = 6;
-  EXPECT_EQ(plan::ring_plan(c, 8, 1 << 24).channels, 0);  // 7 peers
-  EXPECT_GT(plan::ring_plan(c, 7, 1 << 24).channels, 0);  // 6 peers
+  t.ring_senders = 1;
+  t.ring_send_warps = 6;
+  EXPECT_EQ(plan::ring_plan(c, t, 8, 1 << 24).channels, 0);  // 7 peers
+  EXPECT_GT(plan::ring_plan(c, t, 7, 1 << 24).channels, 0);  // 6 peers
   c.num_threads = 192;  // 6 warps, all sending
-  EXPECT_EQ(plan::ring_plan(c, 4, 1 << 24).channels, 0);
-  c.ring_send_warps = 0;
+  EXPECT_EQ(plan::ring_plan(c, t, 4, 1 << 24).channels, 0);
+  t.ring_send_warps = 0;
   c.num_threads = 128;  // auto at 4 ranks: 3 send, 1 reduces; at 5 ranks 4 would send, none reduce
-  EXPECT_EQ(plan::ring_plan(c, 4, 1 << 24).send_warps, 3);
-  EXPECT_EQ(plan::ring_plan(c, 5, 1 << 24).channels, 0);
-  // Config validation names the field.
+  EXPECT_EQ(plan::ring_plan(c, t, 4, 1 << 24).send_warps, 3);
+  EXPECT_EQ(plan::ring_plan(c, t, 5, 1 << 24).channels, 0);
+  // Tuning validation names the field.
   c.num_threads = 512;
-  c.ring_send_warps = 16;
-  expect_error([&] { c.validate(132); }, ErrorKind::kInvalidArgument, "Config.ring_send_warps");
-  c.ring_send_warps = -1;
-  expect_error([&] { c.validate(132); }, ErrorKind::kInvalidArgument, "Config.ring_send_warps");
-  c.ring_send_warps = 15;
-  c.validate(132);
+  t.ring_send_warps = 16;
+  expect_error([&] { t.validate(c); }, ErrorKind::kInvalidArgument, "Tuning.ring_send_warps");
+  t.ring_send_warps = -1;
+  expect_error([&] { t.validate(c); }, ErrorKind::kInvalidArgument, "Tuning.ring_send_warps");
+  t.ring_send_warps = 15;
+  t.validate(c);
 }
 
 TEST(Plan, BoundedDispatchRings) {
-  Config c;  // 20 blocks of 16 warps; split blocks off, which the bounded dispatch ignores
+  const Config c;  // 20 blocks of 16 warps
+  const Tuning t;  // split blocks off, which the bounded dispatch ignores
   const int H = 7168, K = 8;
   for (int R : {2, 3, 4, 8}) {
     for (DType dt : {DType::kBF16, DType::kFP8E4M3}) {
       const size_t bytes = size_t{256} << 20;
       const RowLayout rows = plan::dispatch_rows(bytes, H, dt, K);
-      const plan::DispatchRing ring = plan::dispatch_ring(c, R, bytes, H, dt, K);
+      const plan::DispatchRing ring = plan::dispatch_ring(c, t, R, bytes, H, dt, K);
       // slots = capacity / (R x blocks); the split-block warps of dispatch_copy_warps.
       EXPECT_EQ(ring.slots, rows.capacity / (R * c.num_sms)) << R;
-      Config split = c;
+      Tuning split = t;
       split.dispatch_split_blocks = true;
-      EXPECT_EQ(ring.copy_warps, plan::dispatch_copy_warps(split, rows.row_bytes));
+      EXPECT_EQ(ring.copy_warps, plan::dispatch_copy_warps(c, split, rows.row_bytes));
       EXPECT_EQ(ring.send_warps + ring.copy_warps, c.num_threads / 32);
-      EXPECT_EQ(plan::dispatch_ring_min_slots(c, rows.row_bytes), 2 * kDispatchPublishRounds * ring.send_warps);
+      EXPECT_EQ(plan::dispatch_ring_min_slots(c, t, rows.row_bytes), 2 * kDispatchPublishRounds * ring.send_warps);
     }
   }
   // bf16 hidden 7168 at 20 blocks: 5 sending warps, so rings of 2 x 2 x 5 = 20 rows at least.
-  EXPECT_EQ(plan::dispatch_ring_min_slots(c, 7168 * 2), 20);
+  EXPECT_EQ(plan::dispatch_ring_min_slots(c, t, 7168 * 2), 20);
   // Capped at kMaxDispatchRingSlots.
   {
     Config one = c;
     one.num_sms = 1;
-    EXPECT_EQ(plan::dispatch_ring(one, 2, size_t{1} << 31, 1024, DType::kBF16, 4).slots, kMaxDispatchRingSlots);
+    EXPECT_EQ(plan::dispatch_ring(one, t, 2, size_t{1} << 31, 1024, DType::kBF16, 4).slots, kMaxDispatchRingSlots);
   }
   // The minimum legal size holds the rings; 2 MiB less (the rounding of num_nvl_bytes) does not,
   // and the error names the minimum.
   for (int R : {2, 4, 8}) {
-    const size_t min = plan::dispatch_ring_min_bytes(c, R, H, DType::kBF16, K);
+    const size_t min = plan::dispatch_ring_min_bytes(c, t, R, H, DType::kBF16, K);
     EXPECT_EQ(min % (1 << 21), 0u);
-    EXPECT_GE(plan::dispatch_ring(c, R, min, H, DType::kBF16, K).slots, 20);
-    expect_error([&] { plan::dispatch_ring(c, R, min - (1 << 21), H, DType::kBF16, K); }, ErrorKind::kBufferTooSmall,
+    EXPECT_GE(plan::dispatch_ring(c, t, R, min, H, DType::kBF16, K).slots, 20);
+    expect_error([&] { plan::dispatch_ring(c, t, R, min - (1 << 21), H, DType::kBF16, K); }, ErrorKind::kBufferTooSmall,
                  "need num_nvl_bytes >= " + std::to_string(min) + ", have " + std::to_string(min - (1 << 21)));
   }
-  expect_error([&] { plan::dispatch_ring(c, 4, 4 << 20, H, DType::kBF16, K); }, ErrorKind::kBufferTooSmall,
+  expect_error([&] { plan::dispatch_ring(c, t, 4, 4 << 20, H, DType::kBF16, K); }, ErrorKind::kBufferTooSmall,
                "fewer than two rounds of 5 sending warps (20)");
   // One progress word per block: more than kMaxRingChannels blocks cannot stream.
   Config wide = c;
   wide.num_sms = kMaxRingChannels + 1;
-  expect_error([&] { plan::dispatch_ring(wide, 4, size_t{1} << 30, H, DType::kBF16, K); }, ErrorKind::kUnsupported,
+  expect_error([&] { plan::dispatch_ring(wide, t, 4, size_t{1} << 30, H, DType::kBF16, K); }, ErrorKind::kUnsupported,
                "Config.num_sms = 81");
   wide.num_sms = kMaxRingChannels;
-  EXPECT_GT(plan::dispatch_ring(wide, 4, size_t{1} << 30, H, DType::kBF16, K).slots, 0);
+  EXPECT_GT(plan::dispatch_ring(wide, t, 4, size_t{1} << 30, H, DType::kBF16, K).slots, 0);
 }
 
 // docs/protocol.md, "dispatch, bounded": the resolved values the deadlock-freedom argument needs. A
@@ -358,8 +431,9 @@ TEST(Plan, BoundedDispatchIsDeadlockFree) {
             Config c;
             c.num_sms = num_sms;
             c.num_threads = threads;
-            const size_t bytes = plan::dispatch_ring_min_bytes(c, R, hidden, dt, 8);
-            const plan::DispatchRing ring = plan::dispatch_ring(c, R, bytes, hidden, dt, 8);
+            const Tuning t;
+            const size_t bytes = plan::dispatch_ring_min_bytes(c, t, R, hidden, dt, 8);
+            const plan::DispatchRing ring = plan::dispatch_ring(c, t, R, bytes, hidden, dt, 8);
             const RowLayout rows = plan::dispatch_rows(bytes, hidden, dt, 8);
             EXPECT_GE(ring.send_warps, 1);
             EXPECT_GE(ring.copy_warps, 1);
@@ -368,11 +442,11 @@ TEST(Plan, BoundedDispatchIsDeadlockFree) {
             EXPECT_LE(ring.slots, kMaxDispatchRingSlots);
             EXPECT_LE(int64_t{R} * num_sms * ring.slots, rows.capacity);
             // The combine's rings (where the block geometry makes any): a receiver batch of chunks fits each.
-            if (plan::ring_plan(c, R, int64_t{1} << 40, /*bounded=*/true).channels == 0) continue;
-            const size_t cbytes = std::max(bytes, plan::combine_ring_min_bytes(c, R, hidden, 8));
-            const plan::RingPlan cr = plan::bounded_ring_plan(c, R, cbytes, hidden, 8);
+            if (plan::ring_plan(c, t, R, int64_t{1} << 40, /*bounded=*/true).channels == 0) continue;
+            const size_t cbytes = std::max(bytes, plan::combine_ring_min_bytes(c, t, R, hidden, 8));
+            const plan::RingPlan cr = plan::bounded_ring_plan(c, t, R, cbytes, hidden, 8);
             EXPECT_GT(cr.channels, 0);
-            EXPECT_GE(cr.slots, plan::combine_ring_min_slots(c));
+            EXPECT_GE(cr.slots, plan::combine_ring_min_slots(c, t));
             EXPECT_LE(int64_t{R} * cr.channels * cr.slots, plan::combine_rows(cbytes, hidden, 8).capacity);
           }
         }
@@ -382,37 +456,39 @@ TEST(Plan, BoundedDispatchIsDeadlockFree) {
 }
 
 TEST(Plan, BoundedCombineTakesRingsAtEveryRankCount) {
-  Config c;
+  const Config c;
+  const Tuning t;
   const int64_t big = int64_t{1} << 24;
   for (int R : {2, 3, 4, 8}) {
     // Unbounded: 2 ranks (or the rings switched off) take the row region.
-    EXPECT_EQ(plan::ring_plan(c, R, big).channels > 0, R >= 3) << R;
-    // Bounded: the rings at every rank count, whatever Config.ring_combine says.
+    EXPECT_EQ(plan::ring_plan(c, t, R, big).channels > 0, R >= 3) << R;
+    // Bounded: the rings at every rank count, whatever Tuning.ring_combine says.
     for (bool on : {true, false}) {
-      Config cc = c;
-      cc.ring_combine = on;
-      const plan::RingPlan p = plan::ring_plan(cc, R, big, /*bounded=*/true);
+      Tuning tt = t;
+      tt.ring_combine = on;
+      const plan::RingPlan p = plan::ring_plan(c, tt, R, big, /*bounded=*/true);
       EXPECT_EQ(p.channels, c.num_sms) << R;  // split blocks: a channel per block
       EXPECT_EQ(p.slots, c.ring_slots);
       EXPECT_GT(p.send_warps, 0);
-      const size_t min = plan::combine_ring_min_bytes(cc, R, 7168, 8);
-      const plan::RingPlan q = plan::bounded_ring_plan(cc, R, min, 7168, 8);
+      const size_t min = plan::combine_ring_min_bytes(c, tt, R, 7168, 8);
+      const plan::RingPlan q = plan::bounded_ring_plan(c, tt, R, min, 7168, 8);
       EXPECT_EQ(q.channels, c.num_sms);
       EXPECT_GE(q.slots, kMinRingSlots);
-      expect_error([&] { plan::bounded_ring_plan(cc, R, min - (1 << 21), 7168, 8); }, ErrorKind::kBufferTooSmall,
+      expect_error([&] { plan::bounded_ring_plan(c, tt, R, min - (1 << 21), 7168, 8); }, ErrorKind::kBufferTooSmall,
                    "need num_nvl_bytes >= " + std::to_string(min));
     }
     // The sender and receiver blocks too.
-    Config blocks = c;
+    Tuning blocks = t;
     blocks.ring_split_blocks = false;
-    EXPECT_GT(plan::ring_plan(blocks, R, big, /*bounded=*/true).channels, 0) << R;
+    EXPECT_GT(plan::ring_plan(c, blocks, R, big, /*bounded=*/true).channels, 0) << R;
   }
   // No rings possible from the block geometry: Unsupported, not a size.
   Config narrow = c;
   narrow.num_threads = 64;  // 2 warps: a split block's senders cannot serve 7 peers
-  narrow.ring_split_blocks = false;
   narrow.num_sms = 1;
-  expect_error([&] { plan::bounded_ring_plan(narrow, 8, size_t{1} << 30, 7168, 8); }, ErrorKind::kUnsupported,
+  Tuning blocks = t;
+  blocks.ring_split_blocks = false;
+  expect_error([&] { plan::bounded_ring_plan(narrow, blocks, 8, size_t{1} << 30, 7168, 8); }, ErrorKind::kUnsupported,
                "cannot make combine rings");
 }
 
@@ -424,8 +500,8 @@ TEST(Plan, RingSizeHintServesAnyBatch) {
       EXPECT_EQ(hint % (1 << 21), 0u);
       if (R == 1) continue;  // nothing travels
       for (DType dt : {DType::kBF16, DType::kFP8E4M3}) {
-        EXPECT_GE(plan::dispatch_ring(c, R, hint, hidden, dt, kMaxTopk).slots, c.ring_slots);
-        EXPECT_EQ(plan::bounded_ring_plan(c, R, hint, hidden, kMaxTopk).slots, c.ring_slots);
+        EXPECT_GE(plan::dispatch_ring(c, Tuning{}, R, hint, hidden, dt, kMaxTopk).slots, c.ring_slots);
+        EXPECT_EQ(plan::bounded_ring_plan(c, Tuning{}, R, hint, hidden, kMaxTopk).slots, c.ring_slots);
       }
     }
   }
@@ -566,7 +642,11 @@ TEST(OpPlan, EncodesEveryFieldAndNamesTheOneThatDiffers) {
       {&epx::plan::OpPlan::num_blocks, 19, 0, "Config.num_sms"},
       {&epx::plan::OpPlan::num_warps, 8, 0, "Config.num_threads"},
       {&epx::plan::OpPlan::ring_slots, 4096, 0, "Config.ring_slots"},
-      {&epx::plan::OpPlan::copy_warps, 0, 0, "dispatch copy warps"},
+      {&epx::plan::OpPlan::copy_warps, 0, 0, "Tuning.dispatch_copy_warps"},
+      {&epx::plan::OpPlan::ring_send_warps, 5, 0, "Tuning.ring_send_warps"},
+      {&epx::plan::OpPlan::ring_senders, 3, 0, "Tuning.ring_senders"},
+      {&epx::plan::OpPlan::ring_chunk, 0, 0, "Tuning.ring_chunk"},
+      {&epx::plan::OpPlan::ring_channels, 8, 0, "ring channels"},
       {&epx::plan::OpPlan::num_topk_weights, 0, 1, "topk_weights"},
       {&epx::plan::OpPlan::num_scales, 14, 1, "x_scales"},
       {&epx::plan::OpPlan::experts_per_rank, 1024, 1, "experts per rank"},

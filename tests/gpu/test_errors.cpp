@@ -5,6 +5,7 @@
 #include <chrono>
 
 #include "gpu/harness.hpp"
+#include "host/tuning.hpp"
 
 namespace epx::test {
 namespace {
@@ -335,6 +336,33 @@ void run_plan_mismatch(RankCtx& ctx) {
   if (ctx.rank == 0) std::printf("[world %d] a dispatch planned differently -> every rank names the field\n", R);
 }
 
+// Rank 0 dispatches on split blocks while its peers do not (another Tuning.dispatch_split_blocks,
+// set through set_tuning): the copy-warp count in the plan words differs, and every rank gets an
+// error naming the knob instead of running a dispatch whose halves disagree on the protocol.
+void run_tuning_mismatch(RankCtx& ctx) {
+  Buffer& b = *ctx.buffer;
+  const int R = ctx.world, N = 64, H = 1024;
+  SmallInputs d = small_inputs(ctx, b, N, H, 19);
+  DispatchInputs& di = d.di;
+  DispatchHandle h = b.make_handle(N);
+  const int nr = b.dispatch_notify(di, h, View{}, ctx.stream);
+  const DispatchOutputs o = d.outputs(nr);
+  const Tuning saved = tuning(b);
+  if (ctx.rank == 0) {
+    Tuning other = saved;
+    other.dispatch_split_blocks = !saved.dispatch_split_blocks;
+    set_tuning(b, other);
+  }
+  require_error([&] {
+    b.dispatch(di, h, o, ctx.stream);
+    b.synchronize(ctx.stream);
+  }, ErrorKind::kInvalidArgument, "dispatch copy warps (Tuning.dispatch_copy_warps)");
+  set_tuning(b, saved);
+  b.reset();
+  hundred_rounds(ctx, b, "a tuning mismatch");
+  if (ctx.rank == 0) std::printf("[world %d] ranks with different tunings -> every rank names the knob\n", R);
+}
+
 // A rank that stops launching mid-sequence (its process hangs, or stops calling epx): after
 // kRounds checked rounds, rank R-1 dispatches one more round and never launches its combine. Its
 // peers' combines wait for it in their entry barrier until the 2 s timeout; none hangs. The first
@@ -486,6 +514,11 @@ TEST_P(GpuErrors, RankThatStopsLaunchingTimesOutItsPeers) {
 TEST_P(GpuErrors, RanksThatPlanAnOpDifferentlyGetAnErrorNamingTheField) {
   SKIP_UNLESS_RUNNABLE(GetParam(), 2);
   EXPECT_EQ(run_world(GetParam(), 2, 64 << 20, Config::defaults(2), run_plan_mismatch), 0);
+}
+
+TEST_P(GpuErrors, RanksWithDifferentTuningsGetAnErrorNamingTheKnob) {
+  SKIP_UNLESS_RUNNABLE(GetParam(), 2);
+  EXPECT_EQ(run_world(GetParam(), 2, 64 << 20, Config::defaults(2), run_tuning_mismatch), 0);
 }
 
 TEST_P(GpuErrors, UndersizedBufferNamesBytesNeeded) {

@@ -7,6 +7,7 @@
 
 #include "gpu/harness.hpp"
 #include "host/plan.hpp"
+#include "host/tuning.hpp"
 
 namespace epx::test {
 namespace {
@@ -235,11 +236,11 @@ void run_case(RankCtx& ctx, const Case& c) {
   // Split-block dispatch (5 warps of each block copy out as rows land, then the auto count): fresh
   // (notify again, all metadata) and cached, both equal to the reference.
   for (int copy_warps : {5, 0}) {
-    const Config saved = ctx.buffer->config();
-    Config split = saved;
+    const Tuning saved = tuning(*ctx.buffer);
+    Tuning split = saved;
     split.dispatch_split_blocks = true;
     split.dispatch_copy_warps = copy_warps;
-    ctx.buffer->set_config(split);
+    set_tuning(*ctx.buffer, split);
     DispatchHandle h2 = ctx.buffer->make_handle(N);
     const int nr2 = ctx.buffer->dispatch_notify(in, h2, View::of(per_expert.get(), DType::kI32, {E / R}), ctx.stream);
     REQUIRE(nr2 == nr, c.name, ": split num_recv ", nr2, " want ", nr);
@@ -247,7 +248,7 @@ void run_case(RankCtx& ctx, const Case& c) {
     ctx.buffer->dispatch(in, h2, fresh.view(s, rows, topk), ctx.stream);
     RecvOut again = dispatch_cached(h2);
     ctx.buffer->synchronize(ctx.stream);
-    ctx.buffer->set_config(saved);
+    set_tuning(*ctx.buffer, saved);
     const std::string tag = c.name + " split k" + std::to_string(copy_warps);
     check_recv(fresh, s, want[me], rows, true, tag, topk);
     check_recv(again, s, want[me], rows, false, tag + " cached");
@@ -295,24 +296,28 @@ void run_case(RankCtx& ctx, const Case& c) {
     // split blocks with 5 sending warps (uneven over the peers) and 11 reducing, on rings of 64
     // rows. At 2 ranks all four take the row region (the ring combine starts at 3).
     const Config saved = ctx.buffer->config();
+    const Tuning saved_tuning = tuning(*ctx.buffer);
     Config cfg = saved;
-    cfg.ring_combine = iter != 1;
+    Tuning t = saved_tuning;
+    t.ring_combine = iter != 1;
     if (iter == 2) {
-      cfg.ring_split_blocks = false;
-      cfg.ring_senders = 0;
+      t.ring_split_blocks = false;
+      t.ring_senders = 0;
       cfg.ring_slots = 64;
-      cfg.ring_chunk = 3;
+      t.ring_chunk = 3;
     }
     if (iter == 3) {
-      cfg.ring_send_warps = 5;
+      t.ring_send_warps = 5;
       cfg.ring_slots = 64;
     }
     // A bounded combine takes the rings whatever ring_combine says; a geometry without rings
     // (too few blocks or sending warps for the peers) is Unsupported there.
-    if (c.bounded && plan::ring_plan(cfg, R, int64_t{1} << 40, /*bounded=*/true).channels == 0) continue;
-    ctx.buffer->set_config(cfg);
+    if (c.bounded && plan::ring_plan(cfg, t, R, int64_t{1} << 40, /*bounded=*/true).channels == 0) continue;
+    ctx.buffer->set_config(cfg);  // the saved tuning (chunk 0) holds for any ring_slots
+    set_tuning(*ctx.buffer, t);
     ctx.buffer->combine(ci, handle, co, ctx.stream);
     ctx.buffer->synchronize(ctx.stream);
+    set_tuning(*ctx.buffer, saved_tuning);
     ctx.buffer->set_config(saved);
     auto got = cx.download<uint16_t>(static_cast<size_t>(N) * H);
     expect_equal(got, want_c.combined_x, static_cast<size_t>(N) * H, c.name + " combined_x");
@@ -520,6 +525,7 @@ CaseRows case_rows(RankCtx& ctx, const Case& c) {
 void run_batch_larger_than_the_buffer(RankCtx& ctx) {
   const int R = ctx.world;
   const Config cfg = ctx.buffer->config();
+  const Tuning tun = tuning(*ctx.buffer);  // the Buffers below start with the same (default) one
   InputSpec base;
   base.num_experts = 16 * R;
   // Rows of 1 KB; the batch is a few times the buffer's smallest legal size at every rank count
@@ -538,8 +544,8 @@ void run_batch_larger_than_the_buffer(RankCtx& ctx) {
     const DType dt = s.fp8 ? DType::kFP8E4M3 : DType::kBF16;
     const int S = num_scale_columns(s);
     const CaseRows rows = case_rows(ctx, c);
-    const size_t dispatch_min = plan::dispatch_ring_min_bytes(cfg, R, s.hidden, dt, s.num_topk, S);
-    const size_t combine_min = plan::combine_ring_min_bytes(cfg, R, s.hidden, s.num_topk);
+    const size_t dispatch_min = plan::dispatch_ring_min_bytes(cfg, tun, R, s.hidden, dt, s.num_topk, S);
+    const size_t combine_min = plan::combine_ring_min_bytes(cfg, tun, R, s.hidden, s.num_topk);
     const size_t min_bytes = std::max(dispatch_min, combine_min);
     for (int fraction : {4, 16, 0}) {
       const size_t bytes = fraction == 0 ? min_bytes
@@ -573,7 +579,7 @@ void run_batch_larger_than_the_buffer(RankCtx& ctx) {
     c.spec.num_tokens = 1024;
     c.worst_case = worst;
     c.bounded = true;
-    const size_t dispatch_min = plan::dispatch_ring_min_bytes(cfg, R, c.spec.hidden, DType::kBF16, c.spec.num_topk);
+    const size_t dispatch_min = plan::dispatch_ring_min_bytes(cfg, tun, R, c.spec.hidden, DType::kBF16, c.spec.num_topk);
     const size_t bytes = dispatch_min - (size_t{2} << 20);
     REQUIRE(bytes >= SymmetricLayout::kMinBytes && plan::dispatch_rows(bytes, c.spec.hidden, DType::kBF16, c.spec.num_topk).capacity <
                                                       case_rows(ctx, c).max_recv,
@@ -598,11 +604,16 @@ TEST_P(HtWorld, CudaGraphReplay) {
   const WorldMode mode = GetParam().mode;
   const int world = GetParam().world;
   SKIP_UNLESS_RUNNABLE(mode, world);
-  Config c = Config::defaults(world);
+  const Config c = Config::defaults(world);
   EXPECT_EQ(run_world(mode, world, size_t{256} << 20, c, run_graph), 0);
   // And the other dispatch layout: split blocks if the default is not, and the other way round.
-  c.dispatch_split_blocks = !c.dispatch_split_blocks;
-  EXPECT_EQ(run_world(mode, world, size_t{256} << 20, c, run_graph), 0);
+  EXPECT_EQ(run_world(mode, world, size_t{256} << 20, c, [](RankCtx& ctx) {
+              Tuning t = tuning(*ctx.buffer);
+              t.dispatch_split_blocks = !t.dispatch_split_blocks;
+              set_tuning(*ctx.buffer, t);
+              run_graph(ctx);
+            }),
+            0);
 }
 
 TEST_P(HtWorld, BackToBackRoundsWithoutHostSync) {
