@@ -1,5 +1,7 @@
 #include "host/checks.hpp"
 
+#include "host/staged_copy.hpp"
+
 #include <chrono>
 #include <thread>
 #include <vector>
@@ -53,10 +55,11 @@ cudaEvent_t thread_event(int device) {
 }
 
 void host_wait_stream(cudaStream_t stream, double timeout_s, const char* what, int rank) {
-  // A capturing stream keeps today's query (which ends the capture with an error, as before).
+  // Outside the staged-copies mode (EPX_SIM_STAGED_COPIES, for compute-sanitizer) the stream is
+  // queried. A capturing stream is queried too (which ends the capture with an error, as before).
   cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
-  EPX_CUDA_CHECK(cudaStreamIsCapturing(stream, &capture));
-  if (capture != cudaStreamCaptureStatusNone) {
+  if (detail::staged_copies()) EPX_CUDA_CHECK(cudaStreamIsCapturing(stream, &capture));
+  if (!detail::staged_copies() || capture != cudaStreamCaptureStatusNone) {
     host_wait([stream] { return cudaStreamQuery(stream); }, timeout_s, what, rank, "stream");
     return;
   }
