@@ -7,7 +7,8 @@
 #             4, 8 and the real ones skip with their reason; EPX_CTEST_ARGS adds ctest arguments
 #             (e.g. "-L sim")
 #   sanitize  compute-sanitizer memcheck, racecheck and synccheck over a SimWorld subset
-#             (EPX_SANITIZE_FILTER, a gtest filter)
+#             (EPX_SANITIZE_FILTER, a gtest filter; each tool at most EPX_SANITIZE_TIMEOUT, 170 s),
+#             with EPX_SIM_STAGED_COPIES=1 (the copies staged: see the stage's comment)
 #   bench     epx_bench (ht + ll), args passed on; on one GPU: --sim ${EPX_SIM_WORLD:-4} (simulated);
 #             bench.json, and bench.md: its tables by tools/perf_tables.py
 #   python    tests/python/run_gpu.sh: pytest (real on >= 2 GPUs, simulated on one), the MoE example,
@@ -38,15 +39,20 @@ if [[ $stages == *" tests "* ]]; then
 fi
 if [[ $stages == *" sanitize "* ]]; then
   # Instrumented kernels run far slower: a longer device-wait bound keeps slow from reading as hung.
-  filter=${EPX_SANITIZE_FILTER:-"*HtWorld.MatchesReferenceInEveryMode/sim_world2:*LlWorld.MatchesReferenceInEveryMode/sim_world2"}
+  # Under compute-sanitizer a cudaMemcpyAsync (H2D or D2H) or cudaStreamSynchronize on one stream
+  # waits for the kernels running on every other stream (epx/sim_world.hpp): a SimWorld rank would
+  # wait for a peer's kernel that waits for it. EPX_SIM_STAGED_COPIES=1 stages the copies of the
+  # library and the harness through mapped host memory and a copy kernel, waited for by events.
+  filter=${EPX_SANITIZE_FILTER:-"*HtWorld.MatchesReferenceInEveryMode/sim_world2:*LlWorld.MatchesReferenceInEveryMode/sim_world2:*GpuErrors.*/sim"}
   for tool in memcheck racecheck synccheck; do
     # In process: compute-sanitizer follows only the process it starts, not the harness's fork.
-    EPX_TEST_IN_PROCESS=1 EPX_TIMEOUT_S=${EPX_SANITIZE_WAIT_S:-120} timeout ${EPX_SANITIZE_TIMEOUT:-150} \
+    EPX_SIM_STAGED_COPIES=1 EPX_TEST_IN_PROCESS=1 EPX_TIMEOUT_S=${EPX_SANITIZE_WAIT_S:-120} \
+      timeout ${EPX_SANITIZE_TIMEOUT:-170} \
       compute-sanitizer --tool $tool --error-exitcode 9 ./build-gpu/tests/epx_gpu_tests --gtest_filter="$filter" \
       > "$OUT/sanitize-$tool.log" 2>&1
     rc=$?
     [ $rc -eq 0 ] || status=1
-    echo "sanitize $tool (rc $rc): $(grep -E "ERROR SUMMARY|RACECHECK SUMMARY" "$OUT/sanitize-$tool.log" | tail -1)" \
+    echo "sanitize $tool (rc $rc$([ $rc -eq 124 ] && echo ": timed out")): $(grep -E "ERROR SUMMARY|RACECHECK SUMMARY" "$OUT/sanitize-$tool.log" | tail -1)" \
       "$(grep -E "^\[  (PASSED|FAILED) " "$OUT/sanitize-$tool.log" | tr '\n' ' ')"
   done
 fi

@@ -14,6 +14,15 @@
 //  - copy device -> pageable host memory only once the rank's stream is done (or into pinned
 //    memory): CUDA serializes such copies across streams, so one queued behind a rank's kernel
 //    that waits for a peer holds up every other rank's copy;
+//  - wait for a stream through an event (cudaEventRecord, then cudaEventSynchronize or polling
+//    cudaEventQuery), not cudaStreamSynchronize; under compute-sanitizer (memcheck, measured on an
+//    H200) a cudaStreamSynchronize of stream B, and a cudaMemcpyAsync H2D or D2H on B (pageable and
+//    pinned alike), waits until a kernel running on another stream A ends; cudaMallocAsync,
+//    cudaFreeAsync, cudaMemsetAsync, cudaHostAlloc, kernel launches and event record + sync do not.
+//    Without the sanitizer none of them waits. To run a SimWorld under the sanitizer, set
+//    EPX_SIM_STAGED_COPIES=1: epx's own host<->device copies (and its GPU test harness's) then go
+//    through mapped pinned host memory and a copy kernel on the rank's stream, waited for by an
+//    event (src/host/staged_copy.hpp); a program's own copies must do the same;
 //  - capture CUDA graphs with cudaStreamCaptureModeThreadLocal (or Relaxed);
 //  - load every kernel before the ranks' first op: with CUDA_MODULE_LOADING=LAZY a kernel's first
 //    launch may wait for every running kernel of the process, a peer's waiting one included.

@@ -17,6 +17,7 @@
 #include "host/device_arena.hpp"
 #include "host/env.hpp"
 #include "host/plan.hpp"
+#include "host/staged_copy.hpp"
 #include "host/symmetric.hpp"
 #include "host/topology.hpp"
 #include "kernels/ht_params.hpp"
@@ -153,10 +154,9 @@ struct Buffer::Impl {
       SyncArea area{};
       Workspace ws{};
       const cudaStream_t s = arena->stream();
-      EPX_CUDA_CHECK(cudaMemcpyAsync(&area, symmetric + SymmetricLayout::kSyncOffset, sizeof(area),
-                                     cudaMemcpyDeviceToHost, s));
-      EPX_CUDA_CHECK(cudaMemcpyAsync(&ws, workspace, sizeof(ws), cudaMemcpyDeviceToHost, s));
-      host_wait_stream(s, 10, "reading the sync flags", comm->rank());
+      detail::copy_to_host(&area, symmetric + SymmetricLayout::kSyncOffset, sizeof(area), s, 10,
+                           "reading the sync flags", comm->rank());
+      detail::copy_to_host(&ws, workspace, sizeof(ws), s, 10, "reading the sync flags", comm->rank());
       std::string ready, done;
       for (int p = 0; p < comm->world(); ++p) {
         ready += detail::concat(p ? " " : "", area.ready[p]);

@@ -1,5 +1,6 @@
 // Buffer: validation and launches of the low-latency ops (design.md 4.4-4.5).
 #include "host/buffer_impl.hpp"
+#include "host/staged_copy.hpp"
 #include "host/validate.hpp"
 
 namespace epx {
@@ -286,9 +287,8 @@ void Buffer::low_latency_update_mask_buffer(int rank_to_mask, bool mask) {
   check_shrink(m, "low_latency_update_mask_buffer");
   validate::in_range(rank_to_mask, "rank_to_mask", 0, num_ranks() - 1);
   const int value = mask ? 1 : 0;
-  EPX_CUDA_CHECK(cudaMemcpyAsync(&m.ll_ws->mask[rank_to_mask], &value, sizeof(int), cudaMemcpyHostToDevice,
-                                 m.arena->stream()));
-  host_wait_stream(m.arena->stream(), m.timeout_s() + 10, "low_latency_update_mask_buffer", rank());
+  detail::copy_to_device(&m.ll_ws->mask[rank_to_mask], &value, sizeof(int), m.arena->stream(), m.timeout_s() + 10,
+                         "low_latency_update_mask_buffer", rank());
 }
 
 void Buffer::low_latency_query_mask_buffer(const View& mask_status, cudaStream_t stream) {

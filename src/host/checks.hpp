@@ -21,10 +21,14 @@
 
 namespace epx {
 
-// Waits until all work on `stream` is done, polling, at most `timeout_s`; on expiry throws
-// Error(kTimeout) naming `what` and `rank`.
+// Waits until all work on `stream` is done, at most `timeout_s`, by recording the calling thread's
+// event on it and polling that (never cudaStreamSynchronize / cudaStreamQuery: epx/sim_world.hpp
+// says why); on expiry throws Error(kTimeout) naming `what` and `rank` (rank < 0: none named).
 void host_wait_stream(cudaStream_t stream, double timeout_s, const char* what, int rank);
 // The same for the work before `event`'s last record.
 void host_wait_event(cudaEvent_t event, double timeout_s, const char* what, int rank);
+// The calling thread's reusable event on `device` (timing off), made on first use; for waits that
+// record it and wait at once (not kept recorded across calls of others).
+cudaEvent_t thread_event(int device);
 
 }  // namespace epx

@@ -32,11 +32,13 @@ void* DeviceArena::alloc(size_t num_bytes) {
     return ptr;
   }
   EPX_CUDA_CHECK(cudaMallocAsync(&ptr, num_bytes, stream_));
-  // Usable on any stream once allocated: wait here (allocations are rare: creation, handles).
-  const cudaError_t st = cudaStreamSynchronize(stream_);
-  if (st != cudaSuccess) {
+  // Usable on any stream once allocated: wait here (allocations are rare: creation, handles),
+  // through an event (epx/sim_world.hpp: no stream synchronize in a SimWorld).
+  try {
+    host_wait_stream(stream_, timeout_s_ + 10, "allocating Buffer memory", rank_);
+  } catch (...) {
     cudaFreeAsync(ptr, stream_);
-    EPX_FAIL(ErrorKind::kCuda, "cudaStreamSynchronize after cudaMallocAsync failed: ", cudaGetErrorString(st));
+    throw;
   }
   return ptr;
 }

@@ -26,5 +26,11 @@ int node_size() {
   return static_cast<int>(v);
 }
 bool debug() { return read_double("EPX_DEBUG", 0, 0, 1) != 0; }
+bool sim_staged_copies() {
+  const double v = read_double("EPX_SIM_STAGED_COPIES", 0, 0, 1);
+  EPX_ARG_CHECK(v == 0 || v == 1, "EPX_SIM_STAGED_COPIES: expected 0 or 1, got '", std::getenv("EPX_SIM_STAGED_COPIES"),
+                "'");
+  return v != 0;
+}
 
 }  // namespace epx::env

@@ -13,5 +13,11 @@ int node_size();
 // EPX_DEBUG (default 0): 1 = print one line to stderr per kernel launch, naming the rank and the
 // op ("epx[rank 0]: dispatch launched").
 bool debug();
+// EPX_SIM_STAGED_COPIES (default 0): 1 = the host<->device copies of SimWorld code paths (the
+// library's and the GPU test harness's) are staged through mapped pinned host memory and a copy
+// kernel on the rank's stream instead of cudaMemcpyAsync (epx/sim_world.hpp says why: under
+// compute-sanitizer a cudaMemcpyAsync waits for every other stream's running kernel). Parsed at
+// each call; src/host/staged_copy.cpp reads it once per process.
+bool sim_staged_copies();
 
 }  // namespace epx::env

@@ -13,6 +13,7 @@
 #include "host/checks.hpp"
 #include "host/env.hpp"
 #include "host/sim_world_state.hpp"
+#include "host/staged_copy.hpp"
 
 namespace epx {
 namespace {
@@ -121,7 +122,7 @@ char* SimWorld::State::alloc_symmetric(int rank, size_t num_bytes_per_rank, doub
       EPX_CUDA_CHECK(cudaMallocAsync(&base, stride * world + kGuardBytes, stream));
       for (int r = 0; r <= world; ++r)
         EPX_CUDA_CHECK(cudaMemsetAsync(static_cast<char*>(base) + r * stride, kGuardByte, kGuardBytes, stream));
-      EPX_CUDA_CHECK(cudaStreamSynchronize(stream));
+      host_wait_stream(stream, bound(wait_s), "SimWorld symmetric allocation", rank);
       slabs.push_back(Slab{static_cast<char*>(base), stride, world});
       mine.base = reinterpret_cast<uint64_t>(base);
     } catch (const Error& e) {
@@ -146,8 +147,8 @@ std::string SimWorld::State::check_guards(const char* window, size_t num_bytes, 
   const char* guards[2] = {window - kGuardBytes, window + padded};
   std::vector<unsigned char> host(kGuardBytes);
   for (int g = 0; g < 2; ++g) {
-    EPX_CUDA_CHECK(cudaMemcpyAsync(host.data(), guards[g], kGuardBytes, cudaMemcpyDeviceToHost, check_stream));
-    EPX_CUDA_CHECK(cudaStreamSynchronize(check_stream));
+    detail::copy_to_host(host.data(), guards[g], kGuardBytes, check_stream, timeout_s + 10,
+                         "checking the SimWorld window guards");
     for (size_t i = 0; i < kGuardBytes; ++i)
       if (host[i] != kGuardByte)
         return g == 0 ? detail::concat("a write landed ", kGuardBytes - i, " bytes before the window")

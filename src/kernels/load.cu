@@ -4,6 +4,7 @@
 #include "host/checks.hpp"
 #include "kernels/ht_params.hpp"
 #include "kernels/scaleout_params.hpp"
+#include "kernels/staged_copy_params.hpp"
 
 namespace epx::kernels {
 
@@ -25,6 +26,7 @@ void load_kernels() {
   load_ll_dispatch_kernels();
   load_ll_combine_kernels();
   load_transport_kernels();
+  load_staged_copy_kernels();
   if (device >= 0 && device < 64) loaded[device] = true;
 }
 

@@ -10,6 +10,9 @@
 #include <cstdlib>
 #include <thread>
 
+#include "host/checks.hpp"
+#include "host/staged_copy.hpp"
+
 namespace epx::test {
 namespace {
 
@@ -65,7 +68,7 @@ int run_rank(WorldMode mode, int rank, int world, uint64_t seed, Communicator& c
       RankStream on_stream(stream);
       RankCtx ctx{rank, world, seed, &comm, buffer, stream, mode, fitted};
       body(ctx);
-      CUDA_OK(cudaStreamSynchronize(stream));
+      host_wait_stream(stream, kWorldTimeoutS, "the test body's stream", rank);
       buffer->check();
     }
     delete buffer;
@@ -200,15 +203,13 @@ RankStream::~RankStream() { t_rank_stream = previous_; }
 
 void upload_bytes(void* dst, const void* src, size_t bytes) {
   if (!bytes) return;
-  const cudaStream_t stream = rank_stream();
-  CUDA_OK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyHostToDevice, stream));
-  CUDA_OK(cudaStreamSynchronize(stream));
+  detail::copy_to_device(dst, src, bytes, rank_stream(), kWorldTimeoutS, "upload_bytes");
 }
 
 void download_bytes(void* dst, const void* src, size_t bytes) {
   const cudaStream_t stream = rank_stream();
-  if (bytes) CUDA_OK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToHost, stream));
-  CUDA_OK(cudaStreamSynchronize(stream));
+  if (bytes) detail::copy_to_host(dst, src, bytes, stream, kWorldTimeoutS, "download_bytes");
+  else host_wait_stream(stream, kWorldTimeoutS, "download_bytes", -1);
 }
 
 void copy_device_bytes(void* dst, const void* src, size_t bytes) {

@@ -25,6 +25,7 @@
 #include "gpu/harness.hpp"
 #include "epx/version.hpp"
 #include "gpu/net_kernels.hpp"
+#include "host/checks.hpp"
 #include "host/net.hpp"
 #include "host/symmetric.hpp"
 #include "host/topology.hpp"
@@ -127,12 +128,12 @@ void run_rank(int rank, int world, Communicator& comm, const NetCase& c, NetScen
     a.op.timeout_ns = 30ull * 1000 * 1000 * 1000;
     a.snapshot = static_cast<char*>(snapshot.get());
     load_net_test_kernels();
-    CUDA_OK(cudaStreamSynchronize(stream));
+    host_wait_stream(stream, 60, "the net test's stream", rank);
     comm.barrier(60);  // every window initialized before any rank puts
 
     launch_net_test(a, stream);
     CUDA_OK(cudaGetLastError());
-    CUDA_OK(cudaStreamSynchronize(stream));
+    host_wait_stream(stream, 60, "the net test's stream", rank);
     comm.barrier(60);  // every rank's puts into this window done
 
     const std::vector<ErrorRecord> err = error.download<ErrorRecord>(1);
@@ -333,7 +334,7 @@ void count_exchange_rank(int rank, int world, Communicator& comm, const NetCase&
     p.layout = layout;
     p.epoch = static_cast<uint64_t*>(epoch.get());
     kernels::load_count_exchange_kernels();
-    CUDA_OK(cudaStreamSynchronize(stream));
+    host_wait_stream(stream, 60, "the net test's stream", rank);
     comm.barrier(60);
     const EmuMode mode = c.mode;
     for (int round = 0; round < kRounds; ++round) {
@@ -342,7 +343,7 @@ void count_exchange_rank(int rank, int world, Communicator& comm, const NetCase&
       kernels::launch_count_exchange(p, mode, stream);
       CUDA_OK(cudaGetLastError());
     }
-    CUDA_OK(cudaStreamSynchronize(stream));
+    host_wait_stream(stream, 60, "the net test's stream", rank);
     comm.barrier(60);
     const std::vector<ErrorRecord> err = error.download<ErrorRecord>(1);
     REQUIRE(err[0].state == 0, "rank ", rank, ": device error kind ", err[0].kind, " phase ", err[0].phase,
