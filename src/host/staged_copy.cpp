@@ -87,12 +87,16 @@ void set_staged_copies(int mode) { g_forced.store(mode < 0 ? -1 : mode != 0 ? 1 
 
 uint64_t num_staged_bytes() { return g_staged_bytes.load(std::memory_order_relaxed); }
 
-void copy_to_device(void* dst, const void* src, size_t num_bytes, cudaStream_t stream, double timeout_s,
-                    const char* what, int rank) {
+namespace {
+
+// One copy either way (to_device: host `src` -> device `dst`), as copy_to_device / copy_to_host say.
+void copy(void* dst, const void* src, size_t num_bytes, bool to_device, cudaStream_t stream, double timeout_s,
+          const char* what, int rank) {
   if (num_bytes == 0) return;
   timeout_s = bound(timeout_s);
   if (!staged_copies()) {
-    EPX_CUDA_CHECK(cudaMemcpyAsync(dst, src, num_bytes, cudaMemcpyHostToDevice, stream));
+    EPX_CUDA_CHECK(cudaMemcpyAsync(dst, src, num_bytes, to_device ? cudaMemcpyHostToDevice : cudaMemcpyDeviceToHost,
+                                   stream));
     host_wait_stream(stream, timeout_s, what, rank);
     return;
   }
@@ -100,8 +104,15 @@ void copy_to_device(void* dst, const void* src, size_t num_bytes, cudaStream_t s
   try {
     for (size_t done = 0; done < num_bytes;) {
       const size_t n = std::min(s.num_bytes, num_bytes - done);
-      std::memcpy(s.host, static_cast<const char*>(src) + done, n);
-      staged_piece(static_cast<char*>(dst) + done, s.device, n, stream, timeout_s, what, rank);
+      char* to = static_cast<char*>(dst) + done;
+      const char* from = static_cast<const char*>(src) + done;
+      if (to_device) {
+        std::memcpy(s.host, from, n);
+        staged_piece(to, s.device, n, stream, timeout_s, what, rank);
+      } else {
+        staged_piece(s.device, from, n, stream, timeout_s, what, rank);
+        std::memcpy(to, s.host, n);
+      }
       done += n;
     }
   } catch (...) {
@@ -110,27 +121,16 @@ void copy_to_device(void* dst, const void* src, size_t num_bytes, cudaStream_t s
   }
 }
 
+}  // namespace
+
+void copy_to_device(void* dst, const void* src, size_t num_bytes, cudaStream_t stream, double timeout_s,
+                    const char* what, int rank) {
+  copy(dst, src, num_bytes, /*to_device=*/true, stream, timeout_s, what, rank);
+}
+
 void copy_to_host(void* dst, const void* src, size_t num_bytes, cudaStream_t stream, double timeout_s,
                   const char* what, int rank) {
-  if (num_bytes == 0) return;
-  timeout_s = bound(timeout_s);
-  if (!staged_copies()) {
-    EPX_CUDA_CHECK(cudaMemcpyAsync(dst, src, num_bytes, cudaMemcpyDeviceToHost, stream));
-    host_wait_stream(stream, timeout_s, what, rank);
-    return;
-  }
-  Staging& s = staging(num_bytes);
-  try {
-    for (size_t done = 0; done < num_bytes;) {
-      const size_t n = std::min(s.num_bytes, num_bytes - done);
-      staged_piece(s.device, static_cast<const char*>(src) + done, n, stream, timeout_s, what, rank);
-      std::memcpy(static_cast<char*>(dst) + done, s.host, n);
-      done += n;
-    }
-  } catch (...) {
-    s = Staging{};  // a copy kernel may still use it: leaked, never reused
-    throw;
-  }
+  copy(dst, src, num_bytes, /*to_device=*/false, stream, timeout_s, what, rank);
 }
 
 }  // namespace epx::detail
