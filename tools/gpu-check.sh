@@ -32,7 +32,8 @@ if [[ $stages == *" tests "* || $stages == *" bench "* || $stages == *" sanitize
 fi
 if [[ $stages == *" tests "* ]]; then
   export EPX_TIMEOUT_S=${EPX_TIMEOUT_S:-20}
-  timeout ${EPX_TEST_TIMEOUT:-420} ctest --test-dir build-gpu --output-on-failure ${EPX_CTEST_ARGS:-} \
+  # --verbose: every test's own lines (cases, the time from a failure to the peers' errors) land in tests.log.
+  timeout ${EPX_TEST_TIMEOUT:-420} ctest --test-dir build-gpu --verbose ${EPX_CTEST_ARGS:-} \
     > "$OUT/tests.log" 2>&1 || status=1
   grep -E "Test +#.*(Gpu|Ll|Sim)|tests passed|tests failed" "$OUT/tests.log" | grep -v "Skipped" | sed "s/  */ /g" | tail -40
   echo "skipped: $(grep -c "(Skipped)" "$OUT/tests.log")"
