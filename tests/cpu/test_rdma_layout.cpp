@@ -80,7 +80,8 @@ TEST(RdmaLayout, RegionsDisjointAlignedInBounds) {
         }
       }
     EXPECT_EQ(static_cast<int>(ids.size()), l.num_signals());
-    for (size_t region : {l.signals(), l.words(), l.send_rings(), l.recv_rings()}) EXPECT_EQ(region % epx::kRdmaAlign, 0u);
+    for (size_t region : {l.signals(), l.words(), l.send_rings(), l.recv_rings()})
+      EXPECT_EQ(region % epx::kRdmaAlign, 0u);
     std::sort(spans.begin(), spans.end());
     for (size_t i = 0; i < spans.size(); ++i) {
       EXPECT_EQ(spans[i].first % 8, 0u);

@@ -60,9 +60,10 @@ Case random_case(std::mt19937& rng, int R, int U, int K, bool weights) {
   for (int e = 0; e < E; ++e)
     if (e / experts_per_rank / U != c.empty_node) allowed.push_back(e);
   c.inputs.resize(R);
+  const int idle_rank = uniform(rng, 0, R - 1);  // always one rank without tokens
   for (int s = 0; s < R; ++s) {
     RankInput& in = c.inputs[s];
-    in.num_tokens = uniform(rng, 0, 3) == 0 ? 0 : uniform(rng, 1, 40);
+    in.num_tokens = s == idle_rank || uniform(rng, 0, 3) == 0 ? 0 : uniform(rng, 1, 40);
     for (int t = 0; t < in.num_tokens; ++t) {
       std::vector<int> pool = allowed;
       for (int k = 0; k < K; ++k) {
@@ -124,7 +125,8 @@ void check_handle(const Case& c, const std::vector<InternodeDispatchResult>& out
         EXPECT_EQ((h.recv_src_meta[i].is_token_in_nvl_ranks >> v) & 1u, sh.is_token_in_rank[at(t, R, m * U + v)]);
       const int q = (c.inputs[src].num_tokens + C - 1) / C, ch = t / q;
       EXPECT_GE(i, h.recv_gbl_channel_prefix_matrix[at(src, C, ch)]);
-      const int next = ch + 1 < C ? h.recv_gbl_channel_prefix_matrix[at(src, C, ch + 1)] : h.recv_gbl_rank_prefix_sum[src];
+      const int next =
+          ch + 1 < C ? h.recv_gbl_channel_prefix_matrix[at(src, C, ch + 1)] : h.recv_gbl_rank_prefix_sum[src];
       EXPECT_LT(i, next);
     }
   }
@@ -208,7 +210,8 @@ TEST(ReferenceInternode, DispatchEqualsIntranodeAndCombineIsTheTwoLevelSum) {
           ASSERT_EQ(res.combined_x.size(), at(T, H));
           const auto& layout = out[o].handle.is_token_in_rank;
           for (int t = 0; t < T; ++t) {
-            const uint16_t* xt = c.inputs[o].x.empty() ? nullptr : reinterpret_cast<const uint16_t*>(&c.inputs[o].x[at(t, 2 * H)]);
+            // The owner's row (every receiver returns it unchanged), bf16 bits.
+            const uint16_t* xt = reinterpret_cast<const uint16_t*>(&c.inputs[o].x[at(t, 2 * H)]);
             for (int h = 0; h < H; ++h) {
               // Exact sum in fp64 and the bound: half an ulp of bf16 (2^-9 relative, taken as 2^-8)
               // for each remote partial and for the result, plus fp32 accumulation.
@@ -264,14 +267,15 @@ TEST(ReferenceInternode, RemotePartialIsRoundedToBf16) {
   inputs[0].x = {0, 0};
   inputs[0].topk_idx = {1, 2, 3};
   const auto out = epx::ref::internode_dispatch(inputs, shape);
-  const float quarter_ulp = std::ldexp(1.0f, -8);
-  std::vector<std::vector<uint16_t>> x = {{}, {float_to_bf16(quarter_ulp)}, {float_to_bf16(1.0f)}, {float_to_bf16(quarter_ulp)}};
+  const float half_ulp = std::ldexp(1.0f, -8);
+  std::vector<std::vector<uint16_t>> x = {
+      {}, {float_to_bf16(half_ulp)}, {float_to_bf16(1.0f)}, {float_to_bf16(half_ulp)}};
   const auto res = epx::ref::internode_combine(out, x, {}, 0, shape, 1, {}, {});
   ASSERT_EQ(res.combined_x.size(), 1u);
   EXPECT_EQ(bf16_to_float(res.combined_x[0]), 1.0f);
   std::vector<epx::ref::CombineRankInput> flat(4);
   for (int r = 0; r < 4; ++r) flat[r] = {&out[r].recv, x[r], {}};
-  EXPECT_EQ(bf16_to_float(epx::ref::combine(flat, 0, 1, 1, 3, {}, {}).combined_x[0]), 1.0f + 2 * quarter_ulp);
+  EXPECT_EQ(bf16_to_float(epx::ref::combine(flat, 0, 1, 1, 3, {}, {}).combined_x[0]), 1.0f + 2 * half_ulp);  // 1 + 2^-7
   // The handle of this case, written out: rank 0 sends its token to node 0 (itself) and node 1
   // (rank 2, its rail peer), which forwards it to ranks 2 and 3.
   EXPECT_EQ(out[0].handle.send_rdma_head, (std::vector<int>{0, 0}));
