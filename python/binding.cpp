@@ -372,6 +372,9 @@ PYBIND11_MODULE(_C, m) {
   m.attr("MAX_RANKS") = epx::kMaxRanks;
   m.attr("MAX_LOCAL_EXPERTS") = epx::kMaxLocalExperts;
   m.attr("MAX_TOPK") = epx::kMaxTopk;
+  m.attr("MAX_NODES") = epx::kMaxNodes;
+  m.attr("MAX_WORLD_RANKS") = epx::kMaxWorldRanks;
+  m.attr("RDMA_ALIGN") = static_cast<int>(epx::kRdmaAlign);
   // Protocol bytes at the start of the high-throughput part / the low-latency region (Buffer::flag_bytes).
   m.attr("NVL_FLAG_BYTES") = epx::Buffer::flag_bytes(false);
   m.attr("LL_FLAG_BYTES") = epx::Buffer::flag_bytes(true);
@@ -409,6 +412,22 @@ PYBIND11_MODULE(_C, m) {
                                                        num_ranks);
         },
         py::arg("max_rows"), py::arg("hidden"), py::arg("dtype"), py::arg("num_topk"), py::arg("num_ranks"));
+  m.def("rdma_buffer_size_hint",
+        [](int num_ranks, int node_size, int num_channels, int chunk_tokens, int ring_slots, int64_t hidden_bytes,
+           int num_topk) {
+          epx::plan::RdmaShape s;
+          s.num_ranks = num_ranks;
+          s.node_size = node_size;
+          s.num_channels = num_channels;
+          s.chunk_tokens = chunk_tokens;
+          s.ring_slots = ring_slots;
+          s.hidden_bytes = hidden_bytes;
+          s.num_topk = num_topk;
+          return epx::plan::rdma_bytes_for(s);
+        },
+        py::arg("num_ranks"), py::arg("node_size"), py::arg("num_channels"), py::arg("chunk_tokens"),
+        py::arg("ring_slots"), py::arg("hidden_bytes"), py::arg("num_topk"),
+        "num_rdma_bytes of the RDMA rings (plan::rdma_bytes_for, common/rdma_layout.hpp); 0 for one node.");
   m.def("nvl_ring_buffer_size_hint",
         [](int num_sms, int num_threads, int64_t hidden_bytes, int num_ranks, int64_t rows_per_ring) {
           EPX_ARG_CHECK(hidden_bytes >= 1, "hidden_bytes: expected >= 1, got ", hidden_bytes);

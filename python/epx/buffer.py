@@ -395,8 +395,9 @@ class Buffer:
         """
         DeepEP's recommended dispatch config for `num_ranks`: `Config(Buffer.num_sms, ...)` with
         DeepEP's chunk sizes (a rank count DeepEP does not list, such as 3, takes the next listed
-        one; more than one NVLink domain raises EpxError(Unsupported)). On a simulated rank's thread
-        num_sms is at most the rank's SM share.
+        one; more than 160 raises EpxError(Unsupported)). The internode entries (16..160 ranks)
+        are DeepEP's values, untuned for epx. On a simulated rank's thread num_sms is at most the
+        rank's SM share.
         """
         return Buffer._fit_share(Config._deepep_table(_DEEPEP_DISPATCH_CHUNKS, Buffer.num_sms, num_ranks))
 
@@ -412,6 +413,22 @@ class Buffer:
         if share and config.num_sms > share:
             config.num_sms = share
         return config
+
+    def get_num_rdma_ranks(self) -> int:
+        """Nodes of this Buffer's world (DeepEP's RDMA ranks): group size / node size (1 within one node)."""
+        return self.runtime.num_nodes
+
+    def get_rdma_rank(self) -> int:
+        """This rank's node index (DeepEP's RDMA rank): rank // node size."""
+        return self.rank // self.runtime.node_size
+
+    def get_root_rdma_rank(self, global_: bool) -> int:
+        """
+        The root of this rank's RDMA team (its rail: the ranks of its local index on every node), as
+        DeepEP: node 0's member; with `global_` its global rank (this rank's local index, node 0),
+        else its RDMA rank (0).
+        """
+        return self.rank % self.runtime.node_size if global_ else 0
 
     def get_comm_stream(self) -> torch.cuda.Stream:
         """The communication stream."""

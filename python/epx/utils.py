@@ -102,10 +102,17 @@ def check_nvlink_connections(group) -> None:
                                     "connections only (at most 2 ranks)")
 
 
-# DeepEP V1's tuned chunk sizes (nvl_send, nvl_recv, rdma_send, rdma_recv) of get_dispatch_config /
-# get_combine_config for the rank counts of one NVLink domain; larger counts are internode.
-_DEEPEP_DISPATCH_CHUNKS = {2: (24, 256, 6, 128), 4: (6, 256, 6, 128), 8: (6, 256, 6, 128)}
-_DEEPEP_COMBINE_CHUNKS = {2: (10, 256, 6, 128), 4: (9, 256, 6, 128), 8: (4, 256, 6, 128)}
+# DeepEP V1's chunk sizes (nvl_send, nvl_recv, rdma_send, rdma_recv) of get_dispatch_config /
+# get_combine_config: 2..8 ranks are one NVLink domain; 16..160 are internode (nodes of 8), DeepEP's
+# values, not tuned for epx (epx's internode kernels have not been measured on a cluster).
+_DEEPEP_DISPATCH_CHUNKS = {2: (24, 256, 6, 128), 4: (6, 256, 6, 128), 8: (6, 256, 6, 128),
+                           16: (16, 288, 20, 128), 24: (8, 288, 32, 128), 32: (8, 288, 32, 128),
+                           64: (20, 288, 28, 128), 128: (20, 560, 32, 128), 144: (32, 720, 12, 128),
+                           160: (28, 720, 12, 128)}
+_DEEPEP_COMBINE_CHUNKS = {2: (10, 256, 6, 128), 4: (9, 256, 6, 128), 8: (4, 256, 6, 128),
+                          16: (2, 288, 28, 128), 24: (1, 288, 20, 128), 32: (1, 288, 20, 128),
+                          64: (1, 288, 20, 128), 128: (1, 560, 12, 128), 144: (2, 720, 8, 128),
+                          160: (2, 720, 8, 128)}
 
 
 class Config:
@@ -160,9 +167,8 @@ class Config:
     def _deepep_table(cls, table, num_sms: int, num_ranks: int) -> "Config":
         """DeepEP's entry for `num_ranks`; a count DeepEP does not list takes the next listed one."""
         _check_int("num_ranks", num_ranks, 1)
-        if num_ranks > _C.MAX_RANKS:
-            raise _error("Unsupported", f"num_ranks: {num_ranks} ranks; epx supports one NVLink domain of at most "
-                                        f"{_C.MAX_RANKS} ranks (no internode mode)")
+        if num_ranks > max(table):
+            raise _error("Unsupported", f"num_ranks: {num_ranks} ranks; DeepEP's config tables end at {max(table)}")
         listed = min(r for r in table if r >= num_ranks)
         return cls(num_sms, *table[listed])
 
@@ -222,18 +228,29 @@ class Config:
         return _C.nvl_ring_buffer_size_hint(self.num_sms, self.num_threads, hidden_bytes, num_ranks,
                                             self._rows_per_ring())
 
-    def get_rdma_buffer_size_hint(self, hidden_bytes: int, num_ranks: int) -> int:
+    def get_rdma_buffer_size_hint(self, hidden_bytes: int, num_ranks: int, *, node_size: int = 0) -> int:
         """
-        Bytes of `num_rdma_bytes` for the internode buffer (DeepEP's signature): 0 within one
-        NVLink domain, as in DeepEP; more ranks need the internode mode epx does not implement
-        (EpxError(Unsupported)).
+        Bytes of `num_rdma_bytes` for the internode buffer (DeepEP's signature): 0 when the ranks
+        are one node, as in DeepEP. Across nodes, the RDMA region's bounded rings
+        (docs/protocol.md, "RDMA region"): per (node, channel) a send and a receive ring of
+        `num_max_rdma_chunked_recv_tokens` messages, put in chunks of
+        `num_max_rdma_chunked_send_tokens`, with num_sms // 2 channels (DeepEP's) and messages of
+        hidden_bytes of payload plus fp8 scales, epx's largest top-k and the source meta; a
+        function of this config, hidden_bytes and the node split only, never of the batch.
+
+        node_size: (epx, keyword only) ranks per node; 0 = DeepEP's 8 (all ranks when fewer).
+        Raises EpxError(InvalidArgument) naming the argument out of range (node_size not dividing
+        num_ranks, more than MAX_NODES nodes).
         """
         _check_int("hidden_bytes", hidden_bytes, 1)
         _check_int("num_ranks", num_ranks, 1)
-        if num_ranks > _C.MAX_RANKS:
-            raise _error("Unsupported", f"num_ranks: {num_ranks} ranks need DeepEP's internode (RDMA) buffer, which "
-                                        f"epx does not implement (one NVLink domain of at most {_C.MAX_RANKS} ranks)")
-        return 0
+        _check_int("node_size", node_size, 0, _C.MAX_RANKS)
+        node_size = node_size or min(num_ranks, _C.MAX_RANKS)
+        if num_ranks <= node_size:
+            return 0
+        return _C.rdma_buffer_size_hint(num_ranks, node_size, max(self.num_sms // 2, 1),
+                                        self.num_max_rdma_chunked_send_tokens, self.num_max_rdma_chunked_recv_tokens,
+                                        hidden_bytes, _C.MAX_TOPK)
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, Config) and all(getattr(self, f) == getattr(other, f) for f in self.__slots__)

@@ -209,6 +209,49 @@ size_t nvl_bytes_for_rings(const Config& config, const Tuning& tuning, int num_r
                             static_cast<int>((row_bytes + 1) / 2), DType::kBF16, kMaxTopk);
 }
 
+namespace {
+
+RdmaLayout checked_rdma_layout(const RdmaShape& s) {
+  EPX_ARG_CHECK(s.node_size >= 1 && s.node_size <= kMaxRanks && s.num_ranks >= 1 && s.num_ranks % s.node_size == 0,
+                "node_size: expected a divisor of ", s.num_ranks, " ranks in [1, ", kMaxRanks, "], got ", s.node_size);
+  const int num_nodes = s.num_ranks / s.node_size;
+  EPX_ARG_CHECK(num_nodes <= kMaxNodes, "num_ranks: ", num_nodes, " nodes of ", s.node_size, " ranks, at most ",
+                kMaxNodes, " nodes");
+  EPX_ARG_CHECK(s.num_channels >= 1, "num_channels: must be >= 1, got ", s.num_channels);
+  EPX_ARG_CHECK(s.chunk_tokens >= 1, "num_max_rdma_chunked_send_tokens: must be >= 1, got ", s.chunk_tokens);
+  EPX_ARG_CHECK(s.ring_slots > s.chunk_tokens && s.ring_slots % s.chunk_tokens == 0,
+                "num_max_rdma_chunked_recv_tokens: must be a multiple of num_max_rdma_chunked_send_tokens (",
+                s.chunk_tokens, ") above it, got ", s.ring_slots);
+  EPX_ARG_CHECK(s.hidden_bytes >= 1, "hidden_bytes: must be >= 1, got ", s.hidden_bytes);
+  EPX_ARG_CHECK(s.num_topk >= 0 && s.num_topk <= kMaxTopk, "num_topk: expected [0, ", kMaxTopk, "], got ",
+                s.num_topk);
+  RdmaLayout l;
+  l.num_nodes = num_nodes;
+  l.num_channels = s.num_channels;
+  l.ring_slots = s.ring_slots;
+  l.chunk_tokens = s.chunk_tokens;
+  l.hidden_bytes = static_cast<size_t>(s.hidden_bytes);
+  l.num_topk = s.num_topk;
+  return l;
+}
+
+}  // namespace
+
+size_t rdma_bytes_for(const RdmaShape& shape) {
+  const RdmaLayout l = checked_rdma_layout(shape);
+  return l.num_nodes > 1 ? l.num_bytes() : 0;
+}
+
+RdmaLayout rdma_layout(size_t num_rdma_bytes, const RdmaShape& shape) {
+  const RdmaLayout l = checked_rdma_layout(shape);
+  EPX_ARG_CHECK(l.num_nodes > 1, "node_size: ", shape.node_size, " makes one node of ", shape.num_ranks,
+                " ranks, which has no RDMA region");
+  EPX_CHECK(l.num_bytes() <= num_rdma_bytes, ErrorKind::kBufferTooSmall, "num_rdma_bytes: ", num_rdma_bytes,
+            " bytes, the RDMA rings need >= ", l.num_bytes(), " (", l.num_nodes, " nodes x ", l.num_channels,
+            " channels x 2 rings of ", l.ring_slots, " slots of ", l.slot_bytes(), " bytes, and their signal words)");
+  return l;
+}
+
 }  // namespace epx::plan
 
 namespace epx {

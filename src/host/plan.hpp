@@ -7,6 +7,7 @@
 
 #include "common/layout.hpp"
 #include "common/ll_layout.hpp"
+#include "common/rdma_layout.hpp"
 #include "epx/buffer.hpp"
 #include "epx/config.hpp"
 #include "epx/types.hpp"
@@ -75,6 +76,22 @@ size_t nvl_bytes_for_rings(const Config& config, const Tuning& tuning, int num_r
 int dispatch_copy_warps(const Config& config, const Tuning& tuning, int64_t row_bytes);
 // Smallest num_nvl_bytes whose dispatch and combine layouts both hold `max_rows` rows.
 size_t nvl_bytes_for_rows(int64_t max_rows, int hidden, DType x_dtype, int num_topk);
+
+// The RDMA region of the high-throughput path across nodes (common/rdma_layout.hpp) for R ranks in
+// nodes of node_size (2 to kMaxNodes nodes), num_channels channels, rings of ring_slots messages
+// (Config.num_max_rdma_chunked_recv_tokens) put in chunks of chunk_tokens
+// (Config.num_max_rdma_chunked_send_tokens; chunk_tokens < ring_slots, ring_slots a multiple of
+// it), messages of hidden_bytes payload and num_topk ids/weights. Throws Error(kInvalidArgument)
+// naming the argument out of range, Error(kBufferTooSmall) naming num_rdma_bytes and the minimum
+// bytes (rdma_bytes_for) when the region does not fit.
+struct RdmaShape {
+  int num_ranks = 0, node_size = 0, num_channels = 0, chunk_tokens = 0, ring_slots = 0;
+  int64_t hidden_bytes = 0;
+  int num_topk = 0;
+};
+RdmaLayout rdma_layout(size_t num_rdma_bytes, const RdmaShape& shape);
+// Smallest num_rdma_bytes of that shape (a multiple of kRdmaAlign); 0 for one node (no RDMA region).
+size_t rdma_bytes_for(const RdmaShape& shape);
 
 // What a high-throughput op addresses its peers' memory by, as two words every rank sends the
 // others in the op's entry handshake (SyncArea::plan): a rank that planned differently (another

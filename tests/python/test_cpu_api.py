@@ -82,11 +82,20 @@ DEEPEP_V1_STATIC = {"Buffer.is_sm90_compiled", "Buffer.set_num_sms", "Buffer.cap
 # epx's additions: keyword-only, with a default, so no DeepEP call changes meaning.
 EPX_EXTENSIONS = {"Buffer.__init__": {"node_size"},
                   "Buffer.get_low_latency_rdma_size_hint": {"num_topk", "zero_copy"},
-                  "Config.__init__": {"num_threads", "timeout_s"}}
+                  "Config.__init__": {"num_threads", "timeout_s"},
+                  "Config.get_rdma_buffer_size_hint": {"node_size"}}
 # DeepEP's Config tables for one NVLink domain: num_ranks -> the four chunk sizes after Config's rounding
 # of the RDMA receive chunk (128 -> 132 for a send chunk of 6).
-DEEPEP_DISPATCH_CHUNKS = {2: (24, 256, 6, 132), 4: (6, 256, 6, 132), 8: (6, 256, 6, 132)}
-DEEPEP_COMBINE_CHUNKS = {2: (10, 256, 6, 132), 4: (9, 256, 6, 132), 8: (4, 256, 6, 132)}
+# Internode (16..160 ranks, nodes of 8) as in DeepEP's buffer.py; 128 stays 128 for send chunks
+# dividing it.
+DEEPEP_DISPATCH_CHUNKS = {2: (24, 256, 6, 132), 4: (6, 256, 6, 132), 8: (6, 256, 6, 132),
+                          16: (16, 288, 20, 140), 24: (8, 288, 32, 128), 32: (8, 288, 32, 128),
+                          64: (20, 288, 28, 140), 128: (20, 560, 32, 128), 144: (32, 720, 12, 132),
+                          160: (28, 720, 12, 132)}
+DEEPEP_COMBINE_CHUNKS = {2: (10, 256, 6, 132), 4: (9, 256, 6, 132), 8: (4, 256, 6, 132),
+                         16: (2, 288, 28, 140), 24: (1, 288, 20, 140), 32: (1, 288, 20, 140),
+                         64: (1, 288, 20, 140), 128: (1, 560, 12, 132), 144: (2, 720, 8, 128),
+                         160: (2, 720, 8, 128)}
 CHUNK_FIELDS = ("num_max_nvl_chunked_send_tokens", "num_max_nvl_chunked_recv_tokens",
                 "num_max_rdma_chunked_send_tokens", "num_max_rdma_chunked_recv_tokens")
 
@@ -207,8 +216,10 @@ def test_config_tables_are_deepeps(restore_num_sms):
             assert (config.num_sms, _chunks(config)) == (20, chunks), (get.__name__, num_ranks)
         # Rank counts DeepEP does not list take the next listed one.
         assert _chunks(get(1)) == table[2] and _chunks(get(3)) == table[4] and _chunks(get(6)) == table[8]
-        with expect_error("Unsupported", "num_ranks", "16"):
-            get(16)
+        assert _chunks(get(9)) == table[16] and _chunks(get(40)) == table[64] and _chunks(get(150)) == table[160]
+        assert "untuned" in get.__doc__ or "untuned" in epx.Buffer.get_dispatch_config.__doc__
+        with expect_error("Unsupported", "num_ranks", "161"):
+            get(161)
     epx.Buffer.set_num_sms(24)
     assert epx.Buffer.num_sms == 24
     assert epx.Buffer.get_dispatch_config(8).num_sms == 24 and epx.Buffer.get_combine_config(2).num_sms == 24
@@ -293,8 +304,7 @@ def test_size_hint_errors_and_rdma_hint():
     config = epx.Config()
     for num_ranks in range(1, _C.MAX_RANKS + 1):
         assert config.get_rdma_buffer_size_hint(7168 * 2, num_ranks) == 0  # as DeepEP within one NVLink domain
-    with expect_error("Unsupported", "num_ranks", "16", "internode"):
-        config.get_rdma_buffer_size_hint(7168 * 2, 16)
+    assert config.get_rdma_buffer_size_hint(7168 * 2, 16) > 0  # two nodes of 8 (test_cpu_scaleout.py)
     with expect_error("Unsupported", "num_ranks", "16"):
         config.get_nvl_buffer_size_hint(7168 * 2, 16)
     with expect_error("InvalidArgument", "hidden_bytes"):
