@@ -27,6 +27,7 @@
 #include "epx/error.hpp"
 #include "epx/sim_world.hpp"
 #include "epx/types.hpp"
+#include "host/handle_storage.hpp"
 #include "host/plan.hpp"
 
 namespace py = pybind11;
@@ -253,29 +254,13 @@ struct StreamJoin {
 };
 
 // A DispatchHandle whose device arrays live in one int32 tensor the Python side allocated (torch's
-// caching allocator: no cudaMalloc/cudaFree per dispatch, CUDA-graph friendly). `storage` keeps that
-// tensor alive as long as the handle.
-//   [0, R*R)            rank_prefix_matrix
-//   [R*R, 2*R*R)        count_matrix
-//   [2*R*R, 2*R*R+N*R)  send_pos
-//   [2*R*R+N*R]         num_recv (device copy)
+// caching allocator: no cudaMalloc/cudaFree per dispatch, CUDA-graph friendly), placed by
+// host::handle_storage_layout (exported as DispatchHandle.storage_layout). `storage` keeps that tensor
+// alive as long as the handle.
 struct PyDispatchHandle {
   epx::DispatchHandle handle;
   py::object storage;
 };
-
-// Tripwire: a new field in epx::DispatchHandle must be filled in make_dispatch_handle below.
-static_assert(sizeof(void*) != 8 || sizeof(epx::DispatchHandle) == 96,
-              "epx::DispatchHandle changed: update make_dispatch_handle in python/binding.cpp");
-
-struct HandleLayout {
-  int64_t total, rank_prefix_matrix, count_matrix, send_pos, num_recv;
-};
-
-HandleLayout handle_layout(int num_ranks, int64_t num_tokens) {
-  const int64_t R = num_ranks;
-  return {2 * R * R + num_tokens * R + 1, 0, R * R, 2 * R * R, 2 * R * R + num_tokens * R};
-}
 
 std::unique_ptr<PyDispatchHandle> make_dispatch_handle(uintptr_t storage_ptr, int64_t storage_numel, int num_ranks,
                                                        int rank, int64_t num_tokens, py::object storage) {
@@ -283,18 +268,15 @@ std::unique_ptr<PyDispatchHandle> make_dispatch_handle(uintptr_t storage_ptr, in
                 num_ranks);
   EPX_ARG_CHECK(num_tokens >= 0 && num_tokens <= (int64_t{1} << 30), "num_tokens: expected [0, 2^30], got ",
                 num_tokens);
-  const HandleLayout l = handle_layout(num_ranks, num_tokens);
+  const epx::host::HandleStorageLayout l = epx::host::handle_storage_layout(num_ranks, num_tokens);
   EPX_ARG_CHECK(storage_ptr != 0 && storage_numel >= l.total, "handle storage: expected ", l.total,
                 " int32 elements, got ", storage_numel);
   auto h = std::make_unique<PyDispatchHandle>();
-  int* base = reinterpret_cast<int*>(storage_ptr);
   h->handle.num_ranks = num_ranks;
   h->handle.rank = rank;
   h->handle.num_tokens = static_cast<int>(num_tokens);
-  h->handle.rank_prefix_matrix = base + l.rank_prefix_matrix;
-  h->handle.count_matrix = base + l.count_matrix;
-  h->handle.send_pos = base + l.send_pos;
-  h->handle.num_recv_device = base + l.num_recv;
+  int* base = reinterpret_cast<int*>(storage_ptr);
+  epx::host::place_handle_arrays(h->handle, base);
   // Non-null marker (the C++ API checks it); the memory is owned by `storage`.
   h->handle.storage = std::shared_ptr<void>(base, [](void*) {});
   h->storage = std::move(storage);
@@ -571,7 +553,7 @@ PYBIND11_MODULE(_C, m) {
       .def(py::init(&make_dispatch_handle), py::arg("storage_ptr"), py::arg("storage_numel"), py::arg("num_ranks"),
            py::arg("rank"), py::arg("num_tokens"), py::arg("storage"))
       .def_static("storage_layout", [](int num_ranks, int64_t num_tokens) {
-             const HandleLayout l = handle_layout(num_ranks, num_tokens);
+             const epx::host::HandleStorageLayout l = epx::host::handle_storage_layout(num_ranks, num_tokens);
              return py::make_tuple(l.total, l.rank_prefix_matrix, l.count_matrix, l.send_pos, l.num_recv);
            }, py::arg("num_ranks"), py::arg("num_tokens"),
            "(total, rank_prefix_matrix, count_matrix, send_pos, num_recv): int32 offsets in the storage.")

@@ -8,7 +8,6 @@
 
 namespace epx::device {
 
-
 struct OpContext {
   char* peers[kMaxPeers];  // base of each rank's symmetric buffer (own included), LSA pointers
   int rank = 0;
@@ -30,12 +29,5 @@ struct OpContext {
     return reinterpret_cast<RingCtl*>(peers[r] + SymmetricLayout::kRingCtlOffset);
   }
 };
-
-// Errors every rank detects alike (from data all ranks share, e.g. the count matrix) need no abort:
-// each peer reports its own.
-__device__ __forceinline__ bool every_rank_detects(DeviceErrorKind kind, Phase phase) {
-  return kind == DeviceErrorKind::kBufferTooSmall || kind == DeviceErrorKind::kAborted || phase == Phase::kCapacity ||
-         phase == Phase::kPlanCheck;
-}
 
 }  // namespace epx::device

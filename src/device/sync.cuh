@@ -13,6 +13,13 @@
 
 namespace epx::device {
 
+// Errors every rank detects alike (from data all ranks share, e.g. the count matrix) need no abort:
+// each peer reports its own.
+__device__ __forceinline__ bool every_rank_detects(DeviceErrorKind kind, Phase phase) {
+  return kind == DeviceErrorKind::kBufferTooSmall || kind == DeviceErrorKind::kAborted || phase == Phase::kCapacity ||
+         phase == Phase::kPlanCheck;
+}
+
 __device__ __forceinline__ void record_error(const OpContext& ctx, DeviceErrorKind kind, Phase phase,
                                              int peer, int index, unsigned long long observed,
                                              unsigned long long expected) {

@@ -10,6 +10,7 @@
 
 #include "epx/sim_world.hpp"
 #include "host/buffer_impl.hpp"
+#include "host/handle_storage.hpp"
 #include "host/sim_world_state.hpp"
 #include "host/tuning.hpp"
 #include "host/validate.hpp"
@@ -277,16 +278,13 @@ DispatchHandle Buffer::make_handle(int num_tokens) const {
   h.num_ranks = R;
   h.rank = rank();
   h.num_tokens = num_tokens;
-  const size_t num_ints = 2 * R * R + static_cast<size_t>(num_tokens) * R + 1;
+  const size_t num_ints = static_cast<size_t>(host::handle_storage_layout(R, num_tokens).total);
   std::shared_ptr<DeviceArena> arena = impl_->arena;
   int* mem = static_cast<int*>(arena->alloc(num_ints * sizeof(int)));
   h.storage = std::shared_ptr<void>(mem, [arena](void* q) { arena->free(q); });
   EPX_CUDA_CHECK(cudaMemsetAsync(mem, 0, num_ints * sizeof(int), arena->stream()));
   host_wait_stream(arena->stream(), impl_->timeout_s() + 10, "Buffer::make_handle", rank());
-  h.rank_prefix_matrix = mem;
-  h.count_matrix = mem + R * R;
-  h.send_pos = mem + 2 * R * R;
-  h.num_recv_device = mem + 2 * R * R + static_cast<size_t>(num_tokens) * R;
+  host::place_handle_arrays(h, mem);
   return h;
 }
 

@@ -4,11 +4,13 @@
 #include <algorithm>
 #include <cstdlib>
 #include <string>
+#include <vector>
 
 #include "epx/buffer.hpp"
 #include "epx/config.hpp"
 #include "epx/error.hpp"
 #include "host/env.hpp"
+#include "host/handle_storage.hpp"
 #include "host/plan.hpp"
 #include "host/tuning.hpp"
 #include "host/validate.hpp"
@@ -507,6 +509,32 @@ TEST(Plan, RingSizeHintServesAnyBatch) {
   }
   expect_error([] { Config().get_nvl_buffer_size_hint(0, 4); }, ErrorKind::kInvalidArgument, "hidden_bytes");
   expect_error([] { Config().get_nvl_buffer_size_hint(1024, 9); }, ErrorKind::kInvalidArgument, "num_ranks");
+}
+
+// The handle's arrays tile its storage in order, with the sizes DispatchHandle documents, and the
+// handle points at exactly those offsets (make_handle and the Python binding both place them so).
+TEST(HandleStorage, ArraysTileTheStorageAndTheHandlePointsAtThem) {
+  for (int R : {1, 2, 3, 8, kMaxRanks}) {
+    for (int64_t N : {0, 1, 10, 4096}) {
+      SCOPED_TRACE(::testing::Message() << "R=" << R << " N=" << N);
+      const host::HandleStorageLayout l = host::handle_storage_layout(R, N);
+      EXPECT_EQ(l.rank_prefix_matrix, 0);
+      EXPECT_EQ(l.count_matrix - l.rank_prefix_matrix, int64_t{R} * R);
+      EXPECT_EQ(l.send_pos - l.count_matrix, int64_t{R} * R);
+      EXPECT_EQ(l.num_recv - l.send_pos, N * R);
+      EXPECT_EQ(l.total - l.num_recv, 1);
+      std::vector<int> storage(static_cast<size_t>(l.total));
+      DispatchHandle h;
+      h.num_ranks = R;
+      h.num_tokens = static_cast<int>(N);
+      host::place_handle_arrays(h, storage.data());
+      EXPECT_EQ(h.rank_prefix_matrix, storage.data() + l.rank_prefix_matrix);
+      EXPECT_EQ(h.count_matrix, storage.data() + l.count_matrix);
+      EXPECT_EQ(h.send_pos, storage.data() + l.send_pos);
+      EXPECT_EQ(h.num_recv_device, storage.data() + l.num_recv);
+      EXPECT_EQ(h.num_recv_device + 1, storage.data() + storage.size());
+    }
+  }
 }
 
 TEST(Layout, SymmetricRegionsDoNotOverlap) {

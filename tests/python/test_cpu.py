@@ -48,6 +48,10 @@ def test_constants():
 
 
 def test_dispatch_handle_storage():
+    # The binding's layout (the C++ one) tiles the storage with the arrays buffer.py slices from it.
+    for R, N in ((1, 0), (3, 7), (8, 4096)):
+        total, rpm, cm, sp, nr = _C.DispatchHandle.storage_layout(R, N)
+        assert (rpm, cm - rpm, sp - cm, nr - sp, total - nr) == (0, R * R, R * R, N * R, 1), (R, N)
     total, rpm, cm, sp, nr = _C.DispatchHandle.storage_layout(4, 10)
     assert (rpm, cm, sp, nr) == (0, 16, 32, 72) and total == 73
     t = torch.zeros(total, dtype=torch.int32)
