@@ -10,8 +10,11 @@ double timeout_s();
 // [1, kMaxRanks] that divides the NVLink domain; a Buffer made without BufferOptions::node_size
 // splits its domain into nodes of this size, so the scale-out path runs inside one domain.
 int node_size();
-// EPX_DEBUG (default 0): 1 = print one line to stderr per kernel launch, naming the rank and the
-// op ("epx[rank 0]: dispatch launched").
+// EPX_DEBUG (default 0): 1 = once an op step's kernels are launched (get_dispatch_layout,
+// dispatch_notify, dispatch, combine, each low-latency send/receive half or fused launch), print one
+// line to stderr naming the rank, a steady-clock time in ms and the step
+// ("epx[rank 0] 1234.567 ms: dispatch launched"). Nothing is printed for other launches (abort
+// words, staged copies).
 bool debug();
 // EPX_SIM_STAGED_COPIES (default 0): 1 = the host<->device copies of SimWorld code paths (the
 // library's and the GPU test harness's) are staged through mapped pinned host memory and a copy
