@@ -16,6 +16,7 @@ constexpr int kMaxTopk = 32;            // top-k of a high-throughput dispatch
 constexpr int kMaxLlTopk = 16;          // top-k of a low-latency dispatch
 constexpr int kMaxLlHidden = 16384;     // hidden of a low-latency op (a multiple of 128)
 constexpr int kMaxLlTokens = 1 << 16;   // num_max_dispatch_tokens_per_rank of a low-latency op
+constexpr int kMaxHtThreads = 512;      // Config.num_threads: threads per high-throughput block
 static_assert(kMaxNodes <= 32, "the high-throughput path across nodes gives each node a warp lane");
 
 // Bounded dispatch (a call whose rows do not all fit the receiver's row region): rows per

@@ -79,6 +79,7 @@ struct NotifyArea {
 constexpr int kMaxRingChannels = 80;
 constexpr int kMaxRingWarps = 16;  // 512 threads
 constexpr int kMinRingSlots = 64;  // rows per ring below which combine uses the row region
+static_assert(kMaxHtThreads == kMaxRingWarps * 32, "a ring's per-warp words cover the largest block");
 struct RingCtl {
   uint64_t tail[kMaxPeers][kMaxRingChannels][kMaxRingWarps];
   uint64_t head[kMaxPeers][kMaxRingChannels];

@@ -3,6 +3,7 @@
 #include <cstdlib>
 
 #include "epx/error.hpp"
+#include "epx/limits.hpp"
 #include "host/env.hpp"
 #include "host/validate.hpp"
 
@@ -10,7 +11,7 @@ namespace epx {
 
 void Config::validate(int num_device_sms) const {
   validate::in_range(num_sms, "Config.num_sms", 1, num_device_sms > 0 ? num_device_sms : 1024);
-  validate::in_range(num_threads, "Config.num_threads", 64, 512);
+  validate::in_range(num_threads, "Config.num_threads", 64, kMaxHtThreads);
   EPX_ARG_CHECK(num_threads % 32 == 0, "Config.num_threads: must be a multiple of 32, got ", num_threads);
   validate::in_range(ring_slots, "Config.ring_slots", 64, 4096);
   EPX_ARG_CHECK(timeout_s >= 0 && timeout_s <= 86400, "Config.timeout_s: expected [0, 86400] seconds, got ",

@@ -10,10 +10,6 @@
 
 namespace epx::kernels {
 
-// Threads per block of dispatch/combine at most (Config.num_threads is validated against it).
-constexpr int kMaxHtThreads = 512;
-static_assert(kMaxHtThreads == kMaxRingWarps * 32, "a ring's per-warp words cover the largest block");
-
 // Raises this rank's abort word in every peer's window (an op failed on this rank's host).
 struct AbortParams {
   device::OpContext ctx;
