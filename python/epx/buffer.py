@@ -740,7 +740,7 @@ class Buffer:
         d_topk = self._opt_desc(topk_idx, "topk_idx", _I64, 2)
         d_weights = self._opt_desc(topk_weights, "topk_weights", _F32, 2)
         num_local_experts = num_tokens_per_expert.size(0) // R
-        total, o_rpm, o_cm, o_sp, _ = _C.DispatchHandle.storage_layout(R, num_tokens)
+        total, o_rpm, o_cm, o_sp, o_nr = _C.DispatchHandle.storage_layout(R, num_tokens)
 
         stream = self._comm_raw
         compute = self._begin(previous_event, async_finish, allocate_on_comm_stream)
@@ -773,9 +773,9 @@ class Buffer:
                     None if recv_topk_idx is None else self._out_desc(recv_topk_idx),
                     None if recv_topk_weights is None else self._out_desc(recv_topk_weights),
                     self._out_desc(recv_src_idx), stream)
-        rank_prefix_matrix = storage[o_rpm:o_rpm + R * R].view(R, R)
-        count_matrix = storage[o_cm:o_cm + R * R].view(R, R)
-        send_pos = storage[o_sp:o_sp + num_tokens * R].view(num_tokens, R)
+        rank_prefix_matrix = storage[o_rpm:o_cm].view(R, R)
+        count_matrix = storage[o_cm:o_sp].view(R, R)
+        send_pos = storage[o_sp:o_nr].view(num_tokens, R)
         new_handle = (rank_prefix_matrix, count_matrix, send_pos, recv_src_idx, is_token_in_rank, h)
         event = self._end(compute, async_finish, allocate_on_comm_stream,
                           (x, x_scales, topk_idx, topk_weights, num_tokens_per_rank, is_token_in_rank,
