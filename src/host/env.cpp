@@ -25,12 +25,14 @@ int node_size() {
                 std::getenv("EPX_NODE_SIZE"), "'");
   return static_cast<int>(v);
 }
-bool debug() { return read_double("EPX_DEBUG", 0, 0, 1) != 0; }
-bool sim_staged_copies() {
-  const double v = read_double("EPX_SIM_STAGED_COPIES", 0, 0, 1);
-  EPX_ARG_CHECK(v == 0 || v == 1, "EPX_SIM_STAGED_COPIES: expected 0 or 1, got '", std::getenv("EPX_SIM_STAGED_COPIES"),
-                "'");
+// An on/off variable: unset or empty is off, 0 / 1 are off / on, anything else is an error.
+static bool read_flag(const char* name) {
+  const double v = read_double(name, 0, 0, 1);
+  EPX_ARG_CHECK(v == 0 || v == 1, name, ": expected 0 or 1, got '", std::getenv(name), "'");
   return v != 0;
 }
+
+bool debug() { return read_flag("EPX_DEBUG"); }
+bool sim_staged_copies() { return read_flag("EPX_SIM_STAGED_COPIES"); }
 
 }  // namespace epx::env

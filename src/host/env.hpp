@@ -10,7 +10,7 @@ double timeout_s();
 // [1, kMaxRanks] that divides the NVLink domain; a Buffer made without BufferOptions::node_size
 // splits its domain into nodes of this size, so the scale-out path runs inside one domain.
 int node_size();
-// EPX_DEBUG (default 0): 1 = once an op step's kernels are launched (get_dispatch_layout,
+// EPX_DEBUG (default 0; 0 or 1): 1 = once an op step's kernels are launched (get_dispatch_layout,
 // dispatch_notify, dispatch, combine, each low-latency send/receive half or fused launch), print one
 // line to stderr naming the rank, a steady-clock time in ms and the step
 // ("epx[rank 0] 1234.567 ms: dispatch launched"). Nothing is printed for other launches (abort
