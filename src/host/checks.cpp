@@ -56,7 +56,7 @@ cudaEvent_t thread_event(int device) {
 
 void host_wait_stream(cudaStream_t stream, double timeout_s, const char* what, int rank) {
   // Outside the staged-copies mode (EPX_SIM_STAGED_COPIES, for compute-sanitizer) the stream is
-  // queried. A capturing stream is queried too (which ends the capture with an error, as before).
+  // queried. A capturing stream is queried too (which ends the capture with an error).
   cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
   if (detail::staged_copies()) EPX_CUDA_CHECK(cudaStreamIsCapturing(stream, &capture));
   if (!detail::staged_copies() || capture != cudaStreamCaptureStatusNone) {
