@@ -57,12 +57,11 @@ cudaEvent_t thread_event(int device) {
 void host_wait_stream(cudaStream_t stream, double timeout_s, const char* what, int rank) {
   // Outside the staged-copies mode (EPX_SIM_STAGED_COPIES, for compute-sanitizer) the stream is
   // queried. A capturing stream is queried too (which ends the capture with an error).
+  const auto query = [&] { host_wait([stream] { return cudaStreamQuery(stream); }, timeout_s, what, rank, "stream"); };
+  if (!detail::staged_copies()) return query();
   cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
-  if (detail::staged_copies()) EPX_CUDA_CHECK(cudaStreamIsCapturing(stream, &capture));
-  if (!detail::staged_copies() || capture != cudaStreamCaptureStatusNone) {
-    host_wait([stream] { return cudaStreamQuery(stream); }, timeout_s, what, rank, "stream");
-    return;
-  }
+  EPX_CUDA_CHECK(cudaStreamIsCapturing(stream, &capture));
+  if (capture != cudaStreamCaptureStatusNone) return query();
   // Through an event: under compute-sanitizer a wait for the stream itself may wait for every other
   // stream's running kernel (epx/sim_world.hpp); an event wait waits for this stream's work alone.
   int device = 0;
