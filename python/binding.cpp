@@ -397,15 +397,8 @@ PYBIND11_MODULE(_C, m) {
   m.def("rdma_buffer_size_hint",
         [](int num_ranks, int node_size, int num_channels, int chunk_tokens, int ring_slots, int64_t hidden_bytes,
            int num_topk) {
-          epx::plan::RdmaShape s;
-          s.num_ranks = num_ranks;
-          s.node_size = node_size;
-          s.num_channels = num_channels;
-          s.chunk_tokens = chunk_tokens;
-          s.ring_slots = ring_slots;
-          s.hidden_bytes = hidden_bytes;
-          s.num_topk = num_topk;
-          return epx::plan::rdma_bytes_for(s);
+          return epx::plan::rdma_bytes_for(epx::plan::RdmaShape{num_ranks, node_size, num_channels, chunk_tokens,
+                                                                ring_slots, hidden_bytes, num_topk});
         },
         py::arg("num_ranks"), py::arg("node_size"), py::arg("num_channels"), py::arg("chunk_tokens"),
         py::arg("ring_slots"), py::arg("hidden_bytes"), py::arg("num_topk"),

@@ -19,15 +19,7 @@ namespace {
 using epx::plan::RdmaShape;
 
 RdmaShape shape_of(int R, int U, int C, int Q, int S, int64_t hidden_bytes, int K) {
-  RdmaShape s;
-  s.num_ranks = R;
-  s.node_size = U;
-  s.num_channels = C;
-  s.chunk_tokens = Q;
-  s.ring_slots = S;
-  s.hidden_bytes = hidden_bytes;
-  s.num_topk = K;
-  return s;
+  return RdmaShape{R, U, C, Q, S, hidden_bytes, K};
 }
 
 void expect_error(const std::function<void()>& fn, epx::ErrorKind kind, const std::string& text) {

@@ -71,6 +71,17 @@ def expected_x(inputs, fp8: bool):
 
 # ---- Rank functions (run on every rank) ---------------------------------------------------------------
 
+def _assert_cached_recv_x(recv_x2, other, inputs, fp8, me, E):
+    """recv_x of a cached dispatch of `other`'s payloads over `inputs`' routing, against the reference."""
+    xs2, scales2 = expected_x(other, fp8)
+    ref2 = ref_dispatch(xs2, scales2, [i.topk_idx for i in inputs], [i.topk_weights for i in inputs], me, E)
+    if fp8:
+        assert_equal(recv_x2[0], ref2.x, "cached recv_x (fp8)")
+        assert_equal(recv_x2[1], ref2.scales, "cached recv_x scales")
+    else:
+        assert_equal(recv_x2, ref2.x, "cached recv_x")
+
+
 def _layout(ctx, seed):
     buf = ht_buffer(ctx)
     inputs = all_inputs(seed, ctx.world)
@@ -128,13 +139,7 @@ def _dispatch_combine(ctx, seed, fp8, strided, with_weights, expert_alignment, z
     x2 = make_x(other[me], fp8, strided, dev)
     recv_x2, i2, w2, c2, h2, _ = buf.dispatch(x2, handle=handle)
     assert (i2, w2, c2, h2) == (None, None, None, None)
-    xs2, scales2 = expected_x(other, fp8)
-    ref2 = ref_dispatch(xs2, scales2, [i.topk_idx for i in inputs], [i.topk_weights for i in inputs], me, E)
-    if fp8:
-        assert_equal(recv_x2[0], ref2.x, "cached recv_x (fp8)")
-        assert_equal(recv_x2[1], ref2.scales, "cached recv_x scales")
-    else:
-        assert_equal(recv_x2, ref2.x, "cached recv_x")
+    _assert_cached_recv_x(recv_x2, other, inputs, fp8, me, E)
 
     # Combine with weights and two biases.
     g = torch.Generator().manual_seed(seed + 101 * me)
@@ -376,13 +381,7 @@ def _batch_larger_than_the_buffer(ctx, seed, fp8):
     # Cached: other payload, same routing.
     other = [make_input(seed, r, BOUNDED_TOKENS, HIDDEN, E, TOPK, salt=8) for r in range(world)]
     recv_x2, *_ = buf.dispatch(make_x(other[me], fp8, False, dev), handle=handle, config=config)
-    xs2, scales2 = expected_x(other, fp8)
-    ref2 = ref_dispatch(xs2, scales2, [i.topk_idx for i in inputs], [i.topk_weights for i in inputs], me, E)
-    if fp8:
-        assert_equal(recv_x2[0], ref2.x, "cached recv_x (fp8)")
-        assert_equal(recv_x2[1], ref2.scales, "cached recv_x scales")
-    else:
-        assert_equal(recv_x2, ref2.x, "cached recv_x")
+    _assert_cached_recv_x(recv_x2, other, inputs, fp8, me, E)
 
     # Combine of the first dispatch's rows (through the rings at every rank count, 2 included).
     y = combine_input(me, recv_x)
