@@ -229,13 +229,26 @@ void run_errors(RankCtx& ctx) {
   if (ctx.rank == 0) std::printf("[world %d] validation, device error, reset ok\n", R);
 }
 
+// Runs `f`, which raises the error the test expects, and prints how long this rank waited for it
+// from the enqueue: with the peers' abort words that is milliseconds, not the `timeout_s` bound.
+template <typename F>
+void print_time_to_error(const RankCtx& ctx, const char* op, double timeout_s, F&& f) {
+  const auto start = std::chrono::steady_clock::now();
+  f();
+  const double ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start).count();
+  std::printf("[world %d] rank %d: its %s raised %.1f ms after it was enqueued (timeout %.0f s)\n", ctx.world,
+              ctx.rank, op, ms, timeout_s);
+}
+
 void run_timeout(RankCtx& ctx) {
   Buffer& b = *ctx.buffer;
   Config c = b.config();
   c.timeout_s = 2;
   b.set_config(c);
   if (ctx.rank == 0)
-    require_error([&] { small_dispatch(ctx, b, 16, 512); }, ErrorKind::kTimeout, "waiting for peer");
+    print_time_to_error(ctx, "dispatch", c.timeout_s, [&] {
+      require_error([&] { small_dispatch(ctx, b, 16, 512); }, ErrorKind::kTimeout, "waiting for peer");
+    });
   ctx.comm->barrier(120);
   b.reset();
   c.timeout_s = 0;
@@ -268,10 +281,12 @@ void run_abort(RankCtx& ctx) {
     b.dispatch(di, h, d.outputs(nr), ctx.stream);
     b.synchronize(ctx.stream);
   };
-  if (ctx.rank == 0)
-    require_error(dispatch, ErrorKind::kInvalidArgument, "disagree for rank 1");
-  else
-    require_error(dispatch, ErrorKind::kAborted, "rank 0 failed");
+  print_time_to_error(ctx, "dispatch", c.timeout_s, [&] {
+    if (ctx.rank == 0)
+      require_error(dispatch, ErrorKind::kInvalidArgument, "disagree for rank 1");
+    else
+      require_error(dispatch, ErrorKind::kAborted, "rank 0 failed");
+  });
   b.reset();  // collective: clears every abort word
   c.timeout_s = 0;
   b.set_config(c);
@@ -298,10 +313,12 @@ void run_host_abort(RankCtx& ctx) {
     b.dispatch(di, h, o, ctx.stream);
     b.synchronize(ctx.stream);
   };
-  if (ctx.rank == 0)
-    require_error(dispatch, ErrorKind::kInvalidArgument, "recv_x: expected shape");
-  else
-    require_error(dispatch, ErrorKind::kAborted, "rank 0 failed (its dispatch raised an error on the host");
+  print_time_to_error(ctx, "dispatch", c.timeout_s, [&] {
+    if (ctx.rank == 0)
+      require_error(dispatch, ErrorKind::kInvalidArgument, "recv_x: expected shape");
+    else
+      require_error(dispatch, ErrorKind::kAborted, "rank 0 failed (its dispatch raised an error on the host");
+  });
   b.reset();
   c.timeout_s = 0;
   b.set_config(c);
