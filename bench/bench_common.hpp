@@ -50,11 +50,10 @@ struct Options {
   uint64_t seed = 1;
   int ll_tokens = 128;
   bool ring_sweep = false;  // also time the ring combine over Tuning's ring knobs (src/host/tuning.hpp)
-  // Also time combine at these ring settings, each letters and numbers: s Tuning.ring_senders
-  // (sender and receiver blocks), w Tuning.ring_send_warps (split blocks), c Tuning.ring_chunk,
-  // q Config.ring_slots (e.g. "w3c8q256"); rejected when malformed.
+  // Also time combine at these ring settings, each letters and numbers: w Tuning.ring_send_warps,
+  // c Tuning.ring_chunk, q Config.ring_slots (e.g. "w3c8q256"); rejected when malformed.
   std::vector<std::string> combine_configs;
-  // Also time dispatch on split blocks with these Tuning.dispatch_copy_warps (0 = the auto count).
+  // Also time dispatch with these Tuning.dispatch_copy_warps (0 = the auto count).
   std::vector<int> dispatch_copy_warps;
   // The high-throughput buffer holds 1/F of the N x R rows a rank may receive (at least the rings'
   // minimum): F > 1 times the bounded dispatch and combine on a batch larger than the buffer.

@@ -71,11 +71,10 @@ Settings with_ring_settings(Settings s, const std::string& spec) {
     EPX_ARG_CHECK(used > 0, "--combine-configs: expected a number after '", key, "' in '", spec, "'");
     i += used;
     switch (key) {
-      case 's': t.ring_senders = value, t.ring_split_blocks = false; break;
-      case 'w': t.ring_send_warps = value, t.ring_split_blocks = true; break;
+      case 'w': t.ring_send_warps = value; break;
       case 'c': t.ring_chunk = value; break;
       case 'q': c.ring_slots = value; break;
-      default: EPX_ARG_CHECK(false, "--combine-configs: unknown setting '", key, "' in '", spec, "' (s, w, c, q)");
+      default: EPX_ARG_CHECK(false, "--combine-configs: unknown setting '", key, "' in '", spec, "' (w, c, q)");
     }
   }
   t.ring_combine = true;
@@ -264,12 +263,11 @@ std::vector<Row> run_ht(const Options& o, Communicator& comm) {
         measure("dispatch fp8 fresh", fresh(true), row_fp8, nr, remote_rows, nullptr);
         measure("dispatch fp8 cached", cached(true), row_fp8, nr, remote_rows, nullptr);
         const Tuning base_tuning = tuning(buffer);  // the Buffer's own: the measured winners
-        for (int k : o.dispatch_copy_warps) {  // split-block dispatch variants
-          Tuning split = base_tuning;
-          split.dispatch_split_blocks = true;
-          split.dispatch_copy_warps = k;  // 0: the auto count
-          set_tuning(buffer, split);
-          const std::string tag = k > 0 ? " split k" + std::to_string(k) : " split auto";
+        for (int k : o.dispatch_copy_warps) {  // other copy-out warp counts
+          Tuning copy = base_tuning;
+          copy.dispatch_copy_warps = k;  // 0: the auto count
+          set_tuning(buffer, copy);
+          const std::string tag = k > 0 ? " copy k" + std::to_string(k) : " copy auto";
           measure("dispatch bf16 fresh" + tag, fresh(false), row_bf16, nr, remote_rows, nccl_dispatch);
           measure("dispatch bf16 cached" + tag, cached(false), row_bf16, nr, remote_rows, nccl_dispatch);
           measure("dispatch fp8 cached" + tag, cached(true), row_fp8, nr, remote_rows, nullptr);
@@ -283,21 +281,11 @@ std::vector<Row> run_ht(const Options& o, Communicator& comm) {
           set_tuning(buffer, row_region);
           measure("combine bf16 row region", combine_op, row_bf16, nr, remote_rows, nccl_combine);
         }
-        if (R >= 3 && base_tuning.ring_split_blocks) {  // the rings' other layout: sender and receiver blocks
-          Tuning blocks = base_tuning;
-          blocks.ring_combine = true;
-          blocks.ring_split_blocks = false;
-          set_tuning(buffer, blocks);
-          measure("combine bf16 ring blocks", combine_op, row_bf16, nr, remote_rows, nccl_combine);
-        }
         set_tuning(buffer, base_tuning);
         // Ring settings to time: the ones asked for, and with --ring-sweep (3 ranks up; 2 ranks always
-        // take the row region) sender and receiver blocks (1 or R-1 sender blocks x chunk 0, 2, 4)
-        // and split blocks (a warp or two per peer sending x chunk 0, 4, 8).
+        // take the row region) a warp or two per peer sending x chunk 0, 4, 8.
         std::vector<std::string> specs = o.combine_configs;
         if (o.ring_sweep && R >= 3) {
-          for (int senders : {1, R - 1})
-            for (int chunk : {0, 2, 4}) specs.push_back("s" + std::to_string(senders) + "c" + std::to_string(chunk));
           for (int send_warps : {R - 1, 2 * (R - 1)})
             for (int chunk : {0, 4, 8})
               if (send_warps < cfg.num_threads / 32) specs.push_back("w" + std::to_string(send_warps) + "c" + std::to_string(chunk));

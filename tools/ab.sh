@@ -3,7 +3,7 @@
 #   variant NAME "-DDEFINES"   builds a copy of the tree with those CUDA defines (spills allowed),
 #                              its bench at /tmp/v_NAME/build/bench/epx_bench;
 #   run LABEL BINARY ARGS...   runs an epx_bench, log in $OUT/LABEL.log, prints its combine lines.
-# Example: AB_RUNS='run A ./build-gpu/bench/epx_bench --mode ht --sms 24 --combine-configs w3c8,s1c0' tools/ab.sh
+# Example: AB_RUNS='run A ./build-gpu/bench/epx_bench --mode ht --sms 24 --combine-configs w3c8,w6c2' tools/ab.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
 source tools/env.sh

@@ -7,7 +7,8 @@
 namespace epx {
 
 struct Config {
-  // Thread blocks (one per SM) used by dispatch and combine. Must not exceed the device's SMs.
+  // Thread blocks (one per SM) used by dispatch and combine. Must not exceed the device's SMs nor
+  // kMaxHtBlocks (epx/limits.hpp).
   int num_sms = 20;
   // Threads per block of the high-throughput kernels (multiple of 32, 64..512).
   int num_threads = 512;

@@ -68,7 +68,7 @@ struct NotifyArea {
   NotifySlot slot[kMaxPeers];
 };
 
-// Control words of the ring combine (combine_rings.cu) and of the split-block dispatch
+// Control words of the ring combine (combine_rings.cu) and of the dispatch
 // (dispatch.cu: tail[s][b][0], bound[s][b], and bounded head[r][b]), all (op epoch << 32) | count,
 // grow only, zeroed by reset(). On rank X (for the combine):
 //   tail[r][c][w]: rows sender warp w of rank r has written into its ring (r, c) in X's row region
@@ -76,7 +76,7 @@ struct NotifyArea {
 //                  i % W's (i / W)-th);
 //   head[s][c]:    rows receiver s has consumed from X's ring (X, c) in s's row region;
 //   bound[s][c]:   first position, among s's rows to X, of receiver s's channel c (c = channels: the end).
-constexpr int kMaxRingChannels = 80;
+constexpr int kMaxRingChannels = kMaxHtBlocks;  // a channel per block (dispatch and ring combine)
 constexpr int kMaxRingWarps = 16;  // 512 threads
 constexpr int kMinRingSlots = 64;  // rows per ring below which combine uses the row region
 static_assert(kMaxHtThreads == kMaxRingWarps * 32, "a ring's per-warp words cover the largest block");

@@ -542,12 +542,13 @@ void Buffer::combine(const CombineInputs& in, const DispatchHandle& handle, cons
     // NOTE: the row-region combine checks on the device, from the count matrix, that the rows fit
     // (at 1 rank no row travels: no rings).
     const int64_t worst = handle.num_worst_tokens;
+    // The rings this row region holds at any rank count (channels = 0 when none fit).
+    const plan::RingPlan rings = plan::ring_plan(m.config, m.tuning, R, rows.capacity, /*bounded=*/true);
     bool bounded = false;
     if (R > 1 && handle.max_sent_tokens >= 0) {
       bounded = handle.max_sent_tokens > rows.capacity;
     } else if (R > 1) {
-      bounded = worst > rows.capacity || (worst * R > rows.capacity &&
-                                          plan::ring_plan(m.config, m.tuning, R, rows.capacity, /*bounded=*/true).channels > 0);
+      bounded = worst > rows.capacity || (worst * R > rows.capacity && rings.channels > 0);
     }
     kernels::CombineParams p{};
     p.ctx = m.context(OpCode::kCombine);
@@ -570,15 +571,15 @@ void Buffer::combine(const CombineInputs& in, const DispatchHandle& handle, cons
     p.out_stride = out.combined_x.stride[0];
     p.combined_topk_weights = K ? out.combined_topk_weights.ptr<float>() : nullptr;
     p.out_weight_stride = K ? out.combined_topk_weights.stride[0] : 0;
-    const plan::RingPlan ring =
-        bounded ? m.agreed([&] { return plan::bounded_ring_plan(m.config, m.tuning, R, m.num_nvl_bytes, H, K); })
-                : plan::ring_plan(m.config, m.tuning, R, rows.capacity);
+    plan::RingPlan ring = bounded || plan::rings_preferred(m.tuning, R) ? rings : plan::RingPlan{};
+    // Bounded without rings: bounded_ring_plan's error names the num_nvl_bytes they need.
+    if (bounded && ring.channels == 0)
+      ring = m.agreed([&] { return plan::bounded_ring_plan(m.config, m.tuning, R, m.num_nvl_bytes, H, K); });
     {
       plan::OpPlan plan = plan::launch_plan(m.config);
       plan.ring_channels = ring.channels;  // all ring fields 0: the row-region combine
       plan.ring_slots = ring.slots;
       plan.ring_send_warps = ring.send_warps;
-      plan.ring_senders = ring.senders;
       plan.ring_chunk = ring.channels > 0 ? m.tuning.ring_chunk : 0;
       plan.row_bytes = rows.row_bytes;
       plan.num_topk_weights = rows.num_topk_weights;
@@ -586,7 +587,6 @@ void Buffer::combine(const CombineInputs& in, const DispatchHandle& handle, cons
     }
     if (ring.channels > 0) {
       p.ring_channels = ring.channels;
-      p.ring_senders = ring.senders;
       p.ring_slots = ring.slots;
       p.ring_chunk = m.tuning.ring_chunk;
       p.ring_send_warps = ring.send_warps;

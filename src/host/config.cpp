@@ -10,7 +10,10 @@
 namespace epx {
 
 void Config::validate(int num_device_sms) const {
-  validate::in_range(num_sms, "Config.num_sms", 1, num_device_sms > 0 ? num_device_sms : 1024);
+  EPX_ARG_CHECK(num_sms <= kMaxHtBlocks, "Config.num_sms: at most ", kMaxHtBlocks,
+                " (each block of dispatch and combine has progress words of its own in every peer's window), got ",
+                num_sms);
+  validate::in_range(num_sms, "Config.num_sms", 1, num_device_sms > 0 ? num_device_sms : kMaxHtBlocks);
   validate::in_range(num_threads, "Config.num_threads", 64, kMaxHtThreads);
   EPX_ARG_CHECK(num_threads % 32 == 0, "Config.num_threads: must be a multiple of 32, got ", num_threads);
   validate::in_range(ring_slots, "Config.ring_slots", 64, 4096);

@@ -43,9 +43,7 @@ size_t nvl_bytes_for_rows(int64_t max_rows, int hidden, DType x_dtype, int num_t
 }
 
 int dispatch_copy_warps(const Config& config, const Tuning& tuning, int64_t row_bytes) {
-  if (!tuning.dispatch_split_blocks || config.num_sms > kMaxRingChannels) return 0;
-  const int warps = config.num_threads / 32;
-  if (warps < 2) return 0;
+  const int warps = config.num_threads / 32;  // >= 2 (Config.num_threads >= 64)
   if (tuning.dispatch_copy_warps > 0) return std::min(tuning.dispatch_copy_warps, warps - 1);
   // Sending warps in the whole grid ~ 1.3 MB of rows in flight, one row per warp (the best counts
   // at EP4: docs/performance.md).
@@ -67,7 +65,6 @@ constexpr PlanField kPlanFields[] = {
     {"ring channels", 0, 16, 7, &OpPlan::ring_channels},
     {"ring slots (Config.ring_slots; a bounded dispatch: rows per ring)", 0, 23, 13, &OpPlan::ring_slots},
     {"ring sending warps (Tuning.ring_send_warps)", 0, 36, 5, &OpPlan::ring_send_warps},
-    {"ring sender blocks (Tuning.ring_senders)", 0, 41, 4, &OpPlan::ring_senders},
     {"rows per ring release (Tuning.ring_chunk)", 0, 45, 5, &OpPlan::ring_chunk},
     {"dispatch copy warps (Tuning.dispatch_copy_warps)", 0, 50, 5, &OpPlan::copy_warps},
     {"row bytes (hidden x element size)", 1, 0, 18, &OpPlan::row_bytes},
@@ -104,29 +101,24 @@ std::string plan_difference(int word, uint64_t theirs, uint64_t mine, std::strin
   return {};
 }
 
+bool rings_preferred(const Tuning& tuning, int num_ranks) {
+  // At 2 ranks the row-region combine is faster (docs/performance.md, EP2), when the rows fit.
+  return tuning.ring_combine && num_ranks >= 3;
+}
+
 RingPlan ring_plan(const Config& config, const Tuning& tuning, int num_ranks, int64_t capacity, bool bounded) {
   RingPlan plan;
   const int peers = num_ranks - 1;
-  EPX_ARG_CHECK(tuning.ring_senders <= peers, "Tuning.ring_senders: at most one sender block per peer (",
-                peers, " at ", num_ranks, " ranks), got ", tuning.ring_senders);
-  // At 2 ranks the row-region combine is faster (docs/performance.md, EP2), when the rows fit.
-  if (!bounded && (!tuning.ring_combine || num_ranks < 3)) return plan;
+  if (!bounded && !rings_preferred(tuning, num_ranks)) return plan;
   if (peers < 1) return plan;
-  const int warps = config.num_threads / 32;
-  // Split blocks: each block is a channel, its first send_warps warps one sender for every peer
-  // (auto: a warp per peer, two each for two peers).
-  const int send_warps = !tuning.ring_split_blocks     ? 0
-                         : tuning.ring_send_warps > 0 ? tuning.ring_send_warps
-                                                      : peers * std::max(1, 4 / peers);
-  const int senders = send_warps > 0 ? 1 : tuning.ring_senders > 0 ? tuning.ring_senders : peers;
-  const int channels = std::min(send_warps > 0 ? config.num_sms : config.num_sms / (senders + 1), kMaxRingChannels);
-  const int sender_warps = send_warps > 0 ? send_warps : warps;
-  const int peers_per_block = (peers + senders - 1) / senders;
-  if (channels < 1 || sender_warps < peers_per_block || (send_warps > 0 && send_warps >= warps)) return plan;
-  const int64_t slots = std::min<int64_t>(config.ring_slots, capacity / (static_cast<int64_t>(num_ranks) * channels));
+  // Each block is a channel: its first send_warps warps send to every peer (auto: a warp per peer,
+  // two each for two peers), every peer needs one, and the rest reduce.
+  const int send_warps = tuning.ring_send_warps > 0 ? tuning.ring_send_warps : peers * std::max(1, 4 / peers);
+  if (send_warps < peers || send_warps >= config.num_threads / 32) return plan;
+  const int64_t slots =
+      std::min<int64_t>(config.ring_slots, capacity / (static_cast<int64_t>(num_ranks) * config.num_sms));
   if (slots < combine_ring_min_slots(config, tuning)) return plan;
-  plan.channels = channels;
-  plan.senders = senders;
+  plan.channels = config.num_sms;
   plan.slots = static_cast<int>(slots);
   plan.send_warps = send_warps;
   return plan;
@@ -151,7 +143,7 @@ RingPlan bounded_ring_plan(const Config& config, const Tuning& tuning, int num_r
   EPX_CHECK(ring_plan(config, tuning, num_ranks, int64_t{1} << 40, /*bounded=*/true).channels > 0,
             ErrorKind::kUnsupported, "combine: the returned rows do not fit the row region and Config (num_sms ",
             config.num_sms, ", num_threads ", config.num_threads, ") with Tuning.ring_send_warps ", tuning.ring_send_warps,
-            ") cannot make combine rings at ", num_ranks, " ranks (too few blocks or warps per peer)");
+            " cannot make combine rings at ", num_ranks, " ranks (a sending warp per peer and one left to reduce)");
   EPX_CHECK(false, ErrorKind::kBufferTooSmall, "combine: the returned rows do not fit the row region (",
             rows.capacity, " rows of this shape) and its rings would hold fewer than ",
             combine_ring_min_slots(config, tuning), " rows each; need num_nvl_bytes >= ",
@@ -161,9 +153,7 @@ RingPlan bounded_ring_plan(const Config& config, const Tuning& tuning, int num_r
 }
 
 int dispatch_ring_min_slots(const Config& config, const Tuning& tuning, int64_t row_bytes) {
-  Tuning split = tuning;
-  split.dispatch_split_blocks = true;
-  const int send_warps = config.num_threads / 32 - dispatch_copy_warps(config, split, row_bytes);
+  const int send_warps = config.num_threads / 32 - dispatch_copy_warps(config, tuning, row_bytes);
   return 2 * kDispatchPublishRounds * send_warps;
 }
 
@@ -176,14 +166,9 @@ size_t dispatch_ring_min_bytes(const Config& config, const Tuning& tuning, int n
 
 DispatchRing dispatch_ring(const Config& config, const Tuning& tuning, int num_ranks, size_t num_nvl_bytes,
                            int hidden, DType x_dtype, int num_topk, int num_scale_columns) {
-  EPX_CHECK(config.num_sms <= kMaxRingChannels, ErrorKind::kUnsupported, "dispatch: the rows do not fit the row region ",
-            "and the bounded dispatch has one progress word per block for at most ", kMaxRingChannels,
-            " blocks; Config.num_sms = ", config.num_sms, " (use fewer, or a buffer that holds every row)");
   const RowLayout rows = dispatch_rows(num_nvl_bytes, hidden, x_dtype, num_topk, num_scale_columns);
-  Tuning split = tuning;
-  split.dispatch_split_blocks = true;
   DispatchRing ring;
-  ring.copy_warps = dispatch_copy_warps(config, split, rows.row_bytes);
+  ring.copy_warps = dispatch_copy_warps(config, tuning, rows.row_bytes);
   ring.send_warps = config.num_threads / 32 - ring.copy_warps;
   const int64_t rings = static_cast<int64_t>(num_ranks) * config.num_sms;
   const int64_t per_ring = rows.capacity / rings;

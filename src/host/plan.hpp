@@ -25,19 +25,21 @@ size_t row_region_bytes(size_t num_nvl_bytes);
 RowLayout dispatch_rows(size_t num_nvl_bytes, int hidden, DType x_dtype, int num_topk, int num_scale_columns = -1);
 RowLayout combine_rows(size_t num_nvl_bytes, int hidden, int num_topk);
 
-// Ring combine geometry: channels (Tuning.ring_senders sender blocks + one receiver block each, or
-// split blocks), sender blocks per channel and rows per ring (at most Config.ring_slots), or
-// channels = 0 when the ring combine does not apply (off in the tuning, fewer than 3 ranks, too few
-// blocks, fewer warps per sender block than its peers, or rings smaller than kMinRingSlots or
-// Tuning.ring_chunk * warps in `capacity` rows of the row region).
-// Throws when Tuning.ring_senders exceeds the peers.
+// Ring combine geometry: channels (one per block: Config.num_sms), sending warps per block and rows
+// per ring (at most Config.ring_slots), or channels = 0 when the ring combine does not apply (off
+// in the tuning, fewer than 3 ranks, fewer sending warps than peers or none left to reduce, or
+// rings smaller than kMinRingSlots or Tuning.ring_chunk * warps in `capacity` rows of the row
+// region).
 struct RingPlan {
-  int channels = 0, senders = 0, slots = 0, send_warps = 0;
+  int channels = 0, slots = 0, send_warps = 0;
 };
 // bounded: a combine whose returned rows do not all fit the row region takes the rings at every
 // rank count (2 included) whatever Tuning.ring_combine says; channels = 0 still when the block
 // geometry or the row region cannot hold them (bounded_ring_plan turns that into an error).
 RingPlan ring_plan(const Config& config, const Tuning& tuning, int num_ranks, int64_t capacity, bool bounded = false);
+// Whether a combine whose rows fit the row region takes the rings (ring_plan, not bounded): from 3
+// ranks, when Tuning.ring_combine says so.
+bool rings_preferred(const Tuning& tuning, int num_ranks);
 // The bounded combine's rings for a buffer of num_nvl_bytes: throws Error(kBufferTooSmall) naming
 // combine_ring_min_bytes when a ring holds fewer than its minimum rows, Error(kUnsupported) when the
 // config's blocks cannot make rings at all.
@@ -47,14 +49,12 @@ int combine_ring_min_slots(const Config& config, const Tuning& tuning);
 // Smallest num_nvl_bytes whose combine rows hold the bounded combine's rings.
 size_t combine_ring_min_bytes(const Config& config, const Tuning& tuning, int num_ranks, int hidden, int num_topk);
 
-// Bounded dispatch: a call whose rows do not all fit the receiver's row region runs the split-block
-// dispatch with each receiver's row region cut into R x B rings (B = Config.num_sms blocks), ring
-// (s, b) holding the rows of source s's block b: slots = capacity / (R * B), at most
-// kMaxDispatchRingSlots. A ring holds at least two publication rounds of the block's sending warps
-// (2 * kDispatchPublishRounds * send_warps rows: docs/protocol.md, "dispatch, bounded"), else
-// Error(kBufferTooSmall) naming dispatch_ring_min_bytes; more than kMaxRingChannels blocks (one
-// progress word per block) is Error(kUnsupported). Split blocks are used whatever
-// Tuning.dispatch_split_blocks says (copy warps as dispatch_copy_warps counts them).
+// Bounded dispatch: a call whose rows do not all fit the receiver's row region cuts each
+// receiver's row region into R x B rings (B = Config.num_sms blocks), ring (s, b) holding the rows
+// of source s's block b: slots = capacity / (R * B), at most kMaxDispatchRingSlots. A ring holds at
+// least two publication rounds of the block's sending warps (2 * kDispatchPublishRounds *
+// send_warps rows: docs/protocol.md, "dispatch, bounded"), else Error(kBufferTooSmall) naming
+// dispatch_ring_min_bytes.
 struct DispatchRing {
   int slots = 0, copy_warps = 0, send_warps = 0;
 };
@@ -71,8 +71,8 @@ size_t dispatch_ring_min_bytes(const Config& config, const Tuning& tuning, int n
 // and epx's largest top-k (dispatch and combine, bf16 or fp8).
 size_t nvl_bytes_for_rings(const Config& config, const Tuning& tuning, int num_ranks, int64_t hidden_bytes,
                            int64_t rows_per_ring);
-// Copy-out warps of a split-block dispatch (Tuning.dispatch_split_blocks), 0 when it does not apply
-// (switched off, or more blocks than the per-block progress words: kMaxRingChannels).
+// Copy-out warps of a dispatch block (Tuning.dispatch_copy_warps, or its auto count): at least 1,
+// at most warps - 1.
 int dispatch_copy_warps(const Config& config, const Tuning& tuning, int64_t row_bytes);
 // Smallest num_nvl_bytes whose dispatch and combine layouts both hold `max_rows` rows.
 size_t nvl_bytes_for_rows(int64_t max_rows, int hidden, DType x_dtype, int num_topk);
@@ -99,8 +99,8 @@ size_t rdma_bytes_for(const RdmaShape& shape);
 // slot. Every Tuning field reaches the kernels only through the ring and copy-warp fields here.
 struct OpPlan {
   int num_blocks = 0, num_warps = 0;                        // grid (Config.num_sms), Config.num_threads / 32
-  int ring_channels = 0, ring_slots = 0, ring_send_warps = 0, ring_senders = 0, ring_chunk = 0;
-  int copy_warps = 0;                                       // split-block dispatch
+  int ring_channels = 0, ring_slots = 0, ring_send_warps = 0, ring_chunk = 0;
+  int copy_warps = 0;                                       // dispatch
   int row_bytes = 0, num_scales = 0, num_topk_idx = 0, num_topk_weights = 0;  // row layout
   int experts_per_rank = 0;
 };

@@ -7,7 +7,6 @@ namespace epx {
 
 void Tuning::validate(const Config& config) const {
   const int warps = config.num_threads / 32;
-  validate::in_range(ring_senders, "Tuning.ring_senders", 0, 7);
   validate::in_range(ring_chunk, "Tuning.ring_chunk", 0, 16);
   validate::in_range(ring_send_warps, "Tuning.ring_send_warps", 0, warps - 1);
   validate::in_range(dispatch_copy_warps, "Tuning.dispatch_copy_warps", 0, warps - 1);

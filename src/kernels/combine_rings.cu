@@ -1,21 +1,19 @@
 // Ring combine: the push and the reduce overlap through bounded, reused rings (the row-region
 // combine writes every row once and reduces only after all of them arrived, so it is slower from
-// 3 ranks; split blocks are the faster layout: docs/performance.md). It is also the bounded
-// combine: a combine whose returned rows do not fit the row region takes it at any rank count. Blocks group into channels:
-// k = p.ring_senders sender blocks and one receiver block per channel (block (k + 1) c + j, j < k
-// sends, j = k receives). Split blocks (p.ring_send_warps = S > 0): block c is channel c, its warps
-// [0, S) are the channel's one sender (k = 1) and the others its receiver, each part with its own
-// named barrier, so every SM sends and reduces.
+// 3 ranks: docs/performance.md). It is also the bounded combine: a combine whose returned rows do
+// not fit the row region takes it at any rank count. Block c is channel c: its warps [0, S)
+// (S = p.ring_send_warps) are the channel's sender and the others its receiver, each part with its
+// own named barrier, so every SM sends and reduces.
 //   receiver (rank s, channel c): owns s's tokens [lo_c, hi_c) (lo_c = c * N / C). First it tells
 //     every peer r where its channel starts among s's rows to r: bound[s][c] on r (the last channel
 //     also writes bound[s][C], the end). Then, a batch of one token per warp at a time, in token
 //     order: for each contribution from a peer r, wait until the tail word of the sender warp that
 //     wrote it covers it, reduce in rank order exactly as combine.cu (same bits), and after the
 //     batch tell each peer how many of its rows are consumed (head[s][c] on r).
-//   sender (rank r, channel c, block j): serves its g-th peers after r with g % k == j, each with
-//     W of its warps. Warp w streams rows w, w + W, ... of the rows r received from s whose
-//     positions lie in [bound[s][c], bound[s][c + 1]) into ring (r, c) on s, ring_chunk rows at a
-//     time: wait for room (head), write, release its own tail word. No warp waits for another.
+//   sender (rank r, channel c): serves every peer s with W of its S warps. Warp w streams rows w,
+//     w + W, ... of the rows r received from s whose positions lie in [bound[s][c],
+//     bound[s][c + 1]) into ring (r, c) on s, ring_chunk rows at a time: wait for room (head),
+//     write, release its own tail word. No warp waits for another.
 // Every flag is (op epoch << 32) | count, so nothing is reset between ops; a peer's previous op is
 // over (entry barrier) before any of this op's rows are written, so every ring starts empty.
 #include <algorithm>
@@ -33,43 +31,33 @@ namespace {
 constexpr int kRingSendUnroll = 12;
 
 // The warps [first, first + count) of a block that play one part (send or receive), with their own
-// barrier: 0 (__syncthreads) when they are the whole block, else a named barrier.
+// named barrier.
 struct WarpGroup {
   int first, count, barrier;
   __device__ int warp() const { return static_cast<int>(threadIdx.x) / kWarpSize - first; }
   __device__ int thread() const { return static_cast<int>(threadIdx.x) - first * kWarpSize; }
-  __device__ void sync() const {
-    if (barrier == 0) __syncthreads();
-    else bar_sync(barrier, count * kWarpSize);
-  }
-  __device__ bool sync_and(bool pred) const {
-    return barrier == 0 ? __syncthreads_and(pred) != 0 : bar_red_and(barrier, count * kWarpSize, pred);
-  }
+  __device__ void sync() const { bar_sync(barrier, count * kWarpSize); }
+  __device__ bool sync_and(bool pred) const { return bar_red_and(barrier, count * kWarpSize, pred); }
 };
 
-// The warps [first, first + count) a sender block gives the g-th peer after the sender (both sides
-// compute it alike): block j = g % k serves n = ceil((peers - j) / k) peers, the i-th being
-// g = j + i k; every warp works, the first warps % n peers get one more.
+// The warps [first, first + count) of the sending warps a block gives the g-th peer after the
+// sender (both sides compute it alike): every warp works, the first warps % peers peers get one more.
 struct PeerWarps {
   int first, count;
 };
-__device__ __forceinline__ PeerWarps ring_peer_warps(int peers, int k, int g, int warps) {
-  const int j = g % k, i = g / k, n = (peers - j + k - 1) / k;
-  const int q = warps / n, extra = warps % n;
-  return {i * q + min(i, extra), q + (i < extra ? 1 : 0)};
+__device__ __forceinline__ PeerWarps ring_peer_warps(int peers, int g, int warps) {
+  const int q = warps / peers, extra = warps % peers;
+  return {g * q + min(g, extra), q + (g < extra ? 1 : 0)};
 }
 
-// Rows a sender warp writes per release: Tuning.ring_chunk (src/host/tuning.hpp), or when 0 about
-// 20 rows of the peer's stream per round of its W warps, at most 4 per warp (larger spans stall the
-// in-order receiver); split blocks: 8 rows per round. Both are the best of the chunk sweeps in
-// docs/performance.md.
+// Rows a sending warp writes per release: Tuning.ring_chunk (src/host/tuning.hpp), or when 0 8 rows
+// per round of the peer's W warps, the best of the chunk sweeps in docs/performance.md.
 __device__ __forceinline__ int ring_chunk(const CombineParams& p, int W) {
-  if (p.ring_chunk > 0) return p.ring_chunk;
-  return p.ring_send_warps > 0 ? max(1, 8 / W) : max(1, min(4, 20 / W));
+  return p.ring_chunk > 0 ? p.ring_chunk : max(1, 8 / W);
 }
 
 // False if a wait failed (the error is recorded); the caller still reaches every barrier.
-// g: the receiving warps; send_warps: the warps of a sender block (or group) of every rank.
+// g: the receiving warps; send_warps: the sending warps of a block of every rank.
 template <int kR, int kU>
 __device__ bool receive(const CombineParams& p, uint64_t e, int c, const int* recv_base, WarpGroup g, int send_warps) {
   __shared__ int first[kMaxPeers];      // stream index 0 of each peer's rows for this channel
@@ -89,7 +77,7 @@ __device__ bool receive(const CombineParams& p, uint64_t e, int c, const int* re
     const int start = rows_before(p.send_pos, R, r, lo, lane);
     if (lane == 0) {
       first[r] = start;
-      peer_warps[r] = ring_peer_warps(R - 1, p.ring_senders, (me - r - 1 + R) % R, send_warps).count;
+      peer_warps[r] = ring_peer_warps(R - 1, (me - r - 1 + R) % R, send_warps).count;
       st_release_sys(&ctx.ring_ctl(r)->bound[me][c], tagged_count(e, start));
       if (c == C - 1) st_release_sys(&ctx.ring_ctl(r)->bound[me][C], tagged_count(e, p.count_matrix[me * R + r]));
     }
@@ -152,26 +140,25 @@ __device__ bool receive(const CombineParams& p, uint64_t e, int c, const int* re
   return true;
 }
 
-// Sender block (or warp group) j of channel c.
-__device__ __noinline__ bool send(const CombineParams& p, uint64_t e, int c, int j, const int* recv_base, WarpGroup wg) {
+// The sending warps of channel c.
+__device__ __noinline__ bool send(const CombineParams& p, uint64_t e, int c, const int* recv_base, WarpGroup wg) {
   __shared__ int lo[kMaxPeers], hi[kMaxPeers];
   __shared__ int failed;
   const OpContext& ctx = p.ctx;
-  const int R = ctx.num_ranks, me = ctx.rank, C = p.ring_channels, Q = p.ring_slots, k = p.ring_senders;
+  const int R = ctx.num_ranks, me = ctx.rank, C = p.ring_channels, Q = p.ring_slots;
   const int warp = wg.warp(), lane = threadIdx.x % kWarpSize, warps = wg.count;
   const int peers = R - 1;
   RingCtl* ctl = ctx.ring_ctl(me);
   bool ok = true;
   const int t = wg.thread();
   if (t == 0) failed = 0;
-  if (t < R && t != me && (t - me - 1 + R) % R % k == j)
-    ok = wait_range(ctx, &ctl->bound[t][c], &ctl->bound[t][c + 1], e, Phase::kReduce, t, lo[t], hi[t]);
+  if (t < R && t != me) ok = wait_range(ctx, &ctl->bound[t][c], &ctl->bound[t][c + 1], e, Phase::kReduce, t, lo[t], hi[t]);
   if (!wg.sync_and(ok)) return false;
 
-  // This block's peers: the g-th after me for g = j, j + k, ...; find this warp's.
-  int g = j, w = warp, W = 0;
-  for (; g < peers; g += k) {
-    const PeerWarps pw = ring_peer_warps(peers, k, g, warps);
+  // This warp's peer: the g-th after me.
+  int g = 0, w = warp, W = 0;
+  for (; g < peers; ++g) {
+    const PeerWarps pw = ring_peer_warps(peers, g, warps);
     if (warp < pw.first + pw.count) {
       w = warp - pw.first;
       W = pw.count;
@@ -230,17 +217,10 @@ __global__ void __launch_bounds__(kMaxHtThreads, 1) combine_rings_kernel(const _
   }
   compute_recv_and_dst_base(p, recv_base, dst_base);
   if (!wait_peers_ready(ctx, e)) return;
-  const int warps = blockDim.x / kWarpSize, sw = p.ring_send_warps;
-  // Split blocks: block c is channel c, warps [0, sw) send, the rest receive. Else channel c's
-  // blocks are (k + 1) c + j: j < k send, j = k receives.
-  const int c = sw > 0 ? blockIdx.x : blockIdx.x / (p.ring_senders + 1);
-  const int j = sw > 0 ? 0 : blockIdx.x % (p.ring_senders + 1);
-  const bool sending = sw > 0 ? static_cast<int>(threadIdx.x) < sw * kWarpSize : j < p.ring_senders;
-  const WarpGroup g = sw == 0 ? WarpGroup{0, warps, 0} : sending ? WarpGroup{0, sw, 1} : WarpGroup{sw, warps - sw, 2};
-  if (c < p.ring_channels) {
-    if (sending) send(p, e, c, j, recv_base, g);
-    else receive<kR, kU>(p, e, c, recv_base, g, sw > 0 ? sw : warps);
-  }
+  // Block c is channel c: warps [0, sw) send, the rest receive.
+  const int warps = blockDim.x / kWarpSize, sw = p.ring_send_warps, c = blockIdx.x;
+  if (static_cast<int>(threadIdx.x) < sw * kWarpSize) send(p, e, c, recv_base, WarpGroup{0, sw, 1});
+  else receive<kR, kU>(p, e, c, recv_base, WarpGroup{sw, warps - sw, 2}, sw);
   op_end(ctx, e);
 }
 

@@ -1,22 +1,21 @@
-// High-throughput dispatch: one-sided writes into final slots, then a copy-out.
+// High-throughput dispatch: one-sided writes into final slots, copied out as they land.
 // Every sender knows each token's final row on every destination from the count exchange (rows are
-// ordered by source rank, then source token). Roles of each block, in order:
-//   send:     a warp per token writes the token once per destination rank: straight into this
-//             rank's outputs for local rows, into the destination's row region for remote rows;
-//   signal:   the last block to finish publishes done = e to every peer;
-//   receive:  after source s's done, copy s's rows from the row region into the outputs;
-//   pad:      worst-case mode: rows past the received count get idx -1, weights 0, src -1, x 0.
-// Split blocks (p.copy_warps = K > 0, dispatch_split_kernel): the copy-out overlaps the sends. In
-// block b, warps [0, S = warps - K) send b's tokens and, every kDispatchPublishRounds rounds of S tokens,
-// tell each destination how far b's rows to it are written; warps [S, warps) copy out the rows
-// that block b of every source has published so far. Words (in RingCtl, tagged with the op epoch
-// like the ring combine's; docs/protocol.md):
+// ordered by source rank, then source token). Block b's warps split into two parts, each with a
+// named barrier of its own, so the copy-out overlaps the sends:
+//   send (warps [0, S = warps - K), K = p.copy_warps): a warp per token writes b's tokens once per
+//     destination rank: straight into this rank's outputs for local rows, into the destination's
+//     row region for remote rows; every kDispatchPublishRounds rounds of S tokens it tells each
+//     destination how far b's rows to it are written;
+//   copy-out (warps [S, warps)): copies out the rows that block b of every source has published
+//     so far, then (worst-case mode) pads: rows past the received count get idx -1, weights 0,
+//     src -1, x 0.
+// Words (in RingCtl, tagged with the op epoch like the ring combine's; docs/protocol.md):
 //   bound[s][b] on r: first row of r's row region holding s's block-b tokens (bound[s][B]: the end);
 //   tail[s][b][0] on r: end of the rows s's block b has written to r so far.
-// Bounded (p.ring_slots = Q > 0: the rows do not all fit the row region): the same kernel, but r's
-// row region is cut into R x B rings of Q slots, ring (s, b) holding s's block-b rows to r: row j
-// (in r's output order, bound[s][b] <= j < bound[s][b + 1]) lands in slot (s B + b) Q +
-// (j - bound[s][b]) % Q. The copy warps return slots through a consumer head
+// Bounded (p.ring_slots = Q > 0: the rows do not all fit the row region): r's row region is cut
+// into R x B rings of Q slots, ring (s, b) holding s's block-b rows to r: row j (in r's output
+// order, bound[s][b] <= j < bound[s][b + 1]) lands in slot (s B + b) Q + (j - bound[s][b]) % Q.
+// The copy warps return slots through a consumer head
 //   head[r][b] on s: end of the rows of ring (s, b) on r that r's block b has copied out,
 // and before each round a block's senders wait until every destination's head leaves room for the
 // round's rows. A sender only waits for slots of rows it already published, and the copy warps
@@ -31,35 +30,7 @@ namespace {
 
 using namespace epx::device;
 
-__global__ void __launch_bounds__(kMaxHtThreads) dispatch_kernel(const __grid_constant__ DispatchParams p) {
-  __shared__ int slot_base[kMaxPeers];  // first row of this rank's rows on each destination
-  __shared__ int recv_base[kMaxPeers + 1];  // first row of each source's rows here
-  const OpContext& ctx = p.ctx;
-  uint64_t e;
-  int num_recv;
-  if (!dispatch_begin(p, e, num_recv, slot_base, recv_base)) return;
-
-  // Send: contiguous token ranges per block, a warp per token.
-  const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
-  const int warps = blockDim.x / kWarpSize;
-  const TokenRange tokens = block_tokens(p.num_tokens);
-  for (int t = tokens.begin + warp; t < tokens.end; t += warps) send_token(p, t, slot_base, lane);
-  signal_sends_done(ctx, e);
-
-  // Receive: sources in rotated order so ranks do not all wait on the same peer.
-  const int R = ctx.num_ranks, me = ctx.rank;
-  const size_t grid_tid = static_cast<size_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  const size_t grid_threads = static_cast<size_t>(gridDim.x) * blockDim.x;
-  for (int i = 1; i < R; ++i) {
-    const int s = (me + i) % R;
-    if (!wait_peer_done(ctx, e, s, Phase::kReceive)) return;
-    copy_out(p, recv_base[s], recv_base[s], recv_base[s + 1] - recv_base[s], grid_tid, grid_threads);
-  }
-  pad_rows(p, num_recv, grid_tid, grid_threads);
-  op_end(ctx, e);
-}
-
-// Split blocks' senders (warps [0, S), named barrier 1): block b's tokens, progress published
+// The senders (warps [0, S), named barrier 1): block b's tokens, progress published
 // every kDispatchPublishRounds rounds of S tokens. Bounded (Q > 0): before each publication round,
 // room for its rows in every destination's ring. False when a wait failed (the error is recorded).
 __device__ bool send_and_publish(const DispatchParams& p, uint64_t e, const int* slot_base, int S) {
@@ -127,7 +98,7 @@ __device__ bool send_and_publish(const DispatchParams& p, uint64_t e, const int*
   return true;
 }
 
-// Split blocks' copy-out (warps [S, warps), named barrier 2): the rows of block b of every source,
+// The copy-out (warps [S, warps), named barrier 2): the rows of block b of every source,
 // as far as each has published, in turns. No turn waits for anything but a source's progress, so
 // none can block another; bounded, each turn then returns the copied slots to the source (head).
 __device__ bool copy_out_as_published(const DispatchParams& p, uint64_t e, int S, int num_recv) {
@@ -192,12 +163,11 @@ __device__ bool copy_out_as_published(const DispatchParams& p, uint64_t e, int S
   return true;
 }
 
-__global__ void __launch_bounds__(kMaxHtThreads) dispatch_split_kernel(const __grid_constant__ DispatchParams p) {
-  __shared__ int slot_base[kMaxPeers];
-  __shared__ int recv_base[kMaxPeers + 1];
+__global__ void __launch_bounds__(kMaxHtThreads) dispatch_kernel(const __grid_constant__ DispatchParams p) {
+  __shared__ int slot_base[kMaxPeers];  // first row of this rank's rows on each destination
   uint64_t e;
   int num_recv;
-  if (!dispatch_begin(p, e, num_recv, slot_base, recv_base)) return;
+  if (!dispatch_begin(p, e, num_recv, slot_base)) return;
   const int S = static_cast<int>(blockDim.x) / kWarpSize - p.copy_warps;
   if (static_cast<int>(threadIdx.x) < S * kWarpSize) send_and_publish(p, e, slot_base, S);
   else copy_out_as_published(p, e, S, num_recv);
@@ -207,13 +177,11 @@ __global__ void __launch_bounds__(kMaxHtThreads) dispatch_split_kernel(const __g
 }  // namespace
 
 void launch_dispatch(const DispatchParams& p, int num_blocks, int num_threads, cudaStream_t stream) {
-  if (p.copy_warps > 0) dispatch_split_kernel<<<num_blocks, num_threads, 0, stream>>>(p);
-  else dispatch_kernel<<<num_blocks, num_threads, 0, stream>>>(p);
+  dispatch_kernel<<<num_blocks, num_threads, 0, stream>>>(p);
 }
 
 void load_dispatch_kernels() {
   load_kernel(dispatch_kernel, "dispatch_kernel");
-  load_kernel(dispatch_split_kernel, "dispatch_split_kernel");
 }
 
 }  // namespace epx::kernels

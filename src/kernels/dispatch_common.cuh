@@ -10,27 +10,21 @@ namespace epx::kernels {
 using namespace epx::device;
 constexpr int kDispatchUnroll = 4;
 
-// slot_base[r]: first row of this rank's rows on destination r; recv_base[s]: first row of source
-// s's rows here (recv_base[R] = rows received). Block-wide (ends with a barrier).
-__device__ __forceinline__ void compute_slot_and_recv_base(const DispatchParams& p, int* slot_base, int* recv_base) {
+// slot_base[r]: first row of this rank's rows on destination r. Block-wide (ends with a barrier).
+__device__ __forceinline__ void compute_slot_base(const DispatchParams& p, int* slot_base) {
   const int R = p.ctx.num_ranks, me = p.ctx.rank;
   if (threadIdx.x < R) {
     int sum = 0;
     for (int s = 0; s < me; ++s) sum += p.count_matrix[s * R + threadIdx.x];
     slot_base[threadIdx.x] = sum;
   }
-  if (threadIdx.x == 0) {
-    recv_base[0] = 0;
-    for (int s = 0; s < R; ++s) recv_base[s + 1] = recv_base[s] + p.count_matrix[s * R + me];
-  }
   __syncthreads();
 }
 
-// Prologue of both dispatch kernels: this op's epoch `e` and rows received `num_recv`; false (after
+// Prologue of the dispatch kernel: this op's epoch `e` and rows received `num_recv`; false (after
 // op_end) when the op is skipped on every rank alike (failed count exchange, or rows that do not
-// fit); else the bases are filled and every peer is ready (false also when that wait failed).
-__device__ __forceinline__ bool dispatch_begin(const DispatchParams& p, uint64_t& e, int& num_recv, int* slot_base,
-                                               int* recv_base) {
+// fit); else slot_base is filled and every peer is ready (false also when that wait failed).
+__device__ __forceinline__ bool dispatch_begin(const DispatchParams& p, uint64_t& e, int& num_recv, int* slot_base) {
   e = op_begin(p.ctx);
   num_recv = *p.num_recv;
   check_skip_is_recorded(p.ctx, num_recv);
@@ -39,7 +33,7 @@ __device__ __forceinline__ bool dispatch_begin(const DispatchParams& p, uint64_t
     op_end(p.ctx, e);
     return false;
   }
-  compute_slot_and_recv_base(p, slot_base, recv_base);
+  compute_slot_base(p, slot_base);
   return wait_peers_ready(p.ctx, e);
 }
 

@@ -87,10 +87,10 @@ struct DispatchParams {
   int64_t* recv_topk_idx;
   float* recv_topk_weights;
   int* recv_src_idx;
-  // > 0: split blocks (dispatch.cu): this many warps of each block copy rows out as they land
-  // while the others send; 0: every warp sends, then copies out after each source's done.
+  // Warps of each block that copy rows out as they land while the others send (dispatch.cu);
+  // 1 .. warps - 1.
   int copy_warps;
-  // > 0 (with copy_warps > 0): the bounded dispatch: rows per (source rank, block) ring of every
+  // > 0: the bounded dispatch: rows per (source rank, block) ring of every
   // receiver's row region (plan::dispatch_ring); 0: every row has its final slot there.
   int ring_slots;
 };
@@ -115,15 +115,13 @@ struct CombineParams {
   int64_t out_stride;
   float* combined_topk_weights;  // [N, K] or null
   int64_t out_weight_stride;
-  // Ring combine (launch_combine_rings): channels (ring_senders sender blocks + one receiver block
-  // each; or, when ring_send_warps > 0, one block each whose first ring_send_warps warps send and
-  // the rest receive, ring_senders = 1), rows per ring and rows a sender warp publishes at once;
-  // ring (r, c) of rank s holds the rows r sends to s for s's channel c.
-  int ring_channels, ring_senders, ring_slots, ring_chunk, ring_send_warps;
+  // Ring combine (launch_combine_rings): channels (one per block, whose first ring_send_warps warps
+  // send and the rest receive), rows per ring and rows a sending warp publishes at once; ring (r, c)
+  // of rank s holds the rows r sends to s for s's channel c.
+  int ring_channels, ring_slots, ring_chunk, ring_send_warps;
 };
 void launch_combine(const CombineParams& p, int num_blocks, int num_threads, cudaStream_t stream);
-// The ring variant (p.ring_channels > 0): blocks (k + 1) c + j are channel c's senders (j < k =
-// p.ring_senders) and its receiver (j = k); with p.ring_send_warps > 0, block c is channel c.
+// The ring variant (p.ring_channels > 0): block c is channel c.
 void launch_combine_rings(const CombineParams& p, int num_blocks, int num_threads, cudaStream_t stream);
 
 }  // namespace epx::kernels

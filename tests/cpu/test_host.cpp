@@ -76,6 +76,14 @@ TEST(Config, ValidatesEveryField) {
   expect_error([&] { c.validate(132); }, ErrorKind::kInvalidArgument, "Config.num_sms");
   c.num_sms = 133;
   expect_error([&] { c.validate(132); }, ErrorKind::kInvalidArgument, "Config.num_sms");
+  // At most kMaxHtBlocks blocks (a device with more SMs, or none given), named with the limit.
+  c.num_sms = kMaxHtBlocks;
+  EXPECT_NO_THROW(c.validate(132));
+  EXPECT_NO_THROW(c.validate());
+  c.num_sms = kMaxHtBlocks + 1;
+  expect_error([&] { c.validate(132); }, ErrorKind::kInvalidArgument, "Config.num_sms: at most 80");
+  expect_error([&] { c.validate(); }, ErrorKind::kInvalidArgument, "Config.num_sms: at most 80");
+  expect_error([&] { c.validate(); }, ErrorKind::kInvalidArgument, "got 81");
   c = Config{};
   c.num_threads = 100;
   expect_error([&] { c.validate(132); }, ErrorKind::kInvalidArgument, "Config.num_threads");
@@ -108,33 +116,23 @@ TEST(Config, HoldsOnlyWhatAUserTunes) {
     EXPECT_EQ(d.num_threads, 512) << R;
     EXPECT_EQ(d.timeout_s, 0.0) << R;
     EXPECT_EQ(d.ring_slots, 128) << R;
-    EXPECT_NO_THROW(d.validate()) << R;
+    EXPECT_NO_THROW(d.validate()) << R;  // kMaxHtBlocks included
     EXPECT_NO_THROW(Tuning{}.validate(d)) << R;  // a Buffer's own tuning holds for every default
   }
   EXPECT_EQ(Config::defaults(8, 6).num_sms, 6);  // a SimWorld rank's share
 }
 
-// The internal Tuning starts at the measured winners (the ring combine on split blocks, the
-// dispatch without them, every count automatic), and its validation names each knob.
+// The internal Tuning starts at the measured winners (every count automatic), and its validation
+// names each knob.
 TEST(Tuning, DefaultsAreTheMeasuredWinnersAndValidateNamesEveryKnob) {
-  const auto [ring_combine, ring_senders, ring_chunk, ring_split_blocks, ring_send_warps, dispatch_split_blocks,
-              dispatch_copy_warps] = Tuning{};
+  const auto [ring_combine, ring_chunk, ring_send_warps, dispatch_copy_warps] = Tuning{};
   EXPECT_TRUE(ring_combine);
-  EXPECT_EQ(ring_senders, 1);
   EXPECT_EQ(ring_chunk, 0);
-  EXPECT_TRUE(ring_split_blocks);
   EXPECT_EQ(ring_send_warps, 0);
-  EXPECT_FALSE(dispatch_split_blocks);
   EXPECT_EQ(dispatch_copy_warps, 0);
 
   const Config c;  // 16 warps
   Tuning t;
-  EXPECT_NO_THROW(t.validate(c));
-  t.ring_senders = 8;
-  expect_error([&] { t.validate(c); }, ErrorKind::kInvalidArgument, "Tuning.ring_senders");
-  t.ring_senders = -1;
-  expect_error([&] { t.validate(c); }, ErrorKind::kInvalidArgument, "Tuning.ring_senders");
-  t.ring_senders = 7;
   EXPECT_NO_THROW(t.validate(c));
   t = Tuning{};
   t.ring_chunk = -1;
@@ -249,62 +247,10 @@ TEST(Error, CarriesKindMessageAndLocation) {
 namespace epx {
 namespace {
 
-TEST(Plan, RingCombineGeometry) {
-  Config c;
-  Tuning t;
-  t.ring_split_blocks = false;  // sender and receiver blocks (split blocks: the next test)
-  c.num_sms = 20;
-  c.num_threads = 512;
-  t.ring_senders = 1;
-  const plan::RingPlan p = plan::ring_plan(c, t, 4, 100000);
-  EXPECT_EQ(p.channels, 10);
-  EXPECT_EQ(p.senders, 1);
-  EXPECT_EQ(p.slots, c.ring_slots);
-  EXPECT_LE(int64_t{4} * p.channels * p.slots, 100000);
-  // 0: one sender block per peer, so channels of R blocks.
-  t.ring_senders = 0;
-  EXPECT_EQ(plan::ring_plan(c, t, 4, 100000).senders, 3);
-  EXPECT_EQ(plan::ring_plan(c, t, 4, 100000).channels, 5);
-  EXPECT_EQ(plan::ring_plan(c, t, 8, 1 << 20).channels, 2);
-  t.ring_senders = 2;  // 3 peers over 2 blocks: 6 channels of 3 blocks
-  EXPECT_EQ(plan::ring_plan(c, t, 4, 100000).channels, 6);
-  t.ring_senders = 1;
-  // Small region: rings shrink, then the row-region combine takes over.
-  EXPECT_EQ(plan::ring_plan(c, t, 4, 4 * 10 * 100).slots, 100);
-  EXPECT_EQ(plan::ring_plan(c, t, 4, 4 * 10 * (kMinRingSlots - 1)).channels, 0);
-  // Rings must hold ring_chunk rows of every warp: 4 * 16 = 64 fits, 5 * 16 = 80 > 70 does not.
-  t.ring_chunk = 4;
-  EXPECT_EQ(plan::ring_plan(c, t, 4, 4 * 10 * 70).slots, 70);
-  t.ring_chunk = 5;
-  EXPECT_EQ(plan::ring_plan(c, t, 4, 4 * 10 * 70).channels, 0);
-  t.ring_chunk = 2;
-  // Too few warps for a warp per peer of a sender block, too few blocks, or switched off.
-  c.num_threads = 192;  // 6 warps < 7 peers
-  EXPECT_EQ(plan::ring_plan(c, t, 8, 1 << 20).channels, 0);
-  EXPECT_GT(plan::ring_plan(c, t, 7, 1 << 20).channels, 0);
-  t.ring_senders = 2;  // 4 peers per block now
-  EXPECT_GT(plan::ring_plan(c, t, 8, 1 << 20).channels, 0);
-  t.ring_senders = 1;
-  c.num_threads = 512;
-  c.num_sms = 1;
-  EXPECT_EQ(plan::ring_plan(c, t, 3, 1 << 20).channels, 0);
-  c.num_sms = 200;  // channels capped by the control words
-  EXPECT_EQ(plan::ring_plan(c, t, 3, 1 << 24).channels, kMaxRingChannels);
-  EXPECT_EQ(plan::ring_plan(c, t, 2, 1 << 24).channels, 0);  // 2 ranks: the row region is faster
-  t.ring_combine = false;
-  EXPECT_EQ(plan::ring_plan(c, t, 3, 1 << 24).channels, 0);
-  // More sender blocks than peers is an error naming the field, even with the rings off.
-  t.ring_senders = 3;
-  expect_error([&] { plan::ring_plan(c, t, 3, 1 << 20); }, ErrorKind::kInvalidArgument, "Tuning.ring_senders");
-}
-
-TEST(Plan, DispatchSplitBlocks) {
+TEST(Plan, DispatchCopyWarps) {
   Config c;
   Tuning t;
   c.num_threads = 512;
-  EXPECT_FALSE(t.dispatch_split_blocks);  // off by default (src/host/tuning.hpp)
-  EXPECT_EQ(plan::dispatch_copy_warps(c, t, 7168 * 2), 0);
-  t.dispatch_split_blocks = true;
   // Auto: sending warps = round(1.3 MB / (row bytes x blocks)), the rest copy out.
   c.num_sms = 24;
   EXPECT_EQ(plan::dispatch_copy_warps(c, t, 7168 * 2), 16 - 4);        // bf16, hidden 7168
@@ -315,46 +261,44 @@ TEST(Plan, DispatchSplitBlocks) {
   EXPECT_EQ(plan::dispatch_copy_warps(c, t, 64), 1);  // tiny rows: all but one warp send
   c.num_sms = 1;
   EXPECT_EQ(plan::dispatch_copy_warps(c, t, 1 << 20), 15);  // huge rows: one warp sends
-  // Explicit, capped at all warps but one; off; too many blocks for the progress words.
+  c.num_threads = 64;  // the smallest block: one warp sends, one copies out
+  EXPECT_EQ(plan::dispatch_copy_warps(c, t, 7168 * 2), 1);
+  EXPECT_EQ(plan::dispatch_copy_warps(c, t, 64), 1);
+  // Explicit, capped at all warps but one.
+  c.num_threads = 512;
   c.num_sms = 24;
   t.dispatch_copy_warps = 6;
   EXPECT_EQ(plan::dispatch_copy_warps(c, t, 7168 * 2), 6);
   c.num_threads = 128;
   EXPECT_EQ(plan::dispatch_copy_warps(c, t, 7168 * 2), 3);
-  t.dispatch_split_blocks = false;
-  EXPECT_EQ(plan::dispatch_copy_warps(c, t, 7168 * 2), 0);
-  t.dispatch_split_blocks = true;
-  c.num_sms = kMaxRingChannels + 1;
-  EXPECT_EQ(plan::dispatch_copy_warps(c, t, 7168 * 2), 0);
 }
 
-TEST(Plan, RingCombineSplitBlocks) {
+TEST(Plan, RingCombineGeometry) {
   Config c;
   Tuning t;
   c.num_sms = 24;
   c.num_threads = 512;
-  EXPECT_TRUE(t.ring_split_blocks);  // the default
   // Auto: a warp per peer, two each when there are two peers.
   EXPECT_EQ(plan::ring_plan(c, t, 4, 1 << 20).send_warps, 3);
   EXPECT_EQ(plan::ring_plan(c, t, 3, 1 << 20).send_warps, 4);
   EXPECT_EQ(plan::ring_plan(c, t, 8, 1 << 24).send_warps, 7);
-  EXPECT_EQ(plan::ring_plan(c, t, 2, 1 << 20).channels, 0);  // 2 ranks: the row region
+  EXPECT_EQ(plan::ring_plan(c, t, 2, 1 << 20).channels, 0);  // 2 ranks: the row region is faster
   t.ring_send_warps = 8;
-  t.ring_senders = 2;  // ignored by split blocks: one sender part per channel
   const plan::RingPlan p = plan::ring_plan(c, t, 4, 1 << 20);
   EXPECT_EQ(p.channels, 24);  // every block is a channel
-  EXPECT_EQ(p.senders, 1);
   EXPECT_EQ(p.send_warps, 8);
   EXPECT_EQ(p.slots, c.ring_slots);
-  t.ring_split_blocks = false;  // sender and receiver blocks: ring_send_warps is ignored
-  EXPECT_EQ(plan::ring_plan(c, t, 4, 1 << 20).send_warps, 0);
-  EXPECT_EQ(plan::ring_plan(c, t, 4, 1 << 20).channels, 8);
-  t.ring_split_blocks = true;
-  // Rings shrink with the region: 4 ranks x 24 channels x 100 rows.
+  EXPECT_LE(int64_t{4} * p.channels * p.slots, 1 << 20);
+  // Rings shrink with the region (4 ranks x 24 channels x 100 rows), then the row region takes over.
   EXPECT_EQ(plan::ring_plan(c, t, 4, 4 * 24 * 100).slots, 100);
   EXPECT_EQ(plan::ring_plan(c, t, 4, 4 * 24 * (kMinRingSlots - 1)).channels, 0);
+  // Rings must hold ring_chunk rows of every warp: 4 * 16 = 64 fits, 5 * 16 = 80 > 70 does not.
+  t.ring_chunk = 4;
+  EXPECT_EQ(plan::ring_plan(c, t, 4, 4 * 24 * 70).slots, 70);
+  t.ring_chunk = 5;
+  EXPECT_EQ(plan::ring_plan(c, t, 4, 4 * 24 * 70).channels, 0);
+  t.ring_chunk = 0;
   // Fewer sending warps than peers, or no receiving warp left: the row region.
-  t.ring_senders = 1;
   t.ring_send_warps = 6;
   EXPECT_EQ(plan::ring_plan(c, t, 8, 1 << 24).channels, 0);  // 7 peers
   EXPECT_GT(plan::ring_plan(c, t, 7, 1 << 24).channels, 0);  // 6 peers
@@ -364,6 +308,15 @@ TEST(Plan, RingCombineSplitBlocks) {
   c.num_threads = 128;  // auto at 4 ranks: 3 send, 1 reduces; at 5 ranks 4 would send, none reduce
   EXPECT_EQ(plan::ring_plan(c, t, 4, 1 << 24).send_warps, 3);
   EXPECT_EQ(plan::ring_plan(c, t, 5, 1 << 24).channels, 0);
+  // Switched off: the row region, unless bounded.
+  c.num_threads = 512;
+  t.ring_combine = false;
+  EXPECT_EQ(plan::ring_plan(c, t, 3, 1 << 24).channels, 0);
+  EXPECT_EQ(plan::ring_plan(c, t, 3, 1 << 24, /*bounded=*/true).channels, 24);
+  EXPECT_FALSE(plan::rings_preferred(t, 3));
+  EXPECT_TRUE(plan::rings_preferred(Tuning{}, 3));
+  EXPECT_FALSE(plan::rings_preferred(Tuning{}, 2));
+  t = Tuning{};
   // Tuning validation names the field.
   c.num_threads = 512;
   t.ring_send_warps = 16;
@@ -376,18 +329,16 @@ TEST(Plan, RingCombineSplitBlocks) {
 
 TEST(Plan, BoundedDispatchRings) {
   const Config c;  // 20 blocks of 16 warps
-  const Tuning t;  // split blocks off, which the bounded dispatch ignores
+  const Tuning t;
   const int H = 7168, K = 8;
   for (int R : {2, 3, 4, 8}) {
     for (DType dt : {DType::kBF16, DType::kFP8E4M3}) {
       const size_t bytes = size_t{256} << 20;
       const RowLayout rows = plan::dispatch_rows(bytes, H, dt, K);
       const plan::DispatchRing ring = plan::dispatch_ring(c, t, R, bytes, H, dt, K);
-      // slots = capacity / (R x blocks); the split-block warps of dispatch_copy_warps.
+      // slots = capacity / (R x blocks); the copy warps of dispatch_copy_warps.
       EXPECT_EQ(ring.slots, rows.capacity / (R * c.num_sms)) << R;
-      Tuning split = t;
-      split.dispatch_split_blocks = true;
-      EXPECT_EQ(ring.copy_warps, plan::dispatch_copy_warps(c, split, rows.row_bytes));
+      EXPECT_EQ(ring.copy_warps, plan::dispatch_copy_warps(c, t, rows.row_bytes));
       EXPECT_EQ(ring.send_warps + ring.copy_warps, c.num_threads / 32);
       EXPECT_EQ(plan::dispatch_ring_min_slots(c, t, rows.row_bytes), 2 * kDispatchPublishRounds * ring.send_warps);
     }
@@ -411,12 +362,9 @@ TEST(Plan, BoundedDispatchRings) {
   }
   expect_error([&] { plan::dispatch_ring(c, t, 4, 4 << 20, H, DType::kBF16, K); }, ErrorKind::kBufferTooSmall,
                "fewer than two rounds of 5 sending warps (20)");
-  // One progress word per block: more than kMaxRingChannels blocks cannot stream.
+  // The most blocks Config allows.
   Config wide = c;
-  wide.num_sms = kMaxRingChannels + 1;
-  expect_error([&] { plan::dispatch_ring(wide, t, 4, size_t{1} << 30, H, DType::kBF16, K); }, ErrorKind::kUnsupported,
-               "Config.num_sms = 81");
-  wide.num_sms = kMaxRingChannels;
+  wide.num_sms = kMaxHtBlocks;
   EXPECT_GT(plan::dispatch_ring(wide, t, 4, size_t{1} << 30, H, DType::kBF16, K).slots, 0);
 }
 
@@ -469,7 +417,7 @@ TEST(Plan, BoundedCombineTakesRingsAtEveryRankCount) {
       Tuning tt = t;
       tt.ring_combine = on;
       const plan::RingPlan p = plan::ring_plan(c, tt, R, big, /*bounded=*/true);
-      EXPECT_EQ(p.channels, c.num_sms) << R;  // split blocks: a channel per block
+      EXPECT_EQ(p.channels, c.num_sms) << R;  // a channel per block
       EXPECT_EQ(p.slots, c.ring_slots);
       EXPECT_GT(p.send_warps, 0);
       const size_t min = plan::combine_ring_min_bytes(c, tt, R, 7168, 8);
@@ -479,18 +427,12 @@ TEST(Plan, BoundedCombineTakesRingsAtEveryRankCount) {
       expect_error([&] { plan::bounded_ring_plan(c, tt, R, min - (1 << 21), 7168, 8); }, ErrorKind::kBufferTooSmall,
                    "need num_nvl_bytes >= " + std::to_string(min));
     }
-    // The sender and receiver blocks too.
-    Tuning blocks = t;
-    blocks.ring_split_blocks = false;
-    EXPECT_GT(plan::ring_plan(c, blocks, R, big, /*bounded=*/true).channels, 0) << R;
   }
   // No rings possible from the block geometry: Unsupported, not a size.
   Config narrow = c;
-  narrow.num_threads = 64;  // 2 warps: a split block's senders cannot serve 7 peers
+  narrow.num_threads = 64;  // 2 warps: 7 peers need 7 sending warps
   narrow.num_sms = 1;
-  Tuning blocks = t;
-  blocks.ring_split_blocks = false;
-  expect_error([&] { plan::bounded_ring_plan(narrow, blocks, 8, size_t{1} << 30, 7168, 8); }, ErrorKind::kUnsupported,
+  expect_error([&] { plan::bounded_ring_plan(narrow, t, 8, size_t{1} << 30, 7168, 8); }, ErrorKind::kUnsupported,
                "cannot make combine rings");
 }
 
@@ -647,7 +589,6 @@ TEST(OpPlan, EncodesEveryFieldAndNamesTheOneThatDiffers) {
   a.ring_channels = 20;
   a.ring_slots = 128;
   a.ring_send_warps = 3;
-  a.ring_senders = 1;
   a.ring_chunk = 4;
   a.copy_warps = 9;
   a.row_bytes = 14336;
@@ -672,7 +613,6 @@ TEST(OpPlan, EncodesEveryFieldAndNamesTheOneThatDiffers) {
       {&epx::plan::OpPlan::ring_slots, 4096, 0, "Config.ring_slots"},
       {&epx::plan::OpPlan::copy_warps, 0, 0, "Tuning.dispatch_copy_warps"},
       {&epx::plan::OpPlan::ring_send_warps, 5, 0, "Tuning.ring_send_warps"},
-      {&epx::plan::OpPlan::ring_senders, 3, 0, "Tuning.ring_senders"},
       {&epx::plan::OpPlan::ring_chunk, 0, 0, "Tuning.ring_chunk"},
       {&epx::plan::OpPlan::ring_channels, 8, 0, "ring channels"},
       {&epx::plan::OpPlan::num_topk_weights, 0, 1, "topk_weights"},

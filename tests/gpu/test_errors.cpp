@@ -5,6 +5,7 @@
 #include <chrono>
 
 #include "gpu/harness.hpp"
+#include "host/plan.hpp"
 #include "host/tuning.hpp"
 
 namespace epx::test {
@@ -353,9 +354,9 @@ void run_plan_mismatch(RankCtx& ctx) {
   if (ctx.rank == 0) std::printf("[world %d] a dispatch planned differently -> every rank names the field\n", R);
 }
 
-// Rank 0 dispatches on split blocks while its peers do not (another Tuning.dispatch_split_blocks,
-// set through set_tuning): the copy-warp count in the plan words differs, and every rank gets an
-// error naming the knob instead of running a dispatch whose halves disagree on the protocol.
+// Rank 0 dispatches with another copy-warp count than its peers (Tuning.dispatch_copy_warps, set
+// through set_tuning): the count in the plan words differs, and every rank gets an error naming
+// the knob instead of running a dispatch whose halves disagree on the protocol.
 void run_tuning_mismatch(RankCtx& ctx) {
   Buffer& b = *ctx.buffer;
   const int R = ctx.world, N = 64, H = 1024;
@@ -367,7 +368,9 @@ void run_tuning_mismatch(RankCtx& ctx) {
   const Tuning saved = tuning(b);
   if (ctx.rank == 0) {
     Tuning other = saved;
-    other.dispatch_split_blocks = !saved.dispatch_split_blocks;
+    // Not the count the peers resolve (the auto count of these rows, or an explicit one).
+    const int theirs = plan::dispatch_copy_warps(b.config(), saved, int64_t{H} * 2);
+    other.dispatch_copy_warps = theirs == 2 ? 3 : 2;
     set_tuning(b, other);
   }
   require_error([&] {

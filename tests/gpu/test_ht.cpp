@@ -105,6 +105,14 @@ LayoutOut run_layout(RankCtx& ctx, const DeviceInputs& d, const InputSpec& s, in
   return o;
 }
 
+// The dispatch inputs of x's tokens with the layout tensors of `layout` (R ranks, E experts).
+DispatchInputs with_layout(DispatchInputs in, const LayoutOut& layout, int R, int N, int E) {
+  in.num_tokens_per_rank = View::of(layout.per_rank.get(), DType::kI32, {R});
+  in.num_tokens_per_expert = View::of(layout.per_expert.get(), DType::kI32, {E});
+  in.is_token_in_rank = View::of(layout.in_rank.get(), DType::kBool, {N, R});
+  return in;
+}
+
 struct RecvOut {
   DeviceMem x, scales, topk_idx, topk_weights, src_idx;
   DispatchOutputs view(const InputSpec& s, int64_t rows, bool with_topk = true) const {
@@ -178,12 +186,9 @@ void run_case(RankCtx& ctx, const Case& c) {
   DeviceInputs d = upload_inputs(all[me], s, c.x_row_pad);
   LayoutOut layout = run_layout(ctx, d, s, N, want_layout);
 
-  DispatchInputs in = d.view(s, N, c.x_row_pad);
+  DispatchInputs in = with_layout(d.view(s, N, c.x_row_pad), layout, R, N, E);
   if (c.no_topk) in.topk_idx = in.topk_weights = View{};  // routing from the layout tensors alone
   const bool topk = !c.no_topk;
-  in.num_tokens_per_rank = View::of(layout.per_rank.get(), DType::kI32, {R});
-  in.num_tokens_per_expert = View::of(layout.per_expert.get(), DType::kI32, {E});
-  in.is_token_in_rank = View::of(layout.in_rank.get(), DType::kBool, {N, R});
   in.expert_alignment = c.alignment;
   int max_tokens = 0;
   for (const auto& sp : specs) max_tokens = std::max(max_tokens, sp.num_tokens);
@@ -233,23 +238,22 @@ void run_case(RankCtx& ctx, const Case& c) {
     ctx.buffer->synchronize(ctx.stream);
     check_recv(again, s, want[me], rows, false, c.name + " cached");
   }
-  // Split-block dispatch (5 warps of each block copy out as rows land, then the auto count): fresh
-  // (notify again, all metadata) and cached, both equal to the reference.
-  for (int copy_warps : {5, 0}) {
+  // 5 copy-out warps per block instead of the auto count: fresh (notify again, all metadata) and
+  // cached, both equal to the reference.
+  {
     const Tuning saved = tuning(*ctx.buffer);
-    Tuning split = saved;
-    split.dispatch_split_blocks = true;
-    split.dispatch_copy_warps = copy_warps;
-    set_tuning(*ctx.buffer, split);
+    Tuning five = saved;
+    five.dispatch_copy_warps = 5;
+    set_tuning(*ctx.buffer, five);
     DispatchHandle h2 = ctx.buffer->make_handle(N);
     const int nr2 = ctx.buffer->dispatch_notify(in, h2, View::of(per_expert.get(), DType::kI32, {E / R}), ctx.stream);
-    REQUIRE(nr2 == nr, c.name, ": split num_recv ", nr2, " want ", nr);
+    REQUIRE(nr2 == nr, c.name, ": copy-warps-5 num_recv ", nr2, " want ", nr);
     RecvOut fresh = alloc_recv(s, rows);
     ctx.buffer->dispatch(in, h2, fresh.view(s, rows, topk), ctx.stream);
     RecvOut again = dispatch_cached(h2);
     ctx.buffer->synchronize(ctx.stream);
     set_tuning(*ctx.buffer, saved);
-    const std::string tag = c.name + " split k" + std::to_string(copy_warps);
+    const std::string tag = c.name + " copy warps 5";
     check_recv(fresh, s, want[me], rows, true, tag, topk);
     check_recv(again, s, want[me], rows, false, tag + " cached");
   }
@@ -290,19 +294,16 @@ void run_case(RankCtx& ctx, const Case& c) {
     CombineOutputs co;
     co.combined_x = View::of(cx.get(), DType::kBF16, {N, H});
     if (s.with_weights) co.combined_topk_weights = View::of(cw.get(), DType::kF32, {N, K});
-    // Run 1: the ring combine (the default: split blocks, a warp per peer sending); run 2: the
-    // row-region combine; run 3: sender and receiver blocks, rings of 64 rows (wrapping many
-    // times), a sender block per peer (16 warps each) and chunks of 3 rows (ragged ends); run 4:
-    // split blocks with 5 sending warps (uneven over the peers) and 11 reducing, on rings of 64
-    // rows. At 2 ranks all four take the row region (the ring combine starts at 3).
+    // Run 1: the ring combine (the default: a warp per peer sending); run 2: the row-region
+    // combine; run 3: rings of 64 rows (wrapping many times) and chunks of 3 rows (ragged ends);
+    // run 4: 5 sending warps (uneven over the peers) and 11 reducing, on rings of 64 rows. At 2
+    // ranks all four take the row region (the ring combine starts at 3).
     const Config saved = ctx.buffer->config();
     const Tuning saved_tuning = tuning(*ctx.buffer);
     Config cfg = saved;
     Tuning t = saved_tuning;
     t.ring_combine = iter != 1;
     if (iter == 2) {
-      t.ring_split_blocks = false;
-      t.ring_senders = 0;
       cfg.ring_slots = 64;
       t.ring_chunk = 3;
     }
@@ -311,7 +312,7 @@ void run_case(RankCtx& ctx, const Case& c) {
       cfg.ring_slots = 64;
     }
     // A bounded combine takes the rings whatever ring_combine says; a geometry without rings
-    // (too few blocks or sending warps for the peers) is Unsupported there.
+    // (too few sending warps for the peers) is Unsupported there.
     if (c.bounded && plan::ring_plan(cfg, t, R, int64_t{1} << 40, /*bounded=*/true).channels == 0) continue;
     ctx.buffer->set_config(cfg);  // the saved tuning (chunk 0) holds for any ring_slots
     set_tuning(*ctx.buffer, t);
@@ -326,7 +327,7 @@ void run_case(RankCtx& ctx, const Case& c) {
                    static_cast<size_t>(N) * K, c.name + " combined_topk_weights");
     // Two variants: the same bits.
     if (iter == 0) first = got;
-    else expect_equal(got, first, first.size(), c.name + (iter == 1 ? " row-region" : iter == 2 ? " ring-blocks" : " split-5") + " combine == ring combine");
+    else expect_equal(got, first, first.size(), c.name + (iter == 1 ? " row-region" : iter == 2 ? " chunk-3" : " send-warps-5") + " combine == ring combine");
   }
   if (me == 0) std::printf("[world %d] case %-28s ok (rank 0 received %d rows)\n", R, c.name.c_str(), want[0].num_recv);
 }
@@ -351,28 +352,55 @@ std::vector<Case> cases(int world) {
   return v;
 }
 
+// The prologue of the rounds below: this rank's `mine` (of spec s) on the device, its layout
+// tensors (run and checked against want_layout now, or, when null, allocated for a captured
+// get_dispatch_layout), the dispatch inputs viewing both, and the combine outputs of its N tokens
+// (the caller fills them with sentinels).
+struct RoundInputs {
+  int N, H, K, E;
+  DeviceInputs d;
+  LayoutOut layout;
+  DispatchInputs in;
+  DeviceMem cx, cw;  // combined_x, combined_topk_weights
+  CombineOutputs co;
+};
+RoundInputs round_inputs(RankCtx& ctx, const RankInput& mine, const InputSpec& s, const ref::Layout* want_layout) {
+  const int R = ctx.world;
+  RoundInputs r{s.num_tokens, s.hidden, s.num_topk, s.num_experts};
+  r.d = upload_inputs(mine, s, 0);
+  r.layout = want_layout ? run_layout(ctx, r.d, s, r.N, *want_layout)
+                         : LayoutOut{DeviceMem(4 * R), DeviceMem(4 * r.E), DeviceMem(static_cast<size_t>(r.N) * R)};
+  r.in = with_layout(r.d.view(s, r.N, 0), r.layout, R, r.N, r.E);
+  r.cx = DeviceMem(static_cast<size_t>(r.N) * r.H * 2);
+  r.cw = DeviceMem(static_cast<size_t>(r.N) * r.K * 4);
+  r.co.combined_x = View::of(r.cx.get(), DType::kBF16, {r.N, r.H});
+  r.co.combined_topk_weights = View::of(r.cw.get(), DType::kF32, {r.N, r.K});
+  return r;
+}
+// The rounds' spec: num_tokens tokens over 16 experts per rank, the other fields' defaults.
+InputSpec round_spec(int R, int num_tokens) {
+  InputSpec s;
+  s.num_experts = 16 * R;
+  s.num_tokens = num_tokens;
+  return s;
+}
+
 // Rounds of cached dispatch -> combine queued back to back, no host sync between them (as
 // frameworks run them): every rank's host runs ahead of its kernels, and ops of consecutive
 // epochs meet. The last round's combine equals the reference bit for bit.
 void run_back_to_back(RankCtx& ctx) {
   const int R = ctx.world, me = ctx.rank;
-  InputSpec s;
-  s.num_experts = 16 * R;
-  s.num_tokens = 512;
-  const int N = s.num_tokens, H = s.hidden, K = s.num_topk, E = s.num_experts;
+  const InputSpec s = round_spec(R, 512);
   const uint64_t seed = case_seed(ctx.seed, "back to back");
   std::vector<RankInput> all(R);
   for (int r = 0; r < R; ++r) all[r] = make_input(seed, r, s);
   const ref::DispatchShape shape = shape_of(s, R, 1);
   std::vector<ref::DispatchResult> want(R);
   for (int r = 0; r < R; ++r) want[r] = ref::dispatch(all, r, shape);
-  const ref::Layout want_layout = ref::get_dispatch_layout(all[me].topk_idx, N, K, E, R);
-  DeviceInputs d = upload_inputs(all[me], s, 0);
-  LayoutOut layout = run_layout(ctx, d, s, N, want_layout);
-  DispatchInputs in = d.view(s, N, 0);
-  in.num_tokens_per_rank = View::of(layout.per_rank.get(), DType::kI32, {R});
-  in.num_tokens_per_expert = View::of(layout.per_expert.get(), DType::kI32, {E});
-  in.is_token_in_rank = View::of(layout.in_rank.get(), DType::kBool, {N, R});
+  const ref::Layout want_layout = ref::get_dispatch_layout(all[me].topk_idx, s.num_tokens, s.num_topk, s.num_experts, R);
+  RoundInputs ri = round_inputs(ctx, all[me], s, &want_layout);
+  const int N = ri.N, H = ri.H, K = ri.K;
+  const DispatchInputs& in = ri.in;
   DispatchHandle handle = ctx.buffer->make_handle(N);
   const int nr = ctx.buffer->dispatch_notify(in, handle, View{}, ctx.stream);
   REQUIRE(nr == want[me].num_recv, "num_recv ", nr, " want ", want[me].num_recv);
@@ -392,7 +420,7 @@ void run_back_to_back(RankCtx& ctx) {
     cin[r].topk_weights = want[r].recv_topk_weights;
   }
   const ref::CombineResult want_c = ref::combine(cin, me, N, H, K, {}, {});
-  DeviceMem cx(static_cast<size_t>(N) * H * 2), cw(static_cast<size_t>(N) * K * 4);
+  DeviceMem &cx = ri.cx, &cw = ri.cw;
   cx.fill(0x7F);
   cw.fill(0x7F);
   DispatchInputs cached;
@@ -402,9 +430,7 @@ void run_back_to_back(RankCtx& ctx) {
   CombineInputs ci;
   ci.x = View::of(out.x.get(), DType::kBF16, {nr, H});
   ci.topk_weights = View::of(out.topk_weights.get(), DType::kF32, {nr, K});
-  CombineOutputs co;
-  co.combined_x = View::of(cx.get(), DType::kBF16, {N, H});
-  co.combined_topk_weights = View::of(cw.get(), DType::kF32, {N, K});
+  const CombineOutputs& co = ri.co;
   constexpr int kRounds = 64;
   for (int round = 0; round < kRounds; ++round) {
     ctx.buffer->dispatch(cached, handle, cached_out, ctx.stream);
@@ -422,28 +448,22 @@ void run_back_to_back(RankCtx& ctx) {
 // replayed with fresh inputs (same shapes) written into the captured input buffers.
 void run_graph(RankCtx& ctx) {
   const int R = ctx.world, me = ctx.rank;
-  InputSpec s;
-  s.num_experts = 16 * R;
-  s.num_tokens = 300;
-  const int N = s.num_tokens, H = s.hidden, K = s.num_topk, E = s.num_experts;
+  const InputSpec s = round_spec(R, 300);
+  RoundInputs ri = round_inputs(ctx, make_input(ctx.seed, me, s), s, nullptr);
+  const int N = ri.N, H = ri.H, K = ri.K, E = ri.E;
   const int64_t rows = static_cast<int64_t>(N) * R;
-  RankInput first = make_input(ctx.seed, me, s);
-  DeviceInputs d = upload_inputs(first, s, 0);
-  DeviceMem per_rank(4 * R), per_expert_in(4 * E), in_rank(static_cast<size_t>(N) * R), per_expert(4 * (E / R));
-  DispatchInputs in = d.view(s, N, 0);
-  in.num_tokens_per_rank = View::of(per_rank.get(), DType::kI32, {R});
-  in.num_tokens_per_expert = View::of(per_expert_in.get(), DType::kI32, {E});
-  in.is_token_in_rank = View::of(in_rank.get(), DType::kBool, {N, R});
+  DeviceInputs& d = ri.d;
+  DispatchInputs& in = ri.in;
   in.num_worst_tokens = static_cast<int>(rows);
+  DeviceMem per_expert(4 * (E / R));
   DispatchHandle handle = ctx.buffer->make_handle(N);
   RecvOut out = alloc_recv(s, rows);
-  DeviceMem y(rows * H * 2), cx(static_cast<size_t>(N) * H * 2), cw(static_cast<size_t>(N) * K * 4);
+  DeviceMem y(rows * H * 2);
+  DeviceMem &cx = ri.cx, &cw = ri.cw;
   CombineInputs ci;
   ci.x = View::of(y.get(), DType::kBF16, {rows, H});
   ci.topk_weights = View::of(out.topk_weights.get(), DType::kF32, {rows, K});
-  CombineOutputs co;
-  co.combined_x = View::of(cx.get(), DType::kBF16, {N, H});
-  co.combined_topk_weights = View::of(cw.get(), DType::kF32, {N, K});
+  const CombineOutputs& co = ri.co;
 
   cudaGraph_t graph;
   cudaGraphExec_t exec;
@@ -519,7 +539,7 @@ CaseRows case_rows(RankCtx& ctx, const Case& c) {
 // Dispatch and combine of a batch larger than the buffer: Buffers whose row region holds 1/4 and
 // 1/16 of the busiest rank's rows, and one of the minimum legal size (the bounded dispatch's and
 // combine's rings at their smallest); host-synced and worst-case, bf16 and fp8; every case runs
-// fresh, cached and split-block dispatches and the combine variants, every row bitwise against the
+// fresh, cached and 5-copy-warp dispatches and the combine variants, every row bitwise against the
 // reference into sentinel-filled outputs (run_case). A buffer 2 MiB below the minimum gives
 // kBufferTooSmall naming the minimum bytes.
 void run_batch_larger_than_the_buffer(RankCtx& ctx) {
@@ -606,14 +626,6 @@ TEST_P(HtWorld, CudaGraphReplay) {
   SKIP_UNLESS_RUNNABLE(mode, world);
   const Config c = Config::defaults(world);
   EXPECT_EQ(run_world(mode, world, size_t{256} << 20, c, run_graph), 0);
-  // And the other dispatch layout: split blocks if the default is not, and the other way round.
-  EXPECT_EQ(run_world(mode, world, size_t{256} << 20, c, [](RankCtx& ctx) {
-              Tuning t = tuning(*ctx.buffer);
-              t.dispatch_split_blocks = !t.dispatch_split_blocks;
-              set_tuning(*ctx.buffer, t);
-              run_graph(ctx);
-            }),
-            0);
 }
 
 TEST_P(HtWorld, BackToBackRoundsWithoutHostSync) {
