@@ -1,13 +1,18 @@
 """Host CPU time per Python call of the epx operations, next to their GPU kernel time.
 
-    python tests/python/overhead.py [--num-processes N] [--tokens 4096] [--hidden 7168] ...
+    python tests/python/overhead.py [--num-processes N | --sim R] [--tokens 4096] [--hidden 7168] ...
 
-One process per GPU (all visible by default). For each operation, rank 0 prints:
-  - host us/call: wall time of the Python call (the epx.Buffer method), averaged over a loop of
-    calls that do not wait for the GPU (the fresh dispatch does: it includes the count exchange);
+Real ranks: one process per GPU (all visible by default; needs 2). Simulated ranks (`--sim R`, and by
+default when fewer than 2 GPUs are visible): R ranks as threads of this process on GPU 0 (an
+epx.SimWorld, see epx/sim.py). For each operation, rank 0 prints:
+  - host us/call: time of the Python call (the epx.Buffer method), averaged over a loop of calls
+    that do not wait for the GPU (the fresh dispatch does: it includes the count exchange). Real
+    ranks: wall time. Simulated ranks: the rank thread's CPU time (time.thread_time), so that the
+    time a thread waits for the GIL while its peers run is left out;
   - binding us/call: the same launch through epx._C alone (outputs preallocated), i.e. without the
     Python layer (argument checks, allocation, stream handling);
-  - GPU us/call: kernel (and memset) time per call from the torch profiler.
+  - GPU us/call: kernel (and memset) time per call from the torch profiler. Simulated ranks: every
+    rank's kernels on the one GPU over the calls of all ranks (they share its SMs: not NVLink numbers).
 """
 import argparse
 import os
@@ -16,9 +21,14 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
+# Never create NVLink multicast objects; simulated ranks need more hardware queues (tests/python/conftest.py).
+for _key, _value in (("NCCL_NVLS_ENABLE", "0"), ("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1"),
+                     ("NVSHMEM_DISABLE_NVLS", "1"), ("CUDA_DEVICE_MAX_CONNECTIONS", "32")):
+    os.environ.setdefault(_key, _value)
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+import torch.multiprocessing as mp  # noqa: E402
 
 
 def _add_build_tree() -> None:
@@ -32,38 +42,67 @@ _add_build_tree()
 import epx  # noqa: E402
 
 
-def host_us(fn, iters: int) -> float:
-    torch.cuda.synchronize()
-    dist.barrier()
-    start = time.perf_counter()
-    for _ in range(iters):
-        fn()
-    elapsed = time.perf_counter() - start
-    torch.cuda.synchronize()
-    return elapsed / iters * 1e6
+class Rank:
+    """How one rank waits and measures: real (a process per GPU) or simulated (a SimWorld thread)."""
 
+    def __init__(self, rank: int, world: int, group, simulated: bool) -> None:
+        self.rank, self.world, self.group, self.simulated = rank, world, group, simulated
+        self.clock = time.thread_time if simulated else time.perf_counter
 
-def gpu_us(fn, iters: int) -> float:
-    from torch.autograd import DeviceType
-    from torch.profiler import ProfilerActivity, profile
-    torch.cuda.synchronize()
-    dist.barrier()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+    def synchronize(self) -> None:
+        # A simulated rank waits for its own stream only (a device-wide sync would wait for its peers).
+        if self.simulated:
+            self.group.synchronize()
+        else:
+            torch.cuda.synchronize()
+
+    def barrier(self) -> None:
+        if self.simulated:
+            self.group.barrier()
+        else:
+            dist.barrier()
+
+    def host_us(self, fn, iters: int) -> float:
+        self.synchronize()
+        self.barrier()
+        start = self.clock()
         for _ in range(iters):
             fn()
-        torch.cuda.synchronize()
-    total = sum(e.time_range.elapsed_us() for e in prof.events() if e.device_type == DeviceType.CUDA)
-    return total / iters
+        elapsed = self.clock() - start
+        self.synchronize()
+        return elapsed / iters * 1e6
+
+    def gpu_us(self, fn, iters: int) -> float:
+        """Kernel time per call. Simulated: rank 0 profiles the whole GPU while every rank runs the loop
+        (the barriers keep every rank's calls inside the profiled span), divided over all ranks' calls."""
+        from torch.autograd import DeviceType
+        from torch.profiler import ProfilerActivity, profile
+        self.synchronize()
+        self.barrier()
+        profiling = not self.simulated or self.rank == 0
+        prof = profile(activities=[ProfilerActivity.CUDA]) if profiling else None
+        if prof is not None:
+            prof.__enter__()
+        self.barrier()
+        for _ in range(iters):
+            fn()
+        self.synchronize()
+        self.barrier()  # every rank's stream is drained: the profiler's device sync waits for nothing
+        if prof is None:
+            self.barrier()
+            return float("nan")
+        prof.__exit__(None, None, None)
+        total = sum(e.time_range.elapsed_us() for e in prof.events() if e.device_type == DeviceType.CUDA)
+        self.barrier()
+        return total / (iters * (self.world if self.simulated else 1))
 
 
-def worker(rank: int, world: int, port: int, args) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.cuda.set_device(rank)
-    device = torch.device("cuda", rank)
-    dist.init_process_group("nccl", rank=rank, world_size=world, device_id=device)
+def measure_rank(ctx: Rank, device: torch.device, args):
+    """Makes the Buffer, measures every operation; returns (title, rows) (rows on every rank)."""
+    world, rank = ctx.world, ctx.rank
     E = args.experts_per_rank * world
     N, H, K, T = args.tokens, args.hidden, args.topk, args.ll_tokens
-    buffer = epx.Buffer(dist.group.WORLD,
+    buffer = epx.Buffer(ctx.group,
                         num_nvl_bytes=epx.Buffer.get_nvl_buffer_size_hint(world * N, H, world, K),
                         num_rdma_bytes=epx.Buffer.get_low_latency_rdma_size_hint(T, H, world, E, num_topk=K),
                         low_latency_mode=True, explicitly_destroy=True)
@@ -90,8 +129,8 @@ def worker(rank: int, world: int, port: int, args) -> None:
     def measure(name, wrapper, raw=None, iters=args.iters):
         for _ in range(3):
             wrapper()
-        rows.append((name, host_us(wrapper, iters), host_us(raw, iters) if raw else float("nan"),
-                     gpu_us(wrapper, iters)))
+        rows.append((name, ctx.host_us(wrapper, iters), ctx.host_us(raw, iters) if raw else float("nan"),
+                     ctx.gpu_us(wrapper, iters)))
 
     measure("dispatch (fresh, host-synced)", fresh)
     measure("dispatch (cached)", lambda: buffer.dispatch(x, handle=handle),
@@ -113,28 +152,50 @@ def worker(rank: int, world: int, port: int, args) -> None:
     measure("low_latency_dispatch (fp8)", lambda: buffer.low_latency_dispatch(x_ll, idx_ll, T, E),
             lambda: rt.low_latency_dispatch(d(x_ll), d(idx_ll), T, E, True, False, False, None, None, False, *raw_ll,
                                             stream))
-    y = torch.randn((E_loc, world * T, H), device=device).to(torch.bfloat16)
+    y = torch.randn((E_loc, world * T, H), generator=g).to(torch.bfloat16).to(device)
     w_ll = topk_weights[:T].contiguous()
     out_ll = torch.empty((T, H), dtype=torch.bfloat16, device=device)
     src_info, layout_range, _, _, _, src_topk_slot, _, b = ll_handle
     measure("low_latency_combine", lambda: buffer.low_latency_combine(y, idx_ll, w_ll, ll_handle),
             lambda: rt.low_latency_combine(T, H, E, K, b, d(src_info), d(layout_range), d(src_topk_slot), d(y),
                                            d(idx_ll), d(w_ll), False, d(out_ll), stream))
-
-    if rank == 0:
-        print(f"epx overhead: EP{world}, HT {N} tokens x {H} hidden, LL {T} tokens, {E} experts, top-{K}, "
-              f"{args.iters} calls each (rank 0)")
-        print(f"{'operation':34s} {'host us/call':>13s} {'binding us/call':>16s} {'GPU us/call':>12s}")
-        for name, host, raw, gpu in rows:
-            print(f"{name:34s} {host:13.1f} {raw:16.1f} {gpu:12.1f}")
-        sys.stdout.flush()
+    ctx.synchronize()
     buffer.destroy()
+    mode = f"simulated EP{world} (ranks as threads on cuda:{device.index}, host = thread CPU time)" \
+        if ctx.simulated else f"EP{world}"
+    title = (f"epx overhead: {mode}, HT {N} tokens x {H} hidden, LL {T} tokens, {E} experts, top-{K}, "
+             f"{args.iters} calls each (rank 0)")
+    return title, rows
+
+
+def print_table(title, rows) -> None:
+    print(title)
+    print(f"{'operation':34s} {'host us/call':>13s} {'binding us/call':>16s} {'GPU us/call':>12s}")
+    for name, host, raw, gpu in rows:
+        print(f"{name:34s} {host:13.1f} {raw:16.1f} {gpu:12.1f}")
+    sys.stdout.flush()
+
+
+def worker(rank: int, world: int, port: int, args) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.cuda.set_device(rank)
+    device = torch.device("cuda", rank)
+    dist.init_process_group("nccl", rank=rank, world_size=world, device_id=device)
+    title, rows = measure_rank(Rank(rank, world, dist.group.WORLD, False), device, args)
+    if rank == 0:
+        print_table(title, rows)
     dist.destroy_process_group()
+
+
+def sim_rank(group, args):
+    return measure_rank(Rank(group.rank(), group.size(), group, True), torch.device("cuda", group.device), args)
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--num-processes", type=int, default=0)
+    parser.add_argument("--num-processes", type=int, default=0, help="real ranks, one process per GPU")
+    parser.add_argument("--sim", type=int, default=0, metavar="R",
+                        help="R simulated ranks on GPU 0 (default: 2 when fewer than 2 GPUs are visible)")
     parser.add_argument("--tokens", type=int, default=4096)
     parser.add_argument("--ll-tokens", type=int, default=128)
     parser.add_argument("--hidden", type=int, default=7168)
@@ -142,13 +203,26 @@ def main() -> int:
     parser.add_argument("--topk", type=int, default=8)
     parser.add_argument("--iters", type=int, default=50)
     args = parser.parse_args()
-    world = args.num_processes or torch.cuda.device_count()
-    if world < 2 or world > torch.cuda.device_count():
-        print(f"needs 2 to {torch.cuda.device_count()} GPUs, asked for {world}")
+    num_gpus = torch.cuda.device_count()
+    if args.sim and args.num_processes:
+        print("--sim and --num-processes: choose one")
         return 2
-    for key, value in (("NCCL_NVLS_ENABLE", "0"), ("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1"),
-                       ("NVSHMEM_DISABLE_NVLS", "1")):
-        os.environ.setdefault(key, value)
+    if args.sim or (not args.num_processes and num_gpus < 2):
+        if num_gpus < 1:
+            print("needs a GPU (simulated ranks run on GPU 0)")
+            return 2
+        world = args.sim or 2
+        if world < 2 or world > epx.SimWorld.max_world(0):
+            print(f"--sim: 2 to {epx.SimWorld.max_world(0)} simulated ranks, asked for {world}")
+            return 2
+        with epx.SimWorld(world) as sim:
+            title, rows = sim.run(sim_rank, args)[0]
+        print_table(title, rows)
+        return 0
+    world = args.num_processes or num_gpus
+    if world < 2 or world > num_gpus:
+        print(f"needs 2 to {num_gpus} GPUs, asked for {world}")
+        return 2
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]

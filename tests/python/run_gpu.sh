@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # The Python layer on a GPU machine, in one command: builds the binding (build dir, default
 # build-python), runs the Python tests (every multi-rank test real on as many GPUs as it needs, and
-# simulated on GPU 0), then, with 2 GPUs or more, the MoE example and the overhead script.
+# simulated on GPU 0), then the overhead script (real ranks with 2 GPUs or more, else simulated on GPU 0) and,
+# with 2 GPUs or more, the MoE example.
 # Full logs in $OUT (the device tool's output folder) or <build dir>/logs; a summary is printed last.
 #   Usage: tests/python/run_gpu.sh [build-dir]
 #   Env: EPX_TEST_SEED (replay), PYTEST_ARGS (e.g. "-m sim": the simulated tests only, "-m real"),
-#   and time limits in seconds: PYTEST_TIMEOUT (1200), EXAMPLE_TIMEOUT (600), OVERHEAD_TIMEOUT (300).
+#   and time limits in seconds: PYTEST_TIMEOUT (1200), EXAMPLE_TIMEOUT (600), OVERHEAD_TIMEOUT (300; real ranks),
+#   OVERHEAD_SIM_TIMEOUT (60; simulated ranks on one GPU).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 source tools/env.sh
@@ -33,10 +35,16 @@ if [ "$num_gpus" -ge 2 ]; then
   rc_example=$?
   timeout ${OVERHEAD_TIMEOUT:-300} "$py" tests/python/overhead.py > "$logs/overhead.log" 2>&1
   rc_overhead=$?
-else  # one rank per GPU: nothing to measure on one
-  echo "[skipped: $num_gpus GPU(s); the example and the overhead script need 2]" | tee "$logs/moe_layer.log" \
-    > "$logs/overhead.log"
-  rc_example=0 rc_overhead=0
+else  # one rank per GPU: the example needs 2; the overhead script runs its ranks simulated on GPU 0
+  echo "[skipped: $num_gpus GPU(s); the example needs 2]" > "$logs/moe_layer.log"
+  rc_example=0
+  if [ "$num_gpus" -ge 1 ]; then
+    timeout ${OVERHEAD_SIM_TIMEOUT:-60} "$py" tests/python/overhead.py --sim 2 > "$logs/overhead.log" 2>&1
+    rc_overhead=$?
+  else
+    echo "[skipped: no GPU]" > "$logs/overhead.log"
+    rc_overhead=0
+  fi
 fi
 
 echo "=== pytest (rc $rc_tests) ==="
