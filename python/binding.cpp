@@ -2,7 +2,9 @@
 //
 // The only file of epx that sees Python, and it sees no torch: tensors cross as descriptors
 // `(data_ptr, dtype_code, shape, strides)` (strides in elements, 1 to 3 dims) or None for an
-// absent optional argument, streams as `cudaStream_t` integers. Every epx::Error becomes the Python
+// absent optional argument, streams as `cudaStream_t` integers. The Buffer's operations take keywords
+// only, named as the fields of the C++ API's structs (a misspelled one is a TypeError naming it), and
+// return what the C++ call returns. Every epx::Error becomes the Python
 // exception epx.EpxError (a RuntimeError) with the same message and `.kind`, `.message`, `.file`,
 // `.line`. Calls that may block the host (collectives, host-synced dispatch, synchronize, reset,
 // cleaning, destruction) release the GIL. Plain launches keep it for a real rank (cheaper than
@@ -283,20 +285,6 @@ std::unique_ptr<PyDispatchHandle> make_dispatch_handle(uintptr_t storage_ptr, in
   return h;
 }
 
-epx::LowLatencyHandle make_ll_handle(int T, int hidden, int num_experts, int num_topk, int buffer_idx,
-                                     py::handle src_info, py::handle layout_range, py::handle src_topk_slot) {
-  epx::LowLatencyHandle h;
-  h.num_max_dispatch_tokens_per_rank = T;
-  h.hidden = hidden;
-  h.num_experts = num_experts;
-  h.num_topk = num_topk;
-  h.buffer_idx = buffer_idx;
-  h.src_info = to_view(src_info, "handle.src_info");
-  h.layout_range = to_view(layout_range, "handle.layout_range");
-  h.src_topk_slot = to_view(src_topk_slot, "handle.src_topk_slot");
-  return h;
-}
-
 void translate_error(const epx::Error& e) {
   py::object type = py::reinterpret_borrow<py::object>(g_error_type);
   py::object exc = type(e.what());
@@ -441,6 +429,9 @@ PYBIND11_MODULE(_C, m) {
       .value("kOff", epx::LlZeroCopy::kOff)
       .value("kOn", epx::LlZeroCopy::kOn)
       .value("kIfRoom", epx::LlZeroCopy::kIfRoom);
+  py::enum_<epx::LowLatencyScale>(m, "LowLatencyScale", "LowLatencyDispatchArgs::scale_format: the fp8 scales")
+      .value("kFloat", epx::LowLatencyScale::kFloat)
+      .value("kUE8M0", epx::LowLatencyScale::kUE8M0);
 
   // ---- CUDA helpers ---------------------------------------------------------------------------
   m.def("host_device_pointer", [](uintptr_t host_ptr) {
@@ -543,7 +534,7 @@ PYBIND11_MODULE(_C, m) {
 
   // ---- Dispatch handle ------------------------------------------------------------------------
   py::class_<PyDispatchHandle>(m, "DispatchHandle")
-      .def(py::init(&make_dispatch_handle), py::arg("storage_ptr"), py::arg("storage_numel"), py::arg("num_ranks"),
+      .def(py::init(&make_dispatch_handle), py::kw_only(), py::arg("storage_ptr"), py::arg("storage_numel"), py::arg("num_ranks"),
            py::arg("rank"), py::arg("num_tokens"), py::arg("storage"))
       .def_static("storage_layout", [](int num_ranks, int64_t num_tokens) {
              const epx::host::HandleStorageLayout l = epx::host::handle_storage_layout(num_ranks, num_tokens);
@@ -566,6 +557,37 @@ PYBIND11_MODULE(_C, m) {
                                    h.handle.num_worst_tokens, h.handle.filled ? "" : ", not filled", ">");
       });
 
+  // ---- Low-latency handle -----------------------------------------------------------------------
+  // What Buffer.low_latency_dispatch returns (epx::LowLatencyHandle); its views point into the
+  // dispatch's output tensors, which the Python handle tuple keeps alive.
+  py::class_<epx::LowLatencyHandle>(m, "LowLatencyHandle")
+      .def(py::init([](int T, int hidden, int num_experts, int num_topk, int buffer_idx, py::handle src_info,
+                       py::handle layout_range, py::handle src_topk_slot) {
+             epx::LowLatencyHandle h;
+             h.num_max_dispatch_tokens_per_rank = T;
+             h.hidden = hidden;
+             h.num_experts = num_experts;
+             h.num_topk = num_topk;
+             h.buffer_idx = buffer_idx;
+             h.src_info = to_view(src_info, "src_info");
+             h.layout_range = to_view(layout_range, "layout_range");
+             h.src_topk_slot = to_view(src_topk_slot, "src_topk_slot");
+             return h;
+           }),
+           py::kw_only(), py::arg("num_max_dispatch_tokens_per_rank"), py::arg("hidden"), py::arg("num_experts"),
+           py::arg("num_topk"), py::arg("buffer_idx"), py::arg("src_info"), py::arg("layout_range"),
+           py::arg("src_topk_slot"))
+      .def_readonly("num_max_dispatch_tokens_per_rank", &epx::LowLatencyHandle::num_max_dispatch_tokens_per_rank)
+      .def_readonly("hidden", &epx::LowLatencyHandle::hidden)
+      .def_readonly("num_experts", &epx::LowLatencyHandle::num_experts)
+      .def_readonly("num_topk", &epx::LowLatencyHandle::num_topk)
+      .def_readonly("buffer_idx", &epx::LowLatencyHandle::buffer_idx)
+      .def("__repr__", [](const epx::LowLatencyHandle& h) {
+        return epx::detail::concat("<epx LowLatencyHandle T ", h.num_max_dispatch_tokens_per_rank, ", hidden ",
+                                   h.hidden, ", ", h.num_experts, " experts, top-", h.num_topk, ", buffer ",
+                                   h.buffer_idx, ">");
+      });
+
   // ---- Buffer ---------------------------------------------------------------------------------
   py::class_<PyBuffer>(m, "Buffer")
       .def(py::init([](PyCommunicator& comm, size_t num_nvl_bytes, size_t num_ll_bytes, int num_sms,
@@ -584,7 +606,7 @@ PYBIND11_MODULE(_C, m) {
              b->ptr = std::make_unique<epx::Buffer>(c, num_nvl_bytes, options);
              return b;
            }),
-           py::arg("comm"), py::arg("num_nvl_bytes"), py::arg("num_ll_bytes"), py::arg("num_sms"),
+           py::arg("comm"), py::kw_only(), py::arg("num_nvl_bytes"), py::arg("num_ll_bytes"), py::arg("num_sms"),
            py::arg("num_threads"), py::arg("timeout_s"), py::arg("enable_shrink") = false,
            py::arg("ll_zero_copy") = epx::LlZeroCopy::kOff, py::arg("node_size") = 0, py::keep_alive<1, 2>(),
            "Collective: allocates the symmetric buffer (num_nvl_bytes + num_ll_bytes) on every rank.")
@@ -606,6 +628,10 @@ PYBIND11_MODULE(_C, m) {
       .def("peer_pointer", [](PyBuffer& b, int peer) { return reinterpret_cast<uintptr_t>(b.get().peer_pointer(peer)); },
            py::arg("peer"))
 
+      // The operations take keywords only, named as the fields of the C++ API's structs
+      // (epx/buffer.hpp: DispatchInputs, DispatchOutputs, CombineInputs, ...); an optional view
+      // defaults to None (absent), a scalar to its C++ default. Each returns what its C++ call returns.
+
       // Layout (design.md 4.1)
       .def("get_dispatch_layout",
            [](PyBuffer& b, py::handle topk_idx, int num_experts, py::handle num_tokens_per_rank,
@@ -618,7 +644,7 @@ PYBIND11_MODULE(_C, m) {
              GilReleaseIf nogil(b.simulated);
              buf.get_dispatch_layout(topk, num_experts, per_rank, per_expert, in_rank, to_stream(stream));
            },
-           py::arg("topk_idx"), py::arg("num_experts"), py::arg("num_tokens_per_rank"),
+           py::kw_only(), py::arg("topk_idx"), py::arg("num_experts"), py::arg("num_tokens_per_rank"),
            py::arg("num_tokens_per_expert"), py::arg("is_token_in_rank"), py::arg("stream"))
 
       // High-throughput dispatch (design.md 4.2): notify (host-synced unless num_worst_tokens > 0)
@@ -643,10 +669,12 @@ PYBIND11_MODULE(_C, m) {
              py::gil_scoped_release nogil;
              return buf.dispatch_notify(in, h.handle, counts, to_stream(stream));
            },
-           py::arg("handle"), py::arg("x"), py::arg("x_scales"), py::arg("topk_idx"), py::arg("topk_weights"),
-           py::arg("num_tokens_per_rank"), py::arg("is_token_in_rank"), py::arg("num_tokens_per_expert"),
-           py::arg("expert_alignment"), py::arg("num_worst_tokens"), py::arg("num_recv_tokens_per_expert"),
-           py::arg("stream"))
+           py::arg("handle"), py::kw_only(), py::arg("x"), py::arg("x_scales") = py::none(),
+           py::arg("topk_idx") = py::none(), py::arg("topk_weights") = py::none(), py::arg("num_tokens_per_rank"),
+           py::arg("is_token_in_rank"), py::arg("num_tokens_per_expert"), py::arg("expert_alignment") = 1,
+           py::arg("num_worst_tokens") = 0, py::arg("num_recv_tokens_per_expert") = py::none(), py::arg("stream"),
+           "Fills `handle` (host-synced: waits for the counts); returns the rows this rank receives, -1 with "
+           "num_worst_tokens > 0.")
       .def("dispatch",
            [](PyBuffer& b, PyDispatchHandle& h, py::handle x, py::handle x_scales, py::handle topk_idx,
               py::handle topk_weights, int expert_alignment, int num_worst_tokens, py::handle recv_x,
@@ -669,9 +697,11 @@ PYBIND11_MODULE(_C, m) {
              GilReleaseIf nogil(b.simulated);
              buf.dispatch(in, h.handle, out, to_stream(stream));
            },
-           py::arg("handle"), py::arg("x"), py::arg("x_scales"), py::arg("topk_idx"), py::arg("topk_weights"),
-           py::arg("expert_alignment"), py::arg("num_worst_tokens"), py::arg("recv_x"), py::arg("recv_x_scales"),
-           py::arg("recv_topk_idx"), py::arg("recv_topk_weights"), py::arg("recv_src_idx"), py::arg("stream"))
+           py::arg("handle"), py::kw_only(), py::arg("x"), py::arg("x_scales") = py::none(),
+           py::arg("topk_idx") = py::none(), py::arg("topk_weights") = py::none(), py::arg("expert_alignment") = 1,
+           py::arg("num_worst_tokens") = 0, py::arg("recv_x"), py::arg("recv_x_scales") = py::none(),
+           py::arg("recv_topk_idx") = py::none(), py::arg("recv_topk_weights") = py::none(),
+           py::arg("recv_src_idx") = py::none(), py::arg("stream"))
 
       // High-throughput combine (design.md 4.3)
       .def("combine",
@@ -689,15 +719,18 @@ PYBIND11_MODULE(_C, m) {
              GilReleaseIf nogil(b.simulated);
              buf.combine(in, h.handle, out, to_stream(stream));
            },
-           py::arg("handle"), py::arg("x"), py::arg("topk_weights"), py::arg("bias_0"), py::arg("bias_1"),
-           py::arg("combined_x"), py::arg("combined_topk_weights"), py::arg("stream"))
+           py::arg("handle"), py::kw_only(), py::arg("x"), py::arg("topk_weights") = py::none(),
+           py::arg("bias_0") = py::none(), py::arg("bias_1") = py::none(), py::arg("combined_x"),
+           py::arg("combined_topk_weights") = py::none(), py::arg("stream"))
 
-      // Low-latency mode (design.md 4.4-4.5). The handle lives on the Python side as tensors + ints.
+      // Low-latency mode (design.md 4.4-4.5). The dispatch returns the C++ LowLatencyHandle (its views
+      // point into the output tensors, which the Python handle tuple keeps alive).
       .def("low_latency_dispatch",
            [](PyBuffer& b, py::handle x, py::handle topk_idx, int T, int num_experts, bool use_fp8, bool round_scale,
-              bool use_ue8m0, py::handle cumulative_local_expert_recv_stats, py::handle dispatch_wait_recv_cost_stats,
-              bool return_recv_hook, py::handle recv_x, py::handle recv_scales, py::handle recv_count,
-              py::handle src_info, py::handle layout_range, py::handle src_topk_slot, uintptr_t stream) {
+              epx::LowLatencyScale scale_format, py::handle cumulative_local_expert_recv_stats,
+              py::handle dispatch_wait_recv_cost_stats, bool return_recv_hook, py::handle recv_x,
+              py::handle recv_scales, py::handle recv_count, py::handle src_info, py::handle layout_range,
+              py::handle src_topk_slot, uintptr_t stream) {
              epx::LowLatencyDispatchArgs a;
              a.x = to_view(x, "x");
              a.topk_idx = to_view(topk_idx, "topk_idx");
@@ -705,7 +738,7 @@ PYBIND11_MODULE(_C, m) {
              a.num_experts = num_experts;
              a.use_fp8 = use_fp8;
              a.round_scale = round_scale;
-             a.scale_format = use_ue8m0 ? epx::LowLatencyScale::kUE8M0 : epx::LowLatencyScale::kFloat;
+             a.scale_format = scale_format;
              a.cumulative_local_expert_recv_stats =
                  to_view(cumulative_local_expert_recv_stats, "cumulative_local_expert_recv_stats");
              a.dispatch_wait_recv_cost_stats = to_view(dispatch_wait_recv_cost_stats, "dispatch_wait_recv_cost_stats");
@@ -719,20 +752,19 @@ PYBIND11_MODULE(_C, m) {
              out.src_topk_slot = to_view(src_topk_slot, "src_topk_slot");
              epx::Buffer& buf = b.get();
              GilReleaseIf nogil(b.simulated);
-             return buf.low_latency_dispatch(a, out, to_stream(stream)).buffer_idx;
+             return buf.low_latency_dispatch(a, out, to_stream(stream));
            },
-           py::arg("x"), py::arg("topk_idx"), py::arg("num_max_dispatch_tokens_per_rank"), py::arg("num_experts"),
-           py::arg("use_fp8"), py::arg("round_scale"), py::arg("use_ue8m0"),
-           py::arg("cumulative_local_expert_recv_stats"), py::arg("dispatch_wait_recv_cost_stats"),
-           py::arg("return_recv_hook"), py::arg("recv_x"), py::arg("recv_scales"), py::arg("recv_count"),
-           py::arg("src_info"), py::arg("layout_range"), py::arg("src_topk_slot"), py::arg("stream"),
-           "Returns the index of the low-latency buffer the dispatch used (part of the handle).")
+           py::kw_only(), py::arg("x"), py::arg("topk_idx"), py::arg("num_max_dispatch_tokens_per_rank"),
+           py::arg("num_experts"), py::arg("use_fp8") = true, py::arg("round_scale") = false,
+           py::arg("scale_format") = epx::LowLatencyScale::kFloat,
+           py::arg("cumulative_local_expert_recv_stats") = py::none(),
+           py::arg("dispatch_wait_recv_cost_stats") = py::none(), py::arg("return_recv_hook") = false,
+           py::arg("recv_x"), py::arg("recv_scales") = py::none(), py::arg("recv_count"), py::arg("src_info"),
+           py::arg("layout_range"), py::arg("src_topk_slot"), py::arg("stream"),
+           "Returns the LowLatencyHandle (its buffer_idx: the low-latency buffer the dispatch used).")
       .def("low_latency_combine",
-           [](PyBuffer& b, int T, int hidden, int num_experts, int num_topk, int buffer_idx, py::handle src_info,
-              py::handle layout_range, py::handle src_topk_slot, py::handle x, py::handle topk_idx,
-              py::handle topk_weights, bool return_recv_hook, py::handle out, bool zero_copy, uintptr_t stream) {
-             const epx::LowLatencyHandle h =
-                 make_ll_handle(T, hidden, num_experts, num_topk, buffer_idx, src_info, layout_range, src_topk_slot);
+           [](PyBuffer& b, const epx::LowLatencyHandle& h, py::handle x, py::handle topk_idx, py::handle topk_weights,
+              bool zero_copy, bool return_recv_hook, py::handle out, uintptr_t stream) {
              epx::LowLatencyCombineArgs a;
              a.x = to_view(x, "x");
              a.topk_idx = to_view(topk_idx, "topk_idx");
@@ -742,29 +774,21 @@ PYBIND11_MODULE(_C, m) {
              const View out_view = to_view(out, "out");
              epx::Buffer& buf = b.get();
              GilReleaseIf nogil(b.simulated);
-             buf.low_latency_combine(a, h, out_view, to_stream(stream));
+             return buf.low_latency_combine(a, h, out_view, to_stream(stream));
            },
-           py::arg("num_max_dispatch_tokens_per_rank"), py::arg("hidden"), py::arg("num_experts"), py::arg("num_topk"),
-           py::arg("buffer_idx"), py::arg("src_info"), py::arg("layout_range"), py::arg("src_topk_slot"), py::arg("x"),
-           py::arg("topk_idx"), py::arg("topk_weights"), py::arg("return_recv_hook"), py::arg("out"),
-           py::arg("zero_copy"), py::arg("stream"))
+           py::arg("handle"), py::kw_only(), py::arg("x") = py::none(), py::arg("topk_idx"), py::arg("topk_weights"),
+           py::arg("zero_copy") = false, py::arg("return_recv_hook") = false, py::arg("out"), py::arg("stream"),
+           "Returns the index of the low-latency buffer the combine used (a hook-mode combine's receive takes it).")
       .def("low_latency_receive",
            [](PyBuffer& b, int buffer_idx, uintptr_t stream) {
              epx::Buffer& buf = b.get();
              GilReleaseIf nogil(b.simulated);
              buf.low_latency_receive(buffer_idx, to_stream(stream));
            },
-           py::arg("buffer_idx"), py::arg("stream"))
+           py::kw_only(), py::arg("buffer_idx"), py::arg("stream"))
       .def("next_combine_buffer",
-           [](PyBuffer& b, int T, int hidden, int num_experts, int num_topk) {
-             epx::LowLatencyHandle h;
-             h.num_max_dispatch_tokens_per_rank = T;
-             h.hidden = hidden;
-             h.num_experts = num_experts;
-             h.num_topk = num_topk;
-             return view_to_tuple(b.get().next_combine_buffer(h));
-           },
-           py::arg("num_max_dispatch_tokens_per_rank"), py::arg("hidden"), py::arg("num_experts"), py::arg("num_topk"),
+           [](PyBuffer& b, const epx::LowLatencyHandle& h) { return view_to_tuple(b.get().next_combine_buffer(h)); },
+           py::arg("handle"),
            "Descriptor (data_ptr, dtype, shape, strides) of the zero-copy combine buffer of the next low-latency op.")
       .def("next_low_latency_buffer", [](PyBuffer& b) { return b.get().next_low_latency_buffer(); })
       .def("clean_low_latency_buffer", [](PyBuffer& b) {
@@ -778,9 +802,11 @@ PYBIND11_MODULE(_C, m) {
              buf.low_latency_update_mask_buffer(rank_to_mask, mask);
            }, py::arg("rank_to_mask"), py::arg("mask"))
       .def("low_latency_query_mask_buffer", [](PyBuffer& b, py::handle mask_status, uintptr_t stream) {
-             b.get().low_latency_query_mask_buffer(to_view(mask_status, "mask_status"),
-                                                   reinterpret_cast<cudaStream_t>(stream));
-           }, py::arg("mask_status"), py::arg("stream"))
+             epx::Buffer& buf = b.get();
+             const View status = to_view(mask_status, "mask_status");
+             GilReleaseIf nogil(b.simulated);
+             buf.low_latency_query_mask_buffer(status, to_stream(stream));
+           }, py::kw_only(), py::arg("mask_status"), py::arg("stream"))
       .def("low_latency_clean_mask_buffer", [](PyBuffer& b) {
              epx::Buffer& buf = b.get();
              py::gil_scoped_release nogil;

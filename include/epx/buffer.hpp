@@ -249,8 +249,9 @@ class Buffer {
   // With return_recv_hook the receive runs at low_latency_receive(handle): no SM is held between.
   LowLatencyHandle low_latency_dispatch(const LowLatencyDispatchArgs& args, const LowLatencyDispatchOutputs& out,
                                         cudaStream_t stream);
-  // out: [N, H] bf16 = sum_k w_k * y_k (fp32, k ascending), tokens' -1 slots skipped.
-  void low_latency_combine(const LowLatencyCombineArgs& args, const LowLatencyHandle& handle, const View& out,
+  // out: [N, H] bf16 = sum_k w_k * y_k (fp32, k ascending), tokens' -1 slots skipped. Returns the
+  // index of the LL buffer the combine used (the one its low_latency_receive takes in hook mode).
+  int low_latency_combine(const LowLatencyCombineArgs& args, const LowLatencyHandle& handle, const View& out,
                            cudaStream_t stream);
   // The receive half of the last hook-mode dispatch or combine on `buffer_idx` (see the handle or
   // low_latency_pending_combine_buffer).

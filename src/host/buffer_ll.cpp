@@ -189,7 +189,7 @@ void Buffer::low_latency_receive(int b, cudaStream_t stream) {
   });
 }
 
-void Buffer::low_latency_combine(const LowLatencyCombineArgs& a, const LowLatencyHandle& h, const View& out,
+int Buffer::low_latency_combine(const LowLatencyCombineArgs& a, const LowLatencyHandle& h, const View& out,
                                  cudaStream_t stream) {
   Impl& m = *impl_;
   return m.collective(OpCode::kLlCombine, [&]() {
@@ -244,6 +244,7 @@ void Buffer::low_latency_combine(const LowLatencyCombineArgs& a, const LowLatenc
       m.after_launch("low_latency_combine", stream);
     }
     m.ll_next ^= 1;
+    return b;
   });
 }
 

@@ -198,7 +198,9 @@ void ll_round_combine(RankCtx& ctx, const LlSpec& s, LlDispatched& d, const LlOu
   ca.topk_weights = View::of(d.w.get(), DType::kF32, {N, s.K});
   ca.return_recv_hook = s.hook;
   const int cb = ctx.buffer->next_low_latency_buffer();
-  ctx.buffer->low_latency_combine(ca, d.handle, View::of(combined.get(), DType::kBF16, {N, s.H}), ctx.stream);
+  const int used = ctx.buffer->low_latency_combine(ca, d.handle, View::of(combined.get(), DType::kBF16, {N, s.H}),
+                                                   ctx.stream);
+  REQUIRE(used == cb, "low_latency_combine returned buffer ", used, ", next_low_latency_buffer() said ", cb);
   if (s.hook) ctx.buffer->low_latency_receive(cb, ctx.stream);
   ctx.buffer->synchronize(ctx.stream);
   const auto want =

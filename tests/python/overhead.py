@@ -134,9 +134,9 @@ def measure_rank(ctx: Rank, device: torch.device, args):
 
     measure("dispatch (fresh, host-synced)", fresh)
     measure("dispatch (cached)", lambda: buffer.dispatch(x, handle=handle),
-            lambda: rt.dispatch(h, d(x), None, None, None, 1, 0, d(out_recv), None, None, None, None, stream))
+            lambda: rt.dispatch(h, x=d(x), recv_x=d(out_recv), stream=stream))
     measure("combine", lambda: buffer.combine(recv_x, handle),
-            lambda: rt.combine(h, d(recv_x), None, None, None, d(combined), None, stream))
+            lambda: rt.combine(h, x=d(recv_x), combined_x=d(combined), stream=stream))
 
     x_ll, idx_ll = x[:T].contiguous(), topk_idx[:T].contiguous()
     recv, count, ll_handle, _, _ = buffer.low_latency_dispatch(x_ll, idx_ll, T, E)
@@ -148,17 +148,17 @@ def measure_rank(ctx: Rank, device: torch.device, args):
         src_info=torch.empty((E_loc, world * T), dtype=torch.int32, device=device),
         layout_range=torch.empty((E_loc, world), dtype=torch.int64, device=device),
         src_topk_slot=torch.empty((E_loc, world * T), dtype=torch.int32, device=device))
-    raw_ll = [d(outs[k]) for k in ("recv_x", "recv_scales", "recv_count", "src_info", "layout_range", "src_topk_slot")]
+    raw_outs = {k: d(t) for k, t in outs.items()}  # the binding's keywords: LowLatencyDispatchOutputs' fields
     measure("low_latency_dispatch (fp8)", lambda: buffer.low_latency_dispatch(x_ll, idx_ll, T, E),
-            lambda: rt.low_latency_dispatch(d(x_ll), d(idx_ll), T, E, True, False, False, None, None, False, *raw_ll,
-                                            stream))
+            lambda: rt.low_latency_dispatch(x=d(x_ll), topk_idx=d(idx_ll), num_max_dispatch_tokens_per_rank=T,
+                                            num_experts=E, **raw_outs, stream=stream))
     y = torch.randn((E_loc, world * T, H), generator=g).to(torch.bfloat16).to(device)
     w_ll = topk_weights[:T].contiguous()
     out_ll = torch.empty((T, H), dtype=torch.bfloat16, device=device)
-    src_info, layout_range, _, _, _, src_topk_slot, _, b = ll_handle
+    core = ll_handle[-1]  # the binding's LowLatencyHandle
     measure("low_latency_combine", lambda: buffer.low_latency_combine(y, idx_ll, w_ll, ll_handle),
-            lambda: rt.low_latency_combine(T, H, E, K, b, d(src_info), d(layout_range), d(src_topk_slot), d(y),
-                                           d(idx_ll), d(w_ll), False, d(out_ll), stream))
+            lambda: rt.low_latency_combine(core, x=d(y), topk_idx=d(idx_ll), topk_weights=d(w_ll), out=d(out_ll),
+                                           stream=stream))
     ctx.synchronize()
     buffer.destroy()
     mode = f"simulated EP{world} (ranks as threads on cuda:{device.index}, host = thread CPU time)" \

@@ -55,13 +55,14 @@ def test_dispatch_handle_storage():
     total, rpm, cm, sp, nr = _C.DispatchHandle.storage_layout(4, 10)
     assert (rpm, cm, sp, nr) == (0, 16, 32, 72) and total == 73
     t = torch.zeros(total, dtype=torch.int32)
-    h = _C.DispatchHandle(t.data_ptr(), total, 4, 1, 10, t)
+    h = _C.DispatchHandle(storage_ptr=t.data_ptr(), storage_numel=total, num_ranks=4, rank=1, num_tokens=10, storage=t)
     assert (h.num_ranks, h.rank, h.num_tokens, h.num_recv_tokens, h.filled) == (4, 1, 10, -1, False)
     assert h.storage is t
     with expect_error("InvalidArgument", "handle storage"):
-        _C.DispatchHandle(t.data_ptr(), total - 1, 4, 1, 10, t)
+        _C.DispatchHandle(storage_ptr=t.data_ptr(), storage_numel=total - 1, num_ranks=4, rank=1, num_tokens=10,
+                          storage=t)
     with expect_error("InvalidArgument", "num_ranks"):
-        _C.DispatchHandle(t.data_ptr(), total, 0, 0, 10, t)
+        _C.DispatchHandle(storage_ptr=t.data_ptr(), storage_numel=total, num_ranks=0, rank=0, num_tokens=10, storage=t)
 
 
 # ---- Config -------------------------------------------------------------------------------------------
@@ -196,7 +197,7 @@ class _UntouchableRuntime:
 def fake_buffer(monkeypatch):
     """A Buffer on a pretend cuda:0 whose runtime must never be reached."""
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
-    monkeypatch.setattr(epx.buffer, "_current_device", lambda: 0)
+    monkeypatch.setattr(epx._streams, "_current_device", lambda: 0)
 
     def make(low_latency_mode=True, explicitly_destroy=False, world=4):
         b = epx.Buffer.__new__(epx.Buffer)
@@ -251,13 +252,15 @@ def test_low_latency_rejects(fake_buffer):
         b.low_latency_dispatch(x, idx, 8, 16, use_fp8=False, round_scale=True)
     with expect_error("InvalidArgument", "x", "cpu"):
         b.low_latency_dispatch(x, idx, 8, 16)
-    handle = (None,) * 8
+    handle = (None,) * 9
     with expect_error("Unsupported", "use_logfmt"):
         b.low_latency_combine(x, idx, cpu(8, 2, dtype=torch.float32), handle, use_logfmt=True)
     with expect_error("Unsupported", "combine_wait_recv_cost_stats"):
         b.low_latency_combine(x, idx, cpu(8, 2, dtype=torch.float32), handle, combine_wait_recv_cost_stats=cpu(4))
     with expect_error("InvalidArgument", "handle"):
         b.low_latency_combine(x, idx, cpu(8, 2, dtype=torch.float32), (1, 2, 3, 4, 5))
+    with expect_error("InvalidArgument", "handle"):  # the length of one, not its core handle
+        b.low_latency_combine(x, idx, cpu(8, 2, dtype=torch.float32), (None,) * 9)
     with expect_error("InvalidArgument", "handle"):
         b.get_next_low_latency_combine_buffer((1, 2))
 
@@ -303,7 +306,7 @@ def test_tensor_checks_name_the_argument(fake_buffer):
     with expect_error("InvalidArgument", "num_tokens_per_rank", "required"):
         b.dispatch(x)
     with expect_error("InvalidArgument", "out", "bfloat16"):
-        handle = (torch.zeros((2, 8), dtype=torch.int32, **meta), None, 8, 128, 8, None, 2, 0)
+        handle = (torch.zeros((2, 8), dtype=torch.int32, **meta), None, 8, 128, 8, None, 2, 0, _ll_core_handle(8, 128, 8, 2))
         b.low_latency_combine(torch.zeros((2, 32, 128), dtype=torch.bfloat16, **meta),
                               torch.zeros((4, 2), dtype=torch.int64, **meta), torch.zeros((4, 2), **meta), handle,
                               out=torch.zeros((4, 128), **meta))
@@ -311,29 +314,49 @@ def test_tensor_checks_name_the_argument(fake_buffer):
 
 # ---- Hot paths with a recording runtime: stream order, outputs and handles ----------------------------
 
+def _ll_core_handle(T, hidden, num_experts, num_topk, buffer_idx=0):
+    """A core low-latency handle without views (for the checks made before it is used)."""
+    return _C.LowLatencyHandle(num_max_dispatch_tokens_per_rank=T, hidden=hidden, num_experts=num_experts,
+                               num_topk=num_topk, buffer_idx=buffer_idx, src_info=None, layout_range=None,
+                               src_topk_slot=None)
+
+
+def _dispatch_handle(num_ranks, rank, num_tokens):
+    storage = torch.zeros(_C.DispatchHandle.storage_layout(num_ranks, num_tokens)[0], dtype=torch.int32)
+    return _C.DispatchHandle(storage_ptr=storage.data_ptr(), storage_numel=storage.numel(), num_ranks=num_ranks,
+                             rank=rank, num_tokens=num_tokens, storage=storage)
+
+
 class _RecordingRuntime:
-    """Stands in for the C++ buffer on the launch paths: records each call (name, args)."""
+    """Stands in for the C++ buffer on the launch paths: records each call as (name, positional args, keyword
+    args). The operations take keywords only (the binding refuses positional ones), as the binding does."""
 
     def __init__(self, log):
         self.log = log
 
     def __getattr__(self, name):
-        if name in ("dispatch", "combine", "low_latency_combine", "low_latency_receive", "set_config"):
+        if name == "set_config":
             return lambda *args: self.log.append((name, args))
+        if name in ("dispatch", "combine", "low_latency_receive"):
+            return lambda *args, **kwargs: self.log.append((name, args, kwargs))
         raise AssertionError(f"unexpected runtime call {name}")
 
-    def low_latency_dispatch(self, *args):
-        self.log.append(("low_latency_dispatch", args))
-        return 1  # the buffer index
+    def low_latency_dispatch(self, **kwargs):
+        self.log.append(("low_latency_dispatch", (), kwargs))
+        return _C.LowLatencyHandle(num_max_dispatch_tokens_per_rank=kwargs["num_max_dispatch_tokens_per_rank"],
+                                   hidden=kwargs["x"][2][1], num_experts=kwargs["num_experts"],
+                                   num_topk=kwargs["topk_idx"][2][1], buffer_idx=1, src_info=kwargs["src_info"],
+                                   layout_range=kwargs["layout_range"], src_topk_slot=kwargs["src_topk_slot"])
 
-    def next_low_latency_buffer(self):
-        return 0
+    def low_latency_combine(self, handle, **kwargs):
+        self.log.append(("low_latency_combine", (handle,), kwargs))
+        return 0  # the buffer it used (not the dispatch's: the hook must take this one)
 
 
 @pytest.fixture
 def recording_buffer(fake_buffer, monkeypatch):
     """A fake Buffer on "meta" whose runtime and stream waits are recorded into `b.log`."""
-    monkeypatch.setattr(epx.buffer, "_current_raw_stream", lambda device: _COMPUTE)
+    monkeypatch.setattr(epx._streams, "_current_raw_stream", lambda device: _COMPUTE)
 
     def make(world=4):
         b = fake_buffer(world=world)
@@ -361,17 +384,17 @@ def _norm(desc):
 
 def test_cached_dispatch_and_combine_streams(recording_buffer):
     b = recording_buffer()
-    storage = torch.zeros(_C.DispatchHandle.storage_layout(4, 10)[0], dtype=torch.int32)
-    h = _C.DispatchHandle(storage.data_ptr(), storage.numel(), 4, 0, 10, storage)
+    h = _dispatch_handle(4, 0, 10)
     handle = (None,) * 5 + (h,)
     x = _meta(10, 128)
     recv_x, idx, w, counts, new_handle, event = b.dispatch(x, handle=handle)
     assert (idx, w, counts, new_handle, event.event, event.extra_tensors) == (None,) * 6
     assert recv_x.shape == (0, 128) and recv_x.dtype == torch.bfloat16  # rows unknown until filled: 0
-    (w0, (name, args), w1) = b.log
+    (w0, (name, args, kw), w1) = b.log
     assert w0 == ("wait", _COMM, _COMPUTE) and w1 == ("wait", _COMPUTE, _COMM)
-    assert name == "dispatch" and args[0] is h and args[-1] == _COMM
-    assert _norm(args[1]) == _desc_of(x) and _norm(args[7]) == _desc_of(recv_x)
+    assert name == "dispatch" and args == (h,) and kw["stream"] == _COMM
+    assert _norm(kw["x"]) == _desc_of(x) and _norm(kw["recv_x"]) == _desc_of(recv_x)
+    assert kw.get("topk_idx") is None and kw.get("recv_topk_idx") is None, "cached: the handle's routing"
     with expect_error("InvalidArgument", "topk_idx", "cached handle"):
         b.dispatch(x, handle=handle, topk_idx=_meta(10, 2, dtype=torch.int64))
     with expect_error("InvalidArgument", "num_worst_tokens"):
@@ -382,15 +405,15 @@ def test_cached_dispatch_and_combine_streams(recording_buffer):
     combined_x, combined_w, event = b.combine(y, handle)
     assert combined_w is None and event.event is None
     assert combined_x.shape == (10, 128) and combined_x.dtype == torch.bfloat16
-    (w0, (name, args), w1) = b.log
+    (w0, (name, args, kw), w1) = b.log
     assert w0 == ("wait", _COMM, _COMPUTE) and w1 == ("wait", _COMPUTE, _COMM)
-    assert name == "combine" and args[-1] == _COMM and _norm(args[5]) == _desc_of(combined_x)
+    assert name == "combine" and args == (h,) and kw["stream"] == _COMM
+    assert _norm(kw["x"]) == _desc_of(y) and _norm(kw["combined_x"]) == _desc_of(combined_x)
 
 
 def test_default_config_follows_set_num_sms(recording_buffer):
     b = recording_buffer()
-    storage = torch.zeros(_C.DispatchHandle.storage_layout(4, 10)[0], dtype=torch.int32)
-    handle = (None,) * 5 + (_C.DispatchHandle(storage.data_ptr(), storage.numel(), 4, 0, 10, storage),)
+    handle = (None,) * 5 + (_dispatch_handle(4, 0, 10),)
     saved = (epx.Buffer.num_sms, epx.Buffer._num_sms_set)
     try:
         b.dispatch(_meta(10, 128), handle=handle)
@@ -429,22 +452,28 @@ def test_low_latency_outputs_and_streams(recording_buffer, use_fp8, use_ue8m0, h
                           dtype=torch.int32 if use_ue8m0 else torch.float32).transpose(1, 2)
         assert (scales.shape, scales.stride(), scales.dtype) == (ref.shape, ref.stride(), ref.dtype)
     assert count.shape == (E_loc,) and count.dtype == torch.int32
-    src_info, layout_range, T_, H_, E_, src_topk_slot, K_, buffer_idx = handle
+    src_info, layout_range, T_, H_, E_, src_topk_slot, K_, buffer_idx, core = handle
     assert (T_, H_, E_, K_, buffer_idx) == (T, H, E, K, 1)
+    assert isinstance(core, _C.LowLatencyHandle) and core.buffer_idx == 1 and (core.hidden, core.num_topk) == (H, K)
     assert src_info.shape == src_topk_slot.shape == (E_loc, RT) and src_info.dtype == src_topk_slot.dtype == torch.int32
     assert layout_range.shape == (E_loc, world) and layout_range.dtype == torch.int64
     assert event.event is None and event.extra_tensors is None
     calls = [c for c in b.log if c[0] != "wait"]
     waits = [c for c in b.log if c[0] == "wait"]
-    (name, args), = calls
-    assert name == "low_latency_dispatch" and args[-1] == (_COMPUTE if hook else _COMM)
-    assert [_norm(d) for d in args[10:16]] == [_desc_of(recv_x), None if scales is None else _desc_of(scales),
-                                               _desc_of(count), _desc_of(src_info), _desc_of(layout_range),
-                                               _desc_of(src_topk_slot)]
+    (name, _, kw), = calls
+    assert name == "low_latency_dispatch" and kw["stream"] == (_COMPUTE if hook else _COMM)
+    assert [_norm(kw[k]) for k in ("recv_x", "recv_scales", "recv_count", "src_info", "layout_range",
+                                   "src_topk_slot")] == \
+        [_desc_of(recv_x), None if scales is None else _desc_of(scales), _desc_of(count), _desc_of(src_info),
+         _desc_of(layout_range), _desc_of(src_topk_slot)]
+    assert _norm(kw["x"]) == _desc_of(x) and _norm(kw["topk_idx"]) == _desc_of(topk)
+    assert (kw["num_max_dispatch_tokens_per_rank"], kw["num_experts"], kw["use_fp8"], kw["return_recv_hook"]) == \
+        (T, E, use_fp8, hook)
+    assert kw["scale_format"] == (_C.LowLatencyScale.kUE8M0 if use_ue8m0 else _C.LowLatencyScale.kFloat)
     if hook:
         assert waits == [] and callable(recv_hook)
         recv_hook()
-        assert b.log[-1] == ("low_latency_receive", (1, _COMPUTE))
+        assert b.log[-1] == ("low_latency_receive", (), dict(buffer_idx=1, stream=_COMPUTE))
     else:
         assert recv_hook is None and b.log == [("wait", _COMM, _COMPUTE), calls[0], ("wait", _COMPUTE, _COMM)]
 
@@ -453,13 +482,13 @@ def test_low_latency_outputs_and_streams(recording_buffer, use_fp8, use_ue8m0, h
     out, event, recv_hook = b.low_latency_combine(y, topk, _meta(5, K, dtype=torch.float32), handle,
                                                   return_recv_hook=hook)
     assert out.shape == (5, H) and out.dtype == torch.bfloat16 and event.event is None
-    (name, args), = [c for c in b.log if c[0] != "wait"]
-    assert name == "low_latency_combine" and args[:5] == (T, H, E, K, 1) and args[-1] == (_COMPUTE if hook else _COMM)
-    assert _norm(args[12]) == _desc_of(out)
-    assert args[13] is False, "zero_copy"
+    (name, args, kw), = [c for c in b.log if c[0] != "wait"]
+    assert name == "low_latency_combine" and args == (core,) and kw["stream"] == (_COMPUTE if hook else _COMM)
+    assert _norm(kw["out"]) == _desc_of(out) and _norm(kw["x"]) == _desc_of(y)
+    assert kw["zero_copy"] is False and kw["return_recv_hook"] is hook
     if hook:
         recv_hook()
-        assert b.log[-1] == ("low_latency_receive", (1, _COMPUTE))  # the buffer before next_low_latency_buffer
+        assert b.log[-1] == ("low_latency_receive", (), dict(buffer_idx=0, stream=_COMPUTE))  # the combine's buffer
     else:
         assert b.log[0] == ("wait", _COMM, _COMPUTE) and b.log[-1] == ("wait", _COMPUTE, _COMM)
 
@@ -467,8 +496,8 @@ def test_low_latency_outputs_and_streams(recording_buffer, use_fp8, use_ue8m0, h
     # (so a rank without them fails its peers too); x, not read, only describes the shape.
     b.log.clear()
     b.low_latency_combine(y, topk, _meta(5, K, dtype=torch.float32), handle, zero_copy=True)
-    (name, args), = [c for c in b.log if c[0] != "wait"]
-    assert name == "low_latency_combine" and args[13] is True and _norm(args[8]) == _desc_of(y)
+    (name, args, kw), = [c for c in b.log if c[0] != "wait"]
+    assert name == "low_latency_combine" and kw["zero_copy"] is True and _norm(kw["x"]) == _desc_of(y)
     with expect_error("InvalidArgument", "x", "zero_copy"):
         b.low_latency_combine(_meta(E_loc, RT, H, dtype=torch.float32), topk, _meta(5, K, dtype=torch.float32), handle,
                               zero_copy=True)
@@ -585,8 +614,7 @@ def test_default_config_fits_a_simulated_share():
 def test_simulated_buffer_default_config_follows_the_share(recording_buffer):
     b = recording_buffer()
     b._num_sms_share = 12
-    storage = torch.zeros(_C.DispatchHandle.storage_layout(4, 10)[0], dtype=torch.int32)
-    handle = (None,) * 5 + (_C.DispatchHandle(storage.data_ptr(), storage.numel(), 4, 0, 10, storage),)
+    handle = (None,) * 5 + (_dispatch_handle(4, 0, 10),)
     b._config_key = epx.Config.defaults(4)._key()  # as a Buffer made outside a SimWorld has
     b.dispatch(_meta(10, 128), handle=handle)
     expected = epx.Buffer._default_config(4, 12)._key()

@@ -384,27 +384,33 @@ class _FakeEvent(torch.cuda.Event):
 
 
 class _Runtime:
-    """Stands in for the C++ buffer: records each call (name, args); dispatch_notify reports `num_recv` rows."""
+    """Stands in for the C++ buffer: records each call (name, keyword args, positional args); dispatch_notify
+    reports `num_recv` rows. The operations take keywords only, as the binding's do."""
 
     def __init__(self, log, num_recv=7):
         self.log, self.num_recv, self.num_nvl_bytes = log, num_recv, 1 << 24
 
     def __getattr__(self, name):
-        if name in ("get_dispatch_layout", "dispatch", "combine", "low_latency_combine", "low_latency_receive",
-                    "set_config", "clean_low_latency_buffer"):
+        if name in ("set_config", "clean_low_latency_buffer"):
             return lambda *args: self.log.append((name, args))
+        if name in ("get_dispatch_layout", "dispatch", "combine", "low_latency_receive"):
+            return lambda *args, **kwargs: self.log.append((name, kwargs, args))
         raise AssertionError(f"unexpected runtime call {name}")
 
-    def dispatch_notify(self, *args):
-        self.log.append(("dispatch_notify", args))
+    def dispatch_notify(self, handle, **kwargs):
+        self.log.append(("dispatch_notify", kwargs, (handle,)))
         return self.num_recv
 
-    def low_latency_dispatch(self, *args):
-        self.log.append(("low_latency_dispatch", args))
-        return 0
+    def low_latency_dispatch(self, **kwargs):
+        self.log.append(("low_latency_dispatch", kwargs, ()))
+        return _C.LowLatencyHandle(num_max_dispatch_tokens_per_rank=kwargs["num_max_dispatch_tokens_per_rank"],
+                                   hidden=kwargs["x"][2][1], num_experts=kwargs["num_experts"],
+                                   num_topk=kwargs["topk_idx"][2][1], buffer_idx=0, src_info=kwargs["src_info"],
+                                   layout_range=kwargs["layout_range"], src_topk_slot=kwargs["src_topk_slot"])
 
-    def next_low_latency_buffer(self):
-        return 1
+    def low_latency_combine(self, handle, **kwargs):
+        self.log.append(("low_latency_combine", kwargs, (handle,)))
+        return 1  # the buffer it used
 
     def peer_pointer(self, peer):
         return 0x7000_0000 + peer
@@ -414,7 +420,7 @@ class _Runtime:
 def replay(fake_buffer, monkeypatch):
     """A Buffer on the CPU (tensors stand for device tensors) whose runtime, stream waits and events are
     recorded into `b.log`; its host count buffer already holds `counts` (what dispatch_notify reports)."""
-    monkeypatch.setattr(epx.buffer, "_current_raw_stream", lambda device: _COMPUTE)
+    monkeypatch.setattr(epx._streams, "_current_raw_stream", lambda device: _COMPUTE)
     monkeypatch.setattr(_C, "memset_async", lambda *args: None)
 
     class _Events:
@@ -423,7 +429,7 @@ def replay(fake_buffer, monkeypatch):
             b.log.append(("record", stream))
             return _FakeEvent(b.log)
 
-    monkeypatch.setattr(epx.buffer, "EventHandle", _Events)
+    monkeypatch.setattr(epx._streams, "EventHandle", _Events)
     b = None
 
     def make(world=4, low_latency_mode=True, counts=(3, 4)):
@@ -441,7 +447,7 @@ def replay(fake_buffer, monkeypatch):
 
 
 def _calls(b, name):
-    """The arguments of each runtime call `name`, in order."""
+    """The arguments of each runtime call `name`, in order (the keyword arguments of an operation)."""
     return [entry[1] for entry in b.log if entry[0] == name]
 
 
@@ -485,7 +491,7 @@ def test_host_buffers_ignore_the_default_device(fake_buffer, monkeypatch):
     made = {}
 
     class _Torch:
-        """epx.buffer's torch, with zeros() recording its arguments (and not pinning: no GPU here)."""
+        """epx._ht's torch, with zeros() recording its arguments (and not pinning: no GPU here)."""
 
         def __getattr__(self, name):
             return getattr(torch, name)
@@ -496,7 +502,7 @@ def test_host_buffers_ignore_the_default_device(fake_buffer, monkeypatch):
             kwargs.pop("pin_memory", None)
             return torch.zeros(*args, **kwargs)
 
-    monkeypatch.setattr(epx.buffer, "torch", _Torch())
+    monkeypatch.setattr(epx._ht, "torch", _Torch())
     monkeypatch.setattr(_C, "host_device_pointer", lambda ptr: 0x1000)
     b = fake_buffer()
     with torch.device("meta"):  # the default device, as torch.set_default_device sets it
@@ -645,7 +651,7 @@ def test_sglang_replay(replay, restore_num_sms):
         allocate_on_comm_stream=(previous_event is not None) and False, expert_alignment=128, config=config)
     assert isinstance(previous_event, epx.EventOverlap) and previous_event.event is None
     assert _calls(b, "set_config") == [config._key()]
-    assert _calls(b, "dispatch_notify")[0][8] == 128  # expert_alignment reaches the core
+    assert _calls(b, "dispatch_notify")[0]["expert_alignment"] == 128  # expert_alignment reaches the core
     assert recv_x.shape == (7, hidden) and num_recv_tokens_per_expert == [3, 4]
     combined_x, _, event = b.combine(recv_x, handle, async_finish=False, previous_event=None,
                                      allocate_on_comm_stream=False, config=None)

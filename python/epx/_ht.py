@@ -1,0 +1,352 @@
+"""The high-throughput operations of epx.Buffer (training, prefill): get_dispatch_layout, dispatch
+(fresh: host-synced or worst-case sized; cached: a handle's routing again) and combine. Methods of
+Buffer (buffer.py binds them); streams and events as in _streams.py.
+
+A dispatch handle is DeepEP's tuple (rank_prefix_matrix, count_matrix, send_pos, recv_src_idx,
+is_token_in_rank) followed by the core's epx._C.DispatchHandle, whose device arrays live in one
+int32 tensor placed by the binding's DispatchHandle.storage_layout (src/host/handle_storage.hpp);
+the first four elements are views of it.
+"""
+from typing import List, Optional, Tuple, Union
+
+import torch
+
+from . import _C
+from ._streams import _alloc, _begin, _end, _rt
+from ._tensors import _BF16, _BF16_FP8, _BOOL, _F32, _FP8, _I32, _I64, _SCALES, _desc, _opt_desc, _out_desc
+from .utils import Config, EventOverlap, _check_int, _error
+
+# (num_ranks, Buffer.num_sms if set_num_sms was called else None, SM share of a simulated rank or 0)
+# -> the default config's key.
+_DEFAULT_CONFIG_KEYS = {}
+# A dispatch handle: DeepEP's 5 elements, then the core's handle.
+_HANDLE_LEN = 6
+
+
+def _apply_config(self, config: Optional[Config]) -> None:
+    """Sets `config` (None: the default of `get_dispatch_config` / `get_combine_config`, which
+    are the same) on the core if it differs from the one it has."""
+    if config is None:
+        # The default depends only on the group size and on set_num_sms: computed once each.
+        cls = type(self)
+        marker = (self.group_size, cls.num_sms if cls._num_sms_set else None, self._num_sms_share)
+        key = _DEFAULT_CONFIG_KEYS.get(marker)
+        if key is None:
+            key = _DEFAULT_CONFIG_KEYS[marker] = cls._default_config(self.group_size, self._num_sms_share)._key()
+    elif isinstance(config, Config):
+        key = config._key()
+    else:
+        raise _error("InvalidArgument", f"config: expected an epx.Config, got {type(config).__name__}")
+    if key != self._config_key:
+        self.runtime.set_config(*key)
+        self._config_key = key
+
+
+def _recv_counts(self, num_local_experts: int):
+    """Pinned host memory the notify kernel writes the per-expert counts into (read after its host sync)."""
+    if self._counts_host is None:
+        # device="cpu": torch.set_default_device("cuda") must not move this host buffer.
+        self._counts_host = torch.zeros((_C.MAX_LOCAL_EXPERTS,), dtype=torch.int32, device="cpu", pin_memory=True)
+        self._counts_device_ptr = _C.host_device_pointer(self._counts_host.data_ptr())
+    return (self._counts_device_ptr, _C.DTYPE_I32, (num_local_experts,), (1,))
+
+
+def _check_handle(self, handle) -> "_C.DispatchHandle":
+    if not isinstance(handle, tuple) or len(handle) != _HANDLE_LEN or not isinstance(handle[-1], _C.DispatchHandle):
+        raise _error("InvalidArgument", "handle: expected the handle tuple returned by Buffer.dispatch")
+    h = handle[-1]
+    if h.num_ranks != self.group_size or h.rank != self.rank:
+        raise _error("InvalidArgument", f"handle: made on rank {h.rank} of {h.num_ranks}, this buffer is rank "
+                                        f"{self.rank} of {self.group_size}")
+    return h
+
+
+def get_dispatch_layout(self, topk_idx: torch.Tensor, num_experts: int,
+                        previous_event: Optional[EventOverlap] = None, async_finish: bool = False,
+                        allocate_on_comm_stream: bool = False) -> \
+        Tuple[torch.Tensor, Optional[torch.Tensor], torch.Tensor, torch.Tensor, EventOverlap]:
+    """
+    Counts what a dispatch will send.
+
+    Arguments:
+        topk_idx: `[num_tokens, num_topk]` int64 expert ids, -1 = no expert in that slot.
+        num_experts: the number of experts (a multiple of the number of ranks).
+        previous_event, async_finish, allocate_on_comm_stream: see the module docstring.
+
+    Returns:
+        num_tokens_per_rank: `[num_ranks]` int32, tokens sent to each rank (a token counts once
+            per rank even if several of its experts live there).
+        num_tokens_per_rdma_rank: None (no internode mode).
+        num_tokens_per_expert: `[num_experts]` int32, tokens sent to each expert.
+        is_token_in_rank: `[num_tokens, num_ranks]` bool.
+        event: the EventOverlap (its event is set only with `async_finish`).
+    """
+    rt = _rt(self)
+    d_topk = _desc(self, topk_idx, "topk_idx", _I64, ndim=2)
+    _check_int("num_experts", num_experts, 1)
+    R, num_tokens = self.group_size, topk_idx.size(0)
+    compute = _begin(self, previous_event, async_finish, allocate_on_comm_stream)
+    with _alloc(self, allocate_on_comm_stream):
+        num_tokens_per_rank = torch.empty((R,), dtype=torch.int32, device=self._device)
+        num_tokens_per_expert = torch.empty((num_experts,), dtype=torch.int32, device=self._device)
+        is_token_in_rank = torch.empty((num_tokens, R), dtype=torch.bool, device=self._device)
+    rt.get_dispatch_layout(topk_idx=d_topk, num_experts=num_experts,
+                           num_tokens_per_rank=_out_desc(num_tokens_per_rank),
+                           num_tokens_per_expert=_out_desc(num_tokens_per_expert),
+                           is_token_in_rank=_out_desc(is_token_in_rank), stream=self._comm_raw)
+    event = _end(self, compute, async_finish, allocate_on_comm_stream,
+                      (topk_idx, num_tokens_per_rank, num_tokens_per_expert, is_token_in_rank))
+    return num_tokens_per_rank, None, num_tokens_per_expert, is_token_in_rank, event
+
+
+def dispatch(self, x: Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]],
+             handle: Optional[Tuple] = None,
+             num_tokens_per_rank: Optional[torch.Tensor] = None,
+             num_tokens_per_rdma_rank: Optional[torch.Tensor] = None,
+             is_token_in_rank: Optional[torch.Tensor] = None,
+             num_tokens_per_expert: Optional[torch.Tensor] = None,
+             topk_idx: Optional[torch.Tensor] = None, topk_weights: Optional[torch.Tensor] = None,
+             expert_alignment: int = 1, num_worst_tokens: int = 0,
+             config: Optional[Config] = None,
+             previous_event: Optional[EventOverlap] = None, async_finish: bool = False,
+             allocate_on_comm_stream: bool = False) -> \
+        Tuple[Union[Tuple[torch.Tensor, torch.Tensor], torch.Tensor], Optional[torch.Tensor],
+              Optional[torch.Tensor], Optional[List[int]], Optional[Tuple], EventOverlap]:
+    """
+    Sends each token once to every rank that holds one of its experts.
+
+    Arguments:
+        x: `[num_tokens, hidden]` bfloat16, or a tuple (`[num_tokens, hidden]` float8_e4m3fn,
+            `[num_tokens, ceil(hidden / 128)]` float32 scales); rows may be strided (16-byte
+            aligned). The fp8 bytes and scales are moved as they are.
+        handle: a handle from an earlier dispatch: cached mode, the same routing is reused and
+            the count exchange skipped (then topk_idx, topk_weights and the layout tensors
+            must not be given).
+        num_tokens_per_rank, is_token_in_rank, num_tokens_per_expert: from
+            `get_dispatch_layout` (required for a fresh dispatch).
+        num_tokens_per_rdma_rank: must be None (no internode mode).
+        topk_idx: `[num_tokens, num_topk]` int64, optional (without it only x moves; the layout tensors route).
+        topk_weights: `[num_tokens, num_topk]` float32, optional.
+        expert_alignment: each count of `num_recv_tokens_per_expert_list` is rounded up to it.
+        num_worst_tokens: > 0: the received tensors get this many rows (padding rows: x 0,
+            topk_idx -1, weights 0, src_idx -1), nothing syncs with the host and the call is
+            CUDA-graph capturable; `num_recv_tokens_per_expert_list` is then an empty list.
+            0: the host waits for the count exchange and allocates exactly the received rows.
+        config: an epx.Config (default `get_dispatch_config(group_size)`).
+        previous_event, async_finish, allocate_on_comm_stream: see the module docstring.
+
+    Returns:
+        recv_x: the received rows, ordered by (source rank, source token index): a tensor, or
+            a (fp8 tensor, scales) tuple like `x`.
+        recv_topk_idx: `[rows, num_topk]` int64 ids of this rank's local experts (-1 for
+            experts elsewhere), None without topk_idx or in cached mode.
+        recv_topk_weights: `[rows, num_topk]` float32 (0 where the id is -1), or None.
+        num_recv_tokens_per_expert_list: list of `num_local_experts` ints (aligned to
+            `expert_alignment`); empty with num_worst_tokens > 0; None in cached mode.
+        handle: (rank_prefix_matrix `[R, R]` int32, count_matrix `[R, R]` int32, send_pos
+            `[num_tokens, R]` int32, recv_src_idx `[rows]` int32, is_token_in_rank, core
+            handle); None in cached mode.
+        event: the EventOverlap (its event is set only with `async_finish`).
+    """
+    rt = _rt(self)
+    R = self.group_size
+    if num_tokens_per_rdma_rank is not None:
+        raise _error("Unsupported", "num_tokens_per_rdma_rank: epx has no internode (RDMA) dispatch; pass None")
+    if isinstance(x, tuple):
+        if len(x) != 2:
+            raise _error("InvalidArgument", f"x: expected a tensor or a (fp8 tensor, scales) tuple, got a tuple "
+                                            f"of {len(x)}")
+        x, x_scales = x
+        d_x = _desc(self, x, "x[0]", _FP8, 2)
+        # float32 or int32 (UE8M0-packed) scales, [N] or [N, C]: moved as 32-bit words.
+        d_scales = _desc(self, x_scales, "x[1] (scales)", _SCALES)
+        if x_scales.dim() not in (1, 2):
+            raise _error("InvalidArgument", f"x[1] (scales): expected [num_tokens] or [num_tokens, C], got shape "
+                                            f"{tuple(x_scales.shape)}")
+    else:
+        x_scales, d_scales = None, None
+        d_x = _desc(self, x, "x", _BF16_FP8, 2)
+        if d_x[1] == _C.DTYPE_FP8E4M3:
+            raise _error("InvalidArgument", "x: an fp8 tensor needs its scales: pass x as (fp8 tensor, scales)")
+    if type(expert_alignment) is not int or expert_alignment < 1:  # (the common case without a call)
+        _check_int("expert_alignment", expert_alignment, 1)
+    if type(num_worst_tokens) is not int or num_worst_tokens < 0:
+        _check_int("num_worst_tokens", num_worst_tokens, 0)
+    _apply_config(self, config)
+    num_tokens, hidden = d_x[2]
+
+    if handle is not None:
+        h = _check_handle(self, handle)
+        if topk_idx is not None or topk_weights is not None or num_tokens_per_rank is not None or \
+                is_token_in_rank is not None or num_tokens_per_expert is not None:
+            given = [name for name, t in (("topk_idx", topk_idx), ("topk_weights", topk_weights),
+                                          ("num_tokens_per_rank", num_tokens_per_rank),
+                                          ("is_token_in_rank", is_token_in_rank),
+                                          ("num_tokens_per_expert", num_tokens_per_expert)) if t is not None]
+            raise _error("InvalidArgument", f"{', '.join(given)}: not allowed with a cached handle (the handle's "
+                                            "routing is reused)")
+        worst = h.num_worst_tokens
+        if num_worst_tokens != 0 and num_worst_tokens != worst:
+            raise _error("InvalidArgument", f"num_worst_tokens: the handle was made with num_worst_tokens="
+                                            f"{worst}, got {num_worst_tokens}")
+        rows = max(worst if worst > 0 else h.num_recv_tokens, 0)
+        compute = _begin(self, previous_event, async_finish, allocate_on_comm_stream)
+        dev = self._device
+        if allocate_on_comm_stream:
+            with torch.cuda.stream(self._comm_stream):
+                recv_x = torch.empty((rows, hidden), dtype=x.dtype, device=dev)
+                recv_x_scales = None if x_scales is None else \
+                    torch.empty((rows,) + tuple(x_scales.shape[1:]), dtype=x_scales.dtype, device=dev)
+        else:
+            recv_x = torch.empty((rows, hidden), dtype=x.dtype, device=dev)
+            recv_x_scales = None if x_scales is None else \
+                torch.empty((rows,) + tuple(x_scales.shape[1:]), dtype=x_scales.dtype, device=dev)
+        out_desc = _out_desc
+        rt.dispatch(h, x=d_x, x_scales=d_scales, expert_alignment=expert_alignment, num_worst_tokens=worst,
+                    recv_x=out_desc(recv_x), recv_x_scales=None if recv_x_scales is None else out_desc(recv_x_scales),
+                    stream=self._comm_raw)
+        event = _end(self, compute, async_finish, allocate_on_comm_stream,
+                          (x, x_scales, recv_x, recv_x_scales, h.storage) if async_finish else None)
+        return (recv_x, recv_x_scales) if x_scales is not None else recv_x, None, None, None, None, event
+
+    d_ntpr = _desc(self, num_tokens_per_rank, "num_tokens_per_rank", _I32)
+    d_itir = _desc(self, is_token_in_rank, "is_token_in_rank", _BOOL)
+    d_ntpe = _desc(self, num_tokens_per_expert, "num_tokens_per_expert", _I32, 1)
+    d_topk = _opt_desc(self, topk_idx, "topk_idx", _I64, 2)
+    d_weights = _opt_desc(self, topk_weights, "topk_weights", _F32, 2)
+    num_local_experts = num_tokens_per_expert.size(0) // R
+    total, o_rpm, o_cm, o_sp, o_nr = _C.DispatchHandle.storage_layout(R, num_tokens)
+
+    stream = self._comm_raw
+    compute = _begin(self, previous_event, async_finish, allocate_on_comm_stream)
+    with _alloc(self, allocate_on_comm_stream):
+        storage = torch.empty((total,), dtype=torch.int32, device=self._device)
+    _C.memset_async(storage.data_ptr(), 0, total * 4, stream)
+    h = _C.DispatchHandle(storage_ptr=storage.data_ptr(), storage_numel=total, num_ranks=R, rank=self.rank,
+                          num_tokens=num_tokens, storage=storage)
+    host_synced = num_worst_tokens == 0
+    d_counts = _recv_counts(self, num_local_experts) if host_synced else None
+    num_recv = rt.dispatch_notify(h, x=d_x, x_scales=d_scales, topk_idx=d_topk, topk_weights=d_weights,
+                                  num_tokens_per_rank=d_ntpr, is_token_in_rank=d_itir, num_tokens_per_expert=d_ntpe,
+                                  expert_alignment=expert_alignment, num_worst_tokens=num_worst_tokens,
+                                  num_recv_tokens_per_expert=d_counts, stream=stream)
+    if host_synced:
+        counts = self._counts_host[:num_local_experts].tolist()
+        rows = num_recv
+    else:
+        counts = []
+        rows = num_worst_tokens
+    num_topk = 0 if topk_idx is None else topk_idx.size(1)
+    with _alloc(self, allocate_on_comm_stream):
+        recv_x = torch.empty((rows, hidden), dtype=x.dtype, device=self._device)
+        recv_x_scales = None if x_scales is None else \
+            torch.empty((rows,) + tuple(x_scales.shape[1:]), dtype=x_scales.dtype, device=self._device)
+        recv_topk_idx = None if topk_idx is None else \
+            torch.empty((rows, num_topk), dtype=torch.int64, device=self._device)
+        recv_topk_weights = None if topk_weights is None else \
+            torch.empty((rows, num_topk), dtype=torch.float32, device=self._device)
+        recv_src_idx = torch.empty((rows,), dtype=torch.int32, device=self._device)
+    rt.dispatch(h, x=d_x, x_scales=d_scales, topk_idx=d_topk, topk_weights=d_weights,
+                expert_alignment=expert_alignment, num_worst_tokens=num_worst_tokens, recv_x=_out_desc(recv_x),
+                recv_x_scales=None if recv_x_scales is None else _out_desc(recv_x_scales),
+                recv_topk_idx=None if recv_topk_idx is None else _out_desc(recv_topk_idx),
+                recv_topk_weights=None if recv_topk_weights is None else _out_desc(recv_topk_weights),
+                recv_src_idx=_out_desc(recv_src_idx), stream=stream)
+    rank_prefix_matrix = storage[o_rpm:o_cm].view(R, R)
+    count_matrix = storage[o_cm:o_sp].view(R, R)
+    send_pos = storage[o_sp:o_nr].view(num_tokens, R)
+    new_handle = (rank_prefix_matrix, count_matrix, send_pos, recv_src_idx, is_token_in_rank, h)
+    event = _end(self, compute, async_finish, allocate_on_comm_stream,
+                      (x, x_scales, topk_idx, topk_weights, num_tokens_per_rank, is_token_in_rank,
+                       num_tokens_per_expert, storage, recv_x, recv_x_scales, recv_topk_idx, recv_topk_weights,
+                       recv_src_idx))
+    recv = (recv_x, recv_x_scales) if x_scales is not None else recv_x
+    return recv, recv_topk_idx, recv_topk_weights, counts, new_handle, event
+
+
+def combine(self, x: torch.Tensor, handle: Tuple,
+            topk_weights: Optional[torch.Tensor] = None,
+            bias: Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor], None] = None,
+            config: Optional[Config] = None,
+            previous_event: Optional[EventOverlap] = None, async_finish: bool = False,
+            allocate_on_comm_stream: bool = False) -> \
+        Tuple[torch.Tensor, Optional[torch.Tensor], EventOverlap]:
+    """
+    Sends the rows back to the ranks they came from and sums them there (fp32), **without**
+    weights (weight rows before combining, as in DeepEP). The reverse of `dispatch`.
+
+    Arguments:
+        x: `[rows, hidden]` bfloat16 in the order `dispatch` returned them.
+        handle: the handle of that dispatch.
+        topk_weights: `[rows, num_topk]` float32, optional: summed the same way.
+        bias: a `[num_tokens, hidden]` bfloat16 tensor or a tuple of two, added to the sum.
+        config: an epx.Config (default `get_combine_config(group_size)`).
+        previous_event, async_finish, allocate_on_comm_stream: see the module docstring.
+
+    Returns:
+        combined_x: `[num_tokens, hidden]` bfloat16.
+        combined_topk_weights: `[num_tokens, num_topk]` float32, or None.
+        event: the EventOverlap (its event is set only with `async_finish`).
+    """
+    rt = _rt(self)
+    h = _check_handle(self, handle)
+    d_x = _desc(self, x, "x", _BF16, 2)
+    d_weights = None if topk_weights is None else _desc(self, topk_weights, "topk_weights", _F32, 2)
+    if bias is None:
+        bias_0 = bias_1 = d_bias_0 = d_bias_1 = None
+    else:
+        if isinstance(bias, torch.Tensor):
+            bias_0, bias_1 = bias, None
+        elif isinstance(bias, tuple) and len(bias) == 2:
+            bias_0, bias_1 = bias
+        else:
+            raise _error("InvalidArgument", "bias: expected a tensor or a tuple of two tensors")
+        d_bias_0 = _opt_desc(self, bias_0, "bias[0]", _BF16)
+        d_bias_1 = _opt_desc(self, bias_1, "bias[1]", _BF16)
+    _apply_config(self, config)
+    num_tokens = h.num_tokens
+    compute = _begin(self, previous_event, async_finish, allocate_on_comm_stream)
+    dev = self._device
+    if allocate_on_comm_stream:
+        with torch.cuda.stream(self._comm_stream):
+            combined_x = torch.empty((num_tokens, d_x[2][1]), dtype=torch.bfloat16, device=dev)
+            combined_topk_weights = None if d_weights is None else \
+                torch.empty((num_tokens, d_weights[2][1]), dtype=torch.float32, device=dev)
+    else:
+        combined_x = torch.empty((num_tokens, d_x[2][1]), dtype=torch.bfloat16, device=dev)
+        combined_topk_weights = None if d_weights is None else \
+            torch.empty((num_tokens, d_weights[2][1]), dtype=torch.float32, device=dev)
+    out_desc = _out_desc
+    rt.combine(h, x=d_x, topk_weights=d_weights, bias_0=d_bias_0, bias_1=d_bias_1, combined_x=out_desc(combined_x),
+               combined_topk_weights=None if combined_topk_weights is None else out_desc(combined_topk_weights),
+               stream=self._comm_raw)
+    event = _end(self, compute, async_finish, allocate_on_comm_stream,
+                      (x, topk_weights, bias_0, bias_1, h.storage, combined_x, combined_topk_weights)
+                      if async_finish else None)
+    return combined_x, combined_topk_weights, event
+
+
+def internode_dispatch(self, x: Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]],
+                       handle: Optional[Tuple] = None,
+                       num_tokens_per_rank: Optional[torch.Tensor] = None,
+                       num_tokens_per_rdma_rank: Optional[torch.Tensor] = None,
+                       is_token_in_rank: Optional[torch.Tensor] = None,
+                       num_tokens_per_expert: Optional[torch.Tensor] = None,
+                       topk_idx: Optional[torch.Tensor] = None, topk_weights: Optional[torch.Tensor] = None,
+                       expert_alignment: int = 1, num_worst_tokens: int = 0,
+                       config: Optional[Config] = None,
+                       previous_event: Optional[EventOverlap] = None, async_finish: bool = False,
+                       allocate_on_comm_stream: bool = False):
+    """DeepEP's internode (RDMA + NVLink) dispatch: EpxError(Unsupported), epx serves one NVLink
+    domain (`dispatch` is the one to call)."""
+    raise _error("Unsupported", "internode_dispatch: epx has no internode (RDMA) mode; use dispatch")
+
+
+def internode_combine(self, x: torch.Tensor, handle: Tuple,
+                      topk_weights: Optional[torch.Tensor] = None,
+                      bias: Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor], None] = None,
+                      config: Optional[Config] = None,
+                      previous_event: Optional[EventOverlap] = None, async_finish: bool = False,
+                      allocate_on_comm_stream: bool = False):
+    """DeepEP's internode combine: EpxError(Unsupported) (see `internode_dispatch`)."""
+    raise _error("Unsupported", "internode_combine: epx has no internode (RDMA) mode; use combine")

@@ -1,0 +1,273 @@
+"""The low-latency operations of epx.Buffer (decode, CUDA-graph capturable): low_latency_dispatch,
+low_latency_combine, the zero-copy combine buffer, and DeepEP's shrink-mode masks. Methods of Buffer
+(buffer.py binds them); streams and events as in _streams.py.
+
+A low-latency handle is DeepEP's tuple (src_info, layout_range, num_max_dispatch_tokens_per_rank,
+hidden, num_experts) followed by epx's (src_topk_slot, num_topk, buffer_idx) and the core's
+epx._C.LowLatencyHandle the dispatch returned (its views are the tuple's tensors; buffer_idx is its
+low-latency buffer). The combine returns the buffer it used, which its receive hook takes.
+"""
+from typing import Callable, Optional, Tuple, Union
+
+import torch
+
+from . import _C
+from ._streams import _current_raw_stream, _ll_begin, _ll_finish, _ll_rt
+from ._tensors import _BF16, _F32, _I32, _I64, _DTYPE_CODES, _contiguous_strides, _desc, _out_desc
+from .utils import EventOverlap, _check_int, _error
+
+# Low-latency dispatch output layouts by geometry (see _ll_layout).
+_LL_LAYOUTS = {}
+# A low-latency handle: DeepEP's 5 elements, epx's 3, then the core's handle.
+_LL_HANDLE_LEN = 9
+_FLOAT_SCALES, _UE8M0 = _C.LowLatencyScale.kFloat, _C.LowLatencyScale.kUE8M0
+
+
+def _ll_layout(num_ranks: int, num_experts: int, T: int, hidden: int, use_fp8: bool, use_ue8m0: bool):
+    """
+    The outputs of a low-latency dispatch as (shape, strides, torch dtype, (dtype code, shape,
+    strides)) for recv_x, recv_scales (None without fp8), recv_count, src_info, layout_range and
+    src_topk_slot: computed once per geometry (shape and strides as DeepEP makes them; the scales
+    are column-major in the last two dims).
+    """
+    key = (num_ranks, num_experts, T, hidden, use_fp8, use_ue8m0)
+    layout = _LL_LAYOUTS.get(key)
+    if layout is not None:
+        return layout
+    E, RT = num_experts // num_ranks, num_ranks * T
+
+    def spec(shape, dtype, strides=None):
+        strides = _contiguous_strides(shape) if strides is None else strides
+        return shape, strides, dtype, (_DTYPE_CODES[dtype], shape, strides)
+
+    scales = None
+    if use_fp8:
+        num_scales = (hidden // 128 + 3) // 4 if use_ue8m0 else hidden // 128
+        st = _contiguous_strides((E, num_scales, RT))  # allocated [E, S, RT], returned transposed
+        scales = spec((E, RT, num_scales), torch.int32 if use_ue8m0 else torch.float32, (st[0], st[2], st[1]))
+    layout = (spec((E, RT, hidden), torch.float8_e4m3fn if use_fp8 else torch.bfloat16), scales,
+              spec((E,), torch.int32), spec((E, RT), torch.int32), spec((E, num_ranks), torch.int64),
+              spec((E, RT), torch.int32))
+    if len(_LL_LAYOUTS) >= 64:
+        _LL_LAYOUTS.clear()
+    _LL_LAYOUTS[key] = layout
+    return layout
+
+
+def clean_low_latency_buffer(self, num_max_dispatch_tokens_per_rank: int, hidden: int, num_experts: int) -> None:
+    """
+    Collective: zeroes the low-latency flags. epx does not need it between high-throughput and
+    low-latency ops (their memory is separate); it recovers after an error. The arguments
+    (DeepEP's) are checked but the whole low-latency region is cleaned.
+    """
+    rt = _ll_rt(self)
+    _check_int("num_max_dispatch_tokens_per_rank", num_max_dispatch_tokens_per_rank, 1)
+    _check_int("hidden", hidden, 1)
+    _check_int("num_experts", num_experts, 1)
+    rt.clean_low_latency_buffer()
+
+
+def _check_ll_handle(handle):
+    if type(handle) is not tuple or len(handle) != _LL_HANDLE_LEN or \
+            not isinstance(handle[_LL_HANDLE_LEN - 1], _C.LowLatencyHandle):
+        raise _error("InvalidArgument", "handle: expected the handle tuple returned by Buffer.low_latency_dispatch")
+    return handle
+
+
+def low_latency_dispatch(self, x: torch.Tensor, topk_idx: torch.Tensor,
+                         num_max_dispatch_tokens_per_rank: int, num_experts: int,
+                         cumulative_local_expert_recv_stats: Optional[torch.Tensor] = None,
+                         dispatch_wait_recv_cost_stats: Optional[torch.Tensor] = None,
+                         use_fp8: bool = True, round_scale: bool = False, use_ue8m0: bool = False,
+                         async_finish: bool = False, return_recv_hook: bool = False) -> \
+        Tuple[Union[Tuple[torch.Tensor, torch.Tensor], torch.Tensor], torch.Tensor, Tuple, EventOverlap,
+              Optional[Callable]]:
+    """
+    Sends each token to its experts' ranks into fixed-size per-expert tensors (no host sync,
+    CUDA-graph capturable). At most two low-latency results may be in flight at once.
+
+    Arguments:
+        x: `[num_tokens, hidden]` bfloat16, num_tokens <= num_max_dispatch_tokens_per_rank,
+            hidden a multiple of 128.
+        topk_idx: `[num_tokens, num_topk]` int64, -1 = none (a token's experts are distinct).
+        num_max_dispatch_tokens_per_rank: T, the same on every rank.
+        num_experts: the number of experts.
+        cumulative_local_expert_recv_stats: optional `[num_local_experts]` int32, += the rows
+            each local expert receives.
+        dispatch_wait_recv_cost_stats: optional `[num_ranks]` int64, += wait time per source
+            rank (epx takes one counter per source rank).
+        use_fp8: cast to fp8 e4m3 with one scale per 128 channels (else bf16 rows).
+        round_scale: power-of-two scales.
+        use_ue8m0: scales packed as UE8M0 exponents, 4 per int32 (needs round_scale=True).
+        async_finish: return an event instead of joining the current stream.
+        return_recv_hook: launch only the send (on the current stream); the returned hook
+            launches the receive. Holds no SM in between. Not with async_finish.
+
+    Returns:
+        recv_x: `[num_local_experts, num_ranks * T, hidden]` bf16, or with use_fp8 a tuple
+            (float8_e4m3fn tensor, scales): scales `[E_loc, R*T, hidden // 128]` float32, or
+            with use_ue8m0 `[E_loc, R*T, ceil(hidden / 512)]` int32; column-major in the last
+            two dims. Only the first recv_count[j] rows of expert j are valid.
+        recv_count: `[num_local_experts]` int32.
+        handle: for `low_latency_combine` (DeepEP's 5 fields, then epx's).
+        event: the EventOverlap (event set only with `async_finish`; it keeps the tensors).
+        hook: with return_recv_hook, a callable that launches the receive; else None.
+    """
+    rt = _ll_rt(self)
+    if async_finish and return_recv_hook:
+        raise _error("InvalidArgument", "async_finish and return_recv_hook: choose one (as in DeepEP)")
+    if use_ue8m0 and not round_scale:
+        raise _error("InvalidArgument", "use_ue8m0: needs round_scale=True (UE8M0 holds power-of-two scales)")
+    if not use_fp8 and (round_scale or use_ue8m0):
+        raise _error("InvalidArgument", "round_scale / use_ue8m0: only with use_fp8=True")
+    d_x = _desc(self, x, "x", _BF16, 2)
+    d_topk = _desc(self, topk_idx, "topk_idx", _I64, 2)
+    T = num_max_dispatch_tokens_per_rank
+    if type(T) is not int or T < 1:
+        _check_int("num_max_dispatch_tokens_per_rank", T, 1)
+    if type(num_experts) is not int or num_experts < 1:
+        _check_int("num_experts", num_experts, 1)
+    d_cum = None if cumulative_local_expert_recv_stats is None else \
+        _desc(self, cumulative_local_expert_recv_stats, "cumulative_local_expert_recv_stats", _I32)
+    d_wait = None if dispatch_wait_recv_cost_stats is None else \
+        _desc(self, dispatch_wait_recv_cost_stats, "dispatch_wait_recv_cost_stats", _I64)
+    hidden, num_topk = d_x[2][1], d_topk[2][1]
+    l_x, l_scales, l_count, l_info, l_range, l_slot = \
+        _ll_layout(self.group_size, num_experts, T, hidden, use_fp8, use_ue8m0)
+
+    compute, launch = _ll_begin(self, return_recv_hook)
+    dev, empty = self._device, torch.empty_strided
+    recv_x = empty(l_x[0], l_x[1], dtype=l_x[2], device=dev)
+    recv_scales = None if l_scales is None else empty(l_scales[0], l_scales[1], dtype=l_scales[2], device=dev)
+    recv_count = empty(l_count[0], l_count[1], dtype=torch.int32, device=dev)
+    src_info = empty(l_info[0], l_info[1], dtype=torch.int32, device=dev)
+    layout_range = empty(l_range[0], l_range[1], dtype=torch.int64, device=dev)
+    src_topk_slot = empty(l_slot[0], l_slot[1], dtype=torch.int32, device=dev)
+    core = rt.low_latency_dispatch(
+        x=d_x, topk_idx=d_topk, num_max_dispatch_tokens_per_rank=T, num_experts=num_experts, use_fp8=use_fp8,
+        round_scale=round_scale, scale_format=_UE8M0 if use_ue8m0 else _FLOAT_SCALES,
+        cumulative_local_expert_recv_stats=d_cum, dispatch_wait_recv_cost_stats=d_wait,
+        return_recv_hook=return_recv_hook, recv_x=(recv_x.data_ptr(),) + l_x[3],
+        recv_scales=None if recv_scales is None else (recv_scales.data_ptr(),) + l_scales[3],
+        recv_count=(recv_count.data_ptr(),) + l_count[3], src_info=(src_info.data_ptr(),) + l_info[3],
+        layout_range=(layout_range.data_ptr(),) + l_range[3],
+        src_topk_slot=(src_topk_slot.data_ptr(),) + l_slot[3], stream=launch)
+    buffer_idx = core.buffer_idx
+    handle = (src_info, layout_range, T, hidden, num_experts, src_topk_slot, num_topk, buffer_idx, core)
+    tensors = (x, topk_idx, recv_x, recv_scales, recv_count, src_info, layout_range, src_topk_slot,
+               cumulative_local_expert_recv_stats, dispatch_wait_recv_cost_stats) \
+        if async_finish or return_recv_hook else None
+    event, hook = _ll_finish(self, rt, compute, async_finish, return_recv_hook, buffer_idx, tensors)
+    recv = (recv_x, recv_scales) if use_fp8 else recv_x
+    return recv, recv_count, handle, EventOverlap(event, tensors if async_finish else None), hook
+
+
+def low_latency_combine(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor,
+                        handle: Tuple, use_logfmt: bool = False, zero_copy: bool = False,
+                        async_finish: bool = False, return_recv_hook: bool = False,
+                        out: Optional[torch.Tensor] = None,
+                        combine_wait_recv_cost_stats: Optional[torch.Tensor] = None) -> \
+        Tuple[torch.Tensor, EventOverlap, Optional[Callable]]:
+    """
+    Brings the expert outputs back and reduces them **with** the weights:
+    out[t] = sum over k of topk_weights[t, k] * y(expert topk_idx[t, k], t), in fp32.
+
+    Arguments:
+        x: `[num_local_experts, num_ranks * T, hidden]` bfloat16, in the layout
+            `low_latency_dispatch` returned.
+        topk_idx, topk_weights: `[num_tokens, num_topk]` int64 / float32, the dispatch's ids.
+        handle: the handle of that dispatch.
+        use_logfmt: not supported (must be False).
+        zero_copy: the expert outputs are already in `get_next_low_latency_combine_buffer`
+            (x then only has to match its shape and dtype and is not read). Needs the zero-copy
+            buffers (`num_rdma_bytes` from `get_low_latency_rdma_size_hint(..., zero_copy=True)`);
+            without them EpxError(BufferTooSmall), raised inside the collective operation, so
+            the peers' combines end too (EpxError(Aborted)).
+        async_finish, return_recv_hook: as in `low_latency_dispatch`.
+        out: optional `[num_tokens, hidden]` bfloat16 output, returned.
+        combine_wait_recv_cost_stats: not supported (must be None).
+
+    Returns:
+        combined_x: `[num_tokens, hidden]` bfloat16.
+        event: the EventOverlap (event set only with `async_finish`; it keeps the tensors).
+        hook: with return_recv_hook, a callable that launches the receive; else None.
+    """
+    rt = _ll_rt(self)
+    if use_logfmt:
+        raise _error("Unsupported", "use_logfmt=True: epx's low-latency combine sends bf16 only")
+    if combine_wait_recv_cost_stats is not None:
+        raise _error("Unsupported", "combine_wait_recv_cost_stats: not collected by epx; pass None")
+    if async_finish and return_recv_hook:
+        raise _error("InvalidArgument", "async_finish and return_recv_hook: choose one (as in DeepEP)")
+    src_info, layout_range, _, hidden, _, src_topk_slot, _, _, core = _check_ll_handle(handle)
+    if zero_copy:
+        # Not read: the core checks its shape and sends from the zero-copy buffer.
+        if not isinstance(x, torch.Tensor) or x.dtype != torch.bfloat16:
+            raise _error("InvalidArgument", f"x: with zero_copy, expected a bfloat16 tensor shaped like "
+                                            f"get_next_low_latency_combine_buffer, got "
+                                            f"{getattr(x, 'dtype', type(x).__name__)}")
+        d_x = _out_desc(x)
+    else:
+        d_x = _desc(self, x, "x", _BF16, 3)
+    d_topk = _desc(self, topk_idx, "topk_idx", _I64, 2)
+    d_weights = _desc(self, topk_weights, "topk_weights", _F32, 2)
+    d_out = None if out is None else _desc(self, out, "out", _BF16, 2)
+    compute, launch = _ll_begin(self, return_recv_hook)
+    if out is None:
+        out = torch.empty((d_topk[2][0], hidden), dtype=torch.bfloat16, device=self._device)
+        d_out = _out_desc(out)
+    # The buffer the combine used: a hook-mode combine's receive takes it.
+    used_buffer = rt.low_latency_combine(core, x=d_x, topk_idx=d_topk, topk_weights=d_weights,
+                                         zero_copy=bool(zero_copy), return_recv_hook=return_recv_hook, out=d_out,
+                                         stream=launch)
+    tensors = (x, topk_idx, topk_weights, src_info, layout_range, src_topk_slot, out) \
+        if async_finish or return_recv_hook else None
+    event, hook = _ll_finish(self, rt, compute, async_finish, return_recv_hook, used_buffer, tensors)
+    return out, EventOverlap(event, tensors if async_finish else None), hook
+
+
+def _mask_runtime(self, op: str) -> "_C.Buffer":
+    if not self.enable_shrink:
+        raise _error("State", f"{op}: needs a Buffer made with enable_shrink=True (masking failed ranks)")
+    return _ll_rt(self)
+
+
+def low_latency_update_mask_buffer(self, rank_to_mask: int, mask: bool = False) -> None:
+    """
+    Masks (`mask=True`) or unmasks `rank_to_mask` in this rank's view, for the low-latency
+    operations launched afterwards: a masked rank is neither sent to nor waited for, its
+    experts receive nothing and contribute nothing. Needs `enable_shrink=True`.
+    """
+    _mask_runtime(self, "low_latency_update_mask_buffer").low_latency_update_mask_buffer(rank_to_mask, bool(mask))
+
+
+def low_latency_query_mask_buffer(self, mask_status: torch.Tensor) -> None:
+    """
+    Writes this rank's view of every rank into `mask_status` (`[num_ranks]` int32 on this
+    device, 1 = masked, by hand or by a timeout), ordered on the current stream. Needs
+    `enable_shrink=True`.
+    """
+    rt = _mask_runtime(self, "low_latency_query_mask_buffer")
+    desc = _desc(self, mask_status, "mask_status", _I32, ndim=1)
+    rt.low_latency_query_mask_buffer(mask_status=desc, stream=_current_raw_stream(self._device_index))
+
+
+def low_latency_clean_mask_buffer(self) -> None:
+    """Unmasks every rank in this rank's view. Needs `enable_shrink=True`. A rank that comes
+    back rejoins after `clean_low_latency_buffer()` on every rank (collective), then this."""
+    _mask_runtime(self, "low_latency_clean_mask_buffer").low_latency_clean_mask_buffer()
+
+
+def get_next_low_latency_combine_buffer(self, handle: Tuple) -> torch.Tensor:
+    """
+    The `[num_local_experts, num_ranks * T, hidden]` bfloat16 buffer (inside the symmetric
+    memory) the next low-latency combine sends from: write the expert outputs here and call
+    `low_latency_combine(..., zero_copy=True)` to skip one copy. Needs `num_rdma_bytes` from
+    `get_low_latency_rdma_size_hint(..., zero_copy=True)`, else EpxError(BufferTooSmall) naming
+    the bytes (the same on every rank: the region and the shape are).
+    """
+    rt = _ll_rt(self)
+    core = _check_ll_handle(handle)[_LL_HANDLE_LEN - 1]
+    ptr, _, shape, strides = rt.next_combine_buffer(core)
+    num_bytes = 2 * (1 + sum((s - 1) * st for s, st in zip(shape, strides))) if all(shape) else 0
+    return self._wrap(ptr, num_bytes, torch.bfloat16, shape, strides)
