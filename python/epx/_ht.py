@@ -71,7 +71,7 @@ def get_dispatch_layout(self, topk_idx: torch.Tensor, num_experts: int,
     Arguments:
         topk_idx: `[num_tokens, num_topk]` int64 expert ids, -1 = no expert in that slot.
         num_experts: the number of experts (a multiple of the number of ranks).
-        previous_event, async_finish, allocate_on_comm_stream: see the module docstring.
+        previous_event, async_finish, allocate_on_comm_stream: see epx.buffer's module docstring.
 
     Returns:
         num_tokens_per_rank: `[num_ranks]` int32, tokens sent to each rank (a token counts once
@@ -95,7 +95,7 @@ def get_dispatch_layout(self, topk_idx: torch.Tensor, num_experts: int,
                            num_tokens_per_expert=_out_desc(num_tokens_per_expert),
                            is_token_in_rank=_out_desc(is_token_in_rank), stream=self._comm_raw)
     event = _end(self, compute, async_finish, allocate_on_comm_stream,
-                      (topk_idx, num_tokens_per_rank, num_tokens_per_expert, is_token_in_rank))
+                 (topk_idx, num_tokens_per_rank, num_tokens_per_expert, is_token_in_rank))
     return num_tokens_per_rank, None, num_tokens_per_expert, is_token_in_rank, event
 
 
@@ -133,7 +133,7 @@ def dispatch(self, x: Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]],
             CUDA-graph capturable; `num_recv_tokens_per_expert_list` is then an empty list.
             0: the host waits for the count exchange and allocates exactly the received rows.
         config: an epx.Config (default `get_dispatch_config(group_size)`).
-        previous_event, async_finish, allocate_on_comm_stream: see the module docstring.
+        previous_event, async_finish, allocate_on_comm_stream: see epx.buffer's module docstring.
 
     Returns:
         recv_x: the received rows, ordered by (source rank, source token index): a tensor, or
@@ -206,7 +206,7 @@ def dispatch(self, x: Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]],
                     recv_x=out_desc(recv_x), recv_x_scales=None if recv_x_scales is None else out_desc(recv_x_scales),
                     stream=self._comm_raw)
         event = _end(self, compute, async_finish, allocate_on_comm_stream,
-                          (x, x_scales, recv_x, recv_x_scales, h.storage) if async_finish else None)
+                     (x, x_scales, recv_x, recv_x_scales, h.storage) if async_finish else None)
         return (recv_x, recv_x_scales) if x_scales is not None else recv_x, None, None, None, None, event
 
     d_ntpr = _desc(self, num_tokens_per_rank, "num_tokens_per_rank", _I32)
@@ -257,9 +257,9 @@ def dispatch(self, x: Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]],
     send_pos = storage[o_sp:o_nr].view(num_tokens, R)
     new_handle = (rank_prefix_matrix, count_matrix, send_pos, recv_src_idx, is_token_in_rank, h)
     event = _end(self, compute, async_finish, allocate_on_comm_stream,
-                      (x, x_scales, topk_idx, topk_weights, num_tokens_per_rank, is_token_in_rank,
-                       num_tokens_per_expert, storage, recv_x, recv_x_scales, recv_topk_idx, recv_topk_weights,
-                       recv_src_idx))
+                 (x, x_scales, topk_idx, topk_weights, num_tokens_per_rank, is_token_in_rank,
+                  num_tokens_per_expert, storage, recv_x, recv_x_scales, recv_topk_idx, recv_topk_weights,
+                  recv_src_idx))
     recv = (recv_x, recv_x_scales) if x_scales is not None else recv_x
     return recv, recv_topk_idx, recv_topk_weights, counts, new_handle, event
 
@@ -281,7 +281,7 @@ def combine(self, x: torch.Tensor, handle: Tuple,
         topk_weights: `[rows, num_topk]` float32, optional: summed the same way.
         bias: a `[num_tokens, hidden]` bfloat16 tensor or a tuple of two, added to the sum.
         config: an epx.Config (default `get_combine_config(group_size)`).
-        previous_event, async_finish, allocate_on_comm_stream: see the module docstring.
+        previous_event, async_finish, allocate_on_comm_stream: see epx.buffer's module docstring.
 
     Returns:
         combined_x: `[num_tokens, hidden]` bfloat16.
@@ -321,8 +321,8 @@ def combine(self, x: torch.Tensor, handle: Tuple,
                combined_topk_weights=None if combined_topk_weights is None else out_desc(combined_topk_weights),
                stream=self._comm_raw)
     event = _end(self, compute, async_finish, allocate_on_comm_stream,
-                      (x, topk_weights, bias_0, bias_1, h.storage, combined_x, combined_topk_weights)
-                      if async_finish else None)
+                 (x, topk_weights, bias_0, bias_1, h.storage, combined_x, combined_topk_weights)
+                 if async_finish else None)
     return combined_x, combined_topk_weights, event
 
 

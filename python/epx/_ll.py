@@ -68,7 +68,7 @@ def clean_low_latency_buffer(self, num_max_dispatch_tokens_per_rank: int, hidden
 
 
 def _check_ll_handle(handle):
-    if type(handle) is not tuple or len(handle) != _LL_HANDLE_LEN or \
+    if not isinstance(handle, tuple) or len(handle) != _LL_HANDLE_LEN or \
             not isinstance(handle[_LL_HANDLE_LEN - 1], _C.LowLatencyHandle):
         raise _error("InvalidArgument", "handle: expected the handle tuple returned by Buffer.low_latency_dispatch")
     return handle
