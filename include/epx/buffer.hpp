@@ -171,9 +171,20 @@ struct BufferOptions {
   // NCCL LSA team; a SimWorld's whole world). A smaller size splits the domain into virtual nodes
   // (it must divide the domain: Error(kInvalidArgument) naming node_size otherwise), so the
   // scale-out path runs inside one NVLink domain. Nodes hold at most kMaxRanks ranks.
-  // NOTE: dispatch and combine across nodes are not implemented yet: a Buffer whose world spans
-  // more than one node is refused with Error(kUnsupported).
   int node_size = 0;
+  // Bytes of the RDMA region (DeepEP's num_rdma_bytes): the bounded per-(node, channel) rings of
+  // the high-throughput path across nodes (docs/protocol.md, "RDMA region"). Required (> 0) when
+  // the world spans more than one node, and must hold the rings of every row shape used
+  // (plan::rdma_bytes_for; an op whose rings do not fit raises Error(kBufferTooSmall) naming the
+  // minimum); 0 within one node. Across nodes the ring channels are Config.num_sms at construction
+  // (a later Config must keep it), and the low-latency region is not available (num_ll_bytes = 0).
+  // Virtual nodes inside one NVLink domain move the RDMA leg through the NVLink emulation (EmuNet);
+  // a world of several real NVLink domains (NCCL GIN) is refused with Error(kUnsupported).
+  size_t num_rdma_bytes = 0;
+  // Messages per put_signal (DeepEP's num_max_rdma_chunked_send_tokens) and messages per ring
+  // (num_max_rdma_chunked_recv_tokens: a multiple of the chunk, above it) of the RDMA rings.
+  int rdma_chunk_tokens = 6;
+  int rdma_ring_slots = 252;
 };
 
 namespace detail {

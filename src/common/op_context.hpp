@@ -10,8 +10,9 @@ namespace epx::device {
 
 struct OpContext {
   char* peers[kMaxPeers];  // base of each rank's symmetric buffer (own included), LSA pointers
-  int rank = 0;
-  int num_ranks = 0;
+  int rank = 0;       // index into peers: the rank, or (a world across nodes) its local index
+  int num_ranks = 0;  // entries of peers: the world, or (across nodes) the node's ranks
+  int first_rank = 0; // world rank of peers[0] (0 within one node): error records name world ranks
   Workspace* ws = nullptr;
   ErrorRecord* err = nullptr;  // host-mapped
   uint64_t timeout_ns = 0;

@@ -20,8 +20,9 @@
 // Ring (m, c) exists for every node m, the own node included, so that offsets index by node alike
 // on every rank (dispatch writes node-local rows over NVLink and leaves the own node's ring unused).
 // A message: payload (hidden_bytes), fp8 scales (4 bytes per 128 payload bytes), top-k global ids
-// (int32) and weights (f32) for num_topk, source meta (token index, bits of the destination node's
-// local ranks that take the token), each part 16-byte aligned. Combine sends partial rows (bf16,
+// (int32) and weights (f32) for num_topk, source meta (the source token index, -1 for the stream's
+// end marker of an op; then, per local rank u of the destination node, the token's position among
+// the source's rows to that rank, -1 where u does not take it), each part 16-byte aligned. Combine sends partial rows (bf16,
 // hidden_bytes) and their weights back through the same rings.
 // Regions start at multiples of kRdmaAlign; the rings are whole slots, each a multiple of 16 bytes.
 #pragma once
@@ -52,7 +53,8 @@ struct RdmaLayout {
   EPX_HD size_t topk_bytes() const { return align_up(static_cast<size_t>(num_topk) * 4, 16); }
   EPX_HD size_t topk_weights_offset() const { return topk_idx_offset() + topk_bytes(); }
   EPX_HD size_t meta_offset() const { return topk_weights_offset() + topk_bytes(); }
-  static constexpr size_t kMetaBytes = 16;  // int32 source token, uint32 local-rank bits, padding
+  // int32 source token (-1: end of the op's stream), int32 position on each local rank, padding.
+  static constexpr size_t kMetaBytes = align_up(4 * (1 + kMaxRanks), 16);
   EPX_HD size_t slot_bytes() const { return meta_offset() + kMetaBytes; }
 
   EPX_HD size_t streams() const { return static_cast<size_t>(num_nodes) * num_channels; }

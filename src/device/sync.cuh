@@ -36,7 +36,7 @@ __device__ __forceinline__ void record_error(const OpContext& ctx, DeviceErrorKi
   e->kind = static_cast<int>(kind);
   e->op = ctx.op;
   e->phase = static_cast<int>(phase);
-  e->rank = ctx.rank;
+  e->rank = ctx.first_rank + ctx.rank;
   e->peer = peer;
   e->block = blockIdx.x;
   e->index = index;
@@ -45,7 +45,7 @@ __device__ __forceinline__ void record_error(const OpContext& ctx, DeviceErrorKi
   __threadfence_system();
   st_release_sys(&e->state, 2);
   printf("epx: device error kind=%d op=%d phase=%d rank=%d peer=%d block=%d index=%d observed=%llu expected=%llu\n",
-         static_cast<int>(kind), ctx.op, static_cast<int>(phase), ctx.rank, peer, (int)blockIdx.x, index,
+         static_cast<int>(kind), ctx.op, static_cast<int>(phase), ctx.first_rank + ctx.rank, peer, (int)blockIdx.x, index,
          observed, expected);
 }
 
@@ -61,7 +61,7 @@ __device__ __forceinline__ bool still_ok(const OpContext& ctx, Phase phase) {
   for (int p = 0; p < ctx.num_ranks; ++p) {
     const uint64_t word = ld_relaxed_sys(&own->abort[p]);
     if (word != 0) {
-      record_error(ctx, DeviceErrorKind::kAborted, phase, p, -1, word, 0);
+      record_error(ctx, DeviceErrorKind::kAborted, phase, ctx.first_rank + p, -1, word, 0);
       return false;
     }
   }
@@ -162,11 +162,12 @@ __device__ __forceinline__ bool wait_peers_ready(const OpContext& ctx, uint64_t 
   if (threadIdx.x < ctx.num_ranks) {
     const int peer = threadIdx.x;
     const SyncArea* own = ctx.sync(ctx.rank);
-    ok = wait_geq(ctx, &own->ready[peer], e, Phase::kEntryBarrier, peer).ok;
+    ok = wait_geq(ctx, &own->ready[peer], e, Phase::kEntryBarrier, ctx.first_rank + peer).ok;
     for (int w = 0; ok && w < 2; ++w) {
       const uint64_t theirs = ld_relaxed_sys(&own->plan[peer][e & 1][w]);
       if (theirs != ctx.plan[w]) {
-        record_error(ctx, DeviceErrorKind::kInvalidArgument, Phase::kPlanCheck, peer, w, theirs, ctx.plan[w]);
+        record_error(ctx, DeviceErrorKind::kInvalidArgument, Phase::kPlanCheck, ctx.first_rank + peer, w, theirs,
+                     ctx.plan[w]);
         ok = false;
       }
     }
@@ -203,7 +204,7 @@ __device__ __forceinline__ void signal_sends_done(const OpContext& ctx, uint64_t
 // Block-wide: wait until `peer` has published done >= e.
 __device__ __forceinline__ bool wait_peer_done(const OpContext& ctx, uint64_t e, int peer, Phase phase) {
   bool ok = true;
-  if (threadIdx.x == 0) ok = wait_geq(ctx, &ctx.sync(ctx.rank)->done[peer], e, phase, peer).ok;
+  if (threadIdx.x == 0) ok = wait_geq(ctx, &ctx.sync(ctx.rank)->done[peer], e, phase, ctx.first_rank + peer).ok;
   return __syncthreads_and(ok);
 }
 
@@ -211,7 +212,7 @@ __device__ __forceinline__ bool wait_peer_done(const OpContext& ctx, uint64_t e,
 __device__ __forceinline__ bool wait_all_done(const OpContext& ctx, uint64_t e, Phase phase) {
   bool ok = true;
   if (threadIdx.x < ctx.num_ranks)
-    ok = wait_geq(ctx, &ctx.sync(ctx.rank)->done[threadIdx.x], e, phase, threadIdx.x).ok;
+    ok = wait_geq(ctx, &ctx.sync(ctx.rank)->done[threadIdx.x], e, phase, ctx.first_rank + threadIdx.x).ok;
   return __syncthreads_and(ok);
 }
 

@@ -4,6 +4,7 @@
 #include <nccl.h>
 #include <nccl_device.h>
 
+#include <algorithm>
 #include <cstdio>
 #include <cstring>
 #include <vector>
@@ -14,6 +15,7 @@
 #include "host/sim_world_state.hpp"
 #include "host/tuning.hpp"
 #include "host/validate.hpp"
+#include "kernels/internode_params.hpp"
 #include "kernels/scaleout_params.hpp"
 
 namespace epx {
@@ -58,10 +60,42 @@ Buffer::Buffer(Communicator& comm, size_t num_nvl_bytes, BufferOptions options) 
   EPX_CHECK(comm.local_rank() == comm.rank() % comm.local_size(), ErrorKind::kUnsupported, "rank ", comm.rank(),
             " is rank ", comm.local_rank(), " of its NVLink domain of ", comm.local_size(),
             "; epx needs each domain to hold consecutive ranks (rank = node * node_size + local)");
-  EPX_CHECK(m.topology.num_nodes() == 1, ErrorKind::kUnsupported, "the ", comm.world(), " ranks form ",
-            m.topology.num_nodes(), m.topology.virtual_nodes ? " virtual" : "", " nodes of ", m.topology.node_size,
-            " (NVLink domain of ", comm.local_size(), "); dispatch and combine across nodes are not implemented");
-  EPX_CHECK(comm.world() <= kMaxPeers, ErrorKind::kUnsupported, "world size ", comm.world(),
+  m.internode = m.topology.num_nodes() > 1;
+  if (m.internode) {
+    const std::string split = detail::concat("the ", comm.world(), " ranks form ", m.topology.num_nodes(),
+                                             m.topology.virtual_nodes ? " virtual" : "", " nodes of ",
+                                             m.topology.node_size, " (NVLink domain of ", comm.local_size(), ")");
+    EPX_CHECK(comm.local_size() == comm.world(), ErrorKind::kUnsupported, split,
+              ": a world of several NVLink domains needs NCCL GIN, which a Buffer does not set up; virtual nodes "
+              "inside one NVLink domain (BufferOptions::node_size) run over the NVLink emulation");
+    EPX_ARG_CHECK(options.num_rdma_bytes > 0, "num_rdma_bytes: ", split,
+                  ", so the Buffer needs the RDMA region (num_rdma_bytes > 0; plan::rdma_bytes_for gives the "
+                  "bytes of a row shape), got 0");
+    EPX_CHECK(options.num_ll_bytes == 0, ErrorKind::kUnsupported, "num_ll_bytes: ", split,
+              "; the low-latency mode across nodes is not implemented (num_ll_bytes must be 0)");
+    EPX_ARG_CHECK(options.config.num_threads >= 128, "Config.num_threads: ", split,
+                  "; the dispatch across nodes needs at least 4 warps per block, got ", options.config.num_threads);
+    EPX_ARG_CHECK(options.rdma_chunk_tokens >= 1, "rdma_chunk_tokens: must be >= 1, got ", options.rdma_chunk_tokens);
+    EPX_ARG_CHECK(options.rdma_ring_slots > options.rdma_chunk_tokens &&
+                      options.rdma_ring_slots % options.rdma_chunk_tokens == 0,
+                  "rdma_ring_slots: must be a multiple of rdma_chunk_tokens (", options.rdma_chunk_tokens,
+                  ") above it, got ", options.rdma_ring_slots);
+    // The smallest row shape's rings: below that no op fits.
+    plan::RdmaShape smallest{comm.world(), m.topology.node_size, options.config.num_sms, options.rdma_chunk_tokens,
+                             options.rdma_ring_slots, 16, 0};
+    const size_t minimum = plan::rdma_bytes_for(smallest);
+    EPX_CHECK(options.num_rdma_bytes >= minimum, ErrorKind::kBufferTooSmall, "num_rdma_bytes: ",
+              options.num_rdma_bytes, " bytes, the RDMA rings of ", m.topology.num_nodes(), " nodes x ",
+              options.config.num_sms, " channels need >= ", minimum,
+              " even for the smallest rows (plan::rdma_bytes_for names the bytes of a row shape)");
+    m.rdma_channels = options.config.num_sms;
+    m.rdma_chunk_tokens = options.rdma_chunk_tokens;
+    m.rdma_ring_slots = options.rdma_ring_slots;
+  } else {
+    EPX_ARG_CHECK(options.num_rdma_bytes == 0, "num_rdma_bytes: the ", comm.world(),
+                  " ranks form one node, which has no RDMA region; expected 0, got ", options.num_rdma_bytes);
+  }
+  EPX_CHECK(m.topology.node_size <= kMaxPeers, ErrorKind::kUnsupported, "node size ", m.topology.node_size,
             " exceeds the NVLink domain limit of ", kMaxPeers, " ranks");
   EPX_ARG_CHECK(num_nvl_bytes >= SymmetricLayout::kMinBytes, "num_nvl_bytes: expected >= ",
                 SymmetricLayout::kMinBytes, ", got ", num_nvl_bytes);
@@ -79,8 +113,11 @@ Buffer::Buffer(Communicator& comm, size_t num_nvl_bytes, BufferOptions options) 
   // places the low-latency buffers). Every rank checks every other, so all of them raise alike.
   {
     struct Sizes {
-      unsigned long long num_nvl_bytes, num_ll_bytes, ll_zero_copy;
-    } mine{num_nvl_bytes, num_ll_bytes, static_cast<unsigned long long>(zero_copy_mode)};
+      unsigned long long num_nvl_bytes, num_ll_bytes, ll_zero_copy, num_rdma_bytes, rdma_rings;
+    } mine{num_nvl_bytes, num_ll_bytes, static_cast<unsigned long long>(zero_copy_mode), options.num_rdma_bytes,
+           (static_cast<unsigned long long>(m.rdma_channels) << 40) |
+               (static_cast<unsigned long long>(m.rdma_chunk_tokens & 0xfffff) << 20) |
+               static_cast<unsigned long long>(m.rdma_ring_slots & 0xfffff)};
     std::vector<Sizes> all(comm.world());
     comm.all_gather(&mine, all.data(), sizeof(Sizes), m.timeout_s());
     for (int r = 0; r < comm.world(); ++r) {
@@ -88,6 +125,9 @@ Buffer::Buffer(Communicator& comm, size_t num_nvl_bytes, BufferOptions options) 
                     "num_nvl_bytes / num_ll_bytes: must be equal on all ranks; rank ", comm.rank(), " has ",
                     num_nvl_bytes, " / ", num_ll_bytes, ", rank ", r, " has ", all[r].num_nvl_bytes, " / ",
                     all[r].num_ll_bytes, " (after rounding up to 2 MiB)");
+      EPX_ARG_CHECK(all[r].num_rdma_bytes == mine.num_rdma_bytes && all[r].rdma_rings == mine.rdma_rings,
+                    "num_rdma_bytes / rdma_chunk_tokens / rdma_ring_slots / Config.num_sms: must be equal on all "
+                    "ranks across nodes; rank ", comm.rank(), " and rank ", r, " differ");
       EPX_ARG_CHECK(all[r].ll_zero_copy == mine.ll_zero_copy, "ll_zero_copy: must be equal on all ranks; rank ",
                     comm.rank(), " has ", ll_zero_copy_name(options.ll_zero_copy), ", rank ", r, " has ",
                     ll_zero_copy_name(static_cast<LlZeroCopy>(all[r].ll_zero_copy)));
@@ -102,9 +142,28 @@ Buffer::Buffer(Communicator& comm, size_t num_nvl_bytes, BufferOptions options) 
   EPX_ARG_CHECK(!options.enable_shrink || num_ll_bytes > 0,
                 "enable_shrink: masks ranks in the low-latency ops, so it needs num_ll_bytes > 0");
   m.shrink = options.enable_shrink;
-  m.memory = SymmetricMemory::create(comm, num_nvl_bytes + num_ll_bytes, m.timeout_s());
+  size_t window_bytes = num_nvl_bytes + num_ll_bytes;
+  if (m.internode) {
+    m.rdma_offset = window_bytes;
+    m.num_rdma_bytes = align_up(options.num_rdma_bytes, kRdmaAlign);
+    m.count_offset = align_up(m.rdma_offset + m.num_rdma_bytes, 1 << 21);
+    m.count_bytes = m.count_layout().num_bytes();
+    window_bytes = align_up(m.count_offset + m.count_bytes, 1 << 21);
+  }
+  m.memory = SymmetricMemory::create(comm, window_bytes, m.timeout_s());
   m.symmetric = m.memory->local();
-  for (int p = 0; p < comm.world(); ++p) m.peers[p] = m.memory->peers()[p];
+  {
+    // The peer table of the op context: the node's windows by local index.
+    const int first = m.internode ? m.topology.node_idx() * m.topology.node_size : 0;
+    const int count = m.internode ? m.topology.node_size : comm.world();
+    for (int p = 0; p < count; ++p) m.peers[p] = m.memory->peers()[first + p];
+  }
+  if (m.internode) {
+    m.windows_device = static_cast<char**>(m.arena->alloc(sizeof(char*) * comm.world()));
+    detail::copy_to_device(m.windows_device, m.memory->peers(), sizeof(char*) * comm.world(), m.arena->stream(),
+                           m.timeout_s() + 10, "Buffer (the window table)", comm.rank());
+    m.exchanges = static_cast<uint64_t*>(m.arena->alloc(sizeof(uint64_t)));
+  }
 
   m.workspace = static_cast<Workspace*>(m.arena->alloc(sizeof(Workspace)));
   if (m.num_ll_bytes > 0) m.ll_ws = static_cast<LlWorkspace*>(m.arena->alloc(sizeof(LlWorkspace)));
@@ -131,6 +190,8 @@ Buffer::~Buffer() {
   m.memory.reset();
   m.arena->free(m.workspace);
   m.arena->free(m.ll_ws);
+  m.arena->free(m.windows_device);
+  m.arena->free(m.exchanges);
   if (m.comm->simulated()) {
     // cudaFreeHost may wait for every rank's kernels: the world frees these when it ends.
     m.comm->sim_world()->state().defer_free_host(m.error);
@@ -145,6 +206,12 @@ Communicator& Buffer::comm() const { return *impl_->comm; }
 const Config& Buffer::config() const { return impl_->config; }
 void Buffer::set_config(const Config& config) {
   validate_config(*impl_->comm, config, impl_->tuning);
+  if (impl_->internode) {
+    EPX_ARG_CHECK(config.num_sms == impl_->rdma_channels, "Config.num_sms: the RDMA rings of a Buffer across nodes "
+                  "have ", impl_->rdma_channels, " channels, fixed at construction; got ", config.num_sms);
+    EPX_ARG_CHECK(config.num_threads >= 128, "Config.num_threads: the dispatch across nodes needs at least 4 warps "
+                  "per block, got ", config.num_threads);
+  }
   impl_->set_config(config);
 }
 
@@ -165,7 +232,7 @@ int Buffer::num_nodes() const { return impl_->topology.num_nodes(); }
 bool Buffer::failed() const { return impl_->failed; }
 void* Buffer::peer_pointer(int peer) const {
   validate::in_range(peer, "peer", 0, num_ranks() - 1);
-  return impl_->peers[peer];
+  return impl_->memory->peers()[peer];
 }
 size_t Buffer::num_nvl_bytes() const { return impl_->num_nvl_bytes; }
 size_t Buffer::flag_bytes(bool low_latency) {
@@ -342,6 +409,86 @@ XShape validate_x(const DispatchInputs& in) {
 
 }  // namespace
 
+namespace {
+
+// The dispatch across nodes (kernels/internode.cu): host-synced rows that fit every receiver's row
+// region, the RDMA leg through the bounded rings of num_rdma_bytes.
+void internode_dispatch(Buffer::Impl& m, const DispatchInputs& in, const DispatchHandle& handle,
+                        const DispatchOutputs& out, const XShape& xs, const RowLayout& rows, int64_t out_rows,
+                        cudaStream_t stream) {
+  const int R = m.comm->world();
+  m.agreed([&] {
+    EPX_CHECK(handle.num_worst_tokens == 0 && handle.max_recv_tokens >= 0, ErrorKind::kUnsupported,
+              "handle: a dispatch across nodes needs a host-synced handle (num_worst_tokens = 0)");
+    EPX_ARG_CHECK(rows.row_bytes % 16 == 0, "x.shape[1] (hidden): a dispatch across nodes moves rows of a "
+                  "multiple of 16 bytes, got ", rows.row_bytes, " bytes");
+  });
+  // Values every rank has (the shared count matrix, sizes, Config): every rank plans alike.
+  m.agreed([&] {
+    EPX_CHECK(handle.max_recv_tokens <= rows.capacity, ErrorKind::kBufferTooSmall, "num_nvl_bytes: ",
+              m.num_nvl_bytes, " holds ", rows.capacity, " rows of this shape, a rank receives ",
+              handle.max_recv_tokens, "; a dispatch across nodes needs every received row in the row region (",
+              plan::nvl_bytes_for_rows(handle.max_recv_tokens, xs.hidden, xs.dtype, xs.num_topk), " bytes)");
+  });
+  plan::RdmaShape shape{R, m.topology.node_size, m.rdma_channels, m.rdma_chunk_tokens, m.rdma_ring_slots,
+                        static_cast<int64_t>(rows.row_bytes), xs.num_topk};
+  RdmaLayout rdma = m.agreed([&] { return plan::rdma_layout(m.num_rdma_bytes, shape); });
+  rdma.base = m.rdma_offset;
+  EPX_CHECK(m.config.num_sms == m.rdma_channels, ErrorKind::kInvalidArgument, "Config.num_sms: ", m.config.num_sms,
+            ", the RDMA rings have ", m.rdma_channels, " channels (fixed at construction)");
+
+  const int S = xs.num_scale_columns;
+  kernels::InternodeDispatchParams<EmuNetView> q{};
+  kernels::DispatchParams& p = q.base;
+  p.ctx = m.context(OpCode::kDispatch);
+  p.rows = rows;
+  p.num_tokens = static_cast<int>(xs.num_tokens);
+  p.num_topk = xs.num_topk;
+  p.num_experts_per_rank = handle.num_experts / R;
+  p.x = static_cast<const char*>(in.x.data);
+  p.x_row_stride_bytes = in.x.stride[0] * static_cast<int64_t>(dtype_size(xs.dtype));
+  p.x_scales = S > 0 ? in.x_scales.ptr<uint32_t>() : nullptr;
+  p.scale_token_stride = S > 0 ? in.x_scales.stride[0] : 0;
+  p.scale_hidden_stride = S > 0 && xs.scale_ndim == 2 ? in.x_scales.stride[1] : 0;
+  p.topk_idx = in.topk_idx.defined() ? in.topk_idx.ptr<int64_t>() : nullptr;
+  p.topk_stride = in.topk_idx.defined() ? in.topk_idx.stride[0] : 0;
+  p.topk_weights = in.topk_weights.defined() ? in.topk_weights.ptr<float>() : nullptr;
+  p.weight_stride = in.topk_weights.defined() ? in.topk_weights.stride[0] : 0;
+  p.count_matrix = handle.count_matrix;
+  p.send_pos = handle.send_pos;
+  p.num_recv = handle.num_recv_device;
+  p.out_rows = out_rows;
+  p.recv_x = static_cast<char*>(out.recv_x.data);
+  p.recv_x_scales = S > 0 ? out.recv_x_scales.ptr<uint32_t>() : nullptr;
+  p.recv_topk_idx = out.recv_topk_idx.defined() ? out.recv_topk_idx.ptr<int64_t>() : nullptr;
+  p.recv_topk_weights = out.recv_topk_weights.defined() ? out.recv_topk_weights.ptr<float>() : nullptr;
+  p.recv_src_idx = out.recv_src_idx.defined() ? out.recv_src_idx.ptr<int>() : nullptr;
+  q.topology = m.topology.view();
+  q.net = m.emu_view(rdma.signals(), rdma.num_signals());
+  q.rdma = rdma;
+  const int warps = m.config.num_threads / 32;
+  const int remote = m.topology.num_nodes() - 1;
+  q.send_warps = std::max(1, std::min(remote, (warps - 1) / 3));
+  q.forward_warps = q.send_warps;
+  {
+    plan::OpPlan plan = plan::launch_plan(m.config);
+    plan.ring_channels = rdma.num_channels;
+    plan.ring_slots = rdma.ring_slots;
+    plan.ring_chunk = rdma.chunk_tokens;
+    plan.ring_send_warps = q.send_warps;
+    plan.row_bytes = rows.row_bytes;
+    plan.num_scales = rows.num_scales;
+    plan.num_topk_idx = rows.num_topk_idx;
+    plan.num_topk_weights = rows.num_topk_weights;
+    plan.experts_per_rank = p.num_experts_per_rank;
+    plan::encode_plan(plan, p.ctx.plan);
+  }
+  kernels::launch_internode_dispatch(q, m.net_mode(), m.rdma_channels, m.config.num_threads, stream);
+  m.after_launch("dispatch", stream);
+}
+
+}  // namespace
+
 int Buffer::dispatch_notify(const DispatchInputs& in, DispatchHandle& handle, const View& num_recv_tokens_per_expert,
                             cudaStream_t stream) {
   Impl& m = *impl_;
@@ -392,7 +539,23 @@ int Buffer::dispatch_notify(const DispatchInputs& in, DispatchHandle& handle, co
     handle.num_recv_tokens = -1;
     handle.max_recv_tokens = -1;
     handle.max_sent_tokens = -1;
-    kernels::launch_notify(p, stream);
+    if (m.internode) {
+      m.agreed([&] {
+        EPX_CHECK(host_sync, ErrorKind::kUnsupported, "num_worst_tokens: ", in.num_worst_tokens,
+                  "; a dispatch across nodes is host-synced (num_worst_tokens = 0)");
+      });
+      kernels::InternodeNotifyParams<EmuNetView> q{};
+      q.base = p;
+      q.topology = m.topology.view();
+      const InternodeCountLayout layout = m.count_layout();
+      q.net = m.emu_view(layout.signals(), m.topology.num_nodes());
+      q.layout = layout;
+      q.num_experts = static_cast<int>(E);
+      q.exchanges = m.exchanges;
+      kernels::launch_internode_notify(q, m.net_mode(), stream);
+    } else {
+      kernels::launch_notify(p, stream);
+    }
     m.after_launch("dispatch_notify", stream);
     handle.filled = true;
     if (!host_sync) return -1;
@@ -443,6 +606,7 @@ void Buffer::dispatch(const DispatchInputs& in, const DispatchHandle& handle, co
       EPX_ARG_CHECK(in.topk_weights.defined(), "recv_topk_weights: needs topk_weights as input");
 
     const RowLayout rows = plan::dispatch_rows(m.num_nvl_bytes, xs.hidden, xs.dtype, xs.num_topk, xs.num_scale_columns);
+    if (m.internode) return internode_dispatch(m, in, handle, out, xs, rows, out_rows, stream);
     // Bounded when the busiest receiver's rows (host-synced), else the worst-case rows, do not fit
     // the row region: values every rank has, so every rank plans alike.
     const int64_t max_rows = handle.max_recv_tokens >= 0 ? handle.max_recv_tokens : handle.num_worst_tokens;
@@ -509,6 +673,10 @@ void Buffer::combine(const CombineInputs& in, const DispatchHandle& handle, cons
                   "handle: not filled by a dispatch on this Buffer");
     EPX_ARG_CHECK(handle.num_worst_tokens > 0 || handle.num_recv_tokens >= 0,
                   "handle: row count unknown on the host (not host-synced and no num_worst_tokens)");
+    m.agreed([&] {
+      EPX_CHECK(!m.internode, ErrorKind::kUnsupported, "combine: the ", R, " ranks form ", m.topology.num_nodes(),
+                " nodes; the combine across nodes is not implemented");
+    });
     const int64_t rows_in = handle.num_worst_tokens > 0 ? handle.num_worst_tokens : handle.num_recv_tokens;
     const int64_t N = handle.num_tokens;
     validate::tensor(in.x, "x", DType::kBF16, {rows_in, kAny});

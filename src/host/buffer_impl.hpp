@@ -12,6 +12,9 @@
 #include <string>
 
 #include "common/ll_layout.hpp"
+#include "common/net_view.hpp"
+#include "common/rdma_layout.hpp"
+#include "common/scaleout_layout.hpp"
 #include "epx/buffer.hpp"
 #include "host/checks.hpp"
 #include "host/device_arena.hpp"
@@ -35,7 +38,16 @@ struct Buffer::Impl {
   std::shared_ptr<DeviceArena> arena;
   std::unique_ptr<SymmetricMemory> memory;
   char* symmetric = nullptr;  // this rank's window (memory->local())
+  // Every window of this rank's node by local index (within one node: every rank's).
   char* peers[kMaxPeers] = {};
+  // A world across nodes (docs/protocol.md, "Internode dispatch"): after the high-throughput and
+  // low-latency parts, the RDMA region (num_rdma_bytes at rdma_offset) and the internode count
+  // exchange's region (InternodeCountLayout at count_offset, count_bytes).
+  bool internode = false;
+  size_t rdma_offset = 0, num_rdma_bytes = 0, count_offset = 0, count_bytes = 0;
+  int rdma_channels = 0, rdma_chunk_tokens = 0, rdma_ring_slots = 0;  // fixed at construction
+  char** windows_device = nullptr;  // [R] every rank's window as mapped here (EmuNet's view)
+  uint64_t* exchanges = nullptr;    // device word: internode count exchanges done
   Workspace* workspace = nullptr;
   ErrorRecord* error = nullptr;  // host-mapped
   ErrorRecord* error_device = nullptr;
@@ -59,8 +71,9 @@ struct Buffer::Impl {
   device::OpContext context(OpCode op) const {
     device::OpContext c;
     for (int p = 0; p < kMaxPeers; ++p) c.peers[p] = peers[p];
-    c.rank = comm->rank();
-    c.num_ranks = comm->world();
+    c.rank = internode ? topology.local_idx() : comm->rank();
+    c.num_ranks = internode ? topology.node_size : comm->world();
+    c.first_rank = internode ? topology.node_idx() * topology.node_size : 0;
     c.ws = workspace;
     c.err = error_device;
     c.timeout_ns = static_cast<uint64_t>(timeout_seconds * 1e9);
@@ -68,6 +81,34 @@ struct Buffer::Impl {
     return c;
   }
   double timeout_s() const { return timeout_seconds; }
+  EmuMode net_mode() const { return tuning.net_adversarial ? EmuMode::kAdversarial : EmuMode::kDirect; }
+  // The RDMA region's layout up to its rings (signals and counters: they depend on the nodes and
+  // channels only, fixed at construction), at rdma_offset.
+  RdmaLayout rdma_state_layout() const {
+    RdmaLayout l;
+    l.num_nodes = topology.num_nodes();
+    l.num_channels = rdma_channels;
+    l.base = rdma_offset;
+    return l;
+  }
+  size_t rdma_state_bytes() const { return rdma_state_layout().send_rings() - rdma_offset; }
+  InternodeCountLayout count_layout() const {
+    InternodeCountLayout l;
+    l.num_ranks = comm->world();
+    l.node_size = topology.node_size;
+    l.base = count_offset;
+    return l;
+  }
+  // EmuNet's view of the world with its signal words at `signal_offset` of every window.
+  EmuNetView emu_view(size_t signal_offset, int num_signals) const {
+    EmuNetView v;
+    v.windows = windows_device;
+    v.rank = comm->rank();
+    v.num_ranks = comm->world();
+    v.signal_offset = signal_offset;
+    v.num_signals = num_signals;
+    return v;
+  }
   void set_config(const Config& c) {
     config = c;
     timeout_seconds = effective_timeout_s(c);
@@ -80,6 +121,13 @@ struct Buffer::Impl {
     const cudaStream_t s = arena->stream();
     EPX_CUDA_CHECK(cudaMemsetAsync(symmetric, 0, SymmetricLayout::kRowsOffset, s));
     EPX_CUDA_CHECK(cudaMemsetAsync(workspace, 0, sizeof(Workspace), s));
+    if (internode) {
+      // The RDMA signals and counters (the rings' slots are written before they are read), the
+      // count exchange's region and its counter.
+      EPX_CUDA_CHECK(cudaMemsetAsync(symmetric + rdma_offset, 0, rdma_state_bytes(), s));
+      EPX_CUDA_CHECK(cudaMemsetAsync(symmetric + count_offset, 0, count_bytes, s));
+      EPX_CUDA_CHECK(cudaMemsetAsync(exchanges, 0, sizeof(uint64_t), s));
+    }
     if (num_ll_bytes > 0) zero_ll_state();
     ll_next = 0;
     pending[0] = pending[1] = PendingReceive{};
@@ -158,7 +206,7 @@ struct Buffer::Impl {
                            "reading the sync flags", comm->rank());
       detail::copy_to_host(&ws, workspace, sizeof(ws), s, 10, "reading the sync flags", comm->rank());
       std::string ready, done;
-      for (int p = 0; p < comm->world(); ++p) {
+      for (int p = 0; p < context(OpCode::kNone).num_ranks; ++p) {
         ready += detail::concat(p ? " " : "", area.ready[p]);
         done += detail::concat(p ? " " : "", area.done[p]);
       }

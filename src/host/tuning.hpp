@@ -38,6 +38,13 @@ struct Tuning {
   // docs/performance.md).
   int dispatch_copy_warps = 0;
 
+  // A Buffer across virtual nodes moves the RDMA leg through the NVLink emulation (EmuNet); true
+  // runs it in the emulation's adversarial mode (puts held back and run in reverse order at the
+  // next signal, commit or flush: no more than the scale-out contract promises), which the tests
+  // use so that a kernel that leans on an order GIN does not promise fails there. No effect
+  // within one node. Ranks may differ (either mode keeps the contract).
+  bool net_adversarial = false;
+
   // Throws Error(kInvalidArgument) naming the field ("Tuning.<field>") when out of range for a
   // Buffer running `config` (warp counts are bounded by config.num_threads, ring_chunk by
   // config.ring_slots).

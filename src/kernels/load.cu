@@ -3,6 +3,7 @@
 
 #include "host/checks.hpp"
 #include "kernels/ht_params.hpp"
+#include "kernels/internode_params.hpp"
 #include "kernels/scaleout_params.hpp"
 #include "kernels/staged_copy_params.hpp"
 
@@ -26,6 +27,7 @@ void load_kernels() {
   load_ll_dispatch_kernels();
   load_ll_combine_kernels();
   load_transport_kernels();
+  load_internode_kernels();
   load_staged_copy_kernels();
   if (device >= 0 && device < 64) loaded[device] = true;
 }

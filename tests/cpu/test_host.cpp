@@ -125,7 +125,8 @@ TEST(Config, HoldsOnlyWhatAUserTunes) {
 // The internal Tuning starts at the measured winners (every count automatic), and its validation
 // names each knob.
 TEST(Tuning, DefaultsAreTheMeasuredWinnersAndValidateNamesEveryKnob) {
-  const auto [ring_combine, ring_chunk, ring_send_warps, dispatch_copy_warps] = Tuning{};
+  const auto [ring_combine, ring_chunk, ring_send_warps, dispatch_copy_warps, net_adversarial] = Tuning{};
+  EXPECT_FALSE(net_adversarial);  // the direct NVLink emulation
   EXPECT_TRUE(ring_combine);
   EXPECT_EQ(ring_chunk, 0);
   EXPECT_EQ(ring_send_warps, 0);

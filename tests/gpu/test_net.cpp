@@ -439,7 +439,7 @@ TEST(NetLayout, TokensPerRdmaRankMatchReference) {
 }
 
 // The Buffer's side: node_size is validated (a size that does not divide the NVLink domain names
-// node_size; a split into several nodes is refused until dispatch and combine cross nodes), and
+// node_size; a split into several nodes without num_rdma_bytes names num_rdma_bytes), and
 // get_dispatch_layout fills num_tokens_per_rdma_rank for its one node as the reference does.
 class NetBuffer : public ::testing::TestWithParam<int> {};
 
@@ -455,8 +455,8 @@ TEST_P(NetBuffer, NodeSizeAndRdmaRankCounts) {
     require_error([&] { Buffer b(*ctx.comm, 64 << 20, bad); }, ErrorKind::kInvalidArgument,
                   {"node_size", "3", "does not divide the NVLink domain of " + std::to_string(R)});
     bad.node_size = 2;
-    require_error([&] { Buffer b(*ctx.comm, 64 << 20, bad); }, ErrorKind::kUnsupported,
-                  std::vector<std::string>{"2 virtual nodes of 2", "across nodes are not implemented"});
+    require_error([&] { Buffer b(*ctx.comm, 64 << 20, bad); }, ErrorKind::kInvalidArgument,
+                  std::vector<std::string>{"num_rdma_bytes", "2 virtual nodes of 2"});
     InputSpec spec;
     spec.num_tokens = 300;
     spec.num_experts = 32;
@@ -486,7 +486,7 @@ TEST_P(NetBuffer, EnvNodeSizeIsTheDefault) {
   EXPECT_EQ(run_in_child([&] {
     for (const auto& [value, kind, needle] : std::vector<std::tuple<std::string, ErrorKind, std::string>>{
              {"3", ErrorKind::kInvalidArgument, "EPX_NODE_SIZE: 3 does not divide the NVLink domain of 4"},
-             {"2", ErrorKind::kUnsupported, "2 virtual nodes of 2"}}) {
+             {"2", ErrorKind::kInvalidArgument, "2 virtual nodes of 2"}}) {
       setenv("EPX_NODE_SIZE", value.c_str(), 1);
       const int failed = launch_sim(world, [&](int, int, Communicator& comm) {
         Config config;
@@ -499,7 +499,7 @@ TEST_P(NetBuffer, EnvNodeSizeIsTheDefault) {
       if (failed != 0) return 1;
     }
     unsetenv("EPX_NODE_SIZE");
-    std::printf("EPX_NODE_SIZE=3 and =2 refused on every rank as named\n");
+    std::printf("EPX_NODE_SIZE=3 refused, =2 (virtual nodes without num_rdma_bytes) refused on every rank as named\n");
     return 0;
   }, 120), 0);
 }

@@ -41,7 +41,8 @@ def _align(x, a):
 def _rdma_bytes(config, hidden_bytes, num_ranks, node_size):
     """The RDMA region as docs/protocol.md ("RDMA region") lays it out, recomputed independently."""
     nodes, channels = num_ranks // node_size, max(config.num_sms // 2, 1)
-    slot = (_align(hidden_bytes, 16) + _align(-(-hidden_bytes // 128) * 4, 16) + 2 * _align(4 * _C.MAX_TOPK, 16) + 16)
+    meta = _align(4 * (1 + _C.MAX_RANKS), 16)  # source token, a position per local rank
+    slot = (_align(hidden_bytes, 16) + _align(-(-hidden_bytes // 128) * 4, 16) + 2 * _align(4 * _C.MAX_TOPK, 16) + meta)
     streams = nodes * channels
     words = _align(16 * streams, 128)
     send = _align(words + 16 * streams, 128)

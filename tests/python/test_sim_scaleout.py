@@ -1,6 +1,7 @@
 """GPU tests (simulated, one GPU) of the Buffer's node_size= keyword: a size that does not divide
 the NVLink domain (a SimWorld's whole world) is an error naming node_size; a split into several
-(virtual) nodes is refused until dispatch and combine cross nodes; the domain itself is accepted
+(virtual) nodes without num_rdma_bytes (the Python Buffer has no internode mode) names
+num_rdma_bytes; the domain itself is accepted
 and reaches the core (node_size, num_nodes)."""
 import pytest
 
@@ -26,7 +27,7 @@ def _make(group, node_size):
 
 @pytest.mark.parametrize("node_size,kind,needles", [
     (3, "InvalidArgument", ("node_size", "3", "does not divide the NVLink domain of 4")),
-    (2, "Unsupported", ("2 virtual nodes of 2", "across nodes are not implemented")),
+    (2, "InvalidArgument", ("2 virtual nodes of 2", "num_rdma_bytes")),
 ])
 def test_node_size_refused_on_every_rank(node_size, kind, needles):
     for got_kind, message in epx.launch_sim(WORLD, _make, node_size):

@@ -1,0 +1,50 @@
+// Params and launchers of the high-throughput kernels across nodes (kernels/internode.cu,
+// docs/protocol.md "Internode dispatch"), templated over the scale-out backend's view
+// (common/net_view.hpp). Built and validated by src/host/buffer_internode.cpp.
+#pragma once
+#include <cuda_runtime_api.h>
+
+#include <cstdint>
+
+#include "common/layout.hpp"
+#include "common/net_view.hpp"
+#include "common/op_context.hpp"
+#include "common/rdma_layout.hpp"
+#include "common/scaleout_layout.hpp"
+#include "common/topology.hpp"
+#include "kernels/ht_params.hpp"
+
+namespace epx::kernels {
+
+// The count exchange of a fresh internode dispatch (one block): the notify's outputs of
+// NotifyParams (count_matrix, rank_prefix_matrix, send_pos, num_recv, per-expert counts, the
+// mailbox), for a world of nodes. ctx: this node's windows by local index (NVLink), rank = local
+// index, num_ranks = node size, first_rank = the node's first world rank.
+template <typename NetView>
+struct InternodeNotifyParams {
+  NotifyParams base;            // base.ctx as above; num_tokens_per_rank [R], is_token_in_rank [N, R]
+  TopologyView topology;
+  NetView net;                  // signals: layout.signal(m); EmuNet words at layout.signals()
+  InternodeCountLayout layout;  // in every window
+  int num_experts;              // E = R * E_loc (<= R * kMaxLocalExperts)
+  uint64_t* exchanges;          // device word: exchanges done (kernel boundaries order it)
+};
+
+// Internode dispatch (host-synced rows that fit every receiver's row region): grid = the RDMA
+// region's channels, block c = channel c (the token range of block_tokens). ctx as above.
+template <typename NetView>
+struct InternodeDispatchParams {
+  DispatchParams base;  // rows, inputs, world-sized count_matrix [R, R] and send_pos [N, R], outputs
+  TopologyView topology;
+  NetView net;          // signals: rdma.tail_signal / head_signal; EmuNet words at rdma.signals()
+  RdmaLayout rdma;      // in every window (rdma.base: its offset)
+  int send_warps;       // warps of a block that stream to the remote nodes (rail peers)
+  int forward_warps;    // warps that forward what the rail peers sent (the rest write node-local rows)
+};
+
+void launch_internode_notify(const InternodeNotifyParams<EmuNetView>& p, EmuMode mode, cudaStream_t stream);
+void launch_internode_dispatch(const InternodeDispatchParams<EmuNetView>& p, EmuMode mode, int num_blocks,
+                               int num_threads, cudaStream_t stream);
+void load_internode_kernels();
+
+}  // namespace epx::kernels

@@ -1,0 +1,345 @@
+// High-throughput dispatch across (virtual) nodes against the CPU reference of the internode
+// dispatch (ref::internode_dispatch), on one GPU through SimWorld at (world, node size) splits,
+// the RDMA leg over the NVLink emulation in its direct and adversarial modes:
+//  - bf16 and fp8 (per-128 scales), top-k 1 / 6 / 8, weights on and off, a rank without tokens,
+//    a node whose ranks receive nothing; RDMA rings of 12 messages in chunks of 3 (every stream
+//    wraps many times) and DeepEP's 252 in chunks of 6;
+//  - every output (rows, scales, local top-k ids, weights, source indices, per-expert counts, the
+//    rank prefix matrix, the host's row counts) bitwise against the reference, into outputs
+//    pre-filled with sentinels; a cached re-dispatch through the same handle; back-to-back ops
+//    whose ring geometry differs (the rings carry their counts across ops).
+// Errors: a world across nodes without num_rdma_bytes, or with too few, names num_rdma_bytes (and
+// the minimum); an op whose rings do not fit names the bytes it needs; the combine across nodes is
+// Unsupported.
+#include <cuda_runtime_api.h>
+
+#include <algorithm>
+#include <cstdio>
+#include <functional>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include "common/net_view.hpp"
+#include "gpu/harness.hpp"
+#include "host/plan.hpp"
+#include "host/tuning.hpp"
+#include "reference/reference_internode.hpp"
+
+namespace epx::test {
+namespace {
+
+constexpr int kChannels = 4;  // Config.num_sms of every case: within a SimWorld rank's share at 16 ranks
+constexpr int kHidden = 1024;
+constexpr int kExperts = 64;  // 4 per rank at 16 ranks
+
+struct SplitCase {
+  int world, node_size;
+  EmuMode mode;
+};
+void PrintTo(const SplitCase& c, std::ostream* os) {
+  *os << "sim_world" << c.world << "_node" << c.node_size
+      << (c.mode == EmuMode::kAdversarial ? "_adversarial" : "_direct");
+}
+std::string split_name(const ::testing::TestParamInfo<SplitCase>& info) {
+  std::ostringstream os;
+  PrintTo(info.param, &os);
+  return os.str();
+}
+std::vector<SplitCase> splits() {
+  std::vector<SplitCase> out;
+  for (const auto& [world, node_size] : std::vector<std::pair<int, int>>{{2, 1}, {4, 1}, {4, 2}, {8, 2}, {8, 4}, {16, 8}})
+    for (EmuMode mode : {EmuMode::kDirect, EmuMode::kAdversarial}) out.push_back({world, node_size, mode});
+  return out;
+}
+
+Config case_config() {
+  Config config;
+  config.num_sms = kChannels;
+  config.num_threads = 512;
+  return config;
+}
+
+// num_rdma_bytes that holds the rings of every row shape below (bf16 rows of kHidden, top-k 8).
+size_t rdma_bytes(int world, int node_size, int chunk, int slots) {
+  return plan::rdma_bytes_for(plan::RdmaShape{world, node_size, kChannels, chunk, slots, 2 * kHidden, 8});
+}
+
+struct Sub {
+  std::string name;
+  InputSpec spec;
+  int empty_rank = -1;  // this rank has no tokens
+  int quiet_node = -1;  // no token has an expert on this node
+};
+
+std::vector<Sub> subcases(int world, int node_size) {
+  std::vector<Sub> out;
+  InputSpec base;
+  base.num_tokens = 96;
+  base.hidden = kHidden;
+  base.num_experts = kExperts;
+  {
+    Sub s{"bf16_k8_weights", base};
+    s.spec.num_topk = 8;
+    out.push_back(s);
+  }
+  {
+    Sub s{"fp8_k6_noweights_empty_rank", base};
+    s.spec.fp8 = true;
+    s.spec.num_topk = 6;
+    s.spec.with_weights = false;
+    s.empty_rank = world - 1;
+    out.push_back(s);
+  }
+  {
+    Sub s{"bf16_k1_quiet_node", base};
+    s.spec.num_topk = 1;
+    s.spec.num_tokens = 130;
+    s.quiet_node = world / node_size - 1;
+    s.empty_rank = 0;
+    out.push_back(s);
+  }
+  {
+    Sub s{"fp8_k8_skewed", base};
+    s.spec.fp8 = true;
+    s.spec.routing = Routing::kSkewed;
+    s.spec.num_tokens = 200;
+    out.push_back(s);
+  }
+  return out;
+}
+
+// The device copies of one rank's inputs (scales column-major, as DeepEP's are).
+struct Inputs {
+  DeviceMem x, scales, topk_idx, topk_weights;
+};
+Inputs upload(const ref::RankInput& in, const InputSpec& s) {
+  Inputs d;
+  const int N = in.num_tokens;
+  d.x = DeviceMem::from(in.x.empty() ? std::vector<uint8_t>(16, 0) : in.x);
+  if (s.fp8) {
+    const int S = num_scale_columns(s);
+    std::vector<float> col(std::max<size_t>(1, static_cast<size_t>(S) * N));
+    for (int t = 0; t < N; ++t)
+      for (int j = 0; j < S; ++j) col[static_cast<size_t>(j) * N + t] = in.x_scales[static_cast<size_t>(t) * S + j];
+    d.scales = DeviceMem::from(col);
+  }
+  d.topk_idx = DeviceMem::from(in.topk_idx.empty() ? std::vector<int64_t>(1, -1) : in.topk_idx);
+  if (s.with_weights) d.topk_weights = DeviceMem::from(in.topk_weights.empty() ? std::vector<float>(1, 0.f) : in.topk_weights);
+  return d;
+}
+
+struct Outputs {
+  DeviceMem x, scales, topk_idx, topk_weights, src_idx;
+};
+Outputs alloc_outputs(const InputSpec& s, int64_t rows) {
+  const size_t es = s.fp8 ? 1 : 2, S = num_scale_columns(s), K = s.num_topk, n = std::max<int64_t>(rows, 1);
+  Outputs o{DeviceMem(n * s.hidden * es), DeviceMem(s.fp8 ? n * S * 4 : 16), DeviceMem(n * K * 8), DeviceMem(n * K * 4),
+            DeviceMem(n * 4)};
+  for (DeviceMem* m : {&o.x, &o.scales, &o.topk_idx, &o.topk_weights, &o.src_idx}) m->fill(0x7F);
+  return o;
+}
+
+void check_outputs(const Outputs& o, const InputSpec& s, const ref::DispatchResult& want, bool meta,
+                   const std::string& tag) {
+  const size_t n = want.num_recv, es = s.fp8 ? 1 : 2, S = num_scale_columns(s), K = s.num_topk;
+  expect_equal(o.x.download<uint8_t>(n * s.hidden * es), want.recv_x, n * s.hidden * es, tag + " recv_x");
+  if (S) expect_equal(o.scales.download<float>(n * S), want.recv_x_scales, n * S, tag + " recv_x_scales");
+  if (!meta) return;
+  expect_equal(o.topk_idx.download<int64_t>(n * K), want.recv_topk_idx, n * K, tag + " recv_topk_idx");
+  if (s.with_weights)
+    expect_equal(o.topk_weights.download<float>(n * K), want.recv_topk_weights, n * K, tag + " recv_topk_weights");
+  expect_equal(o.src_idx.download<int>(n), want.recv_src_idx, n, tag + " recv_src_idx");
+}
+
+// One sub-case on every rank: layout, host-synced dispatch (all outputs), cached re-dispatch.
+void run_sub(RankCtx& ctx, Buffer& buffer, const Sub& sub, uint64_t seed, int node_size) {
+  const int R = ctx.world, me = ctx.rank;
+  std::vector<ref::RankInput> all(R);
+  std::vector<InputSpec> specs(R, sub.spec);
+  for (int r = 0; r < R; ++r) {
+    if (r == sub.empty_rank) specs[r].num_tokens = 0;
+    all[r] = make_input(seed, r, specs[r]);
+    if (sub.quiet_node >= 0) {
+      const int E_loc = sub.spec.num_experts / R;
+      for (int64_t& e : all[r].topk_idx)
+        if (e >= 0 && e / E_loc / node_size == sub.quiet_node) e = -1;
+    }
+  }
+  const InputSpec& s = specs[me];
+  const int N = s.num_tokens, K = s.num_topk, E = s.num_experts;
+  ref::InternodeShape shape;
+  shape.base = shape_of(s, R, 1);
+  shape.node_size = node_size;
+  shape.num_channels = kChannels;
+  const std::vector<ref::InternodeDispatchResult> want = ref::internode_dispatch(all, shape);
+  const ref::DispatchResult& mine = want[me].recv;
+  if (sub.quiet_node >= 0 && me / node_size == sub.quiet_node)
+    REQUIRE(mine.num_recv == 0, sub.name, ": the quiet node's rank ", me, " receives ", mine.num_recv, " rows");
+
+  Inputs d = upload(all[me], s);
+  DeviceMem per_rank(4 * R), per_expert(4 * E), in_rank(std::max(1, N * R)), recv_per_expert(4 * (E / R));
+  recv_per_expert.fill(0x7F);
+  buffer.get_dispatch_layout(View::of(d.topk_idx.get(), DType::kI64, {N, K}), E, View::of(per_rank.get(), DType::kI32, {R}),
+                             View::of(per_expert.get(), DType::kI32, {E}),
+                             View::of(in_rank.get(), DType::kBool, {N, R}), ctx.stream);
+  DispatchInputs in;
+  in.x = View::of(d.x.get(), s.fp8 ? DType::kFP8E4M3 : DType::kBF16, {N, s.hidden});
+  if (s.fp8) in.x_scales = View::strided(d.scales.get(), DType::kF32, {N, num_scale_columns(s)}, {1, std::max(N, 1)});
+  in.topk_idx = View::of(d.topk_idx.get(), DType::kI64, {N, K});
+  if (s.with_weights) in.topk_weights = View::of(d.topk_weights.get(), DType::kF32, {N, K});
+  in.num_tokens_per_rank = View::of(per_rank.get(), DType::kI32, {R});
+  in.num_tokens_per_expert = View::of(per_expert.get(), DType::kI32, {E});
+  in.is_token_in_rank = View::of(in_rank.get(), DType::kBool, {N, R});
+
+  DispatchHandle handle = buffer.make_handle(N);
+  const int nr = buffer.dispatch_notify(in, handle, View::of(recv_per_expert.get(), DType::kI32, {E / R}), ctx.stream);
+  REQUIRE(nr == mine.num_recv, sub.name, ": rank ", me, " num_recv ", nr, " want ", mine.num_recv);
+  long long max_recv = 0, max_sent = 0;
+  for (int r = 0; r < R; ++r) {
+    max_recv = std::max<long long>(max_recv, want[r].recv.num_recv);
+    const ref::Layout l = ref::get_dispatch_layout(all[r].topk_idx, specs[r].num_tokens, K, E, R);
+    long long sent = 0;
+    for (int v : l.num_tokens_per_rank) sent += v;
+    max_sent = std::max(max_sent, sent);
+  }
+  REQUIRE(handle.max_recv_tokens == max_recv, sub.name, ": max_recv_tokens ", handle.max_recv_tokens, " want ", max_recv);
+  REQUIRE(handle.max_sent_tokens == max_sent, sub.name, ": max_sent_tokens ", handle.max_sent_tokens, " want ", max_sent);
+  expect_equal(recv_per_expert.download<int>(E / R), mine.num_recv_tokens_per_expert, E / R,
+               sub.name + " num_recv_tokens_per_expert");
+  std::vector<int> prefix(R * R);
+  download_bytes(prefix.data(), handle.rank_prefix_matrix, 4 * R * R);
+  expect_equal(prefix, mine.rank_prefix_matrix, R * R, sub.name + " rank_prefix_matrix");
+
+  Outputs out = alloc_outputs(s, nr);
+  DispatchOutputs o;
+  o.recv_x = View::of(out.x.get(), in.x.dtype, {nr, s.hidden});
+  if (s.fp8) o.recv_x_scales = View::of(out.scales.get(), DType::kF32, {nr, num_scale_columns(s)});
+  o.recv_topk_idx = View::of(out.topk_idx.get(), DType::kI64, {nr, K});
+  if (s.with_weights) o.recv_topk_weights = View::of(out.topk_weights.get(), DType::kF32, {nr, K});
+  o.recv_src_idx = View::of(out.src_idx.get(), DType::kI32, {nr});
+  buffer.dispatch(in, handle, o, ctx.stream);
+  buffer.synchronize(ctx.stream);
+  check_outputs(out, s, mine, true, sub.name);
+
+  // Cached re-dispatch: the handle's routing, x (and scales) only, into fresh sentinels.
+  DispatchInputs cached;
+  cached.x = in.x;
+  cached.x_scales = in.x_scales;
+  Outputs again = alloc_outputs(s, nr);
+  DispatchOutputs oc;
+  oc.recv_x = View::of(again.x.get(), in.x.dtype, {nr, s.hidden});
+  if (s.fp8) oc.recv_x_scales = View::of(again.scales.get(), DType::kF32, {nr, num_scale_columns(s)});
+  buffer.dispatch(cached, handle, oc, ctx.stream);
+  buffer.synchronize(ctx.stream);
+  check_outputs(again, s, mine, false, sub.name + " cached");
+}
+
+class InternodeDispatch : public ::testing::TestWithParam<SplitCase> {};
+
+// Every sub-case on rings that wrap (12 messages, chunks of 3), then on DeepEP's (252, 6), one
+// Buffer each; the sub-cases run back to back on a Buffer (ring counts carried across ops).
+TEST_P(InternodeDispatch, EveryOutputMatchesTheReference) {
+  const SplitCase c = GetParam();
+  SKIP_WITHOUT_SIM_WORLD(c.world);
+  const uint64_t seed = run_seed();
+  BufferOptions options;
+  options.config = case_config();
+  options.node_size = c.node_size;
+  options.rdma_chunk_tokens = 3;
+  options.rdma_ring_slots = 12;
+  options.num_rdma_bytes = rdma_bytes(c.world, c.node_size, 3, 12);
+  EXPECT_EQ(run_world(WorldMode::kSim, c.world, 32 << 20, options, [&](RankCtx& ctx) {
+    REQUIRE(ctx.buffer->num_nodes() == c.world / c.node_size, "num_nodes ", ctx.buffer->num_nodes());
+    Tuning t = tuning(*ctx.buffer);
+    t.net_adversarial = c.mode == EmuMode::kAdversarial;
+    set_tuning(*ctx.buffer, t);
+    const std::vector<Sub> subs = subcases(c.world, c.node_size);
+    for (const Sub& sub : subs) run_sub(ctx, *ctx.buffer, sub, seed ^ std::hash<std::string>{}(sub.name), c.node_size);
+    BufferOptions deep = ctx.options;
+    deep.rdma_chunk_tokens = 6;
+    deep.rdma_ring_slots = 252;
+    deep.num_rdma_bytes = rdma_bytes(c.world, c.node_size, 6, 252);
+    Buffer wide(*ctx.comm, 32 << 20, deep);
+    set_tuning(wide, t);
+    for (const Sub& sub : subs) run_sub(ctx, wide, sub, seed ^ 7 ^ std::hash<std::string>{}(sub.name), c.node_size);
+    wide.synchronize(ctx.stream);
+  }), 0);
+  std::printf("world %d, node size %d, %s: %zu sub-cases on two ring geometries match the reference\n", c.world,
+              c.node_size, c.mode == EmuMode::kAdversarial ? "adversarial" : "direct", subcases(c.world, c.node_size).size());
+}
+
+INSTANTIATE_TEST_SUITE_P(Splits, InternodeDispatch, ::testing::ValuesIn(splits()), split_name);
+
+// The Buffer's checks across nodes (4 ranks in 2 virtual nodes of 2).
+class InternodeErrors : public ::testing::TestWithParam<int> {};
+
+TEST_P(InternodeErrors, RdmaBytesAndUnsupportedOpsAreNamed) {
+  SKIP_WITHOUT_SIM_WORLD(GetParam());
+  const uint64_t seed = run_seed();
+  EXPECT_EQ(run_world(WorldMode::kSim, GetParam(), 32 << 20, case_config(), [&](RankCtx& ctx) {
+    const int R = ctx.world;
+    BufferOptions split = ctx.options;
+    split.node_size = 2;
+    require_error([&] { Buffer b(*ctx.comm, 32 << 20, split); }, ErrorKind::kInvalidArgument,
+                  {"num_rdma_bytes", "2 virtual nodes of 2", "got 0"});
+    split.num_rdma_bytes = 4096;
+    const size_t minimum =
+        plan::rdma_bytes_for(plan::RdmaShape{R, 2, kChannels, split.rdma_chunk_tokens, split.rdma_ring_slots, 16, 0});
+    require_error([&] { Buffer b(*ctx.comm, 32 << 20, split); }, ErrorKind::kBufferTooSmall,
+                  {"num_rdma_bytes", std::to_string(minimum)});
+    // Enough for 16-byte rows only: a dispatch of kHidden bf16 rows names the bytes its rings need.
+    split.num_rdma_bytes = minimum;
+    Buffer b(*ctx.comm, 32 << 20, split);
+    InputSpec spec;
+    spec.num_tokens = 32;
+    spec.hidden = kHidden;
+    spec.num_experts = 16;
+    spec.num_topk = 4;
+    const ref::RankInput input = make_input(seed, ctx.rank, spec);
+    const size_t need = plan::rdma_bytes_for(plan::RdmaShape{R, 2, kChannels, split.rdma_chunk_tokens,
+                                                             split.rdma_ring_slots, 2 * kHidden, 4});
+    Inputs d = upload(input, spec);
+    DeviceMem per_rank(4 * R), per_expert(4 * spec.num_experts), in_rank(spec.num_tokens * R);
+    const int N = spec.num_tokens, K = spec.num_topk, E = spec.num_experts;
+    b.get_dispatch_layout(View::of(d.topk_idx.get(), DType::kI64, {N, K}), E, View::of(per_rank.get(), DType::kI32, {R}),
+                          View::of(per_expert.get(), DType::kI32, {E}), View::of(in_rank.get(), DType::kBool, {N, R}),
+                          ctx.stream);
+    DispatchInputs in;
+    in.x = View::of(d.x.get(), DType::kBF16, {N, spec.hidden});
+    in.topk_idx = View::of(d.topk_idx.get(), DType::kI64, {N, K});
+    in.topk_weights = View::of(d.topk_weights.get(), DType::kF32, {N, K});
+    in.num_tokens_per_rank = View::of(per_rank.get(), DType::kI32, {R});
+    in.num_tokens_per_expert = View::of(per_expert.get(), DType::kI32, {E});
+    in.is_token_in_rank = View::of(in_rank.get(), DType::kBool, {N, R});
+    DispatchHandle h = b.make_handle(N);
+    const int nr = b.dispatch_notify(in, h, View{}, ctx.stream);
+    Outputs out = alloc_outputs(spec, nr);
+    DispatchOutputs o;
+    o.recv_x = View::of(out.x.get(), DType::kBF16, {nr, spec.hidden});
+    require_error([&] { b.dispatch(in, h, o, ctx.stream); }, ErrorKind::kBufferTooSmall,
+                  {"num_rdma_bytes", std::to_string(need)});
+    b.reset();
+    // The combine across nodes is not implemented: Unsupported, naming it.
+    DeviceMem y(std::max(1, nr) * spec.hidden * 2), cx(N * spec.hidden * 2);
+    CombineInputs ci;
+    ci.x = View::of(y.get(), DType::kBF16, {nr, spec.hidden});
+    CombineOutputs co;
+    co.combined_x = View::of(cx.get(), DType::kBF16, {N, spec.hidden});
+    require_error([&] { b.combine(ci, h, co, ctx.stream); }, ErrorKind::kUnsupported, "combine across nodes");
+    b.reset();
+    // Worst-case (no host sync) sizing across nodes is Unsupported too.
+    DispatchInputs worst = in;
+    worst.num_worst_tokens = N * R;
+    DispatchHandle hw = b.make_handle(N);
+    require_error([&] { b.dispatch_notify(worst, hw, View{}, ctx.stream); }, ErrorKind::kUnsupported,
+                  "num_worst_tokens");
+    b.reset();
+  }), 0);
+}
+
+INSTANTIATE_TEST_SUITE_P(Sim, InternodeErrors, ::testing::Values(4),
+                         [](const ::testing::TestParamInfo<int>& info) { return "sim_world" + std::to_string(info.param); });
+
+}  // namespace
+}  // namespace epx::test
