@@ -411,20 +411,18 @@ XShape validate_x(const DispatchInputs& in) {
 
 namespace {
 
-// The dispatch across nodes (kernels/internode.cu): host-synced rows that fit every receiver's row
-// region, the RDMA leg through the bounded rings of num_rdma_bytes.
+// The dispatch across nodes (kernels/internode.cu): rows that fit every receiver's row region
+// (host-synced, cached or worst-case sizing), the RDMA leg through the bounded rings of
+// num_rdma_bytes.
 void internode_dispatch(Buffer::Impl& m, const DispatchInputs& in, const DispatchHandle& handle,
                         const DispatchOutputs& out, const XShape& xs, const RowLayout& rows, int64_t out_rows,
                         cudaStream_t stream) {
   const int R = m.comm->world();
+  // Values every rank has (the shared count matrix, sizes, Config): every rank plans alike. Without
+  // a host sync (num_worst_tokens) the kernel checks that the rows fit, on every rank alike.
   m.agreed([&] {
-    EPX_CHECK(handle.num_worst_tokens == 0 && handle.max_recv_tokens >= 0, ErrorKind::kUnsupported,
-              "handle: a dispatch across nodes needs a host-synced handle (num_worst_tokens = 0)");
     EPX_ARG_CHECK(rows.row_bytes % 16 == 0, "x.shape[1] (hidden): a dispatch across nodes moves rows of a "
                   "multiple of 16 bytes, got ", rows.row_bytes, " bytes");
-  });
-  // Values every rank has (the shared count matrix, sizes, Config): every rank plans alike.
-  m.agreed([&] {
     EPX_CHECK(handle.max_recv_tokens <= rows.capacity, ErrorKind::kBufferTooSmall, "num_nvl_bytes: ",
               m.num_nvl_bytes, " holds ", rows.capacity, " rows of this shape, a rank receives ",
               handle.max_recv_tokens, "; a dispatch across nodes needs every received row in the row region (",
@@ -540,10 +538,6 @@ int Buffer::dispatch_notify(const DispatchInputs& in, DispatchHandle& handle, co
     handle.max_recv_tokens = -1;
     handle.max_sent_tokens = -1;
     if (m.internode) {
-      m.agreed([&] {
-        EPX_CHECK(host_sync, ErrorKind::kUnsupported, "num_worst_tokens: ", in.num_worst_tokens,
-                  "; a dispatch across nodes is host-synced (num_worst_tokens = 0)");
-      });
       kernels::InternodeNotifyParams<EmuNetView> q{};
       q.base = p;
       q.topology = m.topology.view();

@@ -23,7 +23,9 @@
 //   node rows  (the other warps): the channel's tokens to the ranks of this node, over NVLink
 //              into their final rows.
 // Then done over the node (signal_sends_done), and each rank copies its rows out of its row region
-// (every row has its final slot there: the host checks that they fit).
+// (every row has its final slot there: every block checks from the count matrix that the busiest
+// receiver's rows fit, else the op is skipped on every rank alike with kBufferTooSmall) and pads
+// the rest of a worst-case output.
 // No cycle of waits: forwarders wait only for tails, polling all their streams in turn (never one
 // stream alone), and consume whatever is announced; a sender waits only for the head of a stream
 // whose unannounced messages are fewer than Q < S, so the slots it waits for hold announced
@@ -32,6 +34,7 @@
 
 #include "device/net.cuh"
 #include "device/net_emu.cuh"
+#include "device/net_gin.cuh"
 #include "device/ptx.cuh"
 #include "device/sync.cuh"
 #include "kernels/dispatch_common.cuh"
@@ -164,15 +167,24 @@ __global__ void __launch_bounds__(kNotifyThreads, 1)
   __syncthreads();
   if (threadIdx.x == 0) {
     long long max_rows = 0, max_sent = 0;
+    int worst_rank = 0;
     for (int r = 0; r < R; ++r) {
       long long sent = 0;
       for (int s = 0; s < R; ++s) sent += q.count_matrix[r * R + s];
       const long long rows_r = q.rank_prefix_matrix[(R - 1) * R + r];
-      if (rows_r > max_rows) max_rows = rows_r;
+      if (rows_r > max_rows) {
+        max_rows = rows_r;
+        worst_rank = r;
+      }
       if (sent > max_sent) max_sent = sent;
     }
     const int num_recv = q.rank_prefix_matrix[(R - 1) * R + t.rank];
-    *q.num_recv = num_recv;
+    // Worst-case sizing: every rank sees the same matrix, so every rank skips alike (no abort word).
+    const bool over = q.num_worst_tokens > 0 && max_rows > q.num_worst_tokens;
+    if (over)
+      record_error(ctx, DeviceErrorKind::kInvalidArgument, Phase::kCapacity, worst_rank, -1, max_rows,
+                   q.num_worst_tokens);
+    *q.num_recv = over ? -1 : num_recv;
     if (q.mailbox != nullptr) {
       q.mailbox->num_recv = num_recv;
       q.mailbox->max_rows = max_rows;
@@ -464,7 +476,28 @@ __global__ void __launch_bounds__(kMaxHtThreads)
   const uint64_t e = op_begin(ctx);
   const int num_recv = *d.num_recv;
   check_skip_is_recorded(ctx, num_recv);
-  if (num_recv < 0) {
+  // Every row has its final slot in the receiver's row region: the busiest receiver of the world
+  // (column sums of the count matrix, the same on every rank, so every rank skips alike).
+  __shared__ int worst_rows, worst_rank;
+  auto rows_to = [&](int r) {
+    int rows = 0;
+    for (int s = 0; s < R; ++s) rows += d.count_matrix[s * R + r];
+    return rows;
+  };
+  if (threadIdx.x == 0) {
+    worst_rows = -1;
+    worst_rank = R;
+  }
+  __syncthreads();
+  for (int r = threadIdx.x; r < R; r += blockDim.x) atomicMax(&worst_rows, rows_to(r));
+  __syncthreads();
+  for (int r = threadIdx.x; r < R; r += blockDim.x)
+    if (rows_to(r) == worst_rows) atomicMin(&worst_rank, r);
+  __syncthreads();
+  if (num_recv < 0 || worst_rows > d.rows.capacity) {
+    if (num_recv >= 0 && blockIdx.x == 0 && threadIdx.x == 0)
+      record_error(ctx, DeviceErrorKind::kBufferTooSmall, Phase::kCapacity, worst_rank, -1, worst_rows,
+                   d.rows.capacity);
     op_end(ctx, e);
     return;
   }
@@ -517,6 +550,12 @@ void launch_internode_dispatch(const InternodeDispatchParams<EmuNetView>& p, Emu
   else
     internode_dispatch_kernel<EmuNetDirect><<<num_blocks, num_threads, 0, stream>>>(p);
 }
+
+#if EPX_HAVE_GIN
+void launch_internode_notify(const InternodeNotifyParams<GinNetView>& p, cudaStream_t stream) {
+  internode_notify_kernel<device::GinNet><<<1, kNotifyThreads, 0, stream>>>(p);
+}
+#endif
 
 void load_internode_kernels() {
   load_kernel(internode_notify_kernel<EmuNetDirect>, "internode_notify_kernel<EmuNetDirect>");

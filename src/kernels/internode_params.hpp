@@ -30,7 +30,8 @@ struct InternodeNotifyParams {
   uint64_t* exchanges;          // device word: exchanges done (kernel boundaries order it)
 };
 
-// Internode dispatch (host-synced rows that fit every receiver's row region): grid = the RDMA
+// Internode dispatch (rows that fit every receiver's row region; host-synced, cached or worst-case
+// sizing, the kernel checks the fit on every rank alike): grid = the RDMA
 // region's channels, block c = channel c (the token range of block_tokens). ctx as above.
 template <typename NetView>
 struct InternodeDispatchParams {
@@ -45,6 +46,12 @@ struct InternodeDispatchParams {
 void launch_internode_notify(const InternodeNotifyParams<EmuNetView>& p, EmuMode mode, cudaStream_t stream);
 void launch_internode_dispatch(const InternodeDispatchParams<EmuNetView>& p, EmuMode mode, int num_blocks,
                                int num_threads, cudaStream_t stream);
+#if EPX_HAVE_GIN
+// The count exchange over NCCL GIN (built wherever the headers have GIN; a Buffer does not launch
+// it yet: it sets up no GIN devComm). The dispatch's GinNet instantiation is not built: at 512
+// threads per block it exceeds the register budget (ptxas spills).
+void launch_internode_notify(const InternodeNotifyParams<GinNetView>& p, cudaStream_t stream);
+#endif
 void load_internode_kernels();
 
 }  // namespace epx::kernels

@@ -6,8 +6,9 @@
 //    wraps many times) and DeepEP's 252 in chunks of 6;
 //  - every output (rows, scales, local top-k ids, weights, source indices, per-expert counts, the
 //    rank prefix matrix, the host's row counts) bitwise against the reference, into outputs
-//    pre-filled with sentinels; a cached re-dispatch through the same handle; back-to-back ops
-//    whose ring geometry differs (the rings carry their counts across ops).
+//    pre-filled with sentinels; a cached re-dispatch through the same handle; worst-case sizing (no
+//    host sync) with its padding; back-to-back ops whose ring geometry differs (the rings carry
+//    their counts across ops).
 // Errors: a world across nodes without num_rdma_bytes, or with too few, names num_rdma_bytes (and
 // the minimum); an op whose rings do not fit names the bytes it needs; the combine across nodes is
 // Unsupported.
@@ -233,6 +234,37 @@ void run_sub(RankCtx& ctx, Buffer& buffer, const Sub& sub, uint64_t seed, int no
   buffer.dispatch(cached, handle, oc, ctx.stream);
   buffer.synchronize(ctx.stream);
   check_outputs(again, s, mine, false, sub.name + " cached");
+
+  // Worst-case sizing (no host sync): the same rows, then padding (x 0, top-k -1, weights 0, src -1).
+  int max_tokens = 0;
+  for (const InputSpec& sp : specs) max_tokens = std::max(max_tokens, sp.num_tokens);
+  DispatchInputs worst = in;
+  worst.num_worst_tokens = std::max(1, max_tokens * R);
+  const int64_t rows = worst.num_worst_tokens;
+  DispatchHandle hw = buffer.make_handle(N);
+  REQUIRE(buffer.dispatch_notify(worst, hw, View{}, ctx.stream) == -1, sub.name, ": worst-case notify returned a count");
+  Outputs padded = alloc_outputs(s, rows);
+  DispatchOutputs ow;
+  ow.recv_x = View::of(padded.x.get(), in.x.dtype, {rows, s.hidden});
+  if (s.fp8) ow.recv_x_scales = View::of(padded.scales.get(), DType::kF32, {rows, num_scale_columns(s)});
+  ow.recv_topk_idx = View::of(padded.topk_idx.get(), DType::kI64, {rows, K});
+  if (s.with_weights) ow.recv_topk_weights = View::of(padded.topk_weights.get(), DType::kF32, {rows, K});
+  ow.recv_src_idx = View::of(padded.src_idx.get(), DType::kI32, {rows});
+  buffer.dispatch(worst, hw, ow, ctx.stream);
+  buffer.synchronize(ctx.stream);
+  const std::string tag = sub.name + " worst-case";
+  check_outputs(padded, s, mine, true, tag);
+  const size_t n = mine.num_recv, es = s.fp8 ? 1 : 2;
+  const auto x = padded.x.download<uint8_t>(rows * s.hidden * es);
+  for (size_t i = n * s.hidden * es; i < x.size(); ++i) REQUIRE(x[i] == 0, tag, " padding recv_x byte ", i);
+  const auto idx = padded.topk_idx.download<int64_t>(rows * K);
+  for (size_t i = n * K; i < idx.size(); ++i) REQUIRE(idx[i] == -1, tag, " padding recv_topk_idx ", i);
+  if (s.with_weights) {
+    const auto w = padded.topk_weights.download<float>(rows * K);
+    for (size_t i = n * K; i < w.size(); ++i) REQUIRE(w[i] == 0.f, tag, " padding recv_topk_weights ", i);
+  }
+  const auto src = padded.src_idx.download<int>(rows);
+  for (int64_t i = n; i < rows; ++i) REQUIRE(src[i] == -1, tag, " padding recv_src_idx ", i);
 }
 
 class InternodeDispatch : public ::testing::TestWithParam<SplitCase> {};
@@ -327,13 +359,6 @@ TEST_P(InternodeErrors, RdmaBytesAndUnsupportedOpsAreNamed) {
     CombineOutputs co;
     co.combined_x = View::of(cx.get(), DType::kBF16, {N, spec.hidden});
     require_error([&] { b.combine(ci, h, co, ctx.stream); }, ErrorKind::kUnsupported, "combine across nodes");
-    b.reset();
-    // Worst-case (no host sync) sizing across nodes is Unsupported too.
-    DispatchInputs worst = in;
-    worst.num_worst_tokens = N * R;
-    DispatchHandle hw = b.make_handle(N);
-    require_error([&] { b.dispatch_notify(worst, hw, View{}, ctx.stream); }, ErrorKind::kUnsupported,
-                  "num_worst_tokens");
     b.reset();
   }), 0);
 }
