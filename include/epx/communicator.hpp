@@ -52,12 +52,24 @@ class Communicator {
   // Host all-gather of `num_bytes` per rank: all[r * num_bytes ...] = rank r's `mine`. Bounded.
   void all_gather(const void* mine, void* all, size_t num_bytes, double timeout_s = 100.0);
 
+  // A real communicator whose host collective missed its bound is broken: NCCL's kernel of that
+  // collective still waits on the communicator's stream for a peer that may be gone (a killed
+  // process never arrives). An owned NCCL communicator is then aborted (ncclCommAbort ends that
+  // kernel); an adopted one is left to its owner, who must abort it. After that, host collectives
+  // and new Buffers raise Error(kState), and the teardown of Buffers made on it skips every NCCL
+  // call (their symmetric memory is released with the process). Never true for a simulated one.
+  bool broken() const { return broken_; }
+
  private:
   friend class SimWorld;
   Communicator(SimWorld& world, int rank, int device, int num_sms_per_rank);
   void init_topology();
+  void check_not_broken(const char* what) const;
+  // Waits for this rank's part of a host collective on stream_; on a timeout, breaks the communicator.
+  void wait_collective(double timeout_s, const char* what);
   ncclComm_t comm_ = nullptr;
   bool owns_ = false;
+  bool broken_ = false;
   SimWorld* sim_ = nullptr;
   int rank_ = 0, world_ = 1, local_rank_ = 0, local_size_ = 1, device_ = 0, num_device_sms_ = 0;
   void* scratch_ = nullptr;  // device scratch of the NCCL host collectives

@@ -69,8 +69,29 @@ void Communicator::init_topology() {
 
 Communicator::~Communicator() {
   if (stream_) cudaStreamDestroy(stream_);
-  if (scratch_) cudaFree(scratch_);
+  // A broken adopted communicator's kernel may still use the scratch (cudaFree would wait for it).
+  if (scratch_ && !(broken_ && comm_)) cudaFree(scratch_);
   if (owns_ && comm_) ncclCommDestroy(comm_);
+}
+
+void Communicator::check_not_broken(const char* what) const {
+  EPX_CHECK(!broken_, ErrorKind::kState, what, ": rank ", rank_,
+            "'s communicator is broken (an earlier host collective timed out waiting for a peer",
+            owns_ ? "; it was aborted" : "; abort the adopted ncclComm_t", "): make a new one");
+}
+
+void Communicator::wait_collective(double timeout_s, const char* what) {
+  try {
+    host_wait_stream(stream_, timeout_s, what, rank_);
+  } catch (const Error& e) {
+    if (e.kind() != ErrorKind::kTimeout) throw;
+    broken_ = true;
+    if (owns_) {
+      ncclCommAbort(comm_);  // ends the collective's kernel that waits for the missing peer
+      comm_ = nullptr;
+    }
+    throw;
+  }
 }
 
 void Communicator::barrier(double timeout_s) {
@@ -78,11 +99,12 @@ void Communicator::barrier(double timeout_s) {
     sim_->state().group.barrier(rank_, sim_->state().bound(timeout_s), "Communicator::barrier");
     return;
   }
+  check_not_broken("Communicator::barrier");
   EPX_CUDA_CHECK(cudaSetDevice(device_));
   reserve_scratch(scratch_, num_scratch_bytes_, sizeof(int));
   int* word = static_cast<int*>(scratch_);
   EPX_NCCL_CHECK(ncclAllReduce(word, word, 1, ncclInt32, ncclSum, comm_, stream_));
-  host_wait_stream(stream_, timeout_s, "Communicator::barrier", rank_);
+  wait_collective(timeout_s, "Communicator::barrier");
 }
 
 void Communicator::all_gather(const void* mine, void* all, size_t num_bytes, double timeout_s) {
@@ -91,6 +113,7 @@ void Communicator::all_gather(const void* mine, void* all, size_t num_bytes, dou
                                    "Communicator::all_gather");
     return;
   }
+  check_not_broken("Communicator::all_gather");
   EPX_CUDA_CHECK(cudaSetDevice(device_));
   if (num_bytes == 0) return;
   reserve_scratch(scratch_, num_scratch_bytes_, num_bytes * static_cast<size_t>(world_));
@@ -99,7 +122,7 @@ void Communicator::all_gather(const void* mine, void* all, size_t num_bytes, dou
   EPX_CUDA_CHECK(cudaMemcpyAsync(send, mine, num_bytes, cudaMemcpyHostToDevice, stream_));
   EPX_NCCL_CHECK(ncclAllGather(send, recv, num_bytes, ncclUint8, comm_, stream_));
   EPX_CUDA_CHECK(cudaMemcpyAsync(all, recv, num_bytes * world_, cudaMemcpyDeviceToHost, stream_));
-  host_wait_stream(stream_, timeout_s, "Communicator::all_gather", rank_);
+  wait_collective(timeout_s, "Communicator::all_gather");
 }
 
 }  // namespace epx

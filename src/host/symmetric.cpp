@@ -52,6 +52,12 @@ class NcclSymmetric final : public SymmetricMemory {
     EPX_CUDA_CHECK(copied);
   }
   void release() noexcept {
+    if (comm_.broken()) {  // no NCCL call on a broken communicator: the memory goes with the process
+      dev_comm_created_ = false;
+      window_ = nullptr;
+      base_ = nullptr;
+      return;
+    }
     if (dev_comm_created_) ncclDevCommDestroy(comm_.nccl(), &dev_comm_);
     if (window_) ncclCommWindowDeregister(comm_.nccl(), window_);
     if (base_) ncclMemFree(base_);
@@ -86,6 +92,8 @@ std::unique_ptr<SymmetricMemory> SymmetricMemory::create(Communicator& comm, siz
   EPX_CHECK(comm.world() <= kMaxWorldRanks, ErrorKind::kUnsupported, "world size ", comm.world(),
             " exceeds the limit of ", kMaxWorldRanks, " ranks");
   if (comm.simulated()) return std::unique_ptr<SymmetricMemory>(new SimSymmetric(comm, num_bytes, timeout_s));
+  EPX_CHECK(!comm.broken(), ErrorKind::kState, "Buffer: rank ", comm.rank(),
+            "'s communicator is broken (a host collective timed out waiting for a peer): make a new one");
   EPX_CHECK(comm.nccl() != nullptr, ErrorKind::kState, "Communicator has no NCCL communicator");
   return std::unique_ptr<SymmetricMemory>(new NcclSymmetric(comm, num_bytes));
 }

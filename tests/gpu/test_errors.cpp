@@ -3,6 +3,8 @@
 #include <cuda_runtime_api.h>
 
 #include <chrono>
+#include <csignal>
+#include <memory>
 
 #include "gpu/harness.hpp"
 #include "host/plan.hpp"
@@ -504,6 +506,49 @@ TEST(GpuLifecycle, AdoptsAnExistingNcclComm) {
   EXPECT_EQ(failed, 0);
 }
 
+// A rank's process killed (SIGKILL) in the middle of an exchange, after its dispatch and before
+// its combine: the survivors' combines end with an error naming it within the wait bound (no abort
+// word comes from a dead process: their own timeouts find it), and their Buffers and communicator
+// are destroyed without it (the teardown's host barrier times out and breaks the communicator, see
+// Communicator::broken). Real ranks only: a SimWorld rank is a thread of the test's process.
+void run_killed_rank(RankCtx& ctx) {
+  constexpr int kKilled = 1;
+  constexpr double kBound = 3;
+  Config bounded = ctx.buffer->config();
+  bounded.timeout_s = kBound;
+  ctx.buffer->set_config(bounded);  // the harness's Buffer, torn down after this body
+  BufferOptions options = ctx.options;
+  options.config = bounded;
+  auto buffer = std::make_unique<Buffer>(*ctx.comm, size_t{64} << 20, options);
+  CheckedRound round(ctx, *buffer, 128, 1024, ctx.seed * 1000003 + 900, "the round rank 1 is killed in");
+  round.dispatch();
+  if (ctx.rank == kKilled) {
+    std::fflush(stdout);
+    std::raise(SIGKILL);
+  }
+  const auto start = std::chrono::steady_clock::now();
+  const auto ms_since_start = [&] {
+    return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start).count();
+  };
+  try {
+    round.combine();
+    throw Failure(detail::concat("rank ", ctx.rank, "'s combine completed without rank ", kKilled));
+  } catch (const Error& e) {
+    const std::string what = e.what();
+    REQUIRE(e.kind() == ErrorKind::kTimeout || e.kind() == ErrorKind::kAborted, "wrong error kind ",
+            error_kind_name(e.kind()), ": ", what);
+    REQUIRE(what.find(detail::concat("peer ", kKilled)) != std::string::npos, "message lacks 'peer ", kKilled,
+            "': ", what);
+    std::printf("[world %d] rank %d: %s %.0f ms after its combine was enqueued (timeout %.0f s): %s\n", ctx.world,
+                ctx.rank, error_kind_name(e.kind()), ms_since_start(), kBound, what.c_str());
+  }
+  const auto destroy_start = std::chrono::steady_clock::now();
+  buffer.reset();
+  REQUIRE(ctx.comm->broken(), "the teardown's barrier with the killed rank must break the communicator");
+  std::printf("[world %d] rank %d: its Buffer destroyed in %.0f ms, the communicator broken\n", ctx.world, ctx.rank,
+              std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - destroy_start).count());
+}
+
 class GpuErrors : public ::testing::TestWithParam<WorldMode> {};
 
 TEST_P(GpuErrors, ValidationDeviceErrorAndReset) {
@@ -553,8 +598,18 @@ TEST_P(GpuLifecycle, HundredCreateDestroyCycles) {
   EXPECT_EQ(run_world(GetParam(), 2, 64 << 20, Config::defaults(2), run_lifecycle), 0);
 }
 
+// The killed rank counts as the one failed rank of the world; a survivor that hung in its teardown
+// would be killed by the launcher and count too.
+class GpuKill : public ::testing::TestWithParam<WorldMode> {};
+
+TEST_P(GpuKill, KilledRankEndsItsPeersWaitsAndTheyTearDown) {
+  SKIP_UNLESS_RUNNABLE(GetParam(), 2);
+  EXPECT_EQ(run_world(GetParam(), 2, 64 << 20, Config::defaults(2), run_killed_rank), 1);
+}
+
 INSTANTIATE_TEST_SUITE_P(Gpu, GpuErrors, ::testing::Values(WorldMode::kReal, WorldMode::kSim), mode_param_name);
 INSTANTIATE_TEST_SUITE_P(Gpu, GpuLifecycle, ::testing::Values(WorldMode::kReal, WorldMode::kSim), mode_param_name);
+INSTANTIATE_TEST_SUITE_P(Gpu, GpuKill, ::testing::Values(WorldMode::kReal), mode_param_name);
 
 }  // namespace
 }  // namespace epx::test
