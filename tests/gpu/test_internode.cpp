@@ -153,8 +153,11 @@ void check_outputs(const Outputs& o, const InputSpec& s, const ref::DispatchResu
   expect_equal(o.src_idx.download<int>(n), want.recv_src_idx, n, tag + " recv_src_idx");
 }
 
-// One sub-case on every rank: layout, host-synced dispatch (all outputs), cached re-dispatch.
-void run_sub(RankCtx& ctx, Buffer& buffer, const Sub& sub, uint64_t seed, int node_size) {
+// One sub-case on every rank: layout, host-synced dispatch (all outputs), cached re-dispatch,
+// worst-case sizing. stop_rank >= 0: that rank stops after the count exchange (launches no
+// dispatch); every other rank's dispatch must fail with a timeout or a peer's abort, and the
+// return value is 1 when this rank timed out itself, 2 when an abort word ended its wait.
+int run_sub(RankCtx& ctx, Buffer& buffer, const Sub& sub, uint64_t seed, int node_size, int stop_rank = -1) {
   const int R = ctx.world, me = ctx.rank;
   std::vector<ref::RankInput> all(R);
   std::vector<InputSpec> specs(R, sub.spec);
@@ -213,6 +216,27 @@ void run_sub(RankCtx& ctx, Buffer& buffer, const Sub& sub, uint64_t seed, int no
   expect_equal(prefix, mine.rank_prefix_matrix, R * R, sub.name + " rank_prefix_matrix");
 
   Outputs out = alloc_outputs(s, nr);
+  if (stop_rank >= 0) {
+    if (me == stop_rank) return 0;
+    DispatchOutputs o;
+    o.recv_x = View::of(out.x.get(), in.x.dtype, {nr, s.hidden});
+    if (s.fp8) o.recv_x_scales = View::of(out.scales.get(), DType::kF32, {nr, num_scale_columns(s)});
+    try {
+      buffer.dispatch(in, handle, o, ctx.stream);
+      buffer.synchronize(ctx.stream);
+    } catch (const Error& e) {
+      const std::string what = e.what();
+      REQUIRE(e.kind() == ErrorKind::kTimeout || e.kind() == ErrorKind::kAborted, "rank ", me, ": wrong error kind ",
+              error_kind_name(e.kind()), ": ", what);
+      const std::string needle = e.kind() == ErrorKind::kTimeout ? "dispatch timed out in phase" : "dispatch aborted in phase";
+      REQUIRE(what.find(needle) != std::string::npos && what.find("on rank " + std::to_string(me)) != std::string::npos,
+              "rank ", me, ": message lacks '", needle, "' / its rank: ", what);
+      REQUIRE(buffer.failed(), "rank ", me, ": a failed dispatch must fail the buffer");
+      std::printf("rank %d (rank %d stopped): %s\n", me, stop_rank, what.c_str());
+      return e.kind() == ErrorKind::kTimeout ? 1 : 2;
+    }
+    throw Failure(detail::concat("rank ", me, "'s dispatch completed without rank ", stop_rank));
+  }
   DispatchOutputs o;
   o.recv_x = View::of(out.x.get(), in.x.dtype, {nr, s.hidden});
   if (s.fp8) o.recv_x_scales = View::of(out.scales.get(), DType::kF32, {nr, num_scale_columns(s)});
@@ -265,6 +289,7 @@ void run_sub(RankCtx& ctx, Buffer& buffer, const Sub& sub, uint64_t seed, int no
   }
   const auto src = padded.src_idx.download<int>(rows);
   for (int64_t i = n; i < rows; ++i) REQUIRE(src[i] == -1, tag, " padding recv_src_idx ", i);
+  return 0;
 }
 
 class InternodeDispatch : public ::testing::TestWithParam<SplitCase> {};
@@ -360,6 +385,39 @@ TEST_P(InternodeErrors, RdmaBytesAndUnsupportedOpsAreNamed) {
     co.combined_x = View::of(cx.get(), DType::kBF16, {N, spec.hidden});
     require_error([&] { b.combine(ci, h, co, ctx.stream); }, ErrorKind::kUnsupported, "combine across nodes");
     b.reset();
+  }), 0);
+}
+
+// A rank that stops launching (after the count exchange): its peers on both nodes fail within the
+// wait bound (2 s), at least one with a timeout naming the op; after reset() on every rank the
+// dispatch is exact again.
+TEST_P(InternodeErrors, RankThatStopsLaunchingFailsItsPeersAndResetRecovers) {
+  SKIP_WITHOUT_SIM_WORLD(GetParam());
+  const uint64_t seed = run_seed();
+  const int world = GetParam(), node_size = 2;
+  BufferOptions options;
+  options.config = case_config();
+  options.config.timeout_s = 2;
+  options.node_size = node_size;
+  options.rdma_chunk_tokens = 3;
+  options.rdma_ring_slots = 12;
+  options.num_rdma_bytes = rdma_bytes(world, node_size, 3, 12);
+  EXPECT_EQ(run_world(WorldMode::kSim, world, 32 << 20, options, [&](RankCtx& ctx) {
+    const Sub sub = subcases(world, node_size).front();
+    Buffer& b = *ctx.buffer;
+    run_sub(ctx, b, sub, seed, node_size);
+    const int stopped = ctx.world - 1;
+    const char seen = static_cast<char>(run_sub(ctx, b, sub, seed + 1, node_size, stopped));
+    std::vector<char> all(ctx.world);
+    ctx.comm->all_gather(&seen, all.data(), 1, 120);
+    bool timed_out = false;
+    for (int r = 0; r < ctx.world; ++r) {
+      REQUIRE(r == stopped || all[r] != 0, "rank ", r, " saw no error");
+      timed_out = timed_out || all[r] == 1;
+    }
+    REQUIRE(timed_out, "no rank timed out waiting for rank ", stopped);
+    b.reset();  // every rank, the stopped one included
+    run_sub(ctx, b, sub, seed + 2, node_size);
   }), 0);
 }
 
