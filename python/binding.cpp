@@ -19,9 +19,12 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 #include <memory>
 #include <optional>
 #include <string>
+#include <utility>
+#include <vector>
 
 #include "epx/buffer.hpp"
 #include "epx/communicator.hpp"
@@ -295,6 +298,443 @@ void translate_error(const epx::Error& e) {
   PyErr_SetObject(g_error_type, exc.ptr());
 }
 
+
+// ---- The Buffer's operations: keyword-only vectorcall methods ----------------------------------
+// Each operation is a METH_FASTCALL | METH_KEYWORDS method of _C.Buffer whose arguments are matched
+// by keyword against names interned once (a pointer compare per keyword; pybind11's matching
+// interns every parameter name on every call, about 0.1 us each). The names are the fields of the
+// C++ API's structs; a misspelled, missing or positional argument is a TypeError naming it.
+
+struct Param {
+  const char* name;
+  const char* absent;  // what an absent argument means (its default, for the docstring); nullptr: required
+  bool required() const { return absent == nullptr; }
+};
+constexpr const char* kRequired = nullptr;
+
+// One operation's parameters: `num_positional` leading ones may be passed by position (the
+// handle), the rest by keyword only.
+struct OpSpec {
+  const char* name;
+  std::vector<Param> params;
+  int num_positional;
+  const char* returns;  // for the signature line of the docstring
+  const char* summary;
+  std::vector<PyObject*> interned;  // made on first use (under the GIL), never freed
+  std::string doc;
+
+  const char* make_doc() {
+    doc = std::string(name) + "(self";
+    for (int i = 0; i < static_cast<int>(params.size()); ++i) {
+      if (i == num_positional) doc += ", *";
+      doc += std::string(", ") + params[i].name + (params[i].required() ? "" : std::string("=") + params[i].absent);
+    }
+    doc += std::string(") -> ") + returns + "\n\n" + summary;
+    return doc.c_str();
+  }
+};
+
+constexpr int kMaxParams = 20;
+
+// The arguments of one call, by parameter index (nullptr: not given).
+class CallArgs {
+ public:
+  CallArgs(OpSpec& op, PyObject* const* args, Py_ssize_t nargs, PyObject* kwnames) : op_(op) {
+    const int n = static_cast<int>(op.params.size());
+    if (op.interned.empty()) {
+      for (const Param& p : op.params) op.interned.push_back(PyUnicode_InternFromString(p.name));
+    }
+    if (nargs > op.num_positional) {
+      throw py::type_error(epx::detail::concat("Buffer.", op.name, "(): takes ", op.num_positional,
+                                               " positional argument(s) (then keywords only), got ", nargs));
+    }
+    for (Py_ssize_t i = 0; i < nargs; ++i) values_[i] = args[i];
+    const Py_ssize_t nkw = kwnames == nullptr ? 0 : PyTuple_GET_SIZE(kwnames);
+    for (Py_ssize_t k = 0; k < nkw; ++k) {
+      PyObject* key = PyTuple_GET_ITEM(kwnames, k);
+      int found = -1;
+      for (int i = 0; i < n && found < 0; ++i) {
+        if (op.interned[i] == key) found = i;
+      }
+      for (int i = 0; i < n && found < 0; ++i) {  // a name that was not interned
+        if (PyUnicode_Compare(op.interned[i], key) == 0) found = i;
+      }
+      if (found < 0) {
+        PyErr_Clear();
+        throw py::type_error(epx::detail::concat("Buffer.", op.name, "(): unexpected keyword argument '",
+                                                 py::str(key).cast<std::string>(), "'"));
+      }
+      if (values_[found] != nullptr) {
+        throw py::type_error(epx::detail::concat("Buffer.", op.name, "(): got multiple values for argument '",
+                                                 op.params[found].name, "'"));
+      }
+      values_[found] = args[nargs + k];
+    }
+    for (int i = 0; i < n; ++i) {
+      if (op.params[i].required() && values_[i] == nullptr) {
+        throw py::type_error(epx::detail::concat("Buffer.", op.name, "(): missing required argument '",
+                                                 op.params[i].name, "'"));
+      }
+    }
+  }
+
+  const char* name(int i) const { return op_.params[i].name; }
+  bool given(int i) const { return values_[i] != nullptr && values_[i] != Py_None; }
+  py::handle get(int i) const { return py::handle(values_[i] != nullptr ? values_[i] : Py_None); }
+  View view(int i) const { return to_view(get(i), name(i)); }
+  int integer(int i, int absent) const {
+    if (!given(i)) return absent;
+    const int64_t v = to_i64(values_[i], name(i), "the value");
+    EPX_ARG_CHECK(v >= std::numeric_limits<int>::min() && v <= std::numeric_limits<int>::max(), name(i),
+                  ": ", v, " is out of the int range");
+    return static_cast<int>(v);
+  }
+  bool boolean(int i, bool absent) const {
+    if (!given(i)) return absent;
+    const int v = PyObject_IsTrue(values_[i]);
+    if (v < 0) throw py::error_already_set();
+    return v != 0;
+  }
+  cudaStream_t stream(int i) const {
+    const unsigned long long s = PyLong_AsUnsignedLongLong(values_[i]);
+    if (PyErr_Occurred()) {
+      PyErr_Clear();
+      EPX_FAIL(ErrorKind::kInvalidArgument, name(i), ": expected a cudaStream_t (a non-negative int)");
+    }
+    return to_stream(static_cast<uintptr_t>(s));
+  }
+  template <class T>
+  T& object(int i, const char* expected) const {
+    py::handle h = get(i);
+    if (!py::isinstance<T>(h)) {
+      throw py::type_error(epx::detail::concat("Buffer.", op_.name, "(): ", name(i), ": expected ", expected,
+                                               ", got ", Py_TYPE(h.ptr())->tp_name));
+    }
+    return h.cast<T&>();
+  }
+  template <class T>
+  T enumerator(int i, const char* expected) const {  // a py::enum_ value, by value
+    py::handle h = get(i);
+    if (!py::isinstance<T>(h)) {
+      throw py::type_error(epx::detail::concat("Buffer.", op_.name, "(): ", name(i), ": expected ", expected,
+                                               ", got ", Py_TYPE(h.ptr())->tp_name));
+    }
+    return h.cast<T>();
+  }
+
+ private:
+  OpSpec& op_;
+  PyObject* values_[kMaxParams] = {};
+};
+
+// Runs an operation's body, turning C++ exceptions into Python ones (a raw method is outside
+// pybind11's own translation).
+template <class Body>
+PyObject* guarded(Body&& body) {
+  try {
+    return body();
+  } catch (const epx::Error& e) {
+    translate_error(e);
+  } catch (py::error_already_set& e) {
+    e.restore();
+  } catch (const py::builtin_exception& e) {
+    e.set_error();
+  } catch (const std::exception& e) {
+    PyErr_SetString(PyExc_RuntimeError, e.what());
+  }
+  return nullptr;
+}
+
+PyBuffer& self_buffer(PyObject* self) { return py::handle(self).cast<PyBuffer&>(); }
+
+OpSpec g_get_dispatch_layout{
+    "get_dispatch_layout",
+    {{"topk_idx", kRequired}, {"num_experts", kRequired}, {"num_tokens_per_rank", kRequired},
+     {"num_tokens_per_expert", kRequired}, {"is_token_in_rank", kRequired}, {"stream", kRequired}},
+    0, "None", "Buffer::get_dispatch_layout (design.md 4.1).", {}, {}};
+
+PyObject* op_get_dispatch_layout(PyObject* self, PyObject* const* args, Py_ssize_t nargs, PyObject* kwnames) {
+  return guarded([&]() -> PyObject* {
+    const CallArgs a(g_get_dispatch_layout, args, nargs, kwnames);
+    PyBuffer& b = self_buffer(self);
+    epx::Buffer& buf = b.get();
+    const View topk = a.view(0);
+    const int num_experts = a.integer(1, 0);
+    const View per_rank = a.view(2), per_expert = a.view(3), in_rank = a.view(4);
+    const cudaStream_t stream = a.stream(5);
+    {
+      GilReleaseIf nogil(b.simulated);
+      buf.get_dispatch_layout(topk, num_experts, per_rank, per_expert, in_rank, stream);
+    }
+    Py_RETURN_NONE;
+  });
+}
+
+// DispatchInputs' fields, in order, after the handle (parameters 1..9 of dispatch_notify and dispatch).
+std::vector<Param> with_dispatch_inputs(std::vector<Param> after) {
+  std::vector<Param> p = {{"handle", kRequired},
+                          {"x", kRequired},
+                          {"x_scales", "None"},
+                          {"topk_idx", "None"},
+                          {"topk_weights", "None"},
+                          {"num_tokens_per_rank", "None"},
+                          {"is_token_in_rank", "None"},
+                          {"num_tokens_per_expert", "None"},
+                          {"expert_alignment", "1"},
+                          {"num_worst_tokens", "0"}};
+  p.insert(p.end(), after.begin(), after.end());
+  return p;
+}
+
+epx::DispatchInputs dispatch_inputs(const CallArgs& a) {
+  epx::DispatchInputs in;
+  in.x = a.view(1);
+  in.x_scales = a.view(2);
+  in.topk_idx = a.view(3);
+  in.topk_weights = a.view(4);
+  in.num_tokens_per_rank = a.view(5);
+  in.is_token_in_rank = a.view(6);
+  in.num_tokens_per_expert = a.view(7);
+  in.expert_alignment = a.integer(8, 1);
+  in.num_worst_tokens = a.integer(9, 0);
+  return in;
+}
+
+OpSpec g_dispatch_notify{
+    "dispatch_notify",
+    with_dispatch_inputs({{"num_recv_tokens_per_expert", "None"}, {"stream", kRequired}}),
+    1, "int",
+    "Buffer::dispatch_notify: fills `handle` (host-synced: waits for the counts); returns the rows this rank "
+    "receives, -1 with num_worst_tokens > 0.",
+    {}, {}};
+
+PyObject* op_dispatch_notify(PyObject* self, PyObject* const* args, Py_ssize_t nargs, PyObject* kwnames) {
+  return guarded([&]() -> PyObject* {
+    const CallArgs a(g_dispatch_notify, args, nargs, kwnames);
+    PyBuffer& b = self_buffer(self);
+    epx::Buffer& buf = b.get();
+    PyDispatchHandle& h = a.object<PyDispatchHandle>(0, "an epx._C.DispatchHandle");
+    const epx::DispatchInputs in = dispatch_inputs(a);
+    const View counts = a.view(10);
+    const cudaStream_t stream = a.stream(11);
+    int rows = 0;
+    {
+      py::gil_scoped_release nogil;  // host-synced: waits for the peers
+      rows = buf.dispatch_notify(in, h.handle, counts, stream);
+    }
+    return PyLong_FromLong(rows);
+  });
+}
+
+OpSpec g_dispatch{
+    "dispatch",
+    with_dispatch_inputs({{"recv_x", kRequired},
+                          {"recv_x_scales", "None"},
+                          {"recv_topk_idx", "None"},
+                          {"recv_topk_weights", "None"},
+                          {"recv_src_idx", "None"},
+                          {"stream", kRequired}}),
+    1, "None",
+    "Buffer::dispatch: moves the rows (a handle from dispatch_notify, or a filled one: cached; the layout "
+    "inputs are then not read).",
+    {}, {}};
+
+PyObject* op_dispatch(PyObject* self, PyObject* const* args, Py_ssize_t nargs, PyObject* kwnames) {
+  return guarded([&]() -> PyObject* {
+    const CallArgs a(g_dispatch, args, nargs, kwnames);
+    PyBuffer& b = self_buffer(self);
+    epx::Buffer& buf = b.get();
+    PyDispatchHandle& h = a.object<PyDispatchHandle>(0, "an epx._C.DispatchHandle");
+    const epx::DispatchInputs in = dispatch_inputs(a);
+    epx::DispatchOutputs out;
+    out.recv_x = a.view(10);
+    out.recv_x_scales = a.view(11);
+    out.recv_topk_idx = a.view(12);
+    out.recv_topk_weights = a.view(13);
+    out.recv_src_idx = a.view(14);
+    const cudaStream_t stream = a.stream(15);
+    {
+      GilReleaseIf nogil(b.simulated);
+      buf.dispatch(in, h.handle, out, stream);
+    }
+    Py_RETURN_NONE;
+  });
+}
+
+OpSpec g_combine{
+    "combine",
+    {{"handle", kRequired}, {"x", kRequired}, {"topk_weights", "None"}, {"bias_0", "None"}, {"bias_1", "None"},
+     {"combined_x", kRequired}, {"combined_topk_weights", "None"}, {"stream", kRequired}},
+    1, "None", "Buffer::combine (design.md 4.3).", {}, {}};
+
+PyObject* op_combine(PyObject* self, PyObject* const* args, Py_ssize_t nargs, PyObject* kwnames) {
+  return guarded([&]() -> PyObject* {
+    const CallArgs a(g_combine, args, nargs, kwnames);
+    PyBuffer& b = self_buffer(self);
+    epx::Buffer& buf = b.get();
+    PyDispatchHandle& h = a.object<PyDispatchHandle>(0, "an epx._C.DispatchHandle");
+    epx::CombineInputs in;
+    in.x = a.view(1);
+    in.topk_weights = a.view(2);
+    in.bias_0 = a.view(3);
+    in.bias_1 = a.view(4);
+    epx::CombineOutputs out;
+    out.combined_x = a.view(5);
+    out.combined_topk_weights = a.view(6);
+    const cudaStream_t stream = a.stream(7);
+    {
+      GilReleaseIf nogil(b.simulated);
+      buf.combine(in, h.handle, out, stream);
+    }
+    Py_RETURN_NONE;
+  });
+}
+
+OpSpec g_low_latency_dispatch{
+    "low_latency_dispatch",
+    {{"x", kRequired}, {"topk_idx", kRequired}, {"num_max_dispatch_tokens_per_rank", kRequired},
+     {"num_experts", kRequired},
+     {"use_fp8", "True"}, {"round_scale", "False"}, {"scale_format", "LowLatencyScale.kFloat"},
+     {"cumulative_local_expert_recv_stats", "None"}, {"dispatch_wait_recv_cost_stats", "None"},
+     {"return_recv_hook", "False"}, {"recv_x", kRequired}, {"recv_scales", "None"}, {"recv_count", kRequired},
+     {"src_info", kRequired}, {"layout_range", kRequired}, {"src_topk_slot", kRequired}, {"stream", kRequired}},
+    0, "LowLatencyHandle",
+    "Buffer::low_latency_dispatch: returns its LowLatencyHandle (buffer_idx: the low-latency buffer it used; "
+    "its views are the given src_info, layout_range and src_topk_slot).",
+    {}, {}};
+
+PyObject* op_low_latency_dispatch(PyObject* self, PyObject* const* args, Py_ssize_t nargs, PyObject* kwnames) {
+  return guarded([&]() -> PyObject* {
+    const CallArgs a(g_low_latency_dispatch, args, nargs, kwnames);
+    PyBuffer& b = self_buffer(self);
+    epx::Buffer& buf = b.get();
+    epx::LowLatencyDispatchArgs d;
+    d.x = a.view(0);
+    d.topk_idx = a.view(1);
+    d.num_max_dispatch_tokens_per_rank = a.integer(2, 0);
+    d.num_experts = a.integer(3, 0);
+    d.use_fp8 = a.boolean(4, true);
+    d.round_scale = a.boolean(5, false);
+    if (a.given(6)) d.scale_format = a.enumerator<epx::LowLatencyScale>(6, "an epx._C.LowLatencyScale");
+    d.cumulative_local_expert_recv_stats = a.view(7);
+    d.dispatch_wait_recv_cost_stats = a.view(8);
+    d.return_recv_hook = a.boolean(9, false);
+    epx::LowLatencyDispatchOutputs out;
+    out.recv_x = a.view(10);
+    out.recv_scales = a.view(11);
+    out.recv_count = a.view(12);
+    out.src_info = a.view(13);
+    out.layout_range = a.view(14);
+    out.src_topk_slot = a.view(15);
+    const cudaStream_t stream = a.stream(16);
+    epx::LowLatencyHandle h;
+    {
+      GilReleaseIf nogil(b.simulated);
+      h = buf.low_latency_dispatch(d, out, stream);
+    }
+    return py::cast(std::move(h)).release().ptr();
+  });
+}
+
+OpSpec g_low_latency_combine{
+    "low_latency_combine",
+    {{"handle", kRequired}, {"x", "None"}, {"topk_idx", kRequired}, {"topk_weights", kRequired}, {"zero_copy", "False"},
+     {"return_recv_hook", "False"}, {"out", kRequired}, {"stream", kRequired}},
+    1, "int",
+    "Buffer::low_latency_combine with the dispatch's LowLatencyHandle: returns the index of the low-latency "
+    "buffer it used (a hook-mode combine's receive takes it).",
+    {}, {}};
+
+PyObject* op_low_latency_combine(PyObject* self, PyObject* const* args, Py_ssize_t nargs, PyObject* kwnames) {
+  return guarded([&]() -> PyObject* {
+    const CallArgs a(g_low_latency_combine, args, nargs, kwnames);
+    PyBuffer& b = self_buffer(self);
+    epx::Buffer& buf = b.get();
+    const epx::LowLatencyHandle& h = a.object<epx::LowLatencyHandle>(0, "an epx._C.LowLatencyHandle");
+    epx::LowLatencyCombineArgs c;
+    c.x = a.view(1);
+    c.topk_idx = a.view(2);
+    c.topk_weights = a.view(3);
+    c.zero_copy = a.boolean(4, false);
+    c.return_recv_hook = a.boolean(5, false);
+    const View out = a.view(6);
+    const cudaStream_t stream = a.stream(7);
+    int used = 0;
+    {
+      GilReleaseIf nogil(b.simulated);
+      used = buf.low_latency_combine(c, h, out, stream);
+    }
+    return PyLong_FromLong(used);
+  });
+}
+
+OpSpec g_low_latency_receive{
+    "low_latency_receive", {{"buffer_idx", kRequired}, {"stream", kRequired}}, 0, "None",
+    "Buffer::low_latency_receive: the receive half of the hook-mode op on `buffer_idx`.", {}, {}};
+
+PyObject* op_low_latency_receive(PyObject* self, PyObject* const* args, Py_ssize_t nargs, PyObject* kwnames) {
+  return guarded([&]() -> PyObject* {
+    const CallArgs a(g_low_latency_receive, args, nargs, kwnames);
+    PyBuffer& b = self_buffer(self);
+    epx::Buffer& buf = b.get();
+    const int buffer_idx = a.integer(0, 0);
+    const cudaStream_t stream = a.stream(1);
+    {
+      GilReleaseIf nogil(b.simulated);
+      buf.low_latency_receive(buffer_idx, stream);
+    }
+    Py_RETURN_NONE;
+  });
+}
+
+OpSpec g_low_latency_query_mask_buffer{
+    "low_latency_query_mask_buffer", {{"mask_status", kRequired}, {"stream", kRequired}}, 0, "None",
+    "Buffer::low_latency_query_mask_buffer: this rank's view of the masked ranks into mask_status.", {}, {}};
+
+PyObject* op_low_latency_query_mask_buffer(PyObject* self, PyObject* const* args, Py_ssize_t nargs,
+                                           PyObject* kwnames) {
+  return guarded([&]() -> PyObject* {
+    const CallArgs a(g_low_latency_query_mask_buffer, args, nargs, kwnames);
+    PyBuffer& b = self_buffer(self);
+    epx::Buffer& buf = b.get();
+    const View status = a.view(0);
+    const cudaStream_t stream = a.stream(1);
+    {
+      GilReleaseIf nogil(b.simulated);
+      buf.low_latency_query_mask_buffer(status, stream);
+    }
+    Py_RETURN_NONE;
+  });
+}
+
+using FastMethod = PyObject* (*)(PyObject*, PyObject* const*, Py_ssize_t, PyObject*);
+
+// Adds the operations to _C.Buffer as method descriptors (their PyMethodDefs live as long as the process).
+void add_operations(py::handle buffer_type) {
+  static std::pair<OpSpec*, FastMethod> ops[] = {
+      {&g_get_dispatch_layout, op_get_dispatch_layout},
+      {&g_dispatch_notify, op_dispatch_notify},
+      {&g_dispatch, op_dispatch},
+      {&g_combine, op_combine},
+      {&g_low_latency_dispatch, op_low_latency_dispatch},
+      {&g_low_latency_combine, op_low_latency_combine},
+      {&g_low_latency_receive, op_low_latency_receive},
+      {&g_low_latency_query_mask_buffer, op_low_latency_query_mask_buffer},
+  };
+  static PyMethodDef defs[sizeof(ops) / sizeof(ops[0])];
+  for (size_t i = 0; i < sizeof(ops) / sizeof(ops[0]); ++i) {
+    OpSpec& op = *ops[i].first;
+    EPX_CHECK(static_cast<int>(op.params.size()) <= kMaxParams, ErrorKind::kState, op.name, ": too many parameters");
+    defs[i] = PyMethodDef{op.name, reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)(void)>(ops[i].second)),
+                          METH_FASTCALL | METH_KEYWORDS, op.make_doc()};
+    PyObject* descr = PyDescr_NewMethod(reinterpret_cast<PyTypeObject*>(buffer_type.ptr()), &defs[i]);
+    if (descr == nullptr) throw py::error_already_set();
+    const int st = PyObject_SetAttrString(buffer_type.ptr(), op.name, descr);
+    Py_DECREF(descr);
+    if (st != 0) throw py::error_already_set();
+  }
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -534,7 +974,8 @@ PYBIND11_MODULE(_C, m) {
 
   // ---- Dispatch handle ------------------------------------------------------------------------
   py::class_<PyDispatchHandle>(m, "DispatchHandle")
-      .def(py::init(&make_dispatch_handle), py::kw_only(), py::arg("storage_ptr"), py::arg("storage_numel"), py::arg("num_ranks"),
+      .def(py::init(&make_dispatch_handle), py::kw_only(), py::arg("storage_ptr"), py::arg("storage_numel"),
+           py::arg("num_ranks"),
            py::arg("rank"), py::arg("num_tokens"), py::arg("storage"))
       .def_static("storage_layout", [](int num_ranks, int64_t num_tokens) {
              const epx::host::HandleStorageLayout l = epx::host::handle_storage_layout(num_ranks, num_tokens);
@@ -627,165 +1068,6 @@ PYBIND11_MODULE(_C, m) {
            }, py::arg("hidden"), py::arg("dtype"), py::arg("num_topk"))
       .def("peer_pointer", [](PyBuffer& b, int peer) { return reinterpret_cast<uintptr_t>(b.get().peer_pointer(peer)); },
            py::arg("peer"))
-
-      // The operations take keywords only, named as the fields of the C++ API's structs
-      // (epx/buffer.hpp: DispatchInputs, DispatchOutputs, CombineInputs, ...); an optional view
-      // defaults to None (absent), a scalar to its C++ default. Each returns what its C++ call returns.
-
-      // Layout (design.md 4.1)
-      .def("get_dispatch_layout",
-           [](PyBuffer& b, py::handle topk_idx, int num_experts, py::handle num_tokens_per_rank,
-              py::handle num_tokens_per_expert, py::handle is_token_in_rank, uintptr_t stream) {
-             epx::Buffer& buf = b.get();
-             const View topk = to_view(topk_idx, "topk_idx");
-             const View per_rank = to_view(num_tokens_per_rank, "num_tokens_per_rank");
-             const View per_expert = to_view(num_tokens_per_expert, "num_tokens_per_expert");
-             const View in_rank = to_view(is_token_in_rank, "is_token_in_rank");
-             GilReleaseIf nogil(b.simulated);
-             buf.get_dispatch_layout(topk, num_experts, per_rank, per_expert, in_rank, to_stream(stream));
-           },
-           py::kw_only(), py::arg("topk_idx"), py::arg("num_experts"), py::arg("num_tokens_per_rank"),
-           py::arg("num_tokens_per_expert"), py::arg("is_token_in_rank"), py::arg("stream"))
-
-      // High-throughput dispatch (design.md 4.2): notify (host-synced unless num_worst_tokens > 0)
-      // then dispatch.
-      .def("dispatch_notify",
-           [](PyBuffer& b, PyDispatchHandle& h, py::handle x, py::handle x_scales, py::handle topk_idx,
-              py::handle topk_weights, py::handle num_tokens_per_rank, py::handle is_token_in_rank,
-              py::handle num_tokens_per_expert, int expert_alignment, int num_worst_tokens,
-              py::handle num_recv_tokens_per_expert, uintptr_t stream) {
-             epx::Buffer& buf = b.get();
-             epx::DispatchInputs in;
-             in.x = to_view(x, "x");
-             in.x_scales = to_view(x_scales, "x_scales");
-             in.topk_idx = to_view(topk_idx, "topk_idx");
-             in.topk_weights = to_view(topk_weights, "topk_weights");
-             in.num_tokens_per_rank = to_view(num_tokens_per_rank, "num_tokens_per_rank");
-             in.is_token_in_rank = to_view(is_token_in_rank, "is_token_in_rank");
-             in.num_tokens_per_expert = to_view(num_tokens_per_expert, "num_tokens_per_expert");
-             in.expert_alignment = expert_alignment;
-             in.num_worst_tokens = num_worst_tokens;
-             const View counts = to_view(num_recv_tokens_per_expert, "num_recv_tokens_per_expert");
-             py::gil_scoped_release nogil;
-             return buf.dispatch_notify(in, h.handle, counts, to_stream(stream));
-           },
-           py::arg("handle"), py::kw_only(), py::arg("x"), py::arg("x_scales") = py::none(),
-           py::arg("topk_idx") = py::none(), py::arg("topk_weights") = py::none(), py::arg("num_tokens_per_rank"),
-           py::arg("is_token_in_rank"), py::arg("num_tokens_per_expert"), py::arg("expert_alignment") = 1,
-           py::arg("num_worst_tokens") = 0, py::arg("num_recv_tokens_per_expert") = py::none(), py::arg("stream"),
-           "Fills `handle` (host-synced: waits for the counts); returns the rows this rank receives, -1 with "
-           "num_worst_tokens > 0.")
-      .def("dispatch",
-           [](PyBuffer& b, PyDispatchHandle& h, py::handle x, py::handle x_scales, py::handle topk_idx,
-              py::handle topk_weights, int expert_alignment, int num_worst_tokens, py::handle recv_x,
-              py::handle recv_x_scales, py::handle recv_topk_idx, py::handle recv_topk_weights,
-              py::handle recv_src_idx, uintptr_t stream) {
-             epx::DispatchInputs in;
-             in.x = to_view(x, "x");
-             in.x_scales = to_view(x_scales, "x_scales");
-             in.topk_idx = to_view(topk_idx, "topk_idx");
-             in.topk_weights = to_view(topk_weights, "topk_weights");
-             in.expert_alignment = expert_alignment;
-             in.num_worst_tokens = num_worst_tokens;
-             epx::DispatchOutputs out;
-             out.recv_x = to_view(recv_x, "recv_x");
-             out.recv_x_scales = to_view(recv_x_scales, "recv_x_scales");
-             out.recv_topk_idx = to_view(recv_topk_idx, "recv_topk_idx");
-             out.recv_topk_weights = to_view(recv_topk_weights, "recv_topk_weights");
-             out.recv_src_idx = to_view(recv_src_idx, "recv_src_idx");
-             epx::Buffer& buf = b.get();
-             GilReleaseIf nogil(b.simulated);
-             buf.dispatch(in, h.handle, out, to_stream(stream));
-           },
-           py::arg("handle"), py::kw_only(), py::arg("x"), py::arg("x_scales") = py::none(),
-           py::arg("topk_idx") = py::none(), py::arg("topk_weights") = py::none(), py::arg("expert_alignment") = 1,
-           py::arg("num_worst_tokens") = 0, py::arg("recv_x"), py::arg("recv_x_scales") = py::none(),
-           py::arg("recv_topk_idx") = py::none(), py::arg("recv_topk_weights") = py::none(),
-           py::arg("recv_src_idx") = py::none(), py::arg("stream"))
-
-      // High-throughput combine (design.md 4.3)
-      .def("combine",
-           [](PyBuffer& b, PyDispatchHandle& h, py::handle x, py::handle topk_weights, py::handle bias_0,
-              py::handle bias_1, py::handle combined_x, py::handle combined_topk_weights, uintptr_t stream) {
-             epx::CombineInputs in;
-             in.x = to_view(x, "x");
-             in.topk_weights = to_view(topk_weights, "topk_weights");
-             in.bias_0 = to_view(bias_0, "bias_0");
-             in.bias_1 = to_view(bias_1, "bias_1");
-             epx::CombineOutputs out;
-             out.combined_x = to_view(combined_x, "combined_x");
-             out.combined_topk_weights = to_view(combined_topk_weights, "combined_topk_weights");
-             epx::Buffer& buf = b.get();
-             GilReleaseIf nogil(b.simulated);
-             buf.combine(in, h.handle, out, to_stream(stream));
-           },
-           py::arg("handle"), py::kw_only(), py::arg("x"), py::arg("topk_weights") = py::none(),
-           py::arg("bias_0") = py::none(), py::arg("bias_1") = py::none(), py::arg("combined_x"),
-           py::arg("combined_topk_weights") = py::none(), py::arg("stream"))
-
-      // Low-latency mode (design.md 4.4-4.5). The dispatch returns the C++ LowLatencyHandle (its views
-      // point into the output tensors, which the Python handle tuple keeps alive).
-      .def("low_latency_dispatch",
-           [](PyBuffer& b, py::handle x, py::handle topk_idx, int T, int num_experts, bool use_fp8, bool round_scale,
-              epx::LowLatencyScale scale_format, py::handle cumulative_local_expert_recv_stats,
-              py::handle dispatch_wait_recv_cost_stats, bool return_recv_hook, py::handle recv_x,
-              py::handle recv_scales, py::handle recv_count, py::handle src_info, py::handle layout_range,
-              py::handle src_topk_slot, uintptr_t stream) {
-             epx::LowLatencyDispatchArgs a;
-             a.x = to_view(x, "x");
-             a.topk_idx = to_view(topk_idx, "topk_idx");
-             a.num_max_dispatch_tokens_per_rank = T;
-             a.num_experts = num_experts;
-             a.use_fp8 = use_fp8;
-             a.round_scale = round_scale;
-             a.scale_format = scale_format;
-             a.cumulative_local_expert_recv_stats =
-                 to_view(cumulative_local_expert_recv_stats, "cumulative_local_expert_recv_stats");
-             a.dispatch_wait_recv_cost_stats = to_view(dispatch_wait_recv_cost_stats, "dispatch_wait_recv_cost_stats");
-             a.return_recv_hook = return_recv_hook;
-             epx::LowLatencyDispatchOutputs out;
-             out.recv_x = to_view(recv_x, "recv_x");
-             out.recv_scales = to_view(recv_scales, "recv_scales");
-             out.recv_count = to_view(recv_count, "recv_count");
-             out.src_info = to_view(src_info, "src_info");
-             out.layout_range = to_view(layout_range, "layout_range");
-             out.src_topk_slot = to_view(src_topk_slot, "src_topk_slot");
-             epx::Buffer& buf = b.get();
-             GilReleaseIf nogil(b.simulated);
-             return buf.low_latency_dispatch(a, out, to_stream(stream));
-           },
-           py::kw_only(), py::arg("x"), py::arg("topk_idx"), py::arg("num_max_dispatch_tokens_per_rank"),
-           py::arg("num_experts"), py::arg("use_fp8") = true, py::arg("round_scale") = false,
-           py::arg("scale_format") = epx::LowLatencyScale::kFloat,
-           py::arg("cumulative_local_expert_recv_stats") = py::none(),
-           py::arg("dispatch_wait_recv_cost_stats") = py::none(), py::arg("return_recv_hook") = false,
-           py::arg("recv_x"), py::arg("recv_scales") = py::none(), py::arg("recv_count"), py::arg("src_info"),
-           py::arg("layout_range"), py::arg("src_topk_slot"), py::arg("stream"),
-           "Returns the LowLatencyHandle (its buffer_idx: the low-latency buffer the dispatch used).")
-      .def("low_latency_combine",
-           [](PyBuffer& b, const epx::LowLatencyHandle& h, py::handle x, py::handle topk_idx, py::handle topk_weights,
-              bool zero_copy, bool return_recv_hook, py::handle out, uintptr_t stream) {
-             epx::LowLatencyCombineArgs a;
-             a.x = to_view(x, "x");
-             a.topk_idx = to_view(topk_idx, "topk_idx");
-             a.topk_weights = to_view(topk_weights, "topk_weights");
-             a.zero_copy = zero_copy;
-             a.return_recv_hook = return_recv_hook;
-             const View out_view = to_view(out, "out");
-             epx::Buffer& buf = b.get();
-             GilReleaseIf nogil(b.simulated);
-             return buf.low_latency_combine(a, h, out_view, to_stream(stream));
-           },
-           py::arg("handle"), py::kw_only(), py::arg("x") = py::none(), py::arg("topk_idx"), py::arg("topk_weights"),
-           py::arg("zero_copy") = false, py::arg("return_recv_hook") = false, py::arg("out"), py::arg("stream"),
-           "Returns the index of the low-latency buffer the combine used (a hook-mode combine's receive takes it).")
-      .def("low_latency_receive",
-           [](PyBuffer& b, int buffer_idx, uintptr_t stream) {
-             epx::Buffer& buf = b.get();
-             GilReleaseIf nogil(b.simulated);
-             buf.low_latency_receive(buffer_idx, to_stream(stream));
-           },
-           py::kw_only(), py::arg("buffer_idx"), py::arg("stream"))
       .def("next_combine_buffer",
            [](PyBuffer& b, const epx::LowLatencyHandle& h) { return view_to_tuple(b.get().next_combine_buffer(h)); },
            py::arg("handle"),
@@ -801,12 +1083,6 @@ PYBIND11_MODULE(_C, m) {
              py::gil_scoped_release nogil;
              buf.low_latency_update_mask_buffer(rank_to_mask, mask);
            }, py::arg("rank_to_mask"), py::arg("mask"))
-      .def("low_latency_query_mask_buffer", [](PyBuffer& b, py::handle mask_status, uintptr_t stream) {
-             epx::Buffer& buf = b.get();
-             const View status = to_view(mask_status, "mask_status");
-             GilReleaseIf nogil(b.simulated);
-             buf.low_latency_query_mask_buffer(status, to_stream(stream));
-           }, py::kw_only(), py::arg("mask_status"), py::arg("stream"))
       .def("low_latency_clean_mask_buffer", [](PyBuffer& b) {
              epx::Buffer& buf = b.get();
              py::gil_scoped_release nogil;
@@ -827,4 +1103,6 @@ PYBIND11_MODULE(_C, m) {
            })
       .def("destroy", [](PyBuffer& b) { release_without_gil(b.ptr); },
            "Frees the symmetric memory now (collective); later calls raise EpxError(State).");
+  // The operations (keyword-only vectorcall methods, see add_operations).
+  add_operations(m.attr("Buffer"));
 }

@@ -34,10 +34,11 @@ def _struct_fields(header: str, name: str) -> set:
 
 
 def _keywords(fn) -> tuple:
-    """(positional parameter names after self, keyword-only names) of a pybind11 function, from its signature."""
+    """(positional parameter names after self, keyword-only names) of a binding function, from the signature on
+    its docstring's first line (pybind11's, or the operations' own)."""
     sig = fn.__doc__.splitlines()[0]
     params = sig[sig.index("(") + 1:sig.rindex(") ->")]
-    names = [p.split(":")[0].strip() for p in re.split(r",\s*(?![^\[]*\])", params)]
+    names = [p.split(":")[0].split("=")[0].strip() for p in re.split(r",\s*(?![^\[]*\])", params)]
     if names and names[0] == "self":
         names = names[1:]
     if "*" not in names:
@@ -117,25 +118,33 @@ from epx import _C
 # matched, before the operation runs (which would need the buffer).
 b = _C.Buffer.__new__(_C.Buffer)
 desc = (0, _C.DTYPE_BF16, (1, 128), (128, 1))
-calls = {
-    "recv_xx": lambda: b.dispatch(None, x=desc, recv_xx=desc, stream=0),
-    "topk_weight": lambda: b.combine(None, x=desc, combined_x=desc, topk_weight=None, stream=0),
-    "num_max_dispatch_tokens": lambda: b.low_latency_dispatch(x=desc, topk_idx=desc, num_max_dispatch_tokens=8,
-                                                              num_experts=4, recv_x=desc, recv_count=desc,
-                                                              src_info=desc, layout_range=desc, src_topk_slot=desc,
-                                                              stream=0),
-    "zerocopy": lambda: b.low_latency_combine(None, x=desc, topk_idx=desc, topk_weights=desc, out=desc, zerocopy=True,
-                                              stream=0),
-    "buffer": lambda: b.low_latency_receive(buffer=0, stream=0),
-    "positional": lambda: b.low_latency_receive(0, 0),
-    "positional dispatch": lambda: b.dispatch(None, desc, None, None, None, 1, 0, desc, None, None, None, None, 0),
+calls = {  # what must be named: (the call, the TypeError's text)
+    "recv_xx": (lambda: b.dispatch(None, x=desc, recv_xx=desc, stream=0), "unexpected keyword argument 'recv_xx'"),
+    "topk_weight": (lambda: b.combine(None, x=desc, combined_x=desc, topk_weight=None, stream=0),
+                    "unexpected keyword argument 'topk_weight'"),
+    "num_max_dispatch_tokens": (lambda: b.low_latency_dispatch(x=desc, topk_idx=desc, num_max_dispatch_tokens=8,
+                                                               num_experts=4, recv_x=desc, recv_count=desc,
+                                                               src_info=desc, layout_range=desc, src_topk_slot=desc,
+                                                               stream=0),
+                                "unexpected keyword argument 'num_max_dispatch_tokens'"),
+    "zerocopy": (lambda: b.low_latency_combine(None, x=desc, topk_idx=desc, topk_weights=desc, out=desc,
+                                               zerocopy=True, stream=0), "unexpected keyword argument 'zerocopy'"),
+    "buffer": (lambda: b.low_latency_receive(buffer=0, stream=0), "unexpected keyword argument 'buffer'"),
+    "stream": (lambda: b.dispatch(None, x=desc, recv_x=desc), "missing required argument 'stream'"),
+    "handle": (lambda: b.combine(None, handle=None, x=desc, combined_x=desc, stream=0),
+               "multiple values for argument 'handle'"),
+    "mask_status": (lambda: b.low_latency_query_mask_buffer(stream=0), "missing required argument 'mask_status'"),
+    "positional": (lambda: b.low_latency_receive(0, 0), "positional"),
+    "positional dispatch": (lambda: b.dispatch(None, desc, None, None, None, 1, 0, desc, None, None, None, None, 0),
+                            "positional"),
+    "positional layout": (lambda: b.get_dispatch_layout(desc, 4, desc, desc, desc, 0), "positional"),
 }
-for name, call in calls.items():
+for name, (call, expected) in calls.items():
     try:
         call()
     except TypeError as e:
-        if not name.startswith("positional") and name + "=" not in str(e):
-            sys.exit(f"{name}: the TypeError does not name it: {e}")
+        if expected not in str(e):
+            sys.exit(f"{name}: the TypeError does not say {expected!r}: {e}")
     else:
         sys.exit(f"{name}: accepted")
 print("refused")
