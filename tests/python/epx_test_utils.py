@@ -551,3 +551,33 @@ def calc_diff(x: torch.Tensor, y: torch.Tensor) -> float:
     if denominator == 0:
         return 0.0
     return float(1 - 2 * (x * y).sum() / denominator)
+
+
+# ---- The binding's signatures (for the CPU tests' stand-ins of the C++ buffer) ----------------------
+
+def binding_signature(fn) -> Tuple[Tuple[str, ...], Tuple[str, ...], frozenset]:
+    """(positional parameter names after self, keyword-only names, required names) of a binding function,
+    read from the signature on its docstring's first line (pybind11's, or the Buffer operations' own)."""
+    import re
+    sig = fn.__doc__.splitlines()[0]
+    params = [p.strip() for p in re.split(r",\s*(?![^\[]*\])", sig[sig.index("(") + 1:sig.rindex(") ->")])]
+    names = [p.split(":")[0].split("=")[0].strip() for p in params]
+    required = frozenset(n for n, p in zip(names, params) if "=" not in p and n not in ("self", "*"))
+    if names and names[0] == "self":
+        names = names[1:]
+    if "*" not in names:
+        return tuple(names), (), required
+    star = names.index("*")
+    return tuple(names[:star]), tuple(names[star + 1:]), required
+
+
+def check_binding_call(fn, args: tuple, kwargs: dict) -> None:
+    """Fails the test unless `fn(*args, **kwargs)` matches the binding function's signature (what the binding
+    would refuse with a TypeError): a stand-in that records calls checks each one with it."""
+    positional, keywords, required = binding_signature(fn)
+    name = fn.__doc__.split("(")[0]
+    assert len(args) <= len(positional), f"{name}: {len(args)} positional arguments, takes {positional}"
+    given = set(positional[:len(args)]) | set(kwargs)
+    unknown = set(kwargs) - set(positional[len(args):]) - set(keywords)
+    assert not unknown, f"{name}: no parameter {sorted(unknown)} (it takes {positional + keywords})"
+    assert required <= given, f"{name}: missing {sorted(required - given)}"

@@ -11,7 +11,7 @@ from conftest import require_epx
 
 torch, epx = require_epx()
 from epx import _C  # noqa: E402
-from epx_test_utils import expect_error  # noqa: E402
+from epx_test_utils import check_binding_call, expect_error  # noqa: E402
 
 
 # ---- Package and errors -------------------------------------------------------------------------------
@@ -338,10 +338,14 @@ class _RecordingRuntime:
         if name == "set_config":
             return lambda *args: self.log.append((name, args))
         if name in ("dispatch", "combine", "low_latency_receive"):
-            return lambda *args, **kwargs: self.log.append((name, args, kwargs))
+            def record(*args, **kwargs):
+                check_binding_call(getattr(_C.Buffer, name), args, kwargs)
+                self.log.append((name, args, kwargs))
+            return record
         raise AssertionError(f"unexpected runtime call {name}")
 
     def low_latency_dispatch(self, **kwargs):
+        check_binding_call(_C.Buffer.low_latency_dispatch, (), kwargs)
         self.log.append(("low_latency_dispatch", (), kwargs))
         return _C.LowLatencyHandle(num_max_dispatch_tokens_per_rank=kwargs["num_max_dispatch_tokens_per_rank"],
                                    hidden=kwargs["x"][2][1], num_experts=kwargs["num_experts"],
@@ -349,6 +353,7 @@ class _RecordingRuntime:
                                    layout_range=kwargs["layout_range"], src_topk_slot=kwargs["src_topk_slot"])
 
     def low_latency_combine(self, handle, **kwargs):
+        check_binding_call(_C.Buffer.low_latency_combine, (handle,), kwargs)
         self.log.append(("low_latency_combine", (handle,), kwargs))
         return 0  # the buffer it used (not the dispatch's: the hook must take this one)
 

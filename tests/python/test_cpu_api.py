@@ -20,6 +20,7 @@ from conftest import require_epx
 torch, epx = require_epx()
 from epx import _C  # noqa: E402
 from test_cpu import _COMM, _COMPUTE, expect_error, fake_buffer  # noqa: E402,F401  (fake_buffer: a fixture)
+from epx_test_utils import check_binding_call  # noqa: E402
 
 REQUIRED = inspect.Parameter.empty
 
@@ -394,14 +395,19 @@ class _Runtime:
         if name in ("set_config", "clean_low_latency_buffer"):
             return lambda *args: self.log.append((name, args))
         if name in ("get_dispatch_layout", "dispatch", "combine", "low_latency_receive"):
-            return lambda *args, **kwargs: self.log.append((name, kwargs, args))
+            def record(*args, **kwargs):
+                check_binding_call(getattr(_C.Buffer, name), args, kwargs)
+                self.log.append((name, kwargs, args))
+            return record
         raise AssertionError(f"unexpected runtime call {name}")
 
     def dispatch_notify(self, handle, **kwargs):
+        check_binding_call(_C.Buffer.dispatch_notify, (handle,), kwargs)
         self.log.append(("dispatch_notify", kwargs, (handle,)))
         return self.num_recv
 
     def low_latency_dispatch(self, **kwargs):
+        check_binding_call(_C.Buffer.low_latency_dispatch, (), kwargs)
         self.log.append(("low_latency_dispatch", kwargs, ()))
         return _C.LowLatencyHandle(num_max_dispatch_tokens_per_rank=kwargs["num_max_dispatch_tokens_per_rank"],
                                    hidden=kwargs["x"][2][1], num_experts=kwargs["num_experts"],
@@ -409,6 +415,7 @@ class _Runtime:
                                    layout_range=kwargs["layout_range"], src_topk_slot=kwargs["src_topk_slot"])
 
     def low_latency_combine(self, handle, **kwargs):
+        check_binding_call(_C.Buffer.low_latency_combine, (handle,), kwargs)
         self.log.append(("low_latency_combine", kwargs, (handle,)))
         return 1  # the buffer it used
 

@@ -14,6 +14,7 @@ from conftest import require_epx
 
 torch, epx = require_epx()
 from epx import _C  # noqa: E402
+from epx_test_utils import binding_signature  # noqa: E402
 
 _REPO = Path(__file__).resolve().parents[2]
 
@@ -34,17 +35,8 @@ def _struct_fields(header: str, name: str) -> set:
 
 
 def _keywords(fn) -> tuple:
-    """(positional parameter names after self, keyword-only names) of a binding function, from the signature on
-    its docstring's first line (pybind11's, or the operations' own)."""
-    sig = fn.__doc__.splitlines()[0]
-    params = sig[sig.index("(") + 1:sig.rindex(") ->")]
-    names = [p.split(":")[0].split("=")[0].strip() for p in re.split(r",\s*(?![^\[]*\])", params)]
-    if names and names[0] == "self":
-        names = names[1:]
-    if "*" not in names:
-        return tuple(names), ()
-    star = names.index("*")
-    return tuple(names[:star]), tuple(names[star + 1:])
+    """(positional parameter names after self, keyword-only names) of a binding function."""
+    return binding_signature(fn)[:2]
 
 
 @pytest.fixture(scope="module")
