@@ -21,9 +21,11 @@ import sys
 import time
 from pathlib import Path
 
-# Never create NVLink multicast objects; simulated ranks need more hardware queues (tests/python/conftest.py).
+# Never create NVLink multicast objects; simulated ranks need more hardware queues and every kernel
+# loaded when the context is made (tests/python/conftest.py says why). Read when CUDA starts: set first.
 for _key, _value in (("NCCL_NVLS_ENABLE", "0"), ("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1"),
-                     ("NVSHMEM_DISABLE_NVLS", "1"), ("CUDA_DEVICE_MAX_CONNECTIONS", "32")):
+                     ("NVSHMEM_DISABLE_NVLS", "1"), ("CUDA_DEVICE_MAX_CONNECTIONS", "32"),
+                     ("CUDA_MODULE_LOADING", "EAGER")):
     os.environ.setdefault(_key, _value)
 
 import torch  # noqa: E402
