@@ -81,22 +81,36 @@ class Rank:
         from torch.profiler import ProfilerActivity, profile
         self.synchronize()
         self.barrier()
-        profiling = not self.simulated or self.rank == 0
-        prof = profile(activities=[ProfilerActivity.CUDA]) if profiling else None
-        if prof is not None:
-            prof.__enter__()
+        if not self.simulated:  # real ranks: no barrier inside the profiled span (NCCL's kernels would count)
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                for _ in range(iters):
+                    fn()
+                torch.cuda.synchronize()
+            return sum(e.time_range.elapsed_us() for e in prof.events() if e.device_type == DeviceType.CUDA) / iters
+        # Simulated: the host barriers launch nothing, so they may sit inside the profiled span.
+        prof = None
+        if self.rank == 0:
+            try:
+                prof = profile(activities=[ProfilerActivity.CUDA])
+                prof.__enter__()
+            except Exception as e:  # a rank's peers wait at the barrier: report, do not leave the loop
+                print(f"rank {self.rank}: the profiler did not start ({e!r}); GPU us/call left out")
+                prof = None
         self.barrier()
         for _ in range(iters):
             fn()
         self.synchronize()
         self.barrier()  # every rank's stream is drained: the profiler's device sync waits for nothing
-        if prof is None:
-            self.barrier()
-            return float("nan")
-        prof.__exit__(None, None, None)
-        total = sum(e.time_range.elapsed_us() for e in prof.events() if e.device_type == DeviceType.CUDA)
+        result = float("nan")
+        if prof is not None:
+            try:
+                prof.__exit__(None, None, None)
+                total = sum(e.time_range.elapsed_us() for e in prof.events() if e.device_type == DeviceType.CUDA)
+                result = total / (iters * self.world)
+            except Exception as e:
+                print(f"rank {self.rank}: the profiler failed ({e!r}); GPU us/call left out")
         self.barrier()
-        return total / (iters * (self.world if self.simulated else 1))
+        return result
 
 
 def measure_rank(ctx: Rank, device: torch.device, args):
