@@ -53,6 +53,13 @@ struct DispatchHandle {
                                       //   -1 if t is not sent to r.
   int* num_recv_device = nullptr;     // [1] int32: rows received (device copy of num_recv_tokens).
   std::shared_ptr<void> storage;      // owns the device arrays
+  // Across nodes: what this rank forwarded as the rail peer of the other nodes' ranks of its local
+  // index, for the combine: [forward_slots, kForwardRecordInts] int32 records (source token, its
+  // channel, its row position on each rank of this node or -1), -1 tokens in unused slots.
+  // Allocated by dispatch_notify, filled by the dispatch.
+  int* forward_records = nullptr;
+  int64_t forward_slots = 0;
+  std::shared_ptr<void> forward_storage;
 };
 
 struct DispatchInputs {

@@ -21,6 +21,9 @@ constexpr int kMaxHtThreads = 512;      // Config.num_threads: threads per high-
 // channel with progress words of its own in every peer's window (src/common/layout.hpp, RingCtl).
 constexpr int kMaxHtBlocks = 80;
 static_assert(kMaxNodes <= 32, "the high-throughput path across nodes gives each node a warp lane");
+// A forward record of a dispatch across nodes (DispatchHandle::forward_records): source token,
+// channel, and the token's row position on each rank of the forwarder's node.
+constexpr int kForwardRecordInts = 2 + kMaxRanks;
 
 // Bounded dispatch (a call whose rows do not all fit the receiver's row region): rows per
 // (source rank, block) ring at most, and rounds of the sending warps' tokens a block writes between

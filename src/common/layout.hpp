@@ -201,6 +201,7 @@ struct HostMailbox {
   int num_recv;             // rows this rank receives
   long long max_rows;       // max over ranks of rows received (dispatch: whether they fit the row region)
   long long max_sent_rows;  // max over ranks of rows sent (the rows combine returns to that rank)
+  long long forward_slots;  // across nodes: rows this rank's node receives from its rail peers
 };
 
 // Device-local state of a Buffer (plain device memory, not symmetric).

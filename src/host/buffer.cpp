@@ -411,6 +411,82 @@ XShape validate_x(const DispatchInputs& in) {
 
 namespace {
 
+// The handle's forward records (DispatchHandle::forward_records) for at least `slots` slots: kept
+// when large enough (a captured dispatch keeps its pointer), else made anew.
+void ensure_forward_records(Buffer::Impl& m, DispatchHandle& handle, int64_t slots) {
+  slots = std::max<int64_t>(slots, 1);
+  if (handle.forward_storage != nullptr && handle.forward_slots >= slots) return;
+  std::shared_ptr<DeviceArena> arena = m.arena;
+  const size_t bytes = sizeof(int) * kForwardRecordInts * static_cast<size_t>(slots);
+  int* mem = static_cast<int*>(arena->alloc(bytes));
+  handle.forward_storage = std::shared_ptr<void>(mem, [arena](void* p) { arena->free(p); });
+  host_wait_stream(arena->stream(), m.timeout_s() + 10, "dispatch_notify (forward records)", m.comm->rank());
+  handle.forward_records = mem;
+  handle.forward_slots = slots;
+}
+
+// The combine across nodes (kernels/internode.cu), with the handle of a dispatch across nodes.
+void internode_combine(Buffer::Impl& m, const CombineInputs& in, const DispatchHandle& handle,
+                       const CombineOutputs& out, int H, int K, cudaStream_t stream) {
+  const int R = m.comm->world();
+  m.agreed([&] {
+    EPX_ARG_CHECK(handle.forward_records != nullptr, "handle: has no forward records (a handle of a dispatch "
+                  "across nodes on this Buffer is needed)");
+    EPX_ARG_CHECK(H % 8 == 0, "x.shape[1] (hidden): a combine across nodes moves rows of a multiple of 16 bytes, "
+                  "got ", H, " bf16 channels");
+  });
+  const RowLayout rows = plan::combine_rows(m.num_nvl_bytes, H, K);
+  plan::RdmaShape shape{R, m.topology.node_size, m.rdma_channels, m.rdma_chunk_tokens, m.rdma_ring_slots,
+                        static_cast<int64_t>(2) * H, K};
+  RdmaLayout rdma = m.agreed([&] { return plan::rdma_layout(m.num_rdma_bytes, shape); });
+  rdma.base = m.rdma_offset;
+  EPX_CHECK(m.config.num_sms == m.rdma_channels, ErrorKind::kInvalidArgument, "Config.num_sms: ", m.config.num_sms,
+            ", the RDMA rings have ", m.rdma_channels, " channels (fixed at construction)");
+
+  kernels::InternodeCombineParams<EmuNetView> q{};
+  kernels::CombineParams& p = q.base;
+  p.ctx = m.context(OpCode::kCombine);
+  p.rows = rows;
+  p.num_tokens = handle.num_tokens;
+  p.hidden = H;
+  p.num_topk = K;
+  p.x = in.x.ptr<uint16_t>();
+  p.x_stride = in.x.stride[0];
+  p.topk_weights = K ? in.topk_weights.ptr<float>() : nullptr;
+  p.weight_stride = K ? in.topk_weights.stride[0] : 0;
+  p.bias_0 = in.bias_0.defined() ? in.bias_0.ptr<uint16_t>() : nullptr;
+  p.bias_0_stride = in.bias_0.defined() ? in.bias_0.stride[0] : 0;
+  p.bias_1 = in.bias_1.defined() ? in.bias_1.ptr<uint16_t>() : nullptr;
+  p.bias_1_stride = in.bias_1.defined() ? in.bias_1.stride[0] : 0;
+  p.count_matrix = handle.count_matrix;
+  p.send_pos = handle.send_pos;
+  p.num_recv = handle.num_recv_device;
+  p.combined_x = out.combined_x.ptr<uint16_t>();
+  p.out_stride = out.combined_x.stride[0];
+  p.combined_topk_weights = K ? out.combined_topk_weights.ptr<float>() : nullptr;
+  p.out_weight_stride = K ? out.combined_topk_weights.stride[0] : 0;
+  q.topology = m.topology.view();
+  q.net = m.emu_view(rdma.signals(), rdma.num_signals());
+  q.rdma = rdma;
+  q.forward_records = handle.forward_records;
+  q.forward_slots = handle.forward_slots;
+  const int warps = m.config.num_threads / 32;
+  q.send_warps = std::max(1, std::min(m.topology.num_nodes() - 1, (warps - 1) / 3));
+  q.recv_warps = q.send_warps;
+  {
+    plan::OpPlan plan = plan::launch_plan(m.config);
+    plan.ring_channels = rdma.num_channels;
+    plan.ring_slots = rdma.ring_slots;
+    plan.ring_chunk = rdma.chunk_tokens;
+    plan.ring_send_warps = q.send_warps;
+    plan.row_bytes = rows.row_bytes;
+    plan.num_topk_weights = rows.num_topk_weights;
+    plan::encode_plan(plan, p.ctx.plan);
+  }
+  kernels::launch_internode_combine(q, m.net_mode(), m.rdma_channels, m.config.num_threads, stream);
+  m.after_launch("combine", stream);
+}
+
 // The dispatch across nodes (kernels/internode.cu): rows that fit every receiver's row region
 // (host-synced, cached or worst-case sizing), the RDMA leg through the bounded rings of
 // num_rdma_bytes.
@@ -481,6 +557,11 @@ void internode_dispatch(Buffer::Impl& m, const DispatchInputs& in, const Dispatc
     plan.experts_per_rank = p.num_experts_per_rank;
     plan::encode_plan(plan, p.ctx.plan);
   }
+  q.forward_records = handle.forward_records;
+  q.forward_slots = handle.forward_slots;
+  if (handle.forward_records != nullptr)
+    EPX_CUDA_CHECK(cudaMemsetAsync(handle.forward_records, 0xff,
+                                   sizeof(int) * kForwardRecordInts * static_cast<size_t>(handle.forward_slots), stream));
   kernels::launch_internode_dispatch(q, m.net_mode(), m.rdma_channels, m.config.num_threads, stream);
   m.after_launch("dispatch", stream);
 }
@@ -547,6 +628,9 @@ int Buffer::dispatch_notify(const DispatchInputs& in, DispatchHandle& handle, co
       q.num_experts = static_cast<int>(E);
       q.exchanges = m.exchanges;
       kernels::launch_internode_notify(q, m.net_mode(), stream);
+      // Without a host sync the records are sized for the most rows a node may get from its rail
+      // peers: each of its ranks receives at most num_worst_tokens rows.
+      if (!host_sync) ensure_forward_records(m, handle, int64_t{m.topology.node_size} * in.num_worst_tokens);
     } else {
       kernels::launch_notify(p, stream);
     }
@@ -560,6 +644,7 @@ int Buffer::dispatch_notify(const DispatchInputs& in, DispatchHandle& handle, co
     handle.num_recv_tokens = mb->num_recv;
     handle.max_recv_tokens = mb->max_rows;
     handle.max_sent_tokens = mb->max_sent_rows;
+    if (m.internode) ensure_forward_records(m, handle, mb->forward_slots);
     return handle.num_recv_tokens;
   });
 }
@@ -667,10 +752,6 @@ void Buffer::combine(const CombineInputs& in, const DispatchHandle& handle, cons
                   "handle: not filled by a dispatch on this Buffer");
     EPX_ARG_CHECK(handle.num_worst_tokens > 0 || handle.num_recv_tokens >= 0,
                   "handle: row count unknown on the host (not host-synced and no num_worst_tokens)");
-    m.agreed([&] {
-      EPX_CHECK(!m.internode, ErrorKind::kUnsupported, "combine: the ", R, " ranks form ", m.topology.num_nodes(),
-                " nodes; the combine across nodes is not implemented");
-    });
     const int64_t rows_in = handle.num_worst_tokens > 0 ? handle.num_worst_tokens : handle.num_recv_tokens;
     const int64_t N = handle.num_tokens;
     validate::tensor(in.x, "x", DType::kBF16, {rows_in, kAny});
@@ -695,6 +776,7 @@ void Buffer::combine(const CombineInputs& in, const DispatchHandle& handle, cons
     if (in.bias_1.defined()) validate::rows_16b_aligned(in.bias_1, "bias_1");
     validate::tensor(out.combined_x, "combined_x", DType::kBF16, {N, H});
     validate::rows_16b_aligned(out.combined_x, "combined_x");
+    if (m.internode) return internode_combine(m, in, handle, out, H, K, stream);
 
     const RowLayout rows = plan::combine_rows(m.num_nvl_bytes, H, K);
     // The ring combine, whatever the tuning, when the rows returned to the busiest rank (host-synced)

@@ -37,6 +37,7 @@
 #include "device/net_gin.cuh"
 #include "device/ptx.cuh"
 #include "device/sync.cuh"
+#include "kernels/combine_common.cuh"
 #include "kernels/dispatch_common.cuh"
 #include "kernels/internode_params.hpp"
 #include "kernels/launch.cuh"
@@ -189,6 +190,12 @@ __global__ void __launch_bounds__(kNotifyThreads, 1)
       q.mailbox->num_recv = num_recv;
       q.mailbox->max_rows = max_rows;
       q.mailbox->max_sent_rows = max_sent;
+      // The forward records' slots: rows the rail peers on the other nodes send to this node.
+      long long forward = 0;
+      for (int m = 0; m < N; ++m)
+        if (m != my_node)
+          for (int u = 0; u < U; ++u) forward += q.count_matrix[t.rank_of(m, my_local) * R + t.rank_of(my_node, u)];
+      q.mailbox->forward_slots = forward;
     }
     *p.exchanges = x;
   }
@@ -231,6 +238,19 @@ __device__ __forceinline__ bool wait_signal(const OpContext& ctx, const NetWarp&
 // The node of the k-th remote node (nodes ascending, the own node left out).
 __device__ __forceinline__ int remote_node(int k, int my_node) { return k < my_node ? k : k + 1; }
 
+// Key of the first row that rail source (m, local) (m another node) sends to this node's rank u,
+// among the rows the rail peers send this node: nodes ascending, then local rank, then position.
+// A forwarded token's key is its row key on the first rank of this node that takes it.
+__device__ __forceinline__ int forward_key(const TopologyView& t, const int* count_matrix, int m, int u) {
+  const int R = t.num_ranks, n = t.node_idx(), l = t.local_idx();
+  int key = 0;
+  for (int m2 = 0; m2 < m; ++m2)
+    if (m2 != n)
+      for (int u2 = 0; u2 < t.node_size; ++u2) key += count_matrix[t.rank_of(m2, l) * R + t.rank_of(n, u2)];
+  for (int u2 = 0; u2 < u; ++u2) key += count_matrix[t.rank_of(m, l) * R + t.rank_of(n, u2)];
+  return key;
+}
+
 // Per-block state of the streams (indexed by node; each node's entries belong to one warp).
 struct StreamState {
   uint64_t sent[kMaxNodes];     // sender: messages written into stream (m, c), cumulative
@@ -240,19 +260,37 @@ struct StreamState {
   int done[kMaxNodes];          // forwarder: ring (m, c) reached this op's end marker
 };
 
+// One warp's end of the streams (m, c) it sends on: slots with room, chunked put_signal.
 template <typename Net>
-struct Sender {
-  const InternodeDispatchParams<typename Net::View>& p;
+struct Stream {
+  const OpContext& ctx;
+  const TopologyView& t;
+  const RdmaLayout& L;
   typename Net::Warp& net;
   StreamState& st;
   int channel, lane;
 
   __device__ int ctx_id() const { return channel % kMaxNetContexts; }
 
+  // At the op's start: every earlier message of stream (m, c) was consumed (ring slots and their
+  // count may differ from op to op: row shape, num_rdma_bytes). False when the wait failed.
+  __device__ bool open(int m) {
+    const uint64_t sent = *at<uint64_t>(ctx.peers[t.local_idx()], L.sent_word(m, channel));
+    uint64_t head = 0;
+    if (!wait_signal(ctx, net, L.head_signal(m, channel), sent, Phase::kSend, t.rail_peer(m), head)) return false;
+    if (lane == 0) {
+      st.sent[m] = st.posted[m] = sent;
+      st.head[m] = head;
+    }
+    __syncwarp();
+    return true;
+  }
+  __device__ void close(int m) {
+    if (lane == 0) *at<uint64_t>(ctx.peers[t.local_idx()], L.sent_word(m, channel)) = st.sent[m];
+  }
+
   // Puts messages [posted, sent) of stream (m, c) (one or two runs of slots) and signals them.
   __device__ void post(int m) {
-    const RdmaLayout& L = p.rdma;
-    const TopologyView& t = p.topology;
     const uint64_t first = st.posted[m], count = st.sent[m] - first;
     if (count == 0) return;
     const int peer = t.rail_peer(m), my_node = t.node_idx();
@@ -270,85 +308,83 @@ struct Sender {
     __syncwarp();
   }
 
-  // Writes token `token` (-1: the end marker) as the next message of stream (m, c), once its slot
-  // is free; posts the chunk when it is full (or at the end marker). False when a wait failed.
-  __device__ bool message(int m, int token) {
-    const DispatchParams& d = p.base;
-    const RdmaLayout& L = p.rdma;
-    const TopologyView& t = p.topology;
+  // The slot of the next message of stream (m, c), once free (the rail peer consumed message
+  // i - S). False when the wait failed.
+  __device__ bool reserve(int m, char*& slot) {
     const uint64_t i = st.sent[m];
     const uint64_t S = static_cast<uint64_t>(L.ring_slots);
     if (i + 1 > st.head[m] + S) {
       uint64_t head = 0;
-      if (!wait_signal(d.ctx, net, L.head_signal(m, channel), i + 1 - S, Phase::kSend, t.rail_peer(m), head))
+      if (!wait_signal(ctx, net, L.head_signal(m, channel), i + 1 - S, Phase::kSend, t.rail_peer(m), head))
         return false;
       if (lane == 0) st.head[m] = head;
       __syncwarp();
     }
-    char* slot = d.ctx.peers[t.local_idx()] + L.send_slot(m, channel, static_cast<int64_t>(i));
-    const int R = t.num_ranks;
-    if (token >= 0) {
-      coop_copy<2>(slot, d.x + token * d.x_row_stride_bytes, d.rows.row_bytes, lane, kWarpSize);
-      uint32_t* scales = reinterpret_cast<uint32_t*>(slot + L.scales_offset());
-      for (int j = lane; j < d.rows.num_scales; j += kWarpSize)
-        scales[j] = d.x_scales[token * d.scale_token_stride + j * d.scale_hidden_stride];
-      int* ids = reinterpret_cast<int*>(slot + L.topk_idx_offset());
-      float* weights = reinterpret_cast<float*>(slot + L.topk_weights_offset());
-      for (int k = lane; k < d.num_topk; k += kWarpSize) {
-        const int64_t e = d.topk_idx[token * d.topk_stride + k];
-        ids[k] = e < 0 || e > 0x7fffffff ? -1 : static_cast<int>(e);
-        weights[k] = d.topk_weights != nullptr ? d.topk_weights[token * d.weight_stride + k] : 0.f;
-      }
-    }
-    int* meta = reinterpret_cast<int*>(slot + L.meta_offset());
-    if (lane == 0) meta[0] = token;
-    if (lane < t.node_size)
-      meta[1 + lane] = token >= 0 ? d.send_pos[static_cast<int64_t>(token) * R + t.rank_of(m, lane)] : -1;
-    __syncwarp();
-    if (lane == 0) st.sent[m] = i + 1;
-    __syncwarp();
-    if (token < 0 || st.sent[m] - st.posted[m] >= static_cast<uint64_t>(L.chunk_tokens)) post(m);
+    slot = ctx.peers[t.local_idx()] + L.send_slot(m, channel, static_cast<int64_t>(i));
     return true;
+  }
+  // The reserved slot is written (by this warp): count it; post the chunk when full or at the end.
+  __device__ void advance(int m, bool end) {
+    __syncwarp();
+    if (lane == 0) st.sent[m] = st.sent[m] + 1;
+    __syncwarp();
+    if (end || st.sent[m] - st.posted[m] >= static_cast<uint64_t>(L.chunk_tokens)) post(m);
   }
 };
 
+// Writes dispatch token `token` (-1: the end marker) as the next message of stream (m, c).
+template <typename Net>
+__device__ bool dispatch_message(const DispatchParams& d, Stream<Net>& stream, int m, int token) {
+  const RdmaLayout& L = stream.L;
+  const TopologyView& t = stream.t;
+  const int lane = stream.lane, R = t.num_ranks;
+  char* slot = nullptr;
+  if (!stream.reserve(m, slot)) return false;
+  if (token >= 0) {
+    coop_copy<2>(slot, d.x + token * d.x_row_stride_bytes, d.rows.row_bytes, lane, kWarpSize);
+    uint32_t* scales = reinterpret_cast<uint32_t*>(slot + L.scales_offset());
+    for (int j = lane; j < d.rows.num_scales; j += kWarpSize)
+      scales[j] = d.x_scales[token * d.scale_token_stride + j * d.scale_hidden_stride];
+    int* ids = reinterpret_cast<int*>(slot + L.topk_idx_offset());
+    float* weights = reinterpret_cast<float*>(slot + L.topk_weights_offset());
+    for (int k = lane; k < d.num_topk; k += kWarpSize) {
+      const int64_t e = d.topk_idx[token * d.topk_stride + k];
+      ids[k] = e < 0 || e > 0x7fffffff ? -1 : static_cast<int>(e);
+      weights[k] = d.topk_weights != nullptr ? d.topk_weights[token * d.weight_stride + k] : 0.f;
+    }
+  }
+  int* meta = reinterpret_cast<int*>(slot + L.meta_offset());
+  if (lane == 0) meta[0] = token;
+  if (lane < t.node_size)
+    meta[1 + lane] = token >= 0 ? d.send_pos[static_cast<int64_t>(token) * R + t.rank_of(m, lane)] : -1;
+  stream.advance(m, token < 0);
+  return true;
+}
+
 // Sender warp w of channel c: streams (m, c) for the remote nodes k with k % send_warps == w.
 template <typename Net>
-__device__ __noinline__ bool send_to_rail_peers(const InternodeDispatchParams<typename Net::View>& p, StreamState& st, int w,
-                                   int lane) {
+__device__ __noinline__ bool send_to_rail_peers(const InternodeDispatchParams<typename Net::View>& p, StreamState& st,
+                                                int w, int lane) {
   const DispatchParams& d = p.base;
   const TopologyView& t = p.topology;
-  const RdmaLayout& L = p.rdma;
   const int c = blockIdx.x, my_node = t.node_idx(), num_remote = t.num_nodes() - 1, R = t.num_ranks;
-  char* own = d.ctx.peers[t.local_idx()];
   typename Net::Warp net(p.net);
-  Sender<Net> sender{p, net, st, c, lane};
-  // Every earlier message of the stream was consumed before this op writes any: ring slots and
-  // their count may differ from op to op (row shape, num_rdma_bytes).
-  for (int k = w; k < num_remote; k += p.send_warps) {
-    const int m = remote_node(k, my_node);
-    const uint64_t sent = *at<uint64_t>(own, L.sent_word(m, c));
-    uint64_t head = 0;
-    if (!wait_signal(d.ctx, net, L.head_signal(m, c), sent, Phase::kSend, t.rail_peer(m), head)) return false;
-    if (lane == 0) {
-      st.sent[m] = st.posted[m] = sent;
-      st.head[m] = head;
-    }
-    __syncwarp();
-  }
+  Stream<Net> stream{d.ctx, t, p.rdma, net, st, c, lane};
+  for (int k = w; k < num_remote; k += p.send_warps)
+    if (!stream.open(remote_node(k, my_node))) return false;
   const TokenRange tokens = block_tokens(d.num_tokens);
   for (int token = tokens.begin; token < tokens.end; ++token) {
     for (int k = w; k < num_remote; k += p.send_warps) {
       const int m = remote_node(k, my_node);
       const int pos = lane < t.node_size ? d.send_pos[static_cast<int64_t>(token) * R + t.rank_of(m, lane)] : -1;
       if (__ballot_sync(0xffffffffu, pos >= 0) == 0) continue;
-      if (!sender.message(m, token)) return false;
+      if (!dispatch_message(d, stream, m, token)) return false;
     }
   }
   for (int k = w; k < num_remote; k += p.send_warps) {
     const int m = remote_node(k, my_node);
-    if (!sender.message(m, -1)) return false;
-    if (lane == 0) *at<uint64_t>(own, L.sent_word(m, c)) = st.sent[m];
+    if (!dispatch_message(d, stream, m, -1)) return false;
+    stream.close(m);
   }
   net.flush();
   return true;
@@ -358,7 +394,8 @@ __device__ __noinline__ bool send_to_rail_peers(const InternodeDispatchParams<ty
 // polled in turn; each message to its final rows on this node's ranks, then acknowledged.
 template <typename Net>
 __device__ __noinline__ bool forward_from_rail_peers(const InternodeDispatchParams<typename Net::View>& p, StreamState& st,
-                                        const int (*forward_base)[kMaxRanks], int w, int lane) {
+                                        const int (*forward_base)[kMaxRanks], const int (*keys)[kMaxRanks], int w,
+                                        int lane) {
   const DispatchParams& d = p.base;
   const TopologyView& t = p.topology;
   const RdmaLayout& L = p.rdma;
@@ -408,6 +445,19 @@ __device__ __noinline__ bool forward_from_rail_peers(const InternodeDispatchPara
               [&](int j) { return scales[j]; }, [&](int kk) { return static_cast<int64_t>(ids[kk]); },
               [&](int kk) { return weights[kk]; }, d.topk_weights != nullptr, static_cast<int64_t>(r) * E_loc, E_loc,
               token, lane);
+        }
+        if (p.forward_records != nullptr) {
+          int u0 = 0;
+          while (u0 < U && meta[1 + u0] < 0) ++u0;
+          const int64_t key = u0 < U ? static_cast<int64_t>(keys[m][u0]) + meta[1 + u0] : -1;
+          if (key >= 0 && key < p.forward_slots) {
+            int* record = p.forward_records + key * kForwardRecordInts;
+            if (lane == 0) {
+              record[0] = token;
+              record[1] = c;
+            }
+            if (lane < U) record[2 + lane] = meta[1 + lane];
+          }
         }
       }
       if (i > first) {
@@ -468,6 +518,7 @@ __global__ void __launch_bounds__(kMaxHtThreads)
     internode_dispatch_kernel(const __grid_constant__ InternodeDispatchParams<typename Net::View> p) {
   __shared__ int local_base[kMaxRanks];                // first row of this rank's rows on each node rank
   __shared__ int forward_base[kMaxNodes][kMaxRanks];   // first row of rail source (m, local)'s rows there
+  __shared__ int keys[kMaxNodes][kMaxRanks];           // forward_key(m, u)
   __shared__ StreamState streams;
   const DispatchParams& d = p.base;
   const OpContext& ctx = d.ctx;
@@ -508,8 +559,12 @@ __global__ void __launch_bounds__(kMaxHtThreads)
     const int s = i < N * U ? t.rank_of(i / U, my_local) : t.rank;
     int sum = 0;
     for (int s2 = 0; s2 < s; ++s2) sum += d.count_matrix[s2 * R + r];
-    if (i < N * U) forward_base[i / U][u] = sum;
-    else local_base[u] = sum;
+    if (i < N * U) {
+      forward_base[i / U][u] = sum;
+      keys[i / U][u] = i / U == my_node ? 0 : forward_key(t, d.count_matrix, i / U, u);
+    } else {
+      local_base[u] = sum;
+    }
   }
   __syncthreads();
   if (!wait_peers_ready(ctx, e)) return;
@@ -519,7 +574,7 @@ __global__ void __launch_bounds__(kMaxHtThreads)
   if (warp < p.send_warps) {
     ok = send_to_rail_peers<Net>(p, streams, warp, lane);
   } else if (warp < p.send_warps + p.forward_warps) {
-    ok = forward_from_rail_peers<Net>(p, streams, forward_base, warp - p.send_warps, lane);
+    ok = forward_from_rail_peers<Net>(p, streams, forward_base, keys, warp - p.send_warps, lane);
   } else {
     const int first = p.send_warps + p.forward_warps;
     write_node_rows(d, t, local_base, warp - first, warps - first, lane);
@@ -531,6 +586,362 @@ __global__ void __launch_bounds__(kMaxHtThreads)
   const size_t grid_threads = static_cast<size_t>(gridDim.x) * blockDim.x;
   copy_out(d, 0, 0, num_recv, grid_tid, grid_threads);
   pad_rows(d, num_recv, grid_tid, grid_threads);
+  op_end(ctx, e);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Combine
+
+// forward_key for the forwarder of local index `l` on this node.
+__device__ __forceinline__ int forward_key_of(const TopologyView& t, const int* count_matrix, int l, int m, int u) {
+  const int R = t.num_ranks, n = t.node_idx();
+  int key = 0;
+  for (int m2 = 0; m2 < m; ++m2)
+    if (m2 != n)
+      for (int u2 = 0; u2 < t.node_size; ++u2) key += count_matrix[t.rank_of(m2, l) * R + t.rank_of(n, u2)];
+  for (int u2 = 0; u2 < u; ++u2) key += count_matrix[t.rank_of(m, l) * R + t.rank_of(n, u2)];
+  return key;
+}
+
+// Rows rank x sent to the other nodes below node m, then to node m's ranks below local u: the
+// start of x's partials from node m whose first rank there is u (InternodeCombineParams, part).
+__device__ __forceinline__ int part_key(const TopologyView& t, const int* count_matrix, int x, int m, int u) {
+  const int R = t.num_ranks, n = t.node_of(x);
+  int key = 0;
+  for (int m2 = 0; m2 < m; ++m2)
+    if (m2 != n)
+      for (int u2 = 0; u2 < t.node_size; ++u2) key += count_matrix[x * R + t.rank_of(m2, u2)];
+  for (int u2 = 0; u2 < u; ++u2) key += count_matrix[x * R + t.rank_of(m, u2)];
+  return key;
+}
+
+// Rows of rank x's combine row region: own (returned by its node), fwd (as forwarder), part.
+struct CombineRows {
+  int own, fwd, part;
+};
+__device__ __forceinline__ CombineRows combine_rows_of(const TopologyView& t, const int* count_matrix, int x) {
+  const int R = t.num_ranks, n = t.node_of(x), l = t.local_of(x);
+  CombineRows g{0, 0, 0};
+  for (int r = 0; r < R; ++r) {
+    if (t.node_of(r) == n) g.own += count_matrix[x * R + r];
+    else g.part += count_matrix[x * R + r];
+  }
+  for (int m = 0; m < t.num_nodes(); ++m)
+    if (m != n)
+      for (int u = 0; u < t.node_size; ++u) g.fwd += count_matrix[t.rank_of(m, l) * R + t.rank_of(n, u)];
+  return g;
+}
+
+// Forwarder warp w of channel c: for every remote node m (k mod send_warps = w), the partials of
+// the rail source (m, local)'s channel-c tokens it forwarded (its records), each the sum in fp32 of
+// the token's rows returned by this node's ranks, local index ascending, rounded to bf16 once; a
+// message per token (payload, weight sums, the source token and its partial's key there), then
+// the end marker.
+template <typename Net>
+__device__ __noinline__ bool send_partials(const InternodeCombineParams<typename Net::View>& p, StreamState& st,
+                                           const int (*fwd_keys)[kMaxRanks], const int (*fwd_part)[kMaxRanks],
+                                           int fwd_offset, int num_fwd, int w, int lane) {
+  const CombineParams& q = p.base;
+  const TopologyView& t = p.topology;
+  const RdmaLayout& L = p.rdma;
+  const RowLayout& rows = q.rows;
+  const int c = blockIdx.x, my_node = t.node_idx(), num_remote = t.num_nodes() - 1, U = t.node_size;
+  const int H = q.hidden, K = rows.num_topk_weights;
+  char* region = q.ctx.rows(t.local_idx());
+  typename Net::Warp net(p.net);
+  Stream<Net> stream{q.ctx, t, L, net, st, c, lane};
+  for (int k = w; k < num_remote; k += p.send_warps)
+    if (!stream.open(remote_node(k, my_node))) return false;
+  for (int k = w; k < num_remote; k += p.send_warps) {
+    const int m = remote_node(k, my_node);
+    const int first_key = fwd_keys[m][0];
+    const int next = m + 1 == my_node ? m + 2 : m + 1;  // the next remote node, if any
+    const int end_key = next < t.num_nodes() ? fwd_keys[next][0] : num_fwd;
+    for (int key = first_key; key < end_key && key < p.forward_slots; ++key) {
+      const int* record = p.forward_records + static_cast<int64_t>(key) * kForwardRecordInts;
+      const int token = record[0];
+      if (token < 0 || record[1] != c) continue;
+      char* slot = nullptr;
+      if (!stream.reserve(m, slot)) return false;
+      uint16_t* out = reinterpret_cast<uint16_t*>(slot);
+      for (int v = lane; v < H / 8; v += kWarpSize) {
+        float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+        for (int u = 0; u < U; ++u) {
+          const int pos = record[2 + u];
+          if (pos < 0) continue;
+          const int64_t row = fwd_offset + fwd_keys[m][u] + pos;
+          add_bf16x8(acc, reinterpret_cast<const int4*>(rows.row(region, row))[v]);
+        }
+        reinterpret_cast<int4*>(out)[v] = pack_bf16x8(acc);
+      }
+      float* weights = reinterpret_cast<float*>(slot + L.topk_weights_offset());
+      for (int kk = lane; kk < K; kk += kWarpSize) {
+        float acc = 0.f;
+        for (int u = 0; u < U; ++u) {
+          const int pos = record[2 + u];
+          if (pos >= 0) acc += rows.topk_weights(region, fwd_offset + fwd_keys[m][u] + pos)[kk];
+        }
+        weights[kk] = acc;
+      }
+      int u0 = 0;
+      while (u0 < U && record[2 + u0] < 0) ++u0;
+      int* meta = reinterpret_cast<int*>(slot + L.meta_offset());
+      if (lane == 0) {
+        meta[0] = token;
+        meta[1] = u0 < U ? fwd_part[m][u0] + record[2 + u0] : -1;
+      }
+      stream.advance(m, false);
+    }
+    char* slot = nullptr;
+    if (!stream.reserve(m, slot)) return false;
+    if (lane == 0) reinterpret_cast<int*>(slot + L.meta_offset())[0] = -1;
+    stream.advance(m, true);
+    stream.close(m);
+  }
+  net.flush();
+  return true;
+}
+
+// Owner warp w of channel c: the partials of its channel-c tokens from every remote node m
+// (k mod recv_warps = w), polled in turn, each into its part row; acknowledged as consumed.
+template <typename Net>
+__device__ __noinline__ bool receive_partials(const InternodeCombineParams<typename Net::View>& p, StreamState& st,
+                                              int part_offset, int num_part, int w, int lane) {
+  const CombineParams& q = p.base;
+  const TopologyView& t = p.topology;
+  const RdmaLayout& L = p.rdma;
+  const RowLayout& rows = q.rows;
+  const int c = blockIdx.x, my_node = t.node_idx(), num_remote = t.num_nodes() - 1;
+  const int K = rows.num_topk_weights;
+  char* own = q.ctx.peers[t.local_idx()];
+  char* region = q.ctx.rows(t.local_idx());
+  typename Net::Warp net(p.net);
+  for (int k = w; k < num_remote; k += p.recv_warps) {
+    const int m = remote_node(k, my_node);
+    if (lane == 0) {
+      st.consumed[m] = *at<uint64_t>(own, L.consumed_word(m, c));
+      st.done[m] = 0;
+    }
+  }
+  __syncwarp();
+  WaitClock clock;
+  while (true) {
+    bool progressed = false;
+    int pending = -1;
+    uint64_t observed = 0, target = 0;
+    for (int k = w; k < num_remote; k += p.recv_warps) {
+      const int m = remote_node(k, my_node);
+      if (st.done[m]) continue;
+      const uint64_t first = st.consumed[m];
+      uint64_t announced = lane == 0 ? net.read(L.tail_signal(m, c)) : 0;
+      announced = __shfl_sync(0xffffffffu, announced, 0);
+      __syncwarp();  // lane 0's acquire before every lane's reads of the slots
+      uint64_t i = first;
+      bool done = false;
+      for (; i < announced && !done; ++i) {
+        char* slot = own + L.recv_slot(m, c, static_cast<int64_t>(i));
+        const int* meta = reinterpret_cast<const int*>(slot + L.meta_offset());
+        if (meta[0] < 0) {
+          done = true;
+          continue;
+        }
+        const int key = meta[1];
+        if (key < 0 || key >= num_part) continue;
+        coop_copy<2>(rows.row(region, part_offset + key), slot, rows.row_bytes, lane, kWarpSize);
+        const float* weights = reinterpret_cast<const float*>(slot + L.topk_weights_offset());
+        for (int kk = lane; kk < K; kk += kWarpSize) rows.topk_weights(region, part_offset + key)[kk] = weights[kk];
+      }
+      if (i > first) {
+        net.signal(c % kMaxNetContexts, t.rail_peer(m), L.head_signal(my_node, c), i - first);
+        if (lane == 0) {
+          st.consumed[m] = i;
+          st.done[m] = done ? 1 : 0;
+        }
+        __syncwarp();
+        progressed = true;
+      }
+      if (!done && pending < 0) {
+        pending = m;
+        observed = announced;
+        target = i + 1;
+      }
+    }
+    if (pending < 0) break;
+    if (progressed) {
+      clock.progressed();
+    } else {
+      int failed = 0;
+      if (lane == 0)
+        failed = idle_poll(q.ctx, clock, Phase::kReduce, t.rail_peer(pending), observed, target) != Idle::kWait;
+      if (__shfl_sync(0xffffffffu, failed, 0)) return false;
+    }
+  }
+  for (int k = w; k < num_remote; k += p.recv_warps) {
+    const int m = remote_node(k, my_node);
+    if (lane == 0) *at<uint64_t>(own, L.consumed_word(m, c)) = st.consumed[m];
+  }
+  return true;
+}
+
+template <typename Net>
+__global__ void __launch_bounds__(kMaxHtThreads)
+    internode_combine_kernel(const __grid_constant__ InternodeCombineParams<typename Net::View> p) {
+  __shared__ int recv_base[kMaxWorldRanks + 1];  // first received row of each source rank
+  __shared__ int own_base[kMaxRanks];            // first row of my rows returned by node rank u
+  __shared__ int part_base[kMaxNodes][kMaxRanks];  // part_key(me, m, u)
+  __shared__ int fwd_keys[kMaxNodes][kMaxRanks];   // forward_key(m, u) (as forwarder)
+  __shared__ int fwd_part[kMaxNodes][kMaxRanks];   // part_key(rail source (m, local), my node, u)
+  __shared__ int worst_rows, worst_rank, my_fwd_offset, my_part_offset, my_part_rows;
+  __shared__ StreamState streams;
+  const CombineParams& q = p.base;
+  const OpContext& ctx = q.ctx;
+  const TopologyView& t = p.topology;
+  const RowLayout& rows = q.rows;
+  const int R = t.num_ranks, U = t.node_size, N = t.num_nodes(), me = t.rank, my_node = t.node_idx();
+  const int my_local = t.local_idx(), H = q.hidden, K = rows.num_topk_weights;
+  const int* cm = q.count_matrix;
+  const uint64_t e = op_begin(ctx);
+  const int num_recv = *q.num_recv;
+  check_skip_is_recorded(ctx, num_recv);
+  // Every rank's rows fit its row region (the same matrix on every rank: every rank skips alike).
+  if (threadIdx.x == 0) {
+    worst_rows = -1;
+    worst_rank = R;
+  }
+  __syncthreads();
+  for (int x = threadIdx.x; x < R; x += blockDim.x) {
+    const CombineRows g = combine_rows_of(t, cm, x);
+    atomicMax(&worst_rows, g.own + g.fwd + g.part);
+  }
+  __syncthreads();
+  for (int x = threadIdx.x; x < R; x += blockDim.x) {
+    const CombineRows g = combine_rows_of(t, cm, x);
+    if (g.own + g.fwd + g.part == worst_rows) atomicMin(&worst_rank, x);
+  }
+  if (threadIdx.x == 0) {
+    const CombineRows g = combine_rows_of(t, cm, me);
+    my_fwd_offset = g.own;
+    my_part_offset = g.own + g.fwd;
+    my_part_rows = g.part;
+    recv_base[0] = 0;
+    for (int s = 0; s < R; ++s) recv_base[s + 1] = recv_base[s] + cm[s * R + me];
+  }
+  for (int i = threadIdx.x; i < N * U; i += blockDim.x) {
+    const int m = i / U, u = i % U;
+    part_base[m][u] = m == my_node ? 0 : part_key(t, cm, me, m, u);
+    fwd_keys[m][u] = m == my_node ? 0 : forward_key_of(t, cm, my_local, m, u);
+    fwd_part[m][u] = m == my_node ? 0 : part_key(t, cm, t.rank_of(m, my_local), my_node, u);
+  }
+  if (threadIdx.x < U) {
+    int sum = 0;
+    for (int u = 0; u < static_cast<int>(threadIdx.x); ++u) sum += cm[me * R + t.rank_of(my_node, u)];
+    own_base[threadIdx.x] = sum;
+  }
+  __syncthreads();
+  if (num_recv < 0 || worst_rows > rows.capacity) {
+    if (num_recv >= 0 && blockIdx.x == 0 && threadIdx.x == 0)
+      record_error(ctx, DeviceErrorKind::kBufferTooSmall, Phase::kCapacity, worst_rank, -1, worst_rows, rows.capacity);
+    op_end(ctx, e);
+    return;
+  }
+  if (!wait_peers_ready(ctx, e)) return;
+
+  // 1. Every received row back over NVLink: to its source (own node) or to the source's rail peer
+  //    on this node (its fwd rows), at the row the source's forwarder or the source reads it from.
+  const int warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize, warps = blockDim.x / kWarpSize;
+  const int grid_warp = blockIdx.x * warps + warp, grid_warps = gridDim.x * warps;
+  for (int j = grid_warp; j < num_recv; j += grid_warps) {
+    int lo = 0, hi = R;  // the source s: recv_base[s] <= j < recv_base[s + 1]
+    while (hi - lo > 1) {
+      const int mid = (lo + hi) / 2;
+      if (recv_base[mid] <= j) lo = mid;
+      else hi = mid;
+    }
+    const int s = lo, pos = j - recv_base[s];
+    int dst_local, dst_row;
+    if (t.node_of(s) == my_node) {
+      dst_local = t.local_of(s);
+      int sum = 0;
+      for (int u = 0; u < my_local; ++u) sum += cm[s * R + t.rank_of(my_node, u)];
+      dst_row = sum + pos;
+    } else {
+      dst_local = t.local_of(s);
+      const CombineRows g = combine_rows_of(t, cm, t.rank_of(my_node, dst_local));
+      dst_row = g.own + forward_key_of(t, cm, dst_local, t.node_of(s), my_local) + pos;
+    }
+    char* region = ctx.rows(dst_local);
+    coop_copy<2>(rows.row(region, dst_row), q.x + static_cast<int64_t>(j) * q.x_stride, rows.row_bytes, lane, kWarpSize);
+    for (int kk = lane; kk < K; kk += kWarpSize)
+      rows.topk_weights(region, dst_row)[kk] = q.topk_weights[static_cast<int64_t>(j) * q.weight_stride + kk];
+  }
+  signal_sends_done(ctx, e);
+  if (!wait_all_done(ctx, e, Phase::kReduce)) return;
+
+  // 2. Partials across nodes: forwarders send, owners receive; the other warps wait.
+  bool ok = true;
+  if (warp < p.send_warps)
+    ok = send_partials<Net>(p, streams, fwd_keys, fwd_part, my_fwd_offset, my_part_offset - my_fwd_offset, warp, lane);
+  else if (warp < p.send_warps + p.recv_warps)
+    ok = receive_partials<Net>(p, streams, my_part_offset, my_part_rows, warp - p.send_warps, lane);
+  if (!__syncthreads_and(ok)) return;
+
+  // 3. This channel's tokens: nodes ascending, the own node's rows summed in fp32 (local index
+  //    ascending), a remote node's bf16 partial; then the biases; rounded to bf16 once.
+  char* region = ctx.rows(my_local);
+  const TokenRange tokens = block_tokens(q.num_tokens);
+  for (int token = tokens.begin + warp; token < tokens.end; token += warps) {
+    const int* pos_row = q.send_pos + static_cast<int64_t>(token) * R;
+    for (int v = lane; v < H / 8; v += kWarpSize) {
+      float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+      for (int m = 0; m < N; ++m) {
+        if (m == my_node) {
+          float part[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+          bool any = false;
+          for (int u = 0; u < U; ++u) {
+            const int pos = pos_row[t.rank_of(m, u)];
+            if (pos < 0) continue;
+            any = true;
+            add_bf16x8(part, reinterpret_cast<const int4*>(rows.row(region, own_base[u] + pos))[v]);
+          }
+          if (any)
+            for (int h = 0; h < 8; ++h) acc[h] += part[h];
+        } else {
+          int u0 = 0;
+          while (u0 < U && pos_row[t.rank_of(m, u0)] < 0) ++u0;
+          if (u0 == U) continue;
+          const int64_t row = my_part_offset + part_base[m][u0] + pos_row[t.rank_of(m, u0)];
+          add_bf16x8(acc, reinterpret_cast<const int4*>(rows.row(region, row))[v]);
+        }
+      }
+      if (q.bias_0 != nullptr) add_bf16x8(acc, reinterpret_cast<const int4*>(q.bias_0 + token * q.bias_0_stride)[v]);
+      if (q.bias_1 != nullptr) add_bf16x8(acc, reinterpret_cast<const int4*>(q.bias_1 + token * q.bias_1_stride)[v]);
+      reinterpret_cast<int4*>(q.combined_x + token * q.out_stride)[v] = pack_bf16x8(acc);
+    }
+    if (q.combined_topk_weights != nullptr) {
+      for (int kk = lane; kk < q.num_topk; kk += kWarpSize) {
+        float acc = 0.f;
+        for (int m = 0; m < N; ++m) {
+          if (m == my_node) {
+            float part = 0.f;
+            bool any = false;
+            for (int u = 0; u < U; ++u) {
+              const int pos = pos_row[t.rank_of(m, u)];
+              if (pos < 0) continue;
+              any = true;
+              part += rows.topk_weights(region, own_base[u] + pos)[kk];
+            }
+            if (any) acc += part;
+          } else {
+            int u0 = 0;
+            while (u0 < U && pos_row[t.rank_of(m, u0)] < 0) ++u0;
+            if (u0 == U) continue;
+            acc += rows.topk_weights(region, my_part_offset + part_base[m][u0] + pos_row[t.rank_of(m, u0)])[kk];
+          }
+        }
+        q.combined_topk_weights[token * q.out_weight_stride + kk] = acc;
+      }
+    }
+  }
   op_end(ctx, e);
 }
 
@@ -551,6 +962,14 @@ void launch_internode_dispatch(const InternodeDispatchParams<EmuNetView>& p, Emu
     internode_dispatch_kernel<EmuNetDirect><<<num_blocks, num_threads, 0, stream>>>(p);
 }
 
+void launch_internode_combine(const InternodeCombineParams<EmuNetView>& p, EmuMode mode, int num_blocks,
+                              int num_threads, cudaStream_t stream) {
+  if (mode == EmuMode::kAdversarial)
+    internode_combine_kernel<EmuNetAdversarial><<<num_blocks, num_threads, 0, stream>>>(p);
+  else
+    internode_combine_kernel<EmuNetDirect><<<num_blocks, num_threads, 0, stream>>>(p);
+}
+
 #if EPX_HAVE_GIN
 void launch_internode_notify(const InternodeNotifyParams<GinNetView>& p, cudaStream_t stream) {
   internode_notify_kernel<device::GinNet><<<1, kNotifyThreads, 0, stream>>>(p);
@@ -562,6 +981,8 @@ void load_internode_kernels() {
   load_kernel(internode_notify_kernel<EmuNetAdversarial>, "internode_notify_kernel<EmuNetAdversarial>");
   load_kernel(internode_dispatch_kernel<EmuNetDirect>, "internode_dispatch_kernel<EmuNetDirect>");
   load_kernel(internode_dispatch_kernel<EmuNetAdversarial>, "internode_dispatch_kernel<EmuNetAdversarial>");
+  load_kernel(internode_combine_kernel<EmuNetDirect>, "internode_combine_kernel<EmuNetDirect>");
+  load_kernel(internode_combine_kernel<EmuNetAdversarial>, "internode_combine_kernel<EmuNetAdversarial>");
 }
 
 }  // namespace epx::kernels

@@ -41,11 +41,38 @@ struct InternodeDispatchParams {
   RdmaLayout rdma;      // in every window (rdma.base: its offset)
   int send_warps;       // warps of a block that stream to the remote nodes (rail peers)
   int forward_warps;    // warps that forward what the rail peers sent (the rest write node-local rows)
+  // The handle's forward records (null: none kept): record of forwarded row key k (forward_key)
+  // at forward_records[k * kForwardRecordInts], k < forward_slots; pre-filled with -1.
+  int* forward_records;
+  int64_t forward_slots;
+};
+
+// Internode combine (kernels/internode.cu): the mirror of the dispatch through the same rings.
+// Row region of every rank X = (n, l), combine rows (bf16 payload, K weights):
+//   own    [A = rows X sent to its node's ranks]: rows the node's ranks return to X, at
+//          (rows X sent to lower local ranks) + position;
+//   fwd    [F = rows X's rail peers on the other nodes sent to X's node]: rows the node's ranks
+//          return to X as forwarder, at forward_key(m, u) + position;
+//   part   [P = rows X sent to the other nodes' ranks]: the partial of X's token from node m, at
+//          (rows X sent to lower remote nodes) + (rows to node m's lower local ranks than the
+//          token's first there) + its position there.
+template <typename NetView>
+struct InternodeCombineParams {
+  CombineParams base;   // ctx (the node), rows (combine rows), x, weights, biases, handle arrays, outputs
+  TopologyView topology;
+  NetView net;
+  RdmaLayout rdma;      // messages of 2 * hidden payload bytes and num_topk weights
+  const int* forward_records;
+  int64_t forward_slots;
+  int send_warps;       // warps that send partials (as forwarder)
+  int recv_warps;       // warps that receive partials (as owner); the rest reduce afterwards
 };
 
 void launch_internode_notify(const InternodeNotifyParams<EmuNetView>& p, EmuMode mode, cudaStream_t stream);
 void launch_internode_dispatch(const InternodeDispatchParams<EmuNetView>& p, EmuMode mode, int num_blocks,
                                int num_threads, cudaStream_t stream);
+void launch_internode_combine(const InternodeCombineParams<EmuNetView>& p, EmuMode mode, int num_blocks,
+                              int num_threads, cudaStream_t stream);
 #if EPX_HAVE_GIN
 // The count exchange over NCCL GIN (built wherever the headers have GIN; a Buffer does not launch
 // it yet: it sets up no GIN devComm). The dispatch's GinNet instantiation is not built: at 512

@@ -9,14 +9,16 @@
 //    pre-filled with sentinels; a cached re-dispatch through the same handle; worst-case sizing (no
 //    host sync) with its padding; back-to-back ops whose ring geometry differs (the rings carry
 //    their counts across ops).
+// Combine: the two-level order and rounding of ref::internode_combine, bitwise, with and without
+// weights and biases, from the host-synced and the worst-case handle.
 // Errors: a world across nodes without num_rdma_bytes, or with too few, names num_rdma_bytes (and
-// the minimum); an op whose rings do not fit names the bytes it needs; the combine across nodes is
-// Unsupported.
+// the minimum); an op whose rings do not fit names the bytes it needs.
 #include <cuda_runtime_api.h>
 
 #include <algorithm>
 #include <cstdio>
 #include <functional>
+#include <random>
 #include <sstream>
 #include <string>
 #include <vector>
@@ -71,7 +73,17 @@ struct Sub {
   InputSpec spec;
   int empty_rank = -1;  // this rank has no tokens
   int quiet_node = -1;  // no token has an expert on this node
+  bool biases = false;  // the combine adds two bias rows
 };
+
+// Rank r's expert outputs for the combine: random bf16 rows, regenerable by every rank.
+std::vector<uint16_t> expert_rows(uint64_t seed, int rank, int64_t rows, int hidden) {
+  std::mt19937_64 rng(seed * 31 + rank + 17);
+  std::uniform_real_distribution<float> u(-2.f, 2.f);
+  std::vector<uint16_t> y(static_cast<size_t>(rows) * hidden);
+  for (auto& v : y) v = ref::float_to_bf16(u(rng));
+  return y;
+}
 
 std::vector<Sub> subcases(int world, int node_size) {
   std::vector<Sub> out;
@@ -80,8 +92,9 @@ std::vector<Sub> subcases(int world, int node_size) {
   base.hidden = kHidden;
   base.num_experts = kExperts;
   {
-    Sub s{"bf16_k8_weights", base};
+    Sub s{"bf16_k8_weights_biases", base};
     s.spec.num_topk = 8;
+    s.biases = true;
     out.push_back(s);
   }
   {
@@ -151,6 +164,40 @@ void check_outputs(const Outputs& o, const InputSpec& s, const ref::DispatchResu
   if (s.with_weights)
     expect_equal(o.topk_weights.download<float>(n * K), want.recv_topk_weights, n * K, tag + " recv_topk_weights");
   expect_equal(o.src_idx.download<int>(n), want.recv_src_idx, n, tag + " recv_src_idx");
+}
+
+// The combine of `handle` (rows: its output rows; the rows past the received ones hold garbage,
+// which the combine must ignore) against the two-level reference; weights from the dispatch.
+void check_combine(RankCtx& ctx, Buffer& buffer, const DispatchHandle& handle, int64_t rows, const Outputs& recv,
+                   const InputSpec& s, const std::vector<uint16_t>& mine, const ref::CombineResult& want,
+                   const std::vector<uint16_t>& b0, const std::vector<uint16_t>& b1, const std::string& tag) {
+  const int N = s.num_tokens, H = s.hidden, K = s.num_topk;
+  std::vector<uint16_t> y_rows(static_cast<size_t>(std::max<int64_t>(rows, 1)) * H, ref::float_to_bf16(1000.f));
+  std::copy(mine.begin(), mine.end(), y_rows.begin());
+  DeviceMem y = DeviceMem::from(y_rows);
+  CombineInputs ci;
+  ci.x = View::of(y.get(), DType::kBF16, {rows, H});
+  if (s.with_weights) ci.topk_weights = View::of(recv.topk_weights.get(), DType::kF32, {rows, K});
+  DeviceMem db0, db1;
+  if (!b0.empty()) {
+    db0 = DeviceMem::from(b0);
+    db1 = DeviceMem::from(b1);
+    ci.bias_0 = View::of(db0.get(), DType::kBF16, {N, H});
+    ci.bias_1 = View::of(db1.get(), DType::kBF16, {N, H});
+  }
+  DeviceMem cx(std::max<size_t>(16, static_cast<size_t>(N) * H * 2)), cw(std::max<size_t>(16, static_cast<size_t>(N) * K * 4));
+  cx.fill(0x7F);
+  cw.fill(0x7F);
+  CombineOutputs co;
+  co.combined_x = View::of(cx.get(), DType::kBF16, {N, H});
+  if (s.with_weights) co.combined_topk_weights = View::of(cw.get(), DType::kF32, {N, K});
+  buffer.combine(ci, handle, co, ctx.stream);
+  buffer.synchronize(ctx.stream);
+  expect_equal(cx.download<uint16_t>(static_cast<size_t>(N) * H), want.combined_x, static_cast<size_t>(N) * H,
+               tag + " combined_x");
+  if (s.with_weights)
+    expect_equal(cw.download<float>(static_cast<size_t>(N) * K), want.combined_topk_weights, static_cast<size_t>(N) * K,
+                 tag + " combined_topk_weights");
 }
 
 // One sub-case on every rank: layout, host-synced dispatch (all outputs), cached re-dispatch,
@@ -247,6 +294,22 @@ int run_sub(RankCtx& ctx, Buffer& buffer, const Sub& sub, uint64_t seed, int nod
   buffer.synchronize(ctx.stream);
   check_outputs(out, s, mine, true, sub.name);
 
+  // Combine (the two-level order and rounding of the reference): every rank's expert outputs are
+  // regenerable, so the reference is exact.
+  std::vector<std::vector<uint16_t>> ys(R);
+  std::vector<std::vector<float>> ws(R);
+  for (int r = 0; r < R; ++r) {
+    ys[r] = expert_rows(seed, r, want[r].recv.num_recv, s.hidden);
+    if (s.with_weights) ws[r] = want[r].recv.recv_topk_weights;
+  }
+  std::vector<uint16_t> b0, b1;
+  if (sub.biases) {
+    b0 = expert_rows(seed * 7, me + 100, N, s.hidden);
+    b1 = expert_rows(seed * 7 + 1, me + 100, N, s.hidden);
+  }
+  const ref::CombineResult want_c = ref::internode_combine(want, ys, ws, me, shape, s.hidden, b0, b1);
+  check_combine(ctx, buffer, handle, nr, out, s, ys[me], want_c, b0, b1, sub.name);
+
   // Cached re-dispatch: the handle's routing, x (and scales) only, into fresh sentinels.
   DispatchInputs cached;
   cached.x = in.x;
@@ -289,14 +352,16 @@ int run_sub(RankCtx& ctx, Buffer& buffer, const Sub& sub, uint64_t seed, int nod
   }
   const auto src = padded.src_idx.download<int>(rows);
   for (int64_t i = n; i < rows; ++i) REQUIRE(src[i] == -1, tag, " padding recv_src_idx ", i);
+  // The worst-case handle's combine: the same bits (the padding rows' x is garbage, ignored).
+  check_combine(ctx, buffer, hw, rows, padded, s, ys[me], want_c, b0, b1, tag);
   return 0;
 }
 
-class InternodeDispatch : public ::testing::TestWithParam<SplitCase> {};
+class InternodeDispatchCombine : public ::testing::TestWithParam<SplitCase> {};
 
 // Every sub-case on rings that wrap (12 messages, chunks of 3), then on DeepEP's (252, 6), one
 // Buffer each; the sub-cases run back to back on a Buffer (ring counts carried across ops).
-TEST_P(InternodeDispatch, EveryOutputMatchesTheReference) {
+TEST_P(InternodeDispatchCombine, EveryOutputMatchesTheReference) {
   const SplitCase c = GetParam();
   SKIP_WITHOUT_SIM_WORLD(c.world);
   const uint64_t seed = run_seed();
@@ -326,12 +391,12 @@ TEST_P(InternodeDispatch, EveryOutputMatchesTheReference) {
               c.node_size, c.mode == EmuMode::kAdversarial ? "adversarial" : "direct", subcases(c.world, c.node_size).size());
 }
 
-INSTANTIATE_TEST_SUITE_P(Splits, InternodeDispatch, ::testing::ValuesIn(splits()), split_name);
+INSTANTIATE_TEST_SUITE_P(Splits, InternodeDispatchCombine, ::testing::ValuesIn(splits()), split_name);
 
 // The Buffer's checks across nodes (4 ranks in 2 virtual nodes of 2).
 class InternodeErrors : public ::testing::TestWithParam<int> {};
 
-TEST_P(InternodeErrors, RdmaBytesAndUnsupportedOpsAreNamed) {
+TEST_P(InternodeErrors, RdmaBytesAreNamed) {
   SKIP_WITHOUT_SIM_WORLD(GetParam());
   const uint64_t seed = run_seed();
   EXPECT_EQ(run_world(WorldMode::kSim, GetParam(), 32 << 20, case_config(), [&](RankCtx& ctx) {
@@ -376,14 +441,6 @@ TEST_P(InternodeErrors, RdmaBytesAndUnsupportedOpsAreNamed) {
     o.recv_x = View::of(out.x.get(), DType::kBF16, {nr, spec.hidden});
     require_error([&] { b.dispatch(in, h, o, ctx.stream); }, ErrorKind::kBufferTooSmall,
                   {"num_rdma_bytes", std::to_string(need)});
-    b.reset();
-    // The combine across nodes is not implemented: Unsupported, naming it.
-    DeviceMem y(std::max(1, nr) * spec.hidden * 2), cx(N * spec.hidden * 2);
-    CombineInputs ci;
-    ci.x = View::of(y.get(), DType::kBF16, {nr, spec.hidden});
-    CombineOutputs co;
-    co.combined_x = View::of(cx.get(), DType::kBF16, {N, spec.hidden});
-    require_error([&] { b.combine(ci, h, co, ctx.stream); }, ErrorKind::kUnsupported, "combine across nodes");
     b.reset();
   }), 0);
 }
