@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "common/rdma_layout.hpp"
+#include "common/scaleout_layout.hpp"
 #include "epx/error.hpp"
 #include "host/plan.hpp"
 
@@ -120,4 +121,42 @@ TEST(RdmaLayout, RejectsBadShapes) {
                "no RDMA region");
 }
 
+}  // namespace
+
+// The internode count exchange's region (common/scaleout_layout.hpp, InternodeCountLayout): flags
+// after the signals, node rows, send and receive blocks in order, disjoint, 16-byte aligned (puts
+// move multiples of 16 bytes), a row holding R counts and R * kMaxLocalExperts expert counts, a
+// block the node's count rows and its expert sums for every local rank of the receiving node.
+namespace {
+TEST(InternodeCountLayout, RegionsDisjointAlignedAndLargeEnough) {
+  for (const auto& [R, U] : std::vector<std::pair<int, int>>{{2, 1}, {4, 2}, {16, 8}, {256, 8}, {32, 1}}) {
+    SCOPED_TRACE("R=" + std::to_string(R) + " U=" + std::to_string(U));
+    epx::InternodeCountLayout l;
+    l.num_ranks = R;
+    l.node_size = U;
+    l.base = 2 << 20;
+    const int N = R / U;
+    EXPECT_GE(l.flags(), l.signals() + 8 * N);
+    EXPECT_GE(l.node_row(0, 0), l.flags() + 8 * U);
+    EXPECT_GE(l.row_ints(), static_cast<size_t>(R) + static_cast<size_t>(R) * epx::kMaxLocalExperts);
+    EXPECT_GE(l.block_ints(), static_cast<size_t>(U) * (R + epx::kMaxLocalExperts));
+    std::vector<std::pair<size_t, size_t>> spans;
+    for (int parity = 0; parity < 2; ++parity) {
+      for (int u = 0; u < U; ++u) spans.push_back({l.node_row(parity, u), l.node_row(parity, u) + 4 * l.row_ints()});
+      for (int m = 0; m < N; ++m) {
+        spans.push_back({l.send_block(parity, m), l.send_block(parity, m) + l.block_bytes()});
+        spans.push_back({l.recv_block(parity, m), l.recv_block(parity, m) + l.block_bytes()});
+      }
+    }
+    std::sort(spans.begin(), spans.end());
+    for (size_t i = 0; i < spans.size(); ++i) {
+      EXPECT_EQ(spans[i].first % 16, 0u) << i;
+      EXPECT_GE(spans[i].first, l.node_row(0, 0)) << i;
+      EXPECT_LE(spans[i].second, l.end()) << i;
+      if (i > 0) EXPECT_LE(spans[i - 1].second, spans[i].first) << i;
+    }
+    EXPECT_EQ(l.block_bytes() % 16, 0u);
+    EXPECT_EQ(l.num_bytes(), l.end() - l.base);
+  }
+}
 }  // namespace
