@@ -103,8 +103,9 @@ class Buffer:
             node_size: ranks per node (epx's extension, keyword-only). 0 = the environment's
                 EPX_NODE_SIZE if set, else the NVLink domain. A smaller size splits the domain into
                 virtual nodes (it must divide the domain: EpxError(InvalidArgument) otherwise).
-                Dispatch and combine across nodes are not implemented: a group of more than one
-                node is refused with EpxError(Unsupported).
+                Dispatch and combine across nodes run in the C++ Buffer (BufferOptions::num_rdma_bytes);
+                this Buffer does not pass an RDMA region yet, so a group of more than one node is
+                refused with EpxError(InvalidArgument) naming num_rdma_bytes.
         """
         _check_int("num_nvl_bytes", num_nvl_bytes, 0)
         _check_int("num_rdma_bytes", num_rdma_bytes, 0)
