@@ -35,7 +35,7 @@ struct DeviceArray {
 };
 
 struct Options {
-  std::string mode = "all";  // ht | ll | all
+  std::string mode = "all";  // ht | ll | all | internode
   int world = 0;            // 0 = every visible GPU
   int sim = 0;              // > 0: that many simulated ranks as threads on GPU 0 (SimWorld)
   std::vector<int> tokens = {4096};
@@ -58,6 +58,9 @@ struct Options {
   // The high-throughput buffer holds 1/F of the N x R rows a rank may receive (at least the rings'
   // minimum): F > 1 times the bounded dispatch and combine on a batch larger than the buffer.
   int buffer_fraction = 1;
+  // The internode workload: ranks per virtual node (it divides the world into nodes inside the one
+  // NVLink domain, BufferOptions::node_size).
+  int node_size = 4;
 };
 
 // One measured line of the report.
@@ -74,7 +77,12 @@ struct Row {
   // Simulated run (SimWorld): the numbers are those of rank `rank`, the slowest for this row.
   bool simulated = false;
   int rank = 0;
-  std::string workload;  // "ht" or "ll": the workload of benchmarks.md the row belongs to
+  std::string workload;  // "ht", "ll" or "internode": the workload of benchmarks.md the row belongs to
+  // Internode rows (-1 elsewhere, bench/internode_model.hpp): ranks per virtual node; the bytes this
+  // rank put across nodes (the RDMA leg's messages) and wrote into other GPUs over NVLink; the IB
+  // time of those RDMA bytes at kIbGbpsPerGpu, and the RDMA GB/s were the leg that IB.
+  int node_size = 0;
+  double rdma_bytes = -1, nvlink_bytes = -1, ib_model_us = -1, rdma_gbps_model = -1;
 };
 
 // What a run measured and under which conditions (rank 0 prints and writes it).
@@ -106,6 +114,9 @@ bool write_json(const std::string& path, const Options& o, Report& report);
 // (comm.simulated()): no NCCL all-to-all baseline (no NCCL communicator), every o.sms <= the
 // rank's share (comm.num_device_sms()).
 std::vector<Row> run_ht(const Options& o, Communicator& comm);
+// Runs the internode workload (o.node_size ranks per virtual node; the RDMA leg over NVLink through
+// the emulation): the high-throughput ops across nodes, with the bytes and the IB model per row.
+std::vector<Row> run_internode(const Options& o, Communicator& comm);
 // Runs the low-latency workload (o.ll_tokens tokens, first hidden size); simulated as run_ht.
 std::vector<Row> run_ll(const Options& o, Communicator& comm);
 

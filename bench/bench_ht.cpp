@@ -10,6 +10,7 @@
 
 #include "baselines.cuh"
 #include "bench_common.hpp"
+#include "ht_case.hpp"
 #include "common/layout.hpp"
 #include "host/checks.hpp"
 #include "host/plan.hpp"
@@ -83,6 +84,108 @@ Settings with_ring_settings(Settings s, const std::string& spec) {
 
 }  // namespace
 
+HtCase::HtCase(const Options& o, Buffer& buffer, int num_tokens, int hidden, cudaStream_t stream)
+    : N(num_tokens), H(hidden), K(o.topk), E(o.experts), S((hidden + 127) / 128), R(buffer.num_ranks()),
+      topk(make_topk(o.seed, buffer.rank(), num_tokens, o.topk, o.experts, o.routing)),
+      buffer_(buffer), stream_(stream),
+      dx_(static_cast<size_t>(N) * H * 2, stream), dx8_(static_cast<size_t>(N) * H, stream),
+      dsc_(static_cast<size_t>(N) * S * 4, stream), dtopk_(topk.size() * 8, stream),
+      dw_(static_cast<size_t>(N) * K * 4, stream), per_rank_(4 * R, stream), per_expert_(4 * E, stream),
+      in_rank_(static_cast<size_t>(N) * R, stream), recv_per_expert_(4 * (E / R), stream),
+      rx_(static_cast<size_t>(N) * R * H * 2, stream), rsc_(static_cast<size_t>(N) * R * S * 4, stream),
+      ridx_(static_cast<size_t>(N) * R * K * 8, stream), rw_(static_cast<size_t>(N) * R * K * 4, stream),
+      rsrc_(static_cast<size_t>(N) * R * 4, stream), cx_(static_cast<size_t>(N) * H * 2, stream),
+      cw_(static_cast<size_t>(N) * K * 4, stream), handle_(buffer.make_handle(num_tokens)) {
+  std::mt19937_64 rng(o.seed * 977 + buffer.rank());
+  std::vector<uint16_t> xh(static_cast<size_t>(N) * H);
+  for (auto& v : xh) v = static_cast<uint16_t>(0x3C00 + (rng() & 0x3FF));  // finite bf16
+  std::vector<uint8_t> x8(static_cast<size_t>(N) * H);
+  for (auto& v : x8) v = static_cast<uint8_t>(rng() & 0x77);  // finite e4m3
+  upload(dx_, xh);
+  upload(dx8_, x8);
+  upload(dsc_, std::vector<float>(static_cast<size_t>(N) * S, 1.f));
+  upload(dtopk_, topk);
+  upload(dw_, std::vector<float>(static_cast<size_t>(N) * K, 0.125f));
+  const View topk_v = View::of(dtopk_.ptr, DType::kI64, {N, K});
+  in_.topk_idx = topk_v;
+  in_.topk_weights = View::of(dw_.ptr, DType::kF32, {N, K});
+  in_.num_tokens_per_rank = View::of(per_rank_.ptr, DType::kI32, {R});
+  in_.num_tokens_per_expert = View::of(per_expert_.ptr, DType::kI32, {E});
+  in_.is_token_in_rank = View::of(in_rank_.ptr, DType::kBool, {N, R});
+  buffer.get_dispatch_layout(topk_v, E, in_.num_tokens_per_rank, in_.num_tokens_per_expert, in_.is_token_in_rank,
+                             stream);
+}
+
+DispatchOutputs HtCase::outputs(bool fp8, int64_t rows, bool meta) {
+  DispatchOutputs out;
+  out.recv_x = View::of(rx_.ptr, fp8 ? DType::kFP8E4M3 : DType::kBF16, {rows, H});
+  if (fp8) out.recv_x_scales = View::of(rsc_.ptr, DType::kF32, {rows, S});
+  if (meta) {
+    out.recv_topk_idx = View::of(ridx_.ptr, DType::kI64, {rows, K});
+    out.recv_topk_weights = View::of(rw_.ptr, DType::kF32, {rows, K});
+    out.recv_src_idx = View::of(rsrc_.ptr, DType::kI32, {rows});
+  }
+  return out;
+}
+
+void HtCase::set_x(bool fp8) {
+  in_.x = fp8 ? View::of(dx8_.ptr, DType::kFP8E4M3, {N, H}) : View::of(dx_.ptr, DType::kBF16, {N, H});
+  in_.x_scales = fp8 ? View::of(dsc_.ptr, DType::kF32, {N, S}) : View{};
+}
+
+Op HtCase::fresh(bool fp8) {
+  return [this, fp8](cudaStream_t s) {
+    set_x(fp8);
+    const int nr = buffer_.dispatch_notify(in_, handle_, View::of(recv_per_expert_.ptr, DType::kI32, {E / R}), s);
+    buffer_.dispatch(in_, handle_, outputs(fp8, nr, true), s);
+  };
+}
+
+Op HtCase::cached(bool fp8) {
+  return [this, fp8](cudaStream_t s) {
+    set_x(fp8);
+    DispatchInputs c;
+    c.x = in_.x;
+    c.x_scales = in_.x_scales;
+    buffer_.dispatch(c, handle_, outputs(fp8, handle_.num_recv_tokens, false), s);
+  };
+}
+
+Op HtCase::combine() {
+  return [this](cudaStream_t s) {
+    const int64_t nr = handle_.num_recv_tokens;
+    CombineInputs ci;
+    ci.x = View::of(rx_.ptr, DType::kBF16, {nr, H});
+    ci.topk_weights = View::of(rw_.ptr, DType::kF32, {nr, K});
+    CombineOutputs co;
+    co.combined_x = View::of(cx_.ptr, DType::kBF16, {N, H});
+    co.combined_topk_weights = View::of(cw_.ptr, DType::kF32, {N, K});
+    buffer_.combine(ci, handle_, co, s);
+  };
+}
+
+void HtCase::learn_rows() {
+  fresh(false)(stream_);
+  buffer_.synchronize(stream_);
+  num_recv = handle_.num_recv_tokens;
+  counts.assign(static_cast<size_t>(R) * R, 0);
+  EPX_CUDA_CHECK(cudaMemcpyAsync(counts.data(), handle_.count_matrix, 4 * R * R, cudaMemcpyDeviceToHost, stream_));
+  EPX_CUDA_CHECK(cudaStreamSynchronize(stream_));
+}
+
+Row Harness::time(const std::string& op_name, int sms, int tokens, int hidden, const Op& op, Buffer& buffer) const {
+  const Timing t = time_op(op, stream, o.warmup, o.iters, flusher, barrier);
+  Row r;
+  r.op = op_name;
+  r.num_sms = sms;
+  r.tokens = tokens;
+  r.hidden = hidden;
+  r.median_us = t.median_us, r.min_us = t.min_us, r.max_us = t.max_us;
+  r.host_us = host_time_op(op, stream, 2, std::min(o.iters, 20), barrier).median_us;
+  buffer.synchronize(stream);
+  return r;
+}
+
 std::vector<Row> run_ht(const Options& o, Communicator& comm) {
   const int R = comm.world(), me = comm.rank();
   std::vector<Row> rows;
@@ -90,13 +193,14 @@ std::vector<Row> run_ht(const Options& o, Communicator& comm) {
   const cudaStream_t stream = owned_stream.stream;
   L2Flusher flusher(stream);
   auto barrier = [&] { comm.barrier(); };
+  const Harness harness{o, stream, flusher, barrier};
   for (int sms : o.sms)  // a simulated rank's grids must fit its share so that all ranks' are resident
     EPX_ARG_CHECK(!comm.simulated() || sms <= comm.num_device_sms(), "--sms ", sms,
                   " exceeds a simulated rank's share of ", comm.num_device_sms(), " SMs");
 
   for (int N : o.tokens) {
     for (int H : o.hidden) {
-      const int K = o.topk, E = o.experts, S = (H + 127) / 128;
+      const int K = o.topk;
       // --buffer-fraction F: room for 1/F of the rows (and at least the bounded paths' rings at
       // every --sms), so that larger batches stream through the rings.
       const int64_t all_rows = static_cast<int64_t>(N) * R;
@@ -124,94 +228,12 @@ std::vector<Row> run_ht(const Options& o, Communicator& comm) {
                       o.buffer_fraction);
       }
 
-      // Inputs.
-      std::mt19937_64 rng(o.seed * 977 + me);
-      std::vector<uint16_t> xh(static_cast<size_t>(N) * H);
-      for (auto& v : xh) v = static_cast<uint16_t>(0x3C00 + (rng() & 0x3FF));  // finite bf16
-      std::vector<uint8_t> x8(static_cast<size_t>(N) * H);
-      for (auto& v : x8) v = static_cast<uint8_t>(rng() & 0x77);  // finite e4m3
-      std::vector<float> sc(static_cast<size_t>(N) * S, 1.f);
-      std::vector<int64_t> topk = make_topk(o.seed, me, N, K, E, o.routing);
-      std::vector<float> w(static_cast<size_t>(N) * K, 0.125f);
-      DeviceArray dx(xh.size() * 2, stream), dx8(x8.size(), stream), dsc(sc.size() * 4, stream),
-          dtopk(topk.size() * 8, stream), dw(w.size() * 4, stream);
-      upload(dx, xh);
-      upload(dx8, x8);
-      upload(dsc, sc);
-      upload(dtopk, topk);
-      upload(dw, w);
-      DeviceArray per_rank(4 * R, stream), per_expert(4 * E, stream), in_rank(static_cast<size_t>(N) * R, stream),
-          recv_per_expert(4 * (E / R), stream);
-      const View topk_v = View::of(dtopk.ptr, DType::kI64, {N, K});
-      buffer.get_dispatch_layout(topk_v, E, View::of(per_rank.ptr, DType::kI32, {R}),
-                                 View::of(per_expert.ptr, DType::kI32, {E}),
-                                 View::of(in_rank.ptr, DType::kBool, {N, R}), stream);
-
-      DispatchInputs in;
-      in.topk_idx = topk_v;
-      in.topk_weights = View::of(dw.ptr, DType::kF32, {N, K});
-      in.num_tokens_per_rank = View::of(per_rank.ptr, DType::kI32, {R});
-      in.num_tokens_per_expert = View::of(per_expert.ptr, DType::kI32, {E});
-      in.is_token_in_rank = View::of(in_rank.ptr, DType::kBool, {N, R});
-      const View recv_per_expert_v = View::of(recv_per_expert.ptr, DType::kI32, {E / R});
-
-      // Outputs sized for the worst case once (a framework's caching allocator does the same).
-      const int64_t cap = static_cast<int64_t>(N) * R;
-      DeviceArray rx(cap * H * 2, stream), rsc(cap * S * 4, stream), ridx(cap * K * 8, stream), rw(cap * K * 4, stream),
-          rsrc(cap * 4, stream);
-      DeviceArray cx(static_cast<size_t>(N) * H * 2, stream), cw(static_cast<size_t>(N) * K * 4, stream);
-      DispatchHandle handle = buffer.make_handle(N);
-
-      auto dispatch_outputs = [&](bool fp8, int64_t nr, bool meta) {
-        DispatchOutputs out;
-        out.recv_x = View::of(rx.ptr, fp8 ? DType::kFP8E4M3 : DType::kBF16, {nr, H});
-        if (fp8) out.recv_x_scales = View::of(rsc.ptr, DType::kF32, {nr, S});
-        if (meta) {
-          out.recv_topk_idx = View::of(ridx.ptr, DType::kI64, {nr, K});
-          out.recv_topk_weights = View::of(rw.ptr, DType::kF32, {nr, K});
-          out.recv_src_idx = View::of(rsrc.ptr, DType::kI32, {nr});
-        }
-        return out;
-      };
-      auto set_x = [&](bool fp8) {
-        in.x = fp8 ? View::of(dx8.ptr, DType::kFP8E4M3, {N, H}) : View::of(dx.ptr, DType::kBF16, {N, H});
-        in.x_scales = fp8 ? View::of(dsc.ptr, DType::kF32, {N, S}) : View{};
-      };
-      auto fresh = [&](bool fp8) {
-        return [&, fp8](cudaStream_t s) {
-          set_x(fp8);
-          const int nr = buffer.dispatch_notify(in, handle, recv_per_expert_v, s);
-          buffer.dispatch(in, handle, dispatch_outputs(fp8, nr, true), s);
-        };
-      };
-      auto cached = [&](bool fp8) {
-        return [&, fp8](cudaStream_t s) {
-          set_x(fp8);
-          DispatchInputs c;
-          c.x = in.x;
-          c.x_scales = in.x_scales;
-          buffer.dispatch(c, handle, dispatch_outputs(fp8, handle.num_recv_tokens, false), s);
-        };
-      };
-      // Routing is fixed: learn the row counts once (host-synced).
-      fresh(false)(stream);
-      buffer.synchronize(stream);
-      const int64_t nr = handle.num_recv_tokens;
-      std::vector<int> counts(R * R);
-      EPX_CUDA_CHECK(cudaMemcpyAsync(counts.data(), handle.count_matrix, 4 * R * R, cudaMemcpyDeviceToHost, stream));
-      EPX_CUDA_CHECK(cudaStreamSynchronize(stream));
-      const int64_t local_rows = counts[me * R + me];
+      HtCase c(o, buffer, N, H, stream);
+      c.learn_rows();
+      const int64_t nr = c.num_recv;
+      const int64_t local_rows = c.counts[me * R + me];
       const int64_t remote_rows = nr - local_rows;
-
-      auto combine_op = [&](cudaStream_t s) {
-        CombineInputs ci;
-        ci.x = View::of(rx.ptr, DType::kBF16, {nr, H});
-        ci.topk_weights = View::of(rw.ptr, DType::kF32, {nr, K});
-        CombineOutputs co;
-        co.combined_x = View::of(cx.ptr, DType::kBF16, {N, H});
-        co.combined_topk_weights = View::of(cw.ptr, DType::kF32, {N, K});
-        buffer.combine(ci, handle, co, s);
-      };
+      const int S = c.S;
 
       // Same-run baselines: NCCL all-to-all (bf16; real ranks only) and the raw store ceiling.
       const double row_bf16 = 2.0 * H, row_fp8 = H + 4.0 * S;
@@ -220,7 +242,7 @@ std::vector<Row> run_ht(const Options& o, Communicator& comm) {
       Row nd, nc;
       if (with_nccl) {
         NcclAllToAll nccl(comm.nccl(), me, R, N, H, 2);
-        const Timing nccl_d = time_op([&](cudaStream_t s) { nccl.dispatch(dx.ptr, static_cast<const bool*>(in_rank.ptr), N, s); },
+        const Timing nccl_d = time_op([&](cudaStream_t s) { nccl.dispatch(c.x_bf16(), static_cast<const bool*>(c.is_token_in_rank().data), N, s); },
                                       stream, o.warmup, o.iters, flusher, barrier);
         const Timing nccl_c = time_op([&](cudaStream_t s) { nccl.combine(s); }, stream, o.warmup, o.iters, flusher, barrier);
         nd = Row{"nccl a2a dispatch bf16", 0, N, H, nccl_d.median_us, nccl_d.min_us, nccl_d.max_us,
@@ -246,40 +268,38 @@ std::vector<Row> run_ht(const Options& o, Communicator& comm) {
         ceil_row.note = comm.simulated() ? "stores to the peers' slices, same SMs" : "peer stores, same SMs";
         rows.push_back(ceil_row);
 
-        auto measure = [&](const std::string& name, const std::function<void(cudaStream_t)>& op, double row_bytes,
+        auto measure = [&](const std::string& name, const Op& op, double row_bytes,
                            int64_t all_rows, int64_t remote, const Row* base) {
-          const Timing t = time_op(op, stream, o.warmup, o.iters, flusher, barrier);
-          Row r{name, sms, N, H, t.median_us, t.min_us, t.max_us, gbps(all_rows * row_bytes, t.median_us),
-                gbps(remote * row_bytes, t.median_us)};
+          Row r = harness.time(name, sms, N, H, op, buffer);
+          r.logical_gbps = gbps(all_rows * row_bytes, r.median_us);
+          r.nvlink_gbps = gbps(remote * row_bytes, r.median_us);
           r.pct_ceiling = ceiling > 0 ? 100.0 * r.nvlink_gbps / ceiling : -1;
-          if (base) r.vs_nccl = base->median_us / t.median_us;
-          r.host_us = host_time_op(op, stream, 2, std::min(o.iters, 20), barrier).median_us;
-          buffer.synchronize(stream);
+          if (base) r.vs_nccl = base->median_us / r.median_us;
           r.note = buffer_note;
           rows.push_back(r);
         };
-        measure("dispatch bf16 fresh", fresh(false), row_bf16, nr, remote_rows, nccl_dispatch);
-        measure("dispatch bf16 cached", cached(false), row_bf16, nr, remote_rows, nccl_dispatch);
-        measure("dispatch fp8 fresh", fresh(true), row_fp8, nr, remote_rows, nullptr);
-        measure("dispatch fp8 cached", cached(true), row_fp8, nr, remote_rows, nullptr);
+        measure("dispatch bf16 fresh", c.fresh(false), row_bf16, nr, remote_rows, nccl_dispatch);
+        measure("dispatch bf16 cached", c.cached(false), row_bf16, nr, remote_rows, nccl_dispatch);
+        measure("dispatch fp8 fresh", c.fresh(true), row_fp8, nr, remote_rows, nullptr);
+        measure("dispatch fp8 cached", c.cached(true), row_fp8, nr, remote_rows, nullptr);
         const Tuning base_tuning = tuning(buffer);  // the Buffer's own: the measured winners
         for (int k : o.dispatch_copy_warps) {  // other copy-out warp counts
           Tuning copy = base_tuning;
           copy.dispatch_copy_warps = k;  // 0: the auto count
           set_tuning(buffer, copy);
           const std::string tag = k > 0 ? " copy k" + std::to_string(k) : " copy auto";
-          measure("dispatch bf16 fresh" + tag, fresh(false), row_bf16, nr, remote_rows, nccl_dispatch);
-          measure("dispatch bf16 cached" + tag, cached(false), row_bf16, nr, remote_rows, nccl_dispatch);
-          measure("dispatch fp8 cached" + tag, cached(true), row_fp8, nr, remote_rows, nullptr);
+          measure("dispatch bf16 fresh" + tag, c.fresh(false), row_bf16, nr, remote_rows, nccl_dispatch);
+          measure("dispatch bf16 cached" + tag, c.cached(false), row_bf16, nr, remote_rows, nccl_dispatch);
+          measure("dispatch fp8 cached" + tag, c.cached(true), row_fp8, nr, remote_rows, nullptr);
           set_tuning(buffer, base_tuning);
         }
-        fresh(false)(stream);  // recv buffer holds bf16 rows again for combine
-        measure("combine bf16", combine_op, row_bf16, nr, remote_rows, nccl_combine);
+        c.fresh(false)(stream);  // recv buffer holds bf16 rows again for combine
+        measure("combine bf16", c.combine(), row_bf16, nr, remote_rows, nccl_combine);
         {
           Tuning row_region = base_tuning;
           row_region.ring_combine = false;
           set_tuning(buffer, row_region);
-          measure("combine bf16 row region", combine_op, row_bf16, nr, remote_rows, nccl_combine);
+          measure("combine bf16 row region", c.combine(), row_bf16, nr, remote_rows, nccl_combine);
         }
         set_tuning(buffer, base_tuning);
         // Ring settings to time: the ones asked for, and with --ring-sweep (3 ranks up; 2 ranks always
@@ -293,7 +313,7 @@ std::vector<Row> run_ht(const Options& o, Communicator& comm) {
         for (const std::string& spec : specs) {
           const Settings v = with_ring_settings(Settings{cfg, base_tuning}, spec);
           apply(buffer, v);
-          measure("combine " + spec, combine_op, row_bf16, nr, remote_rows, nccl_combine);
+          measure("combine " + spec, c.combine(), row_bf16, nr, remote_rows, nccl_combine);
           // Settings whose rings do not fit this buffer (or this rank count) run the row region.
           if (plan::ring_plan(v.config, v.tuning, R, plan::combine_rows(nvl_bytes, H, K).capacity).channels == 0)
             rows.back().note = "row region: these rings do not fit";

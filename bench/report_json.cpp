@@ -61,6 +61,10 @@ std::string report_json(const Options& o, const Report& report) {
       << ", \"pct_ceiling\": " << num(r.pct_ceiling) << ", \"vs_nccl\": " << num(r.vs_nccl)
       << ", \"host_us\": " << num(r.host_us) << ", \"note\": " << str(r.note) << ", \"sim\": " << boolean(r.simulated);
     if (r.simulated) f << ", \"sim_rank\": " << r.rank;
+    if (r.node_size > 0)
+      f << ", \"node_size\": " << r.node_size << ", \"rdma_bytes\": " << num(r.rdma_bytes)
+        << ", \"nvlink_bytes\": " << num(r.nvlink_bytes) << ", \"ib_model_us\": " << num(r.ib_model_us)
+        << ", \"rdma_gbps_model\": " << num(r.rdma_gbps_model);
     f << "}" << (i + 1 < rows.size() ? "," : "") << "\n";
   }
   f << "  ]\n}\n";

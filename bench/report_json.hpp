@@ -14,7 +14,8 @@ std::string json_string(const std::string& s);
 std::string json_number(double v);
 
 // The whole report: the run's fields, then one record per row (field meanings: bench_common.hpp's
-// Report and Row; `-1` marks a number a row does not have).
+// Report and Row; `-1` marks a number a row does not have; internode rows, node_size > 0, add
+// node_size, rdma_bytes, nvlink_bytes, ib_model_us and rdma_gbps_model).
 std::string report_json(const Options& o, const Report& report);
 
 }  // namespace epx::bench
