@@ -4,8 +4,9 @@
     tools/perf_tables.py run.json [more.json ...] [--commit C] [--machine M] [--date D] [--level 3]
 
 Prints, for each file, one table per workload and shape (`ht`: the high-throughput rows of one
-tokens x hidden; `ll`: the low-latency rows), each under a heading with the run's commit, machine
-and date. They come from the JSON (`commit`, `date`, `device`, `num_gpus`, `world`); --commit,
+tokens x hidden; `ll`: the low-latency rows; `internode`: the rows across virtual nodes, with their
+RDMA and NVLink bytes and the IB model, next to DeepEP's published internode figures), each under
+a heading with the run's commit, machine and date. They come from the JSON (`commit`, `date`, `device`, `num_gpus`, `world`); --commit,
 --machine and --date replace them (for a build made outside a git checkout, whose commit is
 "unknown", or a file written before the JSON carried them). A simulated run (`epx_bench --sim R`,
 `"simulated": true`) is labelled SIMULATED in its heading and gets a `rank` column (each row is its
@@ -29,8 +30,17 @@ COLUMNS = [
     ("% ceiling", "pct_ceiling"),
     ("vs NCCL", "vs_nccl"),
     ("host µs/call", "host_us"),
+    ("RDMA MB", "rdma_bytes"),
+    ("NVLink MB", "nvlink_bytes"),
+    ("IB model µs", "ib_model_us"),
+    ("model RDMA GB/s", "rdma_gbps_model"),
     ("note", "note"),
 ]
+
+# The line rate of the internode rows' IB model and DeepEP's published internode figures
+# (docs/benchmarks.md; bench/internode_model.hpp).
+IB_GBPS_PER_GPU = 50
+DEEPEP_INTERNODE = "DeepEP's published internode HT: 43–58 GB/s RDMA per GPU (near the NIC line rate)"
 
 
 def _number(value, fmt: str, minimum: float) -> str:
@@ -65,11 +75,16 @@ def _cell(row: dict, heading: str, field: Optional[str]) -> str:
         return _number(value, "{:.2f}", 0)
     if heading == "host µs/call":
         return _number(value, "{:.1f}", 0)
+    if heading in ("RDMA MB", "NVLink MB"):
+        return _number(value / 1e6, "{:.1f}", 0) if _number(value, "{}", 0) else ""
+    if heading in ("IB model µs", "model RDMA GB/s"):
+        return _number(value, "{:.1f}", 0)
     return _number(value, "{:.1f}", 1e-12)  # times and GB/s: 0 means the row has none
 
 
 def workload(row: dict) -> str:
-    """'ht' or 'll': the row's own field, else from the op's name (low-latency ops start 'll ')."""
+    """'ht', 'll' or 'internode': the row's own field, else from the op's name (low-latency ops
+    start 'll ')."""
     return row.get("workload") or ("ll" if str(row.get("op", "")).startswith("ll ") else "ht")
 
 
@@ -123,13 +138,22 @@ def tables(report: dict, commit: Optional[str] = None, machine_name: Optional[st
     out: List[str] = []
     for (name, tokens, hidden), rows in groups(report.get("rows", [])):
         shape = f"{tokens} tokens/rank, hidden {hidden}"
+        node_size = next((r.get("node_size") for r in rows if r.get("node_size")), None)
+        nodes = ""
+        if node_size:
+            nodes = f" in {world // node_size if world else '?'} virtual nodes of {node_size}"
         if simulated:
-            title = f"SIMULATED `{name}`, {world} ranks on one GPU, {shape}: {where}"
+            title = f"SIMULATED `{name}`, {world} ranks{nodes} on one GPU, {shape}: {where}"
             about = (f"{world} ranks as threads on one {report.get('device')}, {report.get('sms_per_rank')} SMs each: "
                      f"not NVLink numbers. Each row is its slowest rank's (`rank`). {conditions}.")
         else:
-            title = f"`{name}`, EP{world}, {shape}: {where}"
+            title = f"`{name}`, EP{world}{nodes}, {shape}: {where}"
             about = f"Rank 0's view. {conditions}."
+        if node_size:
+            about += (" Virtual nodes inside one NVLink domain: the RDMA leg runs over NVLink, so µs and GB/s are "
+                      "functional numbers, not a fabric's. RDMA MB: the messages the rank put across nodes; "
+                      f"IB model µs = RDMA bytes / {IB_GBPS_PER_GPU} GB/s per GPU; model RDMA GB/s = RDMA bytes / "
+                      f"max(µs, IB model µs). {DEEPEP_INTERNODE}.")
         out += ["#" * level + " " + title, "", about, ""] + table(rows) + [""]
         skipped = report.get("skipped") or []
         if skipped:

@@ -85,6 +85,39 @@ TEST(BenchJson, ReportStaysWellFormedWhateverTheNotesHold) {
   EXPECT_NE(text.find("\"commit\": \"ee0b767-dirty\", \"date\": \"2026-11-28T07:00:00Z\""), std::string::npos) << text;
   EXPECT_NE(text.find("\"workload\": \"ht\""), std::string::npos) << text;
   EXPECT_EQ(text.find("\"sim_rank\""), std::string::npos) << "a real run has no sim_rank: " << text;
+  EXPECT_EQ(text.find("\"rdma_bytes\""), std::string::npos) << "an ht row has no internode fields: " << text;
+}
+
+TEST(BenchJson, InternodeRowsCarryTheirBytesAndTheModel) {
+  Options o;
+  Report report;
+  report.world = 8;
+  report.simulated = true;
+  Row row{"internode dispatch bf16 fresh", 16, 4096, 7168, 1500.5, 1400, 1600, 120, 60};
+  row.workload = "internode";
+  row.simulated = true;
+  row.rank = 5;
+  row.node_size = 4;
+  row.rdma_bytes = 39812345;
+  row.nvlink_bytes = 210000000;
+  row.ib_model_us = 796.2469;
+  row.rdma_gbps_model = 26.5327;
+  row.note = "2 virtual nodes x 4: RDMA leg over NVLink (functional)";
+  Row unmeasured;
+  unmeasured.op = "internode combine bf16";
+  unmeasured.workload = "internode";
+  unmeasured.node_size = 4;
+  unmeasured.note = "not measured: combine: \"across nodes\"";
+  report.rows = {row, unmeasured};
+  const std::string text = report_json(o, report);
+  EXPECT_EQ(first_fault(text), -1) << text;
+  EXPECT_NE(text.find("\"workload\": \"internode\""), std::string::npos) << text;
+  EXPECT_NE(text.find("\"sim\": true, \"sim_rank\": 5, \"node_size\": 4, \"rdma_bytes\": 39812345, "
+                      "\"nvlink_bytes\": 210000000, \"ib_model_us\": 796.2469, \"rdma_gbps_model\": 26.5327}"),
+            std::string::npos) << text;
+  EXPECT_NE(text.find("\"node_size\": 4, \"rdma_bytes\": -1, \"nvlink_bytes\": -1, \"ib_model_us\": -1, "
+                      "\"rdma_gbps_model\": -1}"),
+            std::string::npos) << "an unmeasured row: -1 for each number: " << text;
 }
 
 TEST(BenchJson, FaultFinderSeesABrokenReport) {

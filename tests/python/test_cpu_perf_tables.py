@@ -130,3 +130,45 @@ def test_command_line_names_a_broken_file(tmp_path, capsys):
 def test_missing_numbers_leave_the_cell_blank(value, cell):
     row = {"op": "x", "median_us": value}
     assert perf_tables._cell(row, "µs", "median_us") == cell
+
+
+# An internode run (`epx_bench --mode internode --sim 8 --node-size 4`): bytes and the IB model per row,
+# and a combine the build does not have yet (its numbers -1).
+INTERNODE_RUN = {
+    "commit": "abc1234", "date": "2026-12-02T06:30:00Z", "device": "NVIDIA H200", "num_gpus": 1, "world": 8,
+    "simulated": True, "sms_per_rank": 16, "experts": 256, "topk": 8, "routing": "uniform", "warmup": 5,
+    "iters": 30, "seed": 1, "skipped": [],
+    "rows": [
+        {"workload": "internode", "op": "internode dispatch bf16 fresh", "sms": 16, "tokens": 4096, "hidden": 7168,
+         "median_us": 3000.0, "min_us": 2900, "max_us": 3100, "logical_gbps": 120.0, "nvlink_gbps": 60.0,
+         "pct_ceiling": -1, "vs_nccl": -1, "host_us": 40.0, "note": "2 virtual nodes x 4", "sim": True,
+         "sim_rank": 6, "node_size": 4, "rdma_bytes": 56_200_000, "nvlink_bytes": 180_000_000,
+         "ib_model_us": 1124.0, "rdma_gbps_model": 18.73},
+        {"workload": "internode", "op": "internode combine bf16", "sms": 16, "tokens": 4096, "hidden": 7168,
+         "median_us": 0, "min_us": 0, "max_us": 0, "logical_gbps": 0, "nvlink_gbps": 0, "pct_ceiling": -1,
+         "vs_nccl": -1, "host_us": -1, "note": "not measured: combine | across nodes", "sim": True,
+         "sim_rank": 0, "node_size": 4, "rdma_bytes": -1, "nvlink_bytes": -1, "ib_model_us": -1,
+         "rdma_gbps_model": -1},
+    ],
+}
+
+
+def test_internode_rows_show_bytes_and_the_ib_model_next_to_deepeps_figures():
+    out = perf_tables.tables(INTERNODE_RUN)
+    lines = out.splitlines()
+    assert lines[0] == ("### SIMULATED `internode`, 8 ranks in 2 virtual nodes of 4 on one GPU, 4096 tokens/rank, "
+                        "hidden 7168: commit `abc1234`, 1×NVIDIA H200, 2026-12-02")
+    assert "the RDMA leg runs over NVLink, so µs and GB/s are functional numbers" in out
+    assert "IB model µs = RDMA bytes / 50 GB/s per GPU" in out
+    assert "DeepEP's published internode HT: 43–58 GB/s RDMA per GPU (near the NIC line rate)." in out
+    assert ("| op | rank | SMs | µs | min–max µs | logical GB/s | NVLink GB/s | host µs/call | RDMA MB | NVLink MB "
+            "| IB model µs | model RDMA GB/s | note |") in lines
+    assert ("| internode dispatch bf16 fresh | 6 | 16 | 3000.0 | 2900.0–3100.0 | 120.0 | 60.0 | 40.0 | 56.2 | 180.0 "
+            "| 1124.0 | 18.7 | 2 virtual nodes x 4 |") in lines
+    assert ("| internode combine bf16 | 0 | 16 |  |  |  |  |  |  |  |  |  | not measured: combine \\| across nodes |"
+            in lines)
+
+
+def test_ht_rows_have_no_internode_columns():
+    out = perf_tables.tables(json.loads(REAL_RUN))
+    assert "RDMA MB" not in out and "IB model" not in out and "virtual nodes" not in out
