@@ -77,6 +77,7 @@ std::vector<Row> run_internode(const Options& o, Communicator& comm) {
         measure("internode dispatch fp8 fresh", c.fresh(true), row_fp8, dispatch_messages, rdma_message_bytes(H, K));
         // The combine returns the bf16 rows of a bf16 dispatch: one partial per (token, node) across.
         c.fresh(false)(stream);
+        buffer.synchronize(stream);  // quiescent: a refused combine below resets the Buffer
         bool combine = true;
         try {
           c.combine()(stream);

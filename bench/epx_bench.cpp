@@ -190,6 +190,14 @@ void usage() {
       "--mode internode: DeepEP's internode shape across virtual nodes, e.g. --sim 8 --node-size 4 on one GPU.\n");
 }
 
+// --mode internode: --node-size must split `world` into at least 2 nodes; false (with a message).
+bool node_size_fits(const Options& o, int world) {
+  if (o.mode != "internode" || (o.node_size >= 1 && world % o.node_size == 0 && world / o.node_size >= 2)) return true;
+  std::fprintf(stderr, "epx_bench: --node-size %d: expected a divisor of the %d ranks that makes at least 2 nodes\n",
+               o.node_size, world);
+  return false;
+}
+
 // One rank's part of the run: the workloads asked for, in order.
 std::vector<Row> run_workloads(const Options& o, epx::Communicator& comm) {
   std::vector<Row> rows;
@@ -316,6 +324,7 @@ int main(int argc, char** argv) {
       std::fprintf(stderr, "epx_bench: --sim R sets the rank count; drop --world %d\n", o.world);
       return 2;
     }
+    if (!node_size_fits(o, o.sim)) return 2;
     return run_simulated(o, sms_given);
   }
   const int gpus = epx::count_local_gpus();
@@ -331,6 +340,7 @@ int main(int argc, char** argv) {
     return 0;
   }
   const int world = o.world > 0 ? o.world : gpus;
+  if (!node_size_fits(o, world)) return 2;
   std::printf("epx_bench: %s workload on %d GPUs, experts %d, top-%d, routing %s, median of %d iters (L2 flushed)\n",
               o.mode.c_str(), world, o.experts, o.topk, o.routing.c_str(), o.iters);
   std::fflush(stdout);
