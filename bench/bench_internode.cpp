@@ -52,8 +52,11 @@ std::vector<Row> run_internode(const Options& o, Communicator& comm) {
         options.node_size = U;
         options.num_rdma_bytes = plan::rdma_bytes_for(plan::RdmaShape{
             R, U, sms, options.rdma_chunk_tokens, options.rdma_ring_slots, static_cast<int64_t>(row_bf16), K});
-        // Every received row in the row region (a dispatch across nodes needs them all there).
-        Buffer buffer(comm, Buffer::get_nvl_buffer_size_hint(static_cast<int64_t>(N) * R, H, DType::kBF16, K, R),
+        // Across nodes every row is in the row region: the dispatch's received rows (at most N x R),
+        // and the combine's rows of the busiest rank, those it sent (at most N x R) and those its
+        // rail peers sent its node (at most N x R): room for 2 N x R dispatch rows, which holds as
+        // many (smaller) combine rows.
+        Buffer buffer(comm, Buffer::get_nvl_buffer_size_hint(2 * static_cast<int64_t>(N) * R, H, DType::kBF16, K, R),
                       options);
         HtCase c(o, buffer, N, H, stream);
         c.learn_rows();
@@ -77,22 +80,7 @@ std::vector<Row> run_internode(const Options& o, Communicator& comm) {
         measure("internode dispatch fp8 fresh", c.fresh(true), row_fp8, dispatch_messages, rdma_message_bytes(H, K));
         // The combine returns the bf16 rows of a bf16 dispatch: one partial per (token, node) across.
         c.fresh(false)(stream);
-        buffer.synchronize(stream);  // quiescent: a refused combine below resets the Buffer
-        bool combine = true;
-        try {
-          c.combine()(stream);
-          buffer.synchronize(stream);
-        } catch (const Error& e) {
-          if (e.kind() != ErrorKind::kUnsupported) throw;
-          combine = false;  // every rank alike (a host check of the Buffer's shape)
-          buffer.reset();
-          Row r;
-          r.op = "internode combine bf16";
-          r.num_sms = sms, r.tokens = N, r.hidden = H, r.node_size = U;
-          r.note = "not measured: " + e.message();
-          rows.push_back(r);
-        }
-        if (combine) measure("internode combine bf16", c.combine(), row_bf16, combine_messages, bf16_message);
+        measure("internode combine bf16", c.combine(), row_bf16, combine_messages, bf16_message);
         buffer.synchronize(stream);
       }
     }

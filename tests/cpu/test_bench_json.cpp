@@ -107,7 +107,7 @@ TEST(BenchJson, InternodeRowsCarryTheirBytesAndTheModel) {
   unmeasured.op = "internode combine bf16";
   unmeasured.workload = "internode";
   unmeasured.node_size = 4;
-  unmeasured.note = "not measured: combine: \"across nodes\"";
+  unmeasured.note = "no numbers: \"none\"";
   report.rows = {row, unmeasured};
   const std::string text = report_json(o, report);
   EXPECT_EQ(first_fault(text), -1) << text;

@@ -133,7 +133,7 @@ def test_missing_numbers_leave_the_cell_blank(value, cell):
 
 
 # An internode run (`epx_bench --mode internode --sim 8 --node-size 4`): bytes and the IB model per row,
-# and a combine the build does not have yet (its numbers -1).
+# and a row without numbers (-1).
 INTERNODE_RUN = {
     "commit": "abc1234", "date": "2026-12-02T06:30:00Z", "device": "NVIDIA H200", "num_gpus": 1, "world": 8,
     "simulated": True, "sms_per_rank": 16, "experts": 256, "topk": 8, "routing": "uniform", "warmup": 5,
@@ -146,7 +146,7 @@ INTERNODE_RUN = {
          "ib_model_us": 1124.0, "rdma_gbps_model": 18.73},
         {"workload": "internode", "op": "internode combine bf16", "sms": 16, "tokens": 4096, "hidden": 7168,
          "median_us": 0, "min_us": 0, "max_us": 0, "logical_gbps": 0, "nvlink_gbps": 0, "pct_ceiling": -1,
-         "vs_nccl": -1, "host_us": -1, "note": "not measured: combine | across nodes", "sim": True,
+         "vs_nccl": -1, "host_us": -1, "note": "no numbers | here", "sim": True,
          "sim_rank": 0, "node_size": 4, "rdma_bytes": -1, "nvlink_bytes": -1, "ib_model_us": -1,
          "rdma_gbps_model": -1},
     ],
@@ -165,7 +165,7 @@ def test_internode_rows_show_bytes_and_the_ib_model_next_to_deepeps_figures():
             "| IB model µs | model RDMA GB/s | note |") in lines
     assert ("| internode dispatch bf16 fresh | 6 | 16 | 3000.0 | 2900.0–3100.0 | 120.0 | 60.0 | 40.0 | 56.2 | 180.0 "
             "| 1124.0 | 18.7 | 2 virtual nodes x 4 |") in lines
-    assert ("| internode combine bf16 | 0 | 16 |  |  |  |  |  |  |  |  |  | not measured: combine \\| across nodes |"
+    assert ("| internode combine bf16 | 0 | 16 |  |  |  |  |  |  |  |  |  | no numbers \\| here |"
             in lines)
 
 
