@@ -2,7 +2,9 @@
 // local GPUs (one forked process per GPU) and prints time, logical and NVLink GB/s, % of the raw
 // store ceiling and SMs, with the same-run NCCL baseline and ratios. Rank 0 prints and writes JSON.
 // With --sim R the same workloads run on one GPU as R rank threads (SimWorld): every row and JSON
-// record is labelled simulated, since those timings are not NVLink numbers.
+// record is labelled simulated, since those timings are not NVLink numbers. --mode internode runs
+// the high-throughput ops across virtual nodes (--node-size) with the bytes each rank puts across
+// nodes and their IB time at 50 GB/s per GPU (bench/internode_model.hpp).
 #include <cuda_runtime_api.h>
 
 #include <algorithm>
