@@ -7,8 +7,10 @@ default when fewer than 2 GPUs are visible): R ranks as threads of this process 
 epx.SimWorld, see epx/sim.py). For each operation, rank 0 prints:
   - host us/call: time of the Python call (the epx.Buffer method), averaged over a loop of calls
     that do not wait for the GPU (the fresh dispatch does: it includes the count exchange). Real
-    ranks: wall time. Simulated ranks: the rank thread's CPU time (time.thread_time), so that the
-    time a thread waits for the GIL while its peers run is left out;
+    ranks: wall time. Simulated ranks take turns: while one issues its loop, its peers wait in a host
+    barrier (no GIL held, no CPU used), so its wall time is its own host cost; the kernels it queued
+    wait on the GPU for the peers' turns (bounded by the wait timeout). The host-synced fresh
+    dispatch cannot wait for a turn: its ranks run together and it reports the thread's CPU time;
   - binding us/call: the same launch through epx._C alone (outputs preallocated), i.e. without the
     Python layer (argument checks, allocation, stream handling);
   - GPU us/call: kernel (and memset) time per call from the torch profiler. Simulated ranks: every
@@ -64,13 +66,22 @@ class Rank:
         else:
             dist.barrier()
 
-    def host_us(self, fn, iters: int) -> float:
+    def host_us(self, fn, iters: int, host_synced: bool = False) -> float:
         self.synchronize()
         self.barrier()
-        start = self.clock()
-        for _ in range(iters):
-            fn()
-        elapsed = self.clock() - start
+        if not self.simulated or host_synced:
+            start = self.clock()
+            for _ in range(iters):
+                fn()
+            elapsed = self.clock() - start
+        else:
+            for turn in range(self.world):
+                if turn == self.rank:
+                    start = time.perf_counter()
+                    for _ in range(iters):
+                        fn()
+                    elapsed = time.perf_counter() - start
+                self.barrier()
         self.synchronize()
         return elapsed / iters * 1e6
 
@@ -142,13 +153,13 @@ def measure_rank(ctx: Rank, device: torch.device, args):
 
     rows = []
 
-    def measure(name, wrapper, raw=None, iters=args.iters):
+    def measure(name, wrapper, raw=None, iters=args.iters, host_synced=False):
         for _ in range(3):
             wrapper()
-        rows.append((name, ctx.host_us(wrapper, iters), ctx.host_us(raw, iters) if raw else float("nan"),
-                     ctx.gpu_us(wrapper, iters)))
+        rows.append((name, ctx.host_us(wrapper, iters, host_synced),
+                     ctx.host_us(raw, iters) if raw else float("nan"), ctx.gpu_us(wrapper, iters)))
 
-    measure("dispatch (fresh, host-synced)", fresh)
+    measure("dispatch (fresh, host-synced)", fresh, host_synced=True)
     measure("dispatch (cached)", lambda: buffer.dispatch(x, handle=handle),
             lambda: rt.dispatch(h, x=d(x), recv_x=d(out_recv), stream=stream))
     measure("combine", lambda: buffer.combine(recv_x, handle),
@@ -177,7 +188,7 @@ def measure_rank(ctx: Rank, device: torch.device, args):
                                            stream=stream))
     ctx.synchronize()
     buffer.destroy()
-    mode = f"simulated EP{world} (ranks as threads on cuda:{device.index}, host = thread CPU time)" \
+    mode = f"simulated EP{world} (ranks as threads on cuda:{device.index}, taking turns on the host)" \
         if ctx.simulated else f"EP{world}"
     title = (f"epx overhead: {mode}, HT {N} tokens x {H} hidden, LL {T} tokens, {E} experts, top-{K}, "
              f"{args.iters} calls each (rank 0)")
