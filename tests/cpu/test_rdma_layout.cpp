@@ -153,7 +153,9 @@ TEST(InternodeCountLayout, RegionsDisjointAlignedAndLargeEnough) {
       EXPECT_EQ(spans[i].first % 16, 0u) << i;
       EXPECT_GE(spans[i].first, l.node_row(0, 0)) << i;
       EXPECT_LE(spans[i].second, l.end()) << i;
-      if (i > 0) EXPECT_LE(spans[i - 1].second, spans[i].first) << i;
+      if (i > 0) {
+        EXPECT_LE(spans[i - 1].second, spans[i].first) << i;
+      }
     }
     EXPECT_EQ(l.block_bytes() % 16, 0u);
     EXPECT_EQ(l.num_bytes(), l.end() - l.base);
