@@ -487,6 +487,40 @@ void internode_combine(Buffer::Impl& m, const CombineInputs& in, const DispatchH
   m.after_launch("combine", stream);
 }
 
+// The dispatch kernel params that come from the op's inputs, outputs and handle: alike within a
+// node and across nodes (the transport fields are each path's own).
+kernels::DispatchParams dispatch_io_params(Buffer::Impl& m, const DispatchInputs& in, const DispatchHandle& handle,
+                                           const DispatchOutputs& out, const XShape& xs, const RowLayout& rows,
+                                           int64_t out_rows) {
+  const int R = m.comm->world();
+  const int S = xs.num_scale_columns;
+  kernels::DispatchParams p{};
+  p.ctx = m.context(OpCode::kDispatch);
+  p.rows = rows;
+  p.num_tokens = static_cast<int>(xs.num_tokens);
+  p.num_topk = xs.num_topk;
+  p.num_experts_per_rank = handle.num_experts / R;
+  p.x = static_cast<const char*>(in.x.data);
+  p.x_row_stride_bytes = in.x.stride[0] * static_cast<int64_t>(dtype_size(xs.dtype));
+  p.x_scales = S > 0 ? in.x_scales.ptr<uint32_t>() : nullptr;
+  p.scale_token_stride = S > 0 ? in.x_scales.stride[0] : 0;
+  p.scale_hidden_stride = S > 0 && xs.scale_ndim == 2 ? in.x_scales.stride[1] : 0;
+  p.topk_idx = in.topk_idx.defined() ? in.topk_idx.ptr<int64_t>() : nullptr;
+  p.topk_stride = in.topk_idx.defined() ? in.topk_idx.stride[0] : 0;
+  p.topk_weights = in.topk_weights.defined() ? in.topk_weights.ptr<float>() : nullptr;
+  p.weight_stride = in.topk_weights.defined() ? in.topk_weights.stride[0] : 0;
+  p.count_matrix = handle.count_matrix;
+  p.send_pos = handle.send_pos;
+  p.num_recv = handle.num_recv_device;
+  p.out_rows = out_rows;
+  p.recv_x = static_cast<char*>(out.recv_x.data);
+  p.recv_x_scales = S > 0 ? out.recv_x_scales.ptr<uint32_t>() : nullptr;
+  p.recv_topk_idx = out.recv_topk_idx.defined() ? out.recv_topk_idx.ptr<int64_t>() : nullptr;
+  p.recv_topk_weights = out.recv_topk_weights.defined() ? out.recv_topk_weights.ptr<float>() : nullptr;
+  p.recv_src_idx = out.recv_src_idx.defined() ? out.recv_src_idx.ptr<int>() : nullptr;
+  return p;
+}
+
 // The dispatch across nodes (kernels/internode.cu): rows that fit every receiver's row region
 // (host-synced, cached or worst-case sizing), the RDMA leg through the bounded rings of
 // num_rdma_bytes.
@@ -511,32 +545,9 @@ void internode_dispatch(Buffer::Impl& m, const DispatchInputs& in, const Dispatc
   EPX_CHECK(m.config.num_sms == m.rdma_channels, ErrorKind::kInvalidArgument, "Config.num_sms: ", m.config.num_sms,
             ", the RDMA rings have ", m.rdma_channels, " channels (fixed at construction)");
 
-  const int S = xs.num_scale_columns;
   kernels::InternodeDispatchParams<EmuNetView> q{};
   kernels::DispatchParams& p = q.base;
-  p.ctx = m.context(OpCode::kDispatch);
-  p.rows = rows;
-  p.num_tokens = static_cast<int>(xs.num_tokens);
-  p.num_topk = xs.num_topk;
-  p.num_experts_per_rank = handle.num_experts / R;
-  p.x = static_cast<const char*>(in.x.data);
-  p.x_row_stride_bytes = in.x.stride[0] * static_cast<int64_t>(dtype_size(xs.dtype));
-  p.x_scales = S > 0 ? in.x_scales.ptr<uint32_t>() : nullptr;
-  p.scale_token_stride = S > 0 ? in.x_scales.stride[0] : 0;
-  p.scale_hidden_stride = S > 0 && xs.scale_ndim == 2 ? in.x_scales.stride[1] : 0;
-  p.topk_idx = in.topk_idx.defined() ? in.topk_idx.ptr<int64_t>() : nullptr;
-  p.topk_stride = in.topk_idx.defined() ? in.topk_idx.stride[0] : 0;
-  p.topk_weights = in.topk_weights.defined() ? in.topk_weights.ptr<float>() : nullptr;
-  p.weight_stride = in.topk_weights.defined() ? in.topk_weights.stride[0] : 0;
-  p.count_matrix = handle.count_matrix;
-  p.send_pos = handle.send_pos;
-  p.num_recv = handle.num_recv_device;
-  p.out_rows = out_rows;
-  p.recv_x = static_cast<char*>(out.recv_x.data);
-  p.recv_x_scales = S > 0 ? out.recv_x_scales.ptr<uint32_t>() : nullptr;
-  p.recv_topk_idx = out.recv_topk_idx.defined() ? out.recv_topk_idx.ptr<int64_t>() : nullptr;
-  p.recv_topk_weights = out.recv_topk_weights.defined() ? out.recv_topk_weights.ptr<float>() : nullptr;
-  p.recv_src_idx = out.recv_src_idx.defined() ? out.recv_src_idx.ptr<int>() : nullptr;
+  p = dispatch_io_params(m, in, handle, out, xs, rows, out_rows);
   q.topology = m.topology.view();
   q.net = m.emu_view(rdma.signals(), rdma.num_signals());
   q.rdma = rdma;
@@ -697,30 +708,7 @@ void Buffer::dispatch(const DispatchInputs& in, const DispatchHandle& handle, co
               })
             : plan::DispatchRing{};
 
-    kernels::DispatchParams p{};
-    p.ctx = m.context(OpCode::kDispatch);
-    p.rows = rows;
-    p.num_tokens = static_cast<int>(xs.num_tokens);
-    p.num_topk = xs.num_topk;
-    p.num_experts_per_rank = handle.num_experts / R;
-    p.x = static_cast<const char*>(in.x.data);
-    p.x_row_stride_bytes = in.x.stride[0] * static_cast<int64_t>(dtype_size(xs.dtype));
-    p.x_scales = S > 0 ? in.x_scales.ptr<uint32_t>() : nullptr;
-    p.scale_token_stride = S > 0 ? in.x_scales.stride[0] : 0;
-    p.scale_hidden_stride = S > 0 && xs.scale_ndim == 2 ? in.x_scales.stride[1] : 0;
-    p.topk_idx = in.topk_idx.defined() ? in.topk_idx.ptr<int64_t>() : nullptr;
-    p.topk_stride = in.topk_idx.defined() ? in.topk_idx.stride[0] : 0;
-    p.topk_weights = in.topk_weights.defined() ? in.topk_weights.ptr<float>() : nullptr;
-    p.weight_stride = in.topk_weights.defined() ? in.topk_weights.stride[0] : 0;
-    p.count_matrix = handle.count_matrix;
-    p.send_pos = handle.send_pos;
-    p.num_recv = handle.num_recv_device;
-    p.out_rows = out_rows;
-    p.recv_x = static_cast<char*>(out.recv_x.data);
-    p.recv_x_scales = S > 0 ? out.recv_x_scales.ptr<uint32_t>() : nullptr;
-    p.recv_topk_idx = out.recv_topk_idx.defined() ? out.recv_topk_idx.ptr<int64_t>() : nullptr;
-    p.recv_topk_weights = out.recv_topk_weights.defined() ? out.recv_topk_weights.ptr<float>() : nullptr;
-    p.recv_src_idx = out.recv_src_idx.defined() ? out.recv_src_idx.ptr<int>() : nullptr;
+    kernels::DispatchParams p = dispatch_io_params(m, in, handle, out, xs, rows, out_rows);
     p.copy_warps = ring.slots > 0 ? ring.copy_warps : plan::dispatch_copy_warps(m.config, m.tuning, rows.row_bytes);
     p.ring_slots = ring.slots;
     {
