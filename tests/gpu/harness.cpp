@@ -237,6 +237,19 @@ void DeviceMem::fill(uint8_t byte) {
   CUDA_OK(cudaMemsetAsync(get(), byte, bytes_ > 0 ? bytes_ : 16, rank_stream()));
 }
 
+RowNames received_rows(const ref::DispatchResult& want, size_t row_elems) {
+  const ref::DispatchResult* w = &want;  // the reference outlives the comparison
+  return {row_elems, [w](size_t row) {
+            if (row >= w->recv_src_rank.size() || row >= w->recv_src_idx.size())
+              return detail::concat("row ", row, " (beyond the reference's ", w->recv_src_idx.size(), " rows)");
+            return detail::concat("row ", row, ": from rank ", w->recv_src_rank[row], ", token ", w->recv_src_idx[row]);
+          }};
+}
+
+RowNames token_rows(int rank, size_t row_elems) {
+  return {row_elems, [rank](size_t row) { return detail::concat("rank ", rank, "'s token ", row); }};
+}
+
 ref::RankInput make_input(uint64_t seed, int rank, const InputSpec& spec) {
   std::mt19937_64 rng(seed * 1000003ull + static_cast<uint64_t>(rank) * 7919ull + spec.hidden);
   ref::RankInput in;

@@ -179,15 +179,32 @@ int num_scale_columns(const InputSpec& spec);
 ref::RankInput make_input(uint64_t seed, int rank, const InputSpec& spec);
 ref::DispatchShape shape_of(const InputSpec& spec, int world, int alignment);
 
-// Compares n elements; on mismatch throws naming `what`, the first bad index and both values.
+// Names the rows of a compared output in failure messages: `row_elems` compared elements per row
+// (bytes when a row is compared as bytes), and `name(row)` says which row it is, e.g.
+// "row 5: from rank 2, token 17" (received rows) or "rank 1's token 17" (combined rows).
+struct RowNames {
+  size_t row_elems = 0;
+  std::function<std::string(size_t)> name;
+};
+// The received rows of a dispatch: the reference's source rank and token of each row.
+RowNames received_rows(const ref::DispatchResult& want, size_t row_elems);
+// The token rows of rank `rank`'s own outputs (layout, combine).
+RowNames token_rows(int rank, size_t row_elems);
+
+// Compares n elements; on mismatch throws naming `what`, the first bad index (with `rows`, the row
+// it belongs to, where that row came from and the element within it) and both values.
 template <typename T>
-void expect_equal(const std::vector<T>& got, const std::vector<T>& want, size_t n, const std::string& what) {
+void expect_equal(const std::vector<T>& got, const std::vector<T>& want, size_t n, const std::string& what,
+                  const RowNames& rows = {}) {
   REQUIRE(got.size() >= n && want.size() >= n, what, ": size ", got.size(), " / ", want.size(), " < ", n);
   if (n == 0 || std::memcmp(got.data(), want.data(), n * sizeof(T)) == 0) return;
   for (size_t i = 0; i < n; ++i) {
     if (std::memcmp(&got[i], &want[i], sizeof(T)) != 0) {
       std::ostringstream os;
-      os << what << ": first mismatch at element " << i << ": got " << +got[i] << ", want " << +want[i];
+      os << what << ": first mismatch at element " << i;
+      if (rows.row_elems > 0 && rows.name)
+        os << " (" << rows.name(i / rows.row_elems) << ", element " << i % rows.row_elems << " of the row)";
+      os << ": got " << +got[i] << ", want " << +want[i];
       throw Failure(os.str());
     }
   }

@@ -109,10 +109,12 @@ class CheckedRound {
     out.recv_src_idx = View::of(recv_src_.get(), DType::kI32, {n});
     buffer_.dispatch(in, handle_, out, ctx_.stream);
     buffer_.synchronize(ctx_.stream);
-    expect_equal(recv_x_.download<uint8_t>(n * H * 2), want.recv_x, n * H * 2, tag_ + " recv_x");
-    expect_equal(recv_idx_.download<int64_t>(n * K), want.recv_topk_idx, n * K, tag_ + " recv_topk_idx");
-    expect_equal(recv_w_.download<float>(n * K), want.recv_topk_weights, n * K, tag_ + " recv_topk_weights");
-    expect_equal(recv_src_.download<int>(n), want.recv_src_idx, n, tag_ + " recv_src_idx");
+    expect_equal(recv_x_.download<uint8_t>(n * H * 2), want.recv_x, n * H * 2, tag_ + " recv_x", received_rows(want, H * 2));
+    expect_equal(recv_idx_.download<int64_t>(n * K), want.recv_topk_idx, n * K, tag_ + " recv_topk_idx",
+                 received_rows(want, K));
+    expect_equal(recv_w_.download<float>(n * K), want.recv_topk_weights, n * K, tag_ + " recv_topk_weights",
+                 received_rows(want, K));
+    expect_equal(recv_src_.download<int>(n), want.recv_src_idx, n, tag_ + " recv_src_idx", received_rows(want, 1));
   }
 
   // The combine of the received rows (after dispatch()); synchronizes and checks every token.
@@ -138,9 +140,9 @@ class CheckedRound {
     buffer_.combine(in, handle_, out, ctx_.stream);
     buffer_.synchronize(ctx_.stream);
     expect_equal(cx.download<uint16_t>(static_cast<size_t>(N) * H), want.combined_x, static_cast<size_t>(N) * H,
-                 tag_ + " combined_x");
+                 tag_ + " combined_x", token_rows(ctx_.rank, H));
     expect_equal(cw.download<float>(static_cast<size_t>(N) * K), want.combined_topk_weights,
-                 static_cast<size_t>(N) * K, tag_ + " combined_topk_weights");
+                 static_cast<size_t>(N) * K, tag_ + " combined_topk_weights", token_rows(ctx_.rank, K));
   }
 
  private:

@@ -146,14 +146,18 @@ void check_recv(const RecvOut& o, const InputSpec& s, const ref::DispatchResult&
   const int64_t n = want.num_recv;
   const size_t es = s.fp8 ? 1 : 2, S = num_scale_columns(s), K = s.num_topk;
   auto x = o.x.download<uint8_t>(rows * s.hidden * es);
-  expect_equal(x, want.recv_x, n * s.hidden * es, tag + " recv_x");
-  if (S) expect_equal(o.scales.download<float>(rows * S), want.recv_x_scales, n * S, tag + " recv_x_scales");
+  expect_equal(x, want.recv_x, n * s.hidden * es, tag + " recv_x", received_rows(want, s.hidden * es));
+  if (S)
+    expect_equal(o.scales.download<float>(rows * S), want.recv_x_scales, n * S, tag + " recv_x_scales",
+                 received_rows(want, S));
   if (meta && with_topk) {
-    expect_equal(o.topk_idx.download<int64_t>(rows * K), want.recv_topk_idx, n * K, tag + " recv_topk_idx");
+    expect_equal(o.topk_idx.download<int64_t>(rows * K), want.recv_topk_idx, n * K, tag + " recv_topk_idx",
+                 received_rows(want, K));
     if (s.with_weights)
-      expect_equal(o.topk_weights.download<float>(rows * K), want.recv_topk_weights, n * K, tag + " recv_topk_weights");
+      expect_equal(o.topk_weights.download<float>(rows * K), want.recv_topk_weights, n * K, tag + " recv_topk_weights",
+                   received_rows(want, K));
   }
-  if (meta) expect_equal(o.src_idx.download<int>(rows), want.recv_src_idx, n, tag + " recv_src_idx");
+  if (meta) expect_equal(o.src_idx.download<int>(rows), want.recv_src_idx, n, tag + " recv_src_idx", received_rows(want, 1));
   if (rows > n) {  // worst-case padding: fully written
     for (size_t i = n * s.hidden * es; i < x.size(); ++i) REQUIRE(x[i] == 0, tag, " padding recv_x byte ", i);
     if (meta && with_topk) {
@@ -321,10 +325,10 @@ void run_case(RankCtx& ctx, const Case& c) {
     set_tuning(*ctx.buffer, saved_tuning);
     ctx.buffer->set_config(saved);
     auto got = cx.download<uint16_t>(static_cast<size_t>(N) * H);
-    expect_equal(got, want_c.combined_x, static_cast<size_t>(N) * H, c.name + " combined_x");
+    expect_equal(got, want_c.combined_x, static_cast<size_t>(N) * H, c.name + " combined_x", token_rows(me, H));
     if (s.with_weights)
       expect_equal(cw.download<float>(static_cast<size_t>(N) * K), want_c.combined_topk_weights,
-                   static_cast<size_t>(N) * K, c.name + " combined_topk_weights");
+                   static_cast<size_t>(N) * K, c.name + " combined_topk_weights", token_rows(me, K));
     // Two variants: the same bits.
     if (iter == 0) first = got;
     else expect_equal(got, first, first.size(), c.name + (iter == 1 ? " row-region" : iter == 2 ? " chunk-3" : " send-warps-5") + " combine == ring combine");
@@ -438,9 +442,9 @@ void run_back_to_back(RankCtx& ctx) {
   }
   ctx.buffer->synchronize(ctx.stream);
   expect_equal(cx.download<uint16_t>(static_cast<size_t>(N) * H), want_c.combined_x, static_cast<size_t>(N) * H,
-               "back to back: combined_x after the last round");
+               "back to back: combined_x after the last round", token_rows(me, H));
   expect_equal(cw.download<float>(static_cast<size_t>(N) * K), want_c.combined_topk_weights,
-               static_cast<size_t>(N) * K, "back to back: combined_topk_weights after the last round");
+               static_cast<size_t>(N) * K, "back to back: combined_topk_weights after the last round", token_rows(me, K));
   if (me == 0) std::printf("[world %d] %d back-to-back rounds of cached dispatch + combine ok\n", R, kRounds);
 }
 
@@ -504,9 +508,9 @@ void run_graph(RankCtx& ctx) {
     check_recv(out, s, want[me], rows, true, "graph replay " + std::to_string(replay));
     const ref::CombineResult want_c = ref::combine(cin, me, N, H, K, {}, {});
     expect_equal(cx.download<uint16_t>(static_cast<size_t>(N) * H), want_c.combined_x, static_cast<size_t>(N) * H,
-                 "graph replay combined_x");
+                 "graph replay combined_x", token_rows(me, H));
     expect_equal(cw.download<float>(static_cast<size_t>(N) * K), want_c.combined_topk_weights, static_cast<size_t>(N) * K,
-                 "graph replay combined_topk_weights");
+                 "graph replay combined_topk_weights", token_rows(me, K));
   }
   cudaGraphExecDestroy(exec);
   cudaGraphDestroy(graph);

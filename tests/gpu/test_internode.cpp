@@ -157,13 +157,18 @@ Outputs alloc_outputs(const InputSpec& s, int64_t rows) {
 void check_outputs(const Outputs& o, const InputSpec& s, const ref::DispatchResult& want, bool meta,
                    const std::string& tag) {
   const size_t n = want.num_recv, es = s.fp8 ? 1 : 2, S = num_scale_columns(s), K = s.num_topk;
-  expect_equal(o.x.download<uint8_t>(n * s.hidden * es), want.recv_x, n * s.hidden * es, tag + " recv_x");
-  if (S) expect_equal(o.scales.download<float>(n * S), want.recv_x_scales, n * S, tag + " recv_x_scales");
+  expect_equal(o.x.download<uint8_t>(n * s.hidden * es), want.recv_x, n * s.hidden * es, tag + " recv_x",
+               received_rows(want, s.hidden * es));
+  if (S)
+    expect_equal(o.scales.download<float>(n * S), want.recv_x_scales, n * S, tag + " recv_x_scales",
+                 received_rows(want, S));
   if (!meta) return;
-  expect_equal(o.topk_idx.download<int64_t>(n * K), want.recv_topk_idx, n * K, tag + " recv_topk_idx");
+  expect_equal(o.topk_idx.download<int64_t>(n * K), want.recv_topk_idx, n * K, tag + " recv_topk_idx",
+               received_rows(want, K));
   if (s.with_weights)
-    expect_equal(o.topk_weights.download<float>(n * K), want.recv_topk_weights, n * K, tag + " recv_topk_weights");
-  expect_equal(o.src_idx.download<int>(n), want.recv_src_idx, n, tag + " recv_src_idx");
+    expect_equal(o.topk_weights.download<float>(n * K), want.recv_topk_weights, n * K, tag + " recv_topk_weights",
+                 received_rows(want, K));
+  expect_equal(o.src_idx.download<int>(n), want.recv_src_idx, n, tag + " recv_src_idx", received_rows(want, 1));
 }
 
 // The combine of `handle` (rows: its output rows; the rows past the received ones hold garbage,
@@ -194,10 +199,10 @@ void check_combine(RankCtx& ctx, Buffer& buffer, const DispatchHandle& handle, i
   buffer.combine(ci, handle, co, ctx.stream);
   buffer.synchronize(ctx.stream);
   expect_equal(cx.download<uint16_t>(static_cast<size_t>(N) * H), want.combined_x, static_cast<size_t>(N) * H,
-               tag + " combined_x");
+               tag + " combined_x", token_rows(ctx.rank, H));
   if (s.with_weights)
     expect_equal(cw.download<float>(static_cast<size_t>(N) * K), want.combined_topk_weights, static_cast<size_t>(N) * K,
-                 tag + " combined_topk_weights");
+                 tag + " combined_topk_weights", token_rows(ctx.rank, K));
 }
 
 // One sub-case on every rank: layout, host-synced dispatch (all outputs), cached re-dispatch,

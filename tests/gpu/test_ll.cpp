@@ -206,7 +206,7 @@ void ll_round_combine(RankCtx& ctx, const LlSpec& s, LlDispatched& d, const LlOu
   const auto want =
       ref::ll_combine(d.run.want, d.run.y, me, d.run.ref_inputs[me].topk_idx, d.run.weights, N, s.K, s.H, s.T, E);
   expect_equal(combined.download<uint16_t>(static_cast<size_t>(N) * s.H), want, static_cast<size_t>(N) * s.H,
-               d.tag + " combined");
+               d.tag + " combined", token_rows(me, s.H));
 }
 
 // One dispatch + combine of `s` (fresh inputs from `seed`), checked against the reference.
@@ -389,7 +389,7 @@ TEST_P(LlWorld, DoubleBufferedMicroBatchesAndStats) {
       const auto want = ref::ll_combine(run[m].want, run[m].y, me, run[m].inputs[me].topk_idx, run[m].weights, N, s.K,
                                         s.H, s.T, E);
       expect_equal(comb[m].download<uint16_t>(static_cast<size_t>(N) * s.H), want, static_cast<size_t>(N) * s.H,
-                   "micro-batch combine " + std::to_string(m));
+                   "micro-batch combine " + std::to_string(m), token_rows(me, s.H));
     }
     // A third op while both buffers hold unreceived sends is refused on every rank; like every
     // failed collective op it fails the Buffer, and a collective reset() makes it usable again.
@@ -472,7 +472,7 @@ struct LlFixedRound {
     const auto want = ref::ll_combine(run.want, run.y, me, run.ref_inputs[me].topk_idx, run.weights, N, s.K, s.H,
                                       s.T, a.num_experts);
     expect_equal(comb.download<uint16_t>(static_cast<size_t>(N) * s.H), want, static_cast<size_t>(N) * s.H,
-                 tag + " combined");
+                 tag + " combined", token_rows(me, s.H));
   }
 };
 

@@ -143,10 +143,11 @@ void run_staged_round(RankCtx& ctx) {
   ctx.buffer->dispatch(in, handle, out, ctx.stream);
   ctx.buffer->synchronize(ctx.stream);
   const size_t n = static_cast<size_t>(nr);
-  expect_equal(rx.download<uint8_t>(n * H * 2), want[me].recv_x, n * H * 2, "recv_x");
-  expect_equal(ridx.download<int64_t>(n * K), want[me].recv_topk_idx, n * K, "recv_topk_idx");
-  expect_equal(rw.download<float>(n * K), want[me].recv_topk_weights, n * K, "recv_topk_weights");
-  expect_equal(rsrc.download<int>(n), want[me].recv_src_idx, n, "recv_src_idx");
+  expect_equal(rx.download<uint8_t>(n * H * 2), want[me].recv_x, n * H * 2, "recv_x", received_rows(want[me], H * 2));
+  expect_equal(ridx.download<int64_t>(n * K), want[me].recv_topk_idx, n * K, "recv_topk_idx", received_rows(want[me], K));
+  expect_equal(rw.download<float>(n * K), want[me].recv_topk_weights, n * K, "recv_topk_weights",
+               received_rows(want[me], K));
+  expect_equal(rsrc.download<int>(n), want[me].recv_src_idx, n, "recv_src_idx", received_rows(want[me], 1));
   expect_equal(recv_per_expert.download<int>(E / R), want[me].num_recv_tokens_per_expert, E / R,
                "num_recv_tokens_per_expert");
 
@@ -174,9 +175,9 @@ void run_staged_round(RankCtx& ctx) {
   ctx.buffer->combine(ci, handle, co, ctx.stream);
   ctx.buffer->synchronize(ctx.stream);
   expect_equal(cx.download<uint16_t>(static_cast<size_t>(N) * H), want_c.combined_x, static_cast<size_t>(N) * H,
-               "combined_x");
+               "combined_x", token_rows(me, H));
   expect_equal(cw.download<float>(static_cast<size_t>(N) * K), want_c.combined_topk_weights,
-               static_cast<size_t>(N) * K, "combined_topk_weights");
+               static_cast<size_t>(N) * K, "combined_topk_weights", token_rows(me, K));
   // At least this rank's own inputs and outputs went through the staging buffer.
   const uint64_t mine = all[me].x.size() + n * H * 2 + static_cast<uint64_t>(N) * H * 2;
   const uint64_t grew = detail::num_staged_bytes() - staged_before;
