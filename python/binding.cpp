@@ -450,8 +450,10 @@ PyBuffer& self_buffer(PyObject* self) { return py::handle(self).cast<PyBuffer&>(
 OpSpec g_get_dispatch_layout{
     "get_dispatch_layout",
     {{"topk_idx", kRequired}, {"num_experts", kRequired}, {"num_tokens_per_rank", kRequired},
-     {"num_tokens_per_expert", kRequired}, {"is_token_in_rank", kRequired}, {"stream", kRequired}},
-    0, "None", "Buffer::get_dispatch_layout (design.md 4.1).", {}, {}};
+     {"num_tokens_per_rdma_rank", "None"}, {"num_tokens_per_expert", kRequired}, {"is_token_in_rank", kRequired},
+     {"stream", kRequired}},
+    0, "None", "Buffer::get_dispatch_layout (design.md 4.1); num_tokens_per_rdma_rank [num_nodes] int32 or None.",
+    {}, {}};
 
 PyObject* op_get_dispatch_layout(PyObject* self, PyObject* const* args, Py_ssize_t nargs, PyObject* kwnames) {
   return guarded([&]() -> PyObject* {
@@ -460,11 +462,11 @@ PyObject* op_get_dispatch_layout(PyObject* self, PyObject* const* args, Py_ssize
     epx::Buffer& buf = b.get();
     const View topk = a.view(0);
     const int num_experts = a.integer(1, 0);
-    const View per_rank = a.view(2), per_expert = a.view(3), in_rank = a.view(4);
-    const cudaStream_t stream = a.stream(5);
+    const View per_rank = a.view(2), per_rdma_rank = a.view(3), per_expert = a.view(4), in_rank = a.view(5);
+    const cudaStream_t stream = a.stream(6);
     {
       GilReleaseIf nogil(b.simulated);
-      buf.get_dispatch_layout(topk, num_experts, per_rank, per_expert, in_rank, stream);
+      buf.get_dispatch_layout(topk, num_experts, per_rank, per_rdma_rank, per_expert, in_rank, stream);
     }
     Py_RETURN_NONE;
   });
@@ -991,6 +993,7 @@ PYBIND11_MODULE(_C, m) {
       .def_property_readonly("max_sent_tokens", [](const PyDispatchHandle& h) { return h.handle.max_sent_tokens; })
       .def_property_readonly("num_worst_tokens", [](const PyDispatchHandle& h) { return h.handle.num_worst_tokens; })
       .def_property_readonly("filled", [](const PyDispatchHandle& h) { return h.handle.filled; })
+      .def_property_readonly("forward_slots", [](const PyDispatchHandle& h) { return h.handle.forward_slots; })
       .def_property_readonly("storage", [](const PyDispatchHandle& h) { return h.storage; })
       .def("__repr__", [](const PyDispatchHandle& h) {
         return epx::detail::concat("<epx DispatchHandle rank ", h.handle.rank, "/", h.handle.num_ranks, ", ",
@@ -1033,9 +1036,12 @@ PYBIND11_MODULE(_C, m) {
   py::class_<PyBuffer>(m, "Buffer")
       .def(py::init([](PyCommunicator& comm, size_t num_nvl_bytes, size_t num_ll_bytes, int num_sms,
                        int num_threads, double timeout_s, bool enable_shrink, epx::LlZeroCopy ll_zero_copy,
-                       int node_size) {
+                       int node_size, size_t num_rdma_bytes, int rdma_chunk_tokens, int rdma_ring_slots) {
              epx::BufferOptions options;
              options.node_size = node_size;
+             options.num_rdma_bytes = num_rdma_bytes;
+             options.rdma_chunk_tokens = rdma_chunk_tokens;
+             options.rdma_ring_slots = rdma_ring_slots;
              options.config = make_config(num_sms, num_threads, timeout_s);
              options.num_ll_bytes = num_ll_bytes;
              options.enable_shrink = enable_shrink;
@@ -1049,8 +1055,11 @@ PYBIND11_MODULE(_C, m) {
            }),
            py::arg("comm"), py::kw_only(), py::arg("num_nvl_bytes"), py::arg("num_ll_bytes"), py::arg("num_sms"),
            py::arg("num_threads"), py::arg("timeout_s"), py::arg("enable_shrink") = false,
-           py::arg("ll_zero_copy") = epx::LlZeroCopy::kOff, py::arg("node_size") = 0, py::keep_alive<1, 2>(),
-           "Collective: allocates the symmetric buffer (num_nvl_bytes + num_ll_bytes) on every rank.")
+           py::arg("ll_zero_copy") = epx::LlZeroCopy::kOff, py::arg("node_size") = 0,
+           py::arg("num_rdma_bytes") = 0, py::arg("rdma_chunk_tokens") = epx::BufferOptions{}.rdma_chunk_tokens,
+           py::arg("rdma_ring_slots") = epx::BufferOptions{}.rdma_ring_slots, py::keep_alive<1, 2>(),
+           "Collective: allocates the symmetric buffer (num_nvl_bytes + num_rdma_bytes + num_ll_bytes) on every "
+           "rank; across (virtual) nodes num_rdma_bytes > 0 holds the RDMA rings (BufferOptions).")
       .def_property_readonly("rank", [](PyBuffer& b) { return b.get().rank(); })
       .def_property_readonly("num_ranks", [](PyBuffer& b) { return b.get().num_ranks(); })
       .def_property_readonly("node_size", [](PyBuffer& b) { return b.get().node_size(); })

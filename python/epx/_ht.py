@@ -2,10 +2,12 @@
 (fresh: host-synced or worst-case sized; cached: a handle's routing again) and combine. Methods of
 Buffer (buffer.py binds them); streams and events as in _streams.py.
 
-A dispatch handle is DeepEP's tuple (rank_prefix_matrix, count_matrix, send_pos, recv_src_idx,
-is_token_in_rank) followed by the core's epx._C.DispatchHandle, whose device arrays live in one
-int32 tensor placed by the binding's DispatchHandle.storage_layout (src/host/handle_storage.hpp);
-the first four elements are views of it.
+A dispatch handle within one node is DeepEP's tuple (rank_prefix_matrix, count_matrix, send_pos,
+recv_src_idx, is_token_in_rank) followed by the core's epx._C.DispatchHandle, whose device arrays
+live in one int32 tensor placed by the binding's DispatchHandle.storage_layout
+(src/host/handle_storage.hpp); the first three elements are views of it. Across (virtual) nodes it
+is DeepEP's internode 10-tuple (see `dispatch`), whose last slot holds the core's handle. Either
+way combine and a cached re-dispatch read only the core's handle.
 """
 from typing import List, Optional, Tuple, Union
 
@@ -19,8 +21,10 @@ from .utils import Config, EventOverlap, _check_int, _error
 # (num_ranks, Buffer.num_sms if set_num_sms was called else None, SM share of a simulated rank or 0)
 # -> the default config's key.
 _DEFAULT_CONFIG_KEYS = {}
-# A dispatch handle: DeepEP's 5 elements, then the core's handle.
+# A dispatch handle: DeepEP's 5 elements, then the core's handle (one node); DeepEP's internode
+# 10-tuple, the core's handle in its last slot (send_nvl_head's), across nodes.
 _HANDLE_LEN = 6
+_INTERNODE_HANDLE_LEN = 10
 
 
 def _apply_config(self, config: Optional[Config]) -> None:
@@ -52,8 +56,12 @@ def _recv_counts(self, num_local_experts: int):
 
 
 def _check_handle(self, handle) -> "_C.DispatchHandle":
-    if not isinstance(handle, tuple) or len(handle) != _HANDLE_LEN or not isinstance(handle[-1], _C.DispatchHandle):
-        raise _error("InvalidArgument", "handle: expected the handle tuple returned by Buffer.dispatch")
+    length = _INTERNODE_HANDLE_LEN if self._num_nodes > 1 else _HANDLE_LEN
+    if not isinstance(handle, tuple) or len(handle) != length or not isinstance(handle[-1], _C.DispatchHandle):
+        where = f"across {self._num_nodes} nodes" if self._num_nodes > 1 else "within one node"
+        got = f"a tuple of {len(handle)}" if isinstance(handle, tuple) else type(handle).__name__
+        raise _error("InvalidArgument", f"handle: expected the handle tuple returned by Buffer.dispatch ({length} "
+                                        f"elements {where}, the last an epx._C.DispatchHandle), got {got}")
     h = handle[-1]
     if h.num_ranks != self.group_size or h.rank != self.rank:
         raise _error("InvalidArgument", f"handle: made on rank {h.rank} of {h.num_ranks}, this buffer is rank "
@@ -76,7 +84,9 @@ def get_dispatch_layout(self, topk_idx: torch.Tensor, num_experts: int,
     Returns:
         num_tokens_per_rank: `[num_ranks]` int32, tokens sent to each rank (a token counts once
             per rank even if several of its experts live there).
-        num_tokens_per_rdma_rank: None (no internode mode).
+        num_tokens_per_rdma_rank: across (virtual) nodes, `[num_nodes]` int32, tokens with at least
+            one expert on a rank of each node (a token counts once per node); None within one node
+            (as DeepEP).
         num_tokens_per_expert: `[num_experts]` int32, tokens sent to each expert.
         is_token_in_rank: `[num_tokens, num_ranks]` bool.
         event: the EventOverlap (its event is set only with `async_finish`).
@@ -90,13 +100,17 @@ def get_dispatch_layout(self, topk_idx: torch.Tensor, num_experts: int,
         num_tokens_per_rank = torch.empty((R,), dtype=torch.int32, device=self._device)
         num_tokens_per_expert = torch.empty((num_experts,), dtype=torch.int32, device=self._device)
         is_token_in_rank = torch.empty((num_tokens, R), dtype=torch.bool, device=self._device)
+        num_tokens_per_rdma_rank = None if self._num_nodes == 1 else \
+            torch.empty((self._num_nodes,), dtype=torch.int32, device=self._device)
     rt.get_dispatch_layout(topk_idx=d_topk, num_experts=num_experts,
                            num_tokens_per_rank=_out_desc(num_tokens_per_rank),
+                           num_tokens_per_rdma_rank=None if num_tokens_per_rdma_rank is None else
+                           _out_desc(num_tokens_per_rdma_rank),
                            num_tokens_per_expert=_out_desc(num_tokens_per_expert),
                            is_token_in_rank=_out_desc(is_token_in_rank), stream=self._comm_raw)
     event = _end(self, compute, async_finish, allocate_on_comm_stream,
-                 (topk_idx, num_tokens_per_rank, num_tokens_per_expert, is_token_in_rank))
-    return num_tokens_per_rank, None, num_tokens_per_expert, is_token_in_rank, event
+                 (topk_idx, num_tokens_per_rank, num_tokens_per_rdma_rank, num_tokens_per_expert, is_token_in_rank))
+    return num_tokens_per_rank, num_tokens_per_rdma_rank, num_tokens_per_expert, is_token_in_rank, event
 
 
 def dispatch(self, x: Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]],
@@ -124,7 +138,9 @@ def dispatch(self, x: Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]],
             must not be given).
         num_tokens_per_rank, is_token_in_rank, num_tokens_per_expert: from
             `get_dispatch_layout` (required for a fresh dispatch).
-        num_tokens_per_rdma_rank: must be None (no internode mode).
+        num_tokens_per_rdma_rank: across nodes, the `[num_nodes]` int32 of `get_dispatch_layout`
+            (optional: the core derives the node counts from is_token_in_rank, so it is only
+            checked); must be None within one node.
         topk_idx: `[num_tokens, num_topk]` int64, optional (without it only x moves; the layout tensors route).
         topk_weights: `[num_tokens, num_topk]` float32, optional.
         expert_alignment: each count of `num_recv_tokens_per_expert_list` is rounded up to it.
@@ -143,15 +159,31 @@ def dispatch(self, x: Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]],
         recv_topk_weights: `[rows, num_topk]` float32 (0 where the id is -1), or None.
         num_recv_tokens_per_expert_list: list of `num_local_experts` ints (aligned to
             `expert_alignment`); empty with num_worst_tokens > 0; None in cached mode.
-        handle: (rank_prefix_matrix `[R, R]` int32, count_matrix `[R, R]` int32, send_pos
-            `[num_tokens, R]` int32, recv_src_idx `[rows]` int32, is_token_in_rank, core
-            handle); None in cached mode.
+        handle: within one node (rank_prefix_matrix `[R, R]` int32, count_matrix `[R, R]` int32,
+            send_pos `[num_tokens, R]` int32, recv_src_idx `[rows]` int32, is_token_in_rank, core
+            handle). Across nodes DeepEP's internode 10-tuple, in its order, N nodes, C channels
+            (the construction config's num_sms; channel c holds tokens [c q, min((c + 1) q, T)),
+            q = ceil(T / C)), inclusive prefix sums (docs/protocol.md, "Internode dispatch and
+            combine"): is_token_in_rank `[T, R]`; rdma_channel_prefix_matrix `[N, C]` int32
+            (tokens to node m over channels, a token once per node); gbl_channel_prefix_matrix
+            `[R, C]` int32 (tokens to rank r over channels); recv_rdma_channel_prefix_matrix,
+            recv_rdma_rank_prefix_sum, recv_gbl_channel_prefix_matrix: None (the forwarder's and
+            the sources' channel bookkeeping of DeepEP's kernels, which epx's kernels neither
+            need nor return); recv_gbl_rank_prefix_sum `[R]` int32 (rows received from source
+            ranks 0..s: a view of the core's rank_prefix_matrix, index -4 as in DeepEP);
+            recv_src_idx `[rows]` int32 in recv_src_meta's slot (DeepEP's slot of one entry per
+            received row: its size(0) is the rows received, as in DeepEP); send_rdma_head
+            `[T, N]` int32 (the token's position among this rank's tokens to node m, -1 if none);
+            and the core's handle in send_nvl_head's slot. None in cached mode.
         event: the EventOverlap (its event is set only with `async_finish`).
     """
     rt = _rt(self)
     R = self.group_size
     if num_tokens_per_rdma_rank is not None:
-        raise _error("Unsupported", "num_tokens_per_rdma_rank: epx has no internode (RDMA) dispatch; pass None")
+        if self._num_nodes == 1:
+            raise _error("Unsupported", "num_tokens_per_rdma_rank: the buffer spans one node (no RDMA leg); pass "
+                                        "None (get_dispatch_layout returns None there)")
+        _desc(self, num_tokens_per_rdma_rank, "num_tokens_per_rdma_rank", _I32, 1)
     if isinstance(x, tuple):
         if len(x) != 2:
             raise _error("InvalidArgument", f"x: expected a tensor or a (fp8 tensor, scales) tuple, got a tuple "
@@ -255,13 +287,40 @@ def dispatch(self, x: Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]],
     rank_prefix_matrix = storage[o_rpm:o_cm].view(R, R)
     count_matrix = storage[o_cm:o_sp].view(R, R)
     send_pos = storage[o_sp:o_nr].view(num_tokens, R)
-    new_handle = (rank_prefix_matrix, count_matrix, send_pos, recv_src_idx, is_token_in_rank, h)
+    if self._num_nodes == 1:
+        new_handle = (rank_prefix_matrix, count_matrix, send_pos, recv_src_idx, is_token_in_rank, h)
+    else:
+        new_handle = _internode_handle(self, is_token_in_rank, rank_prefix_matrix, recv_src_idx, h)
     event = _end(self, compute, async_finish, allocate_on_comm_stream,
                  (x, x_scales, topk_idx, topk_weights, num_tokens_per_rank, is_token_in_rank,
                   num_tokens_per_expert, storage, recv_x, recv_x_scales, recv_topk_idx, recv_topk_weights,
                   recv_src_idx))
     recv = (recv_x, recv_x_scales) if x_scales is not None else recv_x
     return recv, recv_topk_idx, recv_topk_weights, counts, new_handle, event
+
+
+def _channel_prefix(mask: torch.Tensor, num_channels: int) -> torch.Tensor:
+    """`[T, M]` bool -> `[M, C]` int32: inclusive prefix over channels of the true entries of each
+    column, channel c holding rows [c q, min((c + 1) q, T)), q = ceil(T / C)."""
+    T, M = mask.shape
+    q = -(-T // num_channels)
+    if q == 0:
+        return torch.zeros((M, num_channels), dtype=torch.int32, device=mask.device)
+    padded = torch.zeros((num_channels * q, M), dtype=torch.int32, device=mask.device)
+    padded[:T] = mask
+    return padded.view(num_channels, q, M).sum(1).cumsum(0).t().to(torch.int32).contiguous()
+
+
+def _internode_handle(self, is_token_in_rank, rank_prefix_matrix, recv_src_idx, h) -> Tuple:
+    """DeepEP's internode 10-tuple (see `dispatch`), computed on the current stream from this
+    rank's routing; the core's handle in the last slot."""
+    T = is_token_in_rank.size(0)
+    N, U, C = self._num_nodes, self._node_size, self._rdma_channels
+    in_node = is_token_in_rank.view(T, N, U).any(2)
+    send_rdma_head = torch.where(in_node, in_node.to(torch.int32).cumsum(0, dtype=torch.int32) - 1,
+                                 torch.full((), -1, dtype=torch.int32, device=in_node.device))
+    return (is_token_in_rank, _channel_prefix(in_node, C), _channel_prefix(is_token_in_rank, C), None, None, None,
+            rank_prefix_matrix[:, self.rank], recv_src_idx, send_rdma_head, h)
 
 
 def combine(self, x: torch.Tensor, handle: Tuple,
@@ -273,7 +332,10 @@ def combine(self, x: torch.Tensor, handle: Tuple,
         Tuple[torch.Tensor, Optional[torch.Tensor], EventOverlap]:
     """
     Sends the rows back to the ranks they came from and sums them there (fp32), **without**
-    weights (weight rows before combining, as in DeepEP). The reverse of `dispatch`.
+    weights (weight rows before combining, as in DeepEP). The reverse of `dispatch`. Across nodes
+    in two levels (docs/protocol.md): each node's rows of a token are summed in fp32 on the
+    forwarder (local index ascending), a remote node's partial crosses as bf16 (rounded once), the
+    owner adds the partials in node order, then the biases, and rounds once.
 
     Arguments:
         x: `[rows, hidden]` bfloat16 in the order `dispatch` returned them.
@@ -337,9 +399,13 @@ def internode_dispatch(self, x: Union[torch.Tensor, Tuple[torch.Tensor, torch.Te
                        config: Optional[Config] = None,
                        previous_event: Optional[EventOverlap] = None, async_finish: bool = False,
                        allocate_on_comm_stream: bool = False):
-    """DeepEP's internode (RDMA + NVLink) dispatch: EpxError(Unsupported), epx serves one NVLink
-    domain (`dispatch` is the one to call)."""
-    raise _error("Unsupported", "internode_dispatch: epx has no internode (RDMA) mode; use dispatch")
+    """DeepEP's internode dispatch: `dispatch` on a buffer that spans several (virtual) nodes
+    (EpxError(Unsupported) within one node, where `dispatch` is the one to call)."""
+    if self._num_nodes == 1:
+        raise _error("Unsupported", "internode_dispatch: the buffer spans one node; use dispatch")
+    return dispatch(self, x, handle, num_tokens_per_rank, num_tokens_per_rdma_rank, is_token_in_rank,
+                    num_tokens_per_expert, topk_idx, topk_weights, expert_alignment, num_worst_tokens, config,
+                    previous_event, async_finish, allocate_on_comm_stream)
 
 
 def internode_combine(self, x: torch.Tensor, handle: Tuple,
@@ -348,5 +414,8 @@ def internode_combine(self, x: torch.Tensor, handle: Tuple,
                       config: Optional[Config] = None,
                       previous_event: Optional[EventOverlap] = None, async_finish: bool = False,
                       allocate_on_comm_stream: bool = False):
-    """DeepEP's internode combine: EpxError(Unsupported) (see `internode_dispatch`)."""
-    raise _error("Unsupported", "internode_combine: epx has no internode (RDMA) mode; use combine")
+    """DeepEP's internode combine: `combine` on a buffer that spans several nodes (see
+    `internode_dispatch`)."""
+    if self._num_nodes == 1:
+        raise _error("Unsupported", "internode_combine: the buffer spans one node; use combine")
+    return combine(self, x, handle, topk_weights, bias, config, previous_event, async_finish, allocate_on_comm_stream)

@@ -1,7 +1,7 @@
 """epx.Buffer: DeepEP V1's Python API over epx's NVLink kernels.
 
 Semantics follow DeepEP V1 (signatures, defaults, returned tuples, stream rules); where epx cannot
-honour a DeepEP option (internode RDMA, LogFMT, ...) the call raises EpxError(kind="Unsupported")
+honour a DeepEP option (LogFMT, use_fabric, ...) the call raises EpxError(kind="Unsupported")
 instead of ignoring it. Tensor checks that the C++ core cannot make (device, torch dtype) happen
 here; shapes, strides and ranges are checked by the core, whose errors name the argument too.
 
@@ -49,14 +49,15 @@ class Buffer:
             `get_combine_config` once `set_num_sms` was called (else epx's defaults).
         rank, group_size, group: this rank, the number of ranks, the process group.
         num_nvl_bytes: bytes of the high-throughput part of the buffer.
-        num_rdma_bytes: bytes of the low-latency part (epx has no RDMA buffer; in low-latency mode
-            this sizes the low-latency region, over NVLink).
+        num_rdma_bytes: across (virtual) nodes, bytes of the RDMA region (the high-throughput rings
+            between nodes); in low-latency mode (one node), bytes of the low-latency region.
         low_latency_mode, explicitly_destroy, enable_shrink: as given.
         runtime: the C++ buffer (epx._C.Buffer), None after `destroy()`.
     """
 
     num_sms: int = 20
     _num_sms_set: bool = False
+    _num_nodes: int = 1  # nodes of the group (set at construction)
 
     def __init__(self, group: Optional[dist.ProcessGroup],
                  num_nvl_bytes: int = 0, num_rdma_bytes: int = 0,
@@ -80,10 +81,16 @@ class Buffer:
                 communicator and its SM share bounds `num_sms` (the default fits it).
             num_nvl_bytes: bytes for high-throughput dispatch/combine (see
                 `get_nvl_buffer_size_hint`); 0 with `low_latency_mode` = low-latency only.
-            num_rdma_bytes: in low-latency mode, the bytes of the low-latency region (see
-                `get_low_latency_rdma_size_hint`); must be 0 otherwise (no internode RDMA). The
-                zero-copy combine buffers (`get_next_low_latency_combine_buffer`) are laid out
-                when the region holds them, i.e. when it was sized with `zero_copy=True`.
+            num_rdma_bytes: across (virtual) nodes (see `node_size`), the bytes of the RDMA region:
+                the bounded rings of the high-throughput dispatch and combine between nodes
+                (`Config.get_rdma_buffer_size_hint`; a function of the node split, the channels, i.e.
+                the construction config's num_sms, and the row shape, never of the batch). Required
+                (> 0) when the group spans several nodes (EpxError(InvalidArgument) naming it
+                otherwise; EpxError(BufferTooSmall) naming the minimum when it cannot hold the
+                rings), 0 within one node. In low-latency mode (one node), the bytes of the
+                low-latency region (see `get_low_latency_rdma_size_hint`); the zero-copy combine
+                buffers (`get_next_low_latency_combine_buffer`) are laid out when the region holds
+                them, i.e. when it was sized with `zero_copy=True`.
             low_latency_mode: enables the low-latency operations.
             num_qps_per_rank: accepted for DeepEP compatibility (must be positive); NVLink has no
                 queue pairs, so it does not change anything.
@@ -102,10 +109,10 @@ class Buffer:
             comm: an mpi4py communicator used instead of `group` to share the unique id.
             node_size: ranks per node (epx's extension, keyword-only). 0 = the environment's
                 EPX_NODE_SIZE if set, else the NVLink domain. A smaller size splits the domain into
-                virtual nodes (it must divide the domain: EpxError(InvalidArgument) otherwise).
-                Dispatch and combine across nodes run in the C++ Buffer (BufferOptions::num_rdma_bytes);
-                this Buffer does not pass an RDMA region yet, so a group of more than one node is
-                refused with EpxError(InvalidArgument) naming num_rdma_bytes.
+                virtual nodes (it must divide the domain: EpxError(InvalidArgument) otherwise), on
+                which `dispatch` and `combine` run DeepEP's internode semantics (the RDMA leg over
+                epx's NVLink emulation); nodes hold at most MAX_RANKS ranks. The low-latency mode
+                serves one node only.
         """
         _check_int("num_nvl_bytes", num_nvl_bytes, 0)
         _check_int("num_rdma_bytes", num_rdma_bytes, 0)
@@ -125,9 +132,6 @@ class Buffer:
                 raise _error("InvalidArgument", "num_rdma_bytes: low_latency_mode needs the low-latency region size "
                                                 "(Buffer.get_low_latency_rdma_size_hint), got 0")
         else:
-            if num_rdma_bytes != 0:
-                raise _error("Unsupported", f"num_rdma_bytes={num_rdma_bytes} without low_latency_mode asks for the "
-                                            "internode RDMA buffer, which epx does not implement")
             if num_nvl_bytes == 0:
                 raise _error("InvalidArgument", "num_nvl_bytes: must be > 0 without low_latency_mode "
                                                 "(see Buffer.get_nvl_buffer_size_hint)")
@@ -148,9 +152,9 @@ class Buffer:
         if simulated and comm is not None:
             raise _error("InvalidArgument", f"group, comm: group {group!r} is simulated (its ranks are threads on one "
                                             f"GPU) and comm is a {type(comm).__name__} (real ranks); pass one of them")
-        if self.group_size > _C.MAX_RANKS:
-            raise _error("Unsupported", f"group: {self.group_size} ranks; epx supports one NVLink domain of at most "
-                                        f"{_C.MAX_RANKS} ranks (no internode mode)")
+        if self.group_size > _C.MAX_WORLD_RANKS:
+            raise _error("Unsupported", f"group: {self.group_size} ranks; epx supports at most "
+                                        f"{_C.MAX_WORLD_RANKS} ({_C.MAX_NODES} nodes of {_C.MAX_RANKS})")
 
         self.group = group
         self.num_nvl_bytes = num_nvl_bytes
@@ -183,7 +187,13 @@ class Buffer:
         self.runtime = _C.Buffer(self._comm, num_nvl_bytes=nvl_bytes,
                                  num_ll_bytes=num_rdma_bytes if low_latency_mode else 0, num_sms=num_sms,
                                  num_threads=num_threads, timeout_s=timeout_s, enable_shrink=enable_shrink,
-                                 ll_zero_copy=_C.LlZeroCopy.kIfRoom, node_size=node_size)
+                                 ll_zero_copy=_C.LlZeroCopy.kIfRoom, node_size=node_size,
+                                 num_rdma_bytes=0 if low_latency_mode else num_rdma_bytes)
+        # Across nodes: the node split and the RDMA rings' channels (the construction config's SMs,
+        # which a later config must keep), read by the high-throughput ops.
+        self._num_nodes = self.runtime.num_nodes
+        self._node_size = self.runtime.node_size
+        self._rdma_channels = num_sms
         if sim_comm is not None:
             # A stream no other simulated rank uses (torch's pooled streams repeat after 32).
             self._comm_stream, stream_handle = _sim._acquire_stream(self._device_index, priority=-1)
@@ -286,9 +296,9 @@ class Buffer:
         SMs of `set_num_sms` once it was called, and at most the SM share of a simulated rank:
         `num_sms_share`, or by default that of the simulated rank this thread runs (0: not one)."""
         _check_int("num_ranks", num_ranks, 1)
-        if num_ranks > _C.MAX_RANKS:
-            raise _error("Unsupported", f"num_ranks: {num_ranks} ranks; epx supports at most {_C.MAX_RANKS} "
-                                        "(one NVLink domain)")
+        if num_ranks > _C.MAX_WORLD_RANKS:
+            raise _error("Unsupported", f"num_ranks: {num_ranks} ranks; epx supports at most {_C.MAX_WORLD_RANKS} "
+                                        f"({_C.MAX_NODES} nodes of {_C.MAX_RANKS})")
         config = Config.defaults(num_ranks)
         if Buffer._num_sms_set:
             config.num_sms = Buffer.num_sms

@@ -203,7 +203,7 @@ class SimWorld:
     """
 
     def __init__(self, num_ranks: int, device: int = 0, timeout_s: float = 0.0) -> None:
-        _check_int("num_ranks", num_ranks, 2, _C.MAX_RANKS)
+        _check_int("num_ranks", num_ranks, 2, _C.MAX_WORLD_RANKS)
         _check_int("device", device, 0)
         if isinstance(timeout_s, bool) or not isinstance(timeout_s, (int, float)) or timeout_s < 0:
             raise _error("InvalidArgument", f"timeout_s: expected a number of seconds >= 0, got {timeout_s!r}")
@@ -246,9 +246,9 @@ class SimWorld:
     @staticmethod
     def max_world(device: int = 0) -> int:
         """The most simulated ranks `device` holds (its SMs / the smallest share a rank may own), at
-        most MAX_RANKS: the Python layer's Buffers span one node (the C++ SimWorld holds more ranks,
-        for the scale-out tests)."""
-        return min(_C.MAX_RANKS, _C.SimWorld.max_world(_check_int("device", device, 0)))
+        most MAX_WORLD_RANKS; a world of more than MAX_RANKS ranks needs Buffers split into
+        (virtual) nodes (`node_size=`, `num_rdma_bytes`)."""
+        return min(_C.MAX_WORLD_RANKS, _C.SimWorld.max_world(_check_int("device", device, 0)))
 
     # ---- Rank threads ---------------------------------------------------------------------------
 
@@ -423,7 +423,7 @@ def launch_sim(num_ranks: int, fn: Callable, *args, device: int = 0, timeout_s: 
     call; see the module docstring) and returns the results by rank. The Buffers made on the ranks
     are freed before it returns. Raises SimRankError naming the ranks that failed.
     """
-    _check_int("num_ranks", num_ranks, 2, _C.MAX_RANKS)
+    _check_int("num_ranks", num_ranks, 2, _C.MAX_WORLD_RANKS)
     if not callable(fn):
         raise _error("InvalidArgument", f"fn: expected a callable, got {type(fn).__name__}")
     with SimWorld(num_ranks, device, timeout_s) as world:

@@ -168,7 +168,6 @@ class _UntouchableGroup:
     (dict(num_nvl_bytes=1 << 20, enable_shrink=True), "InvalidArgument", "enable_shrink=True"),
     (dict(num_rdma_bytes=1 << 20, low_latency_mode=True, allow_nvlink_for_low_latency_mode=False), "Unsupported",
      "allow_nvlink_for_low_latency_mode"),
-    (dict(num_nvl_bytes=1 << 20, num_rdma_bytes=1 << 20), "Unsupported", "num_rdma_bytes"),
     (dict(low_latency_mode=True), "InvalidArgument", "num_rdma_bytes"),
     (dict(), "InvalidArgument", "num_nvl_bytes"),
     (dict(num_nvl_bytes=-1), "InvalidArgument", "num_nvl_bytes"),
@@ -229,7 +228,7 @@ def test_dispatch_rejects(fake_buffer):
         b.dispatch([1, 2, 3])
     with expect_error("InvalidArgument", "x", "tuple of 3"):
         b.dispatch((cpu(8, 128), cpu(8, 1), cpu(1)))
-    with expect_error("Unsupported", "num_tokens_per_rdma_rank"):
+    with expect_error("Unsupported", "num_tokens_per_rdma_rank", "one node"):
         b.dispatch(cpu(8, 128), num_tokens_per_rdma_rank=cpu(1, dtype=torch.int32))
 
 
@@ -512,7 +511,7 @@ def test_low_latency_outputs_and_streams(recording_buffer, use_fp8, use_ue8m0, h
 
 @pytest.mark.parametrize("args,kwargs,name", [
     ((1,), {}, "num_ranks"),
-    ((_C.MAX_RANKS + 1,), {}, "num_ranks"),
+    ((_C.MAX_WORLD_RANKS + 1,), {}, "num_ranks"),
     ((2.0,), {}, "num_ranks"),
     ((True,), {}, "num_ranks"),
     ((2,), dict(device=-1), "device"),

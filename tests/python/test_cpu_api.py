@@ -352,6 +352,10 @@ def test_buffer_accepts_deepep_options():
               allow_nvlink_for_low_latency_mode=True, allow_mnnvl=False, explicitly_destroy=True,
               enable_shrink=False)  # vLLM low latency
     _accepted(use_fabric=False, num_rdma_bytes=1 << 24, low_latency_mode=True)
+    # Internode high-throughput (DeepEP's test_internode.py): the RDMA region without low_latency_mode
+    # (the core checks it against the node split, naming num_rdma_bytes).
+    _accepted(1 << 30, 1 << 30)
+    _accepted(num_nvl_bytes=1 << 30, num_rdma_bytes=1 << 30, node_size=2)
 
 
 @pytest.mark.parametrize("kwargs,names", [
@@ -545,11 +549,11 @@ def test_mask_apis_need_shrink_mode(fake_buffer):
         b.low_latency_clean_mask_buffer()
 
 
-def test_internode_entry_points_are_refused(fake_buffer):
+def test_internode_entry_points_are_refused_within_one_node(fake_buffer):
     b = fake_buffer()
-    with expect_error("Unsupported", "internode_dispatch", "dispatch"):
+    with expect_error("Unsupported", "internode_dispatch", "one node", "dispatch"):
         b.internode_dispatch(torch.zeros(4, 128))
-    with expect_error("Unsupported", "internode_combine", "combine"):
+    with expect_error("Unsupported", "internode_combine", "one node", "combine"):
         b.internode_combine(torch.zeros(4, 128), handle=())
 
 

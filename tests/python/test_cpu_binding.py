@@ -49,9 +49,10 @@ def test_operations_take_the_cpp_field_names_as_keywords(header):
         "DispatchInputs", "DispatchOutputs", "CombineInputs", "CombineOutputs", "LowLatencyHandle",
         "LowLatencyDispatchArgs", "LowLatencyDispatchOutputs", "LowLatencyCombineArgs")}
     assert "expert_alignment" in f["DispatchInputs"] and "num_max_dispatch_tokens_per_rank" in f["LowLatencyHandle"]
-    layout_params = set(re.search(r"void get_dispatch_layout\(const View& topk_idx, int num_experts, (.*?)\);",
-                                  header, re.S).group(1).replace("const View&", "").replace("cudaStream_t", "")
-                        .replace("\n", " ").split(","))
+    layout_params = set()  # both overloads' (the binding calls the one with num_tokens_per_rdma_rank)
+    for params in re.findall(r"void get_dispatch_layout\(const View& topk_idx, int num_experts, (.*?)\);", header, re.S):
+        layout_params |= set(params.replace("const View&", "").replace("cudaStream_t", "").replace("\n", " ").split(","))
+    assert {"num_tokens_per_rdma_rank", "stream"} <= {p.strip() for p in layout_params}
     expected = {  # op: (positional parameters, the keywords' source)
         "get_dispatch_layout": ((), {"topk_idx", "num_experts"} | {p.strip() for p in layout_params}),
         "dispatch_notify": (("handle",), f["DispatchInputs"] | {"num_recv_tokens_per_expert", "stream"}),
@@ -79,6 +80,8 @@ def test_operations_take_the_cpp_field_names_as_keywords(header):
     assert positional == () and {"num_ranks", "rank", "num_tokens", "storage"} <= set(keywords)
     positional, keywords = _keywords(_C.Buffer.__init__)
     assert positional == ("comm",) and {"num_nvl_bytes", "num_ll_bytes", "node_size"} <= set(keywords)
+    options = _struct_fields(header.replace("size_t ", "int "), "BufferOptions")  # the RDMA fields reach the binding
+    assert {"num_rdma_bytes", "rdma_chunk_tokens", "rdma_ring_slots", "node_size"} <= options & set(keywords)
 
 
 def test_misspelled_or_positional_arguments_are_refused_naming_them():
