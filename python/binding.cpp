@@ -269,8 +269,8 @@ struct PyDispatchHandle {
 
 std::unique_ptr<PyDispatchHandle> make_dispatch_handle(uintptr_t storage_ptr, int64_t storage_numel, int num_ranks,
                                                        int rank, int64_t num_tokens, py::object storage) {
-  EPX_ARG_CHECK(num_ranks >= 1 && num_ranks <= epx::kMaxRanks, "num_ranks: expected [1, ", epx::kMaxRanks, "], got ",
-                num_ranks);
+  EPX_ARG_CHECK(num_ranks >= 1 && num_ranks <= epx::kMaxWorldRanks, "num_ranks: expected [1, ", epx::kMaxWorldRanks,
+                "], got ", num_ranks);
   EPX_ARG_CHECK(num_tokens >= 0 && num_tokens <= (int64_t{1} << 30), "num_tokens: expected [0, 2^30], got ",
                 num_tokens);
   const epx::host::HandleStorageLayout l = epx::host::handle_storage_layout(num_ranks, num_tokens);

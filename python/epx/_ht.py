@@ -289,37 +289,51 @@ def dispatch(self, x: Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]],
     send_pos = storage[o_sp:o_nr].view(num_tokens, R)
     if self._num_nodes == 1:
         new_handle = (rank_prefix_matrix, count_matrix, send_pos, recv_src_idx, is_token_in_rank, h)
+        computed = ()
     else:
-        new_handle = _internode_handle(self, is_token_in_rank, rank_prefix_matrix, recv_src_idx, h)
+        new_handle = _internode_handle(self, is_token_in_rank, rank_prefix_matrix, recv_src_idx, h,
+                                       allocate_on_comm_stream)
+        computed = new_handle[1:3] + new_handle[8:9]
     event = _end(self, compute, async_finish, allocate_on_comm_stream,
-                 (x, x_scales, topk_idx, topk_weights, num_tokens_per_rank, is_token_in_rank,
+                 (x, x_scales, topk_idx, topk_weights, num_tokens_per_rank, num_tokens_per_rdma_rank, is_token_in_rank,
                   num_tokens_per_expert, storage, recv_x, recv_x_scales, recv_topk_idx, recv_topk_weights,
-                  recv_src_idx))
+                  recv_src_idx) + computed)
     recv = (recv_x, recv_x_scales) if x_scales is not None else recv_x
     return recv, recv_topk_idx, recv_topk_weights, counts, new_handle, event
 
 
-def _channel_prefix(mask: torch.Tensor, num_channels: int) -> torch.Tensor:
-    """`[T, M]` bool -> `[M, C]` int32: inclusive prefix over channels of the true entries of each
-    column, channel c holding rows [c q, min((c + 1) q, T)), q = ceil(T / C)."""
+def _channel_prefix(mask: torch.Tensor, num_channels: int, out: torch.Tensor) -> None:
+    """`[T, M]` bool -> `out` `[M, C]` int32: inclusive prefix over channels of the true entries of
+    each column, channel c holding rows [c q, min((c + 1) q, T)), q = ceil(T / C)."""
     T, M = mask.shape
     q = -(-T // num_channels)
     if q == 0:
-        return torch.zeros((M, num_channels), dtype=torch.int32, device=mask.device)
+        out.zero_()
+        return
     padded = torch.zeros((num_channels * q, M), dtype=torch.int32, device=mask.device)
     padded[:T] = mask
-    return padded.view(num_channels, q, M).sum(1).cumsum(0).t().to(torch.int32).contiguous()
+    out.copy_(padded.view(num_channels, q, M).sum(1).cumsum(0).t())
 
 
-def _internode_handle(self, is_token_in_rank, rank_prefix_matrix, recv_src_idx, h) -> Tuple:
-    """DeepEP's internode 10-tuple (see `dispatch`), computed on the current stream from this
-    rank's routing; the core's handle in the last slot."""
+def _internode_handle(self, is_token_in_rank, rank_prefix_matrix, recv_src_idx, h,
+                      allocate_on_comm_stream: bool) -> Tuple:
+    """DeepEP's internode 10-tuple (see `dispatch`), the core's handle in the last slot. The slots
+    computed from this rank's routing are computed on the communication stream (where
+    is_token_in_rank is ready after previous_event) into tensors allocated like the op's outputs."""
     T = is_token_in_rank.size(0)
     N, U, C = self._num_nodes, self._node_size, self._rdma_channels
-    in_node = is_token_in_rank.view(T, N, U).any(2)
-    send_rdma_head = torch.where(in_node, in_node.to(torch.int32).cumsum(0, dtype=torch.int32) - 1,
-                                 torch.full((), -1, dtype=torch.int32, device=in_node.device))
-    return (is_token_in_rank, _channel_prefix(in_node, C), _channel_prefix(is_token_in_rank, C), None, None, None,
+    dev = is_token_in_rank.device
+    with _alloc(self, allocate_on_comm_stream):
+        rdma_channel_prefix_matrix = torch.empty((N, C), dtype=torch.int32, device=dev)
+        gbl_channel_prefix_matrix = torch.empty((N * U, C), dtype=torch.int32, device=dev)
+        send_rdma_head = torch.empty((T, N), dtype=torch.int32, device=dev)
+    with torch.cuda.stream(self._comm_stream):
+        in_node = is_token_in_rank.view(T, N, U).any(2)
+        _channel_prefix(in_node, C, rdma_channel_prefix_matrix)
+        _channel_prefix(is_token_in_rank, C, gbl_channel_prefix_matrix)
+        torch.cumsum(in_node, 0, dtype=torch.int32, out=send_rdma_head)
+        send_rdma_head.sub_(1).masked_fill_(~in_node, -1)
+    return (is_token_in_rank, rdma_channel_prefix_matrix, gbl_channel_prefix_matrix, None, None, None,
             rank_prefix_matrix[:, self.rank], recv_src_idx, send_rdma_head, h)
 
 

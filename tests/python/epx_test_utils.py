@@ -424,6 +424,40 @@ def ref_combine(dispatched: Sequence[RefDispatch], ys: Sequence[torch.Tensor], m
     return acc.to(torch.bfloat16), acc_w
 
 
+def ref_combine_internode(dispatched, ys, me: int, num_tokens: int, node_size: int, weights=None, bias_0=None,
+                          bias_1=None):
+    """The two-level combine of docs/protocol.md for owner `me`: per node m, P_m = the fp32 sum of the
+    rows of (me, t) on m's ranks, local index ascending; a remote P_m is rounded to bf16 once; the
+    owner adds them for m ascending (only nodes that received t), then bias_0, bias_1, and rounds.
+    Weights: the same order, fp32 throughout."""
+    world = len(dispatched)
+    my_node = me // node_size
+    acc = torch.zeros((num_tokens, ys[0].size(1)), dtype=torch.float32)
+    acc_w = None if weights is None else torch.zeros((num_tokens, weights[0].size(1)), dtype=torch.float32)
+    for m in range(world // node_size):
+        part = torch.zeros_like(acc)
+        part_w = None if acc_w is None else torch.zeros_like(acc_w)
+        seen = torch.zeros(num_tokens, dtype=torch.bool)
+        for r in range(m * node_size, (m + 1) * node_size):
+            d = dispatched[r]
+            rows = (d.src_rank == me).nonzero().flatten()
+            tokens = d.src_idx[rows].long()
+            part[tokens] = part[tokens] + ys[r][rows].float()
+            if part_w is not None:
+                part_w[tokens] = part_w[tokens] + weights[r][rows].float()
+            seen[tokens] = True
+        if m != my_node:
+            part = part.to(torch.bfloat16).float()
+        acc[seen] = acc[seen] + part[seen]
+        if acc_w is not None:
+            acc_w[seen] = acc_w[seen] + part_w[seen]
+    if bias_0 is not None:
+        acc = acc + bias_0.float()
+    if bias_1 is not None:
+        acc = acc + bias_1.float()
+    return acc.to(torch.bfloat16), acc_w
+
+
 # ---- References: low-latency ----------------------------------------------------------------------
 
 @dataclass
