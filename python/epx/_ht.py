@@ -328,7 +328,7 @@ def _internode_handle(self, is_token_in_rank, rank_prefix_matrix, recv_src_idx, 
         gbl_channel_prefix_matrix = torch.empty((N * U, C), dtype=torch.int32, device=dev)
         send_rdma_head = torch.empty((T, N), dtype=torch.int32, device=dev)
     with torch.cuda.stream(self._comm_stream):
-        in_node = is_token_in_rank.view(T, N, U).any(2)
+        in_node = is_token_in_rank.reshape(T, N, U).any(2)
         _channel_prefix(in_node, C, rdma_channel_prefix_matrix)
         _channel_prefix(is_token_in_rank, C, gbl_channel_prefix_matrix)
         torch.cumsum(in_node, 0, dtype=torch.int32, out=send_rdma_head)

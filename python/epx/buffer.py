@@ -82,9 +82,10 @@ class Buffer:
             num_nvl_bytes: bytes for high-throughput dispatch/combine (see
                 `get_nvl_buffer_size_hint`); 0 with `low_latency_mode` = low-latency only.
             num_rdma_bytes: across (virtual) nodes (see `node_size`), the bytes of the RDMA region:
-                the bounded rings of the high-throughput dispatch and combine between nodes
-                (`Config.get_rdma_buffer_size_hint`; a function of the node split, the channels, i.e.
-                the construction config's num_sms, and the row shape, never of the batch). Required
+                the bounded rings of the high-throughput dispatch and combine between nodes, whose
+                size is a function of the node split, the channels (the construction config's
+                num_sms), the rings (DeepEP's 6-message chunks, 252 slots) and the row shape, never
+                of the batch (`epx._C.rdma_buffer_size_hint` with those values). Required
                 (> 0) when the group spans several nodes (EpxError(InvalidArgument) naming it
                 otherwise; EpxError(BufferTooSmall) naming the minimum when it cannot hold the
                 rings), 0 within one node. In low-latency mode (one node), the bytes of the

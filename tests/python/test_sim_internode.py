@@ -39,9 +39,10 @@ def _need(world: int) -> None:
 
 
 def rdma_bytes(world: int, node_size: int) -> int:
-    """num_rdma_bytes for bf16 rows of HIDDEN on the rings of this rank's Buffer (its channels are the
-    construction config's SMs: on a simulated rank's thread, at most its share)."""
-    channels = epx.Buffer._default_config(world).num_sms
+    """num_rdma_bytes for bf16 rows of HIDDEN on the rings of this rank's Buffer: its channels are the
+    construction config's SMs (epx's default, at most the simulated rank's share), so the rings of
+    the default's 20 channels hold them."""
+    channels = max(20, epx.Buffer._default_config(world).num_sms)
     return _C.rdma_buffer_size_hint(world, node_size, channels, 6, 252, HIDDEN * 2, _C.MAX_TOPK)
 
 

@@ -1,8 +1,7 @@
 """GPU tests (simulated, one GPU) of the Buffer's node_size= keyword: a size that does not divide
 the NVLink domain (a SimWorld's whole world) is an error naming node_size; a split into several
-(virtual) nodes without num_rdma_bytes (the Python Buffer has no internode mode) names
-num_rdma_bytes; the domain itself is accepted
-and reaches the core (node_size, num_nodes)."""
+(virtual) nodes without num_rdma_bytes names num_rdma_bytes (test_sim_internode.py runs the split
+with it); the domain itself is accepted and reaches the core (node_size, num_nodes)."""
 import pytest
 
 from conftest import require_epx
