@@ -284,7 +284,10 @@ class Buffer:
         """
         (epx) Bytes of `num_nvl_bytes` so that a dispatch where a rank receives up to
         `num_max_recv_tokens` rows of `hidden` channels of `dtype` (and the matching combine)
-        fits. `num_topk` defaults to the largest top-k epx supports.
+        fits. `num_topk` defaults to the largest top-k epx supports. Across (virtual) nodes pass
+        the node size as `num_ranks`, and as rows the most a rank receives in dispatch or handles in
+        combine (its own node's rows, those it forwards and its tokens' partials): the NVLink part
+        holds them all there (EpxError(BufferTooSmall) naming num_nvl_bytes otherwise).
         """
         if dtype not in _BF16_FP8:
             raise _error("InvalidArgument", f"dtype: expected {_dtype_names(_BF16_FP8)}, got {dtype}")

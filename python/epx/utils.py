@@ -223,8 +223,9 @@ class Config:
         _check_int("hidden_bytes", hidden_bytes, 1)
         _check_int("num_ranks", num_ranks, 1)
         if num_ranks > _C.MAX_RANKS:
-            raise _error("Unsupported", f"num_ranks: {num_ranks} ranks; epx supports one NVLink domain of at most "
-                                        f"{_C.MAX_RANKS} ranks (no internode mode)")
+            raise _error("Unsupported", f"num_ranks: {num_ranks} ranks; the NVLink rings this hint sizes serve one "
+                                        f"node of at most {_C.MAX_RANKS} ranks; across nodes a Buffer's num_nvl_bytes "
+                                        "must hold every row of an op (Buffer.get_nvl_buffer_size_hint(rows, hidden, node_size))")
         return _C.nvl_ring_buffer_size_hint(self.num_sms, self.num_threads, hidden_bytes, num_ranks,
                                             self._rows_per_ring())
 
