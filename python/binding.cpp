@@ -787,6 +787,9 @@ PYBIND11_MODULE(_C, m) {
   m.attr("MAX_NODES") = epx::kMaxNodes;
   m.attr("MAX_WORLD_RANKS") = epx::kMaxWorldRanks;
   m.attr("RDMA_ALIGN") = static_cast<int>(epx::kRdmaAlign);
+  // The RDMA rings a Buffer across nodes is made with (BufferOptions' defaults, which Python keeps).
+  m.attr("RDMA_CHUNK_TOKENS") = epx::BufferOptions{}.rdma_chunk_tokens;
+  m.attr("RDMA_RING_SLOTS") = epx::BufferOptions{}.rdma_ring_slots;
   // Protocol bytes at the start of the high-throughput part / the low-latency region (Buffer::flag_bytes).
   m.attr("NVL_FLAG_BYTES") = epx::Buffer::flag_bytes(false);
   m.attr("LL_FLAG_BYTES") = epx::Buffer::flag_bytes(true);

@@ -233,11 +233,14 @@ class Config:
         """
         Bytes of `num_rdma_bytes` for the internode buffer (DeepEP's signature): 0 when the ranks
         are one node, as in DeepEP. Across nodes, the RDMA region's bounded rings
-        (docs/protocol.md, "RDMA region"): per (node, channel) a send and a receive ring of
-        `num_max_rdma_chunked_recv_tokens` messages, put in chunks of
-        `num_max_rdma_chunked_send_tokens`, with num_sms // 2 channels (DeepEP's) and messages of
-        hidden_bytes of payload plus fp8 scales, epx's largest top-k and the source meta; a
-        function of this config, hidden_bytes and the node split only, never of the batch.
+        (docs/protocol.md, "RDMA region") as a Buffer made for `num_ranks` lays them out: per
+        (node, channel) a send and a receive ring of epx._C.RDMA_RING_SLOTS messages put in chunks
+        of epx._C.RDMA_CHUNK_TOKENS (the Buffer's rings are fixed at construction, so this
+        config's chunk fields do not size them), one channel per SM of the Buffer's construction
+        config (this config's num_sms, or epx's default for num_ranks when that is more: a Buffer
+        made after `set_num_sms(n)` takes n, one made without takes the default), messages of
+        hidden_bytes of payload plus fp8 scales, epx's largest top-k and the source meta. A
+        function of num_sms, hidden_bytes and the node split only, never of the batch.
 
         node_size: (epx, keyword only) ranks per node; 0 = DeepEP's 8 (all ranks when fewer).
         Raises EpxError(InvalidArgument) naming the argument out of range (node_size not dividing
@@ -249,8 +252,8 @@ class Config:
         node_size = node_size or min(num_ranks, _C.MAX_RANKS)
         if num_ranks <= node_size:
             return 0
-        return _C.rdma_buffer_size_hint(num_ranks, node_size, max(self.num_sms // 2, 1),
-                                        self.num_max_rdma_chunked_send_tokens, self.num_max_rdma_chunked_recv_tokens,
+        channels = max(self.num_sms, Config.defaults(num_ranks).num_sms)
+        return _C.rdma_buffer_size_hint(num_ranks, node_size, channels, _C.RDMA_CHUNK_TOKENS, _C.RDMA_RING_SLOTS,
                                         hidden_bytes, _C.MAX_TOPK)
 
     def __eq__(self, other: object) -> bool:

@@ -40,14 +40,16 @@ def _align(x, a):
 
 def _rdma_bytes(config, hidden_bytes, num_ranks, node_size):
     """The RDMA region as docs/protocol.md ("RDMA region") lays it out, recomputed independently."""
-    nodes, channels = num_ranks // node_size, max(config.num_sms // 2, 1)
+    # One channel per SM of the Buffer's construction config (epx's default, or more SMs asked for).
+    nodes, channels = num_ranks // node_size, max(config.num_sms, epx.Config.defaults(num_ranks).num_sms)
+    slots = _C.RDMA_RING_SLOTS  # the Buffer's rings, whatever the config's chunk fields say
     meta = _align(4 * (1 + _C.MAX_RANKS), 16)  # source token, a position per local rank
     slot = (_align(hidden_bytes, 16) + _align(-(-hidden_bytes // 128) * 4, 16) + 2 * _align(4 * _C.MAX_TOPK, 16) + meta)
     streams = nodes * channels
     words = _align(16 * streams, 128)
     send = _align(words + 16 * streams, 128)
-    recv = _align(send + streams * config.num_max_rdma_chunked_recv_tokens * slot, 128)
-    return _align(recv + streams * config.num_max_rdma_chunked_recv_tokens * slot, 128)
+    recv = _align(send + streams * slots * slot, 128)
+    return _align(recv + streams * slots * slot, 128)
 
 
 _C = epx._C
@@ -69,9 +71,29 @@ def test_rdma_hint_one_node_is_zero_and_virtual_nodes_count():
     assert config.get_rdma_buffer_size_hint(7168 * 2, 4, node_size=4) == 0
     assert config.get_rdma_buffer_size_hint(7168 * 2, 4, node_size=2) == _rdma_bytes(config, 7168 * 2, 4, 2)
     assert config.get_rdma_buffer_size_hint(7168 * 2, 2, node_size=1) == _rdma_bytes(config, 7168 * 2, 2, 1)
-    # More ring slots, more bytes; the batch is no argument at all.
-    bigger = epx.Config(20, 6, 256, 6, 512)
-    assert bigger.get_rdma_buffer_size_hint(7168, 16) > config.get_rdma_buffer_size_hint(7168, 16)
+    # More SMs (channels), more bytes; the chunk fields do not size the Buffer's fixed rings; the
+    # batch is no argument at all.
+    more_sms = epx.Config(24, 6, 256, 6, 128)
+    assert more_sms.get_rdma_buffer_size_hint(7168, 16) > config.get_rdma_buffer_size_hint(7168, 16)
+    other_chunks = epx.Config(config.num_sms, 6, 256, 6, 512)
+    assert other_chunks.get_rdma_buffer_size_hint(7168, 16) == config.get_rdma_buffer_size_hint(7168, 16)
+
+
+@pytest.mark.parametrize("num_ranks", [16, 32, 64, 160])
+@pytest.mark.parametrize("sms", [None, 16, 24])
+def test_rdma_hint_of_deepeps_configs_holds_the_rings_of_the_buffer_they_size(num_ranks, sms, monkeypatch):
+    # DeepEP's sizing: num_rdma_bytes = max over the dispatch and combine configs' hints; the Buffer
+    # then builds its rings with its construction config's SMs (set_num_sms, else the default).
+    if sms is not None:
+        monkeypatch.setattr(epx.Buffer, "num_sms", sms)
+        monkeypatch.setattr(epx.Buffer, "_num_sms_set", True)
+    for hidden_bytes in (7168, 7168 * 2):
+        hint = max(epx.Buffer.get_dispatch_config(num_ranks).get_rdma_buffer_size_hint(hidden_bytes, num_ranks),
+                   epx.Buffer.get_combine_config(num_ranks).get_rdma_buffer_size_hint(hidden_bytes, num_ranks))
+        channels = epx.Buffer._default_config(num_ranks, 0).num_sms
+        needed = _C.rdma_buffer_size_hint(num_ranks, 8, channels, _C.RDMA_CHUNK_TOKENS, _C.RDMA_RING_SLOTS,
+                                          hidden_bytes, _C.MAX_TOPK)
+        assert hint >= needed, (num_ranks, sms, hidden_bytes, hint, needed)
 
 
 @pytest.mark.parametrize("kwargs, names", [
