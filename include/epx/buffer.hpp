@@ -185,8 +185,10 @@ struct BufferOptions {
   // (plan::rdma_bytes_for; an op whose rings do not fit raises Error(kBufferTooSmall) naming the
   // minimum); 0 within one node. Across nodes the ring channels are Config.num_sms at construction
   // (a later Config must keep it), and the low-latency region is not available (num_ll_bytes = 0).
-  // Virtual nodes inside one NVLink domain move the RDMA leg through the NVLink emulation (EmuNet);
-  // a world of several real NVLink domains (NCCL GIN) is refused with Error(kUnsupported).
+  // Virtual nodes inside one NVLink domain move the RDMA leg through the NVLink emulation (EmuNet).
+  // A world of several real NVLink domains (NCCL nodes) asks NCCL for a devComm with GIN resources
+  // (docs/design.md §6); where GIN is unavailable (headers or NCCL without it, no GIN-capable NIC)
+  // the Buffer raises Error(kUnsupported) naming GIN and the NCCL version.
   size_t num_rdma_bytes = 0;
   // Messages per put_signal (DeepEP's num_max_rdma_chunked_send_tokens) and messages per ring
   // (num_max_rdma_chunked_recv_tokens: a multiple of the chunk, above it) of the RDMA rings.

@@ -17,6 +17,7 @@
 namespace epx {
 
 class SimWorld;
+class SymmetricMemory;
 
 class Communicator {
  public:
@@ -59,9 +60,15 @@ class Communicator {
   // and new Buffers raise Error(kState), and the teardown of Buffers made on it skips every NCCL
   // call (their symmetric memory is released with the process). Never true for a simulated one.
   bool broken() const { return broken_; }
+  // NCCL refused this communicator GIN resources (a Buffer across NCCL nodes where GIN is
+  // unavailable). NCCL 2.28.9 leaves such a communicator marked GIN-enabled, and window calls on
+  // it may crash: later Buffers on it raise Error(kUnsupported), and NCCL is left to release what
+  // it holds when the communicator is destroyed.
+  bool gin_refused() const { return gin_refused_; }
 
  private:
   friend class SimWorld;
+  friend class SymmetricMemory;
   Communicator(SimWorld& world, int rank, int device, int num_sms_per_rank);
   void init_topology();
   void check_not_broken(const char* what) const;
@@ -70,6 +77,7 @@ class Communicator {
   ncclComm_t comm_ = nullptr;
   bool owns_ = false;
   bool broken_ = false;
+  bool gin_refused_ = false;
   SimWorld* sim_ = nullptr;
   int rank_ = 0, world_ = 1, local_rank_ = 0, local_size_ = 1, device_ = 0, num_device_sms_ = 0;
   void* scratch_ = nullptr;  // device scratch of the NCCL host collectives

@@ -17,6 +17,9 @@ constexpr int kMaxLlTopk = 16;          // top-k of a low-latency dispatch
 constexpr int kMaxLlHidden = 16384;     // hidden of a low-latency op (a multiple of 128)
 constexpr int kMaxLlTokens = 1 << 16;   // num_max_dispatch_tokens_per_rank of a low-latency op
 constexpr int kMaxHtThreads = 512;      // Config.num_threads: threads per high-throughput block
+// Contexts of the scale-out interface (device/net.cuh): GIN's in NCCL 2.28.9 (one queue pair per
+// peer each; NCCL takes the index modulo the contexts it gave).
+constexpr int kMaxNetContexts = 4;
 // Config.num_sms: blocks of a high-throughput kernel. Every dispatch and ring-combine block is a
 // channel with progress words of its own in every peer's window (src/common/layout.hpp, RingCtl).
 constexpr int kMaxHtBlocks = 80;

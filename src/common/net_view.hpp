@@ -31,7 +31,8 @@ struct GinNetView {
   int rank = 0;
   int num_ranks = 0;
   int num_contexts = 1;    // contexts this op uses, <= kMaxNetContexts
-  int num_signals = 0;     // signal ids [0, num_signals), NCCL-owned (not words in the window)
+  int num_signals = 0;     // signal ids [0, num_signals) of the op, NCCL-owned (not words in the window)
+  int signal_base = 0;     // the op's signal id sig is the devComm's id signal_base + sig
 };
 #endif
 

@@ -49,7 +49,7 @@
 
 namespace epx::device {
 
-constexpr int kMaxNetContexts = 4;  // GIN's contexts in NCCL 2.28.9 (the index is taken modulo the real count)
+using ::epx::kMaxNetContexts;  // epx/limits.hpp: GIN's contexts in NCCL 2.28.9
 
 // The bounded wait on a scale-out signal: until net.read(sig) >= target, through the one wait
 // helper (a timeout records op, phase, rank and `peer`, the rank expected to signal). Warp-wide:

@@ -56,14 +56,14 @@ class GinNetWarp {
     release_warp();
     ncclGin gin(view_.comm, ctx);
     gin.put(ncclTeamWorld(view_.comm), peer, view_.window, dst_off, view_.window, src_off, num_bytes,
-            GinSignalAdd{static_cast<ncclGinSignal_t>(sig), add}, ncclGin_None{}, ncclCoopWarp{},
+            GinSignalAdd{gin_signal(sig), add}, ncclGin_None{}, ncclCoopWarp{},
             ncclGin_None{}, cuda::thread_scope_system);
   }
 
   __device__ void signal(int ctx, int peer, int sig, uint64_t add) {
     release_warp();
     ncclGin gin(view_.comm, ctx);
-    gin.signal(ncclTeamWorld(view_.comm), peer, GinSignalAdd{static_cast<ncclGinSignal_t>(sig), add},
+    gin.signal(ncclTeamWorld(view_.comm), peer, GinSignalAdd{gin_signal(sig), add},
                ncclCoopWarp{}, ncclGin_None{}, cuda::thread_scope_system);
   }
 
@@ -74,10 +74,13 @@ class GinNetWarp {
   }
 
   __device__ uint64_t read(int sig) const {
-    return ncclGin(view_.comm, 0).readSignal(static_cast<ncclGinSignal_t>(sig));
+    return ncclGin(view_.comm, 0).readSignal(gin_signal(sig));
   }
 
  private:
+  // Ops share the devComm's signals: each owns the ids from its view's signal_base.
+  __device__ ncclGinSignal_t gin_signal(int sig) const { return static_cast<ncclGinSignal_t>(view_.signal_base + sig); }
+
   // The warp's stores (sources it wrote) before the post, at system scope: the NIC reads them.
   __device__ void release_warp() const {
     __syncwarp();

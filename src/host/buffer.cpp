@@ -10,8 +10,11 @@
 #include <vector>
 
 #include "epx/sim_world.hpp"
+#include "epx/version.hpp"
 #include "host/buffer_impl.hpp"
 #include "host/handle_storage.hpp"
+#include "host/net.hpp"
+#include "host/net_plan.hpp"
 #include "host/sim_world_state.hpp"
 #include "host/tuning.hpp"
 #include "host/validate.hpp"
@@ -61,13 +64,20 @@ Buffer::Buffer(Communicator& comm, size_t num_nvl_bytes, BufferOptions options) 
             " is rank ", comm.local_rank(), " of its NVLink domain of ", comm.local_size(),
             "; epx needs each domain to hold consecutive ranks (rank = node * node_size + local)");
   m.internode = m.topology.num_nodes() > 1;
+  std::string split;  // the world's nodes in words (errors name it)
   if (m.internode) {
-    const std::string split = detail::concat("the ", comm.world(), " ranks form ", m.topology.num_nodes(),
+    split = detail::concat("the ", comm.world(), " ranks form ", m.topology.num_nodes(),
                                              m.topology.virtual_nodes ? " virtual" : "", " nodes of ",
                                              m.topology.node_size, " (NVLink domain of ", comm.local_size(), ")");
-    EPX_CHECK(comm.local_size() == comm.world(), ErrorKind::kUnsupported, split,
-              ": a world of several NVLink domains needs NCCL GIN, which a Buffer does not set up; virtual nodes "
-              "inside one NVLink domain (BufferOptions::node_size) run over the NVLink emulation");
+    m.net = choose_net_backend(comm.simulated(), comm.world(), comm.local_size(), m.topology.num_nodes());
+    if (m.net == NetBackend::kGin) {
+      EPX_CHECK(net_gin_compiled(), ErrorKind::kUnsupported,
+                gin_unavailable_message(split, nccl_compiled_version(),
+                                        "epx was compiled against NCCL headers without GIN (nccl_device/gin.h, "
+                                        "NCCL >= 2.28.9)"));
+      check_nccl_version();  // GIN's device code is inline: the NCCL that runs it must be the compiled one
+      m.gin = gin_request(m.topology.num_nodes(), options.config.num_sms);
+    }
     EPX_ARG_CHECK(options.num_rdma_bytes > 0, "num_rdma_bytes: ", split,
                   ", so the Buffer needs the RDMA region (num_rdma_bytes > 0; plan::rdma_bytes_for gives the "
                   "bytes of a row shape), got 0");
@@ -150,7 +160,12 @@ Buffer::Buffer(Communicator& comm, size_t num_nvl_bytes, BufferOptions options) 
     m.count_bytes = m.count_layout().num_bytes();
     window_bytes = align_up(m.count_offset + m.count_bytes, 1 << 21);
   }
-  m.memory = SymmetricMemory::create(comm, window_bytes, m.timeout_s());
+  if (m.net == NetBackend::kGin) {
+    const SymmetricMemory::GinSetup gin{m.gin, split};
+    m.memory = SymmetricMemory::create(comm, window_bytes, m.timeout_s(), &gin);
+  } else {
+    m.memory = SymmetricMemory::create(comm, window_bytes, m.timeout_s());
+  }
   m.symmetric = m.memory->local();
   {
     // The peer table of the op context: the node's windows by local index.
@@ -470,7 +485,8 @@ void internode_combine(Buffer::Impl& m, const CombineInputs& in, const DispatchH
   q.rdma = rdma;
   q.forward_records = handle.forward_records;
   q.forward_slots = handle.forward_slots;
-  const int warps = m.config.num_threads / 32;
+  const int threads = m.internode_threads();  // EmuNet: Config.num_threads
+  const int warps = threads / 32;
   q.send_warps = std::max(1, std::min(m.topology.num_nodes() - 1, (warps - 1) / 3));
   q.recv_warps = q.send_warps;
   {
@@ -483,6 +499,16 @@ void internode_combine(Buffer::Impl& m, const CombineInputs& in, const DispatchH
     plan.num_topk_weights = rows.num_topk_weights;
     plan::encode_plan(plan, p.ctx.plan);
   }
+#if EPX_HAVE_GIN
+  if (m.net == NetBackend::kGin) {
+    kernels::InternodeCombineParams<GinNetView> g{q.base, q.topology,
+                                                  m.gin_view(0, rdma.num_signals(), kMaxNetContexts), q.rdma,
+                                                  q.forward_records, q.forward_slots, q.send_warps, q.recv_warps};
+    kernels::launch_internode_combine(g, m.rdma_channels, threads, stream);
+    m.after_launch("combine", stream);
+    return;
+  }
+#endif
   kernels::launch_internode_combine(q, m.net_mode(), m.rdma_channels, m.config.num_threads, stream);
   m.after_launch("combine", stream);
 }
@@ -551,7 +577,8 @@ void internode_dispatch(Buffer::Impl& m, const DispatchInputs& in, const Dispatc
   q.topology = m.topology.view();
   q.net = m.emu_view(rdma.signals(), rdma.num_signals());
   q.rdma = rdma;
-  const int warps = m.config.num_threads / 32;
+  const int threads = m.internode_threads();  // EmuNet: Config.num_threads
+  const int warps = threads / 32;
   const int remote = m.topology.num_nodes() - 1;
   q.send_warps = std::max(1, std::min(remote, (warps - 1) / 3));
   q.forward_warps = q.send_warps;
@@ -573,6 +600,16 @@ void internode_dispatch(Buffer::Impl& m, const DispatchInputs& in, const Dispatc
   if (handle.forward_records != nullptr)
     EPX_CUDA_CHECK(cudaMemsetAsync(handle.forward_records, 0xff,
                                    sizeof(int) * kForwardRecordInts * static_cast<size_t>(handle.forward_slots), stream));
+#if EPX_HAVE_GIN
+  if (m.net == NetBackend::kGin) {
+    kernels::InternodeDispatchParams<GinNetView> g{q.base, q.topology,
+                                                   m.gin_view(0, rdma.num_signals(), kMaxNetContexts), q.rdma,
+                                                   q.send_warps, q.forward_warps, q.forward_records, q.forward_slots};
+    kernels::launch_internode_dispatch(g, m.rdma_channels, threads, stream);
+    m.after_launch("dispatch", stream);
+    return;
+  }
+#endif
   kernels::launch_internode_dispatch(q, m.net_mode(), m.rdma_channels, m.config.num_threads, stream);
   m.after_launch("dispatch", stream);
 }
@@ -638,7 +675,18 @@ int Buffer::dispatch_notify(const DispatchInputs& in, DispatchHandle& handle, co
       q.layout = layout;
       q.num_experts = static_cast<int>(E);
       q.exchanges = m.exchanges;
+#if EPX_HAVE_GIN
+      if (m.net == NetBackend::kGin) {
+        kernels::InternodeNotifyParams<GinNetView> g{q.base, q.topology,
+                                                     m.gin_view(m.gin.count_signal_base, m.topology.num_nodes(), kMaxNetContexts),
+                                                     q.layout, q.num_experts, q.exchanges};
+        kernels::launch_internode_notify(g, stream);
+      } else {
+        kernels::launch_internode_notify(q, m.net_mode(), stream);
+      }
+#else
       kernels::launch_internode_notify(q, m.net_mode(), stream);
+#endif
       // Without a host sync the records are sized for the most rows a node may get from its rail
       // peers: each of its ranks receives at most num_worst_tokens rows.
       if (!host_sync) ensure_forward_records(m, handle, int64_t{m.topology.node_size} * in.num_worst_tokens);

@@ -19,11 +19,13 @@
 #include "host/checks.hpp"
 #include "host/device_arena.hpp"
 #include "host/env.hpp"
+#include "host/net_plan.hpp"
 #include "host/plan.hpp"
 #include "host/staged_copy.hpp"
 #include "host/symmetric.hpp"
 #include "host/topology.hpp"
 #include "kernels/ht_params.hpp"
+#include "kernels/internode_params.hpp"
 #include "kernels/ll_params.hpp"
 
 namespace epx {
@@ -44,6 +46,11 @@ struct Buffer::Impl {
   // low-latency parts, the RDMA region (num_rdma_bytes at rdma_offset) and the internode count
   // exchange's region (InternodeCountLayout at count_offset, count_bytes).
   bool internode = false;
+  // The scale-out backend (host/net_plan.hpp): EmuNet for nodes inside one NVLink domain, GinNet
+  // for a world that spans NCCL nodes (its signals: gin.count_signal_base and up for the count
+  // exchange, below for the RDMA rings).
+  NetBackend net = NetBackend::kNone;
+  GinRequest gin;
   size_t rdma_offset = 0, num_rdma_bytes = 0, count_offset = 0, count_bytes = 0;
   int rdma_channels = 0, rdma_chunk_tokens = 0, rdma_ring_slots = 0;  // fixed at construction
   char** windows_device = nullptr;  // [R] every rank's window as mapped here (EmuNet's view)
@@ -108,6 +115,30 @@ struct Buffer::Impl {
     v.signal_offset = signal_offset;
     v.num_signals = num_signals;
     return v;
+  }
+#if EPX_HAVE_GIN
+  // GinNet's view: the devComm with GIN resources and the window; the op's signals are the
+  // devComm's ids [signal_base, signal_base + num_signals).
+  GinNetView gin_view(int signal_base, int num_signals, int num_contexts) const {
+    GinNetView v;
+    v.comm = *memory->gin_comm();
+    v.window = memory->window();
+    v.rank = comm->rank();
+    v.num_ranks = comm->world();
+    v.num_contexts = num_contexts;
+    v.num_signals = num_signals;
+    v.signal_base = signal_base;
+    return v;
+  }
+#endif
+  // Threads per block of the dispatch and combine across nodes: GinNet's kernels take at most
+  // kGinInternodeThreads (their launch bounds), EmuNet's Config.num_threads.
+  int internode_threads() const {
+#if EPX_HAVE_GIN
+    if (net == NetBackend::kGin && config.num_threads > kernels::kGinInternodeThreads)
+      return kernels::kGinInternodeThreads;
+#endif
+    return config.num_threads;
   }
   void set_config(const Config& c) {
     config = c;

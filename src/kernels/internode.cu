@@ -56,6 +56,22 @@ __device__ __forceinline__ T* at(char* window, size_t offset) {
 // Count exchange
 
 constexpr int kNotifyThreads = 1024;
+// Launch bounds of the dispatch and combine over Net. EmuNet: kMaxHtThreads, no minimum of blocks
+// per SM (0: the bounds of a plain __launch_bounds__(kMaxHtThreads)). GinNet: kGinInternodeThreads
+// (internode_params.hpp) and one block per SM: without that minimum ptxas aims at 128 registers
+// per thread whatever the thread bound, and GIN's inline posting spills there.
+template <typename Net>
+struct InternodeBounds {
+  static constexpr int kThreads = kMaxHtThreads;
+  static constexpr int kMinBlocks = 0;
+};
+#if EPX_HAVE_GIN
+template <>
+struct InternodeBounds<device::GinNet> {
+  static constexpr int kThreads = kGinInternodeThreads;
+  static constexpr int kMinBlocks = 1;
+};
+#endif
 using NotifyScan = cub::BlockScan<int, kNotifyThreads>;
 
 // send_pos[t][r] for the world's R ranks (as notify.cu's), and the check that the layout inputs agree.
@@ -514,7 +530,7 @@ __device__ __noinline__ void write_node_rows(const DispatchParams& d, const Topo
 }
 
 template <typename Net>
-__global__ void __launch_bounds__(kMaxHtThreads)
+__global__ void __launch_bounds__(InternodeBounds<Net>::kThreads, InternodeBounds<Net>::kMinBlocks)
     internode_dispatch_kernel(const __grid_constant__ InternodeDispatchParams<typename Net::View> p) {
   __shared__ int local_base[kMaxRanks];                // first row of this rank's rows on each node rank
   __shared__ int forward_base[kMaxNodes][kMaxRanks];   // first row of rail source (m, local)'s rows there
@@ -784,7 +800,7 @@ __device__ __noinline__ bool receive_partials(const InternodeCombineParams<typen
 }
 
 template <typename Net>
-__global__ void __launch_bounds__(kMaxHtThreads)
+__global__ void __launch_bounds__(InternodeBounds<Net>::kThreads, InternodeBounds<Net>::kMinBlocks)
     internode_combine_kernel(const __grid_constant__ InternodeCombineParams<typename Net::View> p) {
   __shared__ int recv_base[kMaxWorldRanks + 1];  // first received row of each source rank
   __shared__ int own_base[kMaxRanks];            // first row of my rows returned by node rank u
@@ -973,6 +989,16 @@ void launch_internode_combine(const InternodeCombineParams<EmuNetView>& p, EmuMo
 #if EPX_HAVE_GIN
 void launch_internode_notify(const InternodeNotifyParams<GinNetView>& p, cudaStream_t stream) {
   internode_notify_kernel<device::GinNet><<<1, kNotifyThreads, 0, stream>>>(p);
+}
+
+void launch_internode_dispatch(const InternodeDispatchParams<GinNetView>& p, int num_blocks, int num_threads,
+                               cudaStream_t stream) {
+  internode_dispatch_kernel<device::GinNet><<<num_blocks, num_threads, 0, stream>>>(p);
+}
+
+void launch_internode_combine(const InternodeCombineParams<GinNetView>& p, int num_blocks, int num_threads,
+                              cudaStream_t stream) {
+  internode_combine_kernel<device::GinNet><<<num_blocks, num_threads, 0, stream>>>(p);
 }
 #endif
 

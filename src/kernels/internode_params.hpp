@@ -74,10 +74,15 @@ void launch_internode_dispatch(const InternodeDispatchParams<EmuNetView>& p, Emu
 void launch_internode_combine(const InternodeCombineParams<EmuNetView>& p, EmuMode mode, int num_blocks,
                               int num_threads, cudaStream_t stream);
 #if EPX_HAVE_GIN
-// The count exchange over NCCL GIN (built wherever the headers have GIN; a Buffer does not launch
-// it yet: it sets up no GIN devComm). The dispatch's GinNet instantiation is not built: at 512
-// threads per block it exceeds the register budget (ptxas spills).
+// The kernels over NCCL GIN (built wherever the headers have GIN), launched by a Buffer whose world
+// spans NCCL nodes. The dispatch and combine blocks have at most kGinInternodeThreads threads
+// (one block per SM in their launch bounds, so that GIN's posting gets the registers it needs).
+constexpr int kGinInternodeThreads = 256;
 void launch_internode_notify(const InternodeNotifyParams<GinNetView>& p, cudaStream_t stream);
+void launch_internode_dispatch(const InternodeDispatchParams<GinNetView>& p, int num_blocks, int num_threads,
+                               cudaStream_t stream);
+void launch_internode_combine(const InternodeCombineParams<GinNetView>& p, int num_blocks, int num_threads,
+                              cudaStream_t stream);
 #endif
 void load_internode_kernels();
 
