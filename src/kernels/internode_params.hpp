@@ -1,6 +1,7 @@
 // Params and launchers of the high-throughput kernels across nodes (kernels/internode.cu,
 // docs/protocol.md "Internode dispatch"), templated over the scale-out backend's view
-// (common/net_view.hpp). Built and validated by src/host/buffer_internode.cpp.
+// (common/net_view.hpp). Built and validated by src/host/buffer.cpp (internode_dispatch and the
+// combine across nodes).
 #pragma once
 #include <cuda_runtime_api.h>
 
