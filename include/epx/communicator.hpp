@@ -53,9 +53,10 @@ class Communicator {
   // Host all-gather of `num_bytes` per rank: all[r * num_bytes ...] = rank r's `mine`. Bounded.
   void all_gather(const void* mine, void* all, size_t num_bytes, double timeout_s = 100.0);
 
-  // A real communicator whose host collective missed its bound is broken: NCCL's kernel of that
-  // collective still waits on the communicator's stream for a peer that may be gone (a killed
-  // process never arrives). An owned NCCL communicator is then aborted (ncclCommAbort ends that
+  // A real communicator whose host collective missed its bound (or that NCCL refused to enqueue
+  // on, after an asynchronous error such as a peer's closed connection) is broken: NCCL's kernel
+  // of that collective may still wait on the communicator's stream for a peer that is gone (a
+  // killed process never arrives). An owned NCCL communicator is then aborted (ncclCommAbort ends that
   // kernel); an adopted one is left to its owner, who must abort it. After that, host collectives
   // and new Buffers raise Error(kState), and the teardown of Buffers made on it skips every NCCL
   // call (their symmetric memory is released with the process). Never true for a simulated one.
@@ -74,6 +75,8 @@ class Communicator {
   void check_not_broken(const char* what) const;
   // Waits for this rank's part of a host collective on stream_; on a timeout, breaks the communicator.
   void wait_collective(double timeout_s, const char* what);
+  // Marks the communicator broken and aborts an owned NCCL communicator (see broken()).
+  void break_nccl() noexcept;
   ncclComm_t comm_ = nullptr;
   bool owns_ = false;
   bool broken_ = false;

@@ -76,20 +76,23 @@ Communicator::~Communicator() {
 
 void Communicator::check_not_broken(const char* what) const {
   EPX_CHECK(!broken_, ErrorKind::kState, what, ": rank ", rank_,
-            "'s communicator is broken (an earlier host collective timed out waiting for a peer",
+            "'s communicator is broken (an earlier host collective failed or timed out waiting for a peer",
             owns_ ? "; it was aborted" : "; abort the adopted ncclComm_t", "): make a new one");
+}
+
+void Communicator::break_nccl() noexcept {
+  broken_ = true;
+  if (owns_ && comm_) {
+    ncclCommAbort(comm_);  // ends the collective's kernel that waits for the missing peer
+    comm_ = nullptr;
+  }
 }
 
 void Communicator::wait_collective(double timeout_s, const char* what) {
   try {
     host_wait_stream(stream_, timeout_s, what, rank_);
   } catch (const Error& e) {
-    if (e.kind() != ErrorKind::kTimeout) throw;
-    broken_ = true;
-    if (owns_) {
-      ncclCommAbort(comm_);  // ends the collective's kernel that waits for the missing peer
-      comm_ = nullptr;
-    }
+    if (e.kind() == ErrorKind::kTimeout) break_nccl();
     throw;
   }
 }
@@ -103,7 +106,12 @@ void Communicator::barrier(double timeout_s) {
   EPX_CUDA_CHECK(cudaSetDevice(device_));
   reserve_scratch(scratch_, num_scratch_bytes_, sizeof(int));
   int* word = static_cast<int*>(scratch_);
-  EPX_NCCL_CHECK(ncclAllReduce(word, word, 1, ncclInt32, ncclSum, comm_, stream_));
+  // NCCL refuses to enqueue on a communicator with an asynchronous error (a peer's connection
+  // closed: a killed process): that breaks it too.
+  const ncclResult_t enqueued = ncclAllReduce(word, word, 1, ncclInt32, ncclSum, comm_, stream_);
+  if (enqueued != ncclSuccess) break_nccl();
+  EPX_CHECK(enqueued == ncclSuccess, ErrorKind::kNccl, "Communicator::barrier: ncclAllReduce failed on rank ", rank_,
+            ": ", ncclGetErrorString(enqueued), "; the communicator is broken");
   wait_collective(timeout_s, "Communicator::barrier");
 }
 
@@ -120,7 +128,10 @@ void Communicator::all_gather(const void* mine, void* all, size_t num_bytes, dou
   char* recv = static_cast<char*>(scratch_);
   char* send = recv + static_cast<size_t>(rank_) * num_bytes;  // in place: NCCL's convention
   EPX_CUDA_CHECK(cudaMemcpyAsync(send, mine, num_bytes, cudaMemcpyHostToDevice, stream_));
-  EPX_NCCL_CHECK(ncclAllGather(send, recv, num_bytes, ncclUint8, comm_, stream_));
+  const ncclResult_t enqueued = ncclAllGather(send, recv, num_bytes, ncclUint8, comm_, stream_);
+  if (enqueued != ncclSuccess) break_nccl();
+  EPX_CHECK(enqueued == ncclSuccess, ErrorKind::kNccl, "Communicator::all_gather: ncclAllGather failed on rank ",
+            rank_, ": ", ncclGetErrorString(enqueued), "; the communicator is broken");
   EPX_CUDA_CHECK(cudaMemcpyAsync(all, recv, num_bytes * world_, cudaMemcpyDeviceToHost, stream_));
   wait_collective(timeout_s, "Communicator::all_gather");
 }
