@@ -440,6 +440,34 @@ void ensure_forward_records(Buffer::Impl& m, DispatchHandle& handle, int64_t slo
   handle.forward_slots = slots;
 }
 
+// The combine kernel params that come from the op's inputs, outputs and handle: alike within a
+// node and across nodes (the transport fields are each path's own).
+kernels::CombineParams combine_io_params(Buffer::Impl& m, const CombineInputs& in, const DispatchHandle& handle,
+                                         const CombineOutputs& out, const RowLayout& rows, int H, int K) {
+  kernels::CombineParams p{};
+  p.ctx = m.context(OpCode::kCombine);
+  p.rows = rows;
+  p.num_tokens = static_cast<int>(handle.num_tokens);
+  p.hidden = H;
+  p.num_topk = K;
+  p.x = in.x.ptr<uint16_t>();
+  p.x_stride = in.x.stride[0];
+  p.topk_weights = K ? in.topk_weights.ptr<float>() : nullptr;
+  p.weight_stride = K ? in.topk_weights.stride[0] : 0;
+  p.bias_0 = in.bias_0.defined() ? in.bias_0.ptr<uint16_t>() : nullptr;
+  p.bias_0_stride = in.bias_0.defined() ? in.bias_0.stride[0] : 0;
+  p.bias_1 = in.bias_1.defined() ? in.bias_1.ptr<uint16_t>() : nullptr;
+  p.bias_1_stride = in.bias_1.defined() ? in.bias_1.stride[0] : 0;
+  p.count_matrix = handle.count_matrix;
+  p.send_pos = handle.send_pos;
+  p.num_recv = handle.num_recv_device;
+  p.combined_x = out.combined_x.ptr<uint16_t>();
+  p.out_stride = out.combined_x.stride[0];
+  p.combined_topk_weights = K ? out.combined_topk_weights.ptr<float>() : nullptr;
+  p.out_weight_stride = K ? out.combined_topk_weights.stride[0] : 0;
+  return p;
+}
+
 // The combine across nodes (kernels/internode.cu), with the handle of a dispatch across nodes.
 void internode_combine(Buffer::Impl& m, const CombineInputs& in, const DispatchHandle& handle,
                        const CombineOutputs& out, int H, int K, cudaStream_t stream) {
@@ -460,26 +488,7 @@ void internode_combine(Buffer::Impl& m, const CombineInputs& in, const DispatchH
 
   kernels::InternodeCombineParams<EmuNetView> q{};
   kernels::CombineParams& p = q.base;
-  p.ctx = m.context(OpCode::kCombine);
-  p.rows = rows;
-  p.num_tokens = handle.num_tokens;
-  p.hidden = H;
-  p.num_topk = K;
-  p.x = in.x.ptr<uint16_t>();
-  p.x_stride = in.x.stride[0];
-  p.topk_weights = K ? in.topk_weights.ptr<float>() : nullptr;
-  p.weight_stride = K ? in.topk_weights.stride[0] : 0;
-  p.bias_0 = in.bias_0.defined() ? in.bias_0.ptr<uint16_t>() : nullptr;
-  p.bias_0_stride = in.bias_0.defined() ? in.bias_0.stride[0] : 0;
-  p.bias_1 = in.bias_1.defined() ? in.bias_1.ptr<uint16_t>() : nullptr;
-  p.bias_1_stride = in.bias_1.defined() ? in.bias_1.stride[0] : 0;
-  p.count_matrix = handle.count_matrix;
-  p.send_pos = handle.send_pos;
-  p.num_recv = handle.num_recv_device;
-  p.combined_x = out.combined_x.ptr<uint16_t>();
-  p.out_stride = out.combined_x.stride[0];
-  p.combined_topk_weights = K ? out.combined_topk_weights.ptr<float>() : nullptr;
-  p.out_weight_stride = K ? out.combined_topk_weights.stride[0] : 0;
+  p = combine_io_params(m, in, handle, out, rows, H, K);
   q.topology = m.topology.view();
   q.net = m.emu_view(rdma.signals(), rdma.num_signals());
   q.rdma = rdma;
@@ -830,27 +839,7 @@ void Buffer::combine(const CombineInputs& in, const DispatchHandle& handle, cons
     } else if (R > 1) {
       bounded = worst > rows.capacity || (worst * R > rows.capacity && rings.channels > 0);
     }
-    kernels::CombineParams p{};
-    p.ctx = m.context(OpCode::kCombine);
-    p.rows = rows;
-    p.num_tokens = static_cast<int>(N);
-    p.hidden = H;
-    p.num_topk = K;
-    p.x = in.x.ptr<uint16_t>();
-    p.x_stride = in.x.stride[0];
-    p.topk_weights = K ? in.topk_weights.ptr<float>() : nullptr;
-    p.weight_stride = K ? in.topk_weights.stride[0] : 0;
-    p.bias_0 = in.bias_0.defined() ? in.bias_0.ptr<uint16_t>() : nullptr;
-    p.bias_0_stride = in.bias_0.defined() ? in.bias_0.stride[0] : 0;
-    p.bias_1 = in.bias_1.defined() ? in.bias_1.ptr<uint16_t>() : nullptr;
-    p.bias_1_stride = in.bias_1.defined() ? in.bias_1.stride[0] : 0;
-    p.count_matrix = handle.count_matrix;
-    p.send_pos = handle.send_pos;
-    p.num_recv = handle.num_recv_device;
-    p.combined_x = out.combined_x.ptr<uint16_t>();
-    p.out_stride = out.combined_x.stride[0];
-    p.combined_topk_weights = K ? out.combined_topk_weights.ptr<float>() : nullptr;
-    p.out_weight_stride = K ? out.combined_topk_weights.stride[0] : 0;
+    kernels::CombineParams p = combine_io_params(m, in, handle, out, rows, H, K);
     plan::RingPlan ring = bounded || plan::rings_preferred(m.tuning, R) ? rings : plan::RingPlan{};
     // Bounded without rings: bounded_ring_plan's error names the num_nvl_bytes they need.
     if (bounded && ring.channels == 0)
