@@ -194,9 +194,7 @@ std::vector<Row> run_ht(const Options& o, Communicator& comm) {
   L2Flusher flusher(stream);
   auto barrier = [&] { comm.barrier(); };
   const Harness harness{o, stream, flusher, barrier};
-  for (int sms : o.sms)  // a simulated rank's grids must fit its share so that all ranks' are resident
-    EPX_ARG_CHECK(!comm.simulated() || sms <= comm.num_device_sms(), "--sms ", sms,
-                  " exceeds a simulated rank's share of ", comm.num_device_sms(), " SMs");
+  require_sms_fit_share(o, comm);
 
   for (int N : o.tokens) {
     for (int H : o.hidden) {

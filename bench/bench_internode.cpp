@@ -26,9 +26,7 @@ std::vector<Row> run_internode(const Options& o, Communicator& comm) {
   L2Flusher flusher(stream);
   auto barrier = [&] { comm.barrier(); };
   const Harness harness{o, stream, flusher, barrier};
-  for (int sms : o.sms)  // a simulated rank's grids must fit its share so that all ranks' are resident
-    EPX_ARG_CHECK(!comm.simulated() || sms <= comm.num_device_sms(), "--sms ", sms,
-                  " exceeds a simulated rank's share of ", comm.num_device_sms(), " SMs");
+  require_sms_fit_share(o, comm);
   auto gbps = [](double bytes, double us) { return us > 0 ? bytes / us / 1e3 : 0; };
   const std::string where = std::to_string(R / U) + " virtual nodes x " + std::to_string(U) +
                             ": RDMA leg over NVLink (functional); IB modelled at " +

@@ -49,6 +49,14 @@ class HtCase {
   DispatchHandle handle_;
 };
 
+// A simulated rank's grids must fit its SM share so that all ranks' grids are resident: every
+// --sms is checked against it (Error naming the value and the share).
+inline void require_sms_fit_share(const Options& o, const Communicator& comm) {
+  for (int sms : o.sms)
+    EPX_ARG_CHECK(!comm.simulated() || sms <= comm.num_device_sms(), "--sms ", sms,
+                  " exceeds a simulated rank's share of ", comm.num_device_sms(), " SMs");
+}
+
 // The timing harness of the high-throughput workloads: time_op (events, L2 flushed, a host barrier
 // before each iteration) and host_time_op of the same op.
 struct Harness {
