@@ -440,6 +440,13 @@ void ensure_forward_records(Buffer::Impl& m, DispatchHandle& handle, int64_t slo
   handle.forward_slots = slots;
 }
 
+// Warps of a block across nodes that talk to the network (the dispatch's senders and forwarders,
+// the combine's senders and receivers, each this many): one per remote node, at most a third of
+// the block's warps but one, at least one.
+int internode_net_warps(const Buffer::Impl& m, int threads) {
+  return std::max(1, std::min(m.topology.num_nodes() - 1, (threads / 32 - 1) / 3));
+}
+
 // The combine kernel params that come from the op's inputs, outputs and handle: alike within a
 // node and across nodes (the transport fields are each path's own).
 kernels::CombineParams combine_io_params(Buffer::Impl& m, const CombineInputs& in, const DispatchHandle& handle,
@@ -495,8 +502,7 @@ void internode_combine(Buffer::Impl& m, const CombineInputs& in, const DispatchH
   q.forward_records = handle.forward_records;
   q.forward_slots = handle.forward_slots;
   const int threads = m.internode_threads();  // EmuNet: Config.num_threads
-  const int warps = threads / 32;
-  q.send_warps = std::max(1, std::min(m.topology.num_nodes() - 1, (warps - 1) / 3));
+  q.send_warps = internode_net_warps(m, threads);
   q.recv_warps = q.send_warps;
   {
     plan::OpPlan plan = plan::launch_plan(m.config);
@@ -587,9 +593,7 @@ void internode_dispatch(Buffer::Impl& m, const DispatchInputs& in, const Dispatc
   q.net = m.emu_view(rdma.signals(), rdma.num_signals());
   q.rdma = rdma;
   const int threads = m.internode_threads();  // EmuNet: Config.num_threads
-  const int warps = threads / 32;
-  const int remote = m.topology.num_nodes() - 1;
-  q.send_warps = std::max(1, std::min(remote, (warps - 1) / 3));
+  q.send_warps = internode_net_warps(m, threads);
   q.forward_warps = q.send_warps;
   {
     plan::OpPlan plan = plan::launch_plan(m.config);
