@@ -459,7 +459,7 @@ __device__ __noinline__ bool forward_from_rail_peers(const InternodeDispatchPara
           write_row(
               d.rows, d.ctx.rows(u), static_cast<int64_t>(forward_base[m][u]) + pos, slot,
               [&](int j) { return scales[j]; }, [&](int kk) { return static_cast<int64_t>(ids[kk]); },
-              [&](int kk) { return weights[kk]; }, d.topk_weights != nullptr, static_cast<int64_t>(r) * E_loc, E_loc,
+              [&](int kk) { return weights[kk]; }, true, static_cast<int64_t>(r) * E_loc, E_loc,
               token, lane);
         }
         if (p.forward_records != nullptr) {

@@ -239,11 +239,14 @@ int run_sub(RankCtx& ctx, Buffer& buffer, const Sub& sub, uint64_t seed, int nod
   buffer.get_dispatch_layout(View::of(d.topk_idx.get(), DType::kI64, {N, K}), E, View::of(per_rank.get(), DType::kI32, {R}),
                              View::of(per_expert.get(), DType::kI32, {E}),
                              View::of(in_rank.get(), DType::kBool, {N, R}), ctx.stream);
+  // A rank without tokens passes null data, as torch's empty tensors do: nothing of what it
+  // forwards for other ranks may depend on its own inputs' pointers.
+  auto data = [N](const DeviceMem& m) { return N == 0 ? nullptr : m.get(); };
   DispatchInputs in;
-  in.x = View::of(d.x.get(), s.fp8 ? DType::kFP8E4M3 : DType::kBF16, {N, s.hidden});
-  if (s.fp8) in.x_scales = View::strided(d.scales.get(), DType::kF32, {N, num_scale_columns(s)}, {1, std::max(N, 1)});
-  in.topk_idx = View::of(d.topk_idx.get(), DType::kI64, {N, K});
-  if (s.with_weights) in.topk_weights = View::of(d.topk_weights.get(), DType::kF32, {N, K});
+  in.x = View::of(data(d.x), s.fp8 ? DType::kFP8E4M3 : DType::kBF16, {N, s.hidden});
+  if (s.fp8) in.x_scales = View::strided(data(d.scales), DType::kF32, {N, num_scale_columns(s)}, {1, std::max(N, 1)});
+  in.topk_idx = View::of(data(d.topk_idx), DType::kI64, {N, K});
+  if (s.with_weights) in.topk_weights = View::of(data(d.topk_weights), DType::kF32, {N, K});
   in.num_tokens_per_rank = View::of(per_rank.get(), DType::kI32, {R});
   in.num_tokens_per_expert = View::of(per_expert.get(), DType::kI32, {E});
   in.is_token_in_rank = View::of(in_rank.get(), DType::kBool, {N, R});

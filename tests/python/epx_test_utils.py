@@ -554,8 +554,10 @@ def host(t: torch.Tensor) -> torch.Tensor:
     return t.detach().cpu()
 
 
-def assert_equal(actual: torch.Tensor, expected: torch.Tensor, what: str) -> None:
-    """Bitwise equality (dtype and shape too); on failure names the first differing rows."""
+def assert_equal(actual: torch.Tensor, expected: torch.Tensor, what: str, rows=None) -> None:
+    """Bitwise equality (dtype and shape too); on failure names the first differing rows. `rows`: a
+    RefDispatch whose rows these are (a received row is then named by its source rank and token) or a
+    callable row -> name."""
     actual = host(actual)
     expected = host(expected)
     assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != expected {tuple(expected.shape)}"
@@ -573,9 +575,14 @@ def assert_equal(actual: torch.Tensor, expected: torch.Tensor, what: str) -> Non
         if actual.dtype.is_floating_point:
             d = (actual.float() - expected.float()).abs()
             detail = f", max |diff| {d.nan_to_num(float('inf')).max().item():.4g}"
+        named = ""
+        if rows is not None and actual.dim() >= 1:
+            name = rows if callable(rows) else \
+                (lambda i: f"row {i} = source rank {int(rows.src_rank[i])} token {int(rows.src_idx[i])}")
+            named = "; " + ", ".join(dict.fromkeys(name(i[0]) for i in first))
         raise AssertionError(f"{what}: {int(diff.sum())} of {diff.numel()} elements differ{detail}; first at "
                              f"{first}: got {[actual[tuple(i)].item() for i in first]}, expected "
-                             f"{[expected[tuple(i)].item() for i in first]}")
+                             f"{[expected[tuple(i)].item() for i in first]}{named}")
 
 
 def calc_diff(x: torch.Tensor, y: torch.Tensor) -> float:

@@ -104,14 +104,14 @@ def _ht_refs(xs, scales, inputs, E, expert_alignment=1):
 def _check_ht_dispatch(ref, recv_x, recv_topk_idx, recv_topk_weights, counts, handle, what):
     if isinstance(recv_x, tuple):
         assert ref.scales is not None, f"{what}: got (x, scales), expected one tensor"
-        assert_equal(recv_x[0], ref.x, f"{what}: recv_x (fp8)")
-        assert_equal(recv_x[1], ref.scales, f"{what}: recv_x scales")
+        assert_equal(recv_x[0], ref.x, f"{what}: recv_x (fp8)", rows=ref)
+        assert_equal(recv_x[1], ref.scales, f"{what}: recv_x scales", rows=ref)
     else:
-        assert_equal(recv_x, ref.x, f"{what}: recv_x")
+        assert_equal(recv_x, ref.x, f"{what}: recv_x", rows=ref)
     if recv_topk_idx is not None:
-        assert_equal(recv_topk_idx, ref.topk_idx, f"{what}: recv_topk_idx")
+        assert_equal(recv_topk_idx, ref.topk_idx, f"{what}: recv_topk_idx", rows=ref)
     if recv_topk_weights is not None:
-        assert_equal(recv_topk_weights, ref.topk_weights, f"{what}: recv_topk_weights")
+        assert_equal(recv_topk_weights, ref.topk_weights, f"{what}: recv_topk_weights", rows=ref)
     if counts is not None:
         assert list(counts) == ref.num_recv_tokens_per_expert, f"{what}: {counts} != {ref.num_recv_tokens_per_expert}"
     if handle is not None:

@@ -669,3 +669,19 @@ def test_fma_f32_rounds_once():
     twice = (a.double() * b.double() + c.double()).float()
     assert bool((twice.view(torch.int32) != expected.view(torch.int32)).any()), \
         "the hard cases must separate one rounding from two (else this test shows nothing)"
+
+
+# ---- The tests' own comparison -------------------------------------------------------------------------
+
+def test_mismatch_names_the_received_row_its_source_and_the_element():
+    from epx_test_utils import assert_equal, ref_dispatch
+    g = torch.Generator().manual_seed(7)
+    xs = [torch.randn((5, 8), generator=g).to(torch.bfloat16) for _ in range(2)]
+    topk = [torch.tensor([[0, 3]] * 5), torch.tensor([[1, 2]] * 5)]
+    weights = [torch.rand((5, 2), generator=g) for _ in range(2)]
+    ref = ref_dispatch(xs, None, topk, weights, 0, 4)  # rank 0: every token of ranks 0 and 1
+    got = ref.topk_weights.clone()
+    got[7, 1] = 0.5  # row 7 = rank 1's token 2
+    with pytest.raises(AssertionError, match=r"first at \[\[7, 1\]\].*row 7 = source rank 1 token 2"):
+        assert_equal(got, ref.topk_weights, "recv_topk_weights", rows=ref)
+    assert_equal(ref.topk_weights.clone(), ref.topk_weights, "recv_topk_weights", rows=ref)

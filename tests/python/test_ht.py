@@ -76,10 +76,10 @@ def _assert_cached_recv_x(recv_x2, other, inputs, fp8, me, E):
     xs2, scales2 = expected_x(other, fp8)
     ref2 = ref_dispatch(xs2, scales2, [i.topk_idx for i in inputs], [i.topk_weights for i in inputs], me, E)
     if fp8:
-        assert_equal(recv_x2[0], ref2.x, "cached recv_x (fp8)")
-        assert_equal(recv_x2[1], ref2.scales, "cached recv_x scales")
+        assert_equal(recv_x2[0], ref2.x, "cached recv_x (fp8)", rows=ref2)
+        assert_equal(recv_x2[1], ref2.scales, "cached recv_x scales", rows=ref2)
     else:
-        assert_equal(recv_x2, ref2.x, "cached recv_x")
+        assert_equal(recv_x2, ref2.x, "cached recv_x", rows=ref2)
 
 
 def _layout(ctx, seed):
@@ -119,13 +119,13 @@ def _dispatch_combine(ctx, seed, fp8, strided, with_weights, expert_alignment, z
     ref = refs[me]
     if fp8:
         assert isinstance(recv_x, tuple) and len(recv_x) == 2
-        assert_equal(recv_x[0], ref.x, "recv_x (fp8)")
-        assert_equal(recv_x[1], ref.scales, "recv_x scales")
+        assert_equal(recv_x[0], ref.x, "recv_x (fp8)", rows=ref)
+        assert_equal(recv_x[1], ref.scales, "recv_x scales", rows=ref)
     else:
-        assert_equal(recv_x, ref.x, "recv_x")
-    assert_equal(recv_idx, ref.topk_idx, "recv_topk_idx")
+        assert_equal(recv_x, ref.x, "recv_x", rows=ref)
+    assert_equal(recv_idx, ref.topk_idx, "recv_topk_idx", rows=ref)
     if with_weights:
-        assert_equal(recv_w, ref.topk_weights, "recv_topk_weights")
+        assert_equal(recv_w, ref.topk_weights, "recv_topk_weights", rows=ref)
     else:
         assert recv_w is None
     assert counts == ref.num_recv_tokens_per_expert, f"{counts} != {ref.num_recv_tokens_per_expert}"
@@ -183,9 +183,9 @@ def _worst_tokens(ctx, seed):
                          r, E) for r in range(world)]
     ref = refs[me]
     n = ref.x.size(0)
-    assert_equal(recv_x[:n], ref.x, "recv_x")
-    assert_equal(recv_idx[:n], ref.topk_idx, "recv_topk_idx")
-    assert_equal(recv_w[:n], ref.topk_weights, "recv_topk_weights")
+    assert_equal(recv_x[:n], ref.x, "recv_x", rows=ref)
+    assert_equal(recv_idx[:n], ref.topk_idx, "recv_topk_idx", rows=ref)
+    assert_equal(recv_w[:n], ref.topk_weights, "recv_topk_weights", rows=ref)
     assert_equal(handle[3][:n], ref.src_idx, "recv_src_idx")
     assert_equal(handle[0], ref.rank_prefix_matrix, "rank_prefix_matrix")
     assert bool(host(recv_x[n:] == 0).all()), "padding rows of recv_x must be zero"
@@ -196,7 +196,7 @@ def _worst_tokens(ctx, seed):
     # Cached dispatch keeps the worst-case row count.
     recv_x2, *_ = buf.dispatch(mine.x.to(dev), handle=handle)
     assert recv_x2.size(0) == worst
-    assert_equal(recv_x2[:n], ref.x, "cached recv_x")
+    assert_equal(recv_x2[:n], ref.x, "cached recv_x", rows=ref)
 
     # Combine ignores the padding rows (filled with a value that would show).
     y = combine_input(me, recv_x)
@@ -251,8 +251,8 @@ def _async_and_previous_event(ctx, seed):
         if asyn:
             with ev:
                 pass  # leaving the block makes the current stream wait
-        assert_equal(recv_x, refs[me].x, f"recv_x ({mode})")
-        assert_equal(recv_w, refs[me].topk_weights, f"recv_topk_weights ({mode})")
+        assert_equal(recv_x, refs[me].x, f"recv_x ({mode})", rows=refs[me])
+        assert_equal(recv_w, refs[me].topk_weights, f"recv_topk_weights ({mode})", rows=refs[me])
         assert counts == refs[me].num_recv_tokens_per_expert
         y = late(combine_input(me, host(recv_x)))
         combined_x, combined_w, ev = buf.combine(y, handle, topk_weights=recv_w, **kwargs())
@@ -311,9 +311,9 @@ def _checked_rounds(ctx, buf, seed, rounds, what, max_tokens=32):
         refs = [ref_dispatch([i.x for i in inputs], None, [i.topk_idx for i in inputs],
                              [i.topk_weights for i in inputs], r, E) for r in range(world)]
         ref = refs[me]
-        assert_equal(recv_x, ref.x, f"{tag}: recv_x")
-        assert_equal(recv_idx, ref.topk_idx, f"{tag}: recv_topk_idx")
-        assert_equal(recv_w, ref.topk_weights, f"{tag}: recv_topk_weights")
+        assert_equal(recv_x, ref.x, f"{tag}: recv_x", rows=ref)
+        assert_equal(recv_idx, ref.topk_idx, f"{tag}: recv_topk_idx", rows=ref)
+        assert_equal(recv_w, ref.topk_weights, f"{tag}: recv_topk_weights", rows=ref)
         assert_equal(handle[3], ref.src_idx, f"{tag}: recv_src_idx")
         assert counts == ref.num_recv_tokens_per_expert, f"{tag}: {counts} != {ref.num_recv_tokens_per_expert}"
         combined_x, combined_w, _ = buf.combine(combine_input(me, recv_x), handle, topk_weights=recv_w)
@@ -369,12 +369,12 @@ def _batch_larger_than_the_buffer(ctx, seed, fp8):
             for r in range(world)]
     ref = refs[me]
     if fp8:
-        assert_equal(recv_x[0], ref.x, "recv_x (fp8)")
-        assert_equal(recv_x[1], ref.scales, "recv_x scales")
+        assert_equal(recv_x[0], ref.x, "recv_x (fp8)", rows=ref)
+        assert_equal(recv_x[1], ref.scales, "recv_x scales", rows=ref)
     else:
-        assert_equal(recv_x, ref.x, "recv_x")
-    assert_equal(recv_idx, ref.topk_idx, "recv_topk_idx")
-    assert_equal(recv_w, ref.topk_weights, "recv_topk_weights")
+        assert_equal(recv_x, ref.x, "recv_x", rows=ref)
+    assert_equal(recv_idx, ref.topk_idx, "recv_topk_idx", rows=ref)
+    assert_equal(recv_w, ref.topk_weights, "recv_topk_weights", rows=ref)
     assert_equal(handle[3], ref.src_idx, "recv_src_idx")
     assert counts == ref.num_recv_tokens_per_expert
 

@@ -114,14 +114,17 @@ def _dispatch_combine(group, seed, node_size, fp8, worst, use_async):
     if use_async:
         assert event.event is not None
         event.current_stream_wait()
+    # The op reads its inputs and writes only its outputs.
+    assert_equal(topk, mine.topk_idx, "topk_idx after the dispatch (an input)")
+    assert_equal(weights, mine.topk_weights, "topk_weights after the dispatch (an input)")
     rows = num_worst if worst else n
     recv_payload, recv_scales = recv_x if fp8 else (recv_x, None)
     assert recv_payload.size(0) == rows
-    assert_equal(recv_payload[:n], ref.x, "recv_x")
+    assert_equal(recv_payload[:n], ref.x, "recv_x", rows=ref)
     if fp8:
-        assert_equal(recv_scales[:n], ref.scales, "recv_x scales")
-    assert_equal(recv_idx[:n], ref.topk_idx, "recv_topk_idx")
-    assert_equal(recv_w[:n], ref.topk_weights, "recv_topk_weights")
+        assert_equal(recv_scales[:n], ref.scales, "recv_x scales", rows=ref)
+    assert_equal(recv_idx[:n], ref.topk_idx, "recv_topk_idx", rows=ref)
+    assert_equal(recv_w[:n], ref.topk_weights, "recv_topk_weights", rows=ref)
     if worst:
         assert counts == []
         assert bool(host(recv_payload[n:].view(torch.uint8) == 0).all()), "padding rows of recv_x must be zero"
@@ -140,9 +143,9 @@ def _dispatch_combine(group, seed, node_size, fp8, worst, use_async):
     assert (i2, w2, c2, h2) == (None, None, None, None)
     recv2, recv2_scales = recv_x2 if fp8 else (recv_x2, None)
     assert recv2.size(0) == rows
-    assert_equal(recv2[:n], ref2.x, "cached recv_x")
+    assert_equal(recv2[:n], ref2.x, "cached recv_x", rows=ref2)
     if fp8:
-        assert_equal(recv2_scales[:n], ref2.scales, "cached recv_x scales")
+        assert_equal(recv2_scales[:n], ref2.scales, "cached recv_x scales", rows=ref2)
 
     # Combine with weights and two biases, one bias, none.
     g = torch.Generator().manual_seed(seed + 101 * me)
