@@ -11,6 +11,8 @@
 //    their counts across ops).
 // Combine: the two-level order and rounding of ref::internode_combine, bitwise, with and without
 // weights and biases, from the host-synced and the worst-case handle.
+// CUDA graph: a worst-case round (layout, count exchange, dispatch, combine) captured once and
+// replayed on fresh inputs, every replay against the reference.
 // Errors: a world across nodes without num_rdma_bytes, or with too few, names num_rdma_bytes (and
 // the minimum); an op whose rings do not fit names the bytes it needs.
 #include <cuda_runtime_api.h>
@@ -400,6 +402,141 @@ TEST_P(InternodeDispatchCombine, EveryOutputMatchesTheReference) {
 }
 
 INSTANTIATE_TEST_SUITE_P(Splits, InternodeDispatchCombine, ::testing::ValuesIn(splits()), split_name);
+
+// CUDA graph across nodes: layout, worst-case count exchange (no host sync), dispatch and combine
+// captured once on a handle a first uncaptured round sized (its forward records are kept), then
+// replayed on fresh inputs of the same shapes written into the captured input buffers; every
+// replay's outputs against the reference over sentinels.
+void run_graph(RankCtx& ctx, Buffer& buffer, uint64_t seed, int node_size) {
+  const int R = ctx.world, me = ctx.rank;
+  InputSpec s;
+  s.num_tokens = 96;
+  s.hidden = kHidden;
+  s.num_experts = kExperts;
+  s.num_topk = 8;
+  const int N = s.num_tokens, H = s.hidden, K = s.num_topk, E = s.num_experts;
+  const int64_t rows = static_cast<int64_t>(N) * R;
+  ref::InternodeShape shape;
+  shape.base = shape_of(s, R, 1);
+  shape.node_size = node_size;
+  shape.num_channels = kChannels;
+
+  Inputs d = upload(make_input(seed, me, s), s);
+  DeviceMem per_rank(4 * R), per_expert(4 * E), in_rank(N * R);
+  DispatchInputs in;
+  in.x = View::of(d.x.get(), DType::kBF16, {N, H});
+  in.topk_idx = View::of(d.topk_idx.get(), DType::kI64, {N, K});
+  in.topk_weights = View::of(d.topk_weights.get(), DType::kF32, {N, K});
+  in.num_tokens_per_rank = View::of(per_rank.get(), DType::kI32, {R});
+  in.num_tokens_per_expert = View::of(per_expert.get(), DType::kI32, {E});
+  in.is_token_in_rank = View::of(in_rank.get(), DType::kBool, {N, R});
+  in.num_worst_tokens = static_cast<int>(rows);
+  DispatchHandle handle = buffer.make_handle(N);
+  Outputs out = alloc_outputs(s, rows);
+  DispatchOutputs o;
+  o.recv_x = View::of(out.x.get(), DType::kBF16, {rows, H});
+  o.recv_topk_idx = View::of(out.topk_idx.get(), DType::kI64, {rows, K});
+  o.recv_topk_weights = View::of(out.topk_weights.get(), DType::kF32, {rows, K});
+  o.recv_src_idx = View::of(out.src_idx.get(), DType::kI32, {rows});
+  DeviceMem y(rows * H * 2), cx(static_cast<size_t>(N) * H * 2), cw(static_cast<size_t>(N) * K * 4);
+  CombineInputs ci;
+  ci.x = View::of(y.get(), DType::kBF16, {rows, H});
+  ci.topk_weights = o.recv_topk_weights;
+  CombineOutputs co;
+  co.combined_x = View::of(cx.get(), DType::kBF16, {N, H});
+  co.combined_topk_weights = View::of(cw.get(), DType::kF32, {N, K});
+  auto round = [&](cudaStream_t stream) {
+    buffer.get_dispatch_layout(in.topk_idx, E, in.num_tokens_per_rank, in.num_tokens_per_expert, in.is_token_in_rank,
+                               stream);
+    REQUIRE(buffer.dispatch_notify(in, handle, View{}, stream) == -1, "rank ", me, ": a worst-case notify returned a count");
+    buffer.dispatch(in, handle, o, stream);
+    buffer.combine(ci, handle, co, stream);
+  };
+  // Round r's inputs into the buffers the ops read, outputs to sentinels; then its checks.
+  auto prepare = [&](uint64_t round_seed, std::vector<ref::InternodeDispatchResult>& want,
+                     std::vector<std::vector<uint16_t>>& ys, std::vector<std::vector<float>>& ws) {
+    std::vector<ref::RankInput> all(R);
+    for (int r = 0; r < R; ++r) all[r] = make_input(round_seed, r, s);
+    want = ref::internode_dispatch(all, shape);
+    Inputs fresh = upload(all[me], s);
+    copy_device_bytes(d.x.get(), fresh.x.get(), d.x.bytes());
+    copy_device_bytes(d.topk_idx.get(), fresh.topk_idx.get(), d.topk_idx.bytes());
+    copy_device_bytes(d.topk_weights.get(), fresh.topk_weights.get(), d.topk_weights.bytes());
+    ys.assign(R, {});
+    ws.assign(R, {});
+    for (int r = 0; r < R; ++r) {
+      ys[r] = expert_rows(round_seed, r, want[r].recv.num_recv, H);
+      ws[r] = want[r].recv.recv_topk_weights;
+    }
+    std::vector<uint16_t> y_rows(rows * H, ref::float_to_bf16(1000.f));  // rows past the received: ignored
+    std::copy(ys[me].begin(), ys[me].end(), y_rows.begin());
+    y.upload(y_rows.data(), y_rows.size() * 2);
+    for (DeviceMem* m : {&out.x, &out.topk_idx, &out.topk_weights, &out.src_idx, &cx, &cw}) m->fill(0x7F);
+    ctx.comm->barrier();
+  };
+  auto check = [&](const std::vector<ref::InternodeDispatchResult>& want, const std::vector<std::vector<uint16_t>>& ys,
+                   const std::vector<std::vector<float>>& ws, const std::string& tag) {
+    check_outputs(out, s, want[me].recv, true, tag);
+    const auto idx = out.topk_idx.download<int64_t>(rows * K);
+    for (size_t i = want[me].recv.num_recv * K; i < idx.size(); ++i)
+      REQUIRE(idx[i] == -1, tag, " padding recv_topk_idx ", i);
+    const ref::CombineResult want_c = ref::internode_combine(want, ys, ws, me, shape, H, {}, {});
+    expect_equal(cx.download<uint16_t>(static_cast<size_t>(N) * H), want_c.combined_x, static_cast<size_t>(N) * H,
+                 tag + " combined_x", token_rows(me, H));
+    expect_equal(cw.download<float>(static_cast<size_t>(N) * K), want_c.combined_topk_weights,
+                 static_cast<size_t>(N) * K, tag + " combined_topk_weights", token_rows(me, K));
+  };
+
+  std::vector<ref::InternodeDispatchResult> want;
+  std::vector<std::vector<uint16_t>> ys;
+  std::vector<std::vector<float>> ws;
+  prepare(seed, want, ys, ws);
+  round(ctx.stream);
+  buffer.synchronize(ctx.stream);
+  check(want, ys, ws, "uncaptured round");
+
+  cudaGraph_t graph;
+  cudaGraphExec_t exec;
+  CUDA_OK(cudaStreamBeginCapture(ctx.stream, cudaStreamCaptureModeThreadLocal));
+  round(ctx.stream);
+  CUDA_OK(cudaStreamEndCapture(ctx.stream, &graph));
+  CUDA_OK(cudaGraphInstantiate(&exec, graph, 0));
+  for (int replay = 0; replay < 3; ++replay) {
+    prepare(seed + 1000 * (replay + 1), want, ys, ws);
+    CUDA_OK(cudaGraphLaunch(exec, ctx.stream));
+    buffer.synchronize(ctx.stream);
+    check(want, ys, ws, "graph replay " + std::to_string(replay));
+  }
+  cudaGraphExecDestroy(exec);
+  cudaGraphDestroy(graph);
+}
+
+class InternodeGraph : public ::testing::TestWithParam<SplitCase> {};
+
+TEST_P(InternodeGraph, CapturedWorstCaseRoundReplaysExactly) {
+  const SplitCase c = GetParam();
+  SKIP_WITHOUT_SIM_WORLD(c.world);
+  const uint64_t seed = run_seed();
+  BufferOptions options;
+  options.config = case_config();
+  options.node_size = c.node_size;
+  options.rdma_chunk_tokens = 3;
+  options.rdma_ring_slots = 12;
+  options.num_rdma_bytes = rdma_bytes(c.world, c.node_size, 3, 12);
+  EXPECT_EQ(run_world(WorldMode::kSim, c.world, 32 << 20, options, [&](RankCtx& ctx) {
+    Tuning t = tuning(*ctx.buffer);
+    t.net_adversarial = c.mode == EmuMode::kAdversarial;
+    set_tuning(*ctx.buffer, t);
+    run_graph(ctx, *ctx.buffer, seed, c.node_size);
+  }), 0);
+  std::printf("world %d, node size %d, %s: a captured round and 3 replays match the reference\n", c.world,
+              c.node_size, c.mode == EmuMode::kAdversarial ? "adversarial" : "direct");
+}
+
+INSTANTIATE_TEST_SUITE_P(Splits, InternodeGraph,
+                         ::testing::Values(SplitCase{4, 2, EmuMode::kDirect}, SplitCase{8, 4, EmuMode::kDirect},
+                                           SplitCase{8, 2, EmuMode::kAdversarial}),
+                         split_name);
 
 // The Buffer's checks across nodes (4 ranks in 2 virtual nodes of 2).
 class InternodeErrors : public ::testing::TestWithParam<int> {};
