@@ -28,7 +28,8 @@ def _ll_layout(num_ranks: int, num_experts: int, T: int, hidden: int, use_fp8: b
     The outputs of a low-latency dispatch as (shape, strides, torch dtype, (dtype code, shape,
     strides)) for recv_x, recv_scales (None without fp8), recv_count, src_info, layout_range and
     src_topk_slot: computed once per geometry (shape and strides as DeepEP makes them; the scales
-    are column-major in the last two dims).
+    are column-major in the last two dims); then the offsets of the outputs after recv_x (in their
+    own elements) in one int32 allocation, and its size in int32 words.
     """
     key = (num_ranks, num_experts, T, hidden, use_fp8, use_ue8m0)
     layout = _LL_LAYOUTS.get(key)
@@ -45,9 +46,21 @@ def _ll_layout(num_ranks: int, num_experts: int, T: int, hidden: int, use_fp8: b
         num_scales = (hidden // 128 + 3) // 4 if use_ue8m0 else hidden // 128
         st = _contiguous_strides((E, num_scales, RT))  # allocated [E, S, RT], returned transposed
         scales = spec((E, RT, num_scales), torch.int32 if use_ue8m0 else torch.float32, (st[0], st[2], st[1]))
-    layout = (spec((E, RT, hidden), torch.float8_e4m3fn if use_fp8 else torch.bfloat16), scales,
-              spec((E,), torch.int32), spec((E, RT), torch.int32), spec((E, num_ranks), torch.int64),
-              spec((E, RT), torch.int32))
+    small = (scales, spec((E,), torch.int32), spec((E, RT), torch.int32), spec((E, num_ranks), torch.int64),
+             spec((E, RT), torch.int32))
+    # The small outputs share one allocation (one torch.empty instead of five: an allocation costs
+    # more host time than a view): each at a 16-byte aligned offset, in its own elements.
+    offsets, words = [], 0
+    for out in small:
+        if out is None:
+            offsets.append(None)
+            continue
+        size = out[2].itemsize
+        span = 1 + sum((n - 1) * st for n, st in zip(out[0], out[1])) if all(out[0]) else 0  # elements
+        offsets.append(words * 4 // size)
+        words += (span * size + 15) // 16 * 4
+    layout = (spec((E, RT, hidden), torch.float8_e4m3fn if use_fp8 else torch.bfloat16),) + small + \
+        (tuple(offsets), max(words, 4))
     if len(_LL_LAYOUTS) >= 64:
         _LL_LAYOUTS.clear()
     _LL_LAYOUTS[key] = layout
@@ -132,17 +145,20 @@ def low_latency_dispatch(self, x: torch.Tensor, topk_idx: torch.Tensor,
     d_wait = None if dispatch_wait_recv_cost_stats is None else \
         _desc(self, dispatch_wait_recv_cost_stats, "dispatch_wait_recv_cost_stats", _I64)
     hidden, num_topk = d_x[2][1], d_topk[2][1]
-    l_x, l_scales, l_count, l_info, l_range, l_slot = \
+    l_x, l_scales, l_count, l_info, l_range, l_slot, l_offsets, l_words = \
         _ll_layout(self.group_size, num_experts, T, hidden, use_fp8, use_ue8m0)
 
     compute, launch = _ll_begin(self, return_recv_hook)
-    dev, empty = self._device, torch.empty_strided
-    recv_x = empty(l_x[0], l_x[1], dtype=l_x[2], device=dev)
-    recv_scales = None if l_scales is None else empty(l_scales[0], l_scales[1], dtype=l_scales[2], device=dev)
-    recv_count = empty(l_count[0], l_count[1], dtype=torch.int32, device=dev)
-    src_info = empty(l_info[0], l_info[1], dtype=torch.int32, device=dev)
-    layout_range = empty(l_range[0], l_range[1], dtype=torch.int64, device=dev)
-    src_topk_slot = empty(l_slot[0], l_slot[1], dtype=torch.int32, device=dev)
+    dev = self._device
+    recv_x = torch.empty(l_x[0], dtype=l_x[2], device=dev)
+    small = torch.empty((l_words,), dtype=torch.int32, device=dev)
+    o_scales, o_count, o_info, o_range, o_slot = l_offsets
+    recv_scales = None if l_scales is None else \
+        (small if l_scales[2] is torch.int32 else small.view(l_scales[2])).as_strided(l_scales[0], l_scales[1], o_scales)
+    recv_count = small.as_strided(l_count[0], l_count[1], o_count)
+    src_info = small.as_strided(l_info[0], l_info[1], o_info)
+    layout_range = small.view(torch.int64).as_strided(l_range[0], l_range[1], o_range)
+    src_topk_slot = small.as_strided(l_slot[0], l_slot[1], o_slot)
     core = rt.low_latency_dispatch(
         x=d_x, topk_idx=d_topk, num_max_dispatch_tokens_per_rank=T, num_experts=num_experts, use_fp8=use_fp8,
         round_scale=round_scale, scale_format=_UE8M0 if use_ue8m0 else _FLOAT_SCALES,

@@ -461,6 +461,16 @@ def test_low_latency_outputs_and_streams(recording_buffer, use_fp8, use_ue8m0, h
     assert isinstance(core, _C.LowLatencyHandle) and core.buffer_idx == 1 and (core.hidden, core.num_topk) == (H, K)
     assert src_info.shape == src_topk_slot.shape == (E_loc, RT) and src_info.dtype == src_topk_slot.dtype == torch.int32
     assert layout_range.shape == (E_loc, world) and layout_range.dtype == torch.int64
+    # The outputs after recv_x share one allocation: 16-byte aligned, disjoint byte ranges.
+    spans = []
+    for t in (scales, count, src_info, layout_range, src_topk_slot):
+        if t is not None:
+            begin = t.storage_offset() * t.element_size()
+            end = begin + (1 + sum((n - 1) * st for n, st in zip(t.shape, t.stride()))) * t.element_size()
+            assert begin % 16 == 0 and end <= t.untyped_storage().nbytes(), (begin, end)
+            spans.append((begin, end))
+    spans.sort()
+    assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:])), spans
     assert event.event is None and event.extra_tensors is None
     calls = [c for c in b.log if c[0] != "wait"]
     waits = [c for c in b.log if c[0] == "wait"]
