@@ -815,25 +815,25 @@ PYBIND11_MODULE(_C, m) {
         [](int num_sms, int num_threads, double timeout_s, int num_device_sms) {
           make_config(num_sms, num_threads, timeout_s).validate(num_device_sms);
         },
-        py::arg("num_sms"), py::arg("num_threads"), py::arg("timeout_s"), py::arg("num_device_sms") = 0,
+        py::kw_only(), py::arg("num_sms"), py::arg("num_threads"), py::arg("timeout_s"), py::arg("num_device_sms") = 0,
         "Raises EpxError(InvalidArgument) naming the field out of range (no device needed when "
         "num_device_sms <= 0).");
 
-  // ---- Size hints (static, no GPU) ------------------------------------------------------------
+  // ---- Size hints (static, no GPU; keyword arguments only, named as the C++ parameters) ------------
   m.def("nvl_buffer_size_hint",
         [](int64_t max_rows, int hidden, int dtype, int num_topk, int num_ranks) {
           EPX_ARG_CHECK(dtype >= 0 && dtype <= static_cast<int>(DType::kBool), "x_dtype: unknown code ", dtype);
           return epx::Buffer::get_nvl_buffer_size_hint(max_rows, hidden, static_cast<DType>(dtype), num_topk,
                                                        num_ranks);
         },
-        py::arg("max_rows"), py::arg("hidden"), py::arg("dtype"), py::arg("num_topk"), py::arg("num_ranks"));
+        py::kw_only(), py::arg("max_rows"), py::arg("hidden"), py::arg("dtype"), py::arg("num_topk"), py::arg("num_ranks"));
   m.def("rdma_buffer_size_hint",
         [](int num_ranks, int node_size, int num_channels, int chunk_tokens, int ring_slots, int64_t hidden_bytes,
            int num_topk) {
           return epx::plan::rdma_bytes_for(epx::plan::RdmaShape{num_ranks, node_size, num_channels, chunk_tokens,
                                                                 ring_slots, hidden_bytes, num_topk});
         },
-        py::arg("num_ranks"), py::arg("node_size"), py::arg("num_channels"), py::arg("chunk_tokens"),
+        py::kw_only(), py::arg("num_ranks"), py::arg("node_size"), py::arg("num_channels"), py::arg("chunk_tokens"),
         py::arg("ring_slots"), py::arg("hidden_bytes"), py::arg("num_topk"),
         "num_rdma_bytes of the RDMA rings (plan::rdma_bytes_for, common/rdma_layout.hpp); 0 for one node.");
   m.def("nvl_ring_buffer_size_hint",
@@ -846,7 +846,7 @@ PYBIND11_MODULE(_C, m) {
           c.ring_slots = static_cast<int>(std::min<int64_t>(std::max<int64_t>(rows_per_ring, 64), 4096));
           return c.get_nvl_buffer_size_hint(static_cast<size_t>(hidden_bytes), num_ranks);
         },
-        py::arg("num_sms"), py::arg("num_threads"), py::arg("hidden_bytes"), py::arg("num_ranks"),
+        py::kw_only(), py::arg("num_sms"), py::arg("num_threads"), py::arg("hidden_bytes"), py::arg("num_ranks"),
         py::arg("rows_per_ring"),
         "num_nvl_bytes serving any batch: num_ranks x num_sms rings of rows_per_ring rows (within [64, 4096]), at "
         "least every ring's minimum.");
@@ -863,11 +863,11 @@ PYBIND11_MODULE(_C, m) {
           const epx::plan::RingPlan r = epx::plan::bounded_ring_plan(c, t, num_ranks, num_nvl_bytes, hidden, num_topk);
           return py::make_tuple(d.slots, r.slots);
         },
-        py::arg("num_sms"), py::arg("num_threads"), py::arg("num_nvl_bytes"), py::arg("hidden"), py::arg("dtype"),
+        py::kw_only(), py::arg("num_sms"), py::arg("num_threads"), py::arg("num_nvl_bytes"), py::arg("hidden"), py::arg("dtype"),
         py::arg("num_topk"), py::arg("num_ranks"),
         "(dispatch, combine) rows per ring of a call whose rows do not fit the row region; EpxError(BufferTooSmall) "
         "naming the minimum num_nvl_bytes when the rings would be too small.");
-  m.def("low_latency_size_hint", &epx::Buffer::low_latency_size_hint, py::arg("num_max_dispatch_tokens_per_rank"),
+  m.def("low_latency_size_hint", &epx::Buffer::low_latency_size_hint, py::kw_only(), py::arg("num_max_dispatch_tokens_per_rank"),
         py::arg("hidden"), py::arg("num_ranks"), py::arg("num_experts"), py::arg("num_topk"),
         py::arg("zero_copy") = false);
   py::enum_<epx::LlZeroCopy>(m, "LlZeroCopy", "BufferOptions::ll_zero_copy: the zero-copy combine buffers")

@@ -180,8 +180,8 @@ class Buffer:
             self._comm = _C.Communicator(unique_id, self.rank, self.group_size, self._device_index)
             self._num_sms_share = 0  # SMs a simulated rank owns, 0 = the whole device
         # The core needs a (small) high-throughput part even in low-latency-only mode.
-        nvl_bytes = num_nvl_bytes if num_nvl_bytes > 0 else _C.nvl_buffer_size_hint(0, 8, _C.DTYPE_BF16, 0,
-                                                                                     self.group_size)
+        nvl_bytes = num_nvl_bytes if num_nvl_bytes > 0 else _C.nvl_buffer_size_hint(
+            max_rows=0, hidden=8, dtype=_C.DTYPE_BF16, num_topk=0, num_ranks=self.group_size)
         config = Buffer._default_config(self.group_size, self._num_sms_share)
         self._config_key = config._key()
         num_sms, num_threads, timeout_s = self._config_key
@@ -275,8 +275,9 @@ class Buffer:
         """
         if not isinstance(zero_copy, bool):
             raise _error("InvalidArgument", f"zero_copy: expected a bool, got {type(zero_copy).__name__}")
-        return _C.low_latency_size_hint(num_max_dispatch_tokens_per_rank, hidden, num_ranks, num_experts,
-                                        _C.LL_MAX_TOPK if num_topk is None else num_topk, zero_copy)
+        return _C.low_latency_size_hint(num_max_dispatch_tokens_per_rank=num_max_dispatch_tokens_per_rank, hidden=hidden,
+                                        num_ranks=num_ranks, num_experts=num_experts,
+                                        num_topk=_C.LL_MAX_TOPK if num_topk is None else num_topk, zero_copy=zero_copy)
 
     @staticmethod
     def get_nvl_buffer_size_hint(num_max_recv_tokens: int, hidden: int, num_ranks: int,
@@ -291,8 +292,8 @@ class Buffer:
         """
         if dtype not in _BF16_FP8:
             raise _error("InvalidArgument", f"dtype: expected {_dtype_names(_BF16_FP8)}, got {dtype}")
-        return _C.nvl_buffer_size_hint(num_max_recv_tokens, hidden, _DTYPE_CODES[dtype],
-                                       _C.MAX_TOPK if num_topk is None else num_topk, num_ranks)
+        return _C.nvl_buffer_size_hint(max_rows=num_max_recv_tokens, hidden=hidden, dtype=_DTYPE_CODES[dtype],
+                                       num_topk=_C.MAX_TOPK if num_topk is None else num_topk, num_ranks=num_ranks)
 
     @staticmethod
     def _default_config(num_ranks: int, num_sms_share: Optional[int] = None) -> Config:

@@ -187,7 +187,8 @@ class Config:
                                                 f"num_max_{kind}_chunked_recv_tokens ({recv}), got {send}")
         if isinstance(self.timeout_s, bool) or not isinstance(self.timeout_s, (int, float)):
             raise _error("InvalidArgument", f"Config.timeout_s: expected a number of seconds, got {self.timeout_s!r}")
-        _C.validate_config(self.num_sms, self.num_threads, float(self.timeout_s), num_device_sms)
+        _C.validate_config(num_sms=self.num_sms, num_threads=self.num_threads, timeout_s=float(self.timeout_s),
+                           num_device_sms=num_device_sms)
 
     def _key(self) -> Tuple[int, int, float]:
         """The fields the C++ core uses."""
@@ -226,8 +227,8 @@ class Config:
             raise _error("Unsupported", f"num_ranks: {num_ranks} ranks; the NVLink rings this hint sizes serve one "
                                         f"node of at most {_C.MAX_RANKS} ranks; across nodes a Buffer's num_nvl_bytes "
                                         "must hold every row of an op (Buffer.get_nvl_buffer_size_hint(rows, hidden, node_size))")
-        return _C.nvl_ring_buffer_size_hint(self.num_sms, self.num_threads, hidden_bytes, num_ranks,
-                                            self._rows_per_ring())
+        return _C.nvl_ring_buffer_size_hint(num_sms=self.num_sms, num_threads=self.num_threads, hidden_bytes=hidden_bytes,
+                                            num_ranks=num_ranks, rows_per_ring=self._rows_per_ring())
 
     def get_rdma_buffer_size_hint(self, hidden_bytes: int, num_ranks: int, *, node_size: int = 0) -> int:
         """
@@ -253,8 +254,9 @@ class Config:
         if num_ranks <= node_size:
             return 0
         channels = max(self.num_sms, Config.defaults(num_ranks).num_sms)
-        return _C.rdma_buffer_size_hint(num_ranks, node_size, channels, _C.RDMA_CHUNK_TOKENS, _C.RDMA_RING_SLOTS,
-                                        hidden_bytes, _C.MAX_TOPK)
+        return _C.rdma_buffer_size_hint(num_ranks=num_ranks, node_size=node_size, num_channels=channels,
+                                        chunk_tokens=_C.RDMA_CHUNK_TOKENS, ring_slots=_C.RDMA_RING_SLOTS,
+                                        hidden_bytes=hidden_bytes, num_topk=_C.MAX_TOPK)
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, Config) and all(getattr(self, f) == getattr(other, f) for f in self.__slots__)

@@ -29,7 +29,7 @@ def test_exports():
 
 def test_cpp_error_becomes_epx_error():
     with expect_error("InvalidArgument", "num_ranks") as ctx:
-        _C.nvl_buffer_size_hint(16, 128, _C.DTYPE_BF16, 2, 0)
+        _C.nvl_buffer_size_hint(max_rows=16, hidden=128, dtype=_C.DTYPE_BF16, num_topk=2, num_ranks=0)
     e = ctx.error
     assert isinstance(e, RuntimeError)
     assert e.message and e.message in str(e)
@@ -695,3 +695,18 @@ def test_mismatch_names_the_received_row_its_source_and_the_element():
     with pytest.raises(AssertionError, match=r"first at \[\[7, 1\]\].*row 7 = source rank 1 token 2"):
         assert_equal(got, ref.topk_weights, "recv_topk_weights", rows=ref)
     assert_equal(ref.topk_weights.clone(), ref.topk_weights, "recv_topk_weights", rows=ref)
+
+
+def test_static_helpers_take_keywords_only():
+    calls = [(_C.nvl_buffer_size_hint, dict(max_rows=16, hidden=128, dtype=_C.DTYPE_BF16, num_topk=2, num_ranks=2)),
+             (_C.rdma_buffer_size_hint, dict(num_ranks=4, node_size=2, num_channels=4, chunk_tokens=6, ring_slots=252,
+                                             hidden_bytes=256, num_topk=8)),
+             (_C.nvl_ring_buffer_size_hint, dict(num_sms=20, num_threads=512, hidden_bytes=256, num_ranks=2,
+                                                 rows_per_ring=128)),
+             (_C.low_latency_size_hint, dict(num_max_dispatch_tokens_per_rank=8, hidden=128, num_ranks=2,
+                                             num_experts=4, num_topk=2)),
+             (_C.validate_config, dict(num_sms=20, num_threads=512, timeout_s=10.0))]
+    for fn, kwargs in calls:
+        fn(**kwargs)
+        with pytest.raises(TypeError):
+            fn(*kwargs.values())

@@ -271,8 +271,10 @@ def test_nvl_size_hint_holds_the_rows_it_promises(num_ranks, hidden):
         # Every rank sends up to (num_sms // 2) * recv_chunk tokens; one rank may receive all of them.
         rows = (config.num_sms // 2) * config.num_max_nvl_chunked_recv_tokens * num_ranks
         for dtype in (_C.DTYPE_BF16, _C.DTYPE_FP8E4M3):
-            assert _C.nvl_buffer_size_hint(rows, hidden, dtype, _C.MAX_TOPK, num_ranks) <= hint
-        assert _C.nvl_buffer_size_hint(rows + 4096, hidden, _C.DTYPE_BF16, 8, num_ranks) > hint  # not oversized
+            assert _C.nvl_buffer_size_hint(max_rows=rows, hidden=hidden, dtype=dtype, num_topk=_C.MAX_TOPK,
+                                            num_ranks=num_ranks) <= hint
+        assert _C.nvl_buffer_size_hint(max_rows=rows + 4096, hidden=hidden, dtype=_C.DTYPE_BF16, num_topk=8,
+                                        num_ranks=num_ranks) > hint  # not oversized
         # Never more memory than DeepEP asks for with the same config.
         assert hint <= _deepep_nvl_hint(config, hidden * 2, num_ranks), (hint, _deepep_nvl_hint(config, hidden * 2,
                                                                                                 num_ranks))
@@ -289,8 +291,9 @@ def test_nvl_size_hint_holds_the_rings(num_ranks, hidden):
         hint = config.get_nvl_buffer_size_hint(hidden * 2, num_ranks)
         per_ring = -(-max(config.num_sms // 2, 1) * config.num_max_nvl_chunked_recv_tokens // config.num_sms)
         for dtype in (_C.DTYPE_BF16, _C.DTYPE_FP8E4M3):
-            dispatch_slots, combine_slots = _C.bounded_ring_rows(config.num_sms, config.num_threads, hint, hidden, dtype,
-                                                                 _C.MAX_TOPK, num_ranks)
+            dispatch_slots, combine_slots = _C.bounded_ring_rows(
+                num_sms=config.num_sms, num_threads=config.num_threads, num_nvl_bytes=hint, hidden=hidden, dtype=dtype,
+                num_topk=_C.MAX_TOPK, num_ranks=num_ranks)
             assert dispatch_slots >= min(per_ring, 4096), (config, dispatch_slots, per_ring)
             assert combine_slots >= 64, (config, combine_slots)
     # DeepEP's default configs: 128 rows per ring (10 x 256 rows spread over 20 blocks).
@@ -298,7 +301,8 @@ def test_nvl_size_hint_holds_the_rings(num_ranks, hidden):
     assert config._rows_per_ring() == 128
     # A buffer too small for the rings: the error names the minimum size.
     with expect_error("BufferTooSmall", "need num_nvl_bytes >="):
-        _C.bounded_ring_rows(20, 512, 4 << 20, 7168, _C.DTYPE_BF16, 8, 8)
+        _C.bounded_ring_rows(num_sms=20, num_threads=512, num_nvl_bytes=4 << 20, hidden=7168, dtype=_C.DTYPE_BF16,
+                             num_topk=8, num_ranks=8)
 
 
 def test_size_hint_errors_and_rdma_hint():

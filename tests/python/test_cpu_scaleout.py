@@ -91,8 +91,9 @@ def test_rdma_hint_of_deepeps_configs_holds_the_rings_of_the_buffer_they_size(nu
         hint = max(epx.Buffer.get_dispatch_config(num_ranks).get_rdma_buffer_size_hint(hidden_bytes, num_ranks),
                    epx.Buffer.get_combine_config(num_ranks).get_rdma_buffer_size_hint(hidden_bytes, num_ranks))
         channels = epx.Buffer._default_config(num_ranks, 0).num_sms
-        needed = _C.rdma_buffer_size_hint(num_ranks, 8, channels, _C.RDMA_CHUNK_TOKENS, _C.RDMA_RING_SLOTS,
-                                          hidden_bytes, _C.MAX_TOPK)
+        needed = _C.rdma_buffer_size_hint(num_ranks=num_ranks, node_size=8, num_channels=channels,
+                                          chunk_tokens=_C.RDMA_CHUNK_TOKENS, ring_slots=_C.RDMA_RING_SLOTS,
+                                          hidden_bytes=hidden_bytes, num_topk=_C.MAX_TOPK)
         assert hint >= needed, (num_ranks, sms, hidden_bytes, hint, needed)
 
 

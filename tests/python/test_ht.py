@@ -355,7 +355,8 @@ def _batch_larger_than_the_buffer(ctx, seed, fp8):
     code = _C.DTYPE_FP8E4M3 if fp8 else _C.DTYPE_BF16
     capacity = buf.runtime.row_capacity(HIDDEN, code, TOPK)
     assert 2 * capacity <= max_recv, f"the buffer holds {capacity} rows of a batch of {max_recv}: not bounded"
-    _C.bounded_ring_rows(BOUNDED_SMS, config.num_threads, buf.runtime.num_nvl_bytes, HIDDEN, code, TOPK, world)
+    _C.bounded_ring_rows(num_sms=BOUNDED_SMS, num_threads=config.num_threads, num_nvl_bytes=buf.runtime.num_nvl_bytes,
+                         hidden=HIDDEN, dtype=code, num_topk=TOPK, num_ranks=world)
 
     mine = inputs[me]
     topk, weights = mine.topk_idx.to(dev), mine.topk_weights.to(dev)

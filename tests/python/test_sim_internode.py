@@ -43,7 +43,8 @@ def rdma_bytes(world: int, node_size: int) -> int:
     construction config's SMs (epx's default, at most the simulated rank's share), so the rings of
     the default's 20 channels hold them."""
     channels = max(20, epx.Buffer._default_config(world).num_sms)
-    return _C.rdma_buffer_size_hint(world, node_size, channels, 6, 252, HIDDEN * 2, _C.MAX_TOPK)
+    return _C.rdma_buffer_size_hint(num_ranks=world, node_size=node_size, num_channels=channels, chunk_tokens=6,
+                                    ring_slots=252, hidden_bytes=HIDDEN * 2, num_topk=_C.MAX_TOPK)
 
 
 def make_buffer(group, node_size: int) -> "epx.Buffer":
