@@ -1,8 +1,10 @@
-// Shared pieces of the benchmark driver: options, workload inputs, result rows and the report.
+// Shared pieces of the benchmark driver: options, workload inputs, result rows, the report and the
+// run path (driver.cpp).
 #pragma once
 #include <cuda_runtime_api.h>
 
 #include <cstdint>
+#include <functional>
 #include <string>
 #include <vector>
 
@@ -49,18 +51,24 @@ struct Options {
   std::string json;  // path of the JSON output (rank 0), empty = none
   uint64_t seed = 1;
   int ll_tokens = 128;
-  bool ring_sweep = false;  // also time the ring combine over Tuning's ring knobs (src/host/tuning.hpp)
-  // Also time combine at these ring settings, each letters and numbers: w Tuning.ring_send_warps,
-  // c Tuning.ring_chunk, q Config.ring_slots (e.g. "w3c8q256"); rejected when malformed.
-  std::vector<std::string> combine_configs;
-  // Also time dispatch with these Tuning.dispatch_copy_warps (0 = the auto count).
-  std::vector<int> dispatch_copy_warps;
+  // The knob sweeps: the ht workload also times its dispatch and combine at these settings.
+  struct Sweeps {
+    // --ring-sweep: the ring combine over Tuning's ring knobs (src/host/tuning.hpp).
+    bool ring = false;
+    // --combine-configs: combine at these ring settings, each letters and numbers: w
+    // Tuning.ring_send_warps, c Tuning.ring_chunk, q Config.ring_slots (e.g. "w3c8q256");
+    // rejected when malformed.
+    std::vector<std::string> combine_configs;
+    // --dispatch-copy-warps: dispatch with these Tuning.dispatch_copy_warps (0 = the auto count).
+    std::vector<int> dispatch_copy_warps;
+  } sweeps;
   // The high-throughput buffer holds 1/F of the N x R rows a rank may receive (at least the rings'
   // minimum): F > 1 times the bounded dispatch and combine on a batch larger than the buffer.
   int buffer_fraction = 1;
   // The internode workload: ranks per virtual node (it divides the world into nodes inside the one
   // NVLink domain, BufferOptions::node_size).
   int node_size = 4;
+  std::string program = "epx_bench";  // the driver that runs: the name its messages start with
 };
 
 // One measured line of the report.
@@ -119,6 +127,25 @@ std::vector<Row> run_ht(const Options& o, Communicator& comm);
 std::vector<Row> run_internode(const Options& o, Communicator& comm);
 // Runs the low-latency workload (o.ll_tokens tokens, first hidden size); simulated as run_ht.
 std::vector<Row> run_ll(const Options& o, Communicator& comm);
+
+// A benchmark driver on the common run path (driver.cpp): the common options (--mode, --sim,
+// --sms, --tokens, --json, ...), their checks, the workloads and the report, plus its own options.
+struct Driver {
+  std::string program;             // the name in its usage and at the start of its messages
+  std::vector<std::string> usage;  // the usage lines of its own options, after the common ones
+  std::string about;               // the usage's closing lines: what it runs
+  // One of its own options into `o`; `value()` takes the option's argument (exits 2 with a message
+  // when there is none). False: not one of its options ("unknown option", the usage, exit 2).
+  std::function<bool(const std::string& option, const std::function<const char*()>& value, Options& o)> parse;
+  // The options once all are parsed: false (with a message on stderr) ends the run with status 2.
+  std::function<bool(const Options& o)> check;
+};
+// Parses argv with `driver` and runs the workloads asked for (on the local GPUs, or simulated with
+// --sim R); the process's exit status: 0 (also when this machine cannot run them: the output says
+// "Nothing was run"), 1 when a rank failed or the JSON could not be written, 2 for a bad command line.
+int run_driver(int argc, char** argv, const Driver& driver);
+// "4,6,8" as {4, 6, 8}.
+std::vector<int> parse_int_list(const char* s);
 
 // Measurements that a simulated run skips, each with its reason (printed and in the JSON).
 std::vector<std::string> skipped_when_simulated(const Options& o);

@@ -220,10 +220,10 @@ std::vector<Row> run_ht(const Options& o, Communicator& comm) {
         buffer_note = "buffer 1/" + std::to_string(o.buffer_fraction) + ": " + std::to_string(buffer_rows) + " of " +
                       std::to_string(all_rows) + " bf16 rows";
         if (me == 0)
-          std::printf("epx_bench: N %d H %d: the buffer (%zu bytes) holds %lld bf16 dispatch rows of the %lld (N x R) a "
+          std::printf("%s: N %d H %d: the buffer (%zu bytes) holds %lld bf16 dispatch rows of the %lld (N x R) a "
                       "rank may receive (1/%d)\n",
-                      N, H, nvl_bytes, static_cast<long long>(buffer_rows), static_cast<long long>(all_rows),
-                      o.buffer_fraction);
+                      o.program.c_str(), N, H, nvl_bytes, static_cast<long long>(buffer_rows),
+                      static_cast<long long>(all_rows), o.buffer_fraction);
       }
 
       HtCase c(o, buffer, N, H, stream);
@@ -281,7 +281,7 @@ std::vector<Row> run_ht(const Options& o, Communicator& comm) {
         measure("dispatch fp8 fresh", c.fresh(true), row_fp8, nr, remote_rows, nullptr);
         measure("dispatch fp8 cached", c.cached(true), row_fp8, nr, remote_rows, nullptr);
         const Tuning base_tuning = tuning(buffer);  // the Buffer's own: the measured winners
-        for (int k : o.dispatch_copy_warps) {  // other copy-out warp counts
+        for (int k : o.sweeps.dispatch_copy_warps) {  // other copy-out warp counts
           Tuning copy = base_tuning;
           copy.dispatch_copy_warps = k;  // 0: the auto count
           set_tuning(buffer, copy);
@@ -302,8 +302,8 @@ std::vector<Row> run_ht(const Options& o, Communicator& comm) {
         set_tuning(buffer, base_tuning);
         // Ring settings to time: the ones asked for, and with --ring-sweep (3 ranks up; 2 ranks always
         // take the row region) a warp or two per peer sending x chunk 0, 4, 8.
-        std::vector<std::string> specs = o.combine_configs;
-        if (o.ring_sweep && R >= 3) {
+        std::vector<std::string> specs = o.sweeps.combine_configs;
+        if (o.sweeps.ring && R >= 3) {
           for (int send_warps : {R - 1, 2 * (R - 1)})
             for (int chunk : {0, 4, 8})
               if (send_warps < cfg.num_threads / 32) specs.push_back("w" + std::to_string(send_warps) + "c" + std::to_string(chunk));
