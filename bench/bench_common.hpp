@@ -1,5 +1,5 @@
-// Shared pieces of the benchmark driver: options, workload inputs, result rows, the report and the
-// run path (driver.cpp).
+// Shared pieces of the benchmark drivers (epx_bench: the presets; epx_sweep: the presets and the
+// knob sweeps): options, workload inputs, result rows, the report and the run path (driver.cpp).
 #pragma once
 #include <cuda_runtime_api.h>
 
@@ -51,7 +51,8 @@ struct Options {
   std::string json;  // path of the JSON output (rank 0), empty = none
   uint64_t seed = 1;
   int ll_tokens = 128;
-  // The knob sweeps: the ht workload also times its dispatch and combine at these settings.
+  // The knob sweeps, epx_sweep's options (empty in epx_bench, which times the presets): the ht
+  // workload also times its dispatch and combine at these settings.
   struct Sweeps {
     // --ring-sweep: the ring combine over Tuning's ring knobs (src/host/tuning.hpp).
     bool ring = false;
@@ -61,6 +62,7 @@ struct Options {
     std::vector<std::string> combine_configs;
     // --dispatch-copy-warps: dispatch with these Tuning.dispatch_copy_warps (0 = the auto count).
     std::vector<int> dispatch_copy_warps;
+    bool any() const { return ring || !combine_configs.empty() || !dispatch_copy_warps.empty(); }
   } sweeps;
   // The high-throughput buffer holds 1/F of the N x R rows a rank may receive (at least the rings'
   // minimum): F > 1 times the bounded dispatch and combine on a batch larger than the buffer.
@@ -70,6 +72,9 @@ struct Options {
   int node_size = 4;
   std::string program = "epx_bench";  // the driver that runs: the name its messages start with
 };
+
+// The command-line options of Options::Sweeps: epx_sweep's, refused by epx_bench by name.
+inline constexpr const char* kSweepOptions[] = {"--combine-configs", "--dispatch-copy-warps", "--ring-sweep"};
 
 // One measured line of the report.
 struct Row {

@@ -1,4 +1,4 @@
-// The run path of the benchmark driver (epx_bench): the common command line, then the
+// The run path of the benchmark drivers (epx_bench, epx_sweep): the common command line, then the
 // workloads of benchmarks.md on all local GPUs (one forked process per GPU), with rank 0 printing
 // time, logical and NVLink GB/s, % of the raw store ceiling and SMs, with the same-run NCCL
 // baseline and ratios, and writing the JSON. With --sim R the same workloads run on one GPU as R

@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Developer A/B on the GPU machine: builds build-gpu, then evaluates AB_RUNS (bash), in which
 #   variant NAME "-DDEFINES"   builds a copy of the tree with those CUDA defines (spills allowed),
-#                              its bench at /tmp/v_NAME/build/bench/epx_bench;
-#   run LABEL BINARY ARGS...   runs an epx_bench, log in $OUT/LABEL.log, prints its combine lines.
-# Example: AB_RUNS='run A ./build-gpu/bench/epx_bench --mode ht --sms 24 --combine-configs w3c8,w6c2' tools/ab.sh
+#                              its drivers at /tmp/v_NAME/build/bench/epx_bench and epx_sweep;
+#   run LABEL BINARY ARGS...   runs an epx_bench or epx_sweep, log in $OUT/LABEL.log, prints its combine lines.
+# Example: AB_RUNS='run A ./build-gpu/bench/epx_sweep --mode ht --sms 24 --combine-configs w3c8,w6c2' tools/ab.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
 source tools/env.sh
@@ -18,7 +18,7 @@ variant() {
   tar --exclude=./build-gpu --exclude=./build-ci --exclude=./build --exclude=./.git -cf - . | tar -xf - -C /tmp/v_$name
   sed -i 's/-Xptxas=-Werror//' /tmp/v_$name/CMakeLists.txt
   (cd /tmp/v_$name && cmake -S . -B build $EPX_GENERATOR -DCMAKE_BUILD_TYPE=Release "-DCMAKE_CUDA_FLAGS=$defs" > build.log 2>&1 &&
-   cmake --build build -j 8 --target epx_bench >> build.log 2>&1) || { grep -E "error" /tmp/v_$name/build.log | head -5; echo "variant $name FAILED"; return 1; }
+   cmake --build build -j 8 --target epx_bench epx_sweep >> build.log 2>&1) || { grep -E "error" /tmp/v_$name/build.log | head -5; echo "variant $name FAILED"; return 1; }
   echo "variant $name built $(( $(date +%s) - t0 )) s"
 }
 run() {  # label binary args...
