@@ -348,6 +348,79 @@ struct Stream {
   }
 };
 
+// Warp w of `warps` of channel c drains rings (m, c) for the remote nodes k with k % warps == w,
+// polled in turn, until each reaches this op's end marker (meta[0] < 0): every other message goes
+// to on_message(m, slot, meta) (every lane), then the consumed slots are acknowledged to the rail
+// peer, which may reuse them. An idle wait past the bound fails in `phase`. False when it failed.
+template <typename Net, typename OnMessage>
+__device__ __forceinline__ bool drain_rail_rings(const OpContext& ctx, const TopologyView& t, const RdmaLayout& L,
+                                                 typename Net::Warp& net, StreamState& st, int w, int warps, int lane,
+                                                 Phase phase, const OnMessage& on_message) {
+  const int c = blockIdx.x, my_node = t.node_idx(), num_remote = t.num_nodes() - 1;
+  char* own = ctx.peers[t.local_idx()];
+  for (int k = w; k < num_remote; k += warps) {
+    const int m = remote_node(k, my_node);
+    if (lane == 0) {
+      st.consumed[m] = *at<uint64_t>(own, L.consumed_word(m, c));
+      st.done[m] = 0;
+    }
+  }
+  __syncwarp();
+  WaitClock clock;
+  while (true) {
+    bool progressed = false;
+    int pending = -1;
+    uint64_t observed = 0, target = 0;
+    for (int k = w; k < num_remote; k += warps) {
+      const int m = remote_node(k, my_node);
+      if (st.done[m]) continue;
+      const uint64_t first = st.consumed[m];
+      uint64_t announced = lane == 0 ? net.read(L.tail_signal(m, c)) : 0;
+      announced = __shfl_sync(0xffffffffu, announced, 0);
+      __syncwarp();  // lane 0's acquire before every lane's reads of the slots
+      uint64_t i = first;
+      bool done = false;
+      for (; i < announced && !done; ++i) {
+        const char* slot = own + L.recv_slot(m, c, static_cast<int64_t>(i));
+        const int* meta = reinterpret_cast<const int*>(slot + L.meta_offset());
+        if (meta[0] < 0) {
+          done = true;
+          continue;
+        }
+        on_message(m, slot, meta);
+      }
+      if (i > first) {
+        // The slots were read (every lane, before the signal's release): the rail peer may reuse them.
+        net.signal(c % kMaxNetContexts, t.rail_peer(m), L.head_signal(my_node, c), i - first);
+        if (lane == 0) {
+          st.consumed[m] = i;
+          st.done[m] = done ? 1 : 0;
+        }
+        __syncwarp();
+        progressed = true;
+      }
+      if (!done && pending < 0) {
+        pending = m;
+        observed = announced;
+        target = i + 1;
+      }
+    }
+    if (pending < 0) break;
+    if (progressed) {
+      clock.progressed();
+    } else {
+      int failed = 0;
+      if (lane == 0) failed = idle_poll(ctx, clock, phase, t.rail_peer(pending), observed, target) != Idle::kWait;
+      if (__shfl_sync(0xffffffffu, failed, 0)) return false;
+    }
+  }
+  for (int k = w; k < num_remote; k += warps) {
+    const int m = remote_node(k, my_node);
+    if (lane == 0) *at<uint64_t>(own, L.consumed_word(m, c)) = st.consumed[m];
+  }
+  return true;
+}
+
 // Writes dispatch token `token` (-1: the end marker) as the next message of stream (m, c).
 template <typename Net>
 __device__ bool dispatch_message(const DispatchParams& d, Stream<Net>& stream, int m, int token) {
@@ -415,98 +488,39 @@ __device__ __noinline__ bool forward_from_rail_peers(const InternodeDispatchPara
   const DispatchParams& d = p.base;
   const TopologyView& t = p.topology;
   const RdmaLayout& L = p.rdma;
-  const int c = blockIdx.x, my_node = t.node_idx(), num_remote = t.num_nodes() - 1, U = t.node_size;
+  const int c = blockIdx.x, my_node = t.node_idx(), U = t.node_size;
   const int E_loc = d.num_experts_per_rank;
-  char* own = d.ctx.peers[t.local_idx()];
   typename Net::Warp net(p.net);
-  for (int k = w; k < num_remote; k += p.forward_warps) {
-    const int m = remote_node(k, my_node);
-    if (lane == 0) {
-      st.consumed[m] = *at<uint64_t>(own, L.consumed_word(m, c));
-      st.done[m] = 0;
+  return drain_rail_rings<Net>(d.ctx, t, L, net, st, w, p.forward_warps, lane, Phase::kReceive,
+                               [&](int m, const char* slot, const int* meta) {
+    const int token = meta[0];
+    const uint32_t* scales = reinterpret_cast<const uint32_t*>(slot + L.scales_offset());
+    const int* ids = reinterpret_cast<const int*>(slot + L.topk_idx_offset());
+    const float* weights = reinterpret_cast<const float*>(slot + L.topk_weights_offset());
+    for (int u = 0; u < U; ++u) {
+      const int pos = meta[1 + u];
+      if (pos < 0) continue;
+      const int r = t.rank_of(my_node, u);
+      // The rail peer's weights (0 where it passed none), whatever this rank's own inputs.
+      write_row(
+          d.rows, d.ctx.rows(u), static_cast<int64_t>(forward_base[m][u]) + pos, slot,
+          [&](int j) { return scales[j]; }, [&](int kk) { return static_cast<int64_t>(ids[kk]); },
+          [&](int kk) { return weights[kk]; }, true, static_cast<int64_t>(r) * E_loc, E_loc, token, lane);
     }
-  }
-  __syncwarp();
-  WaitClock clock;
-  while (true) {
-    bool progressed = false;
-    int pending = -1;
-    uint64_t observed = 0, target = 0;
-    for (int k = w; k < num_remote; k += p.forward_warps) {
-      const int m = remote_node(k, my_node);
-      if (st.done[m]) continue;
-      const uint64_t first = st.consumed[m];
-      uint64_t announced = lane == 0 ? net.read(L.tail_signal(m, c)) : 0;
-      announced = __shfl_sync(0xffffffffu, announced, 0);
-      __syncwarp();  // lane 0's acquire before every lane's reads of the slots
-      uint64_t i = first;
-      bool done = false;
-      for (; i < announced && !done; ++i) {
-        char* slot = own + L.recv_slot(m, c, static_cast<int64_t>(i));
-        const int* meta = reinterpret_cast<const int*>(slot + L.meta_offset());
-        const int token = meta[0];
-        if (token < 0) {
-          done = true;
-          continue;
-        }
-        const uint32_t* scales = reinterpret_cast<const uint32_t*>(slot + L.scales_offset());
-        const int* ids = reinterpret_cast<const int*>(slot + L.topk_idx_offset());
-        const float* weights = reinterpret_cast<const float*>(slot + L.topk_weights_offset());
-        for (int u = 0; u < U; ++u) {
-          const int pos = meta[1 + u];
-          if (pos < 0) continue;
-          const int r = t.rank_of(my_node, u);
-          write_row(
-              d.rows, d.ctx.rows(u), static_cast<int64_t>(forward_base[m][u]) + pos, slot,
-              [&](int j) { return scales[j]; }, [&](int kk) { return static_cast<int64_t>(ids[kk]); },
-              [&](int kk) { return weights[kk]; }, true, static_cast<int64_t>(r) * E_loc, E_loc,
-              token, lane);
-        }
-        if (p.forward_records != nullptr) {
-          int u0 = 0;
-          while (u0 < U && meta[1 + u0] < 0) ++u0;
-          const int64_t key = u0 < U ? static_cast<int64_t>(keys[m][u0]) + meta[1 + u0] : -1;
-          if (key >= 0 && key < p.forward_slots) {
-            int* record = p.forward_records + key * kForwardRecordInts;
-            if (lane == 0) {
-              record[0] = token;
-              record[1] = c;
-            }
-            if (lane < U) record[2 + lane] = meta[1 + lane];
-          }
-        }
-      }
-      if (i > first) {
-        // The slots were read (every lane, before the signal's release): the rail peer may reuse them.
-        net.signal(c % kMaxNetContexts, t.rail_peer(m), L.head_signal(my_node, c), i - first);
+    if (p.forward_records != nullptr) {
+      int u0 = 0;
+      while (u0 < U && meta[1 + u0] < 0) ++u0;
+      const int64_t key = u0 < U ? static_cast<int64_t>(keys[m][u0]) + meta[1 + u0] : -1;
+      if (key >= 0 && key < p.forward_slots) {
+        int* record = p.forward_records + key * kForwardRecordInts;
         if (lane == 0) {
-          st.consumed[m] = i;
-          st.done[m] = done ? 1 : 0;
+          record[0] = token;
+          record[1] = c;
         }
-        __syncwarp();
-        progressed = true;
-      }
-      if (!done && pending < 0) {
-        pending = m;
-        observed = announced;
-        target = i + 1;
+        if (lane < U) record[2 + lane] = meta[1 + lane];
       }
     }
-    if (pending < 0) break;
-    if (progressed) {
-      clock.progressed();
-    } else {
-      int failed = 0;
-      if (lane == 0)
-        failed = idle_poll(d.ctx, clock, Phase::kReceive, t.rail_peer(pending), observed, target) != Idle::kWait;
-      if (__shfl_sync(0xffffffffu, failed, 0)) return false;
-    }
-  }
-  for (int k = w; k < num_remote; k += p.forward_warps) {
-    const int m = remote_node(k, my_node);
-    if (lane == 0) *at<uint64_t>(own, L.consumed_word(m, c)) = st.consumed[m];
-  }
-  return true;
+  });
 }
 
 // Node-row warps (nw of them, this one w): the channel's tokens to the ranks of this node.
@@ -727,76 +741,17 @@ __device__ __noinline__ bool receive_partials(const InternodeCombineParams<typen
   const TopologyView& t = p.topology;
   const RdmaLayout& L = p.rdma;
   const RowLayout& rows = q.rows;
-  const int c = blockIdx.x, my_node = t.node_idx(), num_remote = t.num_nodes() - 1;
   const int K = rows.num_topk_weights;
-  char* own = q.ctx.peers[t.local_idx()];
   char* region = q.ctx.rows(t.local_idx());
   typename Net::Warp net(p.net);
-  for (int k = w; k < num_remote; k += p.recv_warps) {
-    const int m = remote_node(k, my_node);
-    if (lane == 0) {
-      st.consumed[m] = *at<uint64_t>(own, L.consumed_word(m, c));
-      st.done[m] = 0;
-    }
-  }
-  __syncwarp();
-  WaitClock clock;
-  while (true) {
-    bool progressed = false;
-    int pending = -1;
-    uint64_t observed = 0, target = 0;
-    for (int k = w; k < num_remote; k += p.recv_warps) {
-      const int m = remote_node(k, my_node);
-      if (st.done[m]) continue;
-      const uint64_t first = st.consumed[m];
-      uint64_t announced = lane == 0 ? net.read(L.tail_signal(m, c)) : 0;
-      announced = __shfl_sync(0xffffffffu, announced, 0);
-      __syncwarp();  // lane 0's acquire before every lane's reads of the slots
-      uint64_t i = first;
-      bool done = false;
-      for (; i < announced && !done; ++i) {
-        char* slot = own + L.recv_slot(m, c, static_cast<int64_t>(i));
-        const int* meta = reinterpret_cast<const int*>(slot + L.meta_offset());
-        if (meta[0] < 0) {
-          done = true;
-          continue;
-        }
-        const int key = meta[1];
-        if (key < 0 || key >= num_part) continue;
-        coop_copy<2>(rows.row(region, part_offset + key), slot, rows.row_bytes, lane, kWarpSize);
-        const float* weights = reinterpret_cast<const float*>(slot + L.topk_weights_offset());
-        for (int kk = lane; kk < K; kk += kWarpSize) rows.topk_weights(region, part_offset + key)[kk] = weights[kk];
-      }
-      if (i > first) {
-        net.signal(c % kMaxNetContexts, t.rail_peer(m), L.head_signal(my_node, c), i - first);
-        if (lane == 0) {
-          st.consumed[m] = i;
-          st.done[m] = done ? 1 : 0;
-        }
-        __syncwarp();
-        progressed = true;
-      }
-      if (!done && pending < 0) {
-        pending = m;
-        observed = announced;
-        target = i + 1;
-      }
-    }
-    if (pending < 0) break;
-    if (progressed) {
-      clock.progressed();
-    } else {
-      int failed = 0;
-      if (lane == 0)
-        failed = idle_poll(q.ctx, clock, Phase::kReduce, t.rail_peer(pending), observed, target) != Idle::kWait;
-      if (__shfl_sync(0xffffffffu, failed, 0)) return false;
-    }
-  }
-  for (int k = w; k < num_remote; k += p.recv_warps) {
-    const int m = remote_node(k, my_node);
-    if (lane == 0) *at<uint64_t>(own, L.consumed_word(m, c)) = st.consumed[m];
-  }
-  return true;
+  return drain_rail_rings<Net>(q.ctx, t, L, net, st, w, p.recv_warps, lane, Phase::kReduce,
+                               [&](int, const char* slot, const int* meta) {
+    const int key = meta[1];
+    if (key < 0 || key >= num_part) return;
+    coop_copy<2>(rows.row(region, part_offset + key), slot, rows.row_bytes, lane, kWarpSize);
+    const float* weights = reinterpret_cast<const float*>(slot + L.topk_weights_offset());
+    for (int kk = lane; kk < K; kk += kWarpSize) rows.topk_weights(region, part_offset + key)[kk] = weights[kk];
+  });
 }
 
 template <typename Net>

@@ -367,6 +367,26 @@ int run_sub(RankCtx& ctx, Buffer& buffer, const Sub& sub, uint64_t seed, int nod
   return 0;
 }
 
+// A split's Buffer options: virtual nodes of c.node_size, RDMA rings of 12 messages in chunks of 3
+// (every stream wraps).
+BufferOptions wrapping_rings(const SplitCase& c) {
+  BufferOptions options;
+  options.config = case_config();
+  options.node_size = c.node_size;
+  options.rdma_chunk_tokens = 3;
+  options.rdma_ring_slots = 12;
+  options.num_rdma_bytes = rdma_bytes(c.world, c.node_size, 3, 12);
+  return options;
+}
+
+// The emulated network's mode on `buffer` (direct or adversarial); returns the tuning set.
+Tuning use_net_mode(Buffer& buffer, EmuMode mode) {
+  Tuning t = tuning(buffer);
+  t.net_adversarial = mode == EmuMode::kAdversarial;
+  set_tuning(buffer, t);
+  return t;
+}
+
 class InternodeDispatchCombine : public ::testing::TestWithParam<SplitCase> {};
 
 // Every sub-case on rings that wrap (12 messages, chunks of 3), then on DeepEP's (252, 6), one
@@ -375,17 +395,9 @@ TEST_P(InternodeDispatchCombine, EveryOutputMatchesTheReference) {
   const SplitCase c = GetParam();
   SKIP_WITHOUT_SIM_WORLD(c.world);
   const uint64_t seed = run_seed();
-  BufferOptions options;
-  options.config = case_config();
-  options.node_size = c.node_size;
-  options.rdma_chunk_tokens = 3;
-  options.rdma_ring_slots = 12;
-  options.num_rdma_bytes = rdma_bytes(c.world, c.node_size, 3, 12);
-  EXPECT_EQ(run_world(WorldMode::kSim, c.world, 32 << 20, options, [&](RankCtx& ctx) {
+  EXPECT_EQ(run_world(WorldMode::kSim, c.world, 32 << 20, wrapping_rings(c), [&](RankCtx& ctx) {
     REQUIRE(ctx.buffer->num_nodes() == c.world / c.node_size, "num_nodes ", ctx.buffer->num_nodes());
-    Tuning t = tuning(*ctx.buffer);
-    t.net_adversarial = c.mode == EmuMode::kAdversarial;
-    set_tuning(*ctx.buffer, t);
+    const Tuning t = use_net_mode(*ctx.buffer, c.mode);
     const std::vector<Sub> subs = subcases(c.world, c.node_size);
     for (const Sub& sub : subs) run_sub(ctx, *ctx.buffer, sub, seed ^ std::hash<std::string>{}(sub.name), c.node_size);
     BufferOptions deep = ctx.options;
@@ -517,16 +529,8 @@ TEST_P(InternodeGraph, CapturedWorstCaseRoundReplaysExactly) {
   const SplitCase c = GetParam();
   SKIP_WITHOUT_SIM_WORLD(c.world);
   const uint64_t seed = run_seed();
-  BufferOptions options;
-  options.config = case_config();
-  options.node_size = c.node_size;
-  options.rdma_chunk_tokens = 3;
-  options.rdma_ring_slots = 12;
-  options.num_rdma_bytes = rdma_bytes(c.world, c.node_size, 3, 12);
-  EXPECT_EQ(run_world(WorldMode::kSim, c.world, 32 << 20, options, [&](RankCtx& ctx) {
-    Tuning t = tuning(*ctx.buffer);
-    t.net_adversarial = c.mode == EmuMode::kAdversarial;
-    set_tuning(*ctx.buffer, t);
+  EXPECT_EQ(run_world(WorldMode::kSim, c.world, 32 << 20, wrapping_rings(c), [&](RankCtx& ctx) {
+    use_net_mode(*ctx.buffer, c.mode);
     run_graph(ctx, *ctx.buffer, seed, c.node_size);
   }), 0);
   std::printf("world %d, node size %d, %s: a captured round and 3 replays match the reference\n", c.world,
