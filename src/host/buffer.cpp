@@ -426,6 +426,18 @@ XShape validate_x(const DispatchInputs& in) {
 
 namespace {
 
+// The plan of a dispatch's rows (the row shape and the experts per rank every rank must agree on),
+// the caller adding its protocol's fields.
+plan::OpPlan dispatch_rows_plan(const Config& config, const RowLayout& rows, int experts_per_rank) {
+  plan::OpPlan plan = plan::launch_plan(config);
+  plan.row_bytes = rows.row_bytes;
+  plan.num_scales = rows.num_scales;
+  plan.num_topk_idx = rows.num_topk_idx;
+  plan.num_topk_weights = rows.num_topk_weights;
+  plan.experts_per_rank = experts_per_rank;
+  return plan;
+}
+
 // The handle's forward records (DispatchHandle::forward_records) for at least `slots` slots: kept
 // when large enough (a captured dispatch keeps its pointer), else made anew.
 void ensure_forward_records(Buffer::Impl& m, DispatchHandle& handle, int64_t slots) {
@@ -596,16 +608,11 @@ void internode_dispatch(Buffer::Impl& m, const DispatchInputs& in, const Dispatc
   q.send_warps = internode_net_warps(m, threads);
   q.forward_warps = q.send_warps;
   {
-    plan::OpPlan plan = plan::launch_plan(m.config);
+    plan::OpPlan plan = dispatch_rows_plan(m.config, rows, p.num_experts_per_rank);
     plan.ring_channels = rdma.num_channels;
     plan.ring_slots = rdma.ring_slots;
     plan.ring_chunk = rdma.chunk_tokens;
     plan.ring_send_warps = q.send_warps;
-    plan.row_bytes = rows.row_bytes;
-    plan.num_scales = rows.num_scales;
-    plan.num_topk_idx = rows.num_topk_idx;
-    plan.num_topk_weights = rows.num_topk_weights;
-    plan.experts_per_rank = p.num_experts_per_rank;
     plan::encode_plan(plan, p.ctx.plan);
   }
   q.forward_records = handle.forward_records;
@@ -773,14 +780,9 @@ void Buffer::dispatch(const DispatchInputs& in, const DispatchHandle& handle, co
     p.copy_warps = ring.slots > 0 ? ring.copy_warps : plan::dispatch_copy_warps(m.config, m.tuning, rows.row_bytes);
     p.ring_slots = ring.slots;
     {
-      plan::OpPlan plan = plan::launch_plan(m.config);
+      plan::OpPlan plan = dispatch_rows_plan(m.config, rows, p.num_experts_per_rank);
       plan.copy_warps = p.copy_warps;
       plan.ring_slots = p.ring_slots;
-      plan.row_bytes = rows.row_bytes;
-      plan.num_scales = rows.num_scales;
-      plan.num_topk_idx = rows.num_topk_idx;
-      plan.num_topk_weights = rows.num_topk_weights;
-      plan.experts_per_rank = p.num_experts_per_rank;
       plan::encode_plan(plan, p.ctx.plan);
     }
     kernels::launch_dispatch(p, m.config.num_sms, m.config.num_threads, stream);
