@@ -156,6 +156,30 @@ Outputs alloc_outputs(const InputSpec& s, int64_t rows) {
   return o;
 }
 
+// Views of `o` as a dispatch's outputs for `rows` rows: recv_x (and scales with fp8), then with
+// `meta` the top-k ids, weights (when the spec has them) and source indices.
+DispatchOutputs output_views(const Outputs& o, const InputSpec& s, int64_t rows, bool meta) {
+  const int K = s.num_topk;
+  DispatchOutputs v;
+  v.recv_x = View::of(o.x.get(), s.fp8 ? DType::kFP8E4M3 : DType::kBF16, {rows, s.hidden});
+  if (s.fp8) v.recv_x_scales = View::of(o.scales.get(), DType::kF32, {rows, num_scale_columns(s)});
+  if (!meta) return v;
+  v.recv_topk_idx = View::of(o.topk_idx.get(), DType::kI64, {rows, K});
+  if (s.with_weights) v.recv_topk_weights = View::of(o.topk_weights.get(), DType::kF32, {rows, K});
+  v.recv_src_idx = View::of(o.src_idx.get(), DType::kI32, {rows});
+  return v;
+}
+
+// A combine's outputs (cx [N, H] bf16, cw [N, K] f32 when the spec has weights) against the reference.
+void check_combined(const DeviceMem& cx, const DeviceMem& cw, const InputSpec& s, const ref::CombineResult& want,
+                    int rank, const std::string& tag) {
+  const size_t N = s.num_tokens, H = s.hidden, K = s.num_topk;
+  expect_equal(cx.download<uint16_t>(N * H), want.combined_x, N * H, tag + " combined_x", token_rows(rank, H));
+  if (s.with_weights)
+    expect_equal(cw.download<float>(N * K), want.combined_topk_weights, N * K, tag + " combined_topk_weights",
+                 token_rows(rank, K));
+}
+
 void check_outputs(const Outputs& o, const InputSpec& s, const ref::DispatchResult& want, bool meta,
                    const std::string& tag) {
   const size_t n = want.num_recv, es = s.fp8 ? 1 : 2, S = num_scale_columns(s), K = s.num_topk;
@@ -200,11 +224,7 @@ void check_combine(RankCtx& ctx, Buffer& buffer, const DispatchHandle& handle, i
   if (s.with_weights) co.combined_topk_weights = View::of(cw.get(), DType::kF32, {N, K});
   buffer.combine(ci, handle, co, ctx.stream);
   buffer.synchronize(ctx.stream);
-  expect_equal(cx.download<uint16_t>(static_cast<size_t>(N) * H), want.combined_x, static_cast<size_t>(N) * H,
-               tag + " combined_x", token_rows(ctx.rank, H));
-  if (s.with_weights)
-    expect_equal(cw.download<float>(static_cast<size_t>(N) * K), want.combined_topk_weights, static_cast<size_t>(N) * K,
-                 tag + " combined_topk_weights", token_rows(ctx.rank, K));
+  check_combined(cx, cw, s, want, ctx.rank, tag);
 }
 
 // One sub-case on every rank: layout, host-synced dispatch (all outputs), cached re-dispatch,
@@ -275,9 +295,7 @@ int run_sub(RankCtx& ctx, Buffer& buffer, const Sub& sub, uint64_t seed, int nod
   Outputs out = alloc_outputs(s, nr);
   if (stop_rank >= 0) {
     if (me == stop_rank) return 0;
-    DispatchOutputs o;
-    o.recv_x = View::of(out.x.get(), in.x.dtype, {nr, s.hidden});
-    if (s.fp8) o.recv_x_scales = View::of(out.scales.get(), DType::kF32, {nr, num_scale_columns(s)});
+    const DispatchOutputs o = output_views(out, s, nr, false);
     try {
       buffer.dispatch(in, handle, o, ctx.stream);
       buffer.synchronize(ctx.stream);
@@ -294,13 +312,7 @@ int run_sub(RankCtx& ctx, Buffer& buffer, const Sub& sub, uint64_t seed, int nod
     }
     throw Failure(detail::concat("rank ", me, "'s dispatch completed without rank ", stop_rank));
   }
-  DispatchOutputs o;
-  o.recv_x = View::of(out.x.get(), in.x.dtype, {nr, s.hidden});
-  if (s.fp8) o.recv_x_scales = View::of(out.scales.get(), DType::kF32, {nr, num_scale_columns(s)});
-  o.recv_topk_idx = View::of(out.topk_idx.get(), DType::kI64, {nr, K});
-  if (s.with_weights) o.recv_topk_weights = View::of(out.topk_weights.get(), DType::kF32, {nr, K});
-  o.recv_src_idx = View::of(out.src_idx.get(), DType::kI32, {nr});
-  buffer.dispatch(in, handle, o, ctx.stream);
+  buffer.dispatch(in, handle, output_views(out, s, nr, true), ctx.stream);
   buffer.synchronize(ctx.stream);
   check_outputs(out, s, mine, true, sub.name);
 
@@ -325,10 +337,7 @@ int run_sub(RankCtx& ctx, Buffer& buffer, const Sub& sub, uint64_t seed, int nod
   cached.x = in.x;
   cached.x_scales = in.x_scales;
   Outputs again = alloc_outputs(s, nr);
-  DispatchOutputs oc;
-  oc.recv_x = View::of(again.x.get(), in.x.dtype, {nr, s.hidden});
-  if (s.fp8) oc.recv_x_scales = View::of(again.scales.get(), DType::kF32, {nr, num_scale_columns(s)});
-  buffer.dispatch(cached, handle, oc, ctx.stream);
+  buffer.dispatch(cached, handle, output_views(again, s, nr, false), ctx.stream);
   buffer.synchronize(ctx.stream);
   check_outputs(again, s, mine, false, sub.name + " cached");
 
@@ -341,13 +350,7 @@ int run_sub(RankCtx& ctx, Buffer& buffer, const Sub& sub, uint64_t seed, int nod
   DispatchHandle hw = buffer.make_handle(N);
   REQUIRE(buffer.dispatch_notify(worst, hw, View{}, ctx.stream) == -1, sub.name, ": worst-case notify returned a count");
   Outputs padded = alloc_outputs(s, rows);
-  DispatchOutputs ow;
-  ow.recv_x = View::of(padded.x.get(), in.x.dtype, {rows, s.hidden});
-  if (s.fp8) ow.recv_x_scales = View::of(padded.scales.get(), DType::kF32, {rows, num_scale_columns(s)});
-  ow.recv_topk_idx = View::of(padded.topk_idx.get(), DType::kI64, {rows, K});
-  if (s.with_weights) ow.recv_topk_weights = View::of(padded.topk_weights.get(), DType::kF32, {rows, K});
-  ow.recv_src_idx = View::of(padded.src_idx.get(), DType::kI32, {rows});
-  buffer.dispatch(worst, hw, ow, ctx.stream);
+  buffer.dispatch(worst, hw, output_views(padded, s, rows, true), ctx.stream);
   buffer.synchronize(ctx.stream);
   const std::string tag = sub.name + " worst-case";
   check_outputs(padded, s, mine, true, tag);
@@ -445,11 +448,7 @@ void run_graph(RankCtx& ctx, Buffer& buffer, uint64_t seed, int node_size) {
   in.num_worst_tokens = static_cast<int>(rows);
   DispatchHandle handle = buffer.make_handle(N);
   Outputs out = alloc_outputs(s, rows);
-  DispatchOutputs o;
-  o.recv_x = View::of(out.x.get(), DType::kBF16, {rows, H});
-  o.recv_topk_idx = View::of(out.topk_idx.get(), DType::kI64, {rows, K});
-  o.recv_topk_weights = View::of(out.topk_weights.get(), DType::kF32, {rows, K});
-  o.recv_src_idx = View::of(out.src_idx.get(), DType::kI32, {rows});
+  const DispatchOutputs o = output_views(out, s, rows, true);
   DeviceMem y(rows * H * 2), cx(static_cast<size_t>(N) * H * 2), cw(static_cast<size_t>(N) * K * 4);
   CombineInputs ci;
   ci.x = View::of(y.get(), DType::kBF16, {rows, H});
@@ -492,11 +491,7 @@ void run_graph(RankCtx& ctx, Buffer& buffer, uint64_t seed, int node_size) {
     const auto idx = out.topk_idx.download<int64_t>(rows * K);
     for (size_t i = want[me].recv.num_recv * K; i < idx.size(); ++i)
       REQUIRE(idx[i] == -1, tag, " padding recv_topk_idx ", i);
-    const ref::CombineResult want_c = ref::internode_combine(want, ys, ws, me, shape, H, {}, {});
-    expect_equal(cx.download<uint16_t>(static_cast<size_t>(N) * H), want_c.combined_x, static_cast<size_t>(N) * H,
-                 tag + " combined_x", token_rows(me, H));
-    expect_equal(cw.download<float>(static_cast<size_t>(N) * K), want_c.combined_topk_weights,
-                 static_cast<size_t>(N) * K, tag + " combined_topk_weights", token_rows(me, K));
+    check_combined(cx, cw, s, ref::internode_combine(want, ys, ws, me, shape, H, {}, {}), me, tag);
   };
 
   std::vector<ref::InternodeDispatchResult> want;
@@ -586,8 +581,7 @@ TEST_P(InternodeErrors, RdmaBytesAreNamed) {
     DispatchHandle h = b.make_handle(N);
     const int nr = b.dispatch_notify(in, h, View{}, ctx.stream);
     Outputs out = alloc_outputs(spec, nr);
-    DispatchOutputs o;
-    o.recv_x = View::of(out.x.get(), DType::kBF16, {nr, spec.hidden});
+    const DispatchOutputs o = output_views(out, spec, nr, false);
     require_error([&] { b.dispatch(in, h, o, ctx.stream); }, ErrorKind::kBufferTooSmall,
                   {"num_rdma_bytes", std::to_string(need)});
     b.reset();
