@@ -123,6 +123,8 @@ def low_latency_dispatch(self, x: torch.Tensor, topk_idx: torch.Tensor,
             two dims. Only the first recv_count[j] rows of expert j are valid.
         recv_count: `[num_local_experts]` int32.
         handle: for `low_latency_combine` (DeepEP's 5 fields, then epx's).
+        The outputs after recv_x (scales, recv_count and the handle's tensors) are disjoint views of
+        one allocation: its memory is freed when the last of them is.
         event: the EventOverlap (event set only with `async_finish`; it keeps the tensors).
         hook: with return_recv_hook, a callable that launches the receive; else None.
     """
