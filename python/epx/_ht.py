@@ -302,38 +302,32 @@ def dispatch(self, x: Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]],
     return recv, recv_topk_idx, recv_topk_weights, counts, new_handle, event
 
 
-def _channel_prefix(mask: torch.Tensor, num_channels: int, out: torch.Tensor) -> None:
-    """`[T, M]` bool -> `out` `[M, C]` int32: inclusive prefix over channels of the true entries of
-    each column, channel c holding rows [c q, min((c + 1) q, T)), q = ceil(T / C)."""
-    T, M = mask.shape
-    q = -(-T // num_channels)
-    if q == 0:
-        out.zero_()
-        return
-    padded = torch.zeros((num_channels * q, M), dtype=torch.int32, device=mask.device)
-    padded[:T] = mask
-    out.copy_(padded.view(num_channels, q, M).sum(1).cumsum(0).t())
-
-
 def _internode_handle(self, is_token_in_rank, rank_prefix_matrix, recv_src_idx, h,
                       allocate_on_comm_stream: bool) -> Tuple:
     """DeepEP's internode 10-tuple (see `dispatch`), the core's handle in the last slot. The slots
     computed from this rank's routing are computed on the communication stream (where
-    is_token_in_rank is ready after previous_event) into tensors allocated like the op's outputs."""
+    is_token_in_rank is ready after previous_event) into tensors allocated like the op's outputs.
+
+    Channel c holds tokens [c q, min((c + 1) q, T)), q = ceil(T / C), so the inclusive prefix over
+    channels of a column's true entries is its running count over tokens at the channel's last
+    token: one cumulative sum over tokens gives both prefix matrices and send_rdma_head."""
     T = is_token_in_rank.size(0)
-    N, U, C = self._num_nodes, self._node_size, self._rdma_channels
+    N, U, C, R = self._num_nodes, self._node_size, self._rdma_channels, self.group_size
     dev = is_token_in_rank.device
     with _alloc(self, allocate_on_comm_stream):
-        rdma_channel_prefix_matrix = torch.empty((N, C), dtype=torch.int32, device=dev)
-        gbl_channel_prefix_matrix = torch.empty((N * U, C), dtype=torch.int32, device=dev)
+        prefix = torch.empty((N + R, C), dtype=torch.int32, device=dev)  # rows: nodes, then ranks
         send_rdma_head = torch.empty((T, N), dtype=torch.int32, device=dev)
     with torch.cuda.stream(self._comm_stream):
         in_node = is_token_in_rank.reshape(T, N, U).any(2)
-        _channel_prefix(in_node, C, rdma_channel_prefix_matrix)
-        _channel_prefix(is_token_in_rank, C, gbl_channel_prefix_matrix)
-        torch.cumsum(in_node, 0, dtype=torch.int32, out=send_rdma_head)
-        send_rdma_head.sub_(1).masked_fill_(~in_node, -1)
-    return (is_token_in_rank, rdma_channel_prefix_matrix, gbl_channel_prefix_matrix, None, None, None,
+        running = torch.cumsum(torch.cat((in_node, is_token_in_rank), 1), 0, dtype=torch.int32)  # [T, N + R]
+        if T > 0:
+            q = -(-T // C)  # the last token of channel c: min((c + 1) q, T) - 1 (all tokens past the end)
+            ends = torch.arange(q - 1, C * q, q, dtype=torch.int64, device=dev).clamp_(max=T - 1)
+            prefix.copy_(running.index_select(0, ends).t())
+        else:
+            prefix.zero_()
+        torch.sub(running[:, :N], 1, out=send_rdma_head).masked_fill_(in_node.logical_not(), -1)
+    return (is_token_in_rank, prefix[:N], prefix[N:], None, None, None,
             rank_prefix_matrix[:, self.rank], recv_src_idx, send_rdma_head, h)
 
 
