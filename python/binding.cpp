@@ -186,11 +186,6 @@ struct PyCommunicator {
   }
 };
 
-// A Buffer and whether its launches release the GIL (a simulated rank's do, see the top).
-struct PyBuffer : Owned<epx::Buffer> {
-  bool simulated = false;
-};
-
 // Releases the GIL for a scope when `release` (a simulated rank's launch). Construct it after the
 // last use of a Python object in the call.
 class GilReleaseIf {
@@ -249,12 +244,41 @@ struct StreamJoin {
   }
   void wait(uintptr_t dst, uintptr_t src) {
     GilReleaseIf nogil(simulated);
-    cudaError_t st = cudaEventRecord(event, to_stream(src));
-    EPX_CHECK(st == cudaSuccess, ErrorKind::kCuda, "stream join: cudaEventRecord on stream ", src,
-              " failed: ", cudaGetErrorString(st));
-    st = cudaStreamWaitEvent(to_stream(dst), event, 0);
-    EPX_CHECK(st == cudaSuccess, ErrorKind::kCuda, "stream join: cudaStreamWaitEvent on stream ", dst,
-              " failed: ", cudaGetErrorString(st));
+    order(to_stream(dst), to_stream(src));
+  }
+  void order(cudaStream_t dst, cudaStream_t src) {
+    cudaError_t st = cudaEventRecord(event, src);
+    EPX_CHECK(st == cudaSuccess, ErrorKind::kCuda, "stream join: cudaEventRecord on stream ",
+              reinterpret_cast<uintptr_t>(src), " failed: ", cudaGetErrorString(st));
+    st = cudaStreamWaitEvent(dst, event, 0);
+    EPX_CHECK(st == cudaSuccess, ErrorKind::kCuda, "stream join: cudaStreamWaitEvent on stream ",
+              reinterpret_cast<uintptr_t>(dst), " failed: ", cudaGetErrorString(st));
+  }
+};
+
+// The stream order of one operation (DeepEP's, which the package keeps): before the launch, the
+// launch stream waits for the work queued on `wait` so far; after it, `join` waits for the launch
+// stream. Either may be absent (the package then waited for an event, or returns one).
+struct StreamOrder {
+  std::optional<cudaStream_t> wait, join;
+};
+
+// A Buffer, whether its launches release the GIL (a simulated rank's do, see the top), and the
+// event its operations' stream orders reuse (made at the first one, on the Buffer's device, which
+// the package checks is current).
+struct PyBuffer : Owned<epx::Buffer> {
+  bool simulated = false;
+  std::unique_ptr<StreamJoin> join;
+
+  void wait_before(const StreamOrder& o, cudaStream_t stream) {
+    if (!o.wait) return;
+    if (!join) join = std::make_unique<StreamJoin>();
+    join->order(stream, *o.wait);
+  }
+  void join_after(const StreamOrder& o, cudaStream_t stream) {
+    if (!o.join) return;
+    if (!join) join = std::make_unique<StreamJoin>();
+    join->order(*o.join, stream);
   }
 };
 
@@ -304,6 +328,8 @@ void translate_error(const epx::Error& e) {
 // by keyword against names interned once (a pointer compare per keyword; pybind11's matching
 // interns every parameter name on every call, about 0.1 us each). The names are the fields of the
 // C++ API's structs; a misspelled, missing or positional argument is a TypeError naming it.
+// The launching ones also take `wait_stream` and `join_stream` (StreamOrder): the stream waits of
+// DeepEP's semantics, made here with the Buffer's one event instead of two more calls.
 
 struct Param {
   const char* name;
@@ -403,6 +429,13 @@ class CallArgs {
     }
     return to_stream(static_cast<uintptr_t>(s));
   }
+  // The parameters `wait_stream` and `join_stream` at `i` and `i + 1` (None: absent).
+  StreamOrder order(int i) const {
+    StreamOrder o;
+    if (given(i)) o.wait = stream(i);
+    if (given(i + 1)) o.join = stream(i + 1);
+    return o;
+  }
   template <class T>
   T& object(int i, const char* expected) const {
     py::handle h = get(i);
@@ -451,7 +484,7 @@ OpSpec g_get_dispatch_layout{
     "get_dispatch_layout",
     {{"topk_idx", kRequired}, {"num_experts", kRequired}, {"num_tokens_per_rank", kRequired},
      {"num_tokens_per_rdma_rank", "None"}, {"num_tokens_per_expert", kRequired}, {"is_token_in_rank", kRequired},
-     {"stream", kRequired}},
+     {"stream", kRequired}, {"wait_stream", "None"}, {"join_stream", "None"}},
     0, "None", "Buffer::get_dispatch_layout (design.md 4.1); num_tokens_per_rdma_rank [num_nodes] int32 or None.",
     {}, {}};
 
@@ -464,9 +497,12 @@ PyObject* op_get_dispatch_layout(PyObject* self, PyObject* const* args, Py_ssize
     const int num_experts = a.integer(1, 0);
     const View per_rank = a.view(2), per_rdma_rank = a.view(3), per_expert = a.view(4), in_rank = a.view(5);
     const cudaStream_t stream = a.stream(6);
+    const StreamOrder order = a.order(7);
     {
       GilReleaseIf nogil(b.simulated);
+      b.wait_before(order, stream);
       buf.get_dispatch_layout(topk, num_experts, per_rank, per_rdma_rank, per_expert, in_rank, stream);
+      b.join_after(order, stream);
     }
     Py_RETURN_NONE;
   });
@@ -504,7 +540,7 @@ epx::DispatchInputs dispatch_inputs(const CallArgs& a) {
 
 OpSpec g_dispatch_notify{
     "dispatch_notify",
-    with_dispatch_inputs({{"num_recv_tokens_per_expert", "None"}, {"stream", kRequired}}),
+    with_dispatch_inputs({{"num_recv_tokens_per_expert", "None"}, {"stream", kRequired}, {"wait_stream", "None"}, {"join_stream", "None"}}),
     1, "int",
     "Buffer::dispatch_notify: fills `handle` (host-synced: waits for the counts); returns the rows this rank "
     "receives, -1 with num_worst_tokens > 0.",
@@ -519,10 +555,13 @@ PyObject* op_dispatch_notify(PyObject* self, PyObject* const* args, Py_ssize_t n
     const epx::DispatchInputs in = dispatch_inputs(a);
     const View counts = a.view(10);
     const cudaStream_t stream = a.stream(11);
+    const StreamOrder order = a.order(12);
     int rows = 0;
     {
       py::gil_scoped_release nogil;  // host-synced: waits for the peers
+      b.wait_before(order, stream);
       rows = buf.dispatch_notify(in, h.handle, counts, stream);
+      b.join_after(order, stream);
     }
     return PyLong_FromLong(rows);
   });
@@ -535,7 +574,7 @@ OpSpec g_dispatch{
                           {"recv_topk_idx", "None"},
                           {"recv_topk_weights", "None"},
                           {"recv_src_idx", "None"},
-                          {"stream", kRequired}}),
+                          {"stream", kRequired}, {"wait_stream", "None"}, {"join_stream", "None"}}),
     1, "None",
     "Buffer::dispatch: moves the rows (a handle from dispatch_notify, or a filled one: cached; the layout "
     "inputs are then not read).",
@@ -555,9 +594,12 @@ PyObject* op_dispatch(PyObject* self, PyObject* const* args, Py_ssize_t nargs, P
     out.recv_topk_weights = a.view(13);
     out.recv_src_idx = a.view(14);
     const cudaStream_t stream = a.stream(15);
+    const StreamOrder order = a.order(16);
     {
       GilReleaseIf nogil(b.simulated);
+      b.wait_before(order, stream);
       buf.dispatch(in, h.handle, out, stream);
+      b.join_after(order, stream);
     }
     Py_RETURN_NONE;
   });
@@ -566,7 +608,7 @@ PyObject* op_dispatch(PyObject* self, PyObject* const* args, Py_ssize_t nargs, P
 OpSpec g_combine{
     "combine",
     {{"handle", kRequired}, {"x", kRequired}, {"topk_weights", "None"}, {"bias_0", "None"}, {"bias_1", "None"},
-     {"combined_x", kRequired}, {"combined_topk_weights", "None"}, {"stream", kRequired}},
+     {"combined_x", kRequired}, {"combined_topk_weights", "None"}, {"stream", kRequired}, {"wait_stream", "None"}, {"join_stream", "None"}},
     1, "None", "Buffer::combine (design.md 4.3).", {}, {}};
 
 PyObject* op_combine(PyObject* self, PyObject* const* args, Py_ssize_t nargs, PyObject* kwnames) {
@@ -584,9 +626,12 @@ PyObject* op_combine(PyObject* self, PyObject* const* args, Py_ssize_t nargs, Py
     out.combined_x = a.view(5);
     out.combined_topk_weights = a.view(6);
     const cudaStream_t stream = a.stream(7);
+    const StreamOrder order = a.order(8);
     {
       GilReleaseIf nogil(b.simulated);
+      b.wait_before(order, stream);
       buf.combine(in, h.handle, out, stream);
+      b.join_after(order, stream);
     }
     Py_RETURN_NONE;
   });
@@ -599,7 +644,7 @@ OpSpec g_low_latency_dispatch{
      {"use_fp8", "True"}, {"round_scale", "False"}, {"scale_format", "LowLatencyScale.kFloat"},
      {"cumulative_local_expert_recv_stats", "None"}, {"dispatch_wait_recv_cost_stats", "None"},
      {"return_recv_hook", "False"}, {"recv_x", kRequired}, {"recv_scales", "None"}, {"recv_count", kRequired},
-     {"src_info", kRequired}, {"layout_range", kRequired}, {"src_topk_slot", kRequired}, {"stream", kRequired}},
+     {"src_info", kRequired}, {"layout_range", kRequired}, {"src_topk_slot", kRequired}, {"stream", kRequired}, {"wait_stream", "None"}, {"join_stream", "None"}},
     0, "LowLatencyHandle",
     "Buffer::low_latency_dispatch: returns its LowLatencyHandle (buffer_idx: the low-latency buffer it used; "
     "its views are the given src_info, layout_range and src_topk_slot).",
@@ -629,10 +674,13 @@ PyObject* op_low_latency_dispatch(PyObject* self, PyObject* const* args, Py_ssiz
     out.layout_range = a.view(14);
     out.src_topk_slot = a.view(15);
     const cudaStream_t stream = a.stream(16);
+    const StreamOrder order = a.order(17);
     epx::LowLatencyHandle h;
     {
       GilReleaseIf nogil(b.simulated);
+      b.wait_before(order, stream);
       h = buf.low_latency_dispatch(d, out, stream);
+      b.join_after(order, stream);
     }
     return py::cast(std::move(h)).release().ptr();
   });
@@ -641,7 +689,7 @@ PyObject* op_low_latency_dispatch(PyObject* self, PyObject* const* args, Py_ssiz
 OpSpec g_low_latency_combine{
     "low_latency_combine",
     {{"handle", kRequired}, {"x", "None"}, {"topk_idx", kRequired}, {"topk_weights", kRequired}, {"zero_copy", "False"},
-     {"return_recv_hook", "False"}, {"out", kRequired}, {"stream", kRequired}},
+     {"return_recv_hook", "False"}, {"out", kRequired}, {"stream", kRequired}, {"wait_stream", "None"}, {"join_stream", "None"}},
     1, "int",
     "Buffer::low_latency_combine with the dispatch's LowLatencyHandle: returns the index of the low-latency "
     "buffer it used (a hook-mode combine's receive takes it).",
@@ -661,10 +709,13 @@ PyObject* op_low_latency_combine(PyObject* self, PyObject* const* args, Py_ssize
     c.return_recv_hook = a.boolean(5, false);
     const View out = a.view(6);
     const cudaStream_t stream = a.stream(7);
+    const StreamOrder order = a.order(8);
     int used = 0;
     {
       GilReleaseIf nogil(b.simulated);
+      b.wait_before(order, stream);
       used = buf.low_latency_combine(c, h, out, stream);
+      b.join_after(order, stream);
     }
     return PyLong_FromLong(used);
   });

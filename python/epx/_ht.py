@@ -95,7 +95,7 @@ def get_dispatch_layout(self, topk_idx: torch.Tensor, num_experts: int,
     d_topk = _desc(self, topk_idx, "topk_idx", _I64, ndim=2)
     _check_int("num_experts", num_experts, 1)
     R, num_tokens = self.group_size, topk_idx.size(0)
-    compute = _begin(self, previous_event, async_finish, allocate_on_comm_stream)
+    _, wait, join = _begin(self, previous_event, async_finish, allocate_on_comm_stream)
     with _alloc(self, allocate_on_comm_stream):
         num_tokens_per_rank = torch.empty((R,), dtype=torch.int32, device=self._device)
         num_tokens_per_expert = torch.empty((num_experts,), dtype=torch.int32, device=self._device)
@@ -107,8 +107,9 @@ def get_dispatch_layout(self, topk_idx: torch.Tensor, num_experts: int,
                            num_tokens_per_rdma_rank=None if num_tokens_per_rdma_rank is None else
                            _out_desc(num_tokens_per_rdma_rank),
                            num_tokens_per_expert=_out_desc(num_tokens_per_expert),
-                           is_token_in_rank=_out_desc(is_token_in_rank), stream=self._comm_raw)
-    event = _end(self, compute, async_finish, allocate_on_comm_stream,
+                           is_token_in_rank=_out_desc(is_token_in_rank), stream=self._comm_raw,
+                           wait_stream=wait, join_stream=join)
+    event = _end(self, async_finish, allocate_on_comm_stream,
                  (topk_idx, num_tokens_per_rank, num_tokens_per_rdma_rank, num_tokens_per_expert, is_token_in_rank))
     return num_tokens_per_rank, num_tokens_per_rdma_rank, num_tokens_per_expert, is_token_in_rank, event
 
@@ -222,7 +223,7 @@ def dispatch(self, x: Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]],
             raise _error("InvalidArgument", f"num_worst_tokens: the handle was made with num_worst_tokens="
                                             f"{worst}, got {num_worst_tokens}")
         rows = max(worst if worst > 0 else h.num_recv_tokens, 0)
-        compute = _begin(self, previous_event, async_finish, allocate_on_comm_stream)
+        _, wait, join = _begin(self, previous_event, async_finish, allocate_on_comm_stream)
         dev = self._device
         if allocate_on_comm_stream:
             with torch.cuda.stream(self._comm_stream):
@@ -236,8 +237,8 @@ def dispatch(self, x: Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]],
         out_desc = _out_desc
         rt.dispatch(h, x=d_x, x_scales=d_scales, expert_alignment=expert_alignment, num_worst_tokens=worst,
                     recv_x=out_desc(recv_x), recv_x_scales=None if recv_x_scales is None else out_desc(recv_x_scales),
-                    stream=self._comm_raw)
-        event = _end(self, compute, async_finish, allocate_on_comm_stream,
+                    stream=self._comm_raw, wait_stream=wait, join_stream=join)
+        event = _end(self, async_finish, allocate_on_comm_stream,
                      (x, x_scales, recv_x, recv_x_scales, h.storage) if async_finish else None)
         return (recv_x, recv_x_scales) if x_scales is not None else recv_x, None, None, None, None, event
 
@@ -250,7 +251,12 @@ def dispatch(self, x: Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]],
     total, o_rpm, o_cm, o_sp, o_nr = _C.DispatchHandle.storage_layout(R, num_tokens)
 
     stream = self._comm_raw
-    compute = _begin(self, previous_event, async_finish, allocate_on_comm_stream)
+    _, wait, join = _begin(self, previous_event, async_finish, allocate_on_comm_stream)
+    if wait is not None:  # before the handle's memset on the communication stream
+        self._stream_wait(stream, wait)
+    # Across nodes the handle's slots are computed after the dispatch, on the communication stream:
+    # the current stream waits for them (below), not for the dispatch alone.
+    join_after_dispatch = join if self._num_nodes == 1 else None
     with _alloc(self, allocate_on_comm_stream):
         storage = torch.empty((total,), dtype=torch.int32, device=self._device)
     _C.memset_async(storage.data_ptr(), 0, total * 4, stream)
@@ -283,7 +289,7 @@ def dispatch(self, x: Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]],
                 recv_x_scales=None if recv_x_scales is None else _out_desc(recv_x_scales),
                 recv_topk_idx=None if recv_topk_idx is None else _out_desc(recv_topk_idx),
                 recv_topk_weights=None if recv_topk_weights is None else _out_desc(recv_topk_weights),
-                recv_src_idx=_out_desc(recv_src_idx), stream=stream)
+                recv_src_idx=_out_desc(recv_src_idx), stream=stream, join_stream=join_after_dispatch)
     rank_prefix_matrix = storage[o_rpm:o_cm].view(R, R)
     count_matrix = storage[o_cm:o_sp].view(R, R)
     send_pos = storage[o_sp:o_nr].view(num_tokens, R)
@@ -294,7 +300,9 @@ def dispatch(self, x: Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]],
         new_handle = _internode_handle(self, is_token_in_rank, rank_prefix_matrix, recv_src_idx, h,
                                        allocate_on_comm_stream)
         computed = new_handle[1:3] + new_handle[8:9]
-    event = _end(self, compute, async_finish, allocate_on_comm_stream,
+        if join is not None:
+            self._stream_wait(join, stream)
+    event = _end(self, async_finish, allocate_on_comm_stream,
                  (x, x_scales, topk_idx, topk_weights, num_tokens_per_rank, num_tokens_per_rdma_rank, is_token_in_rank,
                   num_tokens_per_expert, storage, recv_x, recv_x_scales, recv_topk_idx, recv_topk_weights,
                   recv_src_idx) + computed)
@@ -375,7 +383,7 @@ def combine(self, x: torch.Tensor, handle: Tuple,
         d_bias_1 = _opt_desc(self, bias_1, "bias[1]", _BF16)
     _apply_config(self, config)
     num_tokens = h.num_tokens
-    compute = _begin(self, previous_event, async_finish, allocate_on_comm_stream)
+    _, wait, join = _begin(self, previous_event, async_finish, allocate_on_comm_stream)
     dev = self._device
     if allocate_on_comm_stream:
         with torch.cuda.stream(self._comm_stream):
@@ -389,8 +397,8 @@ def combine(self, x: torch.Tensor, handle: Tuple,
     out_desc = _out_desc
     rt.combine(h, x=d_x, topk_weights=d_weights, bias_0=d_bias_0, bias_1=d_bias_1, combined_x=out_desc(combined_x),
                combined_topk_weights=None if combined_topk_weights is None else out_desc(combined_topk_weights),
-               stream=self._comm_raw)
-    event = _end(self, compute, async_finish, allocate_on_comm_stream,
+               stream=self._comm_raw, wait_stream=wait, join_stream=join)
+    event = _end(self, async_finish, allocate_on_comm_stream,
                  (x, topk_weights, bias_0, bias_1, h.storage, combined_x, combined_topk_weights)
                  if async_finish else None)
     return combined_x, combined_topk_weights, event

@@ -150,7 +150,7 @@ def low_latency_dispatch(self, x: torch.Tensor, topk_idx: torch.Tensor,
     l_x, l_scales, l_count, l_info, l_range, l_slot, l_offsets, l_words = \
         _ll_layout(self.group_size, num_experts, T, hidden, use_fp8, use_ue8m0)
 
-    compute, launch = _ll_begin(self, return_recv_hook)
+    compute, launch, wait, join = _ll_begin(self, async_finish, return_recv_hook)
     dev = self._device
     recv_x = torch.empty(l_x[0], dtype=l_x[2], device=dev)
     small = torch.empty((l_words,), dtype=torch.int32, device=dev)
@@ -169,7 +169,7 @@ def low_latency_dispatch(self, x: torch.Tensor, topk_idx: torch.Tensor,
         recv_scales=None if recv_scales is None else (recv_scales.data_ptr(),) + l_scales[3],
         recv_count=(recv_count.data_ptr(),) + l_count[3], src_info=(src_info.data_ptr(),) + l_info[3],
         layout_range=(layout_range.data_ptr(),) + l_range[3],
-        src_topk_slot=(src_topk_slot.data_ptr(),) + l_slot[3], stream=launch)
+        src_topk_slot=(src_topk_slot.data_ptr(),) + l_slot[3], stream=launch, wait_stream=wait, join_stream=join)
     buffer_idx = core.buffer_idx
     handle = (src_info, layout_range, T, hidden, num_experts, src_topk_slot, num_topk, buffer_idx, core)
     tensors = (x, topk_idx, recv_x, recv_scales, recv_count, src_info, layout_range, src_topk_slot,
@@ -230,14 +230,14 @@ def low_latency_combine(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weig
     d_topk = _desc(self, topk_idx, "topk_idx", _I64, 2)
     d_weights = _desc(self, topk_weights, "topk_weights", _F32, 2)
     d_out = None if out is None else _desc(self, out, "out", _BF16, 2)
-    compute, launch = _ll_begin(self, return_recv_hook)
+    compute, launch, wait, join = _ll_begin(self, async_finish, return_recv_hook)
     if out is None:
         out = torch.empty((d_topk[2][0], hidden), dtype=torch.bfloat16, device=self._device)
         d_out = _out_desc(out)
     # The buffer the combine used: a hook-mode combine's receive takes it.
     used_buffer = rt.low_latency_combine(core, x=d_x, topk_idx=d_topk, topk_weights=d_weights,
                                          zero_copy=bool(zero_copy), return_recv_hook=return_recv_hook, out=d_out,
-                                         stream=launch)
+                                         stream=launch, wait_stream=wait, join_stream=join)
     tensors = (x, topk_idx, topk_weights, src_info, layout_range, src_topk_slot, out) \
         if async_finish or return_recv_hook else None
     event, hook = _ll_finish(self, rt, compute, async_finish, return_recv_hook, used_buffer, tensors)

@@ -8,8 +8,11 @@ communication stream before the call returns. The low-latency ops run on the com
 too, except with `return_recv_hook=True` (the send and, through the hook, the receive run on the
 current stream).
 
-Stream-to-stream waits go through the Buffer's `_stream_wait` (one reusable event, epx._C.StreamJoin);
-streams cross the binding as cudaStream_t ints. Nothing here touches CUDA at import.
+The stream waits around an operation are made by its binding call (`wait_stream`: the stream it
+launches on first waits for it; `join_stream`: it waits for that stream after the launch; one
+reusable event of the core buffer). Other stream-to-stream waits go through the Buffer's
+`_stream_wait` (epx._C.StreamJoin). Streams cross the binding as cudaStream_t ints. Nothing here
+touches CUDA at import.
 """
 import contextlib
 from typing import Optional, Tuple
@@ -46,9 +49,11 @@ def _ll_rt(self) -> "_C.Buffer":
 
 
 def _begin(self, previous_event: Optional[EventOverlap], async_finish: bool,
-           allocate_on_comm_stream: bool) -> int:
-    """The communication stream waits for `previous_event` or the current stream; returns the
-    current stream (its cudaStream_t). An EventOverlap without an event is no event (as in DeepEP)."""
+           allocate_on_comm_stream: bool) -> Tuple[int, Optional[int], Optional[int]]:
+    """The communication stream waits for `previous_event` (here) or for the current stream (the
+    binding call's `wait_stream`). Returns (current stream, wait_stream, join_stream) as cudaStream_t
+    ints: join_stream is the current stream, which waits for the operation, unless async_finish
+    (then `_end` returns an event). An EventOverlap without an event is no event (as in DeepEP)."""
     event = None
     if previous_event is not None:
         try:
@@ -64,22 +69,21 @@ def _begin(self, previous_event: Optional[EventOverlap], async_finish: bool,
         raise _error("InvalidArgument", "allocate_on_comm_stream: needs a previous_event holding an event and "
                                         "async_finish=True (as in DeepEP)")
     compute = _current_raw_stream(self._device_index)
+    join = None if async_finish else compute
     if event is not None:
         event.wait(self._comm_stream)
-    else:
-        self._stream_wait(self._comm_raw, compute)
-    return compute
+        return compute, None, join
+    return compute, compute, join
 
 
 def _alloc(self, allocate_on_comm_stream: bool):
     return torch.cuda.stream(self._comm_stream) if allocate_on_comm_stream else _NO_CONTEXT
 
 
-def _end(self, compute: int, async_finish: bool, allocate_on_comm_stream: bool, tensors) -> EventOverlap:
-    """Joins (the current stream `compute` waits) or returns an event with the tensors recorded on
-    the streams."""
+def _end(self, async_finish: bool, allocate_on_comm_stream: bool, tensors) -> EventOverlap:
+    """With async_finish, an event on the communication stream, the tensors recorded on the streams;
+    else none (the binding call's join_stream made the current stream wait)."""
     if not async_finish:
-        self._stream_wait(compute, self._comm_raw)
         return EventOverlap()
     comm = self._comm_stream
     event = EventHandle._recorded_on(comm)
@@ -93,19 +97,21 @@ def _end(self, compute: int, async_finish: bool, allocate_on_comm_stream: bool, 
     return EventOverlap(event)
 
 
-def _ll_begin(self, return_recv_hook: bool) -> Tuple[int, int]:
-    """(current stream, launch stream): with return_recv_hook the op runs on the current stream,
-    else on the communication stream, which first waits for the current one."""
+def _ll_begin(self, async_finish: bool, return_recv_hook: bool) -> Tuple[int, int, Optional[int], Optional[int]]:
+    """(current stream, launch stream, wait_stream, join_stream): with return_recv_hook the op runs on
+    the current stream; else on the communication stream, which first waits for the current one
+    (wait_stream), and the current stream waits for it after the launch (join_stream) unless
+    async_finish."""
     compute = _current_raw_stream(self._device_index)
     if return_recv_hook:
-        return compute, compute
-    self._stream_wait(self._comm_raw, compute)
-    return compute, self._comm_raw
+        return compute, compute, None, None
+    return compute, self._comm_raw, compute, None if async_finish else compute
 
 
 def _ll_finish(self, rt, compute: int, async_finish: bool, return_recv_hook: bool, buffer_idx: int, keep):
-    """Event or join, and the receive hook (which keeps the op's tensors alive until it runs). The
-    op ran on the current stream `compute` with return_recv_hook, else on the communication stream."""
+    """The event (async_finish) and the receive hook (which keeps the op's tensors alive until it
+    runs). The op ran on the current stream `compute` with return_recv_hook, else on the
+    communication stream (joined by the binding call unless async_finish)."""
     if return_recv_hook:  # (never with async_finish)
         def hook() -> None:
             _ = keep
@@ -113,5 +119,4 @@ def _ll_finish(self, rt, compute: int, async_finish: bool, return_recv_hook: boo
         return None, hook
     if async_finish:
         return EventHandle._recorded_on(self._comm_stream), None
-    self._stream_wait(compute, self._comm_raw)
     return None, None

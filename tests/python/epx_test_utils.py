@@ -622,3 +622,13 @@ def check_binding_call(fn, args: tuple, kwargs: dict) -> None:
     unknown = set(kwargs) - set(positional[len(args):]) - set(keywords)
     assert not unknown, f"{name}: no parameter {sorted(unknown)} (it takes {positional + keywords})"
     assert required <= given, f"{name}: missing {sorted(required - given)}"
+
+
+def log_ordered_call(log: list, entry, kwargs: dict) -> None:
+    """Appends a recorded binding call `entry` to `log` between the stream waits its call asks for, as
+    ("wait", dst, src) entries: ("wait", stream, wait_stream) before, ("wait", join_stream, stream) after."""
+    if kwargs.get("wait_stream") is not None:
+        log.append(("wait", kwargs["stream"], kwargs["wait_stream"]))
+    log.append(entry)
+    if kwargs.get("join_stream") is not None:
+        log.append(("wait", kwargs["join_stream"], kwargs["stream"]))

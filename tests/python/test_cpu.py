@@ -11,7 +11,7 @@ from conftest import require_epx
 
 torch, epx = require_epx()
 from epx import _C  # noqa: E402
-from epx_test_utils import check_binding_call, expect_error  # noqa: E402
+from epx_test_utils import check_binding_call, expect_error, log_ordered_call  # noqa: E402
 
 
 # ---- Package and errors -------------------------------------------------------------------------------
@@ -339,13 +339,13 @@ class _RecordingRuntime:
         if name in ("dispatch", "combine", "low_latency_receive"):
             def record(*args, **kwargs):
                 check_binding_call(getattr(_C.Buffer, name), args, kwargs)
-                self.log.append((name, args, kwargs))
+                log_ordered_call(self.log, (name, args, kwargs), kwargs)
             return record
         raise AssertionError(f"unexpected runtime call {name}")
 
     def low_latency_dispatch(self, **kwargs):
         check_binding_call(_C.Buffer.low_latency_dispatch, (), kwargs)
-        self.log.append(("low_latency_dispatch", (), kwargs))
+        log_ordered_call(self.log, ("low_latency_dispatch", (), kwargs), kwargs)
         return _C.LowLatencyHandle(num_max_dispatch_tokens_per_rank=kwargs["num_max_dispatch_tokens_per_rank"],
                                    hidden=kwargs["x"][2][1], num_experts=kwargs["num_experts"],
                                    num_topk=kwargs["topk_idx"][2][1], buffer_idx=1, src_info=kwargs["src_info"],
@@ -353,7 +353,7 @@ class _RecordingRuntime:
 
     def low_latency_combine(self, handle, **kwargs):
         check_binding_call(_C.Buffer.low_latency_combine, (handle,), kwargs)
-        self.log.append(("low_latency_combine", (handle,), kwargs))
+        log_ordered_call(self.log, ("low_latency_combine", (handle,), kwargs), kwargs)
         return 0  # the buffer it used (not the dispatch's: the hook must take this one)
 
 

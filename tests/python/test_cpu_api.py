@@ -20,7 +20,7 @@ from conftest import require_epx
 torch, epx = require_epx()
 from epx import _C  # noqa: E402
 from test_cpu import _COMM, _COMPUTE, expect_error, fake_buffer  # noqa: E402,F401  (fake_buffer: a fixture)
-from epx_test_utils import check_binding_call  # noqa: E402
+from epx_test_utils import check_binding_call, log_ordered_call  # noqa: E402
 
 REQUIRED = inspect.Parameter.empty
 
@@ -405,18 +405,18 @@ class _Runtime:
         if name in ("get_dispatch_layout", "dispatch", "combine", "low_latency_receive"):
             def record(*args, **kwargs):
                 check_binding_call(getattr(_C.Buffer, name), args, kwargs)
-                self.log.append((name, kwargs, args))
+                log_ordered_call(self.log, (name, kwargs, args), kwargs)
             return record
         raise AssertionError(f"unexpected runtime call {name}")
 
     def dispatch_notify(self, handle, **kwargs):
         check_binding_call(_C.Buffer.dispatch_notify, (handle,), kwargs)
-        self.log.append(("dispatch_notify", kwargs, (handle,)))
+        log_ordered_call(self.log, ("dispatch_notify", kwargs, (handle,)), kwargs)
         return self.num_recv
 
     def low_latency_dispatch(self, **kwargs):
         check_binding_call(_C.Buffer.low_latency_dispatch, (), kwargs)
-        self.log.append(("low_latency_dispatch", kwargs, ()))
+        log_ordered_call(self.log, ("low_latency_dispatch", kwargs, ()), kwargs)
         return _C.LowLatencyHandle(num_max_dispatch_tokens_per_rank=kwargs["num_max_dispatch_tokens_per_rank"],
                                    hidden=kwargs["x"][2][1], num_experts=kwargs["num_experts"],
                                    num_topk=kwargs["topk_idx"][2][1], buffer_idx=0, src_info=kwargs["src_info"],
@@ -424,7 +424,7 @@ class _Runtime:
 
     def low_latency_combine(self, handle, **kwargs):
         check_binding_call(_C.Buffer.low_latency_combine, (handle,), kwargs)
-        self.log.append(("low_latency_combine", kwargs, (handle,)))
+        log_ordered_call(self.log, ("low_latency_combine", kwargs, (handle,)), kwargs)
         return 1  # the buffer it used
 
     def peer_pointer(self, peer):

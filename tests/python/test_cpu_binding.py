@@ -53,13 +53,14 @@ def test_operations_take_the_cpp_field_names_as_keywords(header):
     for params in re.findall(r"void get_dispatch_layout\(const View& topk_idx, int num_experts, (.*?)\);", header, re.S):
         layout_params |= set(params.replace("const View&", "").replace("cudaStream_t", "").replace("\n", " ").split(","))
     assert {"num_tokens_per_rdma_rank", "stream"} <= {p.strip() for p in layout_params}
+    order = {"wait_stream", "join_stream"}  # the binding's stream order around a launch (StreamOrder)
     expected = {  # op: (positional parameters, the keywords' source)
-        "get_dispatch_layout": ((), {"topk_idx", "num_experts"} | {p.strip() for p in layout_params}),
-        "dispatch_notify": (("handle",), f["DispatchInputs"] | {"num_recv_tokens_per_expert", "stream"}),
-        "dispatch": (("handle",), f["DispatchInputs"] | f["DispatchOutputs"] | {"stream"}),
-        "combine": (("handle",), f["CombineInputs"] | f["CombineOutputs"] | {"stream"}),
-        "low_latency_dispatch": ((), f["LowLatencyDispatchArgs"] | f["LowLatencyDispatchOutputs"] | {"stream"}),
-        "low_latency_combine": (("handle",), f["LowLatencyCombineArgs"] | {"out", "stream"}),
+        "get_dispatch_layout": ((), {"topk_idx", "num_experts"} | {p.strip() for p in layout_params} | order),
+        "dispatch_notify": (("handle",), f["DispatchInputs"] | {"num_recv_tokens_per_expert", "stream"} | order),
+        "dispatch": (("handle",), f["DispatchInputs"] | f["DispatchOutputs"] | {"stream"} | order),
+        "combine": (("handle",), f["CombineInputs"] | f["CombineOutputs"] | {"stream"} | order),
+        "low_latency_dispatch": ((), f["LowLatencyDispatchArgs"] | f["LowLatencyDispatchOutputs"] | {"stream"} | order),
+        "low_latency_combine": (("handle",), f["LowLatencyCombineArgs"] | {"out", "stream"} | order),
         "low_latency_receive": ((), {"buffer_idx", "stream"}),
         "low_latency_query_mask_buffer": ((), {"mask_status", "stream"}),
     }
