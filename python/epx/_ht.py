@@ -224,16 +224,14 @@ def dispatch(self, x: Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]],
                                             f"{worst}, got {num_worst_tokens}")
         rows = max(worst if worst > 0 else h.num_recv_tokens, 0)
         _, wait, join = _begin(self, previous_event, async_finish, allocate_on_comm_stream)
-        dev = self._device
+        # new_empty: x's dtype and device (checked) without torch.empty's keyword parsing.
         if allocate_on_comm_stream:
             with torch.cuda.stream(self._comm_stream):
-                recv_x = torch.empty((rows, hidden), dtype=x.dtype, device=dev)
-                recv_x_scales = None if x_scales is None else \
-                    torch.empty((rows,) + tuple(x_scales.shape[1:]), dtype=x_scales.dtype, device=dev)
+                recv_x = x.new_empty((rows, hidden))
+                recv_x_scales = None if x_scales is None else x_scales.new_empty((rows,) + tuple(x_scales.shape[1:]))
         else:
-            recv_x = torch.empty((rows, hidden), dtype=x.dtype, device=dev)
-            recv_x_scales = None if x_scales is None else \
-                torch.empty((rows,) + tuple(x_scales.shape[1:]), dtype=x_scales.dtype, device=dev)
+            recv_x = x.new_empty((rows, hidden))
+            recv_x_scales = None if x_scales is None else x_scales.new_empty((rows,) + tuple(x_scales.shape[1:]))
         out_desc = _out_desc
         rt.dispatch(h, x=d_x, x_scales=d_scales, expert_alignment=expert_alignment, num_worst_tokens=worst,
                     recv_x=out_desc(recv_x), recv_x_scales=None if recv_x_scales is None else out_desc(recv_x_scales),
@@ -384,16 +382,15 @@ def combine(self, x: torch.Tensor, handle: Tuple,
     _apply_config(self, config)
     num_tokens = h.num_tokens
     _, wait, join = _begin(self, previous_event, async_finish, allocate_on_comm_stream)
-    dev = self._device
+    # new_empty: the dtype (bfloat16, float32) and device of the checked inputs.
     if allocate_on_comm_stream:
         with torch.cuda.stream(self._comm_stream):
-            combined_x = torch.empty((num_tokens, d_x[2][1]), dtype=torch.bfloat16, device=dev)
+            combined_x = x.new_empty((num_tokens, d_x[2][1]))
             combined_topk_weights = None if d_weights is None else \
-                torch.empty((num_tokens, d_weights[2][1]), dtype=torch.float32, device=dev)
+                topk_weights.new_empty((num_tokens, d_weights[2][1]))
     else:
-        combined_x = torch.empty((num_tokens, d_x[2][1]), dtype=torch.bfloat16, device=dev)
-        combined_topk_weights = None if d_weights is None else \
-            torch.empty((num_tokens, d_weights[2][1]), dtype=torch.float32, device=dev)
+        combined_x = x.new_empty((num_tokens, d_x[2][1]))
+        combined_topk_weights = None if d_weights is None else topk_weights.new_empty((num_tokens, d_weights[2][1]))
     out_desc = _out_desc
     rt.combine(h, x=d_x, topk_weights=d_weights, bias_0=d_bias_0, bias_1=d_bias_1, combined_x=out_desc(combined_x),
                combined_topk_weights=None if combined_topk_weights is None else out_desc(combined_topk_weights),

@@ -151,9 +151,8 @@ def low_latency_dispatch(self, x: torch.Tensor, topk_idx: torch.Tensor,
         _ll_layout(self.group_size, num_experts, T, hidden, use_fp8, use_ue8m0)
 
     compute, launch, wait, join = _ll_begin(self, async_finish, return_recv_hook)
-    dev = self._device
-    recv_x = torch.empty(l_x[0], dtype=l_x[2], device=dev)
-    small = torch.empty((l_words,), dtype=torch.int32, device=dev)
+    recv_x = x.new_empty(l_x[0], dtype=l_x[2])  # on x's device (checked)
+    small = x.new_empty((l_words,), dtype=torch.int32)
     o_scales, o_count, o_info, o_range, o_slot = l_offsets
     recv_scales = None if l_scales is None else \
         (small if l_scales[2] is torch.int32 else small.view(l_scales[2])).as_strided(l_scales[0], l_scales[1], o_scales)
@@ -232,7 +231,8 @@ def low_latency_combine(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weig
     d_out = None if out is None else _desc(self, out, "out", _BF16, 2)
     compute, launch, wait, join = _ll_begin(self, async_finish, return_recv_hook)
     if out is None:
-        out = torch.empty((d_topk[2][0], hidden), dtype=torch.bfloat16, device=self._device)
+        # On this device as topk_weights (checked; x is not with zero_copy).
+        out = topk_weights.new_empty((d_topk[2][0], hidden), dtype=torch.bfloat16)
         d_out = _out_desc(out)
     # The buffer the combine used: a hook-mode combine's receive takes it.
     used_buffer = rt.low_latency_combine(core, x=d_x, topk_idx=d_topk, topk_weights=d_weights,
