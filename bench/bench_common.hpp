@@ -5,6 +5,7 @@
 
 #include <cstdint>
 #include <functional>
+#include <stdexcept>
 #include <string>
 #include <vector>
 
@@ -135,12 +136,18 @@ std::vector<Row> run_ll(const Options& o, Communicator& comm);
 
 // A benchmark driver on the common run path (driver.cpp): the common options (--mode, --sim,
 // --sms, --tokens, --json, ...), their checks, the workloads and the report, plus its own options.
+// A bad command line: run_driver prints "<program>: <what>" and returns 2.
+struct UsageError : std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
+
 struct Driver {
   std::string program;             // the name in its usage and at the start of its messages
   std::vector<std::string> usage;  // the usage lines of its own options, after the common ones
   std::string about;               // the usage's closing lines: what it runs
-  // One of its own options into `o`; `value()` takes the option's argument (exits 2 with a message
-  // when there is none). False: not one of its options ("unknown option", the usage, exit 2).
+  // One of its own options into `o`; `value()` takes the option's argument (throws UsageError
+  // when there is none). False: not one of its options ("unknown option", the usage, status 2).
+  // A UsageError thrown here ends the run with its message and status 2.
   std::function<bool(const std::string& option, const std::function<const char*()>& value, Options& o)> parse;
   // The options once all are parsed: false (with a message on stderr) ends the run with status 2.
   std::function<bool(const Options& o)> check;

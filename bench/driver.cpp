@@ -298,34 +298,39 @@ int run_driver(int argc, char** argv, const Driver& driver) {
   o.program = driver.program;
   const char* const program = o.program.c_str();
   bool sms_given = false;
-  for (int i = 1; i < argc; ++i) {
-    const std::string a = argv[i];
-    const std::function<const char*()> next = [&]() -> const char* {
-      if (i + 1 >= argc) { std::fprintf(stderr, "%s: %s needs a value\n", program, a.c_str()); std::exit(2); }
-      return argv[++i];
-    };
-    if (a == "--mode") o.mode = next();
-    else if (a == "--world") o.world = std::atoi(next());
-    else if (a == "--sim") o.sim = std::atoi(next());
-    else if (a == "--tokens") o.tokens = parse_int_list(next());
-    else if (a == "--hidden") o.hidden = parse_int_list(next());
-    else if (a == "--experts") o.experts = std::atoi(next());
-    else if (a == "--topk") o.topk = std::atoi(next());
-    else if (a == "--sms") o.sms = parse_int_list(next()), sms_given = true;
-    else if (a == "--routing") o.routing = next();
-    else if (a == "--ll-tokens") o.ll_tokens = std::atoi(next());
-    else if (a == "--warmup") o.warmup = std::atoi(next());
-    else if (a == "--iters") o.iters = std::atoi(next());
-    else if (a == "--seed") o.seed = std::strtoull(next(), nullptr, 10);
-    else if (a == "--json") o.json = next();
-    else if (a == "--buffer-fraction") o.buffer_fraction = std::atoi(next());
-    else if (a == "--node-size") o.node_size = std::atoi(next());
-    else if (a == "-h" || a == "--help") { usage(driver); return 0; }
-    else if (!driver.parse || !driver.parse(a, next, o)) {
-      std::fprintf(stderr, "%s: unknown option %s\n", program, a.c_str());
-      usage(driver);
-      return 2;
+  try {
+    for (int i = 1; i < argc; ++i) {
+      const std::string a = argv[i];
+      const std::function<const char*()> next = [&]() -> const char* {
+        if (i + 1 >= argc) throw UsageError(a + " needs a value");
+        return argv[++i];
+      };
+      if (a == "--mode") o.mode = next();
+      else if (a == "--world") o.world = std::atoi(next());
+      else if (a == "--sim") o.sim = std::atoi(next());
+      else if (a == "--tokens") o.tokens = parse_int_list(next());
+      else if (a == "--hidden") o.hidden = parse_int_list(next());
+      else if (a == "--experts") o.experts = std::atoi(next());
+      else if (a == "--topk") o.topk = std::atoi(next());
+      else if (a == "--sms") o.sms = parse_int_list(next()), sms_given = true;
+      else if (a == "--routing") o.routing = next();
+      else if (a == "--ll-tokens") o.ll_tokens = std::atoi(next());
+      else if (a == "--warmup") o.warmup = std::atoi(next());
+      else if (a == "--iters") o.iters = std::atoi(next());
+      else if (a == "--seed") o.seed = std::strtoull(next(), nullptr, 10);
+      else if (a == "--json") o.json = next();
+      else if (a == "--buffer-fraction") o.buffer_fraction = std::atoi(next());
+      else if (a == "--node-size") o.node_size = std::atoi(next());
+      else if (a == "-h" || a == "--help") { usage(driver); return 0; }
+      else if (!driver.parse || !driver.parse(a, next, o)) {
+        std::fprintf(stderr, "%s: unknown option %s\n", program, a.c_str());
+        usage(driver);
+        return 2;
+      }
     }
+  } catch (const UsageError& e) {
+    std::fprintf(stderr, "%s: %s\n", program, e.what());
+    return 2;
   }
   if (o.mode != "ht" && o.mode != "ll" && o.mode != "all" && o.mode != "internode") {
     std::fprintf(stderr, "%s: --mode: expected ht, ll, all or internode, got %s\n", program, o.mode.c_str());

@@ -2,8 +2,7 @@
 // (--mode ht|ll|all|internode) through the one timing harness and prints and writes (--json) their
 // rows (bench/driver.cpp). The developer knob sweeps are epx_sweep's: epx_bench refuses them by
 // name, so that a preset run is always the same set of rows.
-#include <cstdio>
-#include <cstdlib>
+#include <string>
 
 #include "bench_common.hpp"
 
@@ -17,11 +16,8 @@ int main(int argc, char** argv) {
       "The developer knob sweeps are epx_sweep's (epx_sweep --help).\n";
   driver.parse = [](const std::string& option, const std::function<const char*()>&, Options&) {
     for (const char* sweep : kSweepOptions) {
-      if (option == sweep) {
-        std::fprintf(stderr, "epx_bench: %s is a knob sweep: epx_sweep has it (epx_sweep --help); epx_bench times "
-                     "the presets\n", option.c_str());
-        std::exit(2);
-      }
+      if (option == sweep)
+        throw UsageError(option + " is a knob sweep: epx_sweep has it (epx_sweep --help); epx_bench times the presets");
     }
     return false;
   };

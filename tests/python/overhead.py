@@ -5,8 +5,8 @@
 Real ranks: one process per GPU (all visible by default; needs 2). Simulated ranks (`--sim R`, and by
 default when fewer than 2 GPUs are visible): R ranks as threads of this process on GPU 0 (an
 epx.SimWorld, see epx/sim.py). For each operation, rank 0 prints:
-  - host us/call: time of the Python call (the epx.Buffer method), averaged over a loop of calls
-    that do not wait for the GPU (the fresh dispatch does: it includes the count exchange). Real
+  - host us/call: time of the Python call (the epx.Buffer method): the median over --rounds loops
+    of the mean of each loop of calls that do not wait for the GPU (the fresh dispatch does: it includes the count exchange). Real
     ranks: wall time. Simulated ranks take turns: while one issues its loop, its peers wait in a host
     barrier (no GIL held, no CPU used), so its wall time is its own host cost; the kernels it queued
     wait on the GPU for the peers' turns (bounded by the wait timeout). The host-synced fresh
@@ -19,6 +19,7 @@ epx.SimWorld, see epx/sim.py). For each operation, rank 0 prints:
 import argparse
 import os
 import socket
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -66,7 +67,11 @@ class Rank:
         else:
             dist.barrier()
 
-    def host_us(self, fn, iters: int, host_synced: bool = False) -> float:
+    def host_us(self, fn, iters: int, rounds: int, host_synced: bool = False) -> float:
+        """The median over `rounds` loops of the mean host time per call of a loop of `iters` calls."""
+        return statistics.median(self._loop_us(fn, iters, host_synced) for _ in range(rounds))
+
+    def _loop_us(self, fn, iters: int, host_synced: bool) -> float:
         self.synchronize()
         self.barrier()
         if not self.simulated or host_synced:
@@ -156,8 +161,8 @@ def measure_rank(ctx: Rank, device: torch.device, args):
     def measure(name, wrapper, raw=None, iters=args.iters, host_synced=False):
         for _ in range(3):
             wrapper()
-        rows.append((name, ctx.host_us(wrapper, iters, host_synced),
-                     ctx.host_us(raw, iters) if raw else float("nan"), ctx.gpu_us(wrapper, iters)))
+        rows.append((name, ctx.host_us(wrapper, iters, args.rounds, host_synced),
+                     ctx.host_us(raw, iters, args.rounds) if raw else float("nan"), ctx.gpu_us(wrapper, iters)))
 
     measure("dispatch (fresh, host-synced)", fresh, host_synced=True)
     measure("dispatch (cached)", lambda: buffer.dispatch(x, handle=handle),
@@ -191,7 +196,7 @@ def measure_rank(ctx: Rank, device: torch.device, args):
     mode = f"simulated EP{world} (ranks as threads on cuda:{device.index}, taking turns on the host)" \
         if ctx.simulated else f"EP{world}"
     title = (f"epx overhead: {mode}, HT {N} tokens x {H} hidden, LL {T} tokens, {E} experts, top-{K}, "
-             f"{args.iters} calls each (rank 0)")
+             f"median of {args.rounds} loops of {args.iters} calls each (rank 0)")
     return title, rows
 
 
@@ -229,6 +234,7 @@ def main() -> int:
     parser.add_argument("--experts-per-rank", type=int, default=8)
     parser.add_argument("--topk", type=int, default=8)
     parser.add_argument("--iters", type=int, default=50)
+    parser.add_argument("--rounds", type=int, default=5, help="loops of --iters calls per figure (their median)")
     args = parser.parse_args()
     num_gpus = torch.cuda.device_count()
     if args.sim and args.num_processes:
