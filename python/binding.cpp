@@ -23,6 +23,7 @@
 #include <memory>
 #include <optional>
 #include <string>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -231,8 +232,7 @@ struct OwnedStream {
 // construction; both streams must be on it.
 struct StreamJoin {
   cudaEvent_t event = nullptr;
-  bool simulated = false;  // release the GIL around the record and wait (see the top)
-  explicit StreamJoin(bool simulated_rank = false) : simulated(simulated_rank) {
+  StreamJoin() {
     const cudaError_t st = cudaEventCreateWithFlags(&event, cudaEventDisableTiming);
     EPX_CHECK(st == cudaSuccess, ErrorKind::kCuda, "stream join: cudaEventCreateWithFlags failed: ",
               cudaGetErrorString(st));
@@ -242,10 +242,7 @@ struct StreamJoin {
   ~StreamJoin() {
     if (event != nullptr) (void)cudaEventDestroy(event);  // may fail once the CUDA runtime is unloading
   }
-  void wait(uintptr_t dst, uintptr_t src) {
-    GilReleaseIf nogil(simulated);
-    order(to_stream(dst), to_stream(src));
-  }
+  // Stream `dst` waits for the work queued on `src` so far (no host sync).
   void order(cudaStream_t dst, cudaStream_t src) {
     cudaError_t st = cudaEventRecord(event, src);
     EPX_CHECK(st == cudaSuccess, ErrorKind::kCuda, "stream join: cudaEventRecord on stream ",
@@ -264,21 +261,28 @@ struct StreamOrder {
 };
 
 // A Buffer, whether its launches release the GIL (a simulated rank's do, see the top), and the
-// event its operations' stream orders reuse (made at the first one, on the Buffer's device, which
-// the package checks is current).
+// one event of its stream waits (made at the first, on the Buffer's device, which the package
+// checks is current).
 struct PyBuffer : Owned<epx::Buffer> {
   bool simulated = false;
-  std::unique_ptr<StreamJoin> join;
+  std::unique_ptr<StreamJoin> join_;
 
-  void wait_before(const StreamOrder& o, cudaStream_t stream) {
-    if (!o.wait) return;
-    if (!join) join = std::make_unique<StreamJoin>();
-    join->order(stream, *o.wait);
+  StreamJoin& join() {
+    if (!join_) join_ = std::make_unique<StreamJoin>();
+    return *join_;
   }
-  void join_after(const StreamOrder& o, cudaStream_t stream) {
-    if (!o.join) return;
-    if (!join) join = std::make_unique<StreamJoin>();
-    join->order(*o.join, stream);
+  // Runs `launch` (a launch on `stream`) between the stream waits `o` asks for.
+  template <class Launch>
+  auto ordered(const StreamOrder& o, cudaStream_t stream, Launch&& launch) -> decltype(launch()) {
+    if (o.wait) join().order(stream, *o.wait);
+    if constexpr (std::is_void_v<decltype(launch())>) {
+      launch();
+      if (o.join) join().order(*o.join, stream);
+    } else {
+      auto result = launch();
+      if (o.join) join().order(*o.join, stream);
+      return result;
+    }
   }
 };
 
@@ -480,11 +484,17 @@ PyObject* guarded(Body&& body) {
 
 PyBuffer& self_buffer(PyObject* self) { return py::handle(self).cast<PyBuffer&>(); }
 
+// A launching operation's parameters: `params`, then the launch stream and its StreamOrder.
+std::vector<Param> launching(std::vector<Param> params) {
+  params.insert(params.end(), {{"stream", kRequired}, {"wait_stream", "None"}, {"join_stream", "None"}});
+  return params;
+}
+
 OpSpec g_get_dispatch_layout{
     "get_dispatch_layout",
-    {{"topk_idx", kRequired}, {"num_experts", kRequired}, {"num_tokens_per_rank", kRequired},
-     {"num_tokens_per_rdma_rank", "None"}, {"num_tokens_per_expert", kRequired}, {"is_token_in_rank", kRequired},
-     {"stream", kRequired}, {"wait_stream", "None"}, {"join_stream", "None"}},
+    launching({{"topk_idx", kRequired}, {"num_experts", kRequired}, {"num_tokens_per_rank", kRequired},
+               {"num_tokens_per_rdma_rank", "None"}, {"num_tokens_per_expert", kRequired},
+               {"is_token_in_rank", kRequired}}),
     0, "None", "Buffer::get_dispatch_layout (design.md 4.1); num_tokens_per_rdma_rank [num_nodes] int32 or None.",
     {}, {}};
 
@@ -500,9 +510,9 @@ PyObject* op_get_dispatch_layout(PyObject* self, PyObject* const* args, Py_ssize
     const StreamOrder order = a.order(7);
     {
       GilReleaseIf nogil(b.simulated);
-      b.wait_before(order, stream);
-      buf.get_dispatch_layout(topk, num_experts, per_rank, per_rdma_rank, per_expert, in_rank, stream);
-      b.join_after(order, stream);
+      b.ordered(order, stream, [&] {
+        buf.get_dispatch_layout(topk, num_experts, per_rank, per_rdma_rank, per_expert, in_rank, stream);
+      });
     }
     Py_RETURN_NONE;
   });
@@ -540,7 +550,7 @@ epx::DispatchInputs dispatch_inputs(const CallArgs& a) {
 
 OpSpec g_dispatch_notify{
     "dispatch_notify",
-    with_dispatch_inputs({{"num_recv_tokens_per_expert", "None"}, {"stream", kRequired}, {"wait_stream", "None"}, {"join_stream", "None"}}),
+    launching(with_dispatch_inputs({{"num_recv_tokens_per_expert", "None"}})),
     1, "int",
     "Buffer::dispatch_notify: fills `handle` (host-synced: waits for the counts); returns the rows this rank "
     "receives, -1 with num_worst_tokens > 0.",
@@ -559,9 +569,7 @@ PyObject* op_dispatch_notify(PyObject* self, PyObject* const* args, Py_ssize_t n
     int rows = 0;
     {
       py::gil_scoped_release nogil;  // host-synced: waits for the peers
-      b.wait_before(order, stream);
-      rows = buf.dispatch_notify(in, h.handle, counts, stream);
-      b.join_after(order, stream);
+      rows = b.ordered(order, stream, [&] { return buf.dispatch_notify(in, h.handle, counts, stream); });
     }
     return PyLong_FromLong(rows);
   });
@@ -569,12 +577,11 @@ PyObject* op_dispatch_notify(PyObject* self, PyObject* const* args, Py_ssize_t n
 
 OpSpec g_dispatch{
     "dispatch",
-    with_dispatch_inputs({{"recv_x", kRequired},
-                          {"recv_x_scales", "None"},
-                          {"recv_topk_idx", "None"},
-                          {"recv_topk_weights", "None"},
-                          {"recv_src_idx", "None"},
-                          {"stream", kRequired}, {"wait_stream", "None"}, {"join_stream", "None"}}),
+    launching(with_dispatch_inputs({{"recv_x", kRequired},
+                                    {"recv_x_scales", "None"},
+                                    {"recv_topk_idx", "None"},
+                                    {"recv_topk_weights", "None"},
+                                    {"recv_src_idx", "None"}})),
     1, "None",
     "Buffer::dispatch: moves the rows (a handle from dispatch_notify, or a filled one: cached; the layout "
     "inputs are then not read).",
@@ -597,9 +604,7 @@ PyObject* op_dispatch(PyObject* self, PyObject* const* args, Py_ssize_t nargs, P
     const StreamOrder order = a.order(16);
     {
       GilReleaseIf nogil(b.simulated);
-      b.wait_before(order, stream);
-      buf.dispatch(in, h.handle, out, stream);
-      b.join_after(order, stream);
+      b.ordered(order, stream, [&] { buf.dispatch(in, h.handle, out, stream); });
     }
     Py_RETURN_NONE;
   });
@@ -607,8 +612,8 @@ PyObject* op_dispatch(PyObject* self, PyObject* const* args, Py_ssize_t nargs, P
 
 OpSpec g_combine{
     "combine",
-    {{"handle", kRequired}, {"x", kRequired}, {"topk_weights", "None"}, {"bias_0", "None"}, {"bias_1", "None"},
-     {"combined_x", kRequired}, {"combined_topk_weights", "None"}, {"stream", kRequired}, {"wait_stream", "None"}, {"join_stream", "None"}},
+    launching({{"handle", kRequired}, {"x", kRequired}, {"topk_weights", "None"}, {"bias_0", "None"},
+               {"bias_1", "None"}, {"combined_x", kRequired}, {"combined_topk_weights", "None"}}),
     1, "None", "Buffer::combine (design.md 4.3).", {}, {}};
 
 PyObject* op_combine(PyObject* self, PyObject* const* args, Py_ssize_t nargs, PyObject* kwnames) {
@@ -629,9 +634,7 @@ PyObject* op_combine(PyObject* self, PyObject* const* args, Py_ssize_t nargs, Py
     const StreamOrder order = a.order(8);
     {
       GilReleaseIf nogil(b.simulated);
-      b.wait_before(order, stream);
-      buf.combine(in, h.handle, out, stream);
-      b.join_after(order, stream);
+      b.ordered(order, stream, [&] { buf.combine(in, h.handle, out, stream); });
     }
     Py_RETURN_NONE;
   });
@@ -639,12 +642,13 @@ PyObject* op_combine(PyObject* self, PyObject* const* args, Py_ssize_t nargs, Py
 
 OpSpec g_low_latency_dispatch{
     "low_latency_dispatch",
-    {{"x", kRequired}, {"topk_idx", kRequired}, {"num_max_dispatch_tokens_per_rank", kRequired},
-     {"num_experts", kRequired},
-     {"use_fp8", "True"}, {"round_scale", "False"}, {"scale_format", "LowLatencyScale.kFloat"},
-     {"cumulative_local_expert_recv_stats", "None"}, {"dispatch_wait_recv_cost_stats", "None"},
-     {"return_recv_hook", "False"}, {"recv_x", kRequired}, {"recv_scales", "None"}, {"recv_count", kRequired},
-     {"src_info", kRequired}, {"layout_range", kRequired}, {"src_topk_slot", kRequired}, {"stream", kRequired}, {"wait_stream", "None"}, {"join_stream", "None"}},
+    launching({{"x", kRequired}, {"topk_idx", kRequired}, {"num_max_dispatch_tokens_per_rank", kRequired},
+               {"num_experts", kRequired},
+               {"use_fp8", "True"}, {"round_scale", "False"}, {"scale_format", "LowLatencyScale.kFloat"},
+               {"cumulative_local_expert_recv_stats", "None"}, {"dispatch_wait_recv_cost_stats", "None"},
+               {"return_recv_hook", "False"}, {"recv_x", kRequired}, {"recv_scales", "None"},
+               {"recv_count", kRequired}, {"src_info", kRequired}, {"layout_range", kRequired},
+               {"src_topk_slot", kRequired}}),
     0, "LowLatencyHandle",
     "Buffer::low_latency_dispatch: returns its LowLatencyHandle (buffer_idx: the low-latency buffer it used; "
     "its views are the given src_info, layout_range and src_topk_slot).",
@@ -678,9 +682,7 @@ PyObject* op_low_latency_dispatch(PyObject* self, PyObject* const* args, Py_ssiz
     epx::LowLatencyHandle h;
     {
       GilReleaseIf nogil(b.simulated);
-      b.wait_before(order, stream);
-      h = buf.low_latency_dispatch(d, out, stream);
-      b.join_after(order, stream);
+      h = b.ordered(order, stream, [&] { return buf.low_latency_dispatch(d, out, stream); });
     }
     return py::cast(std::move(h)).release().ptr();
   });
@@ -688,8 +690,8 @@ PyObject* op_low_latency_dispatch(PyObject* self, PyObject* const* args, Py_ssiz
 
 OpSpec g_low_latency_combine{
     "low_latency_combine",
-    {{"handle", kRequired}, {"x", "None"}, {"topk_idx", kRequired}, {"topk_weights", kRequired}, {"zero_copy", "False"},
-     {"return_recv_hook", "False"}, {"out", kRequired}, {"stream", kRequired}, {"wait_stream", "None"}, {"join_stream", "None"}},
+    launching({{"handle", kRequired}, {"x", "None"}, {"topk_idx", kRequired}, {"topk_weights", kRequired},
+               {"zero_copy", "False"}, {"return_recv_hook", "False"}, {"out", kRequired}}),
     1, "int",
     "Buffer::low_latency_combine with the dispatch's LowLatencyHandle: returns the index of the low-latency "
     "buffer it used (a hook-mode combine's receive takes it).",
@@ -713,9 +715,7 @@ PyObject* op_low_latency_combine(PyObject* self, PyObject* const* args, Py_ssize
     int used = 0;
     {
       GilReleaseIf nogil(b.simulated);
-      b.wait_before(order, stream);
-      used = buf.low_latency_combine(c, h, out, stream);
-      b.join_after(order, stream);
+      used = b.ordered(order, stream, [&] { return buf.low_latency_combine(c, h, out, stream); });
     }
     return PyLong_FromLong(used);
   });
@@ -943,13 +943,6 @@ PYBIND11_MODULE(_C, m) {
     EPX_CHECK(st == cudaSuccess, ErrorKind::kCuda, "cudaMemsetAsync failed: ", cudaGetErrorString(st));
   }, py::arg("ptr"), py::arg("value"), py::arg("num_bytes"), py::arg("stream"));
 
-  py::class_<StreamJoin>(m, "StreamJoin",
-                         "A reusable CUDA event (made on the current device) for stream-to-stream waits.")
-      .def(py::init<bool>(), py::arg("simulated") = false,
-           "simulated: the join of a simulated rank's Buffer (its waits release the GIL).")
-      .def("wait", &StreamJoin::wait, py::arg("dst"), py::arg("src"),
-           "Stream `dst` (a cudaStream_t int) waits for the work queued on stream `src` so far (no host sync).");
-
   py::class_<OwnedStream>(m, "Stream",
                           "A non-blocking CUDA stream of its own on `device` (torch.cuda.ExternalStream wraps "
                           "its handle); destroyed with this object.")
@@ -1154,6 +1147,12 @@ PYBIND11_MODULE(_C, m) {
 
       // Errors and lifecycle
       .def("check", [](PyBuffer& b) { b.get().check(); })
+      .def("stream_wait", [](PyBuffer& b, uintptr_t dst, uintptr_t src) {
+             GilReleaseIf nogil(b.simulated);
+             b.join().order(to_stream(dst), to_stream(src));
+           }, py::arg("dst"), py::arg("src"),
+           "Stream `dst` (a cudaStream_t int) waits for the work queued on stream `src` so far (no host sync), "
+           "with the event of the operations' wait_stream / join_stream.")
       .def("synchronize", [](PyBuffer& b, uintptr_t stream) {
              epx::Buffer& buf = b.get();
              py::gil_scoped_release nogil;

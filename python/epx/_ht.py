@@ -95,7 +95,7 @@ def get_dispatch_layout(self, topk_idx: torch.Tensor, num_experts: int,
     d_topk = _desc(self, topk_idx, "topk_idx", _I64, ndim=2)
     _check_int("num_experts", num_experts, 1)
     R, num_tokens = self.group_size, topk_idx.size(0)
-    _, wait, join = _begin(self, previous_event, async_finish, allocate_on_comm_stream)
+    wait, join = _begin(self, previous_event, async_finish, allocate_on_comm_stream)
     with _alloc(self, allocate_on_comm_stream):
         num_tokens_per_rank = torch.empty((R,), dtype=torch.int32, device=self._device)
         num_tokens_per_expert = torch.empty((num_experts,), dtype=torch.int32, device=self._device)
@@ -223,13 +223,8 @@ def dispatch(self, x: Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]],
             raise _error("InvalidArgument", f"num_worst_tokens: the handle was made with num_worst_tokens="
                                             f"{worst}, got {num_worst_tokens}")
         rows = max(worst if worst > 0 else h.num_recv_tokens, 0)
-        _, wait, join = _begin(self, previous_event, async_finish, allocate_on_comm_stream)
-        # new_empty: x's dtype and device (checked) without torch.empty's keyword parsing.
-        if allocate_on_comm_stream:
-            with torch.cuda.stream(self._comm_stream):
-                recv_x = x.new_empty((rows, hidden))
-                recv_x_scales = None if x_scales is None else x_scales.new_empty((rows,) + tuple(x_scales.shape[1:]))
-        else:
+        wait, join = _begin(self, previous_event, async_finish, allocate_on_comm_stream)
+        with _alloc(self, allocate_on_comm_stream):  # new_empty: x's dtype and device (checked)
             recv_x = x.new_empty((rows, hidden))
             recv_x_scales = None if x_scales is None else x_scales.new_empty((rows,) + tuple(x_scales.shape[1:]))
         out_desc = _out_desc
@@ -249,12 +244,11 @@ def dispatch(self, x: Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]],
     total, o_rpm, o_cm, o_sp, o_nr = _C.DispatchHandle.storage_layout(R, num_tokens)
 
     stream = self._comm_raw
-    _, wait, join = _begin(self, previous_event, async_finish, allocate_on_comm_stream)
-    if wait is not None:  # before the handle's memset on the communication stream
+    # The fresh dispatch queues work of its own on the communication stream (the handle's memset
+    # before, across nodes the handle's slots after its binding calls): it waits itself.
+    wait, join = _begin(self, previous_event, async_finish, allocate_on_comm_stream)
+    if wait is not None:
         self._stream_wait(stream, wait)
-    # Across nodes the handle's slots are computed after the dispatch, on the communication stream:
-    # the current stream waits for them (below), not for the dispatch alone.
-    join_after_dispatch = join if self._num_nodes == 1 else None
     with _alloc(self, allocate_on_comm_stream):
         storage = torch.empty((total,), dtype=torch.int32, device=self._device)
     _C.memset_async(storage.data_ptr(), 0, total * 4, stream)
@@ -287,7 +281,7 @@ def dispatch(self, x: Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]],
                 recv_x_scales=None if recv_x_scales is None else _out_desc(recv_x_scales),
                 recv_topk_idx=None if recv_topk_idx is None else _out_desc(recv_topk_idx),
                 recv_topk_weights=None if recv_topk_weights is None else _out_desc(recv_topk_weights),
-                recv_src_idx=_out_desc(recv_src_idx), stream=stream, join_stream=join_after_dispatch)
+                recv_src_idx=_out_desc(recv_src_idx), stream=stream)
     rank_prefix_matrix = storage[o_rpm:o_cm].view(R, R)
     count_matrix = storage[o_cm:o_sp].view(R, R)
     send_pos = storage[o_sp:o_nr].view(num_tokens, R)
@@ -298,8 +292,8 @@ def dispatch(self, x: Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]],
         new_handle = _internode_handle(self, is_token_in_rank, rank_prefix_matrix, recv_src_idx, h,
                                        allocate_on_comm_stream)
         computed = new_handle[1:3] + new_handle[8:9]
-        if join is not None:
-            self._stream_wait(join, stream)
+    if join is not None:
+        self._stream_wait(join, stream)
     event = _end(self, async_finish, allocate_on_comm_stream,
                  (x, x_scales, topk_idx, topk_weights, num_tokens_per_rank, num_tokens_per_rdma_rank, is_token_in_rank,
                   num_tokens_per_expert, storage, recv_x, recv_x_scales, recv_topk_idx, recv_topk_weights,
@@ -381,14 +375,8 @@ def combine(self, x: torch.Tensor, handle: Tuple,
         d_bias_1 = _opt_desc(self, bias_1, "bias[1]", _BF16)
     _apply_config(self, config)
     num_tokens = h.num_tokens
-    _, wait, join = _begin(self, previous_event, async_finish, allocate_on_comm_stream)
-    # new_empty: the dtype (bfloat16, float32) and device of the checked inputs.
-    if allocate_on_comm_stream:
-        with torch.cuda.stream(self._comm_stream):
-            combined_x = x.new_empty((num_tokens, d_x[2][1]))
-            combined_topk_weights = None if d_weights is None else \
-                topk_weights.new_empty((num_tokens, d_weights[2][1]))
-    else:
+    wait, join = _begin(self, previous_event, async_finish, allocate_on_comm_stream)
+    with _alloc(self, allocate_on_comm_stream):  # new_empty: the checked inputs' dtypes and device
         combined_x = x.new_empty((num_tokens, d_x[2][1]))
         combined_topk_weights = None if d_weights is None else topk_weights.new_empty((num_tokens, d_weights[2][1]))
     out_desc = _out_desc

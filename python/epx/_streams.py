@@ -10,9 +10,9 @@ current stream).
 
 The stream waits around an operation are made by its binding call (`wait_stream`: the stream it
 launches on first waits for it; `join_stream`: it waits for that stream after the launch; one
-reusable event of the core buffer). Other stream-to-stream waits go through the Buffer's
-`_stream_wait` (epx._C.StreamJoin). Streams cross the binding as cudaStream_t ints. Nothing here
-touches CUDA at import.
+reusable event of the core buffer); the fresh dispatch, which queues work of its own around its
+binding calls, waits through the Buffer's `_stream_wait` (the core buffer's `stream_wait`, the same
+event). Streams cross the binding as cudaStream_t ints. Nothing here touches CUDA at import.
 """
 import contextlib
 from typing import Optional, Tuple
@@ -49,11 +49,11 @@ def _ll_rt(self) -> "_C.Buffer":
 
 
 def _begin(self, previous_event: Optional[EventOverlap], async_finish: bool,
-           allocate_on_comm_stream: bool) -> Tuple[int, Optional[int], Optional[int]]:
+           allocate_on_comm_stream: bool) -> Tuple[Optional[int], Optional[int]]:
     """The communication stream waits for `previous_event` (here) or for the current stream (the
-    binding call's `wait_stream`). Returns (current stream, wait_stream, join_stream) as cudaStream_t
-    ints: join_stream is the current stream, which waits for the operation, unless async_finish
-    (then `_end` returns an event). An EventOverlap without an event is no event (as in DeepEP)."""
+    binding call's `wait_stream`). Returns (wait_stream, join_stream) as cudaStream_t ints or None:
+    join_stream is the current stream, which waits for the operation, unless async_finish (then
+    `_end` returns an event). An EventOverlap without an event is no event (as in DeepEP)."""
     event = None
     if previous_event is not None:
         try:
@@ -72,8 +72,8 @@ def _begin(self, previous_event: Optional[EventOverlap], async_finish: bool,
     join = None if async_finish else compute
     if event is not None:
         event.wait(self._comm_stream)
-        return compute, None, join
-    return compute, compute, join
+        return None, join
+    return compute, join
 
 
 def _alloc(self, allocate_on_comm_stream: bool):

@@ -202,8 +202,8 @@ class Buffer:
         else:
             self._comm_stream = torch.cuda.Stream(device=self._device, priority=-1)
         self._comm_raw = self._comm_stream.cuda_stream  # its cudaStream_t, for the binding
-        # Stream-to-stream waits (comm <-> current) through one reusable event on this device.
-        self._stream_wait = _C.StreamJoin(sim_comm is not None).wait
+        # Stream-to-stream waits (comm <-> current) through the core buffer's reusable event.
+        self._stream_wait = self.runtime.stream_wait
         self._counts_host = None  # pinned [MAX_LOCAL_EXPERTS] int32 the notify kernel writes
         self._counts_device_ptr = 0
 
