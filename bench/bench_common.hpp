@@ -149,14 +149,15 @@ struct Driver {
   // when there is none). False: not one of its options ("unknown option", the usage, status 2).
   // A UsageError thrown here ends the run with its message and status 2.
   std::function<bool(const std::string& option, const std::function<const char*()>& value, Options& o)> parse;
-  // The options once all are parsed: false (with a message on stderr) ends the run with status 2.
-  std::function<bool(const Options& o)> check;
+  // The options once all are parsed: a UsageError thrown here ends the run as one from `parse`.
+  std::function<void(const Options& o)> check;
 };
 // Parses argv with `driver` and runs the workloads asked for (on the local GPUs, or simulated with
 // --sim R); the process's exit status: 0 (also when this machine cannot run them: the output says
 // "Nothing was run"), 1 when a rank failed or the JSON could not be written, 2 for a bad command line.
 int run_driver(int argc, char** argv, const Driver& driver);
-// "4,6,8" as {4, 6, 8}.
+// "a,b,c" as {"a", "b", "c"}; "4,6,8" as {4, 6, 8}.
+std::vector<std::string> split_list(const char* s);
 std::vector<int> parse_int_list(const char* s);
 
 // Measurements that a simulated run skips, each with its reason (printed and in the JSON).

@@ -285,11 +285,16 @@ void usage(const Driver& driver) {
 
 }  // namespace
 
+std::vector<std::string> split_list(const char* s) {
+  std::vector<std::string> v;
+  std::stringstream ss(s);
+  for (std::string item; std::getline(ss, item, ',');) v.push_back(item);
+  return v;
+}
+
 std::vector<int> parse_int_list(const char* s) {
   std::vector<int> v;
-  std::stringstream ss(s);
-  std::string item;
-  while (std::getline(ss, item, ',')) v.push_back(std::atoi(item.c_str()));
+  for (const std::string& item : split_list(s)) v.push_back(std::atoi(item.c_str()));
   return v;
 }
 
@@ -328,24 +333,18 @@ int run_driver(int argc, char** argv, const Driver& driver) {
         return 2;
       }
     }
+    if (o.mode != "ht" && o.mode != "ll" && o.mode != "all" && o.mode != "internode")
+      throw UsageError("--mode: expected ht, ll, all or internode, got " + o.mode);
+    if (o.buffer_fraction < 1)
+      throw UsageError("--buffer-fraction: expected an integer >= 1, got " + std::to_string(o.buffer_fraction));
+    if (o.sim != 0 && o.world != 0)
+      throw UsageError("--sim R sets the rank count; drop --world " + std::to_string(o.world));
+    if (driver.check) driver.check(o);
   } catch (const UsageError& e) {
     std::fprintf(stderr, "%s: %s\n", program, e.what());
     return 2;
   }
-  if (o.mode != "ht" && o.mode != "ll" && o.mode != "all" && o.mode != "internode") {
-    std::fprintf(stderr, "%s: --mode: expected ht, ll, all or internode, got %s\n", program, o.mode.c_str());
-    return 2;
-  }
-  if (o.buffer_fraction < 1) {
-    std::fprintf(stderr, "%s: --buffer-fraction: expected an integer >= 1, got %d\n", program, o.buffer_fraction);
-    return 2;
-  }
-  if (driver.check && !driver.check(o)) return 2;
   if (o.sim != 0) {
-    if (o.world != 0) {
-      std::fprintf(stderr, "%s: --sim R sets the rank count; drop --world %d\n", program, o.world);
-      return 2;
-    }
     if (!node_size_fits(o, o.sim)) return 2;
     return run_simulated(o, sms_given);
   }

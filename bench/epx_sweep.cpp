@@ -6,8 +6,7 @@
 //   --combine-configs SPEC,..   combine at these ring settings ("combine SPEC"; see Options::Sweeps),
 //   --ring-sweep                combine at R-1 and 2(R-1) sending warps x ring_chunk 0, 4, 8 (3 ranks up).
 // Settings whose rings do not fit the buffer run the row region, and their row says so.
-#include <cstdio>
-#include <sstream>
+#include <string>
 
 #include "bench_common.hpp"
 
@@ -28,17 +27,13 @@ int main(int argc, char** argv) {
     Options::Sweeps& s = o.sweeps;
     if (option == "--ring-sweep") s.ring = true;
     else if (option == "--dispatch-copy-warps") s.dispatch_copy_warps = parse_int_list(value());
-    else if (option == "--combine-configs") {
-      std::stringstream ss(value());
-      for (std::string item; std::getline(ss, item, ',');) s.combine_configs.push_back(item);
-    }
+    else if (option == "--combine-configs") s.combine_configs = split_list(value());
     else return false;
     return true;
   };
   driver.check = [](const Options& o) {
-    if (!o.sweeps.any() || o.mode == "ht" || o.mode == "all") return true;
-    std::fprintf(stderr, "epx_sweep: the sweeps time the ht workload: --mode ht or all, got %s\n", o.mode.c_str());
-    return false;
+    if (o.sweeps.any() && o.mode != "ht" && o.mode != "all")
+      throw UsageError("the sweeps time the ht workload: --mode ht or all, got " + o.mode);
   };
   return run_driver(argc, argv, driver);
 }
