@@ -1,6 +1,7 @@
 // epx._C: the pybind11 module between the torch-facing package (python/epx) and the C++ API.
 //
-// The only file of epx that sees Python, and it sees no torch: tensors cross as descriptors
+// With aten.cpp (epx._aten, which makes the operations' output tensors) the only C++ of epx that
+// sees Python, and it sees no torch: tensors cross as descriptors
 // `(data_ptr, dtype_code, shape, strides)` (strides in elements, 1 to 3 dims) or None for an
 // absent optional argument, streams as `cudaStream_t` integers. The Buffer's operations take keywords
 // only, named as the fields of the C++ API's structs (a misspelled one is a TypeError naming it), and

@@ -16,6 +16,10 @@ import sys
 import torch
 
 from . import _C  # noqa: F401  (epx._C: the binding)
+from . import _aten  # the operations' output tensors (python/aten.cpp), compiled against one torch
+if _aten.torch_version != torch.__version__:
+    raise ImportError(f"epx._aten was compiled against torch {_aten.torch_version}, this process runs torch "
+                      f"{torch.__version__} (their C++ ABIs differ): rebuild epx against this torch")
 from ._version import __version__
 from ._C import EpxError
 from . import utils

@@ -13,9 +13,9 @@ from typing import List, Optional, Tuple, Union
 
 import torch
 
-from . import _C
+from . import _C, _aten
 from ._streams import _alloc, _begin, _end, _rt
-from ._tensors import _BF16, _BF16_FP8, _BOOL, _F32, _FP8, _I32, _I64, _SCALES, _desc, _opt_desc, _out_desc
+from ._tensors import _BF16, _BF16_FP8, _BOOL, _F32, _FP8, _I32, _I64, _SCALES, _desc, _opt_desc
 from .utils import Config, EventOverlap, _check_int, _error
 
 # (num_ranks, Buffer.num_sms if set_num_sms was called else None, SM share of a simulated rank or 0)
@@ -96,19 +96,15 @@ def get_dispatch_layout(self, topk_idx: torch.Tensor, num_experts: int,
     _check_int("num_experts", num_experts, 1)
     R, num_tokens = self.group_size, topk_idx.size(0)
     wait, join = _begin(self, previous_event, async_finish, allocate_on_comm_stream)
-    with _alloc(self, allocate_on_comm_stream):
-        num_tokens_per_rank = torch.empty((R,), dtype=torch.int32, device=self._device)
-        num_tokens_per_expert = torch.empty((num_experts,), dtype=torch.int32, device=self._device)
-        is_token_in_rank = torch.empty((num_tokens, R), dtype=torch.bool, device=self._device)
-        num_tokens_per_rdma_rank = None if self._num_nodes == 1 else \
-            torch.empty((self._num_nodes,), dtype=torch.int32, device=self._device)
-    rt.get_dispatch_layout(topk_idx=d_topk, num_experts=num_experts,
-                           num_tokens_per_rank=_out_desc(num_tokens_per_rank),
-                           num_tokens_per_rdma_rank=None if num_tokens_per_rdma_rank is None else
-                           _out_desc(num_tokens_per_rdma_rank),
-                           num_tokens_per_expert=_out_desc(num_tokens_per_expert),
-                           is_token_in_rank=_out_desc(is_token_in_rank), stream=self._comm_raw,
-                           wait_stream=wait, join_stream=join)
+    with _alloc(self, allocate_on_comm_stream):  # on topk_idx's device (checked)
+        num_tokens_per_rank, d_per_rank = _aten.empty(topk_idx, (R,), torch.int32)
+        num_tokens_per_expert, d_per_expert = _aten.empty(topk_idx, (num_experts,), torch.int32)
+        is_token_in_rank, d_in_rank = _aten.empty(topk_idx, (num_tokens, R), torch.bool)
+        num_tokens_per_rdma_rank, d_per_rdma_rank = (None, None) if self._num_nodes == 1 else \
+            _aten.empty(topk_idx, (self._num_nodes,), torch.int32)
+    rt.get_dispatch_layout(topk_idx=d_topk, num_experts=num_experts, num_tokens_per_rank=d_per_rank,
+                           num_tokens_per_rdma_rank=d_per_rdma_rank, num_tokens_per_expert=d_per_expert,
+                           is_token_in_rank=d_in_rank, stream=self._comm_raw, wait_stream=wait, join_stream=join)
     event = _end(self, async_finish, allocate_on_comm_stream,
                  (topk_idx, num_tokens_per_rank, num_tokens_per_rdma_rank, num_tokens_per_expert, is_token_in_rank))
     return num_tokens_per_rank, num_tokens_per_rdma_rank, num_tokens_per_expert, is_token_in_rank, event
@@ -224,13 +220,13 @@ def dispatch(self, x: Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]],
                                             f"{worst}, got {num_worst_tokens}")
         rows = max(worst if worst > 0 else h.num_recv_tokens, 0)
         wait, join = _begin(self, previous_event, async_finish, allocate_on_comm_stream)
-        with _alloc(self, allocate_on_comm_stream):  # new_empty: x's dtype and device (checked)
-            recv_x = x.new_empty((rows, hidden))
-            recv_x_scales = None if x_scales is None else x_scales.new_empty((rows,) + tuple(x_scales.shape[1:]))
-        out_desc = _out_desc
+        with _alloc(self, allocate_on_comm_stream):  # x's dtype and device (checked)
+            recv_x, d_recv_x = _aten.empty(x, (rows, hidden), x.dtype)
+            recv_x_scales, d_recv_x_scales = (None, None) if x_scales is None else \
+                _aten.empty(x, (rows,) + tuple(x_scales.shape[1:]), x_scales.dtype)
         rt.dispatch(h, x=d_x, x_scales=d_scales, expert_alignment=expert_alignment, num_worst_tokens=worst,
-                    recv_x=out_desc(recv_x), recv_x_scales=None if recv_x_scales is None else out_desc(recv_x_scales),
-                    stream=self._comm_raw, wait_stream=wait, join_stream=join)
+                    recv_x=d_recv_x, recv_x_scales=d_recv_x_scales, stream=self._comm_raw, wait_stream=wait,
+                    join_stream=join)
         event = _end(self, async_finish, allocate_on_comm_stream,
                      (x, x_scales, recv_x, recv_x_scales, h.storage) if async_finish else None)
         return (recv_x, recv_x_scales) if x_scales is not None else recv_x, None, None, None, None, event
@@ -267,21 +263,19 @@ def dispatch(self, x: Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]],
         counts = []
         rows = num_worst_tokens
     num_topk = 0 if topk_idx is None else topk_idx.size(1)
-    with _alloc(self, allocate_on_comm_stream):
-        recv_x = torch.empty((rows, hidden), dtype=x.dtype, device=self._device)
-        recv_x_scales = None if x_scales is None else \
-            torch.empty((rows,) + tuple(x_scales.shape[1:]), dtype=x_scales.dtype, device=self._device)
-        recv_topk_idx = None if topk_idx is None else \
-            torch.empty((rows, num_topk), dtype=torch.int64, device=self._device)
-        recv_topk_weights = None if topk_weights is None else \
-            torch.empty((rows, num_topk), dtype=torch.float32, device=self._device)
-        recv_src_idx = torch.empty((rows,), dtype=torch.int32, device=self._device)
+    none = (None, None)
+    with _alloc(self, allocate_on_comm_stream):  # on x's device (checked)
+        recv_x, d_recv_x = _aten.empty(x, (rows, hidden), x.dtype)
+        recv_x_scales, d_recv_x_scales = none if x_scales is None else \
+            _aten.empty(x, (rows,) + tuple(x_scales.shape[1:]), x_scales.dtype)
+        recv_topk_idx, d_recv_topk_idx = none if topk_idx is None else _aten.empty(x, (rows, num_topk), torch.int64)
+        recv_topk_weights, d_recv_topk_weights = none if topk_weights is None else \
+            _aten.empty(x, (rows, num_topk), torch.float32)
+        recv_src_idx, d_recv_src_idx = _aten.empty(x, (rows,), torch.int32)
     rt.dispatch(h, x=d_x, x_scales=d_scales, topk_idx=d_topk, topk_weights=d_weights,
-                expert_alignment=expert_alignment, num_worst_tokens=num_worst_tokens, recv_x=_out_desc(recv_x),
-                recv_x_scales=None if recv_x_scales is None else _out_desc(recv_x_scales),
-                recv_topk_idx=None if recv_topk_idx is None else _out_desc(recv_topk_idx),
-                recv_topk_weights=None if recv_topk_weights is None else _out_desc(recv_topk_weights),
-                recv_src_idx=_out_desc(recv_src_idx), stream=stream)
+                expert_alignment=expert_alignment, num_worst_tokens=num_worst_tokens, recv_x=d_recv_x,
+                recv_x_scales=d_recv_x_scales, recv_topk_idx=d_recv_topk_idx, recv_topk_weights=d_recv_topk_weights,
+                recv_src_idx=d_recv_src_idx, stream=stream)
     rank_prefix_matrix = storage[o_rpm:o_cm].view(R, R)
     count_matrix = storage[o_cm:o_sp].view(R, R)
     send_pos = storage[o_sp:o_nr].view(num_tokens, R)
@@ -376,13 +370,13 @@ def combine(self, x: torch.Tensor, handle: Tuple,
     _apply_config(self, config)
     num_tokens = h.num_tokens
     wait, join = _begin(self, previous_event, async_finish, allocate_on_comm_stream)
-    with _alloc(self, allocate_on_comm_stream):  # new_empty: the checked inputs' dtypes and device
-        combined_x = x.new_empty((num_tokens, d_x[2][1]))
-        combined_topk_weights = None if d_weights is None else topk_weights.new_empty((num_tokens, d_weights[2][1]))
-    out_desc = _out_desc
-    rt.combine(h, x=d_x, topk_weights=d_weights, bias_0=d_bias_0, bias_1=d_bias_1, combined_x=out_desc(combined_x),
-               combined_topk_weights=None if combined_topk_weights is None else out_desc(combined_topk_weights),
-               stream=self._comm_raw, wait_stream=wait, join_stream=join)
+    with _alloc(self, allocate_on_comm_stream):  # on x's device (checked)
+        combined_x, d_combined_x = _aten.empty(x, (num_tokens, d_x[2][1]), torch.bfloat16)
+        combined_topk_weights, d_combined_topk_weights = (None, None) if d_weights is None else \
+            _aten.empty(x, (num_tokens, d_weights[2][1]), torch.float32)
+    rt.combine(h, x=d_x, topk_weights=d_weights, bias_0=d_bias_0, bias_1=d_bias_1, combined_x=d_combined_x,
+               combined_topk_weights=d_combined_topk_weights, stream=self._comm_raw, wait_stream=wait,
+               join_stream=join)
     event = _end(self, async_finish, allocate_on_comm_stream,
                  (x, topk_weights, bias_0, bias_1, h.storage, combined_x, combined_topk_weights)
                  if async_finish else None)

@@ -11,60 +11,50 @@ from typing import Callable, Optional, Tuple, Union
 
 import torch
 
-from . import _C
+from . import _C, _aten
 from ._streams import _current_raw_stream, _ll_begin, _ll_finish, _ll_rt
-from ._tensors import _BF16, _F32, _I32, _I64, _DTYPE_CODES, _contiguous_strides, _desc, _out_desc
+from ._tensors import _BF16, _F32, _I32, _I64, _contiguous_strides, _desc
 from .utils import EventOverlap, _check_int, _error
 
-# Low-latency dispatch output layouts by geometry (see _ll_layout).
-_LL_LAYOUTS = {}
+# The _aten plans of the low-latency dispatch's outputs, by geometry (see _ll_plan).
+_LL_PLANS = {}
 # A low-latency handle: DeepEP's 5 elements, epx's 3, then the core's handle.
 _LL_HANDLE_LEN = 9
 _FLOAT_SCALES, _UE8M0 = _C.LowLatencyScale.kFloat, _C.LowLatencyScale.kUE8M0
 
 
-def _ll_layout(num_ranks: int, num_experts: int, T: int, hidden: int, use_fp8: bool, use_ue8m0: bool):
+def _ll_plan(num_ranks: int, num_experts: int, T: int, hidden: int, use_fp8: bool, use_ue8m0: bool):
     """
-    The outputs of a low-latency dispatch as (shape, strides, torch dtype, (dtype code, shape,
-    strides)) for recv_x, recv_scales (None without fp8), recv_count, src_info, layout_range and
-    src_topk_slot: computed once per geometry (shape and strides as DeepEP makes them; the scales
-    are column-major in the last two dims); then the offsets of the outputs after recv_x (in their
-    own elements) in one int32 allocation, and its size in int32 words.
+    The outputs of a low-latency dispatch as an _aten plan, made once per geometry: recv_x in an
+    allocation of its own; recv_scales (with fp8), recv_count, src_info, layout_range and
+    src_topk_slot in a second one (one allocation instead of five), each at a 16-byte aligned
+    offset. Shapes and strides as DeepEP makes them; the scales are column-major in the last two
+    dims. `empty_plan` returns them in that order.
     """
     key = (num_ranks, num_experts, T, hidden, use_fp8, use_ue8m0)
-    layout = _LL_LAYOUTS.get(key)
-    if layout is not None:
-        return layout
+    plan = _LL_PLANS.get(key)
+    if plan is not None:
+        return plan
     E, RT = num_experts // num_ranks, num_ranks * T
-
-    def spec(shape, dtype, strides=None):
-        strides = _contiguous_strides(shape) if strides is None else strides
-        return shape, strides, dtype, (_DTYPE_CODES[dtype], shape, strides)
-
-    scales = None
+    x_dtype = torch.float8_e4m3fn if use_fp8 else torch.bfloat16
+    views = [(0, x_dtype, (E, RT, hidden), _contiguous_strides((E, RT, hidden)), 0)]
+    small = []
     if use_fp8:
         num_scales = (hidden // 128 + 3) // 4 if use_ue8m0 else hidden // 128
         st = _contiguous_strides((E, num_scales, RT))  # allocated [E, S, RT], returned transposed
-        scales = spec((E, RT, num_scales), torch.int32 if use_ue8m0 else torch.float32, (st[0], st[2], st[1]))
-    small = (scales, spec((E,), torch.int32), spec((E, RT), torch.int32), spec((E, num_ranks), torch.int64),
-             spec((E, RT), torch.int32))
-    # The small outputs share one allocation (one torch.empty instead of five: an allocation costs
-    # more host time than a view): each at a 16-byte aligned offset, in its own elements.
-    offsets, words = [], 0
-    for out in small:
-        if out is None:
-            offsets.append(None)
-            continue
-        size = out[2].itemsize
-        span = 1 + sum((n - 1) * st for n, st in zip(out[0], out[1])) if all(out[0]) else 0  # elements
-        offsets.append(words * 4 // size)
-        words += (span * size + 15) // 16 * 4
-    layout = (spec((E, RT, hidden), torch.float8_e4m3fn if use_fp8 else torch.bfloat16),) + small + \
-        (tuple(offsets), max(words, 4))
-    if len(_LL_LAYOUTS) >= 64:
-        _LL_LAYOUTS.clear()
-    _LL_LAYOUTS[key] = layout
-    return layout
+        small.append((torch.int32 if use_ue8m0 else torch.float32, (E, RT, num_scales), (st[0], st[2], st[1])))
+    small += [(dtype, shape, _contiguous_strides(shape)) for dtype, shape in
+              ((torch.int32, (E,)), (torch.int32, (E, RT)), (torch.int64, (E, num_ranks)), (torch.int32, (E, RT)))]
+    offset = 0
+    for dtype, shape, strides in small:
+        views.append((1, dtype, shape, strides, offset))
+        span = 1 + sum((n - 1) * s for n, s in zip(shape, strides)) if all(shape) else 0  # elements
+        offset += (span * dtype.itemsize + 15) // 16 * 16
+    plan = _aten.plan((E * RT * hidden * x_dtype.itemsize, max(offset, 16)), views)
+    if len(_LL_PLANS) >= 64:
+        _LL_PLANS.clear()
+    _LL_PLANS[key] = plan
+    return plan
 
 
 def clean_low_latency_buffer(self, num_max_dispatch_tokens_per_rank: int, hidden: int, num_experts: int) -> None:
@@ -147,28 +137,20 @@ def low_latency_dispatch(self, x: torch.Tensor, topk_idx: torch.Tensor,
     d_wait = None if dispatch_wait_recv_cost_stats is None else \
         _desc(self, dispatch_wait_recv_cost_stats, "dispatch_wait_recv_cost_stats", _I64)
     hidden, num_topk = d_x[2][1], d_topk[2][1]
-    l_x, l_scales, l_count, l_info, l_range, l_slot, l_offsets, l_words = \
-        _ll_layout(self.group_size, num_experts, T, hidden, use_fp8, use_ue8m0)
+    plan = _ll_plan(self.group_size, num_experts, T, hidden, use_fp8, use_ue8m0)
 
     compute, launch, wait, join = _ll_begin(self, async_finish, return_recv_hook)
-    recv_x = x.new_empty(l_x[0], dtype=l_x[2])  # on x's device (checked)
-    small = x.new_empty((l_words,), dtype=torch.int32)
-    o_scales, o_count, o_info, o_range, o_slot = l_offsets
-    recv_scales = None if l_scales is None else \
-        (small if l_scales[2] is torch.int32 else small.view(l_scales[2])).as_strided(l_scales[0], l_scales[1], o_scales)
-    recv_count = small.as_strided(l_count[0], l_count[1], o_count)
-    src_info = small.as_strided(l_info[0], l_info[1], o_info)
-    layout_range = small.view(torch.int64).as_strided(l_range[0], l_range[1], o_range)
-    src_topk_slot = small.as_strided(l_slot[0], l_slot[1], o_slot)
+    # On x's device (checked); recv_scales only with fp8, the other four last.
+    outs, descs = _aten.empty_plan(x, plan)
+    recv_x, recv_scales = outs[0], outs[1] if use_fp8 else None
+    recv_count, src_info, layout_range, src_topk_slot = outs[-4:]
     core = rt.low_latency_dispatch(
         x=d_x, topk_idx=d_topk, num_max_dispatch_tokens_per_rank=T, num_experts=num_experts, use_fp8=use_fp8,
         round_scale=round_scale, scale_format=_UE8M0 if use_ue8m0 else _FLOAT_SCALES,
         cumulative_local_expert_recv_stats=d_cum, dispatch_wait_recv_cost_stats=d_wait,
-        return_recv_hook=return_recv_hook, recv_x=(recv_x.data_ptr(),) + l_x[3],
-        recv_scales=None if recv_scales is None else (recv_scales.data_ptr(),) + l_scales[3],
-        recv_count=(recv_count.data_ptr(),) + l_count[3], src_info=(src_info.data_ptr(),) + l_info[3],
-        layout_range=(layout_range.data_ptr(),) + l_range[3],
-        src_topk_slot=(src_topk_slot.data_ptr(),) + l_slot[3], stream=launch, wait_stream=wait, join_stream=join)
+        return_recv_hook=return_recv_hook, recv_x=descs[0], recv_scales=descs[1] if use_fp8 else None,
+        recv_count=descs[-4], src_info=descs[-3], layout_range=descs[-2], src_topk_slot=descs[-1],
+        stream=launch, wait_stream=wait, join_stream=join)
     buffer_idx = core.buffer_idx
     handle = (src_info, layout_range, T, hidden, num_experts, src_topk_slot, num_topk, buffer_idx, core)
     tensors = (x, topk_idx, recv_x, recv_scales, recv_count, src_info, layout_range, src_topk_slot,
@@ -223,7 +205,7 @@ def low_latency_combine(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weig
             raise _error("InvalidArgument", f"x: with zero_copy, expected a bfloat16 tensor shaped like "
                                             f"get_next_low_latency_combine_buffer, got "
                                             f"{getattr(x, 'dtype', type(x).__name__)}")
-        d_x = _out_desc(x)
+        d_x = (x.data_ptr(), _C.DTYPE_BF16, x.shape, x.stride())
     else:
         d_x = _desc(self, x, "x", _BF16, 3)
     d_topk = _desc(self, topk_idx, "topk_idx", _I64, 2)
@@ -232,8 +214,7 @@ def low_latency_combine(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weig
     compute, launch, wait, join = _ll_begin(self, async_finish, return_recv_hook)
     if out is None:
         # On this device as topk_weights (checked; x is not with zero_copy).
-        out = topk_weights.new_empty((d_topk[2][0], hidden), dtype=torch.bfloat16)
-        d_out = _out_desc(out)
+        out, d_out = _aten.empty(topk_weights, (d_topk[2][0], hidden), torch.bfloat16)
     # The buffer the combine used: a hook-mode combine's receive takes it.
     used_buffer = rt.low_latency_combine(core, x=d_x, topk_idx=d_topk, topk_weights=d_weights,
                                          zero_copy=bool(zero_copy), return_recv_hook=return_recv_hook, out=d_out,

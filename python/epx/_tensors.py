@@ -1,5 +1,6 @@
 """Tensors across the binding (part of epx.Buffer): torch dtypes as the core's codes, descriptors
-`(data_ptr, dtype code, shape, strides)`, and tensors over memory the core owns.
+`(data_ptr, dtype code, shape, strides)`, and tensors over memory the core owns. The operations'
+outputs and their descriptors come from epx._aten (python/aten.cpp), in one call each.
 
 The checks here are the ones the C++ core cannot make (Python type, device, torch dtype); shapes,
 strides and ranges are the core's, whose errors name the argument too.
@@ -79,11 +80,6 @@ def _desc(self, t, name: str, dtypes, ndim: Optional[int] = None):
 def _opt_desc(self, t, name: str, dtypes, ndim: Optional[int] = None):
     """`_desc` of an optional argument: None stays None."""
     return None if t is None else _desc(self, t, name, dtypes, ndim)
-
-
-def _out_desc(t: torch.Tensor):
-    """The descriptor of a tensor the Python layer made (no checks)."""
-    return (t.data_ptr(), _DTYPE_CODES[t.dtype], t.shape, t.stride())
 
 
 def _wrap(self, ptr: int, num_bytes: int, dtype: torch.dtype, shape, strides) -> torch.Tensor:

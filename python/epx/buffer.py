@@ -408,7 +408,6 @@ class Buffer:
     _ll_finish = _streams._ll_finish
     _desc = _tensors._desc
     _opt_desc = _tensors._opt_desc
-    _out_desc = staticmethod(_tensors._out_desc)
     _wrap = _tensors._wrap
 
     # High-throughput (_ht.py).

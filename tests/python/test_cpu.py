@@ -471,6 +471,9 @@ def test_low_latency_outputs_and_streams(recording_buffer, use_fp8, use_ue8m0, h
             spans.append((begin, end))
     spans.sort()
     assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:])), spans
+    storages = {t.untyped_storage()._cdata for t in (scales, count, src_info, layout_range, src_topk_slot)
+                if t is not None}
+    assert len(storages) == 1 and recv_x.untyped_storage()._cdata not in storages
     assert event.event is None and event.extra_tensors is None
     calls = [c for c in b.log if c[0] != "wait"]
     waits = [c for c in b.log if c[0] == "wait"]

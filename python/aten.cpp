@@ -1,0 +1,339 @@
+// epx._aten: the operations' output tensors, made with ATen in C++.
+//
+// DeepEP's API returns fresh tensors from every call (two results may be alive at once), and
+// making them from Python costs more host time than the launch: a CUDA `torch.empty` ~5 us, each
+// `as_strided` or dtype view ~2-3 us (docs/performance.md, "Host overhead"). Here one call makes an
+// operation's outputs and their descriptors `(data_ptr, dtype code, shape, strides)` for the
+// binding epx._C, which sees no torch. The module reads no epx state and launches nothing: it
+// allocates through torch's caching allocator on the current stream of the device of `like` (as
+// `like.new_empty` would), so `torch.cuda.stream(...)` contexts (allocate_on_comm_stream) apply.
+//
+//   empty(like, shape, dtype)  -> (tensor, descriptor): one contiguous tensor.
+//   plan(alloc_bytes, views)   -> a plan (capsule) of views into allocations, made once per geometry;
+//                                 views: (alloc index, torch dtype, shape, strides, byte offset).
+//   empty_plan(like, plan)     -> (tensors, descriptors): the plan's allocations and views; views of
+//                                 one allocation share its storage (freed when the last is).
+//
+// Built against one torch (EPX_TORCH_VERSION: its torch.__version__, set by python/CMakeLists.txt);
+// `torch_version` names it and the package refuses to run against another (its C++ ABI differs).
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/core/TensorImpl.h>
+#include <torch/csrc/Dtype.h>
+#include <torch/csrc/Exceptions.h>
+#include <torch/csrc/autograd/python_variable.h>
+
+#include <Python.h>
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "epx/types.hpp"
+
+#ifndef EPX_TORCH_VERSION
+#error "EPX_TORCH_VERSION: the torch.__version__ this module is compiled against (python/CMakeLists.txt sets it)"
+#endif
+
+namespace {
+
+// The binding's dtype code of a torch dtype (epx::DType), -1 for one the core does not take.
+int dtype_code(at::ScalarType t) {
+  switch (t) {
+    case at::kBFloat16: return static_cast<int>(epx::DType::kBF16);
+    case at::kFloat8_e4m3fn: return static_cast<int>(epx::DType::kFP8E4M3);
+    case at::kFloat: return static_cast<int>(epx::DType::kF32);
+    case at::kInt: return static_cast<int>(epx::DType::kI32);
+    case at::kLong: return static_cast<int>(epx::DType::kI64);
+    case at::kBool: return static_cast<int>(epx::DType::kBool);
+    default: return -1;
+  }
+}
+
+// Sets a TypeError naming the argument; returns nullptr for `return fail(...)`.
+template <class T = PyObject>
+T* fail(const std::string& message) {
+  PyErr_SetString(PyExc_TypeError, message.c_str());
+  return nullptr;
+}
+
+bool read_dims(PyObject* seq, const char* what, std::vector<int64_t>& out) {
+  PyObject* fast = PySequence_Fast(seq, what);
+  if (fast == nullptr) return false;
+  const Py_ssize_t n = PySequence_Fast_GET_SIZE(fast);
+  out.resize(static_cast<size_t>(n));
+  for (Py_ssize_t i = 0; i < n; ++i) {
+    out[i] = PyLong_AsLongLong(PySequence_Fast_GET_ITEM(fast, i));
+    if (out[i] == -1 && PyErr_Occurred()) {
+      Py_DECREF(fast);
+      return false;
+    }
+  }
+  Py_DECREF(fast);
+  return true;
+}
+
+PyObject* int_tuple(const std::vector<int64_t>& v) {
+  PyObject* t = PyTuple_New(static_cast<Py_ssize_t>(v.size()));
+  if (t == nullptr) return nullptr;
+  for (size_t i = 0; i < v.size(); ++i) {
+    PyObject* item = PyLong_FromLongLong(v[i]);
+    if (item == nullptr) {
+      Py_DECREF(t);
+      return nullptr;
+    }
+    PyTuple_SET_ITEM(t, static_cast<Py_ssize_t>(i), item);
+  }
+  return t;
+}
+
+// (data_ptr, code, shape, strides); the shape and stride tuples are borrowed and gain a reference.
+PyObject* descriptor(const at::Tensor& t, PyObject* code, PyObject* shape, PyObject* strides) {
+  PyObject* ptr = PyLong_FromVoidPtr(t.data_ptr());
+  if (ptr == nullptr) return nullptr;
+  Py_INCREF(code);
+  Py_INCREF(shape);
+  Py_INCREF(strides);
+  PyObject* d = PyTuple_New(4);
+  if (d == nullptr) {
+    Py_DECREF(ptr);
+    Py_DECREF(code);
+    Py_DECREF(shape);
+    Py_DECREF(strides);
+    return nullptr;
+  }
+  PyTuple_SET_ITEM(d, 0, ptr);
+  PyTuple_SET_ITEM(d, 1, code);
+  PyTuple_SET_ITEM(d, 2, shape);
+  PyTuple_SET_ITEM(d, 3, strides);
+  return d;
+}
+
+// (tensor, descriptor), stealing `tensor`'s wrapper on success.
+PyObject* pair(PyObject* tensor, PyObject* desc) {
+  if (tensor == nullptr || desc == nullptr) {
+    Py_XDECREF(tensor);
+    Py_XDECREF(desc);
+    return nullptr;
+  }
+  PyObject* p = PyTuple_New(2);
+  if (p == nullptr) {
+    Py_DECREF(tensor);
+    Py_DECREF(desc);
+    return nullptr;
+  }
+  PyTuple_SET_ITEM(p, 0, tensor);
+  PyTuple_SET_ITEM(p, 1, desc);
+  return p;
+}
+
+const at::Tensor* like_tensor(PyObject* like) {
+  if (!THPVariable_Check(like)) {
+    return fail<const at::Tensor>(std::string("like: expected a torch.Tensor, got ") + Py_TYPE(like)->tp_name);
+  }
+  return &THPVariable_Unpack(like);
+}
+
+// empty(like, shape, dtype): a contiguous tensor on like's device, and its descriptor.
+PyObject* empty(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+  HANDLE_TH_ERRORS
+  if (nargs != 3) return fail("empty(like, shape, dtype): expected 3 arguments");
+  const at::Tensor* like = like_tensor(args[0]);
+  if (like == nullptr) return nullptr;
+  if (!THPDtype_Check(args[2])) return fail(std::string("dtype: expected a torch.dtype, got ") + Py_TYPE(args[2])->tp_name);
+  const at::ScalarType st = reinterpret_cast<THPDtype*>(args[2])->scalar_type;
+  const int code = dtype_code(st);
+  if (code < 0) return fail("dtype: not one epx takes (bfloat16, float8_e4m3fn, float32, int32, int64, bool)");
+  std::vector<int64_t> shape;
+  if (!read_dims(args[1], "shape: expected a sequence of ints", shape)) return nullptr;
+  at::Tensor t = at::empty(shape, at::TensorOptions().dtype(st).device(like->device()));
+  std::vector<int64_t> strides(t.strides().begin(), t.strides().end());
+  PyObject* py_code = PyLong_FromLong(code);
+  PyObject* py_shape = int_tuple(shape);
+  PyObject* py_strides = int_tuple(strides);
+  PyObject* desc = py_code && py_shape && py_strides ? descriptor(t, py_code, py_shape, py_strides) : nullptr;
+  Py_XDECREF(py_code);
+  Py_XDECREF(py_shape);
+  Py_XDECREF(py_strides);
+  if (desc == nullptr) return nullptr;
+  return pair(THPVariable_Wrap(std::move(t)), desc);
+  END_HANDLE_TH_ERRORS
+}
+
+// ---- Plans ------------------------------------------------------------------------------------
+
+struct PlanView {
+  int alloc = 0;
+  caffe2::TypeMeta meta;
+  std::vector<int64_t> shape, strides;
+  int64_t offset = 0;  // in elements of the view's dtype
+  PyObject* code = nullptr;
+  PyObject* py_shape = nullptr;
+  PyObject* py_strides = nullptr;
+};
+
+struct Plan {
+  std::vector<int64_t> alloc_bytes;
+  std::vector<PlanView> views;
+  ~Plan() {
+    for (PlanView& v : views) {
+      Py_XDECREF(v.code);
+      Py_XDECREF(v.py_shape);
+      Py_XDECREF(v.py_strides);
+    }
+  }
+};
+
+constexpr const char* kPlanName = "epx._aten.plan";
+
+void free_plan(PyObject* capsule) { delete static_cast<Plan*>(PyCapsule_GetPointer(capsule, kPlanName)); }
+
+// plan(alloc_bytes, views): checks that every view lies inside its allocation, aligned.
+PyObject* make_plan(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+  if (nargs != 2) return fail("plan(alloc_bytes, views): expected 2 arguments");
+  auto plan = std::make_unique<Plan>();
+  if (!read_dims(args[0], "alloc_bytes: expected a sequence of ints", plan->alloc_bytes)) return nullptr;
+  for (int64_t b : plan->alloc_bytes) {
+    if (b < 0) return fail("alloc_bytes: negative");
+  }
+  PyObject* views = PySequence_Fast(args[1], "views: expected a sequence");
+  if (views == nullptr) return nullptr;
+  const Py_ssize_t n = PySequence_Fast_GET_SIZE(views);
+  plan->views.resize(static_cast<size_t>(n));
+  for (Py_ssize_t i = 0; i < n; ++i) {
+    PyObject* spec = PySequence_Fast_GET_ITEM(views, i);
+    PlanView& v = plan->views[i];
+    long long alloc = 0, offset_bytes = 0;
+    PyObject *dtype = nullptr, *shape = nullptr, *strides = nullptr;
+    if (!PyTuple_Check(spec) || !PyArg_ParseTuple(spec, "LOOOL", &alloc, &dtype, &shape, &strides, &offset_bytes)) {
+      Py_DECREF(views);
+      if (!PyErr_Occurred()) fail("views: expected (alloc, dtype, shape, strides, byte_offset) tuples");
+      return nullptr;
+    }
+    if (!THPDtype_Check(dtype)) {
+      Py_DECREF(views);
+      return fail("views: dtype must be a torch.dtype");
+    }
+    const at::ScalarType st = reinterpret_cast<THPDtype*>(dtype)->scalar_type;
+    const int code = dtype_code(st);
+    if (!read_dims(shape, "views: shape must be a sequence of ints", v.shape) ||
+        !read_dims(strides, "views: strides must be a sequence of ints", v.strides)) {
+      Py_DECREF(views);
+      return nullptr;
+    }
+    const std::string where = "views[" + std::to_string(i) + "]: ";
+    bool well_formed = code >= 0 && v.strides.size() == v.shape.size() && !v.shape.empty();
+    for (size_t d = 0; well_formed && d < v.shape.size(); ++d) well_formed = v.shape[d] >= 0 && v.strides[d] >= 0;
+    if (!well_formed) {
+      Py_DECREF(views);
+      return fail(where + "expected an epx dtype and as many non-negative strides as sizes");
+    }
+    v.meta = caffe2::TypeMeta::fromScalarType(st);
+    const int64_t item = static_cast<int64_t>(v.meta.itemsize());
+    int64_t span = 1;  // elements from the first to the last one addressed, plus one (0 if empty)
+    for (size_t d = 0; d < v.shape.size(); ++d) {
+      span = v.shape[d] == 0 || span == 0 ? 0 : span + (v.shape[d] - 1) * v.strides[d];
+    }
+    if (alloc < 0 || alloc >= static_cast<long long>(plan->alloc_bytes.size()) || offset_bytes < 0 ||
+        offset_bytes % 16 != 0 || offset_bytes + span * item > plan->alloc_bytes[alloc]) {
+      Py_DECREF(views);
+      return fail(where + "not inside its allocation at a 16-byte aligned offset");
+    }
+    v.alloc = static_cast<int>(alloc);
+    v.offset = offset_bytes / item;
+    v.code = PyLong_FromLong(code);
+    v.py_shape = int_tuple(v.shape);
+    v.py_strides = int_tuple(v.strides);
+    if (v.code == nullptr || v.py_shape == nullptr || v.py_strides == nullptr) {
+      Py_DECREF(views);
+      return nullptr;
+    }
+  }
+  Py_DECREF(views);
+  PyObject* capsule = PyCapsule_New(plan.get(), kPlanName, free_plan);
+  if (capsule != nullptr) plan.release();
+  return capsule;
+}
+
+// empty_plan(like, plan): the allocations (bytes, on like's device), then each view: a tensor on its
+// allocation's storage (as Tensor.view(dtype).as_strided does, without the dispatcher).
+PyObject* empty_plan(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+  HANDLE_TH_ERRORS
+  if (nargs != 2) return fail("empty_plan(like, plan): expected 2 arguments");
+  const at::Tensor* like = like_tensor(args[0]);
+  if (like == nullptr) return nullptr;
+  const Plan* plan = static_cast<const Plan*>(PyCapsule_GetPointer(args[1], kPlanName));
+  if (plan == nullptr) return nullptr;
+  at::Tensor allocs[4];
+  const size_t num_allocs = plan->alloc_bytes.size();
+  if (num_allocs > 4) return fail("plan: at most 4 allocations");
+  const at::TensorOptions bytes = at::TensorOptions().dtype(at::kByte).device(like->device());
+  for (size_t a = 0; a < num_allocs; ++a) allocs[a] = at::empty({plan->alloc_bytes[a]}, bytes);
+  const Py_ssize_t n = static_cast<Py_ssize_t>(plan->views.size());
+  PyObject* tensors = PyTuple_New(n);
+  PyObject* descs = PyTuple_New(n);
+  if (tensors == nullptr || descs == nullptr) {
+    Py_XDECREF(tensors);
+    Py_XDECREF(descs);
+    return nullptr;
+  }
+  for (Py_ssize_t i = 0; i < n; ++i) {
+    const PlanView& v = plan->views[i];
+    const at::Tensor& base = allocs[v.alloc];
+    auto impl = c10::make_intrusive<c10::TensorImpl>(c10::TensorImpl::VIEW, c10::Storage(base.storage()),
+                                                     base.key_set(), v.meta);
+    impl->set_sizes_and_strides(v.shape, v.strides, v.offset);
+    at::Tensor t(std::move(impl));
+    PyObject* desc = descriptor(t, v.code, v.py_shape, v.py_strides);
+    PyObject* wrapped = desc != nullptr ? THPVariable_Wrap(std::move(t)) : nullptr;
+    if (wrapped == nullptr) {
+      Py_XDECREF(desc);
+      Py_DECREF(tensors);
+      Py_DECREF(descs);
+      return nullptr;
+    }
+    PyTuple_SET_ITEM(tensors, i, wrapped);
+    PyTuple_SET_ITEM(descs, i, desc);
+  }
+  PyObject* result = PyTuple_New(2);
+  if (result == nullptr) {
+    Py_DECREF(tensors);
+    Py_DECREF(descs);
+    return nullptr;
+  }
+  PyTuple_SET_ITEM(result, 0, tensors);
+  PyTuple_SET_ITEM(result, 1, descs);
+  return result;
+  END_HANDLE_TH_ERRORS
+}
+
+using Fast = PyObject* (*)(PyObject*, PyObject* const*, Py_ssize_t);
+PyCFunction fast(Fast f) { return reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)(void)>(f)); }
+
+PyMethodDef g_methods[] = {
+    {"empty", fast(empty), METH_FASTCALL,
+     "empty(like, shape, dtype) -> (tensor, (data_ptr, dtype code, shape, strides)): a contiguous tensor on "
+     "like's device (torch's caching allocator, current stream)."},
+    {"plan", fast(make_plan), METH_FASTCALL,
+     "plan(alloc_bytes, views) -> plan: views (alloc index, torch dtype, shape, strides, byte offset) into "
+     "allocations of alloc_bytes bytes; checked once."},
+    {"empty_plan", fast(empty_plan), METH_FASTCALL,
+     "empty_plan(like, plan) -> (tensors, descriptors): the plan's allocations on like's device and its views "
+     "of them."},
+    {nullptr, nullptr, 0, nullptr}};
+
+PyModuleDef g_module = {PyModuleDef_HEAD_INIT, "_aten",
+                        "epx's output tensors made with ATen (see python/aten.cpp). Used by the package epx.", -1,
+                        g_methods};
+
+}  // namespace
+
+PyMODINIT_FUNC PyInit__aten() {
+  PyObject* m = PyModule_Create(&g_module);
+  if (m == nullptr) return nullptr;
+  if (PyModule_AddStringConstant(m, "torch_version", EPX_TORCH_VERSION) != 0) {
+    Py_DECREF(m);
+    return nullptr;
+  }
+  return m;
+}
