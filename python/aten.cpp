@@ -1,13 +1,18 @@
-// epx._aten: the operations' output tensors, made with ATen in C++.
+// epx._aten: the operations' output tensors and the inputs' descriptors, made with ATen in C++.
 //
 // DeepEP's API returns fresh tensors from every call (two results may be alive at once), and
 // making them from Python costs more host time than the launch: a CUDA `torch.empty` ~5 us, each
-// `as_strided` or dtype view ~2-3 us (docs/performance.md, "Host overhead"). Here one call makes an
-// operation's outputs and their descriptors `(data_ptr, dtype code, shape, strides)` for the
-// binding epx._C, which sees no torch. The module reads no epx state and launches nothing: it
-// allocates through torch's caching allocator on the current stream of the device of `like` (as
-// `like.new_empty` would), so `torch.cuda.stream(...)` contexts (allocate_on_comm_stream) apply.
+// `as_strided` or dtype view ~2-3 us, reading an input's dtype, device, shape and strides ~2 us
+// (docs/performance.md, "Host overhead"). Here one call makes an operation's outputs and their
+// descriptors `(data_ptr, dtype code, shape, strides)` for the binding epx._C, which sees no
+// torch, and one call checks and describes an input. The module reads no epx state and launches
+// nothing: it allocates through torch's caching allocator on the current stream of the device of
+// `like` (as `like.new_empty` would), so `torch.cuda.stream(...)` contexts (allocate_on_comm_stream)
+// apply.
 //
+//   describe(t, device, mask, ndim) -> the descriptor of an input, or None when `t` is not a tensor
+//                                 on `device` of a dtype in `mask` (bit i: epx dtype code i) with
+//                                 `ndim` dimensions (0: any); the package then says what is wrong.
 //   empty(like, shape, dtype)  -> (tensor, descriptor): one contiguous tensor.
 //   plan(alloc_bytes, views)   -> a plan (capsule) of views into allocations, made once per geometry;
 //                                 views: (alloc index, torch dtype, shape, strides, byte offset).
@@ -19,6 +24,7 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <c10/core/TensorImpl.h>
+#include <torch/csrc/Device.h>
 #include <torch/csrc/Dtype.h>
 #include <torch/csrc/Exceptions.h>
 #include <torch/csrc/autograd/python_variable.h>
@@ -132,6 +138,34 @@ const at::Tensor* like_tensor(PyObject* like) {
     return fail<const at::Tensor>(std::string("like: expected a torch.Tensor, got ") + Py_TYPE(like)->tp_name);
   }
   return &THPVariable_Unpack(like);
+}
+
+// describe(t, device, mask, ndim): see the top. The checks of the package's `_desc`, without its
+// attribute lookups; None (not an error) for anything refused, whose error the package words.
+PyObject* describe(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+  HANDLE_TH_ERRORS
+  if (nargs != 4) return fail("describe(t, device, mask, ndim): expected 4 arguments");
+  if (!THPDevice_Check(args[1])) return fail(std::string("device: expected a torch.device, got ") + Py_TYPE(args[1])->tp_name);
+  const long mask = PyLong_AsLong(args[2]);
+  const long ndim = PyLong_AsLong(args[3]);
+  if (PyErr_Occurred()) return nullptr;
+  if (!THPVariable_Check(args[0])) Py_RETURN_NONE;
+  const at::Tensor& t = THPVariable_Unpack(args[0]);
+  const int code = dtype_code(t.scalar_type());
+  if (t.device() != reinterpret_cast<THPDevice*>(args[1])->device || code < 0 || ((mask >> code) & 1) == 0 ||
+      (ndim > 0 && t.dim() != ndim)) {
+    Py_RETURN_NONE;
+  }
+  const std::vector<int64_t> shape(t.sizes().begin(), t.sizes().end()), strides(t.strides().begin(), t.strides().end());
+  PyObject* py_code = PyLong_FromLong(code);
+  PyObject* py_shape = int_tuple(shape);
+  PyObject* py_strides = int_tuple(strides);
+  PyObject* desc = py_code && py_shape && py_strides ? descriptor(t, py_code, py_shape, py_strides) : nullptr;
+  Py_XDECREF(py_code);
+  Py_XDECREF(py_shape);
+  Py_XDECREF(py_strides);
+  return desc;
+  END_HANDLE_TH_ERRORS
 }
 
 // empty(like, shape, dtype): a contiguous tensor on like's device, and its descriptor.
@@ -311,6 +345,9 @@ using Fast = PyObject* (*)(PyObject*, PyObject* const*, Py_ssize_t);
 PyCFunction fast(Fast f) { return reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)(void)>(f)); }
 
 PyMethodDef g_methods[] = {
+    {"describe", fast(describe), METH_FASTCALL,
+     "describe(t, device, mask, ndim) -> (data_ptr, dtype code, shape, strides), or None when t is not a tensor "
+     "on device of a dtype in mask (bit i: dtype code i) with ndim dimensions (0: any)."},
     {"empty", fast(empty), METH_FASTCALL,
      "empty(like, shape, dtype) -> (tensor, (data_ptr, dtype code, shape, strides)): a contiguous tensor on "
      "like's device (torch's caching allocator, current stream)."},
@@ -324,7 +361,7 @@ PyMethodDef g_methods[] = {
 
 PyModuleDef g_module = {PyModuleDef_HEAD_INIT, "_aten",
                         "epx's output tensors made with ATen (see python/aten.cpp). Used by the package epx.", -1,
-                        g_methods};
+                        g_methods, nullptr, nullptr, nullptr, nullptr};
 
 }  // namespace
 

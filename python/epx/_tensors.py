@@ -9,7 +9,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from . import _C
+from . import _C, _aten
 from .utils import _error
 
 _DTYPE_CODES = {
@@ -20,14 +20,25 @@ _DTYPE_CODES = {
     torch.int64: _C.DTYPE_I64,
     torch.bool: _C.DTYPE_BOOL,
 }
-_BF16 = (torch.bfloat16,)
-_BF16_FP8 = (torch.bfloat16, torch.float8_e4m3fn)
-_FP8 = (torch.float8_e4m3fn,)
-_F32 = (torch.float32,)
-_I32 = (torch.int32,)
-_I64 = (torch.int64,)
-_BOOL = (torch.bool,)
-_SCALES = (torch.float32, torch.int32)  # fp8 scales: float32, or int32 (UE8M0-packed)
+
+
+class _Dtypes(tuple):
+    """The torch dtypes an argument takes, and `mask`: their codes as the bits _aten.describe reads."""
+
+    def __new__(cls, *dtypes):
+        self = super().__new__(cls, dtypes)
+        self.mask = sum(1 << _DTYPE_CODES[d] for d in dtypes)
+        return self
+
+
+_BF16 = _Dtypes(torch.bfloat16)
+_BF16_FP8 = _Dtypes(torch.bfloat16, torch.float8_e4m3fn)
+_FP8 = _Dtypes(torch.float8_e4m3fn)
+_F32 = _Dtypes(torch.float32)
+_I32 = _Dtypes(torch.int32)
+_I64 = _Dtypes(torch.int64)
+_BOOL = _Dtypes(torch.bool)
+_SCALES = _Dtypes(torch.float32, torch.int32)  # fp8 scales: float32, or int32 (UE8M0-packed)
 
 
 def _dtype_names(dtypes) -> str:
@@ -52,7 +63,10 @@ class _DeviceMemory:
         self.owner = owner
 
 
-def _bad_tensor(self, t, name: str, dtypes, ndim: Optional[int]) -> Exception:
+_describe = _aten.describe
+
+
+def _bad_tensor(self, t, name: str, dtypes, ndim: int) -> Exception:
     """The error of `_desc` for a tensor it refuses."""
     if not isinstance(t, torch.Tensor):
         if t is None:
@@ -66,18 +80,16 @@ def _bad_tensor(self, t, name: str, dtypes, ndim: Optional[int]) -> Exception:
     return _error("InvalidArgument", f"{name}: expected {ndim} dimensions, got shape {tuple(t.shape)}")
 
 
-def _desc(self, t, name: str, dtypes, ndim: Optional[int] = None):
+def _desc(self, t, name: str, dtypes: _Dtypes, ndim: int = 0):
     """Checks what the core cannot see (type, device, torch dtype; `ndim` where the Python layer reads
-    the shape) and returns the descriptor."""
-    if type(t) is not torch.Tensor and not isinstance(t, torch.Tensor):
+    the shape, 0: any) and returns the descriptor (made by _aten.describe)."""
+    d = _describe(t, self._device, dtypes.mask, ndim)
+    if d is None:
         raise _bad_tensor(self, t, name, dtypes, ndim)
-    dtype = t.dtype
-    if t.device != self._device or dtype not in dtypes or (ndim is not None and t.dim() != ndim):
-        raise _bad_tensor(self, t, name, dtypes, ndim)
-    return (t.data_ptr(), _DTYPE_CODES[dtype], t.shape, t.stride())
+    return d
 
 
-def _opt_desc(self, t, name: str, dtypes, ndim: Optional[int] = None):
+def _opt_desc(self, t, name: str, dtypes: _Dtypes, ndim: int = 0):
     """`_desc` of an optional argument: None stays None."""
     return None if t is None else _desc(self, t, name, dtypes, ndim)
 

@@ -106,3 +106,45 @@ def test_refusals_name_the_argument():
         _aten.empty(like, (-1,), torch.int32)
     with pytest.raises(ValueError):
         _aten.empty_plan(like, object())
+
+
+@pytest.mark.parametrize("device", ["cpu", "meta"])
+def test_describe_takes_what_the_package_checks(device):
+    rng = random.Random(_SEED + 1)
+    dev = torch.device(device)
+    for dtype, code in _DTYPE_CODES.items():
+        shape = tuple(rng.randrange(1, 6) for _ in range(rng.randrange(1, 4)))
+        t = torch.zeros(shape, dtype=dtype, device=device)
+        if len(shape) > 1 and rng.random() < 0.5:
+            t = t.transpose(0, 1)  # strided input: described as it is
+        assert _aten.describe(t, dev, 1 << code, t.dim()) == (t.data_ptr(), code, tuple(t.shape), t.stride())
+        assert _aten.describe(t, dev, 1 << code, 0) is not None           # any number of dims
+        assert _aten.describe(t, dev, 1 << code, t.dim() + 1) is None      # another number of dims
+        assert _aten.describe(t, dev, ~(1 << code) & 0xFF, 0) is None      # a dtype the argument does not take
+        other = torch.device("meta" if device == "cpu" else "cpu")
+        assert _aten.describe(t, other, 1 << code, 0) is None              # another device
+    assert _aten.describe(torch.zeros(2, dtype=torch.float16, device=device), dev, 0xFF, 0) is None  # not epx's
+    assert _aten.describe([1, 2], dev, 0xFF, 0) is None and _aten.describe(None, dev, 0xFF, 0) is None
+    with pytest.raises(TypeError, match="device: expected a torch.device"):
+        _aten.describe(torch.zeros(1), "cpu", 0xFF, 0)
+
+
+def test_package_checks_refuse_with_the_argument_named(monkeypatch):
+    from epx import _tensors
+    from epx_test_utils import expect_error
+
+    class Owner:
+        _device = torch.device("cpu")
+    b = Owner()
+    x = torch.zeros((4, 8), dtype=torch.bfloat16)
+    assert _tensors._desc(b, x, "x", _tensors._BF16, 2) == (x.data_ptr(), _C.DTYPE_BF16, (4, 8), (8, 1))
+    with expect_error("InvalidArgument", "x", "expected a torch.Tensor", "list"):
+        _tensors._desc(b, [1], "x", _tensors._BF16)
+    with expect_error("InvalidArgument", "x", "bfloat16", "float32"):
+        _tensors._desc(b, x.float(), "x", _tensors._BF16)
+    with expect_error("InvalidArgument", "x", "3 dimensions", "(4, 8)"):
+        _tensors._desc(b, x, "x", _tensors._BF16, 3)
+    with expect_error("InvalidArgument", "x", "meta"):
+        _tensors._desc(b, x.to("meta"), "x", _tensors._BF16)
+    with expect_error("InvalidArgument", "topk_idx", "required"):
+        _tensors._desc(b, None, "topk_idx", _tensors._I64)
