@@ -56,7 +56,8 @@ struct DispatchHandle {
   // Across nodes: what this rank forwarded as the rail peer of the other nodes' ranks of its local
   // index, for the combine: [forward_slots, kForwardRecordInts] int32 records (source token, its
   // channel, its row position on each rank of this node or -1), -1 tokens in unused slots.
-  // Allocated by dispatch_notify, filled by the dispatch.
+  // Allocated and cleared by dispatch_notify, filled by the dispatch (a cached re-dispatch writes
+  // the same records again).
   int* forward_records = nullptr;
   int64_t forward_slots = 0;
   std::shared_ptr<void> forward_storage;

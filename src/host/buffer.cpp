@@ -439,17 +439,22 @@ plan::OpPlan dispatch_rows_plan(const Config& config, const RowLayout& rows, int
 }
 
 // The handle's forward records (DispatchHandle::forward_records) for at least `slots` slots: kept
-// when large enough (a captured dispatch keeps its pointer), else made anew.
-void ensure_forward_records(Buffer::Impl& m, DispatchHandle& handle, int64_t slots) {
+// when large enough (a captured dispatch keeps its pointer), else made anew; then cleared on the
+// op's stream (-1: no token), for the dispatch after this notify. A cached re-dispatch (same
+// routing, no notify) writes the same keys over them.
+void ensure_forward_records(Buffer::Impl& m, DispatchHandle& handle, int64_t slots, cudaStream_t stream) {
   slots = std::max<int64_t>(slots, 1);
-  if (handle.forward_storage != nullptr && handle.forward_slots >= slots) return;
-  std::shared_ptr<DeviceArena> arena = m.arena;
-  const size_t bytes = sizeof(int) * kForwardRecordInts * static_cast<size_t>(slots);
-  int* mem = static_cast<int*>(arena->alloc(bytes));
-  handle.forward_storage = std::shared_ptr<void>(mem, [arena](void* p) { arena->free(p); });
-  host_wait_stream(arena->stream(), m.timeout_s() + 10, "dispatch_notify (forward records)", m.comm->rank());
-  handle.forward_records = mem;
-  handle.forward_slots = slots;
+  if (handle.forward_storage == nullptr || handle.forward_slots < slots) {
+    std::shared_ptr<DeviceArena> arena = m.arena;
+    const size_t bytes = sizeof(int) * kForwardRecordInts * static_cast<size_t>(slots);
+    int* mem = static_cast<int*>(arena->alloc(bytes));
+    handle.forward_storage = std::shared_ptr<void>(mem, [arena](void* p) { arena->free(p); });
+    host_wait_stream(arena->stream(), m.timeout_s() + 10, "dispatch_notify (forward records)", m.comm->rank());
+    handle.forward_records = mem;
+    handle.forward_slots = slots;
+  }
+  EPX_CUDA_CHECK(cudaMemsetAsync(handle.forward_records, 0xff,
+                                 sizeof(int) * kForwardRecordInts * static_cast<size_t>(handle.forward_slots), stream));
 }
 
 // Warps of a block across nodes that talk to the network (the dispatch's senders and forwarders,
@@ -487,10 +492,30 @@ kernels::CombineParams combine_io_params(Buffer::Impl& m, const CombineInputs& i
   return p;
 }
 
+// The RDMA rings of an op across nodes moving rows of `row_bytes` with `num_topk` weights: the
+// layout every rank derives alike (an error on one is an error on all), one channel per SM.
+RdmaLayout internode_rings(Buffer::Impl& m, int64_t row_bytes, int num_topk) {
+  const plan::RdmaShape shape{m.comm->world(), m.topology.node_size, m.rdma_channels, m.rdma_chunk_tokens,
+                              m.rdma_ring_slots, row_bytes, num_topk};
+  RdmaLayout rdma = m.agreed([&] { return plan::rdma_layout(m.num_rdma_bytes, shape); });
+  rdma.base = m.rdma_offset;
+  EPX_CHECK(m.config.num_sms == m.rdma_channels, ErrorKind::kInvalidArgument, "Config.num_sms: ", m.config.num_sms,
+            ", the RDMA rings have ", m.rdma_channels, " channels (fixed at construction)");
+  return rdma;
+}
+
+// `plan` with the ring fields of `rdma` (the kernels read the ring geometry from the plan).
+plan::OpPlan with_rings(plan::OpPlan plan, const RdmaLayout& rdma, int send_warps) {
+  plan.ring_channels = rdma.num_channels;
+  plan.ring_slots = rdma.ring_slots;
+  plan.ring_chunk = rdma.chunk_tokens;
+  plan.ring_send_warps = send_warps;
+  return plan;
+}
+
 // The combine across nodes (kernels/internode.cu), with the handle of a dispatch across nodes.
 void internode_combine(Buffer::Impl& m, const CombineInputs& in, const DispatchHandle& handle,
                        const CombineOutputs& out, int H, int K, cudaStream_t stream) {
-  const int R = m.comm->world();
   m.agreed([&] {
     EPX_ARG_CHECK(handle.forward_records != nullptr, "handle: has no forward records (a handle of a dispatch "
                   "across nodes on this Buffer is needed)");
@@ -498,12 +523,7 @@ void internode_combine(Buffer::Impl& m, const CombineInputs& in, const DispatchH
                   "got ", H, " bf16 channels");
   });
   const RowLayout rows = plan::combine_rows(m.num_nvl_bytes, H, K);
-  plan::RdmaShape shape{R, m.topology.node_size, m.rdma_channels, m.rdma_chunk_tokens, m.rdma_ring_slots,
-                        static_cast<int64_t>(2) * H, K};
-  RdmaLayout rdma = m.agreed([&] { return plan::rdma_layout(m.num_rdma_bytes, shape); });
-  rdma.base = m.rdma_offset;
-  EPX_CHECK(m.config.num_sms == m.rdma_channels, ErrorKind::kInvalidArgument, "Config.num_sms: ", m.config.num_sms,
-            ", the RDMA rings have ", m.rdma_channels, " channels (fixed at construction)");
+  const RdmaLayout rdma = internode_rings(m, int64_t{2} * H, K);
 
   kernels::InternodeCombineParams<EmuNetView> q{};
   kernels::CombineParams& p = q.base;
@@ -517,11 +537,7 @@ void internode_combine(Buffer::Impl& m, const CombineInputs& in, const DispatchH
   q.send_warps = internode_net_warps(m, threads);
   q.recv_warps = q.send_warps;
   {
-    plan::OpPlan plan = plan::launch_plan(m.config);
-    plan.ring_channels = rdma.num_channels;
-    plan.ring_slots = rdma.ring_slots;
-    plan.ring_chunk = rdma.chunk_tokens;
-    plan.ring_send_warps = q.send_warps;
+    plan::OpPlan plan = with_rings(plan::launch_plan(m.config), rdma, q.send_warps);
     plan.row_bytes = rows.row_bytes;
     plan.num_topk_weights = rows.num_topk_weights;
     plan::encode_plan(plan, p.ctx.plan);
@@ -580,7 +596,6 @@ kernels::DispatchParams dispatch_io_params(Buffer::Impl& m, const DispatchInputs
 void internode_dispatch(Buffer::Impl& m, const DispatchInputs& in, const DispatchHandle& handle,
                         const DispatchOutputs& out, const XShape& xs, const RowLayout& rows, int64_t out_rows,
                         cudaStream_t stream) {
-  const int R = m.comm->world();
   // Values every rank has (the shared count matrix, sizes, Config): every rank plans alike. Without
   // a host sync (num_worst_tokens) the kernel checks that the rows fit, on every rank alike.
   m.agreed([&] {
@@ -591,12 +606,7 @@ void internode_dispatch(Buffer::Impl& m, const DispatchInputs& in, const Dispatc
               handle.max_recv_tokens, "; a dispatch across nodes needs every received row in the row region (",
               plan::nvl_bytes_for_rows(handle.max_recv_tokens, xs.hidden, xs.dtype, xs.num_topk), " bytes)");
   });
-  plan::RdmaShape shape{R, m.topology.node_size, m.rdma_channels, m.rdma_chunk_tokens, m.rdma_ring_slots,
-                        static_cast<int64_t>(rows.row_bytes), xs.num_topk};
-  RdmaLayout rdma = m.agreed([&] { return plan::rdma_layout(m.num_rdma_bytes, shape); });
-  rdma.base = m.rdma_offset;
-  EPX_CHECK(m.config.num_sms == m.rdma_channels, ErrorKind::kInvalidArgument, "Config.num_sms: ", m.config.num_sms,
-            ", the RDMA rings have ", m.rdma_channels, " channels (fixed at construction)");
+  const RdmaLayout rdma = internode_rings(m, static_cast<int64_t>(rows.row_bytes), xs.num_topk);
 
   kernels::InternodeDispatchParams<EmuNetView> q{};
   kernels::DispatchParams& p = q.base;
@@ -607,19 +617,10 @@ void internode_dispatch(Buffer::Impl& m, const DispatchInputs& in, const Dispatc
   const int threads = m.internode_threads();  // EmuNet: Config.num_threads
   q.send_warps = internode_net_warps(m, threads);
   q.forward_warps = q.send_warps;
-  {
-    plan::OpPlan plan = dispatch_rows_plan(m.config, rows, p.num_experts_per_rank);
-    plan.ring_channels = rdma.num_channels;
-    plan.ring_slots = rdma.ring_slots;
-    plan.ring_chunk = rdma.chunk_tokens;
-    plan.ring_send_warps = q.send_warps;
-    plan::encode_plan(plan, p.ctx.plan);
-  }
-  q.forward_records = handle.forward_records;
+  plan::encode_plan(with_rings(dispatch_rows_plan(m.config, rows, p.num_experts_per_rank), rdma, q.send_warps),
+                    p.ctx.plan);
+  q.forward_records = handle.forward_records;  // cleared by dispatch_notify
   q.forward_slots = handle.forward_slots;
-  if (handle.forward_records != nullptr)
-    EPX_CUDA_CHECK(cudaMemsetAsync(handle.forward_records, 0xff,
-                                   sizeof(int) * kForwardRecordInts * static_cast<size_t>(handle.forward_slots), stream));
 #if EPX_HAVE_GIN
   if (m.net == NetBackend::kGin) {
     kernels::InternodeDispatchParams<GinNetView> g{q.base, q.topology,
@@ -709,7 +710,7 @@ int Buffer::dispatch_notify(const DispatchInputs& in, DispatchHandle& handle, co
 #endif
       // Without a host sync the records are sized for the most rows a node may get from its rail
       // peers: each of its ranks receives at most num_worst_tokens rows.
-      if (!host_sync) ensure_forward_records(m, handle, int64_t{m.topology.node_size} * in.num_worst_tokens);
+      if (!host_sync) ensure_forward_records(m, handle, int64_t{m.topology.node_size} * in.num_worst_tokens, stream);
     } else {
       kernels::launch_notify(p, stream);
     }
@@ -723,7 +724,7 @@ int Buffer::dispatch_notify(const DispatchInputs& in, DispatchHandle& handle, co
     handle.num_recv_tokens = mb->num_recv;
     handle.max_recv_tokens = mb->max_rows;
     handle.max_sent_tokens = mb->max_sent_rows;
-    if (m.internode) ensure_forward_records(m, handle, mb->forward_slots);
+    if (m.internode) ensure_forward_records(m, handle, mb->forward_slots, stream);
     return handle.num_recv_tokens;
   });
 }
