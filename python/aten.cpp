@@ -32,6 +32,7 @@
 #include <Python.h>
 
 #include <cstdint>
+#include <initializer_list>
 #include <string>
 #include <vector>
 
@@ -93,44 +94,38 @@ PyObject* int_tuple(const std::vector<int64_t>& v) {
   return t;
 }
 
-// (data_ptr, code, shape, strides); the shape and stride tuples are borrowed and gain a reference.
-PyObject* descriptor(const at::Tensor& t, PyObject* code, PyObject* shape, PyObject* strides) {
-  PyObject* ptr = PyLong_FromVoidPtr(t.data_ptr());
-  if (ptr == nullptr) return nullptr;
-  Py_INCREF(code);
-  Py_INCREF(shape);
-  Py_INCREF(strides);
-  PyObject* d = PyTuple_New(4);
-  if (d == nullptr) {
-    Py_DECREF(ptr);
-    Py_DECREF(code);
-    Py_DECREF(shape);
-    Py_DECREF(strides);
-    return nullptr;
+// A tuple of `items`, new references it steals; nullptr (and every item released) if one of them
+// is nullptr (a failed creation, its Python error set) or the tuple cannot be made.
+PyObject* tuple_of(std::initializer_list<PyObject*> items) {
+  PyObject* t = nullptr;
+  bool complete = true;
+  for (PyObject* item : items) complete = complete && item != nullptr;
+  if (complete) t = PyTuple_New(static_cast<Py_ssize_t>(items.size()));
+  Py_ssize_t i = 0;
+  for (PyObject* item : items) {
+    if (t != nullptr) {
+      PyTuple_SET_ITEM(t, i++, item);
+    } else {
+      Py_XDECREF(item);
+    }
   }
-  PyTuple_SET_ITEM(d, 0, ptr);
-  PyTuple_SET_ITEM(d, 1, code);
-  PyTuple_SET_ITEM(d, 2, shape);
-  PyTuple_SET_ITEM(d, 3, strides);
-  return d;
+  return t;
 }
 
-// (tensor, descriptor), stealing `tensor`'s wrapper on success.
-PyObject* pair(PyObject* tensor, PyObject* desc) {
-  if (tensor == nullptr || desc == nullptr) {
-    Py_XDECREF(tensor);
-    Py_XDECREF(desc);
-    return nullptr;
-  }
-  PyObject* p = PyTuple_New(2);
-  if (p == nullptr) {
-    Py_DECREF(tensor);
-    Py_DECREF(desc);
-    return nullptr;
-  }
-  PyTuple_SET_ITEM(p, 0, tensor);
-  PyTuple_SET_ITEM(p, 1, desc);
-  return p;
+PyObject* new_ref(PyObject* o) {
+  Py_INCREF(o);
+  return o;
+}
+
+// (data_ptr, code, shape, strides) of `t` with the plan's cached code, shape and stride objects.
+PyObject* descriptor(const at::Tensor& t, PyObject* code, PyObject* shape, PyObject* strides) {
+  return tuple_of({PyLong_FromVoidPtr(t.data_ptr()), new_ref(code), new_ref(shape), new_ref(strides)});
+}
+
+// (data_ptr, code, shape, strides) of `t`, made from it.
+PyObject* descriptor(const at::Tensor& t, int code) {
+  const std::vector<int64_t> shape(t.sizes().begin(), t.sizes().end()), strides(t.strides().begin(), t.strides().end());
+  return tuple_of({PyLong_FromVoidPtr(t.data_ptr()), PyLong_FromLong(code), int_tuple(shape), int_tuple(strides)});
 }
 
 const at::Tensor* like_tensor(PyObject* like) {
@@ -156,15 +151,7 @@ PyObject* describe(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
       (ndim > 0 && t.dim() != ndim)) {
     Py_RETURN_NONE;
   }
-  const std::vector<int64_t> shape(t.sizes().begin(), t.sizes().end()), strides(t.strides().begin(), t.strides().end());
-  PyObject* py_code = PyLong_FromLong(code);
-  PyObject* py_shape = int_tuple(shape);
-  PyObject* py_strides = int_tuple(strides);
-  PyObject* desc = py_code && py_shape && py_strides ? descriptor(t, py_code, py_shape, py_strides) : nullptr;
-  Py_XDECREF(py_code);
-  Py_XDECREF(py_shape);
-  Py_XDECREF(py_strides);
-  return desc;
+  return descriptor(t, code);
   END_HANDLE_TH_ERRORS
 }
 
@@ -181,16 +168,8 @@ PyObject* empty(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   std::vector<int64_t> shape;
   if (!read_dims(args[1], "shape: expected a sequence of ints", shape)) return nullptr;
   at::Tensor t = at::empty(shape, at::TensorOptions().dtype(st).device(like->device()));
-  std::vector<int64_t> strides(t.strides().begin(), t.strides().end());
-  PyObject* py_code = PyLong_FromLong(code);
-  PyObject* py_shape = int_tuple(shape);
-  PyObject* py_strides = int_tuple(strides);
-  PyObject* desc = py_code && py_shape && py_strides ? descriptor(t, py_code, py_shape, py_strides) : nullptr;
-  Py_XDECREF(py_code);
-  Py_XDECREF(py_shape);
-  Py_XDECREF(py_strides);
-  if (desc == nullptr) return nullptr;
-  return pair(THPVariable_Wrap(std::move(t)), desc);
+  PyObject* desc = descriptor(t, code);
+  return tuple_of({desc != nullptr ? THPVariable_Wrap(std::move(t)) : nullptr, desc});
   END_HANDLE_TH_ERRORS
 }
 
@@ -304,13 +283,8 @@ PyObject* empty_plan(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   const at::TensorOptions bytes = at::TensorOptions().dtype(at::kByte).device(like->device());
   for (size_t a = 0; a < num_allocs; ++a) allocs[a] = at::empty({plan->alloc_bytes[a]}, bytes);
   const Py_ssize_t n = static_cast<Py_ssize_t>(plan->views.size());
-  PyObject* tensors = PyTuple_New(n);
-  PyObject* descs = PyTuple_New(n);
-  if (tensors == nullptr || descs == nullptr) {
-    Py_XDECREF(tensors);
-    Py_XDECREF(descs);
-    return nullptr;
-  }
+  PyObject* result = tuple_of({PyTuple_New(n), PyTuple_New(n)});  // (tensors, descriptors)
+  if (result == nullptr) return nullptr;
   for (Py_ssize_t i = 0; i < n; ++i) {
     const PlanView& v = plan->views[i];
     const at::Tensor& base = allocs[v.alloc];
@@ -322,21 +296,12 @@ PyObject* empty_plan(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
     PyObject* wrapped = desc != nullptr ? THPVariable_Wrap(std::move(t)) : nullptr;
     if (wrapped == nullptr) {
       Py_XDECREF(desc);
-      Py_DECREF(tensors);
-      Py_DECREF(descs);
+      Py_DECREF(result);  // its tuples' unset items are NULL, which tuple deallocation skips
       return nullptr;
     }
-    PyTuple_SET_ITEM(tensors, i, wrapped);
-    PyTuple_SET_ITEM(descs, i, desc);
+    PyTuple_SET_ITEM(PyTuple_GET_ITEM(result, 0), i, wrapped);
+    PyTuple_SET_ITEM(PyTuple_GET_ITEM(result, 1), i, desc);
   }
-  PyObject* result = PyTuple_New(2);
-  if (result == nullptr) {
-    Py_DECREF(tensors);
-    Py_DECREF(descs);
-    return nullptr;
-  }
-  PyTuple_SET_ITEM(result, 0, tensors);
-  PyTuple_SET_ITEM(result, 1, descs);
   return result;
   END_HANDLE_TH_ERRORS
 }
