@@ -173,7 +173,12 @@ void HtCase::learn_rows() {
   EPX_CUDA_CHECK(cudaStreamSynchronize(stream_));
 }
 
-Row Harness::time(const std::string& op_name, int sms, int tokens, int hidden, const Op& op, Buffer& buffer) const {
+Harness::Harness(const Options& options, Communicator& comm)
+    : o(options), barrier([&comm] { comm.barrier(); }) {
+  require_sms_fit_share(o, comm);
+}
+
+Row Harness::time(const std::string& op_name, int sms, int tokens, int hidden, const Op& op, Buffer& buffer) {
   const Timing t = time_op(op, stream, o.warmup, o.iters, flusher, barrier);
   Row r;
   r.op = op_name;
@@ -189,12 +194,10 @@ Row Harness::time(const std::string& op_name, int sms, int tokens, int hidden, c
 std::vector<Row> run_ht(const Options& o, Communicator& comm) {
   const int R = comm.world(), me = comm.rank();
   std::vector<Row> rows;
-  const Stream owned_stream;
-  const cudaStream_t stream = owned_stream.stream;
-  L2Flusher flusher(stream);
-  auto barrier = [&] { comm.barrier(); };
-  const Harness harness{o, stream, flusher, barrier};
-  require_sms_fit_share(o, comm);
+  Harness harness(o, comm);
+  const cudaStream_t stream = harness.stream;
+  L2Flusher& flusher = harness.flusher;
+  const auto& barrier = harness.barrier;
 
   for (int N : o.tokens) {
     for (int H : o.hidden) {

@@ -21,12 +21,8 @@ std::vector<Row> run_internode(const Options& o, Communicator& comm) {
   EPX_ARG_CHECK(U >= 1 && R % U == 0 && R / U >= 2, "--node-size: expected a divisor of the ", R,
                 " ranks that makes at least 2 nodes, got ", U);
   std::vector<Row> rows;
-  const Stream owned_stream;
-  const cudaStream_t stream = owned_stream.stream;
-  L2Flusher flusher(stream);
-  auto barrier = [&] { comm.barrier(); };
-  const Harness harness{o, stream, flusher, barrier};
-  require_sms_fit_share(o, comm);
+  Harness harness(o, comm);
+  const cudaStream_t stream = harness.stream;
   auto gbps = [](double bytes, double us) { return us > 0 ? bytes / us / 1e3 : 0; };
   const std::string where = std::to_string(R / U) + " virtual nodes x " + std::to_string(U) +
                             ": RDMA leg over NVLink (functional); IB modelled at " +

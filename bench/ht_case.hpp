@@ -57,16 +57,20 @@ inline void require_sms_fit_share(const Options& o, const Communicator& comm) {
                   " exceeds a simulated rank's share of ", comm.num_device_sms(), " SMs");
 }
 
-// The timing harness of the high-throughput workloads: time_op (events, L2 flushed, a host barrier
-// before each iteration) and host_time_op of the same op.
+// The timing harness of the high-throughput workloads on one rank: its stream, the L2 flusher and
+// the ranks' host barrier; time_op (events, L2 flushed, a host barrier before each iteration) and
+// host_time_op of the same op. Checks every --sms against a simulated rank's share.
 struct Harness {
-  const Options& o;
-  cudaStream_t stream;
-  L2Flusher& flusher;
-  std::function<void()> barrier;
+  Harness(const Options& o, Communicator& comm);
   // A row named `op_name` with the op's times (median, min, max) and host µs per call; the buffer
   // synchronized after (an error of the op raises here).
-  Row time(const std::string& op_name, int sms, int tokens, int hidden, const Op& op, Buffer& buffer) const;
+  Row time(const std::string& op_name, int sms, int tokens, int hidden, const Op& op, Buffer& buffer);
+
+  const Options& o;
+  const Stream owned_stream;  // (declared before the members made from it)
+  const cudaStream_t stream = owned_stream.stream;
+  L2Flusher flusher{stream};
+  const std::function<void()> barrier;
 };
 
 }  // namespace epx::bench
