@@ -33,6 +33,7 @@
 
 #include <cstdint>
 #include <initializer_list>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -198,49 +199,50 @@ struct Plan {
 };
 
 constexpr const char* kPlanName = "epx._aten.plan";
+constexpr size_t kMaxPlanAllocs = 4;
 
 void free_plan(PyObject* capsule) { delete static_cast<Plan*>(PyCapsule_GetPointer(capsule, kPlanName)); }
 
+// A new reference released at the end of the scope.
+struct Ref {
+  PyObject* p;
+  ~Ref() { Py_XDECREF(p); }
+};
+
 // plan(alloc_bytes, views): checks that every view lies inside its allocation, aligned.
 PyObject* make_plan(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+  HANDLE_TH_ERRORS
   if (nargs != 2) return fail("plan(alloc_bytes, views): expected 2 arguments");
   auto plan = std::make_unique<Plan>();
   if (!read_dims(args[0], "alloc_bytes: expected a sequence of ints", plan->alloc_bytes)) return nullptr;
+  if (plan->alloc_bytes.size() > kMaxPlanAllocs) return fail("alloc_bytes: at most 4 allocations");
   for (int64_t b : plan->alloc_bytes) {
     if (b < 0) return fail("alloc_bytes: negative");
   }
-  PyObject* views = PySequence_Fast(args[1], "views: expected a sequence");
-  if (views == nullptr) return nullptr;
-  const Py_ssize_t n = PySequence_Fast_GET_SIZE(views);
+  const Ref views{PySequence_Fast(args[1], "views: expected a sequence")};
+  if (views.p == nullptr) return nullptr;
+  const Py_ssize_t n = PySequence_Fast_GET_SIZE(views.p);
   plan->views.resize(static_cast<size_t>(n));
   for (Py_ssize_t i = 0; i < n; ++i) {
-    PyObject* spec = PySequence_Fast_GET_ITEM(views, i);
+    PyObject* spec = PySequence_Fast_GET_ITEM(views.p, i);
     PlanView& v = plan->views[i];
     long long alloc = 0, offset_bytes = 0;
     PyObject *dtype = nullptr, *shape = nullptr, *strides = nullptr;
     if (!PyTuple_Check(spec) || !PyArg_ParseTuple(spec, "LOOOL", &alloc, &dtype, &shape, &strides, &offset_bytes)) {
-      Py_DECREF(views);
       if (!PyErr_Occurred()) fail("views: expected (alloc, dtype, shape, strides, byte_offset) tuples");
       return nullptr;
     }
-    if (!THPDtype_Check(dtype)) {
-      Py_DECREF(views);
-      return fail("views: dtype must be a torch.dtype");
-    }
+    if (!THPDtype_Check(dtype)) return fail("views: dtype must be a torch.dtype");
     const at::ScalarType st = reinterpret_cast<THPDtype*>(dtype)->scalar_type;
     const int code = dtype_code(st);
     if (!read_dims(shape, "views: shape must be a sequence of ints", v.shape) ||
         !read_dims(strides, "views: strides must be a sequence of ints", v.strides)) {
-      Py_DECREF(views);
       return nullptr;
     }
     const std::string where = "views[" + std::to_string(i) + "]: ";
     bool well_formed = code >= 0 && v.strides.size() == v.shape.size() && !v.shape.empty();
     for (size_t d = 0; well_formed && d < v.shape.size(); ++d) well_formed = v.shape[d] >= 0 && v.strides[d] >= 0;
-    if (!well_formed) {
-      Py_DECREF(views);
-      return fail(where + "expected an epx dtype and as many non-negative strides as sizes");
-    }
+    if (!well_formed) return fail(where + "expected an epx dtype and as many non-negative strides as sizes");
     v.meta = caffe2::TypeMeta::fromScalarType(st);
     const int64_t item = static_cast<int64_t>(v.meta.itemsize());
     int64_t span = 1;  // elements from the first to the last one addressed, plus one (0 if empty)
@@ -249,7 +251,6 @@ PyObject* make_plan(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
     }
     if (alloc < 0 || alloc >= static_cast<long long>(plan->alloc_bytes.size()) || offset_bytes < 0 ||
         offset_bytes % 16 != 0 || offset_bytes + span * item > plan->alloc_bytes[alloc]) {
-      Py_DECREF(views);
       return fail(where + "not inside its allocation at a 16-byte aligned offset");
     }
     v.alloc = static_cast<int>(alloc);
@@ -257,15 +258,12 @@ PyObject* make_plan(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
     v.code = PyLong_FromLong(code);
     v.py_shape = int_tuple(v.shape);
     v.py_strides = int_tuple(v.strides);
-    if (v.code == nullptr || v.py_shape == nullptr || v.py_strides == nullptr) {
-      Py_DECREF(views);
-      return nullptr;
-    }
+    if (v.code == nullptr || v.py_shape == nullptr || v.py_strides == nullptr) return nullptr;
   }
-  Py_DECREF(views);
   PyObject* capsule = PyCapsule_New(plan.get(), kPlanName, free_plan);
   if (capsule != nullptr) plan.release();
   return capsule;
+  END_HANDLE_TH_ERRORS
 }
 
 // empty_plan(like, plan): the allocations (bytes, on like's device), then each view: a tensor on its
@@ -277,9 +275,8 @@ PyObject* empty_plan(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   if (like == nullptr) return nullptr;
   const Plan* plan = static_cast<const Plan*>(PyCapsule_GetPointer(args[1], kPlanName));
   if (plan == nullptr) return nullptr;
-  at::Tensor allocs[4];
+  at::Tensor allocs[kMaxPlanAllocs];
   const size_t num_allocs = plan->alloc_bytes.size();
-  if (num_allocs > 4) return fail("plan: at most 4 allocations");
   const at::TensorOptions bytes = at::TensorOptions().dtype(at::kByte).device(like->device());
   for (size_t a = 0; a < num_allocs; ++a) allocs[a] = at::empty({plan->alloc_bytes[a]}, bytes);
   const Py_ssize_t n = static_cast<Py_ssize_t>(plan->views.size());

@@ -94,6 +94,17 @@ def test_plan_refuses_a_view_it_cannot_place(views, why):
         _aten.plan((16,), views)
 
 
+def test_plan_refuses_what_it_cannot_allocate():
+    with pytest.raises(TypeError, match="at most 4 allocations"):
+        _aten.plan((16,) * 5, [(0, torch.int32, (2,), (1,), 0)])
+    with pytest.raises(TypeError, match="negative"):
+        _aten.plan((-16,), [])
+    with pytest.raises(TypeError, match=r"\(alloc, dtype, shape, strides, byte_offset\)"):
+        _aten.plan((16,), [[0, torch.int32, (2,), (1,), 0]])
+    with pytest.raises(TypeError, match="torch.dtype"):
+        _aten.plan((16,), [(0, "int32", (2,), (1,), 0)])
+
+
 def test_refusals_name_the_argument():
     like = torch.zeros(1)
     with pytest.raises(TypeError, match="like: expected a torch.Tensor, got int"):
