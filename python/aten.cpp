@@ -58,6 +58,15 @@ int dtype_code(at::ScalarType t) {
   }
 }
 
+// The scalar type of a torch.dtype object and its epx code (-1: not one epx takes); false if `o`
+// is not a torch.dtype.
+bool read_dtype(PyObject* o, at::ScalarType& st, int& code) {
+  if (!THPDtype_Check(o)) return false;
+  st = reinterpret_cast<THPDtype*>(o)->scalar_type;
+  code = dtype_code(st);
+  return true;
+}
+
 // Sets a TypeError naming the argument; returns nullptr for `return fail(...)`.
 template <class T = PyObject>
 T* fail(const std::string& message) {
@@ -162,9 +171,9 @@ PyObject* empty(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   if (nargs != 3) return fail("empty(like, shape, dtype): expected 3 arguments");
   const at::Tensor* like = like_tensor(args[0]);
   if (like == nullptr) return nullptr;
-  if (!THPDtype_Check(args[2])) return fail(std::string("dtype: expected a torch.dtype, got ") + Py_TYPE(args[2])->tp_name);
-  const at::ScalarType st = reinterpret_cast<THPDtype*>(args[2])->scalar_type;
-  const int code = dtype_code(st);
+  at::ScalarType st;
+  int code = -1;
+  if (!read_dtype(args[2], st, code)) return fail(std::string("dtype: expected a torch.dtype, got ") + Py_TYPE(args[2])->tp_name);
   if (code < 0) return fail("dtype: not one epx takes (bfloat16, float8_e4m3fn, float32, int32, int64, bool)");
   std::vector<int64_t> shape;
   if (!read_dims(args[1], "shape: expected a sequence of ints", shape)) return nullptr;
@@ -232,9 +241,9 @@ PyObject* make_plan(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
       if (!PyErr_Occurred()) fail("views: expected (alloc, dtype, shape, strides, byte_offset) tuples");
       return nullptr;
     }
-    if (!THPDtype_Check(dtype)) return fail("views: dtype must be a torch.dtype");
-    const at::ScalarType st = reinterpret_cast<THPDtype*>(dtype)->scalar_type;
-    const int code = dtype_code(st);
+    at::ScalarType st;
+    int code = -1;
+    if (!read_dtype(dtype, st, code)) return fail("views: dtype must be a torch.dtype");
     if (!read_dims(shape, "views: shape must be a sequence of ints", v.shape) ||
         !read_dims(strides, "views: strides must be a sequence of ints", v.strides)) {
       return nullptr;

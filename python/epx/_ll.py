@@ -13,7 +13,7 @@ import torch
 
 from . import _C, _aten
 from ._streams import _current_raw_stream, _ll_begin, _ll_finish, _ll_rt
-from ._tensors import _BF16, _F32, _I32, _I64, _contiguous_strides, _desc
+from ._tensors import _BF16, _F32, _I32, _I64, _contiguous_strides, _desc, _describe
 from .utils import EventOverlap, _check_int, _error
 
 # The _aten plans of the low-latency dispatch's outputs, by geometry (see _ll_plan).
@@ -205,7 +205,7 @@ def low_latency_combine(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weig
             raise _error("InvalidArgument", f"x: with zero_copy, expected a bfloat16 tensor shaped like "
                                             f"get_next_low_latency_combine_buffer, got "
                                             f"{getattr(x, 'dtype', type(x).__name__)}")
-        d_x = (x.data_ptr(), _C.DTYPE_BF16, x.shape, x.stride())
+        d_x = _describe(x, x.device, _BF16.mask, 0)
     else:
         d_x = _desc(self, x, "x", _BF16, 3)
     d_topk = _desc(self, topk_idx, "topk_idx", _I64, 2)

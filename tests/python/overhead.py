@@ -6,8 +6,8 @@ Real ranks: one process per GPU (all visible by default; needs 2). Simulated ran
 default when fewer than 2 GPUs are visible): R ranks as threads of this process on GPU 0 (an
 epx.SimWorld, see epx/sim.py). For each operation, rank 0 prints:
   - host us/call: time of the Python call (the epx.Buffer method): the median over --rounds loops
-    of the mean of each loop of calls that do not wait for the GPU (the fresh dispatch does: it includes the count exchange). Real
-    ranks: wall time. Simulated ranks take turns: while one issues its loop, its peers wait in a host
+    of the mean of each loop of calls that do not wait for the GPU (the fresh dispatch does: it
+    includes the count exchange). Real ranks: wall time. Simulated ranks take turns: while one issues its loop, its peers wait in a host
     barrier (no GIL held, no CPU used), so its wall time is its own host cost; the kernels it queued
     wait on the GPU for the peers' turns (bounded by the wait timeout). The host-synced fresh
     dispatch cannot wait for a turn: its ranks run together and it reports the thread's CPU time;
@@ -153,8 +153,10 @@ def measure_rank(ctx: Rank, device: torch.device, args):
     recv_x, _, _, _, handle, _ = fresh()
     h = handle[-1]
 
-    def d(t):  # the binding's descriptor of a tensor
-        return (t.data_ptr(), epx._tensors._DTYPE_CODES[t.dtype], t.shape, t.stride())
+    any_dtype = sum(1 << code for code in epx._tensors._DTYPE_CODES.values())
+
+    def d(t):  # the binding's descriptor of a tensor, as the package makes it
+        return epx._aten.describe(t, t.device, any_dtype, 0)
 
     out_recv = torch.empty_like(recv_x)
     combined = torch.empty_like(x)
