@@ -442,7 +442,7 @@ plan::OpPlan dispatch_rows_plan(const Config& config, const RowLayout& rows, int
 // when large enough (a captured dispatch keeps its pointer), else made anew; then cleared on the
 // op's stream (-1: no token), for the dispatch after this notify. A cached re-dispatch (same
 // routing, no notify) writes the same keys over them.
-void ensure_forward_records(Buffer::Impl& m, DispatchHandle& handle, int64_t slots, cudaStream_t stream) {
+void prepare_forward_records(Buffer::Impl& m, DispatchHandle& handle, int64_t slots, cudaStream_t stream) {
   slots = std::max<int64_t>(slots, 1);
   if (handle.forward_storage == nullptr || handle.forward_slots < slots) {
     std::shared_ptr<DeviceArena> arena = m.arena;
@@ -710,7 +710,7 @@ int Buffer::dispatch_notify(const DispatchInputs& in, DispatchHandle& handle, co
 #endif
       // Without a host sync the records are sized for the most rows a node may get from its rail
       // peers: each of its ranks receives at most num_worst_tokens rows.
-      if (!host_sync) ensure_forward_records(m, handle, int64_t{m.topology.node_size} * in.num_worst_tokens, stream);
+      if (!host_sync) prepare_forward_records(m, handle, int64_t{m.topology.node_size} * in.num_worst_tokens, stream);
     } else {
       kernels::launch_notify(p, stream);
     }
@@ -724,7 +724,7 @@ int Buffer::dispatch_notify(const DispatchInputs& in, DispatchHandle& handle, co
     handle.num_recv_tokens = mb->num_recv;
     handle.max_recv_tokens = mb->max_rows;
     handle.max_sent_tokens = mb->max_sent_rows;
-    if (m.internode) ensure_forward_records(m, handle, mb->forward_slots, stream);
+    if (m.internode) prepare_forward_records(m, handle, mb->forward_slots, stream);
     return handle.num_recv_tokens;
   });
 }
