@@ -18,6 +18,9 @@
 //                                 views: (alloc index, torch dtype, shape, strides, byte offset).
 //   empty_plan(like, plan)     -> (tensors, descriptors): the plan's allocations and views; views of
 //                                 one allocation share its storage (freed when the last is).
+//   tensor_api                 -> a capsule of the same as C functions (python/tensor_api.hpp), which
+//                                 the package hands to epx._C: the low-latency operations read their
+//                                 tensors and make their outputs through it, without a Python call each.
 //
 // Built against one torch (EPX_TORCH_VERSION: its torch.__version__, set by python/CMakeLists.txt);
 // `torch_version` names it and the package refuses to run against another (its C++ ABI differs).
@@ -38,6 +41,7 @@
 #include <vector>
 
 #include "epx/types.hpp"
+#include "tensor_api.hpp"
 
 #ifndef EPX_TORCH_VERSION
 #error "EPX_TORCH_VERSION: the torch.__version__ this module is compiled against (python/CMakeLists.txt sets it)"
@@ -145,6 +149,17 @@ const at::Tensor* like_tensor(PyObject* like) {
   return &THPVariable_Unpack(like);
 }
 
+// The tensor `o` if it is one of a dtype in `mask` with `ndim` dimensions (0: any of 1 to 3, the
+// dimensions a descriptor holds), else nullptr; `code`: its epx dtype code.
+const at::Tensor* accepted(PyObject* o, long mask, long ndim, int& code) {
+  if (!THPVariable_Check(o)) return nullptr;
+  const at::Tensor& t = THPVariable_Unpack(o);
+  code = dtype_code(t.scalar_type());
+  const int64_t dims = t.dim();
+  if (code < 0 || ((mask >> code) & 1) == 0 || dims < 1 || dims > 3 || (ndim > 0 && dims != ndim)) return nullptr;
+  return &t;
+}
+
 // describe(t, device, mask, ndim): see the top. The checks of the package's `_desc`, without its
 // attribute lookups; None (not an error) for anything refused, whose error the package words.
 PyObject* describe(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
@@ -154,15 +169,39 @@ PyObject* describe(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   const long mask = PyLong_AsLong(args[2]);
   const long ndim = PyLong_AsLong(args[3]);
   if (PyErr_Occurred()) return nullptr;
-  if (!THPVariable_Check(args[0])) Py_RETURN_NONE;
-  const at::Tensor& t = THPVariable_Unpack(args[0]);
-  const int code = dtype_code(t.scalar_type());
-  if (t.device() != reinterpret_cast<THPDevice*>(args[1])->device || code < 0 || ((mask >> code) & 1) == 0 ||
-      (ndim > 0 && t.dim() != ndim)) {
-    Py_RETURN_NONE;
-  }
-  return descriptor(t, code);
+  int code = -1;
+  const at::Tensor* t = accepted(args[0], mask, ndim, code);
+  if (t == nullptr || t->device() != reinterpret_cast<THPDevice*>(args[1])->device) Py_RETURN_NONE;
+  return descriptor(*t, code);
   END_HANDLE_TH_ERRORS
+}
+
+// The epx::View of `t` (1 to 3 dimensions).
+epx::View view_of(const at::Tensor& t, int code) {
+  epx::View v;
+  v.data = t.data_ptr();
+  v.dtype = static_cast<epx::DType>(code);
+  v.ndim = static_cast<int>(t.dim());
+  for (int d = 0; d < v.ndim; ++d) {
+    v.shape[d] = t.size(d);
+    v.stride[d] = t.stride(d);
+  }
+  return v;
+}
+
+// TensorApi::describe (tensor_api.hpp): what `describe` checks, the device as a CUDA index.
+int api_describe(PyObject* o, int device, uint32_t mask, int ndim, epx::View* out) {
+  int code = -1;
+  const at::Tensor* t = accepted(o, static_cast<long>(mask), ndim, code);
+  if (t == nullptr) return 0;
+  if (device != epx::python::kAnyDevice && !(t->is_cuda() && t->get_device() == device)) return 0;
+  *out = view_of(*t, code);
+  return 1;
+}
+
+// A contiguous tensor shaped `shape` of torch dtype `st` on like's device.
+at::Tensor empty_like_device(const at::Tensor& like, c10::IntArrayRef shape, at::ScalarType st) {
+  return at::empty(shape, at::TensorOptions().dtype(st).device(like.device()));
 }
 
 // empty(like, shape, dtype): a contiguous tensor on like's device, and its descriptor.
@@ -177,9 +216,33 @@ PyObject* empty(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   if (code < 0) return fail("dtype: not one epx takes (bfloat16, float8_e4m3fn, float32, int32, int64, bool)");
   std::vector<int64_t> shape;
   if (!read_dims(args[1], "shape: expected a sequence of ints", shape)) return nullptr;
-  at::Tensor t = at::empty(shape, at::TensorOptions().dtype(st).device(like->device()));
+  at::Tensor t = empty_like_device(*like, shape, st);
   PyObject* desc = descriptor(t, code);
   return tuple_of({desc != nullptr ? THPVariable_Wrap(std::move(t)) : nullptr, desc});
+  END_HANDLE_TH_ERRORS
+}
+
+// The torch scalar type of an epx dtype.
+at::ScalarType scalar_type(epx::DType d) {
+  switch (d) {
+    case epx::DType::kBF16: return at::kBFloat16;
+    case epx::DType::kFP8E4M3: return at::kFloat8_e4m3fn;
+    case epx::DType::kF32: return at::kFloat;
+    case epx::DType::kI32: return at::kInt;
+    case epx::DType::kI64: return at::kLong;
+    case epx::DType::kBool: break;
+  }
+  return at::kBool;
+}
+
+// TensorApi::empty (tensor_api.hpp).
+PyObject* api_empty(PyObject* like_obj, const int64_t* shape, int ndim, epx::DType dtype, epx::View* view) {
+  HANDLE_TH_ERRORS
+  const at::Tensor* like = like_tensor(like_obj);
+  if (like == nullptr) return nullptr;
+  at::Tensor t = empty_like_device(*like, c10::IntArrayRef(shape, static_cast<size_t>(ndim)), scalar_type(dtype));
+  *view = view_of(t, static_cast<int>(dtype));
+  return THPVariable_Wrap(std::move(t));
   END_HANDLE_TH_ERRORS
 }
 
@@ -190,6 +253,7 @@ struct PlanView {
   caffe2::TypeMeta meta;
   std::vector<int64_t> shape, strides;
   int64_t offset = 0;  // in elements of the view's dtype
+  int dtype = -1;      // its epx code
   PyObject* code = nullptr;
   PyObject* py_shape = nullptr;
   PyObject* py_strides = nullptr;
@@ -209,6 +273,7 @@ struct Plan {
 
 constexpr const char* kPlanName = "epx._aten.plan";
 constexpr size_t kMaxPlanAllocs = 4;
+constexpr Py_ssize_t kMaxPlanViews = 8;
 
 void free_plan(PyObject* capsule) { delete static_cast<Plan*>(PyCapsule_GetPointer(capsule, kPlanName)); }
 
@@ -231,6 +296,7 @@ PyObject* make_plan(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   const Ref views{PySequence_Fast(args[1], "views: expected a sequence")};
   if (views.p == nullptr) return nullptr;
   const Py_ssize_t n = PySequence_Fast_GET_SIZE(views.p);
+  if (n > kMaxPlanViews) return fail("views: at most 8 views");
   plan->views.resize(static_cast<size_t>(n));
   for (Py_ssize_t i = 0; i < n; ++i) {
     PyObject* spec = PySequence_Fast_GET_ITEM(views.p, i);
@@ -264,6 +330,7 @@ PyObject* make_plan(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
     }
     v.alloc = static_cast<int>(alloc);
     v.offset = offset_bytes / item;
+    v.dtype = code;
     v.code = PyLong_FromLong(code);
     v.py_shape = int_tuple(v.shape);
     v.py_strides = int_tuple(v.strides);
@@ -275,31 +342,41 @@ PyObject* make_plan(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   END_HANDLE_TH_ERRORS
 }
 
-// empty_plan(like, plan): the allocations (bytes, on like's device), then each view: a tensor on its
-// allocation's storage (as Tensor.view(dtype).as_strided does, without the dispatcher).
+// The plan's allocations (bytes, on like's device), then each view: a tensor on its allocation's
+// storage (as Tensor.view(dtype).as_strided does, without the dispatcher) into `tensors`.
+void make_plan_tensors(const at::Tensor& like, const Plan& plan, at::Tensor* tensors) {
+  at::Tensor allocs[kMaxPlanAllocs];
+  const at::TensorOptions bytes = at::TensorOptions().dtype(at::kByte).device(like.device());
+  for (size_t a = 0; a < plan.alloc_bytes.size(); ++a) allocs[a] = at::empty({plan.alloc_bytes[a]}, bytes);
+  for (size_t i = 0; i < plan.views.size(); ++i) {
+    const PlanView& v = plan.views[i];
+    const at::Tensor& base = allocs[v.alloc];
+    auto impl = c10::make_intrusive<c10::TensorImpl>(c10::TensorImpl::VIEW, c10::Storage(base.storage()),
+                                                     base.key_set(), v.meta);
+    impl->set_sizes_and_strides(v.shape, v.strides, v.offset);
+    tensors[i] = at::Tensor(std::move(impl));
+  }
+}
+
+const Plan* plan_of(PyObject* capsule) { return static_cast<const Plan*>(PyCapsule_GetPointer(capsule, kPlanName)); }
+
+// empty_plan(like, plan): the plan's tensors and their descriptors.
 PyObject* empty_plan(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   HANDLE_TH_ERRORS
   if (nargs != 2) return fail("empty_plan(like, plan): expected 2 arguments");
   const at::Tensor* like = like_tensor(args[0]);
   if (like == nullptr) return nullptr;
-  const Plan* plan = static_cast<const Plan*>(PyCapsule_GetPointer(args[1], kPlanName));
+  const Plan* plan = plan_of(args[1]);
   if (plan == nullptr) return nullptr;
-  at::Tensor allocs[kMaxPlanAllocs];
-  const size_t num_allocs = plan->alloc_bytes.size();
-  const at::TensorOptions bytes = at::TensorOptions().dtype(at::kByte).device(like->device());
-  for (size_t a = 0; a < num_allocs; ++a) allocs[a] = at::empty({plan->alloc_bytes[a]}, bytes);
+  std::vector<at::Tensor> tensors(plan->views.size());
+  make_plan_tensors(*like, *plan, tensors.data());
   const Py_ssize_t n = static_cast<Py_ssize_t>(plan->views.size());
   PyObject* result = tuple_of({PyTuple_New(n), PyTuple_New(n)});  // (tensors, descriptors)
   if (result == nullptr) return nullptr;
   for (Py_ssize_t i = 0; i < n; ++i) {
     const PlanView& v = plan->views[i];
-    const at::Tensor& base = allocs[v.alloc];
-    auto impl = c10::make_intrusive<c10::TensorImpl>(c10::TensorImpl::VIEW, c10::Storage(base.storage()),
-                                                     base.key_set(), v.meta);
-    impl->set_sizes_and_strides(v.shape, v.strides, v.offset);
-    at::Tensor t(std::move(impl));
-    PyObject* desc = descriptor(t, v.code, v.py_shape, v.py_strides);
-    PyObject* wrapped = desc != nullptr ? THPVariable_Wrap(std::move(t)) : nullptr;
+    PyObject* desc = descriptor(tensors[i], v.code, v.py_shape, v.py_strides);
+    PyObject* wrapped = desc != nullptr ? THPVariable_Wrap(std::move(tensors[i])) : nullptr;
     if (wrapped == nullptr) {
       Py_XDECREF(desc);
       Py_DECREF(result);  // its tuples' unset items are NULL, which tuple deallocation skips
@@ -311,6 +388,33 @@ PyObject* empty_plan(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   return result;
   END_HANDLE_TH_ERRORS
 }
+
+// TensorApi::empty_plan (tensor_api.hpp).
+int api_empty_plan(PyObject* like_obj, PyObject* capsule, int capacity, PyObject** out, epx::View* views) {
+  HANDLE_TH_ERRORS
+  const at::Tensor* like = like_tensor(like_obj);
+  const Plan* plan = like != nullptr ? plan_of(capsule) : nullptr;
+  if (plan == nullptr) return -1;
+  const int n = static_cast<int>(plan->views.size());
+  if (n > capacity) {
+    fail("empty_plan: the plan has more views than the caller has room for");
+    return -1;
+  }
+  at::Tensor tensors[kMaxPlanViews];
+  make_plan_tensors(*like, *plan, tensors);
+  for (int i = 0; i < n; ++i) {
+    views[i] = view_of(tensors[i], plan->views[i].dtype);
+    out[i] = THPVariable_Wrap(std::move(tensors[i]));
+    if (out[i] == nullptr) {
+      for (int j = 0; j < i; ++j) Py_DECREF(out[j]);
+      return -1;
+    }
+  }
+  return n;
+  END_HANDLE_TH_ERRORS_RET(-1)
+}
+
+const epx::python::TensorApi g_tensor_api{epx::python::kTensorApiAbi, api_describe, api_empty_plan, api_empty};
 
 using Fast = PyObject* (*)(PyObject*, PyObject* const*, Py_ssize_t);
 PyCFunction fast(Fast f) { return reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)(void)>(f)); }
@@ -339,7 +443,11 @@ PyModuleDef g_module = {PyModuleDef_HEAD_INIT, "_aten",
 PyMODINIT_FUNC PyInit__aten() {
   PyObject* m = PyModule_Create(&g_module);
   if (m == nullptr) return nullptr;
-  if (PyModule_AddStringConstant(m, "torch_version", EPX_TORCH_VERSION) != 0) {
+  PyObject* api = PyCapsule_New(const_cast<epx::python::TensorApi*>(&g_tensor_api), epx::python::kTensorApiName,
+                                nullptr);
+  if (PyModule_AddStringConstant(m, "torch_version", EPX_TORCH_VERSION) != 0 || api == nullptr ||
+      PyModule_AddObject(m, "tensor_api", api) != 0) {
+    Py_XDECREF(api);
     Py_DECREF(m);
     return nullptr;
   }

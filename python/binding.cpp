@@ -36,6 +36,7 @@
 #include "epx/types.hpp"
 #include "host/handle_storage.hpp"
 #include "host/plan.hpp"
+#include "tensor_api.hpp"
 
 namespace py = pybind11;
 
@@ -267,6 +268,19 @@ struct StreamOrder {
 struct PyBuffer : Owned<epx::Buffer> {
   bool simulated = false;
   std::unique_ptr<StreamJoin> join_;
+  // Set by attach_package (the package's Buffer, once made): its CUDA device, its communication
+  // stream (the torch.cuda.Stream and its cudaStream_t), and the low-latency dispatch's output
+  // plans (_aten plans) of the geometries it last saw.
+  int device = -1;
+  cudaStream_t comm = nullptr;
+  py::object comm_stream;
+  struct LlPlan {
+    int T = 0, E = 0, H = 0;
+    bool fp8 = false, ue8m0 = false;
+    py::object plan;
+  };
+  LlPlan ll_plans[4];
+  int next_ll_plan = 0;
 
   StreamJoin& join() {
     if (!join_) join_ = std::make_unique<StreamJoin>();
@@ -761,6 +775,281 @@ PyObject* op_low_latency_query_mask_buffer(PyObject* self, PyObject* const* args
   });
 }
 
+// ---- The package's low-latency calls ------------------------------------------------------------
+// Buffer.low_latency_dispatch / low_latency_combine of the package whole, in one call each (a
+// Python-level step costs more host time than the launch, docs/performance.md "Host overhead"):
+// the arguments as the package method takes them (positional), DeepEP's result back. Tensors are
+// read and the outputs made through epx._aten's TensorApi (python/tensor_api.hpp), so this module
+// still sees no torch. Anything the package would refuse (a wrong type, device, dtype or rank of a
+// tensor, a bad flag or int) returns None before anything happens, and the package then words the
+// error; the core's own checks raise as in every operation.
+
+// The package's helpers, handed over by `_use_package` at its import (strong references).
+struct Package {
+  const epx::python::TensorApi* tensors = nullptr;
+  PyObject* ll_plan = nullptr;         // _ll._ll_plan(num_ranks, num_experts, T, hidden, use_fp8, use_ue8m0)
+  PyObject* current_stream = nullptr;  // device index -> the current stream's cudaStream_t int
+  PyObject* ll_finish = nullptr;       // _streams._ll_finish(comm_stream, rt, compute, async_finish, hook, buffer_idx, keep)
+  PyObject* event_overlap = nullptr;   // utils.EventOverlap
+} g_package;
+
+constexpr uint32_t bit(DType d) { return 1u << static_cast<int>(d); }
+
+// A new reference released at the end of the scope unless taken.
+struct Owner {
+  PyObject* p = nullptr;
+  Owner() = default;
+  explicit Owner(PyObject* o) : p(o) {}
+  Owner(const Owner&) = delete;
+  Owner& operator=(const Owner&) = delete;
+  ~Owner() { Py_XDECREF(p); }
+  PyObject* take() { return std::exchange(p, nullptr); }
+};
+
+// Python truth of a flag; throws (its Python error set) when it has none.
+bool truth(PyObject* o) {
+  const int v = PyObject_IsTrue(o);
+  if (v < 0) throw py::error_already_set();
+  return v != 0;
+}
+
+// An int (not a bool) in [1, INT_MAX], else 0.
+int positive_int(PyObject* o) {
+  if (!PyLong_Check(o) || PyBool_Check(o)) return 0;
+  const long long v = PyLong_AsLongLong(o);
+  if (v == -1 && PyErr_Occurred()) {
+    PyErr_Clear();
+    return 0;
+  }
+  return v >= 1 && v <= std::numeric_limits<int>::max() ? static_cast<int>(v) : 0;
+}
+
+// Describes a required tensor argument (false: refused) or an optional one (None: undefined View).
+bool tensor_arg(PyObject* t, int device, uint32_t mask, int ndim, View& v) {
+  return g_package.tensors->describe(t, device, mask, ndim, &v) == 1;
+}
+bool optional_tensor_arg(PyObject* t, int device, uint32_t mask, View& v) {
+  return t == Py_None || tensor_arg(t, device, mask, 0, v);
+}
+
+// The package's buffer attached and current, or nullptr (the package then says which is wrong).
+PyBuffer* package_buffer(PyObject* self) {
+  PyBuffer& b = self_buffer(self);
+  EPX_CHECK(g_package.tensors != nullptr && b.device >= 0, ErrorKind::kState,
+            "Buffer: not attached to the package (epx.Buffer makes its runtime and attaches it)");
+  int current = -1;
+  if (cudaGetDevice(&current) != cudaSuccess) {
+    cudaGetLastError();
+    return nullptr;
+  }
+  return current == b.device ? &b : nullptr;
+}
+
+cudaStream_t current_stream(int device) {
+  Owner index(PyLong_FromLong(device));
+  if (index.p == nullptr) throw py::error_already_set();
+  Owner s(PyObject_CallOneArg(g_package.current_stream, index.p));
+  if (s.p == nullptr) throw py::error_already_set();
+  const unsigned long long v = PyLong_AsUnsignedLongLong(s.p);
+  if (PyErr_Occurred()) throw py::error_already_set();
+  return to_stream(static_cast<uintptr_t>(v));
+}
+
+// The low-latency dispatch's output plan of a geometry (made by the package once, then kept).
+PyObject* ll_plan(PyBuffer& b, int R, int E, int T, int H, bool fp8, bool ue8m0) {
+  for (const PyBuffer::LlPlan& p : b.ll_plans) {
+    if (p.plan && p.T == T && p.E == E && p.H == H && p.fp8 == fp8 && p.ue8m0 == ue8m0) return p.plan.ptr();
+  }
+  PyObject* made = PyObject_CallFunction(g_package.ll_plan, "iiiiOO", R, E, T, H, fp8 ? Py_True : Py_False,
+                                         ue8m0 ? Py_True : Py_False);
+  if (made == nullptr) throw py::error_already_set();
+  PyBuffer::LlPlan& slot = b.ll_plans[b.next_ll_plan];
+  b.next_ll_plan = (b.next_ll_plan + 1) % 4;
+  slot = PyBuffer::LlPlan{T, E, H, fp8, ue8m0, py::reinterpret_steal<py::object>(made)};
+  return slot.plan.ptr();
+}
+
+// The streams of a low-latency op (_streams.py): with the hook it runs on the current stream;
+// else on the communication stream, which first waits for the current one, and the current one
+// waits for it after the launch unless async_finish.
+struct LlStreams {
+  cudaStream_t compute, launch;
+  StreamOrder order;
+};
+LlStreams ll_streams(const PyBuffer& b, bool async_finish, bool hook) {
+  LlStreams s;
+  s.compute = current_stream(b.device);
+  s.launch = hook ? s.compute : b.comm;
+  if (!hook) s.order.wait = s.compute;
+  if (!hook && !async_finish) s.order.join = s.compute;
+  return s;
+}
+
+// (event, hook) of the op through the package (only with async_finish or the hook), then the
+// EventOverlap; returns (EventOverlap, hook) as two new references.
+std::pair<PyObject*, PyObject*> ll_event_and_hook(PyObject* self, const PyBuffer& b, const LlStreams& s,
+                                                  bool async_finish, bool hook, int buffer_idx, PyObject* keep) {
+  if (!async_finish && !hook) {
+    PyObject* overlap = PyObject_CallNoArgs(g_package.event_overlap);
+    if (overlap == nullptr) throw py::error_already_set();
+    Py_INCREF(Py_None);
+    return {overlap, Py_None};
+  }
+  Owner pair(PyObject_CallFunction(g_package.ll_finish, "OOKOOiO", b.comm_stream.ptr(), self,
+                                   static_cast<unsigned long long>(reinterpret_cast<uintptr_t>(s.compute)),
+                                   async_finish ? Py_True : Py_False, hook ? Py_True : Py_False, buffer_idx, keep));
+  if (pair.p == nullptr) throw py::error_already_set();
+  PyObject* event = PyTuple_GET_ITEM(pair.p, 0);
+  PyObject* overlap = PyObject_CallFunctionObjArgs(g_package.event_overlap, event, async_finish ? keep : Py_None,
+                                                   nullptr);
+  if (overlap == nullptr) throw py::error_already_set();
+  PyObject* hook_fn = PyTuple_GET_ITEM(pair.p, 1);
+  Py_INCREF(hook_fn);
+  return {overlap, hook_fn};
+}
+
+PyObject* tuple_stealing(std::initializer_list<PyObject*> items) {
+  PyObject* t = PyTuple_New(static_cast<Py_ssize_t>(items.size()));
+  Py_ssize_t i = 0;
+  for (PyObject* item : items) {
+    if (t == nullptr) {
+      Py_XDECREF(item);
+    } else {
+      PyTuple_SET_ITEM(t, i++, item);
+    }
+  }
+  if (t == nullptr) throw py::error_already_set();
+  return t;
+}
+PyObject* ref(PyObject* o) {
+  Py_INCREF(o);
+  return o;
+}
+
+// low_latency_dispatch_call(x, topk_idx, num_max_dispatch_tokens_per_rank, num_experts,
+//   cumulative_local_expert_recv_stats, dispatch_wait_recv_cost_stats, use_fp8, round_scale, use_ue8m0,
+//   async_finish, return_recv_hook) -> (recv_x, recv_count, handle, EventOverlap, hook) or None.
+PyObject* op_ll_dispatch_call(PyObject* self, PyObject* const* args, Py_ssize_t nargs) {
+  return guarded([&]() -> PyObject* {
+    if (nargs != 11) throw py::type_error("Buffer.low_latency_dispatch_call(): expected 11 arguments");
+    PyBuffer* pb = package_buffer(self);
+    if (pb == nullptr) Py_RETURN_NONE;
+    PyBuffer& b = *pb;
+    epx::Buffer& buf = b.get();
+    const bool use_fp8 = truth(args[6]), round_scale = truth(args[7]), ue8m0 = truth(args[8]);
+    const bool async_finish = truth(args[9]), hook = truth(args[10]);
+    if ((async_finish && hook) || (ue8m0 && !round_scale) || (!use_fp8 && round_scale)) Py_RETURN_NONE;
+    epx::LowLatencyDispatchArgs d;
+    if (!tensor_arg(args[0], b.device, bit(DType::kBF16), 2, d.x) ||
+        !tensor_arg(args[1], b.device, bit(DType::kI64), 2, d.topk_idx) ||
+        !optional_tensor_arg(args[4], b.device, bit(DType::kI32), d.cumulative_local_expert_recv_stats) ||
+        !optional_tensor_arg(args[5], b.device, bit(DType::kI64), d.dispatch_wait_recv_cost_stats)) {
+      Py_RETURN_NONE;
+    }
+    const int T = positive_int(args[2]), E = positive_int(args[3]);
+    if (T == 0 || E == 0) Py_RETURN_NONE;
+    d.num_max_dispatch_tokens_per_rank = T;
+    d.num_experts = E;
+    d.use_fp8 = use_fp8;
+    d.round_scale = round_scale;
+    d.scale_format = ue8m0 ? epx::LowLatencyScale::kUE8M0 : epx::LowLatencyScale::kFloat;
+    d.return_recv_hook = hook;
+    const int H = static_cast<int>(d.x.shape[1]), K = static_cast<int>(d.topk_idx.shape[1]);
+    PyObject* plan = ll_plan(b, buf.num_ranks(), E, T, H, use_fp8, ue8m0);
+    const LlStreams s = ll_streams(b, async_finish, hook);
+
+    // recv_x, recv_scales (fp8 only), recv_count, src_info, layout_range, src_topk_slot.
+    PyObject* made[8] = {};
+    View views[8];
+    const int n = g_package.tensors->empty_plan(args[0], plan, 8, made, views);
+    if (n < 0) throw py::error_already_set();
+    Owner t[8];
+    for (int i = 0; i < n; ++i) t[i + (use_fp8 || i == 0 ? 0 : 1)].p = made[i];
+    EPX_CHECK(n == (use_fp8 ? 6 : 5), ErrorKind::kState, "low_latency_dispatch: the output plan has ", n, " views");
+    epx::LowLatencyDispatchOutputs out;
+    out.recv_x = views[0];
+    if (use_fp8) out.recv_scales = views[1];
+    out.recv_count = views[n - 4];
+    out.src_info = views[n - 3];
+    out.layout_range = views[n - 2];
+    out.src_topk_slot = views[n - 1];
+    epx::LowLatencyHandle h;
+    {
+      GilReleaseIf nogil(b.simulated);
+      h = b.ordered(s.order, s.launch, [&] { return buf.low_latency_dispatch(d, out, s.launch); });
+    }
+    const int buffer_idx = h.buffer_idx;
+    PyObject* scales = use_fp8 ? t[1].p : Py_None;
+    Owner keep(async_finish || hook
+                   ? tuple_stealing({ref(args[0]), ref(args[1]), ref(t[0].p), ref(scales), ref(t[2].p), ref(t[3].p),
+                                     ref(t[4].p), ref(t[5].p), ref(args[4]), ref(args[5])})
+                   : ref(Py_None));
+    const auto [overlap, hook_fn] = ll_event_and_hook(self, b, s, async_finish, hook, buffer_idx, keep.p);
+    Owner overlap_ref(overlap), hook_ref(hook_fn);
+    PyObject* core = py::cast(std::move(h)).release().ptr();
+    PyObject* handle = tuple_stealing({ref(t[3].p), ref(t[4].p), PyLong_FromLong(T), PyLong_FromLong(H),
+                                       PyLong_FromLong(E), ref(t[5].p), PyLong_FromLong(K), PyLong_FromLong(buffer_idx),
+                                       core});
+    PyObject* recv = use_fp8 ? tuple_stealing({ref(t[0].p), ref(t[1].p)}) : ref(t[0].p);
+    return tuple_stealing({recv, ref(t[2].p), handle, overlap_ref.take(), hook_ref.take()});
+  });
+}
+
+// The handle tuple of low_latency_dispatch: 9 elements, the core's LowLatencyHandle last; else nullptr.
+const epx::LowLatencyHandle* ll_handle_of(PyObject* handle) {
+  if (!PyTuple_Check(handle) || PyTuple_GET_SIZE(handle) != 9) return nullptr;
+  py::handle core(PyTuple_GET_ITEM(handle, 8));
+  if (!py::isinstance<epx::LowLatencyHandle>(core)) return nullptr;
+  return &core.cast<const epx::LowLatencyHandle&>();
+}
+
+// low_latency_combine_call(x, topk_idx, topk_weights, handle, zero_copy, async_finish, return_recv_hook, out)
+//   -> (combined_x, EventOverlap, hook) or None.
+PyObject* op_ll_combine_call(PyObject* self, PyObject* const* args, Py_ssize_t nargs) {
+  return guarded([&]() -> PyObject* {
+    if (nargs != 8) throw py::type_error("Buffer.low_latency_combine_call(): expected 8 arguments");
+    PyBuffer* pb = package_buffer(self);
+    if (pb == nullptr) Py_RETURN_NONE;
+    PyBuffer& b = *pb;
+    epx::Buffer& buf = b.get();
+    const bool zero_copy = truth(args[4]), async_finish = truth(args[5]), hook = truth(args[6]);
+    const epx::LowLatencyHandle* h = ll_handle_of(args[3]);
+    if ((async_finish && hook) || h == nullptr) Py_RETURN_NONE;
+    epx::LowLatencyCombineArgs c;
+    View out_view;
+    // With zero_copy, x is not read (the core checks its shape): a bf16 tensor anywhere.
+    if (!tensor_arg(args[0], zero_copy ? epx::python::kAnyDevice : b.device, bit(DType::kBF16), zero_copy ? 0 : 3,
+                    c.x) ||
+        !tensor_arg(args[1], b.device, bit(DType::kI64), 2, c.topk_idx) ||
+        !tensor_arg(args[2], b.device, bit(DType::kF32), 2, c.topk_weights) ||
+        (args[7] != Py_None && !tensor_arg(args[7], b.device, bit(DType::kBF16), 2, out_view))) {
+      Py_RETURN_NONE;
+    }
+    c.zero_copy = zero_copy;
+    c.return_recv_hook = hook;
+    const LlStreams s = ll_streams(b, async_finish, hook);
+    Owner out(ref(args[7]));
+    if (args[7] == Py_None) {
+      const int64_t shape[2] = {c.topk_idx.shape[0], h->hidden};
+      Py_DECREF(out.take());
+      out.p = g_package.tensors->empty(args[2], shape, 2, DType::kBF16, &out_view);
+      if (out.p == nullptr) throw py::error_already_set();
+    }
+    int used = 0;
+    {
+      GilReleaseIf nogil(b.simulated);
+      used = b.ordered(s.order, s.launch, [&] { return buf.low_latency_combine(c, *h, out_view, s.launch); });
+    }
+    PyObject* handle = args[3];
+    Owner keep(async_finish || hook
+                   ? tuple_stealing({ref(args[0]), ref(args[1]), ref(args[2]), ref(PyTuple_GET_ITEM(handle, 0)),
+                                     ref(PyTuple_GET_ITEM(handle, 1)), ref(PyTuple_GET_ITEM(handle, 5)), ref(out.p)})
+                   : ref(Py_None));
+    const auto [overlap, hook_fn] = ll_event_and_hook(self, b, s, async_finish, hook, used, keep.p);
+    return tuple_stealing({out.take(), overlap, hook_fn});
+  });
+}
+
 using FastMethod = PyObject* (*)(PyObject*, PyObject* const*, Py_ssize_t, PyObject*);
 
 // Adds the operations to _C.Buffer as method descriptors (their PyMethodDefs live as long as the process).
@@ -775,15 +1064,28 @@ void add_operations(py::handle buffer_type) {
       {&g_low_latency_receive, op_low_latency_receive},
       {&g_low_latency_query_mask_buffer, op_low_latency_query_mask_buffer},
   };
-  static PyMethodDef defs[sizeof(ops) / sizeof(ops[0])];
-  for (size_t i = 0; i < sizeof(ops) / sizeof(ops[0]); ++i) {
+  using PackageCall = PyObject* (*)(PyObject*, PyObject* const*, Py_ssize_t);
+  static std::pair<const char*, PackageCall> calls[] = {
+      {"low_latency_dispatch_call", op_ll_dispatch_call},
+      {"low_latency_combine_call", op_ll_combine_call},
+  };
+  constexpr size_t kNumOps = sizeof(ops) / sizeof(ops[0]), kNumCalls = sizeof(calls) / sizeof(calls[0]);
+  static PyMethodDef defs[kNumOps + kNumCalls];
+  for (size_t i = 0; i < kNumOps; ++i) {
     OpSpec& op = *ops[i].first;
     EPX_CHECK(static_cast<int>(op.params.size()) <= kMaxParams, ErrorKind::kState, op.name, ": too many parameters");
     defs[i] = PyMethodDef{op.name, reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)(void)>(ops[i].second)),
                           METH_FASTCALL | METH_KEYWORDS, op.make_doc()};
-    PyObject* descr = PyDescr_NewMethod(reinterpret_cast<PyTypeObject*>(buffer_type.ptr()), &defs[i]);
+  }
+  for (size_t i = 0; i < kNumCalls; ++i) {
+    defs[kNumOps + i] = PyMethodDef{
+        calls[i].first, reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)(void)>(calls[i].second)),
+        METH_FASTCALL, "The package's Buffer method of that name, whole; None for what it refuses (binding.cpp)."};
+  }
+  for (PyMethodDef& def : defs) {
+    PyObject* descr = PyDescr_NewMethod(reinterpret_cast<PyTypeObject*>(buffer_type.ptr()), &def);
     if (descr == nullptr) throw py::error_already_set();
-    const int st = PyObject_SetAttrString(buffer_type.ptr(), op.name, descr);
+    const int st = PyObject_SetAttrString(buffer_type.ptr(), def.ml_name, descr);
     Py_DECREF(descr);
     if (st != 0) throw py::error_already_set();
   }
@@ -1049,6 +1351,23 @@ PYBIND11_MODULE(_C, m) {
                                    h.handle.num_worst_tokens, h.handle.filled ? "" : ", not filled", ">");
       });
 
+  m.def("_use_package", [](py::capsule tensor_api, py::object ll_plan, py::object current_stream,
+                           py::object ll_finish, py::object event_overlap) {
+        auto* api = static_cast<const epx::python::TensorApi*>(
+            PyCapsule_GetPointer(tensor_api.ptr(), epx::python::kTensorApiName));
+        if (api == nullptr) throw py::error_already_set();
+        EPX_CHECK(api->abi == epx::python::kTensorApiAbi, ErrorKind::kState, "epx._aten and epx._C are from "
+                  "different builds (tensor API ", api->abi, ", expected ", epx::python::kTensorApiAbi, ")");
+        for (PyObject* held : {g_package.ll_plan, g_package.current_stream, g_package.ll_finish,
+                               g_package.event_overlap}) {
+          Py_XDECREF(held);
+        }
+        g_package = Package{api, ll_plan.release().ptr(), current_stream.release().ptr(), ll_finish.release().ptr(),
+                            event_overlap.release().ptr()};
+      }, py::arg("tensor_api"), py::arg("ll_plan"), py::arg("current_stream"), py::arg("ll_finish"),
+      py::arg("event_overlap"),
+      "Hands the package's helpers to the low-latency calls (once, at the package's import; see binding.cpp).");
+
   // ---- Low-latency handle -----------------------------------------------------------------------
   // What Buffer.low_latency_dispatch returns (epx::LowLatencyHandle); its views point into the
   // dispatch's output tensors, which the Python handle tuple keeps alive.
@@ -1145,6 +1464,15 @@ PYBIND11_MODULE(_C, m) {
              py::gil_scoped_release nogil;
              buf.low_latency_clean_mask_buffer();
            })
+
+      .def("attach_package", [](PyBuffer& b, int device, py::object comm_stream) {
+             const unsigned long long raw = comm_stream.attr("cuda_stream").cast<unsigned long long>();
+             b.device = device;
+             b.comm = to_stream(static_cast<uintptr_t>(raw));
+             b.comm_stream = std::move(comm_stream);
+           }, py::arg("device"), py::arg("comm_stream"),
+           "The package's Buffer: its CUDA device index and communication stream (a torch.cuda.Stream), which "
+           "low_latency_dispatch_call / low_latency_combine_call use.")
 
       // Errors and lifecycle
       .def("check", [](PyBuffer& b) { b.get().check(); })

@@ -12,15 +12,14 @@ from typing import Callable, Optional, Tuple, Union
 import torch
 
 from . import _C, _aten
-from ._streams import _current_raw_stream, _ll_begin, _ll_finish, _ll_rt
-from ._tensors import _BF16, _F32, _I32, _I64, _contiguous_strides, _desc, _describe
+from ._streams import _current_raw_stream, _ll_finish, _ll_rt
+from ._tensors import _BF16, _F32, _I32, _I64, _contiguous_strides, _desc, _opt_desc
 from .utils import EventOverlap, _check_int, _error
 
 # The _aten plans of the low-latency dispatch's outputs, by geometry (see _ll_plan).
 _LL_PLANS = {}
 # A low-latency handle: DeepEP's 5 elements, epx's 3, then the core's handle.
 _LL_HANDLE_LEN = 9
-_FLOAT_SCALES, _UE8M0 = _C.LowLatencyScale.kFloat, _C.LowLatencyScale.kUE8M0
 
 
 def _ll_plan(num_ranks: int, num_experts: int, T: int, hidden: int, use_fp8: bool, use_ue8m0: bool):
@@ -118,47 +117,40 @@ def low_latency_dispatch(self, x: torch.Tensor, topk_idx: torch.Tensor,
         event: the EventOverlap (event set only with `async_finish`; it keeps the tensors).
         hook: with return_recv_hook, a callable that launches the receive; else None.
     """
-    rt = _ll_rt(self)
-    if async_finish and return_recv_hook:
-        raise _error("InvalidArgument", "async_finish and return_recv_hook: choose one (as in DeepEP)")
-    if use_ue8m0 and not round_scale:
-        raise _error("InvalidArgument", "use_ue8m0: needs round_scale=True (UE8M0 holds power-of-two scales)")
-    if not use_fp8 and (round_scale or use_ue8m0):
-        raise _error("InvalidArgument", "round_scale / use_ue8m0: only with use_fp8=True")
-    d_x = _desc(self, x, "x", _BF16, 2)
-    d_topk = _desc(self, topk_idx, "topk_idx", _I64, 2)
-    T = num_max_dispatch_tokens_per_rank
-    if type(T) is not int or T < 1:
-        _check_int("num_max_dispatch_tokens_per_rank", T, 1)
-    if type(num_experts) is not int or num_experts < 1:
-        _check_int("num_experts", num_experts, 1)
-    d_cum = None if cumulative_local_expert_recv_stats is None else \
-        _desc(self, cumulative_local_expert_recv_stats, "cumulative_local_expert_recv_stats", _I32)
-    d_wait = None if dispatch_wait_recv_cost_stats is None else \
-        _desc(self, dispatch_wait_recv_cost_stats, "dispatch_wait_recv_cost_stats", _I64)
-    hidden, num_topk = d_x[2][1], d_topk[2][1]
-    plan = _ll_plan(self.group_size, num_experts, T, hidden, use_fp8, use_ue8m0)
+    rt = self.runtime
+    if rt is not None and self.low_latency_mode:
+        result = rt.low_latency_dispatch_call(
+            x, topk_idx, num_max_dispatch_tokens_per_rank, num_experts, cumulative_local_expert_recv_stats,
+            dispatch_wait_recv_cost_stats, use_fp8, round_scale, use_ue8m0, async_finish, return_recv_hook)
+        if result is not None:
+            return result
+    raise _dispatch_refusal(self, x, topk_idx, num_max_dispatch_tokens_per_rank, num_experts,
+                            cumulative_local_expert_recv_stats, dispatch_wait_recv_cost_stats, use_fp8,
+                            round_scale, use_ue8m0, async_finish, return_recv_hook)
 
-    compute, launch, wait, join = _ll_begin(self, async_finish, return_recv_hook)
-    # On x's device (checked); recv_scales only with fp8, the other four last.
-    outs, descs = _aten.empty_plan(x, plan)
-    recv_x, recv_scales = outs[0], outs[1] if use_fp8 else None
-    recv_count, src_info, layout_range, src_topk_slot = outs[-4:]
-    core = rt.low_latency_dispatch(
-        x=d_x, topk_idx=d_topk, num_max_dispatch_tokens_per_rank=T, num_experts=num_experts, use_fp8=use_fp8,
-        round_scale=round_scale, scale_format=_UE8M0 if use_ue8m0 else _FLOAT_SCALES,
-        cumulative_local_expert_recv_stats=d_cum, dispatch_wait_recv_cost_stats=d_wait,
-        return_recv_hook=return_recv_hook, recv_x=descs[0], recv_scales=descs[1] if use_fp8 else None,
-        recv_count=descs[-4], src_info=descs[-3], layout_range=descs[-2], src_topk_slot=descs[-1],
-        stream=launch, wait_stream=wait, join_stream=join)
-    buffer_idx = core.buffer_idx
-    handle = (src_info, layout_range, T, hidden, num_experts, src_topk_slot, num_topk, buffer_idx, core)
-    tensors = (x, topk_idx, recv_x, recv_scales, recv_count, src_info, layout_range, src_topk_slot,
-               cumulative_local_expert_recv_stats, dispatch_wait_recv_cost_stats) \
-        if async_finish or return_recv_hook else None
-    event, hook = _ll_finish(self, rt, compute, async_finish, return_recv_hook, buffer_idx, tensors)
-    recv = (recv_x, recv_scales) if use_fp8 else recv_x
-    return recv, recv_count, handle, EventOverlap(event, tensors if async_finish else None), hook
+
+def _dispatch_refusal(self, x, topk_idx, T, num_experts, cumulative_stats, wait_stats, use_fp8, round_scale,
+                      use_ue8m0, async_finish, return_recv_hook) -> Exception:
+    """The error of a low_latency_dispatch the binding refused (its checks, in words)."""
+    _ll_rt(self)
+    if async_finish and return_recv_hook:
+        return _error("InvalidArgument", "async_finish and return_recv_hook: choose one (as in DeepEP)")
+    if use_ue8m0 and not round_scale:
+        return _error("InvalidArgument", "use_ue8m0: needs round_scale=True (UE8M0 holds power-of-two scales)")
+    if not use_fp8 and (round_scale or use_ue8m0):
+        return _error("InvalidArgument", "round_scale / use_ue8m0: only with use_fp8=True")
+    _desc(self, x, "x", _BF16, 2)
+    _desc(self, topk_idx, "topk_idx", _I64, 2)
+    _check_int("num_max_dispatch_tokens_per_rank", T, 1)
+    _check_int("num_experts", num_experts, 1)
+    _opt_desc(self, cumulative_stats, "cumulative_local_expert_recv_stats", _I32)
+    _opt_desc(self, wait_stats, "dispatch_wait_recv_cost_stats", _I64)
+    return _refused("low_latency_dispatch")
+
+
+def _refused(op: str) -> Exception:
+    return _error("State", f"{op}: the binding refused arguments the package accepts (epx._C and the package "
+                           f"disagree: a mismatched installation?)")
 
 
 def low_latency_combine(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weights: torch.Tensor,
@@ -191,38 +183,38 @@ def low_latency_combine(self, x: torch.Tensor, topk_idx: torch.Tensor, topk_weig
         event: the EventOverlap (event set only with `async_finish`; it keeps the tensors).
         hook: with return_recv_hook, a callable that launches the receive; else None.
     """
-    rt = _ll_rt(self)
     if use_logfmt:
         raise _error("Unsupported", "use_logfmt=True: epx's low-latency combine sends bf16 only")
     if combine_wait_recv_cost_stats is not None:
         raise _error("Unsupported", "combine_wait_recv_cost_stats: not collected by epx; pass None")
+    rt = self.runtime
+    if rt is not None and self.low_latency_mode:
+        result = rt.low_latency_combine_call(x, topk_idx, topk_weights, handle, zero_copy, async_finish,
+                                             return_recv_hook, out)
+        if result is not None:
+            return result
+    raise _combine_refusal(self, x, topk_idx, topk_weights, handle, zero_copy, async_finish, return_recv_hook, out)
+
+
+def _combine_refusal(self, x, topk_idx, topk_weights, handle, zero_copy, async_finish, return_recv_hook,
+                     out) -> Exception:
+    """The error of a low_latency_combine the binding refused (its checks, in words)."""
+    _ll_rt(self)
     if async_finish and return_recv_hook:
-        raise _error("InvalidArgument", "async_finish and return_recv_hook: choose one (as in DeepEP)")
-    src_info, layout_range, _, hidden, _, src_topk_slot, _, _, core = _check_ll_handle(handle)
+        return _error("InvalidArgument", "async_finish and return_recv_hook: choose one (as in DeepEP)")
+    _check_ll_handle(handle)
     if zero_copy:
         # Not read: the core checks its shape and sends from the zero-copy buffer.
-        if not isinstance(x, torch.Tensor) or x.dtype != torch.bfloat16:
-            raise _error("InvalidArgument", f"x: with zero_copy, expected a bfloat16 tensor shaped like "
-                                            f"get_next_low_latency_combine_buffer, got "
-                                            f"{getattr(x, 'dtype', type(x).__name__)}")
-        d_x = _describe(x, x.device, _BF16.mask, 0)
+        if not isinstance(x, torch.Tensor) or x.dtype != torch.bfloat16 or not 1 <= x.dim() <= 3:
+            return _error("InvalidArgument", f"x: with zero_copy, expected a bfloat16 tensor shaped like "
+                                             f"get_next_low_latency_combine_buffer, got "
+                                             f"{getattr(x, 'dtype', type(x).__name__)}")
     else:
-        d_x = _desc(self, x, "x", _BF16, 3)
-    d_topk = _desc(self, topk_idx, "topk_idx", _I64, 2)
-    d_weights = _desc(self, topk_weights, "topk_weights", _F32, 2)
-    d_out = None if out is None else _desc(self, out, "out", _BF16, 2)
-    compute, launch, wait, join = _ll_begin(self, async_finish, return_recv_hook)
-    if out is None:
-        # On this device as topk_weights (checked; x is not with zero_copy).
-        out, d_out = _aten.empty(topk_weights, (d_topk[2][0], hidden), torch.bfloat16)
-    # The buffer the combine used: a hook-mode combine's receive takes it.
-    used_buffer = rt.low_latency_combine(core, x=d_x, topk_idx=d_topk, topk_weights=d_weights,
-                                         zero_copy=bool(zero_copy), return_recv_hook=return_recv_hook, out=d_out,
-                                         stream=launch, wait_stream=wait, join_stream=join)
-    tensors = (x, topk_idx, topk_weights, src_info, layout_range, src_topk_slot, out) \
-        if async_finish or return_recv_hook else None
-    event, hook = _ll_finish(self, rt, compute, async_finish, return_recv_hook, used_buffer, tensors)
-    return out, EventOverlap(event, tensors if async_finish else None), hook
+        _desc(self, x, "x", _BF16, 3)
+    _desc(self, topk_idx, "topk_idx", _I64, 2)
+    _desc(self, topk_weights, "topk_weights", _F32, 2)
+    _opt_desc(self, out, "out", _BF16, 2)
+    return _refused("low_latency_combine")
 
 
 def _mask_runtime(self, op: str) -> "_C.Buffer":
@@ -270,3 +262,8 @@ def get_next_low_latency_combine_buffer(self, handle: Tuple) -> torch.Tensor:
     ptr, _, shape, strides = rt.next_combine_buffer(core)
     num_bytes = 2 * (1 + sum((s - 1) * st for s, st in zip(shape, strides))) if all(shape) else 0
     return self._wrap(ptr, num_bytes, torch.bfloat16, shape, strides)
+
+
+# The binding's low-latency calls take their helpers from here (once; nothing touches CUDA).
+_C._use_package(tensor_api=_aten.tensor_api, ll_plan=_ll_plan, current_stream=_current_raw_stream,
+                ll_finish=_ll_finish, event_overlap=EventOverlap)

@@ -6,7 +6,8 @@ with `async_finish=True` the op returns an EventOverlap holding an event on the 
 stream and records the tensors involved on it, otherwise the current stream waits for the
 communication stream before the call returns. The low-latency ops run on the communication stream
 too, except with `return_recv_hook=True` (the send and, through the hook, the receive run on the
-current stream).
+current stream); the binding's low-latency calls order them (binding.cpp, `ll_streams`) and ask
+`_ll_finish` for the event or the hook.
 
 The stream waits around an operation are made by its binding call (`wait_stream`: the stream it
 launches on first waits for it; `join_stream`: it waits for that stream after the launch; one
@@ -97,26 +98,14 @@ def _end(self, async_finish: bool, allocate_on_comm_stream: bool, tensors) -> Ev
     return EventOverlap(event)
 
 
-def _ll_begin(self, async_finish: bool, return_recv_hook: bool) -> Tuple[int, int, Optional[int], Optional[int]]:
-    """(current stream, launch stream, wait_stream, join_stream): with return_recv_hook the op runs on
-    the current stream; else on the communication stream, which first waits for the current one
-    (wait_stream), and the current stream waits for it after the launch (join_stream) unless
-    async_finish."""
-    compute = _current_raw_stream(self._device_index)
-    if return_recv_hook:
-        return compute, compute, None, None
-    return compute, self._comm_raw, compute, None if async_finish else compute
-
-
-def _ll_finish(self, rt, compute: int, async_finish: bool, return_recv_hook: bool, buffer_idx: int, keep):
-    """The event (async_finish) and the receive hook (which keeps the op's tensors alive until it
-    runs). The op ran on the current stream `compute` with return_recv_hook, else on the
-    communication stream (joined by the binding call unless async_finish)."""
+def _ll_finish(comm_stream: torch.cuda.Stream, rt, compute: int, async_finish: bool, return_recv_hook: bool,
+               buffer_idx: int, keep):
+    """(event, hook) of a low-latency op the binding launched with async_finish or return_recv_hook: the
+    event recorded on the communication stream, or the receive hook (on the current stream `compute`,
+    where the send ran), which keeps the op's tensors `keep` alive until it runs."""
     if return_recv_hook:  # (never with async_finish)
         def hook() -> None:
             _ = keep
             rt.low_latency_receive(buffer_idx=buffer_idx, stream=compute)
         return None, hook
-    if async_finish:
-        return EventHandle._recorded_on(self._comm_stream), None
-    return None, None
+    return EventHandle._recorded_on(comm_stream), None

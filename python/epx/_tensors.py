@@ -77,12 +77,13 @@ def _bad_tensor(self, t, name: str, dtypes, ndim: int) -> Exception:
     if t.dtype not in dtypes:
         return _error("InvalidArgument", f"{name}: expected dtype {_dtype_names(dtypes)}, got "
                                          f"{str(t.dtype).replace('torch.', '')}")
-    return _error("InvalidArgument", f"{name}: expected {ndim} dimensions, got shape {tuple(t.shape)}")
+    expected = f"{ndim} dimensions" if ndim else "1 to 3 dimensions"
+    return _error("InvalidArgument", f"{name}: expected {expected}, got shape {tuple(t.shape)}")
 
 
 def _desc(self, t, name: str, dtypes: _Dtypes, ndim: int = 0):
     """Checks what the core cannot see (type, device, torch dtype; `ndim` where the Python layer reads
-    the shape, 0: any) and returns the descriptor (made by _aten.describe)."""
+    the shape, 0: any of the 1 to 3 a descriptor holds) and returns the descriptor (made by _aten.describe)."""
     d = _describe(t, self._device, dtypes.mask, ndim)
     if d is None:
         raise _bad_tensor(self, t, name, dtypes, ndim)

@@ -202,6 +202,8 @@ class Buffer:
         else:
             self._comm_stream = torch.cuda.Stream(device=self._device, priority=-1)
         self._comm_raw = self._comm_stream.cuda_stream  # its cudaStream_t, for the binding
+        # The low-latency calls of the binding run on it, on this device.
+        self.runtime.attach_package(device=self._device_index, comm_stream=self._comm_stream)
         # Stream-to-stream waits (comm <-> current) through the core buffer's reusable event.
         self._stream_wait = self.runtime.stream_wait
         self._counts_host = None  # pinned [MAX_LOCAL_EXPERTS] int32 the notify kernel writes
@@ -404,8 +406,6 @@ class Buffer:
     _begin = _streams._begin
     _alloc = _streams._alloc
     _end = _streams._end
-    _ll_begin = _streams._ll_begin
-    _ll_finish = _streams._ll_finish
     _desc = _tensors._desc
     _opt_desc = _tensors._opt_desc
     _wrap = _tensors._wrap

@@ -18,7 +18,7 @@ import pytest
 from conftest import require_epx
 
 torch, epx = require_epx()
-from epx import _C  # noqa: E402
+from epx import _C, _aten  # noqa: E402
 from test_cpu import _COMM, _COMPUTE, expect_error, fake_buffer  # noqa: E402,F401  (fake_buffer: a fixture)
 from epx_test_utils import check_binding_call, log_ordered_call  # noqa: E402
 
@@ -396,8 +396,8 @@ class _Runtime:
     """Stands in for the C++ buffer: records each call (name, keyword args, positional args); dispatch_notify
     reports `num_recv` rows. The operations take keywords only, as the binding's do."""
 
-    def __init__(self, log, num_recv=7):
-        self.log, self.num_recv, self.num_nvl_bytes = log, num_recv, 1 << 24
+    def __init__(self, log, world, num_recv=7):
+        self.log, self.world, self.num_recv, self.num_nvl_bytes = log, world, num_recv, 1 << 24
 
     def __getattr__(self, name):
         if name in ("set_config", "clean_low_latency_buffer"):
@@ -414,18 +414,39 @@ class _Runtime:
         log_ordered_call(self.log, ("dispatch_notify", kwargs, (handle,)), kwargs)
         return self.num_recv
 
-    def low_latency_dispatch(self, **kwargs):
-        check_binding_call(_C.Buffer.low_latency_dispatch, (), kwargs)
-        log_ordered_call(self.log, ("low_latency_dispatch", kwargs, ()), kwargs)
-        return _C.LowLatencyHandle(num_max_dispatch_tokens_per_rank=kwargs["num_max_dispatch_tokens_per_rank"],
-                                   hidden=kwargs["x"][2][1], num_experts=kwargs["num_experts"],
-                                   num_topk=kwargs["topk_idx"][2][1], buffer_idx=0, src_info=kwargs["src_info"],
-                                   layout_range=kwargs["layout_range"], src_topk_slot=kwargs["src_topk_slot"])
+    # The low-latency operations run whole in the binding (binding.cpp, tested on the GPU): these return
+    # what its calls return, by their contract, with CPU tensors; events and hooks come from the package.
+    def low_latency_dispatch_call(self, x, topk_idx, T, E, cumulative_stats, wait_stats, use_fp8, round_scale,
+                                  use_ue8m0, async_finish, return_recv_hook):
+        self.log.append(("low_latency_dispatch_call", dict(T=T, E=E, use_fp8=use_fp8, async_finish=async_finish,
+                                                           return_recv_hook=return_recv_hook)))
+        assert not (async_finish and return_recv_hook)
+        hidden, num_topk = x.shape[1], topk_idx.shape[1]
+        outs, _ = _aten.empty_plan(x, epx._ll._ll_plan(self.world, E, T, hidden, use_fp8, use_ue8m0))
+        recv_x, scales = outs[0], outs[1] if use_fp8 else None
+        count, src_info, layout_range, src_topk_slot = outs[-4:]
+        core = _C.LowLatencyHandle(num_max_dispatch_tokens_per_rank=T, hidden=hidden, num_experts=E,
+                                   num_topk=num_topk, buffer_idx=0, src_info=None, layout_range=None,
+                                   src_topk_slot=None)
+        handle = (src_info, layout_range, T, hidden, E, src_topk_slot, num_topk, 0, core)
+        keep = (x, topk_idx, recv_x, scales, count, src_info, layout_range, src_topk_slot, cumulative_stats,
+                wait_stats)
+        event, hook = self._finish(async_finish, return_recv_hook, 0, keep)
+        return (recv_x, scales) if use_fp8 else recv_x, count, handle, event, hook
 
-    def low_latency_combine(self, handle, **kwargs):
-        check_binding_call(_C.Buffer.low_latency_combine, (handle,), kwargs)
-        log_ordered_call(self.log, ("low_latency_combine", kwargs, (handle,)), kwargs)
-        return 1  # the buffer it used
+    def low_latency_combine_call(self, x, topk_idx, topk_weights, handle, zero_copy, async_finish,
+                                 return_recv_hook, out):
+        self.log.append(("low_latency_combine_call", dict(zero_copy=zero_copy, async_finish=async_finish,
+                                                          return_recv_hook=return_recv_hook)))
+        if out is None:
+            out = torch.empty((topk_idx.shape[0], handle[3]), dtype=torch.bfloat16)
+        event, hook = self._finish(async_finish, return_recv_hook, 1, (x, topk_idx, topk_weights, out))
+        return out, event, hook
+
+    def _finish(self, async_finish, return_recv_hook, buffer_idx, keep):
+        event, hook = epx._streams._ll_finish(_COMM, self, _COMPUTE, async_finish, return_recv_hook, buffer_idx,
+                                              keep) if async_finish or return_recv_hook else (None, None)
+        return epx.EventOverlap(event, keep if async_finish else None), hook
 
     def peer_pointer(self, peer):
         return 0x7000_0000 + peer
@@ -452,7 +473,7 @@ def replay(fake_buffer, monkeypatch):
         b = fake_buffer(world=world, low_latency_mode=low_latency_mode)
         b._device = torch.device("cpu")
         b.log = []
-        b.runtime = _Runtime(b.log)
+        b.runtime = _Runtime(b.log, world)
         b._stream_wait = lambda dst, src: b.log.append(("wait", dst, src))
         b._counts_host = torch.zeros((_C.MAX_LOCAL_EXPERTS,), dtype=torch.int32)
         b._counts_host[:len(counts)] = torch.tensor(counts, dtype=torch.int32)

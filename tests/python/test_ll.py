@@ -300,6 +300,61 @@ def _mixed_modes(ctx, seed):
     _ht_on(ctx, buf, seed + 3)
 
 
+def _default_mode_and_refusals(ctx, seed):
+    """The binding's whole calls with neither async_finish nor the hook (no event, no hook: the current
+    stream joined before the call returned), the outputs' storage, and what they refuse (worded by the
+    package, before anything is launched: the operations after the refusals still run on every rank)."""
+    world, me, dev = ctx.world, ctx.rank, ctx.device
+    E = num_experts(world)
+    buf = ll_buffer(ctx)
+    inputs = all_inputs(seed, world)
+    mine = inputs[me]
+    x, topk, weights = mine.x.to(dev), mine.topk_idx.to(dev), mine.topk_weights.to(dev)
+    refused = [
+        (lambda: buf.low_latency_dispatch(x.float(), topk, T, E), "InvalidArgument", ("x", "bfloat16")),
+        (lambda: buf.low_latency_dispatch(x.cpu(), topk, T, E), "InvalidArgument", ("x", "cpu")),
+        (lambda: buf.low_latency_dispatch(x, topk.int(), T, E), "InvalidArgument", ("topk_idx", "int64")),
+        (lambda: buf.low_latency_dispatch(x, topk[0], T, E), "InvalidArgument", ("topk_idx", "2 dimensions")),
+        (lambda: buf.low_latency_dispatch(x, topk, True, E), "InvalidArgument", ("num_max_dispatch_tokens_per_rank",)),
+        (lambda: buf.low_latency_dispatch(x, topk, T, 0), "InvalidArgument", ("num_experts",)),
+        (lambda: buf.low_latency_dispatch(x, topk, T, E, async_finish=True, return_recv_hook=True), "InvalidArgument",
+         ("async_finish", "return_recv_hook")),
+        (lambda: buf.low_latency_dispatch(x, topk, T, E, use_ue8m0=True), "InvalidArgument", ("use_ue8m0",)),
+        (lambda: buf.low_latency_dispatch(x, topk, T, E, use_fp8=False, round_scale=True), "InvalidArgument",
+         ("round_scale",)),
+        (lambda: buf.low_latency_dispatch(x, topk, T, E, cumulative_local_expert_recv_stats=torch.zeros(
+            8, dtype=torch.int64, device=dev)), "InvalidArgument", ("cumulative_local_expert_recv_stats", "int32")),
+    ]
+    for call, kind, words in refused:
+        with expect_error(kind, *words):
+            call()
+    recv, count, handle, event, hook = buf.low_latency_dispatch(x, topk, T, E, use_fp8=True)
+    assert hook is None and event.event is None and event.extra_tensors is None
+    small = [recv[1], count, handle[0], handle[1], handle[5]]
+    assert len({t.untyped_storage().data_ptr() for t in small}) == 1, "the small outputs share one allocation"
+    assert recv[0].untyped_storage().data_ptr() != small[0].untyped_storage().data_ptr()
+    assert all(t.device == dev for t in [recv[0]] + small)
+    check_dispatch(inputs, me, recv, count, handle, "fp8", " (default mode)")
+
+    y = expert_outputs(me, recv, count, "fp8")
+    refused = [
+        (lambda: buf.low_latency_combine(y, topk, weights.double(), handle), "InvalidArgument", ("topk_weights",)),
+        (lambda: buf.low_latency_combine(y[0], topk, weights, handle), "InvalidArgument", ("x", "3 dimensions")),
+        (lambda: buf.low_latency_combine(y, topk, weights, handle[:5]), "InvalidArgument", ("handle",)),
+        (lambda: buf.low_latency_combine(y, topk, weights, handle, out=torch.empty_like(x, dtype=torch.float32)),
+         "InvalidArgument", ("out", "bfloat16")),
+        (lambda: buf.low_latency_combine(y, topk, weights, handle, async_finish=True, return_recv_hook=True),
+         "InvalidArgument", ("async_finish",)),
+    ]
+    for call, kind, words in refused:
+        with expect_error(kind, *words):
+            call()
+    combined, event, hook = buf.low_latency_combine(y, topk, weights, handle)
+    assert hook is None and event.event is None and event.extra_tensors is None
+    assert combined.dtype == torch.bfloat16 and combined.device == dev
+    check_combine(combined, reference_combine(mine, "fp8"), "combined_x (default mode)")
+
+
 def _zero_copy_needs_the_region(ctx, seed):
     """A region sized without zero_copy has no zero-copy combine buffer: asking for it raises
     BufferTooSmall naming the size-hint call with zero_copy=True and its bytes, inside the combine's
@@ -372,6 +427,10 @@ def _ht_on(ctx, buf, seed):
 ])
 def test_low_latency_roundtrip(ranks, seed, mode, hook, zero_copy, use_out):
     ranks.run(_roundtrip, seed, mode, hook, zero_copy, use_out)
+
+
+def test_low_latency_default_mode_and_refusals(ranks, seed):
+    ranks.run(_default_mode_and_refusals, seed)
 
 
 def test_low_latency_zero_copy_needs_the_region(ranks, seed):
