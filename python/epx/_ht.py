@@ -62,11 +62,7 @@ def _check_handle(self, handle) -> "_C.DispatchHandle":
         got = f"a tuple of {len(handle)}" if isinstance(handle, tuple) else type(handle).__name__
         raise _error("InvalidArgument", f"handle: expected the handle tuple returned by Buffer.dispatch ({length} "
                                         f"elements {where}, the last an epx._C.DispatchHandle), got {got}")
-    h = handle[-1]
-    if h.num_ranks != self.group_size or h.rank != self.rank:
-        raise _error("InvalidArgument", f"handle: made on rank {h.rank} of {h.num_ranks}, this buffer is rank "
-                                        f"{self.rank} of {self.group_size}")
-    return h
+    return handle[-1]  # the core checks that it is this rank's (its rank and number of ranks)
 
 
 def get_dispatch_layout(self, topk_idx: torch.Tensor, num_experts: int,

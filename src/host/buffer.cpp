@@ -27,6 +27,13 @@ using validate::kAny;
 
 namespace {
 
+// A handle holds one rank's routing: another rank's (a simulated peer's thread, a handle passed
+// between ranks) would send this rank's rows by the peer's plan.
+void check_handle_rank(const DispatchHandle& h, int rank, int num_ranks) {
+  EPX_ARG_CHECK(h.rank == rank && h.num_ranks == num_ranks, "handle: made on rank ", h.rank, " of ", h.num_ranks,
+                ", this buffer is rank ", rank, " of ", num_ranks);
+}
+
 // Config.num_sms is bounded by the SMs this rank owns; a simulated rank owns a share of the device.
 // The Buffer's tuning must hold for the config too (its warp counts and chunk are bounded by it).
 void validate_config(const Communicator& comm, const Config& config, const Tuning& tuning) {
@@ -656,7 +663,8 @@ int Buffer::dispatch_notify(const DispatchInputs& in, DispatchHandle& handle, co
     const int E_loc = static_cast<int>(E / R);
     validate::optional(num_recv_tokens_per_expert, "num_recv_tokens_per_expert", DType::kI32, {E_loc});
     if (num_recv_tokens_per_expert.defined()) validate::contiguous(num_recv_tokens_per_expert, "num_recv_tokens_per_expert");
-    EPX_ARG_CHECK(handle.storage != nullptr && handle.num_ranks == R, "handle: not made by this Buffer's make_handle");
+    EPX_ARG_CHECK(handle.storage != nullptr, "handle: not made by this Buffer's make_handle");
+    check_handle_rank(handle, rank(), R);
     EPX_ARG_CHECK(handle.num_tokens == xs.num_tokens, "handle: made for ", handle.num_tokens, " tokens, x has ",
                   xs.num_tokens);
     // NOTE: no capacity check: rows that do not fit the row region take the bounded dispatch.
@@ -736,8 +744,8 @@ void Buffer::dispatch(const DispatchInputs& in, const DispatchHandle& handle, co
     m.check_usable();
     const int R = num_ranks();
     const XShape xs = validate_x(in);
-    EPX_ARG_CHECK(handle.filled && handle.storage != nullptr && handle.num_ranks == R,
-                  "handle: not filled by dispatch_notify on this Buffer");
+    EPX_ARG_CHECK(handle.filled && handle.storage != nullptr, "handle: not filled by dispatch_notify on this Buffer");
+    check_handle_rank(handle, rank(), R);
     EPX_ARG_CHECK(handle.num_tokens == xs.num_tokens, "handle: made for ", handle.num_tokens, " tokens, x has ",
                   xs.num_tokens);
     EPX_ARG_CHECK(handle.num_worst_tokens > 0 || handle.num_recv_tokens >= 0,
@@ -800,8 +808,8 @@ void Buffer::combine(const CombineInputs& in, const DispatchHandle& handle, cons
   return m.collective(OpCode::kCombine, [&]() {
     m.check_usable();
     const int R = num_ranks();
-    EPX_ARG_CHECK(handle.filled && handle.storage != nullptr && handle.num_ranks == R,
-                  "handle: not filled by a dispatch on this Buffer");
+    EPX_ARG_CHECK(handle.filled && handle.storage != nullptr, "handle: not filled by a dispatch on this Buffer");
+    check_handle_rank(handle, rank(), R);
     EPX_ARG_CHECK(handle.num_worst_tokens > 0 || handle.num_recv_tokens >= 0,
                   "handle: row count unknown on the host (not host-synced and no num_worst_tokens)");
     const int64_t rows_in = handle.num_worst_tokens > 0 ? handle.num_worst_tokens : handle.num_recv_tokens;

@@ -206,6 +206,10 @@ void run_errors(RankCtx& ctx) {
   di.topk_idx = View::of(topk.get(), DType::kI64, {N - 1, K});
   refused([&] { b.dispatch_notify(di, h, View{}, ctx.stream); }, ErrorKind::kInvalidArgument, "topk_idx: expected shape");
   di.topk_idx = View::of(topk.get(), DType::kI64, {N, K});
+  DispatchHandle peers = b.make_handle(N);  // a peer's handle (its rank), as a thread of another rank could pass
+  peers.rank = (ctx.rank + 1) % R;
+  refused([&] { b.dispatch_notify(di, peers, View{}, ctx.stream); }, ErrorKind::kInvalidArgument,
+          "handle: made on rank " + std::to_string(peers.rank) + " of " + std::to_string(R));
   // get_dispatch_layout is local (no peer waits for it): its validation errors leave the buffer as it was.
   require_error([&] { b.get_dispatch_layout(di.topk_idx, E + 1, di.num_tokens_per_rank, di.num_tokens_per_expert,
                                             di.is_token_in_rank, ctx.stream); },

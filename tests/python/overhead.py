@@ -13,6 +13,8 @@ epx.SimWorld, see epx/sim.py). For each operation, rank 0 prints:
     dispatch cannot wait for a turn: its ranks run together and it reports the thread's CPU time;
   - binding us/call: the same launch through epx._C alone (outputs preallocated), i.e. without the
     Python layer (argument checks, allocation, stream handling);
+  - under low_latency_dispatch, the parts of its floor: the binding call with DeepEP's two stream orders,
+    the stream orders alone, and making its outputs alone;
   - GPU us/call: kernel (and memset) time per call from the torch profiler. Simulated ranks: every
     rank's kernels on the one GPU over the calls of all ranks (they share its SMs: not NVLink numbers).
 """
@@ -189,6 +191,16 @@ def measure_rank(ctx: Rank, device: torch.device, args):
     measure("low_latency_dispatch (fp8)", lambda: buffer.low_latency_dispatch(x_ll, idx_ll, T, E),
             lambda: rt.low_latency_dispatch(x=d(x_ll), topk_idx=d(idx_ll), num_max_dispatch_tokens_per_rank=T,
                                             num_experts=E, **raw_outs, stream=stream))
+    # What the low-latency call's floor is made of, without the package: the binding call with DeepEP's two
+    # stream orders (the communication stream waits for the current one, then the reverse), the orders
+    # alone, and the six outputs alone (_aten, as the call makes them).
+    compute = epx._streams._current_raw_stream(device.index)
+    measure("  binding + stream orders", lambda: rt.low_latency_dispatch(
+        x=d(x_ll), topk_idx=d(idx_ll), num_max_dispatch_tokens_per_rank=T, num_experts=E, **raw_outs, stream=stream,
+        wait_stream=compute, join_stream=compute))
+    measure("  stream orders alone", lambda: (rt.stream_wait(stream, compute), rt.stream_wait(compute, stream)))
+    plan = epx._ll._ll_plan(world, E, T, H, True, False)
+    measure("  outputs alone", lambda: epx._aten.empty_plan(x_ll, plan))
     y = torch.randn((E_loc, world * T, H), generator=g).to(torch.bfloat16).to(device)
     w_ll = topk_weights[:T].contiguous()
     out_ll = torch.empty((T, H), dtype=torch.bfloat16, device=device)
