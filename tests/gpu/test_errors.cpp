@@ -191,8 +191,10 @@ void run_errors(RankCtx& ctx) {
   // Host validation: named arguments, nothing launched. A collective op that fails on one rank
   // fails on every rank (its peers may already wait in it): the Buffer refuses work until the
   // collective reset(). Every rank meets the same errors here, so all reset together.
-  auto refused = [&](auto&& op, ErrorKind kind, const std::string& needle) {
-    require_error(op, kind, needle);
+  // `needle` is the same on every rank (it seeds the rounds after the reset, which the ranks must
+  // share); `detail`, when given, is also required of the message and may differ between ranks.
+  auto refused = [&](auto&& op, ErrorKind kind, const std::string& needle, const std::string& detail = {}) {
+    require_error(op, kind, detail.empty() ? std::vector<std::string>{needle} : std::vector<std::string>{needle, detail});
     REQUIRE(b.failed(), "a collective op that raised must fail the buffer: ", needle);
     require_error([&] { b.dispatch_notify(di, h, View{}, ctx.stream); }, ErrorKind::kState, "reset()");
     b.reset();
@@ -209,7 +211,9 @@ void run_errors(RankCtx& ctx) {
   DispatchHandle peers = b.make_handle(N);  // a peer's handle (its rank), as a thread of another rank could pass
   peers.rank = (ctx.rank + 1) % R;
   refused([&] { b.dispatch_notify(di, peers, View{}, ctx.stream); }, ErrorKind::kInvalidArgument,
-          "handle: made on rank " + std::to_string(peers.rank) + " of " + std::to_string(R));
+          "handle: made on rank",
+          "rank " + std::to_string(peers.rank) + " of " + std::to_string(R) + ", this buffer is rank " +
+              std::to_string(ctx.rank) + " of " + std::to_string(R));
   // get_dispatch_layout is local (no peer waits for it): its validation errors leave the buffer as it was.
   require_error([&] { b.get_dispatch_layout(di.topk_idx, E + 1, di.num_tokens_per_rank, di.num_tokens_per_expert,
                                             di.is_token_in_rank, ctx.stream); },
