@@ -336,7 +336,8 @@ def _dispatch_handle(num_ranks, rank, num_tokens):
 
 
 class _RecordingRuntime:
-    """Stands in for the C++ buffer on the launch paths: records each call as (name, positional args, keyword
+    """Stands in for the C++ buffer on the high-throughput launch paths (the low-latency ones run whole in
+    the binding and are tested on the GPU, test_ll.py): records each call as (name, positional args, keyword
     args). The operations take keywords only (the binding refuses positional ones), as the binding does."""
 
     def __init__(self, log):
@@ -345,25 +346,12 @@ class _RecordingRuntime:
     def __getattr__(self, name):
         if name == "set_config":
             return lambda *args: self.log.append((name, args))
-        if name in ("dispatch", "combine", "low_latency_receive"):
+        if name in ("dispatch", "combine"):
             def record(*args, **kwargs):
                 check_binding_call(getattr(_C.Buffer, name), args, kwargs)
                 log_ordered_call(self.log, (name, args, kwargs), kwargs)
             return record
         raise AssertionError(f"unexpected runtime call {name}")
-
-    def low_latency_dispatch(self, **kwargs):
-        check_binding_call(_C.Buffer.low_latency_dispatch, (), kwargs)
-        log_ordered_call(self.log, ("low_latency_dispatch", (), kwargs), kwargs)
-        return _C.LowLatencyHandle(num_max_dispatch_tokens_per_rank=kwargs["num_max_dispatch_tokens_per_rank"],
-                                   hidden=kwargs["x"][2][1], num_experts=kwargs["num_experts"],
-                                   num_topk=kwargs["topk_idx"][2][1], buffer_idx=1, src_info=kwargs["src_info"],
-                                   layout_range=kwargs["layout_range"], src_topk_slot=kwargs["src_topk_slot"])
-
-    def low_latency_combine(self, handle, **kwargs):
-        check_binding_call(_C.Buffer.low_latency_combine, (handle,), kwargs)
-        log_ordered_call(self.log, ("low_latency_combine", (handle,), kwargs), kwargs)
-        return 0  # the buffer it used (not the dispatch's: the hook must take this one)
 
 
 @pytest.fixture
