@@ -18,7 +18,7 @@
 //                                 views: (alloc index, torch dtype, shape, strides, byte offset).
 //   empty_plan(like, plan)     -> (tensors, descriptors): the plan's allocations and views; views of
 //                                 one allocation share its storage (freed when the last is).
-//   tensor_api                 -> a capsule of the same as C functions (python/tensor_api.hpp), which
+//   tensor_api                 -> a capsule of these as C functions (python/tensor_api.hpp), which
 //                                 the package hands to epx._C: the low-latency operations read their
 //                                 tensors and make their outputs through it, without a Python call each.
 //
