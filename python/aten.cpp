@@ -12,7 +12,7 @@
 //
 //   describe(t, device, mask, ndim) -> the descriptor of an input, or None when `t` is not a tensor
 //                                 on `device` of a dtype in `mask` (bit i: epx dtype code i) with
-//                                 `ndim` dimensions (0: any); the package then says what is wrong.
+//                                 `ndim` dimensions (0: any of 1 to 3); the package then says what is wrong.
 //   empty(like, shape, dtype)  -> (tensor, descriptor): one contiguous tensor.
 //   plan(alloc_bytes, views)   -> a plan (capsule) of views into allocations, made once per geometry;
 //                                 views: (alloc index, torch dtype, shape, strides, byte offset).
@@ -43,6 +43,7 @@
 #include <vector>
 
 #include "epx/types.hpp"
+#include "py_refs.hpp"
 #include "tensor_api.hpp"
 
 #ifndef EPX_TORCH_VERSION
@@ -50,6 +51,10 @@
 #endif
 
 namespace {
+
+using epx::python::new_ref;
+using epx::python::Ref;
+using epx::python::tuple_of;
 
 // The binding's dtype code of a torch dtype (epx::DType), -1 for one the core does not take.
 int dtype_code(at::ScalarType t) {
@@ -108,29 +113,6 @@ PyObject* int_tuple(const std::vector<int64_t>& v) {
     PyTuple_SET_ITEM(t, static_cast<Py_ssize_t>(i), item);
   }
   return t;
-}
-
-// A tuple of `items`, new references it steals; nullptr (and every item released) if one of them
-// is nullptr (a failed creation, its Python error set) or the tuple cannot be made.
-PyObject* tuple_of(std::initializer_list<PyObject*> items) {
-  PyObject* t = nullptr;
-  bool complete = true;
-  for (PyObject* item : items) complete = complete && item != nullptr;
-  if (complete) t = PyTuple_New(static_cast<Py_ssize_t>(items.size()));
-  Py_ssize_t i = 0;
-  for (PyObject* item : items) {
-    if (t != nullptr) {
-      PyTuple_SET_ITEM(t, i++, item);
-    } else {
-      Py_XDECREF(item);
-    }
-  }
-  return t;
-}
-
-PyObject* new_ref(PyObject* o) {
-  Py_INCREF(o);
-  return o;
 }
 
 // (data_ptr, code, shape, strides) of `t` with the plan's cached code, shape and stride objects.
@@ -308,12 +290,6 @@ constexpr Py_ssize_t kMaxPlanViews = 8;
 
 void free_plan(PyObject* capsule) { delete static_cast<Plan*>(PyCapsule_GetPointer(capsule, kPlanName)); }
 
-// A new reference released at the end of the scope.
-struct Ref {
-  PyObject* p;
-  ~Ref() { Py_XDECREF(p); }
-};
-
 // plan(alloc_bytes, views): checks that every view lies inside its allocation, aligned.
 PyObject* make_plan(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   HANDLE_TH_ERRORS
@@ -462,7 +438,7 @@ PyCFunction fast(Fast f) { return reinterpret_cast<PyCFunction>(reinterpret_cast
 PyMethodDef g_methods[] = {
     {"describe", fast(describe), METH_FASTCALL,
      "describe(t, device, mask, ndim) -> (data_ptr, dtype code, shape, strides), or None when t is not a tensor "
-     "on device of a dtype in mask (bit i: dtype code i) with ndim dimensions (0: any)."},
+     "on device of a dtype in mask (bit i: dtype code i) with ndim dimensions (0: any of 1 to 3)."},
     {"empty", fast(empty), METH_FASTCALL,
      "empty(like, shape, dtype) -> (tensor, (data_ptr, dtype code, shape, strides)): a contiguous tensor on "
      "like's device (torch's caching allocator, current stream)."},

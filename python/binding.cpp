@@ -36,6 +36,7 @@
 #include "epx/types.hpp"
 #include "host/handle_storage.hpp"
 #include "host/plan.hpp"
+#include "py_refs.hpp"
 #include "tensor_api.hpp"
 
 namespace py = pybind11;
@@ -45,6 +46,7 @@ namespace {
 using epx::DType;
 using epx::ErrorKind;
 using epx::View;
+using epx::python::Ref;
 
 // epx.EpxError, created at import; owned by the module (a strong reference kept in its dict).
 PyObject* g_error_type = nullptr;
@@ -795,17 +797,6 @@ struct Package {
 
 constexpr uint32_t bit(DType d) { return 1u << static_cast<int>(d); }
 
-// A new reference released at the end of the scope unless taken.
-struct Owner {
-  PyObject* p = nullptr;
-  Owner() = default;
-  explicit Owner(PyObject* o) : p(o) {}
-  Owner(const Owner&) = delete;
-  Owner& operator=(const Owner&) = delete;
-  ~Owner() { Py_XDECREF(p); }
-  PyObject* take() { return std::exchange(p, nullptr); }
-};
-
 // Python truth of a flag; throws (its Python error set) when it has none.
 bool truth(PyObject* o) {
   const int v = PyObject_IsTrue(o);
@@ -846,9 +837,9 @@ PyBuffer* package_buffer(PyObject* self) {
 }
 
 cudaStream_t current_stream(int device) {
-  Owner index(PyLong_FromLong(device));
+  Ref index(PyLong_FromLong(device));
   if (index.p == nullptr) throw py::error_already_set();
-  Owner s(PyObject_CallOneArg(g_package.current_stream, index.p));
+  Ref s(PyObject_CallOneArg(g_package.current_stream, index.p));
   if (s.p == nullptr) throw py::error_already_set();
   const unsigned long long v = PyLong_AsUnsignedLongLong(s.p);
   if (PyErr_Occurred()) throw py::error_already_set();
@@ -895,7 +886,7 @@ std::pair<PyObject*, PyObject*> ll_event_and_hook(PyObject* self, const PyBuffer
     Py_INCREF(Py_None);
     return {overlap, Py_None};
   }
-  Owner pair(PyObject_CallFunction(g_package.ll_finish, "OOKOOiO", b.comm_stream.ptr(), self,
+  Ref pair(PyObject_CallFunction(g_package.ll_finish, "OOKOOiO", b.comm_stream.ptr(), self,
                                    static_cast<unsigned long long>(reinterpret_cast<uintptr_t>(s.compute)),
                                    async_finish ? Py_True : Py_False, hook ? Py_True : Py_False, buffer_idx, keep));
   if (pair.p == nullptr) throw py::error_already_set();
@@ -908,23 +899,13 @@ std::pair<PyObject*, PyObject*> ll_event_and_hook(PyObject* self, const PyBuffer
   return {overlap, hook_fn};
 }
 
+// tuple_of (py_refs.hpp) that throws, its Python error set, when it made no tuple.
 PyObject* tuple_stealing(std::initializer_list<PyObject*> items) {
-  PyObject* t = PyTuple_New(static_cast<Py_ssize_t>(items.size()));
-  Py_ssize_t i = 0;
-  for (PyObject* item : items) {
-    if (t == nullptr) {
-      Py_XDECREF(item);
-    } else {
-      PyTuple_SET_ITEM(t, i++, item);
-    }
-  }
+  PyObject* t = epx::python::tuple_of(items);
   if (t == nullptr) throw py::error_already_set();
   return t;
 }
-PyObject* ref(PyObject* o) {
-  Py_INCREF(o);
-  return o;
-}
+PyObject* ref(PyObject* o) { return epx::python::new_ref(o); }
 
 // low_latency_dispatch_call(x, topk_idx, num_max_dispatch_tokens_per_rank, num_experts,
 //   cumulative_local_expert_recv_stats, dispatch_wait_recv_cost_stats, use_fp8, round_scale, use_ue8m0,
@@ -963,7 +944,7 @@ PyObject* op_ll_dispatch_call(PyObject* self, PyObject* const* args, Py_ssize_t 
     View views[8];
     const int n = g_package.tensors->empty_plan(args[0], plan, 8, made, views);
     if (n < 0) throw py::error_already_set();
-    Owner t[8];
+    Ref t[8];
     for (int i = 0; i < n; ++i) t[i + (use_fp8 || i == 0 ? 0 : 1)].p = made[i];
     EPX_CHECK(n == (use_fp8 ? 6 : 5), ErrorKind::kState, "low_latency_dispatch: the output plan has ", n, " views");
     epx::LowLatencyDispatchOutputs out;
@@ -980,12 +961,12 @@ PyObject* op_ll_dispatch_call(PyObject* self, PyObject* const* args, Py_ssize_t 
     }
     const int buffer_idx = h.buffer_idx;
     PyObject* scales = use_fp8 ? t[1].p : Py_None;
-    Owner keep(async_finish || hook
+    Ref keep(async_finish || hook
                    ? tuple_stealing({ref(args[0]), ref(args[1]), ref(t[0].p), ref(scales), ref(t[2].p), ref(t[3].p),
                                      ref(t[4].p), ref(t[5].p), ref(args[4]), ref(args[5])})
                    : ref(Py_None));
     const auto [overlap, hook_fn] = ll_event_and_hook(self, b, s, async_finish, hook, buffer_idx, keep.p);
-    Owner overlap_ref(overlap), hook_ref(hook_fn);
+    Ref overlap_ref(overlap), hook_ref(hook_fn);
     PyObject* core = py::cast(std::move(h)).release().ptr();
     PyObject* handle = tuple_stealing({ref(t[3].p), ref(t[4].p), PyLong_FromLong(T), PyLong_FromLong(H),
                                        PyLong_FromLong(E), ref(t[5].p), PyLong_FromLong(K), PyLong_FromLong(buffer_idx),
@@ -1028,7 +1009,7 @@ PyObject* op_ll_combine_call(PyObject* self, PyObject* const* args, Py_ssize_t n
     c.zero_copy = zero_copy;
     c.return_recv_hook = hook;
     const LlStreams s = ll_streams(b, async_finish, hook);
-    Owner out(ref(args[7]));
+    Ref out(ref(args[7]));
     if (args[7] == Py_None) {
       const int64_t shape[2] = {c.topk_idx.shape[0], h->hidden};
       Py_DECREF(out.take());
@@ -1041,7 +1022,7 @@ PyObject* op_ll_combine_call(PyObject* self, PyObject* const* args, Py_ssize_t n
       used = b.ordered(s.order, s.launch, [&] { return buf.low_latency_combine(c, *h, out_view, s.launch); });
     }
     PyObject* handle = args[3];
-    Owner keep(async_finish || hook
+    Ref keep(async_finish || hook
                    ? tuple_stealing({ref(args[0]), ref(args[1]), ref(args[2]), ref(PyTuple_GET_ITEM(handle, 0)),
                                      ref(PyTuple_GET_ITEM(handle, 1)), ref(PyTuple_GET_ITEM(handle, 5)), ref(out.p)})
                    : ref(Py_None));

@@ -18,7 +18,7 @@ constexpr int kAnyDevice = -1;
 struct TensorApi {
   uint32_t abi;  // kTensorApiAbi
   // 1 and `*out` when `t` is a tensor on CUDA device `device` (kAnyDevice: any device) of a dtype
-  // whose bit is set in `mask` (bit i: epx::DType i) with `ndim` dimensions (0: any, at most 3);
+  // whose bit is set in `mask` (bit i: epx::DType i) with `ndim` dimensions (0: any of 1 to 3);
   // 0 otherwise (no Python error set: the package words the refusal).
   int (*describe)(PyObject* t, int device, uint32_t mask, int ndim, View* out);
   // The tensors of an _aten plan (`plan`: the capsule `_aten.plan` made) on like's device: new
