@@ -283,6 +283,11 @@ struct PyBuffer : Owned<epx::Buffer> {
   };
   LlPlan ll_plans[4];
   int next_ll_plan = 0;
+  // The config the core has, as last given (construction, set_config), and the value of
+  // g_config_defaults_epoch when the package marked it as its default (mark_default_config; -1: not
+  // marked since). The package's high-throughput calls read both (config_is_applied).
+  epx::Config applied;
+  int default_epoch = -1;
 
   StreamJoin& join() {
     if (!join_) join_ = std::make_unique<StreamJoin>();
@@ -793,6 +798,7 @@ struct Package {
   PyObject* current_stream = nullptr;  // device index -> the current stream's cudaStream_t int
   PyObject* ll_finish = nullptr;       // _streams._ll_finish(comm_stream, rt, compute, async_finish, hook, buffer_idx, keep)
   PyObject* event_overlap = nullptr;   // utils.EventOverlap
+  PyObject* config_type = nullptr;     // utils.Config
 } g_package;
 
 constexpr uint32_t bit(DType d) { return 1u << static_cast<int>(d); }
@@ -804,23 +810,25 @@ bool truth(PyObject* o) {
   return v != 0;
 }
 
-// An int (not a bool) in [1, INT_MAX], else 0.
-int positive_int(PyObject* o) {
-  if (!PyLong_Check(o) || PyBool_Check(o)) return 0;
+// An int (not a bool) in [lo, INT_MAX] into `out`; false otherwise.
+bool int_at_least(PyObject* o, int lo, int& out) {
+  if (!PyLong_Check(o) || PyBool_Check(o)) return false;
   const long long v = PyLong_AsLongLong(o);
   if (v == -1 && PyErr_Occurred()) {
     PyErr_Clear();
-    return 0;
+    return false;
   }
-  return v >= 1 && v <= std::numeric_limits<int>::max() ? static_cast<int>(v) : 0;
+  if (v < lo || v > std::numeric_limits<int>::max()) return false;
+  out = static_cast<int>(v);
+  return true;
 }
 
 // Describes a required tensor argument (false: refused) or an optional one (None: undefined View).
 bool tensor_arg(PyObject* t, int device, uint32_t mask, int ndim, View& v) {
   return g_package.tensors->describe(t, device, mask, ndim, &v) == 1;
 }
-bool optional_tensor_arg(PyObject* t, int device, uint32_t mask, View& v) {
-  return t == Py_None || tensor_arg(t, device, mask, 0, v);
+bool optional_tensor_arg(PyObject* t, int device, uint32_t mask, View& v, int ndim = 0) {
+  return t == Py_None || tensor_arg(t, device, mask, ndim, v);
 }
 
 // The package's buffer attached and current, or nullptr (the package then says which is wrong).
@@ -927,8 +935,8 @@ PyObject* op_ll_dispatch_call(PyObject* self, PyObject* const* args, Py_ssize_t 
         !optional_tensor_arg(args[5], b.device, bit(DType::kI64), d.dispatch_wait_recv_cost_stats)) {
       Py_RETURN_NONE;
     }
-    const int T = positive_int(args[2]), E = positive_int(args[3]);
-    if (T == 0 || E == 0) Py_RETURN_NONE;
+    int T = 0, E = 0;
+    if (!int_at_least(args[2], 1, T) || !int_at_least(args[3], 1, E)) Py_RETURN_NONE;
     d.num_max_dispatch_tokens_per_rank = T;
     d.num_experts = E;
     d.use_fp8 = use_fp8;
@@ -1031,6 +1039,180 @@ PyObject* op_ll_combine_call(PyObject* self, PyObject* const* args, Py_ssize_t n
   });
 }
 
+// ---- The package's high-throughput calls -------------------------------------------------------
+// Buffer.dispatch with a handle (the cached dispatch) and Buffer.combine of the package whole, for
+// the calls in DeepEP's default stream order (no previous_event, async_finish or
+// allocate_on_comm_stream: the communication stream waits for the current one, the current one for
+// it) with the config the core has (config=None while that is the package's default, or an
+// epx.Config of the same fields). Any other call, and any argument the package would refuse,
+// returns None before anything runs: the package then takes its general path (_ht.py), which runs
+// every other case and words the errors.
+
+// Bumped by Buffer.set_num_sms (config_defaults_changed): the package's default config may differ
+// since, so a buffer's mark of it (PyBuffer::default_epoch) no longer holds.
+int g_config_defaults_epoch = 0;
+
+// True when `config` (None: the package's default) is the config the core has.
+bool config_is_applied(const PyBuffer& b, PyObject* config) {
+  if (config == Py_None) return b.default_epoch == g_config_defaults_epoch;
+  if (g_package.config_type == nullptr ||
+      !PyObject_TypeCheck(config, reinterpret_cast<PyTypeObject*>(g_package.config_type))) {
+    return false;
+  }
+  static PyObject* const names[3] = {PyUnicode_InternFromString("num_sms"), PyUnicode_InternFromString("num_threads"),
+                                     PyUnicode_InternFromString("timeout_s")};
+  int ints[2] = {};
+  for (int i = 0; i < 2; ++i) {
+    Ref v(PyObject_GetAttr(config, names[i]));
+    if (v.p == nullptr) {
+      PyErr_Clear();
+      return false;
+    }
+    if (!int_at_least(v.p, std::numeric_limits<int>::min(), ints[i])) return false;
+  }
+  Ref timeout(PyObject_GetAttr(config, names[2]));
+  if (timeout.p == nullptr) {
+    PyErr_Clear();
+    return false;
+  }
+  if (PyBool_Check(timeout.p) || !(PyFloat_Check(timeout.p) || PyLong_Check(timeout.p))) return false;
+  const double timeout_s = PyFloat_AsDouble(timeout.p);
+  if (timeout_s == -1.0 && PyErr_Occurred()) {
+    PyErr_Clear();
+    return false;
+  }
+  return ints[0] == b.applied.num_sms && ints[1] == b.applied.num_threads && timeout_s == b.applied.timeout_s;
+}
+
+// DeepEP's default stream order: no previous_event, neither async_finish nor allocate_on_comm_stream.
+bool default_order(PyObject* previous_event, PyObject* async_finish, PyObject* allocate_on_comm_stream) {
+  return previous_event == Py_None && !truth(async_finish) && !truth(allocate_on_comm_stream);
+}
+
+// The core handle of a dispatch's handle tuple (6 elements within one node, DeepEP's internode 10
+// across nodes, the core's last), else nullptr.
+PyDispatchHandle* ht_handle_of(PyObject* handle, int num_nodes) {
+  const Py_ssize_t length = num_nodes > 1 ? 10 : 6;
+  if (!PyTuple_Check(handle) || PyTuple_GET_SIZE(handle) != length) return nullptr;
+  py::handle core(PyTuple_GET_ITEM(handle, length - 1));
+  if (!py::isinstance<PyDispatchHandle>(core)) return nullptr;
+  return &core.cast<PyDispatchHandle&>();
+}
+
+// A contiguous output tensor on like's device (a new reference) and its view; throws on failure.
+PyObject* empty_output(PyObject* like, std::initializer_list<int64_t> shape, DType dtype, View& view) {
+  PyObject* t = g_package.tensors->empty(like, shape.begin(), static_cast<int>(shape.size()), dtype, &view);
+  if (t == nullptr) throw py::error_already_set();
+  return t;
+}
+
+// Runs `launch` on the communication stream in DeepEP's default stream order, then returns the
+// EventOverlap without an event the operation returns (a new reference).
+template <class Launch>
+PyObject* launch_in_default_order(PyBuffer& b, Launch&& launch) {
+  const cudaStream_t compute = current_stream(b.device);
+  StreamOrder order;
+  order.wait = compute;
+  order.join = compute;
+  {
+    GilReleaseIf nogil(b.simulated);
+    b.ordered(order, b.comm, launch);
+  }
+  PyObject* overlap = PyObject_CallNoArgs(g_package.event_overlap);
+  if (overlap == nullptr) throw py::error_already_set();
+  return overlap;
+}
+
+// cached_dispatch_call(x, handle, num_tokens_per_rank, num_tokens_per_rdma_rank, is_token_in_rank,
+//   num_tokens_per_expert, topk_idx, topk_weights, expert_alignment, num_worst_tokens, config,
+//   previous_event, async_finish, allocate_on_comm_stream)
+//   -> (recv_x, None, None, None, None, EventOverlap) or None.
+PyObject* op_cached_dispatch_call(PyObject* self, PyObject* const* args, Py_ssize_t nargs) {
+  return guarded([&]() -> PyObject* {
+    if (nargs != 14) throw py::type_error("Buffer.cached_dispatch_call(): expected 14 arguments");
+    PyBuffer* pb = package_buffer(self);
+    if (pb == nullptr || !default_order(args[11], args[12], args[13])) Py_RETURN_NONE;
+    for (int i = 2; i < 8; ++i) {  // the routing inputs of a fresh dispatch
+      if (args[i] != Py_None) Py_RETURN_NONE;
+    }
+    PyBuffer& b = *pb;
+    epx::Buffer& buf = b.get();
+    PyDispatchHandle* h = ht_handle_of(args[1], buf.num_nodes());
+    int alignment = 0, worst = 0;
+    if (h == nullptr || !config_is_applied(b, args[10]) || !int_at_least(args[8], 1, alignment) ||
+        !int_at_least(args[9], 0, worst) || (worst != 0 && worst != h->handle.num_worst_tokens)) {
+      Py_RETURN_NONE;
+    }
+    epx::DispatchInputs in;
+    PyObject* x = args[0];
+    PyObject* scales = nullptr;
+    if (PyTuple_Check(x)) {  // (fp8 tensor, scales: float32 or UE8M0-packed int32, [N] or [N, C])
+      if (PyTuple_GET_SIZE(x) != 2) Py_RETURN_NONE;
+      scales = PyTuple_GET_ITEM(x, 1);
+      x = PyTuple_GET_ITEM(x, 0);
+      if (!tensor_arg(x, b.device, bit(DType::kFP8E4M3), 2, in.x) ||
+          !tensor_arg(scales, b.device, bit(DType::kF32) | bit(DType::kI32), 0, in.x_scales) ||
+          in.x_scales.ndim > 2) {
+        Py_RETURN_NONE;
+      }
+    } else if (!tensor_arg(x, b.device, bit(DType::kBF16), 2, in.x)) {  // (fp8 without scales: refused)
+      Py_RETURN_NONE;
+    }
+    in.expert_alignment = alignment;
+    in.num_worst_tokens = h->handle.num_worst_tokens;
+    const int64_t rows = std::max<int64_t>(in.num_worst_tokens > 0 ? in.num_worst_tokens : h->handle.num_recv_tokens, 0);
+    epx::DispatchOutputs out;
+    Ref recv_x(empty_output(x, {rows, in.x.shape[1]}, in.x.dtype, out.recv_x));
+    Ref recv_scales;
+    if (scales != nullptr) {
+      recv_scales.p = in.x_scales.ndim == 2
+                          ? empty_output(x, {rows, in.x_scales.shape[1]}, in.x_scales.dtype, out.recv_x_scales)
+                          : empty_output(x, {rows}, in.x_scales.dtype, out.recv_x_scales);
+    }
+    Ref overlap(launch_in_default_order(b, [&] { buf.dispatch(in, h->handle, out, b.comm); }));
+    PyObject* recv = scales != nullptr ? tuple_stealing({recv_x.take(), recv_scales.take()}) : recv_x.take();
+    return tuple_stealing({recv, ref(Py_None), ref(Py_None), ref(Py_None), ref(Py_None), overlap.take()});
+  });
+}
+
+// combine_call(x, handle, topk_weights, bias, config, previous_event, async_finish, allocate_on_comm_stream)
+//   -> (combined_x, combined_topk_weights, EventOverlap) or None.
+PyObject* op_combine_call(PyObject* self, PyObject* const* args, Py_ssize_t nargs) {
+  return guarded([&]() -> PyObject* {
+    if (nargs != 8) throw py::type_error("Buffer.combine_call(): expected 8 arguments");
+    PyBuffer* pb = package_buffer(self);
+    if (pb == nullptr || !default_order(args[5], args[6], args[7])) Py_RETURN_NONE;
+    PyBuffer& b = *pb;
+    epx::Buffer& buf = b.get();
+    PyDispatchHandle* h = ht_handle_of(args[1], buf.num_nodes());
+    if (h == nullptr || !config_is_applied(b, args[4])) Py_RETURN_NONE;
+    epx::CombineInputs in;
+    if (!tensor_arg(args[0], b.device, bit(DType::kBF16), 2, in.x) ||
+        !optional_tensor_arg(args[2], b.device, bit(DType::kF32), in.topk_weights, 2)) {
+      Py_RETURN_NONE;
+    }
+    PyObject* bias = args[3];  // None, a tensor, or a tuple of two (each a tensor or None)
+    if (PyTuple_Check(bias)) {
+      if (PyTuple_GET_SIZE(bias) != 2 ||
+          !optional_tensor_arg(PyTuple_GET_ITEM(bias, 0), b.device, bit(DType::kBF16), in.bias_0) ||
+          !optional_tensor_arg(PyTuple_GET_ITEM(bias, 1), b.device, bit(DType::kBF16), in.bias_1)) {
+        Py_RETURN_NONE;
+      }
+    } else if (!optional_tensor_arg(bias, b.device, bit(DType::kBF16), in.bias_0)) {
+      Py_RETURN_NONE;
+    }
+    const int64_t num_tokens = h->handle.num_tokens;
+    epx::CombineOutputs out;
+    Ref combined(empty_output(args[0], {num_tokens, in.x.shape[1]}, DType::kBF16, out.combined_x));
+    Ref weights(in.topk_weights.defined()
+                    ? empty_output(args[0], {num_tokens, in.topk_weights.shape[1]}, DType::kF32,
+                                   out.combined_topk_weights)
+                    : ref(Py_None));
+    Ref overlap(launch_in_default_order(b, [&] { buf.combine(in, h->handle, out, b.comm); }));
+    return tuple_stealing({combined.take(), weights.take(), overlap.take()});
+  });
+}
+
 using FastMethod = PyObject* (*)(PyObject*, PyObject* const*, Py_ssize_t, PyObject*);
 
 // Adds the operations to _C.Buffer as method descriptors (their PyMethodDefs live as long as the process).
@@ -1049,6 +1231,8 @@ void add_operations(py::handle buffer_type) {
   static std::pair<const char*, PackageCall> calls[] = {
       {"low_latency_dispatch_call", op_ll_dispatch_call},
       {"low_latency_combine_call", op_ll_combine_call},
+      {"cached_dispatch_call", op_cached_dispatch_call},
+      {"combine_call", op_combine_call},
   };
   constexpr size_t kNumOps = sizeof(ops) / sizeof(ops[0]), kNumCalls = sizeof(calls) / sizeof(calls[0]);
   static PyMethodDef defs[kNumOps + kNumCalls];
@@ -1061,7 +1245,7 @@ void add_operations(py::handle buffer_type) {
   for (size_t i = 0; i < kNumCalls; ++i) {
     defs[kNumOps + i] = PyMethodDef{
         calls[i].first, reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)(void)>(calls[i].second)),
-        METH_FASTCALL, "The package's Buffer method of that name, whole; None for what it refuses (binding.cpp)."};
+        METH_FASTCALL, "A Buffer method of the package, whole (binding.cpp); None: the package's own path runs."};
   }
   for (PyMethodDef& def : defs) {
     PyObject* descr = PyDescr_NewMethod(reinterpret_cast<PyTypeObject*>(buffer_type.ptr()), &def);
@@ -1332,22 +1516,25 @@ PYBIND11_MODULE(_C, m) {
                                    h.handle.num_worst_tokens, h.handle.filled ? "" : ", not filled", ">");
       });
 
+  m.def("config_defaults_changed", [] { ++g_config_defaults_epoch; },
+        "The package's default config changed (Buffer.set_num_sms): every buffer's mark_default_config is void.");
   m.def("_use_package", [](py::capsule tensor_api, py::object ll_plan, py::object current_stream,
-                           py::object ll_finish, py::object event_overlap) {
+                           py::object ll_finish, py::object event_overlap, py::object config_type) {
         auto* api = static_cast<const epx::python::TensorApi*>(
             PyCapsule_GetPointer(tensor_api.ptr(), epx::python::kTensorApiName));
         if (api == nullptr) throw py::error_already_set();
         EPX_CHECK(api->abi == epx::python::kTensorApiAbi, ErrorKind::kState, "epx._aten and epx._C are from "
                   "different builds (tensor API ", api->abi, ", expected ", epx::python::kTensorApiAbi, ")");
+        EPX_CHECK(PyType_Check(config_type.ptr()), ErrorKind::kInvalidArgument, "config_type: expected a type");
         for (PyObject* held : {g_package.ll_plan, g_package.current_stream, g_package.ll_finish,
-                               g_package.event_overlap}) {
+                               g_package.event_overlap, g_package.config_type}) {
           Py_XDECREF(held);
         }
         g_package = Package{api, ll_plan.release().ptr(), current_stream.release().ptr(), ll_finish.release().ptr(),
-                            event_overlap.release().ptr()};
+                            event_overlap.release().ptr(), config_type.release().ptr()};
       }, py::arg("tensor_api"), py::arg("ll_plan"), py::arg("current_stream"), py::arg("ll_finish"),
-      py::arg("event_overlap"),
-      "Hands the package's helpers to the low-latency calls (once, at the package's import; see binding.cpp).");
+      py::arg("event_overlap"), py::arg("config_type"),
+      "Hands the package's helpers to its whole calls (once, at the package's import; see binding.cpp).");
 
   // ---- Low-latency handle -----------------------------------------------------------------------
   // What Buffer.low_latency_dispatch returns (epx::LowLatencyHandle); its views point into the
@@ -1397,6 +1584,7 @@ PYBIND11_MODULE(_C, m) {
              epx::Communicator& c = comm.get();
              auto b = std::make_unique<PyBuffer>();
              b->simulated = c.simulated();
+             b->applied = options.config;
              py::gil_scoped_release nogil;
              b->ptr = std::make_unique<epx::Buffer>(c, num_nvl_bytes, options);
              return b;
@@ -1417,8 +1605,14 @@ PYBIND11_MODULE(_C, m) {
       .def_property_readonly("destroyed", [](PyBuffer& b) { return b.ptr == nullptr; })
       .def("config", [](PyBuffer& b) { return config_to_tuple(b.get().config()); })
       .def("set_config", [](PyBuffer& b, int num_sms, int num_threads, double timeout_s) {
-             b.get().set_config(make_config(num_sms, num_threads, timeout_s));
+             const epx::Config c = make_config(num_sms, num_threads, timeout_s);
+             b.get().set_config(c);
+             b.applied = c;
+             b.default_epoch = -1;
            }, py::arg("num_sms"), py::arg("num_threads"), py::arg("timeout_s"))
+      .def("mark_default_config", [](PyBuffer& b) { b.default_epoch = g_config_defaults_epoch; },
+           "The config the core has is the package's default (config=None) until set_config or "
+           "config_defaults_changed; cached_dispatch_call / combine_call take config=None only then.")
       .def("row_capacity", [](PyBuffer& b, int hidden, int dtype, int num_topk) {
              EPX_ARG_CHECK(dtype >= 0 && dtype <= static_cast<int>(DType::kBool), "x_dtype: unknown code ", dtype);
              return b.get().row_capacity(hidden, static_cast<DType>(dtype), num_topk);

@@ -44,6 +44,8 @@ def _apply_config(self, config: Optional[Config]) -> None:
     if key != self._config_key:
         self.runtime.set_config(*key)
         self._config_key = key
+    if config is None:
+        self.runtime.mark_default_config()  # (what the binding's whole calls check config=None against)
 
 
 def _recv_counts(self, num_local_experts: int):
@@ -170,6 +172,16 @@ def dispatch(self, x: Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]],
             and the core's handle in send_nvl_head's slot. None in cached mode.
         event: the EventOverlap (its event is set only with `async_finish`).
     """
+    rt = self.runtime
+    if handle is not None and rt is not None:
+        # Cached, in the default stream order, with the config the core has: the binding's whole call
+        # (binding.cpp); None for every other call, which the general path below runs (and words).
+        result = rt.cached_dispatch_call(x, handle, num_tokens_per_rank, num_tokens_per_rdma_rank, is_token_in_rank,
+                                         num_tokens_per_expert, topk_idx, topk_weights, expert_alignment,
+                                         num_worst_tokens, config, previous_event, async_finish,
+                                         allocate_on_comm_stream)
+        if result is not None:
+            return result
     rt = _rt(self)
     R = self.group_size
     if num_tokens_per_rdma_rank is not None:
@@ -348,6 +360,14 @@ def combine(self, x: torch.Tensor, handle: Tuple,
         combined_topk_weights: `[num_tokens, num_topk]` float32, or None.
         event: the EventOverlap (its event is set only with `async_finish`).
     """
+    rt = self.runtime
+    if rt is not None:
+        # In the default stream order with the config the core has: the binding's whole call (binding.cpp);
+        # None for every other call, which the general path below runs (and words).
+        result = rt.combine_call(x, handle, topk_weights, bias, config, previous_event, async_finish,
+                                 allocate_on_comm_stream)
+        if result is not None:
+            return result
     rt = _rt(self)
     h = _check_handle(self, handle)
     d_x = _desc(self, x, "x", _BF16, 2)

@@ -12,7 +12,7 @@ from typing import Callable, Optional, Tuple, Union
 import torch
 
 from . import _C, _aten
-from ._streams import _current_raw_stream, _ll_finish, _ll_rt
+from ._streams import _current_raw_stream, _ll_rt
 from ._tensors import _BF16, _F32, _I32, _I64, _contiguous_strides, _desc, _opt_desc
 from .utils import EventOverlap, _check_int, _error
 
@@ -263,7 +263,3 @@ def get_next_low_latency_combine_buffer(self, handle: Tuple) -> torch.Tensor:
     num_bytes = 2 * (1 + sum((s - 1) * st for s, st in zip(shape, strides))) if all(shape) else 0
     return self._wrap(ptr, num_bytes, torch.bfloat16, shape, strides)
 
-
-# The binding's low-latency calls take their helpers from here (once; nothing touches CUDA).
-_C._use_package(tensor_api=_aten.tensor_api, ll_plan=_ll_plan, current_stream=_current_raw_stream,
-                ll_finish=_ll_finish, event_overlap=EventOverlap)

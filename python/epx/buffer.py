@@ -26,7 +26,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from . import _C, _ht, _ll, _streams, _tensors
+from . import _C, _aten, _ht, _ll, _streams, _tensors
 from . import sim as _sim
 from ._C import EpxError  # noqa: F401  (deep_ep.buffer's namespace)
 from ._tensors import _BF16_FP8, _DTYPE_CODES, _dtype_names
@@ -34,6 +34,11 @@ from .utils import Config, EventHandle, EventOverlap, _DEEPEP_COMBINE_CHUNKS, _D
     _error
 
 __all__ = ["Buffer", "Config", "EventHandle", "EventOverlap"]
+
+# The binding's whole calls (the low-latency ops, the cached dispatch, the combine) take the
+# package's helpers from here, once (nothing touches CUDA).
+_C._use_package(tensor_api=_aten.tensor_api, ll_plan=_ll._ll_plan, current_stream=_streams._current_raw_stream,
+                ll_finish=_streams._ll_finish, event_overlap=EventOverlap, config_type=Config)
 
 
 class Buffer:
@@ -202,8 +207,9 @@ class Buffer:
         else:
             self._comm_stream = torch.cuda.Stream(device=self._device, priority=-1)
         self._comm_raw = self._comm_stream.cuda_stream  # its cudaStream_t, for the binding
-        # The low-latency calls of the binding run on it, on this device.
+        # The binding's whole calls run on it, on this device; the core's config is the default.
         self.runtime.attach_package(device=self._device_index, comm_stream=self._comm_stream)
+        self.runtime.mark_default_config()
         # Stream-to-stream waits (comm <-> current) through the core buffer's reusable event.
         self._stream_wait = self.runtime.stream_wait
         self._counts_host = None  # pinned [MAX_LOCAL_EXPERTS] int32 the notify kernel writes
@@ -249,6 +255,7 @@ class Buffer:
         """Sets the SMs used by the configs of `get_dispatch_config` / `get_combine_config`."""
         Buffer.num_sms = _check_int("new_num_sms", new_num_sms, 1)
         Buffer._num_sms_set = True
+        _C.config_defaults_changed()  # the binding's whole calls no longer take config=None as applied
 
     @staticmethod
     def capture() -> EventOverlap:

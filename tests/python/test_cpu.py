@@ -186,8 +186,9 @@ def test_buffer_needs_group_or_comm():
 # ---- Buffer methods: checks before the GPU ----------------------------------------------------------
 
 class _UntouchableRuntime:
-    """Stands in for the C++ buffer: the low-latency operations' whole calls refuse (None, as the binding
-    does for every argument these tests pass, so the package words the error); any other call fails the test."""
+    """Stands in for the C++ buffer: the binding's whole calls refuse (None, as the binding does for every
+    argument these tests pass, so the package words the error), the package may mark its default config; any
+    other call fails the test."""
 
     def low_latency_dispatch_call(self, *args):
         assert len(args) == 11, args
@@ -196,6 +197,17 @@ class _UntouchableRuntime:
     def low_latency_combine_call(self, *args):
         assert len(args) == 8, args
         return None
+
+    def cached_dispatch_call(self, *args):
+        assert len(args) == 14, args
+        return None
+
+    def combine_call(self, *args):
+        assert len(args) == 8, args
+        return None
+
+    def mark_default_config(self):
+        pass
 
     def __getattr__(self, name):
         raise AssertionError(f"the C++ runtime was reached ({name}) before the arguments were rejected")
@@ -336,16 +348,24 @@ def _dispatch_handle(num_ranks, rank, num_tokens):
 
 
 class _RecordingRuntime:
-    """Stands in for the C++ buffer on the high-throughput launch paths (the low-latency ones run whole in
-    the binding and are tested on the GPU, test_ll.py): records each call as (name, positional args, keyword
-    args). The operations take keywords only (the binding refuses positional ones), as the binding does."""
+    """Stands in for the C++ buffer on the high-throughput launch paths of the package's general path (the
+    low-latency ops, the cached dispatch and the combine in the default stream order run whole in the binding
+    and are tested on the GPU: here those whole calls answer None, which the binding may): records each call
+    as (name, positional args, keyword args). The operations take keywords only (the binding refuses
+    positional ones), as the binding does."""
 
     def __init__(self, log):
         self.log = log
+        self.marks = 0  # mark_default_config calls
+
+    def mark_default_config(self):
+        self.marks += 1
 
     def __getattr__(self, name):
         if name == "set_config":
             return lambda *args: self.log.append((name, args))
+        if name in ("cached_dispatch_call", "combine_call"):  # the general path of the package runs
+            return lambda *args: None
         if name in ("dispatch", "combine"):
             def record(*args, **kwargs):
                 check_binding_call(getattr(_C.Buffer, name), args, kwargs)
@@ -412,14 +432,20 @@ def test_cached_dispatch_and_combine_streams(recording_buffer):
     assert _norm(kw["x"]) == _desc_of(y) and _norm(kw["combined_x"]) == _desc_of(combined_x)
 
 
-def test_default_config_follows_set_num_sms(recording_buffer):
+def test_default_config_follows_set_num_sms(recording_buffer, monkeypatch):
     b = recording_buffer()
     handle = (None,) * 5 + (_dispatch_handle(4, 0, 10),)
     saved = (epx.Buffer.num_sms, epx.Buffer._num_sms_set)
+    changes = []  # set_num_sms voids the binding's marks of the default config
+    monkeypatch.setattr(epx._C, "config_defaults_changed", lambda: changes.append(epx.Buffer.num_sms))
     try:
         b.dispatch(_meta(10, 128), handle=handle)
         assert not [c for c in b.log if c[0] == "set_config"]
+        assert b.runtime.marks == 1, "config=None marks the config the core has as the default"
+        b.combine(_meta(3, 128), handle, config=epx.Buffer._default_config(4))
+        assert b.runtime.marks == 1, "an explicit config is not marked"
         epx.Buffer.set_num_sms(24)
+        assert changes == [24]
         for _ in range(2):
             b.dispatch(_meta(10, 128), handle=handle)
         # Set once (the core keeps it), with the SMs of set_num_sms.

@@ -402,6 +402,10 @@ class _Runtime:
     def __getattr__(self, name):
         if name in ("set_config", "clean_low_latency_buffer"):
             return lambda *args: self.log.append((name, args))
+        if name == "mark_default_config":
+            return lambda: None
+        if name in ("cached_dispatch_call", "combine_call"):  # may answer None: the package's general path runs
+            return lambda *args: None
         if name in ("get_dispatch_layout", "dispatch", "combine", "low_latency_receive"):
             def record(*args, **kwargs):
                 check_binding_call(getattr(_C.Buffer, name), args, kwargs)

@@ -266,6 +266,102 @@ def _async_and_previous_event(ctx, seed):
     assert buf.get_comm_stream() is buf.get_comm_stream()
 
 
+def _whole_calls(ctx, seed):
+    """The binding's whole cached dispatch and combine (binding.cpp) answer the calls in DeepEP's default
+    stream order with the config the core has, and None, before anything runs, for every other call (which
+    the package's general path then runs); what they answer is the reference's result."""
+    world, me, dev = ctx.world, ctx.rank, ctx.device
+    E = num_experts(world)
+    buf = ht_buffer(ctx)
+    rt = buf.runtime
+    inputs = all_inputs(seed, world)
+    mine = inputs[me]
+    topk, weights = mine.topk_idx.to(dev), mine.topk_weights.to(dev)
+    ntpr, _, ntpe, itir, _ = buf.get_dispatch_layout(topk, E)
+    recv_x, _, recv_w, _, handle, _ = buf.dispatch(
+        mine.x.to(dev), num_tokens_per_rank=ntpr, is_token_in_rank=itir, num_tokens_per_expert=ntpe, topk_idx=topk,
+        topk_weights=weights)
+    refs = [ref_dispatch([i.x for i in inputs], None, [i.topk_idx for i in inputs], [i.topk_weights for i in inputs],
+                         r, E) for r in range(world)]
+    other = [make_input(seed, r, inputs[r].x.size(0), HIDDEN, E, TOPK, salt=1) for r in range(world)]
+
+    def cached(x, h=handle, **changes):  # the arguments as Buffer.dispatch passes them, positional
+        a = dict(num_tokens_per_rank=None, num_tokens_per_rdma_rank=None, is_token_in_rank=None,
+                 num_tokens_per_expert=None, topk_idx=None, topk_weights=None, expert_alignment=1, num_worst_tokens=0,
+                 config=None, previous_event=None, async_finish=False, allocate_on_comm_stream=False)
+        a.update(changes)
+        return rt.cached_dispatch_call(x, h, *a.values())
+
+    for fp8 in (False, True):
+        x2 = make_x(other[me], fp8, fp8, dev)  # fp8: strided scales
+        result = cached(x2)
+        assert result is not None, f"cached dispatch ({'fp8' if fp8 else 'bf16'}) not taken whole"
+        assert result[1:5] == (None,) * 4 and result[5].event is None
+        _assert_cached_recv_x(result[0], other, inputs, fp8, me, E)
+        general = buf.dispatch(x2, handle=handle, previous_event=buf.capture())  # the general path, same op
+        _assert_cached_recv_x(general[0], other, inputs, fp8, me, E)
+    x2 = other[me].x.to(dev)
+    q, s = per_token_cast_to_fp8(other[me].x)
+    declined = dict(async_finish=dict(async_finish=True), previous_event=dict(previous_event=buf.capture()),
+                    config=dict(config=epx.Config(num_sms=2)), expert_alignment=dict(expert_alignment=0),
+                    num_worst_tokens=dict(num_worst_tokens=5), topk_idx=dict(topk_idx=topk),
+                    num_tokens_per_rank=dict(num_tokens_per_rank=ntpr))
+    for what, changes in declined.items():
+        assert cached(x2, **changes) is None, f"cached dispatch with {what} taken whole"
+    for what, x in (("fp8 without scales", q.to(dev)), ("x on the CPU", other[me].x),
+                    ("three-element x", (q.to(dev), s.to(dev), s.to(dev))), ("float32 x", x2.float())):
+        assert cached(x) is None, f"cached dispatch of {what} taken whole"
+    assert cached(x2, h=handle[:5]) is None and cached(x2, h=handle[:5] + (None,)) is None
+
+    def combine(y, h=handle, **changes):  # as Buffer.combine passes them
+        a = dict(topk_weights=recv_w, bias=None, config=None, previous_event=None, async_finish=False,
+                 allocate_on_comm_stream=False)
+        a.update(changes)
+        return rt.combine_call(y, h, *a.values())
+
+    g = torch.Generator().manual_seed(seed + 101 * me)
+    n = mine.x.size(0)
+    bias_0 = torch.randn((n, HIDDEN), generator=g).to(torch.bfloat16)
+    bias_1 = torch.randn((n, HIDDEN), generator=g).to(torch.bfloat16)
+    y = combine_input(me, recv_x)
+    ys = [combine_input(r, refs[r].x) for r in range(world)]
+    all_w = [r.topk_weights for r in refs]
+    for what, bias, w, ref_bias in (("two biases", (bias_0.to(dev), bias_1.to(dev)), recv_w, (bias_0, bias_1)),
+                                    ("one bias", bias_0.to(dev), None, (bias_0,)),
+                                    ("bias[0] None", (None, bias_1.to(dev)), recv_w, (None, bias_1))):
+        result = combine(y, bias=bias, topk_weights=w)
+        assert result is not None, f"combine ({what}) not taken whole"
+        ref_x, ref_w = ref_combine(refs, ys, me, n, all_w if w is not None else None, *ref_bias)
+        assert_equal(result[0], ref_x, f"combined_x ({what})")
+        if w is None:
+            assert result[1] is None
+        else:
+            assert_equal(result[1], ref_w, f"combined_topk_weights ({what})")
+        assert result[2].event is None
+    declined = dict(async_finish=dict(async_finish=True), previous_event=dict(previous_event=buf.capture()),
+                    config=dict(config=epx.Config(num_sms=2)), bias_list=dict(bias=[bias_0.to(dev)]),
+                    bias_on_cpu=dict(bias=bias_0), three_biases=dict(bias=(bias_0.to(dev),) * 3),
+                    int_weights=dict(topk_weights=topk))
+    for what, changes in declined.items():
+        assert combine(y, **changes) is None, f"combine with {what} taken whole"
+    assert combine(y.float()) is None and combine(y, h=handle[:5]) is None
+
+    # The config: an explicit one of the fields the core has is taken whole; another one runs the general
+    # path, which sets it, and config=None then waits for the general path to mark the default again.
+    default = epx.Buffer._default_config(world, buf._num_sms_share)
+    assert combine(y, config=default) is not None
+    smaller = epx.Config(num_sms=max(default.num_sms - 2, 2))
+    assert combine(y, config=smaller) is None
+    combined_x, _, _ = buf.combine(y, handle, topk_weights=recv_w, config=smaller)  # general path: sets it
+    ref_x, ref_w = ref_combine(refs, ys, me, n, all_w)
+    assert_equal(combined_x, ref_x, "combined_x (another config)")
+    assert combine(y, config=smaller) is not None and combine(y) is None
+    buf.combine(y, handle)  # config=None through the general path: the default again, marked
+    result = combine(y)
+    assert result is not None
+    assert_equal(result[0], ref_x, "combined_x (the default again)")
+
+
 def _bad_expert_id(ctx, seed):
     """An expert id out of range is recorded on the device and raised at the next check."""
     buf = ctx.buffer(num_nvl_bytes=epx.Buffer.get_nvl_buffer_size_hint(256, HIDDEN, ctx.world) + (2 << 20))
@@ -419,6 +515,10 @@ def test_num_worst_tokens(ranks, seed):
 
 def test_async_finish_and_previous_event(ranks, seed):
     ranks.run(_async_and_previous_event, seed)
+
+
+def test_whole_calls_and_the_general_path(ranks, seed):
+    ranks.run(_whole_calls, seed)
 
 
 def test_bad_expert_id_raises_and_reset(ranks, seed):
