@@ -13,6 +13,8 @@ epx.SimWorld, see epx/sim.py). For each operation, rank 0 prints:
     dispatch cannot wait for a turn: its ranks run together and it reports the thread's CPU time;
   - binding us/call: the same launch through epx._C alone (outputs preallocated), i.e. without the
     Python layer (argument checks, allocation, stream handling);
+  - under the cached dispatch and the combine, the same call through the package's general path (what
+    the binding's whole call leaves to the package: here a previous_event without an event);
   - under low_latency_dispatch, the parts of its floor: the binding call with DeepEP's two stream orders,
     the stream orders alone, and making its outputs alone;
   - GPU us/call: kernel (and memset) time per call from the torch profiler. Simulated ranks: every
@@ -174,8 +176,13 @@ def measure_rank(ctx: Rank, device: torch.device, args):
     measure("dispatch (fresh, host-synced)", fresh, host_synced=True)
     measure("dispatch (cached)", lambda: buffer.dispatch(x, handle=handle),
             lambda: rt.dispatch(h, x=d(x), recv_x=d(out_recv), stream=stream))
+    # The same operation through the package's general path: an EventOverlap without an event is no event
+    # (the same stream order), but the binding's whole call leaves any previous_event to the package.
+    no_event = epx.EventOverlap()
+    measure("  general path", lambda: buffer.dispatch(x, handle=handle, previous_event=no_event))
     measure("combine", lambda: buffer.combine(recv_x, handle),
             lambda: rt.combine(h, x=d(recv_x), combined_x=d(combined), stream=stream))
+    measure("  general path", lambda: buffer.combine(recv_x, handle, previous_event=no_event))
 
     x_ll, idx_ll = x[:T].contiguous(), topk_idx[:T].contiguous()
     recv, count, ll_handle, _, _ = buffer.low_latency_dispatch(x_ll, idx_ll, T, E)
