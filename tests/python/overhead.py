@@ -14,7 +14,8 @@ epx.SimWorld, see epx/sim.py). For each operation, rank 0 prints:
   - binding us/call: the same launch through epx._C alone (outputs preallocated), i.e. without the
     Python layer (argument checks, allocation, stream handling);
   - under the cached dispatch and the combine, the same call through the package's general path (what
-    the binding's whole call leaves to the package: here a previous_event without an event);
+    the binding's whole call leaves to the package: here a previous_event without an event), and the
+    binding's whole call alone (without the package method's frame);
   - under low_latency_dispatch, the parts of its floor: the binding call with DeepEP's two stream orders,
     the stream orders alone, and making its outputs alone;
   - GPU us/call: kernel (and memset) time per call from the torch profiler. Simulated ranks: every
@@ -180,9 +181,17 @@ def measure_rank(ctx: Rank, device: torch.device, args):
     # (the same stream order), but the binding's whole call leaves any previous_event to the package.
     no_event = epx.EventOverlap()
     measure("  general path", lambda: buffer.dispatch(x, handle=handle, previous_event=no_event))
+    cached_args = (x, handle) + (None,) * 6 + (1, 0, None, None, False, False)  # as Buffer.dispatch passes them
+    if rt.cached_dispatch_call(*cached_args) is None:
+        raise RuntimeError("the binding's whole cached dispatch declined the default call")
+    measure("  whole call alone", lambda: rt.cached_dispatch_call(*cached_args))
     measure("combine", lambda: buffer.combine(recv_x, handle),
             lambda: rt.combine(h, x=d(recv_x), combined_x=d(combined), stream=stream))
     measure("  general path", lambda: buffer.combine(recv_x, handle, previous_event=no_event))
+    combine_args = (recv_x, handle, None, None, None, None, False, False)  # as Buffer.combine passes them
+    if rt.combine_call(*combine_args) is None:
+        raise RuntimeError("the binding's whole combine declined the default call")
+    measure("  whole call alone", lambda: rt.combine_call(*combine_args))
 
     x_ll, idx_ll = x[:T].contiguous(), topk_idx[:T].contiguous()
     recv, count, ll_handle, _, _ = buffer.low_latency_dispatch(x_ll, idx_ll, T, E)
