@@ -7,7 +7,9 @@ stream and records the tensors involved on it, otherwise the current stream wait
 communication stream before the call returns. The low-latency ops run on the communication stream
 too, except with `return_recv_hook=True` (the send and, through the hook, the receive run on the
 current stream); the binding's low-latency calls order them (binding.cpp, `ll_streams`) and ask
-`_ll_finish` for the event or the hook.
+`_ll_finish` for the event or the hook. The binding's whole cached dispatch and combine take only the
+default order (no previous_event, async_finish or allocate_on_comm_stream) and leave the rest to
+`_begin` / `_end` here.
 
 The stream waits around an operation are made by its binding call (`wait_stream`: the stream it
 launches on first waits for it; `join_stream`: it waits for that stream after the launch; one
