@@ -12,6 +12,11 @@ a heading with the run's commit, machine and date. They come from the JSON (`com
 `"simulated": true`) is labelled SIMULATED in its heading and gets a `rank` column (each row is its
 slowest rank's numbers): its timings are not NVLink numbers. Columns no row of a table fills (the
 NVLink GB/s of the low-latency rows, say) are left out. Needs only the standard library.
+
+Files of `tests/python/overhead.py --json` (`"tool": "overhead"`) make one host-overhead table
+together, after the others: a column per package label (its runs' host µs/call in file order, " / "
+between runs), the ratio of the first label's mean to the second's where there are two, and the
+commits, machine and dates of the runs in its heading.
 """
 import argparse
 import json
@@ -161,15 +166,64 @@ def tables(report: dict, commit: Optional[str] = None, machine_name: Optional[st
     return "\n".join(out)
 
 
+def _mean(values: List[float]) -> Optional[float]:
+    return sum(values) / len(values) if values else None
+
+
+def overhead_table(reports: List[dict], level: int = 3) -> str:
+    """The host-overhead table of `tests/python/overhead.py --json` reports (see the module docstring)."""
+    labels: List[str] = []
+    ops: List[Tuple[str, int]] = []
+    runs: Dict[Tuple[str, Tuple[str, int]], List[Optional[float]]] = {}
+    for report in reports:
+        label = str(report.get("label") or "unlabelled")
+        if label not in labels:
+            labels.append(label)
+        for row in report.get("rows", []):
+            op = (str(row.get("op", "")), int(row.get("level") or 0))
+            if op not in ops:
+                ops.append(op)
+            runs.setdefault((label, op), []).append(row.get("host_us"))
+    first = reports[0] if reports else {}
+    commits = sorted({str(r.get("commit") or "unknown") for r in reports})
+    days = sorted({run_info(r)["date"] for r in reports})
+    machines = sorted({machine(r) for r in reports})
+    mode = (f"SIMULATED EP{first.get('world')} (ranks as threads on one GPU, taking turns on the host)"
+            if first.get("simulated") else f"EP{first.get('world')}")
+    title = (f"Host overhead, {mode}: commit {', '.join(f'`{c}`' for c in commits)}, {', '.join(machines)}, "
+             f"{', '.join(days)}")
+    about = (f"`tests/python/overhead.py`: HT {first.get('tokens')} tokens × {first.get('hidden')}, LL "
+             f"{first.get('ll_tokens')} tokens, {first.get('experts')} experts, top-{first.get('topk')}; each figure "
+             f"the median of {first.get('rounds')} loops of {first.get('iters')} calls (rank 0), runs in file "
+             "order. ↳: a part of the row above, or the same call another way.")
+    ratio = len(labels) == 2
+    head = ["operation"] + [f"{_text(label)} µs" for label in labels] + (
+        [f"ratio {_text(labels[0])} / {_text(labels[1])} (mean)"] if ratio else [])
+    lines = ["#" * level + " " + title, "", about, "",
+             "| " + " | ".join(head) + " |", "| " + " | ".join("---" for _ in head) + " |"]
+    for op in ops:
+        name, nested = op
+        cells = ["↳ " * nested + _text(name)]
+        means = []
+        for label in labels:
+            values = runs.get((label, op), [])
+            cells.append(" / ".join(_number(v, "{:.1f}", 0) or "—" for v in values) or "—")
+            means.append(_mean([v for v in values if _number(v, "{}", 0)]))
+        if ratio:
+            cells.append(f"{means[0] / means[1]:.2f}" if means[0] and means[1] else "")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines + [""])
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("json", nargs="+", help="epx_bench --json files")
+    ap.add_argument("json", nargs="+", help="epx_bench --json (or tests/python/overhead.py --json) files")
     ap.add_argument("--commit", help="the commit of the build that ran (replaces the JSON's)")
     ap.add_argument("--machine", help='the machine, e.g. "4×H200 (NV18)" (replaces the JSON\'s GPUs)')
     ap.add_argument("--date", help="the day of the run, YYYY-MM-DD (replaces the JSON's)")
     ap.add_argument("--level", type=int, default=3, help="markdown heading level of each table (default 3)")
     args = ap.parse_args(argv)
-    parts = []
+    parts, overhead = [], []
     for path in args.json:
         try:
             with open(path, encoding="utf-8") as f:
@@ -177,7 +231,15 @@ def main(argv: Optional[List[str]] = None) -> int:
         except (OSError, ValueError) as e:
             print(f"perf_tables: {path}: {e}", file=sys.stderr)
             return 1
-        parts.append(tables(report, args.commit, args.machine, args.date, args.level))
+        if report.get("tool") == "overhead":
+            for key, value in (("commit", args.commit), ("machine", args.machine), ("date", args.date)):
+                if value:
+                    report[key] = value
+            overhead.append(report)
+        else:
+            parts.append(tables(report, args.commit, args.machine, args.date, args.level))
+    if overhead:
+        parts.append(overhead_table(overhead, args.level))
     sys.stdout.write("\n".join(parts))
     return 0
 

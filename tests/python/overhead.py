@@ -1,6 +1,7 @@
 """Host CPU time per Python call of the epx operations, next to their GPU kernel time.
 
     python tests/python/overhead.py [--num-processes N | --sim R] [--tokens 4096] [--hidden 7168] ...
+                                    [--json out.json --label NAME --commit C]
 
 Real ranks: one process per GPU (all visible by default; needs 2). Simulated ranks (`--sim R`, and by
 default when fewer than 2 GPUs are visible): R ranks as threads of this process on GPU 0 (an
@@ -20,8 +21,14 @@ epx.SimWorld, see epx/sim.py). For each operation, rank 0 prints:
     the stream orders alone, and making its outputs alone;
   - GPU us/call: kernel (and memset) time per call from the torch profiler. Simulated ranks: every
     rank's kernels on the one GPU over the calls of all ranks (they share its SMs: not NVLink numbers).
+With --json, rank 0 also writes the table as JSON ("tool": "overhead", the run's commit, date, device,
+the package's --label, and the rows with null for what was not measured), which tools/perf_tables.py
+turns into docs/performance.md's host-overhead tables (several runs side by side, the ratio of two labels).
 """
 import argparse
+import datetime
+import json
+import math
 import os
 import socket
 import statistics
@@ -246,6 +253,25 @@ def print_table(title, rows) -> None:
     sys.stdout.flush()
 
 
+def write_json(path: str, title: str, rows, args, simulated: bool, world: int) -> None:
+    """The table as tools/perf_tables.py reads it; a row's nested level is its name's leading spaces / 2."""
+    def number(v):
+        return None if v is None or math.isnan(v) else round(v, 3)
+
+    report = dict(
+        tool="overhead", label=args.label or os.path.dirname(epx.__file__), commit=args.commit,
+        date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        device=torch.cuda.get_device_name(0), num_gpus=1 if simulated else world, world=world,
+        simulated=simulated, title=title, tokens=args.tokens, ll_tokens=args.ll_tokens, hidden=args.hidden,
+        experts=args.experts_per_rank * world, topk=args.topk, iters=args.iters, rounds=args.rounds,
+        torch=torch.__version__,
+        rows=[dict(op=name.strip(), level=(len(name) - len(name.lstrip())) // 2, host_us=number(host),
+                   binding_us=number(raw), gpu_us=number(gpu)) for name, host, raw, gpu in rows])
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(report, f, indent=1)
+        f.write("\n")
+
+
 def worker(rank: int, world: int, port: int, args) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.cuda.set_device(rank)
@@ -254,6 +280,8 @@ def worker(rank: int, world: int, port: int, args) -> None:
     title, rows = measure_rank(Rank(rank, world, dist.group.WORLD, False), device, args)
     if rank == 0:
         print_table(title, rows)
+        if args.json:
+            write_json(args.json, title, rows, args, False, world)
     dist.destroy_process_group()
 
 
@@ -273,6 +301,9 @@ def main() -> int:
     parser.add_argument("--topk", type=int, default=8)
     parser.add_argument("--iters", type=int, default=50)
     parser.add_argument("--rounds", type=int, default=5, help="loops of --iters calls per figure (their median)")
+    parser.add_argument("--json", help="also write the table as JSON here (rank 0), for tools/perf_tables.py")
+    parser.add_argument("--label", help="the package measured, as the JSON names it (default: its directory)")
+    parser.add_argument("--commit", default="unknown", help="the commit of the tree measured, for the JSON")
     args = parser.parse_args()
     num_gpus = torch.cuda.device_count()
     if args.sim and args.num_processes:
@@ -289,6 +320,8 @@ def main() -> int:
         with epx.SimWorld(world) as sim:
             title, rows = sim.run(sim_rank, args)[0]
         print_table(title, rows)
+        if args.json:
+            write_json(args.json, title, rows, args, True, world)
         return 0
     world = args.num_processes or num_gpus
     if world < 2 or world > num_gpus:

@@ -3,7 +3,8 @@
 # build-python), runs the Python tests (every multi-rank test real on as many GPUs as it needs, and
 # simulated on GPU 0), then the overhead script (real ranks with 2 GPUs or more, else simulated on GPU 0) and,
 # with 2 GPUs or more, the MoE example.
-# Full logs in $OUT (the device tool's output folder) or <build dir>/logs; a summary is printed last.
+# Full logs in $OUT (the device tool's output folder) or <build dir>/logs; a summary is printed last;
+# the overhead table also as overhead.json and (tools/perf_tables.py) overhead.md.
 #   Usage: tests/python/run_gpu.sh [build-dir]
 #   Env: EPX_TEST_SEED (replay), PYTEST_ARGS (e.g. "-m sim": the simulated tests only, "-m real"),
 #   and time limits in seconds: PYTEST_TIMEOUT (1200), EXAMPLE_TIMEOUT (600), OVERHEAD_TIMEOUT (300; real ranks),
@@ -16,6 +17,8 @@ logs=${OUT:-$dir/logs}
 mkdir -p "$logs"
 py=${PYTHON:-python3}
 start=$(date +%s)
+commit=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)
+overhead_json=(--json "$logs/overhead.json" --label "epx $commit" --commit "$commit")
 if ! { cmake -S . -B "$dir" $EPX_GENERATOR -DCMAKE_BUILD_TYPE=Release -DEPX_BUILD_PYTHON=ON -DEPX_BUILD_TESTS=OFF \
          -DEPX_BUILD_BENCH=OFF -DPython3_EXECUTABLE="$(command -v "$py")" > "$logs/configure.log" 2>&1 &&
        cmake --build "$dir" -j "$EPX_JOBS" --target epx_python > "$logs/build.log" 2>&1; }; then
@@ -33,13 +36,13 @@ num_gpus=$("$py" -c "import torch; print(torch.cuda.device_count())" 2>/dev/null
 if [ "$num_gpus" -ge 2 ]; then
   timeout ${EXAMPLE_TIMEOUT:-600} "$py" examples/moe_layer.py > "$logs/moe_layer.log" 2>&1
   rc_example=$?
-  timeout ${OVERHEAD_TIMEOUT:-300} "$py" tests/python/overhead.py > "$logs/overhead.log" 2>&1
+  timeout ${OVERHEAD_TIMEOUT:-300} "$py" tests/python/overhead.py "${overhead_json[@]}" > "$logs/overhead.log" 2>&1
   rc_overhead=$?
 else  # one rank per GPU: the example needs 2; the overhead script runs its ranks simulated on GPU 0
   echo "[skipped: $num_gpus GPU(s); the example needs 2]" > "$logs/moe_layer.log"
   rc_example=0
   if [ "$num_gpus" -ge 1 ]; then
-    timeout ${OVERHEAD_SIM_TIMEOUT:-60} "$py" tests/python/overhead.py --sim 2 > "$logs/overhead.log" 2>&1
+    timeout ${OVERHEAD_SIM_TIMEOUT:-60} "$py" tests/python/overhead.py --sim 2 "${overhead_json[@]}" > "$logs/overhead.log" 2>&1
     rc_overhead=$?
   else
     echo "[skipped: no GPU]" > "$logs/overhead.log"
@@ -53,6 +56,7 @@ tail -3 "$logs/pytest.log"
 echo "=== examples/moe_layer.py (rc $rc_example) ==="
 grep -E "^\[|moe_layer|failed" "$logs/moe_layer.log" | tail -12
 echo "=== tests/python/overhead.py (rc $rc_overhead) ==="
-tail -8 "$logs/overhead.log"
+tail -16 "$logs/overhead.log"
+[ -f "$logs/overhead.json" ] && "$py" tools/perf_tables.py "$logs/overhead.json" > "$logs/overhead.md" 2>&1
 echo "run_gpu: $(( $(date +%s) - start )) s in all; logs in $logs"
 [ $rc_tests -eq 0 ] && [ $rc_example -eq 0 ] && [ $rc_overhead -eq 0 ]

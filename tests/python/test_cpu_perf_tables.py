@@ -172,3 +172,45 @@ def test_internode_rows_show_bytes_and_the_ib_model_next_to_deepeps_figures():
 def test_ht_rows_have_no_internode_columns():
     out = perf_tables.tables(json.loads(REAL_RUN))
     assert "RDMA MB" not in out and "IB model" not in out and "virtual nodes" not in out
+
+
+def _overhead_run(label, commit, cached, general, whole=None):
+    """What `tests/python/overhead.py --json` writes, cut to three rows (`whole`: None leaves its row out)."""
+    rows = [dict(op="dispatch (cached)", level=0, host_us=cached, binding_us=8.0, gpu_us=406.0),
+            dict(op="general path", level=1, host_us=general, binding_us=None, gpu_us=406.1)]
+    if whole is not None:
+        rows.append(dict(op="whole call alone", level=1, host_us=whole, binding_us=None, gpu_us=406.2))
+    return dict(tool="overhead", label=label, commit=commit, date="2026-12-02T23:40:00Z", device="NVIDIA H200",
+                num_gpus=1, world=2, simulated=True, title="t", tokens=4096, ll_tokens=128, hidden=7168,
+                experts=16, topk=8, iters=50, rounds=11, rows=rows)
+
+
+def test_overhead_runs_make_one_table_with_the_ratio_of_two_labels(tmp_path, capsys):
+    runs = [_overhead_run("new|pkg", "346cf88", 12.4, 16.9, 13.1), _overhead_run("45f5a6f", "346cf88", 18.0, 22.6),
+            _overhead_run("new|pkg", "346cf88", 14.3, 22.7, 12.6), _overhead_run("45f5a6f", "346cf88", 16.8, None)]
+    paths = []
+    for i, run in enumerate(runs):
+        paths.append(tmp_path / f"run{i}.json")
+        paths[-1].write_text(json.dumps(run))
+    assert perf_tables.main([str(p) for p in paths] + ["--machine", "1×H200"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == "### Host overhead, SIMULATED EP2 (ranks as threads on one GPU, taking turns on the host): " \
+                     "commit `346cf88`, 1×H200, 2026-12-02"
+    assert "median of 11 loops of 50 calls" in out[2]
+    assert out[4] == "| operation | new\\|pkg µs | 45f5a6f µs | ratio new\\|pkg / 45f5a6f (mean) |"
+    # Runs in file order; the ratio of the means; a null figure is "—" and left out of the mean; a row
+    # one label lacks is "—" and has no ratio; nested rows are marked.
+    assert out[6] == f"| dispatch (cached) | 12.4 / 14.3 | 18.0 / 16.8 | {(12.4 + 14.3) / (18.0 + 16.8):.2f} |"
+    assert out[7] == f"| ↳ general path | 16.9 / 22.7 | 22.6 / — | {(16.9 + 22.7) / 2 / 22.6:.2f} |"
+    assert out[8] == "| ↳ whole call alone | 13.1 / 12.6 | — |  |"
+    assert len(out) == 9
+
+
+def test_overhead_table_sits_after_the_bench_tables(tmp_path, capsys):
+    bench, over = tmp_path / "bench.json", tmp_path / "over.json"
+    bench.write_text(REAL_RUN)
+    over.write_text(json.dumps(_overhead_run("a", "c1", 1.0, 2.0)))
+    assert perf_tables.main([str(over), str(bench)]) == 0
+    out = capsys.readouterr().out
+    assert out.index("### `ht`, EP4") < out.index("### Host overhead")
+    assert "| dispatch (cached) | 1.0 | —" not in out and "| dispatch (cached) | 1.0 |" in out  # one label: no ratio
