@@ -13,10 +13,12 @@ a heading with the run's commit, machine and date. They come from the JSON (`com
 slowest rank's numbers): its timings are not NVLink numbers. Columns no row of a table fills (the
 NVLink GB/s of the low-latency rows, say) are left out. Needs only the standard library.
 
-Files of `tests/python/overhead.py --json` (`"tool": "overhead"`) make one host-overhead table
-together, after the others: a column per package label (its runs' host µs/call in file order, " / "
-between runs), the ratio of the first label's mean to the second's where there are two, and the
-commits, machine and dates of the runs in its heading.
+Files of `tests/python/overhead.py --json` (`"tool": "overhead"`) make host-overhead tables, after
+the others, one per kind of run (simulated or real ranks, and how many): a column per package label
+(its runs' host µs/call in file order, " / " between runs), the ratio of the first label's mean to
+the second's where there are two, and the commits, machine and dates of the runs in its heading. A
+nested row (the part of the row above it, or that call another way) is its own row under each
+parent, so two parents' "general path" rows stay apart.
 """
 import argparse
 import json
@@ -173,14 +175,17 @@ def _mean(values: List[float]) -> Optional[float]:
 def overhead_table(reports: List[dict], level: int = 3) -> str:
     """The host-overhead table of `tests/python/overhead.py --json` reports (see the module docstring)."""
     labels: List[str] = []
-    ops: List[Tuple[str, int]] = []
-    runs: Dict[Tuple[str, Tuple[str, int]], List[Optional[float]]] = {}
+    ops: List[Tuple[str, ...]] = []  # a row's path: its name after those of the rows it is nested under
+    runs: Dict[Tuple[str, Tuple[str, ...]], List[Optional[float]]] = {}
     for report in reports:
         label = str(report.get("label") or "unlabelled")
         if label not in labels:
             labels.append(label)
+        path: List[str] = []
         for row in report.get("rows", []):
-            op = (str(row.get("op", "")), int(row.get("level") or 0))
+            depth = max(0, int(row.get("level") or 0))
+            path = path[:depth] + [""] * (depth - len(path)) + [str(row.get("op", ""))]
+            op = tuple(path)
             if op not in ops:
                 ops.append(op)
             runs.setdefault((label, op), []).append(row.get("host_us"))
@@ -202,8 +207,7 @@ def overhead_table(reports: List[dict], level: int = 3) -> str:
     lines = ["#" * level + " " + title, "", about, "",
              "| " + " | ".join(head) + " |", "| " + " | ".join("---" for _ in head) + " |"]
     for op in ops:
-        name, nested = op
-        cells = ["↳ " * nested + _text(name)]
+        cells = ["↳ " * (len(op) - 1) + _text(op[-1])]
         means = []
         for label in labels:
             values = runs.get((label, op), [])
@@ -238,8 +242,11 @@ def main(argv: Optional[List[str]] = None) -> int:
             overhead.append(report)
         else:
             parts.append(tables(report, args.commit, args.machine, args.date, args.level))
-    if overhead:
-        parts.append(overhead_table(overhead, args.level))
+    modes: Dict[Tuple[bool, object], List[dict]] = {}  # one table per kind of run (simulated or not, world)
+    for report in overhead:
+        modes.setdefault((bool(report.get("simulated")), report.get("world")), []).append(report)
+    for group in modes.values():
+        parts.append(overhead_table(group, args.level))
     sys.stdout.write("\n".join(parts))
     return 0
 

@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
 # The Python layer on a GPU machine, in one command: builds the binding (build dir, default
 # build-python), runs the Python tests (every multi-rank test real on as many GPUs as it needs, and
-# simulated on GPU 0), then the overhead script (real ranks with 2 GPUs or more, else simulated on GPU 0) and,
-# with 2 GPUs or more, the MoE example.
+# simulated on GPU 0), then the overhead script (real ranks with 2 GPUs or more; else simulated ranks
+# on GPU 0, then one real rank alone) and, with 2 GPUs or more, the MoE example.
 # Full logs in $OUT (the device tool's output folder) or <build dir>/logs; a summary is printed last;
 # the overhead table also as overhead.json and (tools/perf_tables.py) overhead.md.
 #   Usage: tests/python/run_gpu.sh [build-dir]
 #   Env: EPX_TEST_SEED (replay), PYTEST_ARGS (e.g. "-m sim": the simulated tests only, "-m real"),
 #   and time limits in seconds: PYTEST_TIMEOUT (1200), EXAMPLE_TIMEOUT (600), OVERHEAD_TIMEOUT (300; real ranks),
-#   OVERHEAD_SIM_TIMEOUT (60; simulated ranks on one GPU).
+#   OVERHEAD_SIM_TIMEOUT (60 each: simulated ranks on one GPU, then one real rank alone).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 source tools/env.sh
@@ -38,12 +38,15 @@ if [ "$num_gpus" -ge 2 ]; then
   rc_example=$?
   timeout ${OVERHEAD_TIMEOUT:-300} "$py" tests/python/overhead.py "${overhead_json[@]}" > "$logs/overhead.log" 2>&1
   rc_overhead=$?
-else  # one rank per GPU: the example needs 2; the overhead script runs its ranks simulated on GPU 0
+else  # one rank per GPU: the example needs 2; the overhead script runs simulated ranks on GPU 0, then one real rank
   echo "[skipped: $num_gpus GPU(s); the example needs 2]" > "$logs/moe_layer.log"
   rc_example=0
   if [ "$num_gpus" -ge 1 ]; then
     timeout ${OVERHEAD_SIM_TIMEOUT:-60} "$py" tests/python/overhead.py --sim 2 "${overhead_json[@]}" > "$logs/overhead.log" 2>&1
     rc_overhead=$?
+    # One real rank alone: a rank's host cost without what simulated ranks add.
+    timeout ${OVERHEAD_SIM_TIMEOUT:-60} "$py" tests/python/overhead.py --num-processes 1 --json "$logs/overhead-ep1.json" \
+      --label "epx $commit" --commit "$commit" >> "$logs/overhead.log" 2>&1 || rc_overhead=1
   else
     echo "[skipped: no GPU]" > "$logs/overhead.log"
     rc_overhead=0
@@ -57,6 +60,7 @@ echo "=== examples/moe_layer.py (rc $rc_example) ==="
 grep -E "^\[|moe_layer|failed" "$logs/moe_layer.log" | tail -12
 echo "=== tests/python/overhead.py (rc $rc_overhead) ==="
 tail -16 "$logs/overhead.log"
-[ -f "$logs/overhead.json" ] && "$py" tools/perf_tables.py "$logs/overhead.json" > "$logs/overhead.md" 2>&1
+overhead_files=$(ls "$logs"/overhead.json "$logs"/overhead-ep1.json 2>/dev/null)
+[ -n "$overhead_files" ] && "$py" tools/perf_tables.py $overhead_files > "$logs/overhead.md" 2>&1
 echo "run_gpu: $(( $(date +%s) - start )) s in all; logs in $logs"
 [ $rc_tests -eq 0 ] && [ $rc_example -eq 0 ] && [ $rc_overhead -eq 0 ]

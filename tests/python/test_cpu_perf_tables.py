@@ -214,3 +214,28 @@ def test_overhead_table_sits_after_the_bench_tables(tmp_path, capsys):
     out = capsys.readouterr().out
     assert out.index("### `ht`, EP4") < out.index("### Host overhead")
     assert "| dispatch (cached) | 1.0 | —" not in out and "| dispatch (cached) | 1.0 |" in out  # one label: no ratio
+
+
+def test_overhead_nested_rows_stay_under_their_parent_and_each_kind_of_run_has_its_table(tmp_path, capsys):
+    def run(world, simulated, cached, combine):
+        report = _overhead_run("pkg", "c1", cached, cached + 1)
+        report.update(world=world, simulated=simulated)
+        report["rows"] += [dict(op="combine", level=0, host_us=combine, binding_us=None, gpu_us=None),
+                           dict(op="general path", level=1, host_us=combine + 1, binding_us=None, gpu_us=None)]
+        return report
+
+    paths = []
+    for i, report in enumerate([run(2, True, 10.0, 20.0), run(1, False, 5.0, 7.0), run(2, True, 12.0, 22.0)]):
+        paths.append(tmp_path / f"run{i}.json")
+        paths[-1].write_text(json.dumps(report))
+    assert perf_tables.main([str(p) for p in paths]) == 0
+    out = capsys.readouterr().out.splitlines()
+    headings = [line for line in out if line.startswith("### ")]
+    assert len(headings) == 2 and "SIMULATED EP2" in headings[0] and "Host overhead, EP1:" in headings[1]
+    simulated = out[:out.index(headings[1])]
+    assert "| dispatch (cached) | 10.0 / 12.0 |" in simulated
+    assert "| ↳ general path | 11.0 / 13.0 |" in simulated  # under the dispatch
+    assert "| combine | 20.0 / 22.0 |" in simulated
+    assert simulated.index("| ↳ general path | 21.0 / 23.0 |") > simulated.index("| combine | 20.0 / 22.0 |")
+    real = out[out.index(headings[1]):]
+    assert "| dispatch (cached) | 5.0 |" in real and "| ↳ general path | 8.0 |" in real

@@ -301,8 +301,8 @@ def _mixed_modes(ctx, seed):
 
 
 def _default_mode_and_refusals(ctx, seed):
-    """The binding's whole calls with neither async_finish nor the hook (no event, no hook: the current
-    stream joined before the call returned), the outputs' storage, and what they refuse (worded by the
+    """The binding's whole calls with neither async_finish nor the hook (no event, no hook: ordered on
+    the current stream after its earlier work and before its later work), the outputs' storage, and what they refuse (worded by the
     package, before anything is launched: the operations after the refusals still run on every rank)."""
     world, me, dev = ctx.world, ctx.rank, ctx.device
     E = num_experts(world)
@@ -328,7 +328,11 @@ def _default_mode_and_refusals(ctx, seed):
     for call, kind, words in refused:
         with expect_error(kind, *words):
             call()
-    recv, count, handle, event, hook = buf.low_latency_dispatch(x, topk, T, E, use_fp8=True)
+    # Ordered after the current stream's work: x and y are written there behind a long kernel.
+    late_x = torch.full_like(x, float("nan"))
+    torch.cuda._sleep(50_000_000)
+    late_x.copy_(x)
+    recv, count, handle, event, hook = buf.low_latency_dispatch(late_x, topk, T, E, use_fp8=True)
     assert hook is None and event.event is None and event.extra_tensors is None
     small = [recv[1], count, handle[0], handle[1], handle[5]]
     assert len({t.untyped_storage().data_ptr() for t in small}) == 1, "the small outputs share one allocation"
@@ -349,7 +353,10 @@ def _default_mode_and_refusals(ctx, seed):
     for call, kind, words in refused:
         with expect_error(kind, *words):
             call()
-    combined, event, hook = buf.low_latency_combine(y, topk, weights, handle)
+    late_y = torch.full_like(y, float("nan"))
+    torch.cuda._sleep(50_000_000)
+    late_y.copy_(y)
+    combined, event, hook = buf.low_latency_combine(late_y, topk, weights, handle)
     assert hook is None and event.event is None and event.extra_tensors is None
     assert combined.dtype == torch.bfloat16 and combined.device == dev
     check_combine(combined, reference_combine(mine, "fp8"), "combined_x (default mode)")
