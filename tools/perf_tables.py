@@ -194,7 +194,8 @@ def overhead_table(reports: List[dict], level: int = 3) -> str:
     days = sorted({run_info(r)["date"] for r in reports})
     machines = sorted({machine(r) for r in reports})
     mode = (f"SIMULATED EP{first.get('world')} (ranks as threads on one GPU, taking turns on the host)"
-            if first.get("simulated") else f"EP{first.get('world')}")
+            if first.get("simulated") else "EP1 (one process alone on one GPU: its ops exchange with itself)"
+            if first.get("world") == 1 else f"EP{first.get('world')}")
     title = (f"Host overhead, {mode}: commit {', '.join(f'`{c}`' for c in commits)}, {', '.join(machines)}, "
              f"{', '.join(days)}")
     about = (f"`tests/python/overhead.py`: HT {first.get('tokens')} tokens × {first.get('hidden')}, LL "

@@ -231,7 +231,7 @@ def test_overhead_nested_rows_stay_under_their_parent_and_each_kind_of_run_has_i
     assert perf_tables.main([str(p) for p in paths]) == 0
     out = capsys.readouterr().out.splitlines()
     headings = [line for line in out if line.startswith("### ")]
-    assert len(headings) == 2 and "SIMULATED EP2" in headings[0] and "Host overhead, EP1:" in headings[1]
+    assert len(headings) == 2 and "SIMULATED EP2" in headings[0] and "Host overhead, EP1 (one process alone" in headings[1]
     simulated = out[:out.index(headings[1])]
     assert "| dispatch (cached) | 10.0 / 12.0 |" in simulated
     assert "| ↳ general path | 11.0 / 13.0 |" in simulated  # under the dispatch
