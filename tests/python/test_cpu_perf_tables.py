@@ -239,3 +239,14 @@ def test_overhead_nested_rows_stay_under_their_parent_and_each_kind_of_run_has_i
     assert simulated.index("| ↳ general path | 21.0 / 23.0 |") > simulated.index("| combine | 20.0 / 22.0 |")
     real = out[out.index(headings[1]):]
     assert "| dispatch (cached) | 5.0 |" in real and "| ↳ general path | 8.0 |" in real
+
+
+def test_performance_md_host_overhead_tables_are_the_tools_output_for_the_kept_runs(capsys):
+    """docs/performance.md's generated host-overhead tables are what perf_tables makes of docs/runs/."""
+    root = _TOOL.parents[1]
+    runs = root / "docs" / "runs" / "e39c0d8-h200"
+    files = [runs / f"oh-{mode}-{i}-{pkg}.json" for mode in ("sim", "real") for i in (1, 2) for pkg in ("new", "base")]
+    assert perf_tables.main([str(f) for f in files] + ["--machine", "1×H200"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("### Host overhead") == 2
+    assert out in (root / "docs" / "performance.md").read_text(encoding="utf-8")
