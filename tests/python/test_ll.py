@@ -300,6 +300,14 @@ def _mixed_modes(ctx, seed):
     _ht_on(ctx, buf, seed + 3)
 
 
+def _behind_a_long_kernel(t):
+    """A copy of `t` written on the current stream after a ~25 ms kernel (NaN until then)."""
+    late = torch.full_like(t, float("nan"))
+    torch.cuda._sleep(50_000_000)
+    late.copy_(t)
+    return late
+
+
 def _default_mode_and_refusals(ctx, seed):
     """The binding's whole calls with neither async_finish nor the hook (no event, no hook: ordered on
     the current stream after its earlier work and before its later work), the outputs' storage, and what they refuse (worded by the
@@ -329,10 +337,7 @@ def _default_mode_and_refusals(ctx, seed):
         with expect_error(kind, *words):
             call()
     # Ordered after the current stream's work: x and y are written there behind a long kernel.
-    late_x = torch.full_like(x, float("nan"))
-    torch.cuda._sleep(50_000_000)
-    late_x.copy_(x)
-    recv, count, handle, event, hook = buf.low_latency_dispatch(late_x, topk, T, E, use_fp8=True)
+    recv, count, handle, event, hook = buf.low_latency_dispatch(_behind_a_long_kernel(x), topk, T, E, use_fp8=True)
     assert hook is None and event.event is None and event.extra_tensors is None
     small = [recv[1], count, handle[0], handle[1], handle[5]]
     assert len({t.untyped_storage().data_ptr() for t in small}) == 1, "the small outputs share one allocation"
@@ -353,10 +358,7 @@ def _default_mode_and_refusals(ctx, seed):
     for call, kind, words in refused:
         with expect_error(kind, *words):
             call()
-    late_y = torch.full_like(y, float("nan"))
-    torch.cuda._sleep(50_000_000)
-    late_y.copy_(y)
-    combined, event, hook = buf.low_latency_combine(late_y, topk, weights, handle)
+    combined, event, hook = buf.low_latency_combine(_behind_a_long_kernel(y), topk, weights, handle)
     assert hook is None and event.event is None and event.extra_tensors is None
     assert combined.dtype == torch.bfloat16 and combined.device == dev
     check_combine(combined, reference_combine(mine, "fp8"), "combined_x (default mode)")
