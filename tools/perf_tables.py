@@ -172,6 +172,16 @@ def _mean(values: List[float]) -> Optional[float]:
     return sum(values) / len(values) if values else None
 
 
+def overhead_kind(report: dict) -> str:
+    """The kind of run of an overhead report (simulated ranks, one rank alone, real ranks): a table each."""
+    world = report.get("world")
+    if report.get("simulated"):
+        return f"SIMULATED EP{world} (ranks as threads on one GPU, taking turns on the host)"
+    if world == 1:
+        return "EP1 (one process alone on one GPU: its ops exchange with itself)"
+    return f"EP{world}"
+
+
 def overhead_table(reports: List[dict], level: int = 3) -> str:
     """The host-overhead table of `tests/python/overhead.py --json` reports (see the module docstring)."""
     labels: List[str] = []
@@ -193,10 +203,7 @@ def overhead_table(reports: List[dict], level: int = 3) -> str:
     commits = sorted({str(r.get("commit") or "unknown") for r in reports})
     days = sorted({run_info(r)["date"] for r in reports})
     machines = sorted({machine(r) for r in reports})
-    mode = (f"SIMULATED EP{first.get('world')} (ranks as threads on one GPU, taking turns on the host)"
-            if first.get("simulated") else "EP1 (one process alone on one GPU: its ops exchange with itself)"
-            if first.get("world") == 1 else f"EP{first.get('world')}")
-    title = (f"Host overhead, {mode}: commit {', '.join(f'`{c}`' for c in commits)}, {', '.join(machines)}, "
+    title = (f"Host overhead, {overhead_kind(first)}: commit {', '.join(f'`{c}`' for c in commits)}, {', '.join(machines)}, "
              f"{', '.join(days)}")
     about = (f"`tests/python/overhead.py`: HT {first.get('tokens')} tokens × {first.get('hidden')}, LL "
              f"{first.get('ll_tokens')} tokens, {first.get('experts')} experts, top-{first.get('topk')}; each figure "
@@ -243,10 +250,10 @@ def main(argv: Optional[List[str]] = None) -> int:
             overhead.append(report)
         else:
             parts.append(tables(report, args.commit, args.machine, args.date, args.level))
-    modes: Dict[Tuple[bool, object], List[dict]] = {}  # one table per kind of run (simulated or not, world)
+    kinds: Dict[str, List[dict]] = {}
     for report in overhead:
-        modes.setdefault((bool(report.get("simulated")), report.get("world")), []).append(report)
-    for group in modes.values():
+        kinds.setdefault(overhead_kind(report), []).append(report)
+    for group in kinds.values():
         parts.append(overhead_table(group, args.level))
     sys.stdout.write("\n".join(parts))
     return 0

@@ -18,7 +18,7 @@ mkdir -p "$logs"
 py=${PYTHON:-python3}
 start=$(date +%s)
 commit=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)
-overhead_json=(--json "$logs/overhead.json" --label "epx $commit" --commit "$commit")
+overhead_label=(--label "epx $commit" --commit "$commit")
 if ! { cmake -S . -B "$dir" $EPX_GENERATOR -DCMAKE_BUILD_TYPE=Release -DEPX_BUILD_PYTHON=ON -DEPX_BUILD_TESTS=OFF \
          -DEPX_BUILD_BENCH=OFF -DPython3_EXECUTABLE="$(command -v "$py")" > "$logs/configure.log" 2>&1 &&
        cmake --build "$dir" -j "$EPX_JOBS" --target epx_python > "$logs/build.log" 2>&1; }; then
@@ -36,17 +36,17 @@ num_gpus=$("$py" -c "import torch; print(torch.cuda.device_count())" 2>/dev/null
 if [ "$num_gpus" -ge 2 ]; then
   timeout ${EXAMPLE_TIMEOUT:-600} "$py" examples/moe_layer.py > "$logs/moe_layer.log" 2>&1
   rc_example=$?
-  timeout ${OVERHEAD_TIMEOUT:-300} "$py" tests/python/overhead.py "${overhead_json[@]}" > "$logs/overhead.log" 2>&1
+  timeout ${OVERHEAD_TIMEOUT:-300} "$py" tests/python/overhead.py --json "$logs/overhead.json" "${overhead_label[@]}" > "$logs/overhead.log" 2>&1
   rc_overhead=$?
 else  # one rank per GPU: the example needs 2; the overhead script runs simulated ranks on GPU 0, then one real rank
   echo "[skipped: $num_gpus GPU(s); the example needs 2]" > "$logs/moe_layer.log"
   rc_example=0
   if [ "$num_gpus" -ge 1 ]; then
-    timeout ${OVERHEAD_SIM_TIMEOUT:-60} "$py" tests/python/overhead.py --sim 2 "${overhead_json[@]}" > "$logs/overhead.log" 2>&1
+    timeout ${OVERHEAD_SIM_TIMEOUT:-60} "$py" tests/python/overhead.py --sim 2 --json "$logs/overhead.json" "${overhead_label[@]}" > "$logs/overhead.log" 2>&1
     rc_overhead=$?
     # One real rank alone: a rank's host cost without what simulated ranks add.
     timeout ${OVERHEAD_SIM_TIMEOUT:-60} "$py" tests/python/overhead.py --num-processes 1 --json "$logs/overhead-ep1.json" \
-      --label "epx $commit" --commit "$commit" >> "$logs/overhead.log" 2>&1 || rc_overhead=1
+      "${overhead_label[@]}" >> "$logs/overhead.log" 2>&1 || rc_overhead=1
   else
     echo "[skipped: no GPU]" > "$logs/overhead.log"
     rc_overhead=0
@@ -60,7 +60,8 @@ echo "=== examples/moe_layer.py (rc $rc_example) ==="
 grep -E "^\[|moe_layer|failed" "$logs/moe_layer.log" | tail -12
 echo "=== tests/python/overhead.py (rc $rc_overhead) ==="
 tail -16 "$logs/overhead.log"
-overhead_files=$(ls "$logs"/overhead.json "$logs"/overhead-ep1.json 2>/dev/null)
-[ -n "$overhead_files" ] && "$py" tools/perf_tables.py $overhead_files > "$logs/overhead.md" 2>&1
+overhead_files=()
+for f in "$logs/overhead.json" "$logs/overhead-ep1.json"; do [ -f "$f" ] && overhead_files+=("$f"); done
+[ ${#overhead_files[@]} -gt 0 ] && "$py" tools/perf_tables.py "${overhead_files[@]}" > "$logs/overhead.md" 2>&1
 echo "run_gpu: $(( $(date +%s) - start )) s in all; logs in $logs"
 [ $rc_tests -eq 0 ] && [ $rc_example -eq 0 ] && [ $rc_overhead -eq 0 ]
